@@ -1,0 +1,36 @@
+"""Protocol constants of WireGuard, as wireguard-go and the Linux module use them.
+
+They live in one place so that the timers, the keypair limits and the tests agree on the numbers.
+"""
+
+from typing import Final
+
+REKEY_AFTER_MESSAGES: Final = 1 << 60
+REJECT_AFTER_MESSAGES: Final = (1 << 64) - (1 << 13) - 1
+REKEY_AFTER_TIME: Final = 120.0
+REJECT_AFTER_TIME: Final = 180.0
+REKEY_ATTEMPT_TIME: Final = 90.0
+REKEY_TIMEOUT: Final = 5.0
+REKEY_TIMEOUT_JITTER_MAX: Final = 0.334
+KEEPALIVE_TIMEOUT: Final = 10.0
+COOKIE_REFRESH_TIME: Final = 120.0
+COOKIE_SECRET_LATENCY: Final = 5.0
+MAX_TIMER_HANDSHAKES: Final = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
+INITIATIONS_PER_SECOND: Final = 50
+MIN_INITIATION_GAP: Final = 1.0 / INITIATIONS_PER_SECOND
+ZERO_KEY_MATERIAL_AFTER: Final = 3 * REJECT_AFTER_TIME
+MAX_STAGED_PACKETS: Final = 128
+UNDER_LOAD_AFTER: Final = 1.0
+
+MESSAGE_INITIATION: Final = 1
+MESSAGE_RESPONSE: Final = 2
+MESSAGE_COOKIE_REPLY: Final = 3
+MESSAGE_TRANSPORT: Final = 4
+
+INITIATION_SIZE: Final = 148
+RESPONSE_SIZE: Final = 92
+COOKIE_REPLY_SIZE: Final = 64
+TRANSPORT_HEADER_SIZE: Final = 16
+TRANSPORT_MIN_SIZE: Final = 32
+MAX_DATAGRAM: Final = 65535
+DEFAULT_MTU: Final = 1420

@@ -1,0 +1,1 @@
+"""meshguard tests (run with Twisted Trial)."""
