@@ -1,0 +1,711 @@
+"""The WireGuard device engine: peers, handshakes, transport and timers, with no I/O.
+
+Inputs are IP packets from the TUN side (:meth:`Device.packet_from_tun`), UDP datagrams from the
+network side (:meth:`Device.datagram_received`) and the passage of time (:meth:`Device.run_timers`
+at :meth:`Device.next_deadline`). Outputs go through the injected :class:`DeviceIO`. Everything
+that arrives from the network is hostile: it is dropped and counted unless it authenticates, and
+nothing in here raises because of a peer's bytes.
+
+The data path (``packet_from_tun`` and the transport branch of ``datagram_received``) is the hot
+loop of the whole node: it keeps to local variables, attribute slots and one AEAD call per packet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+
+from meshguard.core import constants as C
+from meshguard.core.allowedips import AllowedIPs
+from meshguard.core.cookie import CookieChecker
+from meshguard.core.crypto import CryptoError, clamp, dh, generate_private_key, public_key, tai64n
+from meshguard.core.indextable import IndexTable
+from meshguard.core.interfaces import DeviceIO, Endpoint, RandomBytes
+from meshguard.core.keypair import Keypair
+from meshguard.core.noise import (
+    consume_initiation,
+    consume_response,
+    create_initiation,
+    create_response,
+)
+from meshguard.core.peer import (
+    NEW_HANDSHAKE,
+    PERSISTENT_KEEPALIVE,
+    RETRANSMIT_HANDSHAKE,
+    SEND_KEEPALIVE,
+    ZERO_KEY,
+    ZERO_KEY_MATERIAL,
+    Peer,
+)
+from meshguard.core.ratelimiter import RateLimiter
+from meshguard.core.timers import TimerQueue
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_TRANSPORT_TYPE = b"\x04\x00\x00\x00"
+_INITIATION_TYPE = b"\x01\x00\x00\x00"
+_RESPONSE_TYPE = b"\x02\x00\x00\x00"
+_COOKIE_TYPE = b"\x03\x00\x00\x00"
+_ZEROS = bytes(16)
+#: The receive-side rekey age: REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT.
+_REKEY_ON_RECEIVE_AGE = C.REJECT_AFTER_TIME - C.KEEPALIVE_TIMEOUT - C.REKEY_TIMEOUT
+
+
+@dataclass
+class DropCounters:
+    """Why datagrams and packets were dropped: the only trace hostile input leaves."""
+
+    malformed: int = 0
+    bad_mac1: int = 0
+    cookie_sent: int = 0
+    rate_limited: int = 0
+    handshake_failed: int = 0
+    initiation_replayed: int = 0
+    initiation_flood: int = 0
+    unknown_index: int = 0
+    decrypt_failed: int = 0
+    replayed: int = 0
+    expired_keypair: int = 0
+    bad_inner_packet: int = 0
+    source_not_allowed: int = 0
+    no_route: int = 0
+    no_endpoint: int = 0
+    no_identity: int = 0
+    cookie_rejected: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def endpoint_bytes(endpoint: Endpoint) -> bytes:
+    """A stable byte form of an endpoint, for cookies (any stable encoding interoperates)."""
+    host, port = endpoint
+    return ipaddress.ip_address(host.split("%", 1)[0]).packed + port.to_bytes(2, "big")
+
+
+def _endpoint_ip(endpoint: Endpoint) -> bytes:
+    return ipaddress.ip_address(endpoint[0].split("%", 1)[0]).packed
+
+
+class Device:
+    """One WireGuard interface's protocol state.
+
+    ``now`` is the reactor's clock in seconds since the Unix epoch; it also stamps initiations
+    (TAI64N) and the last-handshake times ``wg show`` reports.
+    """
+
+    def __init__(
+        self,
+        io: DeviceIO,
+        random: RandomBytes,
+        *,
+        mtu: int = C.DEFAULT_MTU,
+        under_load_threshold: int = 128,
+        on_handshake: Callable[[Peer], None] | None = None,
+    ) -> None:
+        self.io = io
+        self.random = random
+        self.mtu = mtu
+        self.private_key: bytes | None = None
+        self.public_key: bytes | None = None
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self.indices: IndexTable[Peer | Keypair] = IndexTable()
+        self.timers: TimerQueue[Peer] = TimerQueue()
+        self.counters = DropCounters()
+        self.rate_limiter = RateLimiter()
+        self.cookie_checker: CookieChecker | None = None
+        self.under_load_threshold = under_load_threshold
+        self.is_up = False
+        self.on_handshake = on_handshake
+        self._load_window_start = 0.0
+        self._load_window_count = 0
+        self._under_load_until = -1.0
+
+    # ------------------------------------------------------------------ configuration
+
+    def set_private_key(self, private_key: bytes | None, now: float) -> None:
+        """Change the identity: as wireguard-go, drop a peer that has our new public key,
+        recompute every static-static DH and force fresh handshakes."""
+        if private_key is not None and private_key == ZERO_KEY:
+            private_key = None
+        if private_key is not None:
+            private_key = clamp(private_key)
+        if private_key == self.private_key:
+            return
+        self.private_key = private_key
+        if private_key is None:
+            self.public_key = None
+            self.cookie_checker = None
+        else:
+            self.public_key = public_key(private_key)
+            self.cookie_checker = CookieChecker(self.public_key, self.random)
+            clash = self.peers.get(self.public_key)
+            if clash is not None:
+                self.remove_peer(clash.public_key)
+        for peer in self.peers.values():
+            self._compute_static_shared(peer)
+            peer.handshake = None
+            self._free_handshake_index(peer)
+            current = peer.keypairs.current
+            if current is not None:
+                current.expire_for_sending()
+
+    def _compute_static_shared(self, peer: Peer) -> None:
+        peer.static_shared = None
+        if self.private_key is None:
+            return
+        try:
+            peer.static_shared = dh(self.private_key, peer.public_key)
+        except CryptoError:
+            peer.static_shared = None
+
+    def add_peer(self, public_key: bytes) -> Peer | None:
+        """Add a peer (or return the existing one). Our own key gives ``None``: wireguard-go
+        silently ignores such a block."""
+        if self.public_key is not None and public_key == self.public_key:
+            return None
+        peer = self.peers.get(public_key)
+        if peer is None:
+            peer = Peer(public_key)
+            self.peers[public_key] = peer
+            self._compute_static_shared(peer)
+        return peer
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is None:
+            return
+        peer.removed = True
+        self.allowed_ips.remove_value(peer)
+        self._free_handshake_index(peer)
+        peer.handshake = None
+        for keypair in peer.keypairs.clear():
+            self._drop_keypair(keypair)
+        peer.staged.clear()
+        self.timers.forget(peer.timers)
+
+    def remove_all_peers(self) -> None:
+        for key in list(self.peers):
+            self.remove_peer(key)
+
+    def set_preshared_key(self, peer: Peer, psk: bytes | None) -> None:
+        peer.preshared_key = psk if psk is not None else ZERO_KEY
+
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint | None) -> None:
+        peer.endpoint = endpoint
+
+    def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> None:
+        """Set the interval (0 = off); turning it on while up sends a keepalive at once."""
+        if not 0 <= interval <= 65535:
+            raise ValueError("persistent keepalive must be 0..65535 seconds")
+        was = peer.persistent_keepalive
+        peer.persistent_keepalive = interval
+        if interval == 0:
+            self.timers.cancel(peer.timers, PERSISTENT_KEEPALIVE)
+        elif was == 0 and self.is_up:
+            self.send_keepalive(peer, now)
+
+    def up(self, now: float) -> None:
+        """The interface came up: peers with a persistent keepalive announce themselves."""
+        self.is_up = True
+        for peer in list(self.peers.values()):
+            if peer.persistent_keepalive:
+                self.send_keepalive(peer, now)
+
+    def down(self) -> None:
+        self.is_up = False
+        for peer in self.peers.values():
+            for keypair in peer.keypairs.clear():
+                self._drop_keypair(keypair)
+            self._free_handshake_index(peer)
+            peer.handshake = None
+            peer.staged.clear()
+            self.timers.forget(peer.timers)
+
+    # ------------------------------------------------------------------ outgoing data
+
+    def packet_from_tun(self, packet: bytes, now: float) -> None:
+        """Route one IP packet from the TUN device to its peer and send it sealed."""
+        length = len(packet)
+        if length < 20:
+            self.counters.bad_inner_packet += 1
+            return
+        version = packet[0] >> 4
+        if version == 4:
+            peer = self.allowed_ips.lookup(packet[16:20])
+        elif version == 6 and length >= 40:
+            peer = self.allowed_ips.lookup(packet[24:40])
+        else:
+            self.counters.bad_inner_packet += 1
+            return
+        if peer is None:
+            self.counters.no_route += 1
+            return
+        self.send_data(peer, packet, now)
+
+    def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
+        """Seal and send ``packet`` to ``peer``, staging it while no session can carry it."""
+        keypair = peer.keypairs.current
+        endpoint = peer.endpoint
+        if (
+            keypair is None
+            or now - keypair.created >= C.REJECT_AFTER_TIME
+            or keypair.send_counter >= C.REJECT_AFTER_MESSAGES
+            or endpoint is None
+        ):
+            if endpoint is None:
+                self.counters.no_endpoint += 1
+                return
+            peer.staged.append(packet)
+            self.send_initiation(peer, now, retry=False)
+            return
+        self._seal_and_send(peer, keypair, endpoint, packet, now)
+        slots = peer.timers.deadlines
+        # Data sent: expect an answer, or start a new handshake (KEEPALIVE + REKEY timeouts).
+        if slots[NEW_HANDSHAKE] is None:
+            self.timers.arm(
+                peer,
+                peer.timers,
+                NEW_HANDSHAKE,
+                now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
+            )
+        if keypair.send_counter > C.REKEY_AFTER_MESSAGES or (
+            keypair.is_initiator and now - keypair.created > C.REKEY_AFTER_TIME
+        ):
+            self.send_initiation(peer, now, retry=False)
+
+    def _seal_and_send(
+        self, peer: Peer, keypair: Keypair, endpoint: Endpoint, packet: bytes, now: float
+    ) -> None:
+        counter = keypair.send_counter
+        keypair.send_counter = counter + 1
+        length = len(packet)
+        padding = -length & 15
+        if padding and length + padding > self.mtu:
+            padding = max(0, self.mtu - length)
+        if padding:
+            packet = packet + _ZEROS[:padding]
+        message = (
+            keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
+        )
+        self.io.send_datagram(message, endpoint)
+        peer.tx_bytes += len(message)
+        # Any authenticated packet sent: no passive keepalive needed; persistent one re-armed.
+        peer.timers.deadlines[SEND_KEEPALIVE] = None
+        if peer.persistent_keepalive:
+            self.timers.arm(
+                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
+            )
+
+    def send_keepalive(self, peer: Peer, now: float) -> None:
+        """Send an encrypted empty packet (or the staged ones), handshaking first if needed."""
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now)
+
+    def _send_staged(self, peer: Peer, now: float) -> None:
+        keypair = peer.keypairs.current
+        endpoint = peer.endpoint
+        if endpoint is None:
+            if peer.staged:
+                self.counters.no_endpoint += 1
+            peer.staged.clear()
+            return
+        if keypair is None or not keypair.can_send(now):
+            self.send_initiation(peer, now, retry=False)
+            return
+        sent_data = False
+        while peer.staged:
+            packet = peer.staged.popleft()
+            self._seal_and_send(peer, keypair, endpoint, packet, now)
+            sent_data = sent_data or bool(packet)
+        if sent_data and not self.timers.pending(peer.timers, NEW_HANDSHAKE):
+            self.timers.arm(
+                peer,
+                peer.timers,
+                NEW_HANDSHAKE,
+                now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
+            )
+
+    # ------------------------------------------------------------------ handshakes out
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self.random(2), "little") % 334 / 1000.0
+
+    def send_initiation(self, peer: Peer, now: float, *, retry: bool) -> None:
+        """Start (or retry) a handshake with ``peer``, at most once per REKEY_TIMEOUT."""
+        if not retry:
+            peer.handshake_attempts = 0
+        if (
+            peer.last_sent_handshake is not None
+            and now - peer.last_sent_handshake < C.REKEY_TIMEOUT
+        ):
+            return
+        if self.private_key is None or self.public_key is None or peer.static_shared is None:
+            self.counters.no_identity += 1
+            return
+        peer.last_sent_handshake = now
+        self._free_handshake_index(peer)
+        index = self.indices.allocate(peer, self.random)
+        peer.handshake_index = index
+        message, handshake = create_initiation(
+            local_static_public=self.public_key,
+            local_static_private=self.private_key,
+            remote_static=peer.public_key,
+            precomputed_ss=peer.static_shared,
+            ephemeral_private=generate_private_key(self.random),
+            sender_index=index,
+            timestamp=tai64n(now),
+        )
+        peer.handshake = handshake
+        message = peer.cookies.add_macs(message, now)
+        self._send_handshake_message(peer, message, now)
+        self.timers.arm(
+            peer, peer.timers, RETRANSMIT_HANDSHAKE, now + C.REKEY_TIMEOUT + self._jitter()
+        )
+
+    def _send_handshake_message(self, peer: Peer, message: bytes, now: float) -> None:
+        if peer.endpoint is not None:
+            self.io.send_datagram(message, peer.endpoint)
+            peer.tx_bytes += len(message)
+        else:
+            self.counters.no_endpoint += 1
+        peer.timers.deadlines[SEND_KEEPALIVE] = None
+        if peer.persistent_keepalive:
+            self.timers.arm(
+                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
+            )
+
+    def _free_handshake_index(self, peer: Peer) -> None:
+        if peer.handshake_index is not None:
+            if self.indices.get(peer.handshake_index) is peer:
+                self.indices.free(peer.handshake_index)
+            peer.handshake_index = None
+
+    def _drop_keypair(self, keypair: Keypair) -> None:
+        if self.indices.get(keypair.local_index) is keypair:
+            self.indices.free(keypair.local_index)
+        keypair.zero()
+
+    # ------------------------------------------------------------------ incoming datagrams
+
+    def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
+        """Handle one UDP datagram; anything that does not authenticate is counted, not raised."""
+        head = data[:4]
+        if head == _TRANSPORT_TYPE:
+            if len(data) < C.TRANSPORT_MIN_SIZE:
+                self.counters.malformed += 1
+                return
+            self._receive_transport(data, source, now)
+        elif head == _INITIATION_TYPE:
+            if len(data) != C.INITIATION_SIZE:
+                self.counters.malformed += 1
+                return
+            self._receive_initiation(data, source, now)
+        elif head == _RESPONSE_TYPE:
+            if len(data) != C.RESPONSE_SIZE:
+                self.counters.malformed += 1
+                return
+            self._receive_response(data, source, now)
+        elif head == _COOKIE_TYPE:
+            if len(data) != C.COOKIE_REPLY_SIZE:
+                self.counters.malformed += 1
+                return
+            self._receive_cookie_reply(data, now)
+        else:
+            self.counters.malformed += 1
+
+    def _receive_transport(self, data: bytes, source: Endpoint, now: float) -> None:
+        keypair = self.indices.get(int.from_bytes(data[4:8], "little"))
+        if keypair.__class__ is not Keypair:
+            self.counters.unknown_index += 1
+            return
+        assert isinstance(keypair, Keypair)
+        if now - keypair.created >= C.REJECT_AFTER_TIME:
+            self.counters.expired_keypair += 1
+            return
+        counter = int.from_bytes(data[8:16], "little")
+        plaintext = keypair.receiver.open(counter, data[16:])
+        if plaintext is None:
+            self.counters.decrypt_failed += 1
+            return
+        if not keypair.replay.check(counter):
+            self.counters.replayed += 1
+            return
+        peer = keypair.peer
+        # Authenticated: roaming, counters, key confirmation, timers.
+        peer.endpoint = source
+        peer.rx_bytes += len(data)
+        if keypair is peer.keypairs.next:
+            for dropped in peer.keypairs.promote_next(keypair):
+                self._drop_keypair(dropped)
+            self._handshake_complete(peer, now)
+            self._send_staged(peer, now)
+        deadlines = peer.timers.deadlines
+        deadlines[NEW_HANDSHAKE] = None
+        if peer.persistent_keepalive:
+            self.timers.arm(
+                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
+            )
+        if not plaintext:
+            return
+        # Data received: answer within KEEPALIVE_TIMEOUT unless we send something anyway.
+        if deadlines[SEND_KEEPALIVE] is None:
+            self.timers.arm(peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT)
+        else:
+            peer.need_another_keepalive = True
+        if (
+            keypair.is_initiator
+            and not peer.sent_lastminute_handshake
+            and keypair is peer.keypairs.current
+            and now - keypair.created > _REKEY_ON_RECEIVE_AGE
+        ):
+            peer.sent_lastminute_handshake = True
+            self.send_initiation(peer, now, retry=False)
+        length = len(plaintext)
+        version = plaintext[0] >> 4
+        if version == 4:
+            if length < 20:
+                self.counters.bad_inner_packet += 1
+                return
+            total = (plaintext[2] << 8) | plaintext[3]
+            if total < 20 or total > length:
+                self.counters.bad_inner_packet += 1
+                return
+            source_address = plaintext[12:16]
+        elif version == 6:
+            if length < 40:
+                self.counters.bad_inner_packet += 1
+                return
+            total = 40 + ((plaintext[4] << 8) | plaintext[5])
+            if total > length:
+                self.counters.bad_inner_packet += 1
+                return
+            source_address = plaintext[8:24]
+        else:
+            self.counters.bad_inner_packet += 1
+            return
+        if self.allowed_ips.lookup(source_address) is not peer:
+            self.counters.source_not_allowed += 1
+            return
+        if total != length:
+            plaintext = plaintext[:total]
+        self.io.write_packet(plaintext)
+
+    def _under_load(self, now: float) -> bool:
+        """Count handshake messages per second; past the threshold, demand cookies for 1 s."""
+        if now - self._load_window_start >= 1.0:
+            self._load_window_start = now
+            self._load_window_count = 0
+        self._load_window_count += 1
+        if self._load_window_count > self.under_load_threshold:
+            self._under_load_until = now + C.UNDER_LOAD_AFTER
+        return now < self._under_load_until
+
+    def _admit_handshake(self, data: bytes, sender_index: int, source: Endpoint, now: float) -> bool:
+        """mac1, and under load mac2 (else a cookie reply) and the per-source rate limit."""
+        checker = self.cookie_checker
+        if checker is None:
+            self.counters.no_identity += 1
+            return False
+        if not checker.check_mac1(data):
+            self.counters.bad_mac1 += 1
+            return False
+        if self._under_load(now):
+            try:
+                source_bytes = endpoint_bytes(source)
+            except ValueError:
+                self.counters.malformed += 1
+                return False
+            if not checker.check_mac2(data, source_bytes, now):
+                reply = checker.create_reply(data, sender_index, source_bytes, now)
+                self.io.send_datagram(reply, source)
+                self.counters.cookie_sent += 1
+                return False
+            if not self.rate_limiter.allow(source_bytes[:-2], now):
+                self.counters.rate_limited += 1
+                return False
+        return True
+
+    def _receive_initiation(self, data: bytes, source: Endpoint, now: float) -> None:
+        sender_index = int.from_bytes(data[4:8], "little")
+        if not self._admit_handshake(data, sender_index, source, now):
+            return
+        assert self.private_key is not None and self.public_key is not None
+
+        def static_shared_for(remote_static: bytes) -> bytes | None:
+            candidate = self.peers.get(remote_static)
+            return None if candidate is None else candidate.static_shared
+
+        consumed = consume_initiation(
+            data,
+            local_static_private=self.private_key,
+            local_static_public=self.public_key,
+            precomputed_ss_for=static_shared_for,
+        )
+        if consumed is None:
+            self.counters.handshake_failed += 1
+            return
+        peer = self.peers[consumed.remote_static]
+        if consumed.timestamp <= peer.latest_timestamp:
+            self.counters.initiation_replayed += 1
+            return
+        if (
+            peer.last_initiation_consumed is not None
+            and now - peer.last_initiation_consumed < C.MIN_INITIATION_GAP
+        ):
+            self.counters.initiation_flood += 1
+            return
+        peer.latest_timestamp = consumed.timestamp
+        peer.last_initiation_consumed = now
+        peer.endpoint = source
+        # A consumed initiation replaces any handshake we had in flight with this peer.
+        self._free_handshake_index(peer)
+        peer.handshake = None
+        self._authenticated_received(peer, now)
+        index = self.indices.allocate(peer, self.random)
+        message, keys = create_response(
+            consumed,
+            psk=peer.preshared_key,
+            ephemeral_private=generate_private_key(self.random),
+            sender_index=index,
+        )
+        keypair = Keypair(
+            peer,
+            keys.send_key,
+            keys.receive_key,
+            local_index=index,
+            remote_index=consumed.remote_index,
+            is_initiator=False,
+            created=now,
+        )
+        self.indices.replace(index, keypair)
+        for dropped in peer.keypairs.install(keypair):
+            self._drop_keypair(dropped)
+        message = peer.cookies.add_macs(message, now)
+        peer.last_sent_handshake = now
+        self._send_handshake_message(peer, message, now)
+        self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)
+
+    def _receive_response(self, data: bytes, source: Endpoint, now: float) -> None:
+        sender_index = int.from_bytes(data[4:8], "little")
+        if not self._admit_handshake(data, sender_index, source, now):
+            return
+        assert self.private_key is not None
+        receiver_index = int.from_bytes(data[8:12], "little")
+        peer = self.indices.get(receiver_index)
+        if peer.__class__ is not Peer:
+            self.counters.unknown_index += 1
+            return
+        assert isinstance(peer, Peer)
+        handshake = peer.handshake
+        if handshake is None or peer.handshake_index != receiver_index:
+            self.counters.unknown_index += 1
+            return
+        result = consume_response(
+            data, handshake, local_static_private=self.private_key, psk=peer.preshared_key
+        )
+        if result is None:
+            self.counters.handshake_failed += 1
+            return
+        remote_index, keys = result
+        peer.handshake = None
+        peer.handshake_index = None
+        keypair = Keypair(
+            peer,
+            keys.send_key,
+            keys.receive_key,
+            local_index=receiver_index,
+            remote_index=remote_index,
+            is_initiator=True,
+            created=now,
+        )
+        self.indices.replace(receiver_index, keypair)
+        for dropped in peer.keypairs.install(keypair):
+            self._drop_keypair(dropped)
+        peer.endpoint = source
+        self._authenticated_received(peer, now)
+        self._handshake_complete(peer, now)
+        self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)
+        # Key confirmation: the responder needs a packet on the new keypair.
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now)
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        owner = self.indices.get(int.from_bytes(data[4:8], "little"))
+        if owner is None:
+            self.counters.unknown_index += 1
+            return
+        peer = owner.peer if isinstance(owner, Keypair) else owner
+        if not peer.cookies.consume_reply(data, now):
+            self.counters.cookie_rejected += 1
+
+    def _authenticated_received(self, peer: Peer, now: float) -> None:
+        self.timers.cancel(peer.timers, NEW_HANDSHAKE)
+        if peer.persistent_keepalive:
+            self.timers.arm(
+                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
+            )
+
+    def _handshake_complete(self, peer: Peer, now: float) -> None:
+        self.timers.cancel(peer.timers, RETRANSMIT_HANDSHAKE)
+        peer.handshake_attempts = 0
+        peer.sent_lastminute_handshake = False
+        peer.last_handshake_time = now
+        if self.on_handshake is not None:
+            self.on_handshake(peer)
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`run_timers` should next be called (``None``: nothing pending)."""
+        return self.timers.next_deadline()
+
+    def run_timers(self, now: float) -> None:
+        """Fire every protocol timer that is due."""
+        for peer, kind in self.timers.expired(now):
+            if peer.removed:
+                continue
+            if kind == RETRANSMIT_HANDSHAKE:
+                self._retransmit_handshake(peer, now)
+            elif kind == SEND_KEEPALIVE:
+                self.send_keepalive(peer, now)
+                if peer.need_another_keepalive:
+                    peer.need_another_keepalive = False
+                    self.timers.arm(peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT)
+            elif kind == NEW_HANDSHAKE:
+                self.send_initiation(peer, now, retry=False)
+            elif kind == ZERO_KEY_MATERIAL:
+                self._zero_key_material(peer)
+            elif kind == PERSISTENT_KEEPALIVE:
+                if peer.persistent_keepalive:
+                    self.send_keepalive(peer, now)
+
+    def _retransmit_handshake(self, peer: Peer, now: float) -> None:
+        if peer.handshake_attempts > C.MAX_TIMER_HANDSHAKES:
+            # Give up after REKEY_ATTEMPT_TIME; key material goes later.
+            self.timers.cancel(peer.timers, SEND_KEEPALIVE)
+            peer.staged.clear()
+            if not self.timers.pending(peer.timers, ZERO_KEY_MATERIAL):
+                self.timers.arm(
+                    peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER
+                )
+            return
+        peer.handshake_attempts += 1
+        self.send_initiation(peer, now, retry=True)
+
+    def _zero_key_material(self, peer: Peer) -> None:
+        self._free_handshake_index(peer)
+        peer.handshake = None
+        for keypair in peer.keypairs.clear():
+            self._drop_keypair(keypair)
+
+    # ------------------------------------------------------------------ helpers for adapters
+
+    def replace_allowed_ips(self, peer: Peer, networks: Iterable[Network]) -> None:
+        self.allowed_ips.remove_value(peer)
+        for network in networks:
+            self.allowed_ips.insert(network, peer)

@@ -1,0 +1,69 @@
+"""A WireGuard peer's state: identity, endpoint, handshake, keypairs, timers and counters.
+
+The rules that act on this state live in :mod:`meshguard.core.device`; a peer is plain data so
+that the device can keep its hot loop free of indirection.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+
+from meshguard.core.constants import MAX_STAGED_PACKETS
+from meshguard.core.cookie import CookieGenerator
+from meshguard.core.interfaces import Endpoint
+from meshguard.core.keypair import Keypairs
+from meshguard.core.noise import InitiatorHandshake
+from meshguard.core.timers import TimerSlots
+
+# Timer kinds, indices into ``Peer.timers``.
+RETRANSMIT_HANDSHAKE = 0
+SEND_KEEPALIVE = 1
+NEW_HANDSHAKE = 2
+ZERO_KEY_MATERIAL = 3
+PERSISTENT_KEEPALIVE = 4
+TIMER_NAMES = (
+    "retransmit_handshake",
+    "send_keepalive",
+    "new_handshake",
+    "zero_key_material",
+    "persistent_keepalive",
+)
+
+ZERO_KEY = bytes(32)
+
+
+class Peer:
+    """Everything the device knows about one remote static key."""
+
+    def __init__(self, public_key: bytes) -> None:
+        self.public_key = public_key
+        self.preshared_key = ZERO_KEY
+        #: DH(our static private, their static public); recomputed when our key changes.
+        self.static_shared: bytes | None = None
+        self.endpoint: Endpoint | None = None
+        self.persistent_keepalive = 0
+        self.cookies = CookieGenerator(public_key)
+        self.keypairs = Keypairs()
+        self.handshake: InitiatorHandshake | None = None
+        self.handshake_index: int | None = None
+        self.handshake_attempts = 0
+        self.last_sent_handshake: float | None = None
+        self.latest_timestamp = bytes(12)
+        self.last_initiation_consumed: float | None = None
+        self.last_handshake_time = 0.0
+        self.sent_lastminute_handshake = False
+        self.need_another_keepalive = False
+        self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
+        self.timers = TimerSlots(len(TIMER_NAMES))
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.removed = False
+
+    def __repr__(self) -> str:
+        # The public key is public, but a short form keeps log lines readable.
+        return f"<Peer {self.short_name}>"
+
+    @property
+    def short_name(self) -> str:
+        return base64.b64encode(self.public_key).decode()[:8] + "..."

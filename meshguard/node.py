@@ -1,0 +1,313 @@
+"""A running WireGuard interface: the device engine wired to a TUN device, UDP sockets and a link.
+
+The node owns the adapters, keeps one reactor timer for the engine's next deadline, and is the
+backend the UAPI server (and so the stock ``wg`` tool) configures. Configuration from a file and
+from ``wg`` go through the same operations (:mod:`meshguard.uapi`), so both behave alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from meshguard.config import Config
+from meshguard.core.device import Device
+from meshguard.core.interfaces import Endpoint, RandomBytes
+from meshguard.link import Link
+from meshguard.tun import TunDevice
+from meshguard.uapi import (
+    UNSET,
+    DeviceStatus,
+    Operation,
+    PeerStatus,
+    PeerUpdate,
+    ReplacePeers,
+    SetFwmark,
+    SetListenPort,
+    SetPrivateKey,
+    UAPIError,
+)
+from meshguard.udp import UDPBindError, UDPTransport
+
+log = Logger()
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _DataPath:
+    """The device's outputs bound straight to the adapters' methods (no forwarding call)."""
+
+    __slots__ = ("send_datagram", "write_packet")
+
+    def __init__(
+        self,
+        send_datagram: Callable[[bytes, Endpoint], None],
+        write_packet: Callable[[bytes], None],
+    ) -> None:
+        self.send_datagram = send_datagram
+        self.write_packet = write_packet
+
+
+def _discard_datagram(data: bytes, endpoint: Endpoint) -> None:
+    pass
+
+
+def _discard_packet(packet: bytes) -> None:
+    pass
+
+
+def resolve_endpoint(endpoint: tuple[str, int]) -> Endpoint | None:
+    """A numeric endpoint for ``host:port``: names are resolved (IPv4 preferred, as wg does)."""
+    host, port = endpoint
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return (host, port)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
+    for info in infos:
+        address = info[4][0]
+        if isinstance(address, str):
+            return (address, port)
+    return None
+
+
+def config_operations(config: Config, *, existing: set[bytes] | None = None) -> list[Operation]:
+    """The UAPI operations that make a device match ``config``'s WireGuard part.
+
+    ``existing`` (a reload) removes the peers the file no longer lists, like ``wg syncconf``,
+    instead of replacing every peer, so live sessions of unchanged peers survive.
+    """
+    interface = config.interface
+    operations: list[Operation] = [SetPrivateKey(interface.private_key)]
+    operations.append(SetFwmark(interface.fwmark))
+    if existing is None:
+        operations.append(ReplacePeers())
+    wanted = {peer.public_key for peer in config.peers}
+    for key in sorted(existing or set()):
+        if key not in wanted:
+            operations.append(PeerUpdate(public_key=key, remove=True))
+    for peer in config.peers:
+        endpoint: Endpoint | None = None
+        if peer.endpoint is not None:
+            endpoint = resolve_endpoint(peer.endpoint)
+            if endpoint is None:
+                log.warn(
+                    "{path}:{line}: cannot resolve endpoint {host}; the peer waits for it to "
+                    "reach us",
+                    path=config.path,
+                    line=peer.line,
+                    host=peer.endpoint[0],
+                )
+        operations.append(
+            PeerUpdate(
+                public_key=peer.public_key,
+                preshared_key=peer.preshared_key,
+                endpoint=endpoint if endpoint is not None else UNSET,
+                persistent_keepalive=peer.persistent_keepalive,
+                replace_allowed_ips=True,
+                allowed_ips=[(True, network) for network in peer.allowed_ips],
+            )
+        )
+    return operations
+
+
+class Node:
+    """One interface: TUN + UDP + link + engine, configured by a file and by UAPI."""
+
+    def __init__(
+        self,
+        interface: str,
+        reactor: Any,
+        *,
+        mtu: int = 1420,
+        listen_port: int = 0,
+        random: RandomBytes = os.urandom,
+        tun_system: Any = None,
+        link: Link | None = None,
+        on_gone: Callable[[], None] | None = None,
+    ) -> None:
+        self.interface = interface
+        self.reactor = reactor
+        self.mtu = mtu
+        self.requested_port = listen_port
+        self.device = Device(_DataPath(_discard_datagram, _discard_packet), random, mtu=mtu)
+        self.tun = TunDevice(
+            interface,
+            self._packet_from_tun,
+            reactor,
+            system=tun_system,
+            on_gone=self._tun_gone,
+            on_batch_end=self.reschedule,
+        )
+        self.udp = UDPTransport(self._datagram_received, reactor, listen_port)
+        self.link = link if link is not None else Link(interface)
+        self.on_gone = on_gone
+        self.fwmark = 0
+        self._timer: IDelayedCall | None = None
+        self._seconds: Callable[[], float] = reactor.seconds
+        self.routes: list[Network] = []
+        self.running = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        """Create the TUN device and bind the sockets (needs privileges; nothing else runs)."""
+        self.interface = self.tun.open()
+        try:
+            self.udp.bind()
+        except BaseException:
+            self.tun.close()
+            raise
+
+    def start(self) -> None:
+        """Start the data path: the engine's outputs go to the adapters and reading begins."""
+        self.device.io = _DataPath(self.udp.send, self.tun.write)
+        self.tun.start_reading()
+        self.udp.start_reading()
+        self.running = True
+        self.device.up(self._seconds())
+        self.reschedule()
+
+    def stop(self) -> None:
+        """Stop reading, forget sessions and close the sockets and the TUN device."""
+        self.running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.device.down()
+        self.device.io = _DataPath(_discard_datagram, _discard_packet)
+        self.udp.close()
+        self.tun.close()
+
+    def _tun_gone(self, error: OSError) -> None:
+        log.info("interface {name} is gone ({error}); stopping", name=self.interface, error=error)
+        if self.on_gone is not None:
+            self.on_gone()
+
+    # ------------------------------------------------------------------ data path
+
+    def _packet_from_tun(self, packet: bytes) -> None:
+        self.device.packet_from_tun(packet, self._seconds())
+
+    def _datagram_received(self, data: bytes, source: Endpoint) -> None:
+        self.device.datagram_received(data, source, self._seconds())
+        # UDP batches end at the adapter; the engine's timers only move earlier on handshakes,
+        # which are rare, so checking here keeps the timer right without a per-batch hook.
+        if data[0] != 4:
+            self.reschedule()
+
+    def reschedule(self) -> None:
+        """Keep the one reactor timer at the engine's next deadline."""
+        if not self.running:
+            return
+        deadline = self.device.next_deadline()
+        timer = self._timer
+        if deadline is None:
+            return
+        if timer is not None and timer.active():
+            if timer.getTime() <= deadline:
+                return
+            timer.reset(max(0.0, deadline - self._seconds()))
+            return
+        self._timer = self.reactor.callLater(max(0.0, deadline - self._seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        try:
+            self.device.run_timers(self._seconds())
+        except Exception:
+            log.failure("protocol timer failed")
+        self.reschedule()
+
+    # ------------------------------------------------------------------ UAPI backend
+
+    def status(self) -> DeviceStatus:
+        device = self.device
+        peers = [
+            PeerStatus(
+                public_key=peer.public_key,
+                preshared_key=peer.preshared_key if any(peer.preshared_key) else None,
+                endpoint=peer.endpoint,
+                last_handshake_time=peer.last_handshake_time,
+                rx_bytes=peer.rx_bytes,
+                tx_bytes=peer.tx_bytes,
+                persistent_keepalive=peer.persistent_keepalive,
+                allowed_ips=device.allowed_ips.networks(peer),
+            )
+            for peer in device.peers.values()
+        ]
+        return DeviceStatus(
+            private_key=device.private_key,
+            listen_port=self.udp.local_port if self.running or self.udp.local_port else 0,
+            fwmark=self.fwmark,
+            peers=peers,
+        )
+
+    def apply(self, operations: list[Operation]) -> None:
+        """Apply validated UAPI operations in order, as wireguard-go does."""
+        now = self._seconds()
+        device = self.device
+        try:
+            for op in operations:
+                if isinstance(op, SetPrivateKey):
+                    device.set_private_key(op.key, now)
+                elif isinstance(op, SetListenPort):
+                    if op.port != self.udp.local_port or op.port == 0:
+                        try:
+                            self.udp.rebind(op.port)
+                        except UDPBindError as e:
+                            raise UAPIError(errno.EADDRINUSE, str(e)) from e
+                elif isinstance(op, SetFwmark):
+                    try:
+                        self.udp.set_fwmark(op.mark)
+                    except OSError as e:
+                        raise UAPIError(errno.EADDRINUSE, "cannot set fwmark") from e
+                    self.fwmark = op.mark
+                elif isinstance(op, ReplacePeers):
+                    device.remove_all_peers()
+                elif isinstance(op, PeerUpdate):
+                    self._apply_peer(op, now)
+        finally:
+            self.reschedule()
+
+    def _apply_peer(self, op: PeerUpdate, now: float) -> None:
+        device = self.device
+        if device.public_key is not None and op.public_key == device.public_key:
+            return
+        if op.remove:
+            device.remove_peer(op.public_key)
+            return
+        if op.update_only and op.public_key not in device.peers:
+            return
+        peer = device.add_peer(op.public_key)
+        if peer is None:
+            return
+        if op.preshared_key is not UNSET:
+            device.set_preshared_key(peer, op.preshared_key)
+        if op.endpoint is not UNSET:
+            device.set_endpoint(peer, op.endpoint)
+        if op.replace_allowed_ips:
+            device.allowed_ips.remove_value(peer)
+        for add, network in op.allowed_ips:
+            if add:
+                device.allowed_ips.insert(network, peer)
+            else:
+                device.allowed_ips.remove(network, peer)
+        if op.persistent_keepalive is not None:
+            device.set_persistent_keepalive(peer, op.persistent_keepalive, now)
+
+    def apply_config(self, config: Config, *, reload: bool = False) -> None:
+        existing = set(self.device.peers) if reload else None
+        self.apply(config_operations(config, existing=existing))

@@ -1,0 +1,231 @@
+"""The node as a Twisted service: set up in ``privilegedStartService``, torn down on stop.
+
+What needs root (the TUN device, the sockets, addresses and routes, the UAPI socket) happens in
+``privilegedStartService`` so that twistd may drop privileges afterwards. A failure at any step
+undoes the steps before it and ends the process with one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from meshguard.config import Config, ConfigError, load_config
+from meshguard.link import Link, LinkError
+from meshguard.node import Node
+from meshguard.tun import TunError
+from meshguard.uapi_server import InterfaceInUseError, listen_uapi
+from meshguard.udp import UDPBindError
+
+log = Logger()
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Errors a user can act on: printed as one line, exit status 1.
+STARTUP_ERRORS = (ConfigError, TunError, UDPBindError, LinkError, InterfaceInUseError, OSError)
+
+
+class StartupError(SystemExit):
+    """Ends the process with status 1 after printing one clear line."""
+
+    def __init__(self, message: str) -> None:
+        sys.stderr.write(f"meshguard: {message}\n")
+        sys.stderr.flush()
+        super().__init__(1)
+
+
+class NodeService(service.Service):
+    """One interface, from a config file (or none: ``meshguard-userspace``)."""
+
+    def __init__(
+        self,
+        interface: str,
+        config: Config | None,
+        *,
+        config_path: str | None = None,
+        reactor: Any = None,
+        uapi_directory: str = "/var/run/wireguard",
+        manage_link: bool = True,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.interface = interface
+        self.config = config
+        self.config_path = config_path
+        self.reactor = reactor
+        self.uapi_directory = uapi_directory
+        self.manage_link = manage_link
+        self.node: Node | None = None
+        self.uapi: IListeningPort | None = None
+        self.routes: list[Network] = []
+        self._previous_hup: Any = None
+
+    # ------------------------------------------------------------------ start
+
+    def privilegedStartService(self) -> None:
+        try:
+            self._set_up()
+        except STARTUP_ERRORS as e:
+            self._tear_down()
+            raise StartupError(str(e)) from e
+        service.Service.privilegedStartService(self)
+
+    def _set_up(self) -> None:
+        interface = self.config.interface if self.config is not None else None
+        mtu = interface.mtu if interface is not None and interface.mtu is not None else 1420
+        port = interface.listen_port if interface is not None and interface.listen_port else 0
+        node = Node(self.interface, self.reactor, mtu=mtu, listen_port=port, on_gone=self._gone)
+        self.node = node
+        node.open()
+        self.interface = node.interface
+        if self.manage_link:
+            node.link.set_mtu(mtu)
+        if self.config is not None:
+            node.apply_config(self.config)
+            if self.manage_link:
+                for address in self.config.interface.addresses:
+                    node.link.add_address(address)
+                node.link.set_up()
+                self._sync_routes()
+        self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        if self.node is None:
+            self.privilegedStartService()
+        assert self.node is not None
+        self.node.start()
+        try:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
+        except ValueError:
+            self._previous_hup = None  # not the main thread (tests)
+        log.info(
+            "meshguard {name} up: UDP port {port}, {peers} peers",
+            name=self.interface,
+            port=self.node.udp.local_port,
+            peers=len(self.node.device.peers),
+        )
+
+    # ------------------------------------------------------------------ routes
+
+    def _wanted_routes(self) -> list[Network]:
+        if self.config is None or self.node is None:
+            return []
+        table = self.config.interface.table
+        if table == "off":
+            return []
+        on_link: list[Network] = [a.network for a in self.config.interface.addresses]
+        wanted: list[Network] = []
+        for peer in self.config.peers:
+            for network in peer.allowed_ips:
+                if network in wanted:
+                    continue
+                if any(
+                    network.version == link.version and network.subnet_of(link)  # type: ignore[arg-type]
+                    for link in on_link
+                ):
+                    continue
+                wanted.append(network)
+        return wanted
+
+    def _sync_routes(self) -> None:
+        """Routes for every peer's AllowedIPs (``Table = auto`` or a table number), as wg-quick
+        installs them; the connected subnets of the interface addresses need none."""
+        assert self.config is not None and self.node is not None
+        table = self.config.interface.table
+        table_arg = None if table == "auto" else table
+        wanted = self._wanted_routes()
+        for network in self.routes:
+            if network not in wanted:
+                try:
+                    self.node.link.remove_route(network, table_arg)
+                except LinkError as e:
+                    log.warn("{error}", error=str(e))
+        for network in wanted:
+            if network not in self.routes:
+                self.node.link.add_route(network, table_arg)
+        self.routes = wanted
+
+    # ------------------------------------------------------------------ reload
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """Re-read the config and apply the difference; a bad file leaves the running one."""
+        if self.config_path is None or self.node is None:
+            return
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: {error}", error=str(e))
+            return
+        old = self.config
+        self.config = config
+        node = self.node
+        try:
+            node.apply_config(config, reload=True)
+            new_port = config.interface.listen_port or 0
+            if new_port and new_port != node.udp.local_port:
+                node.udp.rebind(new_port)
+            if self.manage_link:
+                old_addresses = set(old.interface.addresses) if old is not None else set()
+                for address in config.interface.addresses:
+                    if address not in old_addresses:
+                        node.link.add_address(address)
+                for address in old_addresses - set(config.interface.addresses):
+                    node.link.remove_address(address)
+                if config.interface.mtu and config.interface.mtu != node.mtu:
+                    node.link.set_mtu(config.interface.mtu)
+                    node.mtu = node.device.mtu = config.interface.mtu
+                self._sync_routes()
+        except Exception as e:
+            log.error("reload partly applied: {error}", error=str(e))
+            return
+        log.info(
+            "reloaded {path}: {peers} peers", path=self.config_path, peers=len(config.peers)
+        )
+
+    # ------------------------------------------------------------------ stop
+
+    def _gone(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        if self._previous_hup is not None:
+            try:
+                signal.signal(signal.SIGHUP, self._previous_hup)
+            except ValueError:
+                pass
+        self._tear_down()
+
+    def _tear_down(self) -> None:
+        if self.uapi is not None:
+            self.uapi.stopListening()
+            self.uapi = None
+        node = self.node
+        self.node = None
+        if node is None:
+            return
+        if node.running:
+            node.stop()
+        else:
+            node.udp.close()
+            node.tun.close()
+        # Closing the TUN fd removes a non-persistent interface with its addresses and routes;
+        # delete it explicitly in case another process still holds it open.
+        if self.manage_link:
+            try:
+                node.link.delete()
+            except LinkError:
+                pass

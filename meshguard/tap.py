@@ -1,0 +1,45 @@
+"""``twistd meshguard``: command-line options and the service they make."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from meshguard.config import ConfigError, load_config
+from meshguard.service import NodeService, StartupError
+
+
+class Options(usage.Options):
+    """``twistd [-n] meshguard --config PATH [--interface NAME]``."""
+
+    optParameters = [
+        ["config", "c", None, "Config file (wg-quick format, meshguard superset)."],
+        ["interface", "i", None, "Interface name (default: the config file's stem)."],
+        ["uapi-dir", None, "/var/run/wireguard", "Directory of the UAPI sockets (wg's)."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config PATH is required")
+        if not self["interface"]:
+            self["interface"] = os.path.splitext(os.path.basename(self["config"]))[0]
+        if not 0 < len(self["interface"].encode()) <= 15 or "/" in self["interface"]:
+            raise usage.UsageError(
+                f"interface name {self['interface']!r} must be 1 to 15 characters without '/'"
+            )
+
+
+def makeService(options: Options) -> IService:
+    """Read the config now, so a bad file ends twistd with one line before anything is set up."""
+    try:
+        config = load_config(options["config"])
+    except ConfigError as e:
+        raise StartupError(str(e)) from e
+    return NodeService(
+        options["interface"],
+        config,
+        config_path=options["config"],
+        uapi_directory=options["uapi-dir"],
+    )
