@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from meshguard.config import Config, ConfigError, load_config
-from meshguard.link import Link, LinkError
+from meshguard.link import LinkError
 from meshguard.node import Node
 from meshguard.tun import TunError
 from meshguard.uapi_server import InterfaceInUseError, listen_uapi
@@ -76,7 +76,7 @@ class NodeService(service.Service):
         except STARTUP_ERRORS as e:
             self._tear_down()
             raise StartupError(str(e)) from e
-        service.Service.privilegedStartService(self)
+        service.Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
 
     def _set_up(self) -> None:
         interface = self.config.interface if self.config is not None else None
@@ -98,7 +98,7 @@ class NodeService(service.Service):
         self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
 
     def startService(self) -> None:
-        service.Service.startService(self)
+        service.Service.startService(self)  # type: ignore[no-untyped-call]
         if self.node is None:
             self.privilegedStartService()
         assert self.node is not None
@@ -190,9 +190,7 @@ class NodeService(service.Service):
         except Exception as e:
             log.error("reload partly applied: {error}", error=str(e))
             return
-        log.info(
-            "reloaded {path}: {peers} peers", path=self.config_path, peers=len(config.peers)
-        )
+        log.info("reloaded {path}: {peers} peers", path=self.config_path, peers=len(config.peers))
 
     # ------------------------------------------------------------------ stop
 
@@ -201,7 +199,7 @@ class NodeService(service.Service):
             self.reactor.stop()
 
     def stopService(self) -> None:
-        service.Service.stopService(self)
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
         if self._previous_hup is not None:
             try:
                 signal.signal(signal.SIGHUP, self._previous_hup)

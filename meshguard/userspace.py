@@ -36,7 +36,7 @@ def _run(interface: str, ready_fd: int | None) -> int:
         os.write(ready_fd, b"R")
         os.close(ready_fd)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 

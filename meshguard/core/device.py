@@ -504,7 +504,9 @@ class Device:
             self._under_load_until = now + C.UNDER_LOAD_AFTER
         return now < self._under_load_until
 
-    def _admit_handshake(self, data: bytes, sender_index: int, source: Endpoint, now: float) -> bool:
+    def _admit_handshake(
+        self, data: bytes, sender_index: int, source: Endpoint, now: float
+    ) -> bool:
         """mac1, and under load mac2 (else a cookie reply) and the per-source rate limit."""
         checker = self.cookie_checker
         if checker is None:

@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from meshguard.core.peer import Peer
 
 
-
 class Keypair:
     """One session's keys, counters and replay window, as derived by one handshake.
 
@@ -58,9 +57,7 @@ class Keypair:
 
     def can_send(self, now: float) -> bool:
         """Whether this keypair may still seal a message (REJECT limits by time and count)."""
-        return (
-            now - self.created < REJECT_AFTER_TIME and self.send_counter < REJECT_AFTER_MESSAGES
-        )
+        return now - self.created < REJECT_AFTER_TIME and self.send_counter < REJECT_AFTER_MESSAGES
 
     def expire_for_sending(self) -> None:
         """Make the keypair unusable for sending, forcing a new handshake (a changed key)."""
