@@ -67,6 +67,8 @@ class NodeService(service.Service):
         self.uapi: IListeningPort | None = None
         self.routes: list[Network] = []
         self._previous_hup: Any = None
+        #: Set once our TUN device exists: only then is the interface ours to delete.
+        self._own_link = False
 
     # ------------------------------------------------------------------ start
 
@@ -85,6 +87,7 @@ class NodeService(service.Service):
         node = Node(self.interface, self.reactor, mtu=mtu, listen_port=port, on_gone=self._gone)
         self.node = node
         node.open()
+        self._own_link = True
         self.interface = node.interface
         if self.manage_link:
             node.link.set_mtu(mtu)
@@ -222,7 +225,8 @@ class NodeService(service.Service):
             node.tun.close()
         # Closing the TUN fd removes a non-persistent interface with its addresses and routes;
         # delete it explicitly in case another process still holds it open.
-        if self.manage_link:
+        if self.manage_link and self._own_link:
+            self._own_link = False
             try:
                 node.link.delete()
             except LinkError:
