@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
 from meshguard.core import constants as C
+from meshguard.core import control
 from meshguard.core.allowedips import AllowedIPs
 from meshguard.core.cookie import CookieChecker
 from meshguard.core.crypto import CryptoError, clamp, dh, generate_private_key, public_key, tai64n
@@ -103,6 +104,7 @@ class Device:
         mtu: int = C.DEFAULT_MTU,
         under_load_threshold: int = 128,
         on_handshake: Callable[[Peer], None] | None = None,
+        mesh: bool = False,
     ) -> None:
         self.io = io
         self.random = random
@@ -119,6 +121,13 @@ class Device:
         self.under_load_threshold = under_load_threshold
         self.is_up = False
         self.on_handshake = on_handshake
+        #: Whether this device speaks the mesh control channel (marks its initiations).
+        self.mesh = mesh
+        #: Called with ``(peer, kind, body, now)`` for each authenticated control message.
+        self.on_control: Callable[[Peer, int, bytes, float], None] | None = None
+        #: Called with ``(peer, packet, now)`` for a TUN packet larger than the peer's
+        #: ``inner_mtu`` (path MTU enforcement); the packet is not sent.
+        self.on_too_big: Callable[[Peer, bytes, float], None] | None = None
         self._load_window_start = 0.0
         self._load_window_count = 0
         self._under_load_until = -1.0
@@ -243,6 +252,9 @@ class Device:
         if peer is None:
             self.counters.no_route += 1
             return
+        if length > peer.inner_mtu and self.on_too_big is not None:
+            self.on_too_big(peer, packet, now)
+            return
         self.send_data(peer, packet, now)
 
     def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
@@ -357,7 +369,7 @@ class Device:
             precomputed_ss=peer.static_shared,
             ephemeral_private=generate_private_key(self.random),
             sender_index=index,
-            timestamp=tai64n(now),
+            timestamp=control.mark_timestamp(tai64n(now)) if self.mesh else tai64n(now),
         )
         peer.handshake = handshake
         message = peer.cookies.add_macs(message, now)
@@ -451,6 +463,9 @@ class Device:
             )
         if not plaintext:
             return
+        if plaintext[0] >> 4 == 15:
+            self._receive_control(peer, plaintext, now)
+            return
         # Data received: answer within KEEPALIVE_TIMEOUT unless we send something anyway.
         if deadlines[SEND_KEEPALIVE] is None:
             self.timers.arm(peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT)
@@ -493,6 +508,31 @@ class Device:
         if total != length:
             plaintext = plaintext[:total]
         self.io.write_packet(plaintext)
+
+    def _receive_control(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        decoded = control.decode(plaintext)
+        if decoded is None or not self.mesh or self.on_control is None:
+            self.counters.bad_inner_packet += 1
+            return
+        peer.is_meshguard = True
+        kind, body = decoded
+        self.on_control(peer, kind, body, now)
+
+    def send_control(self, peer: Peer, kind: int, body: bytes, now: float) -> bool:
+        """Send a control message to a meshguard peer over its current session.
+
+        Returns False (nothing sent) when the peer is not known to be a meshguard node or no
+        session can carry the message yet; control traffic is retried by its sender, never
+        staged behind data.
+        """
+        if not self.mesh or not peer.is_meshguard:
+            return False
+        keypair = peer.keypairs.current
+        endpoint = peer.endpoint
+        if keypair is None or endpoint is None or not keypair.can_send(now):
+            return False
+        self._seal_and_send(peer, keypair, endpoint, control.encode(kind, body), now)
+        return True
 
     def _under_load(self, now: float) -> bool:
         """Count handshake messages per second; past the threshold, demand cookies for 1 s."""
@@ -562,6 +602,8 @@ class Device:
             return
         peer.latest_timestamp = consumed.timestamp
         peer.last_initiation_consumed = now
+        if control.is_marked(consumed.timestamp):
+            peer.is_meshguard = True
         peer.endpoint = source
         # A consumed initiation replaces any handshake we had in flight with this peer.
         self._free_handshake_index(peer)

@@ -59,6 +59,10 @@ class Peer:
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.removed = False
+        #: Whether the peer showed it is a meshguard node (handshake mark or control message).
+        self.is_meshguard = False
+        #: Largest inner packet the path to this peer carries (path MTU discovery lowers it).
+        self.inner_mtu = 65535
 
     def __repr__(self) -> str:
         # The public key is public, but a short form keeps log lines readable.
