@@ -21,6 +21,7 @@ from meshguard.config import Config
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.link import Link
+from meshguard.mesh.agent import MeshAgent
 from meshguard.tun import TunDevice
 from meshguard.uapi import (
     UNSET,
@@ -149,10 +150,15 @@ class Node:
             reactor,
             system=tun_system,
             on_gone=self._tun_gone,
-            on_batch_end=self.reschedule,
+            on_batch_end=self._batch_end,
         )
-        self.udp = UDPTransport(self._datagram_received, reactor, listen_port)
+        self.udp = UDPTransport(
+            self._datagram_received, reactor, listen_port, on_batch_end=self._batch_end
+        )
         self.link = link if link is not None else Link(interface)
+        #: The mesh layer; it marks our handshakes and talks only to meshguard peers.
+        self.mesh = MeshAgent(self.device, local_endpoints=self.local_endpoints)
+        self._local_endpoints: list[Endpoint] = []
         self.on_gone = on_gone
         self.fwmark = 0
         self._timer: IDelayedCall | None = None
@@ -203,16 +209,30 @@ class Node:
 
     def _datagram_received(self, data: bytes, source: Endpoint) -> None:
         self.device.datagram_received(data, source, self._seconds())
-        # UDP batches end at the adapter; the engine's timers only move earlier on handshakes,
-        # which are rare, so checking here keeps the timer right without a per-batch hook.
-        if data[0] != 4:
+
+    def _batch_end(self) -> None:
+        """After a drained batch: move the reactor timer only if a deadline moved earlier."""
+        if self.device.timers.dirty or self.mesh.dirty:
             self.reschedule()
 
+    def local_endpoints(self) -> list[Endpoint]:
+        """Our LAN candidates: the host's addresses outside the tunnel, with our UDP port."""
+        return self._local_endpoints
+
+    def refresh_local_endpoints(self, addresses: list[str]) -> None:
+        port = self.udp.local_port
+        self._local_endpoints = [(address, port) for address in addresses]
+
     def reschedule(self) -> None:
-        """Keep the one reactor timer at the engine's next deadline."""
+        """Keep the one reactor timer at the engine's (and mesh layer's) next deadline."""
         if not self.running:
             return
+        self.device.timers.dirty = False
+        self.mesh.dirty = False
         deadline = self.device.next_deadline()
+        mesh_deadline = self.mesh.next_deadline()
+        if mesh_deadline is not None and (deadline is None or mesh_deadline < deadline):
+            deadline = mesh_deadline
         timer = self._timer
         if deadline is None:
             return
@@ -225,8 +245,10 @@ class Node:
 
     def _fire(self) -> None:
         self._timer = None
+        now = self._seconds()
         try:
-            self.device.run_timers(self._seconds())
+            self.device.run_timers(now)
+            self.mesh.run_timers(now)
         except Exception:
             log.failure("protocol timer failed")
         self.reschedule()

@@ -8,6 +8,7 @@ import pathlib
 from twisted.trial.unittest import SynchronousTestCase
 
 import meshguard.core
+import meshguard.mesh
 
 FORBIDDEN = {"twisted.internet", "socket", "select", "time", "os", "random", "asyncio"}
 
@@ -25,9 +26,10 @@ def imported_modules(path: pathlib.Path) -> set[str]:
 
 class CorePurityTests(SynchronousTestCase):
     def test_no_io_imports(self) -> None:
-        """No module of meshguard.core imports the reactor, sockets, select, time or os."""
-        root = pathlib.Path(meshguard.core.__file__).parent
-        modules = sorted(root.rglob("*.py"))
+        """No module of meshguard.core or meshguard.mesh imports the reactor, sockets, select, time or os."""
+        modules = []
+        for package in (meshguard.core, meshguard.mesh):
+            modules.extend(sorted(pathlib.Path(package.__file__).parent.rglob("*.py")))
         self.assertTrue(modules)
         for path in modules:
             for name in imported_modules(path):

@@ -31,6 +31,9 @@ class TimerQueue(Generic[T]):
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, T, TimerSlots]] = []
         self._sequence = 0
+        #: Set when a deadline earlier than every queued one was added; whoever keeps the
+        #: reactor timer checks it (cheaply, per batch) and clears it when rescheduling.
+        self.dirty = False
 
     def arm(self, owner: T, slots: TimerSlots, kind: int, deadline: float) -> None:
         """Set ``kind`` to fire at ``deadline``, replacing any earlier setting."""
@@ -49,6 +52,8 @@ class TimerQueue(Generic[T]):
         return slots.deadlines[kind] is not None
 
     def _push(self, owner: T, slots: TimerSlots, kind: int, deadline: float) -> None:
+        if not self._heap or deadline < self._heap[0][0]:
+            self.dirty = True
         slots.queued[kind] = deadline
         self._sequence += 1
         heapq.heappush(self._heap, (deadline, self._sequence, kind, owner, slots))

@@ -1,0 +1,228 @@
+"""The mesh agent: routes control messages to features and says hello to meshguard peers.
+
+Every feature (keepalive policy, path MTU, membership, relaying) is a :class:`MeshFeature` that
+owns some control message kinds, hears about new meshguard sessions, and keeps its own deadlines.
+The agent aggregates them so the node keeps one reactor timer for the whole mesh layer.
+
+HELLO tells a peer how we see it: its endpoint as observed from here (the only way a node behind
+a NAT learns its public mapping) and our local addresses and listen port (LAN candidates).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from meshguard.core.device import Device
+from meshguard.core.interfaces import Endpoint
+from meshguard.core.peer import Peer
+from meshguard.mesh import kinds
+
+#: Largest JSON control body accepted; anything larger is dropped unread.
+MAX_JSON_BODY = 16384
+#: How often a HELLO is repeated until acknowledged, and refreshed afterwards.
+HELLO_RETRY = 2.0
+HELLO_REFRESH = 60.0
+
+
+class MeshFeature(Protocol):
+    """One capability of the mesh layer."""
+
+    kinds: tuple[int, ...]
+
+    def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None: ...
+
+    def session_started(self, peer: Peer, now: float) -> None: ...
+
+    def next_deadline(self) -> float | None: ...
+
+    def run_timers(self, now: float) -> None: ...
+
+    def peer_status(self, peer: Peer) -> dict[str, Any]: ...
+
+
+def decode_json(body: bytes) -> dict[str, Any] | None:
+    """A JSON object from a control body, or None for anything else (hostile input)."""
+    if len(body) > MAX_JSON_BODY:
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def encode_json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def parse_endpoint(value: object) -> Endpoint | None:
+    """``["host", port]`` from a peer, checked: a numeric address and a port in range."""
+    if not isinstance(value, list) or len(value) != 2:
+        return None
+    host, port = value
+    if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return (host, port)
+
+
+@dataclass
+class PeerMeshState:
+    """What the agent knows of one meshguard peer."""
+
+    hello_acked: bool = False
+    #: A handshake completed and the features have not heard of this session yet.
+    session_pending: bool = True
+    next_hello: float | None = None
+    #: Our endpoint as this peer sees it (its HELLO says).
+    observed_self: Endpoint | None = None
+    #: The peer's local addresses and port (LAN candidates), as it reported them.
+    local_endpoints: list[Endpoint] = field(default_factory=list)
+    features: list[str] = field(default_factory=list)
+
+
+class MeshAgent:
+    """Dispatches control messages and keeps per-peer mesh state."""
+
+    def __init__(
+        self,
+        device: Device,
+        *,
+        local_endpoints: Callable[[], list[Endpoint]] = list,
+    ) -> None:
+        self.device = device
+        self.local_endpoints = local_endpoints
+        self.features: list[MeshFeature] = []
+        self._by_kind: dict[int, MeshFeature] = {}
+        self.peers: dict[bytes, PeerMeshState] = {}
+        #: Observers told ``(peer, observed_endpoint)`` when a peer reports how it sees us.
+        self.observed_listeners: list[Callable[[Peer, Endpoint, float], None]] = []
+        self.dropped = 0
+        #: Set when a deadline may have moved earlier (see ``TimerQueue.dirty``).
+        self.dirty = False
+        device.mesh = True
+        device.on_control = self.control_received
+        previous = device.on_handshake
+
+        def on_handshake(peer: Peer) -> None:
+            if previous is not None:
+                previous(peer)
+            self._handshake(peer)
+
+        device.on_handshake = on_handshake
+
+    def add_feature(self, feature: MeshFeature) -> None:
+        for kind in feature.kinds:
+            if kind in self._by_kind or kind in (kinds.HELLO, kinds.HELLO_ACK):
+                raise ValueError(f"control kind {kind} is taken")
+            self._by_kind[kind] = feature
+        self.features.append(feature)
+
+    def state(self, peer: Peer) -> PeerMeshState:
+        state = self.peers.get(peer.public_key)
+        if state is None:
+            state = self.peers[peer.public_key] = PeerMeshState()
+        return state
+
+    # ------------------------------------------------------------------ hello
+
+    def _handshake(self, peer: Peer) -> None:
+        """A session completed; if the peer is a known meshguard node, say hello at once."""
+        state = self.state(peer)
+        state.session_pending = True
+        if peer.is_meshguard:
+            state.hello_acked = False
+            state.next_hello = peer.last_handshake_time
+            self.dirty = True
+
+    def _hello_body(self, peer: Peer) -> bytes:
+        return encode_json(
+            {
+                "observed": list(peer.endpoint) if peer.endpoint is not None else None,
+                "local": [list(e) for e in self.local_endpoints()],
+                "features": sorted({type(f).__name__ for f in self.features}),
+            }
+        )
+
+    def send_hello(self, peer: Peer, now: float, kind: int = kinds.HELLO) -> bool:
+        return self.device.send_control(peer, kind, self._hello_body(peer), now)
+
+    def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
+        try:
+            if kind in (kinds.HELLO, kinds.HELLO_ACK):
+                self._hello_received(peer, kind, body, now)
+                return
+            feature = self._by_kind.get(kind)
+            if feature is None:
+                self.dropped += 1
+                return
+            feature.control_received(peer, kind, body, now)
+        except Exception:
+            # A feature's bug must not let a peer's message crash the node.
+            self.dropped += 1
+
+    def _hello_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
+        message = decode_json(body)
+        if message is None:
+            self.dropped += 1
+            return
+        state = self.state(peer)
+        if kind == kinds.HELLO:
+            self.send_hello(peer, now, kinds.HELLO_ACK)
+            if state.next_hello is None:
+                state.next_hello = now + HELLO_REFRESH
+        else:
+            state.hello_acked = True
+            state.next_hello = now + HELLO_REFRESH
+        local = message.get("local")
+        if isinstance(local, list):
+            state.local_endpoints = [e for e in map(parse_endpoint, local[:16]) if e is not None]
+        features = message.get("features")
+        if isinstance(features, list):
+            state.features = [f for f in features[:32] if isinstance(f, str)]
+        observed = parse_endpoint(message.get("observed"))
+        if observed is not None and observed != state.observed_self:
+            state.observed_self = observed
+            for listener in self.observed_listeners:
+                listener(peer, observed, now)
+        if state.session_pending:
+            state.session_pending = False
+            for feature in self.features:
+                feature.session_started(peer, now)
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        deadlines = [s.next_hello for s in self.peers.values() if s.next_hello is not None]
+        deadlines.extend(d for f in self.features if (d := f.next_deadline()) is not None)
+        return min(deadlines) if deadlines else None
+
+    def run_timers(self, now: float) -> None:
+        for key, state in list(self.peers.items()):
+            peer = self.device.peers.get(key)
+            if peer is None:
+                del self.peers[key]
+                continue
+            if state.next_hello is not None and state.next_hello <= now:
+                self.send_hello(peer, now)
+                state.next_hello = now + (HELLO_REFRESH if state.hello_acked else HELLO_RETRY)
+        for feature in self.features:
+            if (deadline := feature.next_deadline()) is not None and deadline <= now:
+                feature.run_timers(now)
+
+    def peer_status(self, peer: Peer) -> dict[str, Any]:
+        state = self.peers.get(peer.public_key)
+        status: dict[str, Any] = {"meshguard": peer.is_meshguard}
+        if state is not None:
+            status["observed_self"] = list(state.observed_self) if state.observed_self else None
+            status["local_endpoints"] = [list(e) for e in state.local_endpoints]
+        for feature in self.features:
+            status.update(feature.peer_status(peer))
+        return status

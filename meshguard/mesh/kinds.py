@@ -1,0 +1,24 @@
+"""Control message kinds, one registry so features never collide on a number."""
+
+from typing import Final
+
+HELLO: Final = 1
+HELLO_ACK: Final = 2
+
+# Keepalive policy and NAT binding-lifetime measurement (10-19).
+NAT_PROBE_REQUEST: Final = 10
+NAT_PROBE_RESULT: Final = 11
+
+# Path MTU discovery (20-29).
+PMTU_PROBE: Final = 20
+PMTU_ACK: Final = 21
+
+# Membership, endpoint discovery and hole punching (30-49).
+MEMBERS: Final = 30
+CALL_ME_MAYBE: Final = 31
+PATH_PING: Final = 32
+PATH_PONG: Final = 33
+
+# Relaying through members (50-59).
+RELAY_FORWARD: Final = 50
+RELAY_DELIVER: Final = 51
