@@ -26,7 +26,7 @@ def imported_modules(path: pathlib.Path) -> set[str]:
 
 class CorePurityTests(SynchronousTestCase):
     def test_no_io_imports(self) -> None:
-        """No module of meshguard.core or meshguard.mesh imports the reactor, sockets, select, time or os."""
+        """No module of meshguard.core or meshguard.mesh imports I/O: reactor, sockets, time, os."""
         modules = []
         for package in (meshguard.core, meshguard.mesh):
             modules.extend(sorted(pathlib.Path(package.__file__).parent.rglob("*.py")))

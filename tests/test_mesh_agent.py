@@ -67,7 +67,7 @@ class HelloTests(SynchronousTestCase):
         self.assertTrue(agent_b.state(pair.peer_of_b).hello_acked)
 
     def test_dispatch_and_feature_bug_contained(self) -> None:
-        pair, agent_a, agent_b, fa, fb = mesh_pair()
+        pair, agent_a, agent_b, _, fb = mesh_pair()
         pair.a_to_b()
         run(pair, agent_a, agent_b)
         pair.a.device.send_control(pair.peer_of_a, 99, b"boom", pair.net.now)
@@ -77,11 +77,11 @@ class HelloTests(SynchronousTestCase):
         self.assertEqual(agent_b.dropped, 2)
 
     def test_kind_collision_refused(self) -> None:
-        pair, agent_a, _, _, _ = mesh_pair()
+        _, agent_a, _, _, _ = mesh_pair()
         self.assertRaises(ValueError, agent_a.add_feature, RecordingFeature())
 
     def test_hostile_hello_ignored(self) -> None:
-        pair, agent_a, agent_b, fa, fb = mesh_pair()
+        pair, agent_a, agent_b, _, _ = mesh_pair()
         pair.a_to_b()
         run(pair, agent_a, agent_b)
         for body in (b"", b"[]", b"{", b'{"observed": ["not an ip", 1]}', b"x" * 20000):

@@ -1,0 +1,1003 @@
+"""Real-network test harness: namespaces, veth, nftables and stock WireGuard tools.
+
+Tests that need a real kernel network build it here, synchronously, from trial test cases. A
+`Testbed` hands out names that are unique per run (interface names stay within 15 characters and
+the UAPI sockets in the shared ``/var/run/wireguard`` never collide), tracks everything it creates
+and removes exactly that on cleanup. Every wait is a bounded poll; no fixed sleeps.
+
+This module is a library, not a test module: it holds no ``TestCase`` classes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TypeVar
+
+__all__ = [
+    "DEFAULT_BINARIES",
+    "WIREGUARD_RUN_DIR",
+    "Blackhole",
+    "CommandError",
+    "Keypair",
+    "Namespace",
+    "NatHome",
+    "Testbed",
+    "TwoHosts",
+    "WaitTimeoutError",
+    "WireGuardPair",
+    "blackhole_drops",
+    "block_udp",
+    "ip",
+    "nat_home",
+    "pmtu_blackhole",
+    "require_root",
+    "require_root_netns",
+    "two_hosts",
+    "unblock_udp",
+    "unique_name",
+    "wait_for",
+    "wg_keypair",
+    "wireguard_go_pair",
+]
+
+T = TypeVar("T")
+
+WIREGUARD_RUN_DIR = Path("/var/run/wireguard")
+DEFAULT_BINARIES: tuple[str, ...] = ("ip", "nft", "wg", "wireguard-go", "ping", "sysctl", "ss")
+MAX_IFNAME = 15
+
+# One random tag per process plus a per-testbed counter: parallel trial workers and repeated runs
+# get distinct prefixes, and a leftover from a crashed run is detected and stepped over.
+_PROCESS_TAG = secrets.token_hex(2)
+_counter = 0
+
+_BLOCK_UDP_TABLE = "mg_block_udp"
+
+
+class CommandError(RuntimeError):
+    """A command run by the harness exited non-zero (or timed out); carries its stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stdout: str, stderr: str):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        status = "timed out" if returncode is None else f"exited {returncode}"
+        super().__init__(f"{' '.join(self.argv)} {status}: {stderr.strip() or stdout.strip()}")
+
+
+class WaitTimeoutError(AssertionError):
+    """A bounded wait ran out; the message says what was being waited for."""
+
+
+def _fail_or_skip(testcase: unittest.TestCase | None, reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        exc = AssertionError if testcase is None else testcase.failureException
+        raise exc(f"real-network test cannot run with CI=true: {reason}")
+    raise unittest.SkipTest(reason)
+
+
+def require_root_netns(
+    testcase: unittest.TestCase | None, binaries: Iterable[str] = DEFAULT_BINARIES
+) -> None:
+    """Skip the test when this machine cannot build real networks; on CI, fail instead.
+
+    With ``CI=true`` in the environment a missing prerequisite is an error, so CI never passes
+    by silently skipping the real-network tests.
+    """
+    if os.geteuid() != 0:
+        _fail_or_skip(testcase, "needs root")
+    missing = [b for b in binaries if shutil.which(b) is None]
+    if missing:
+        _fail_or_skip(testcase, f"missing binaries: {', '.join(missing)}")
+    if not os.path.exists("/dev/net/tun"):
+        _fail_or_skip(testcase, "no /dev/net/tun")
+    try:
+        subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        _fail_or_skip(testcase, f"`ip netns` unavailable: {e}")
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, at most ``timeout`` seconds.
+
+    Returns that value; raises `WaitTimeoutError` naming ``what`` when the deadline passes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise WaitTimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace created by a `Testbed`."""
+
+    name: str
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Keypair:
+    private: str
+    public: str
+
+
+def wg_keypair() -> Keypair:
+    """A fresh Curve25519 key pair from the stock ``wg genkey``/``wg pubkey``."""
+    private = subprocess.run(
+        ["wg", "genkey"], check=True, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+    public = subprocess.run(
+        ["wg", "pubkey"], input=private, check=True, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+    return Keypair(private, public)
+
+
+@dataclass
+class _Spawned:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+
+@dataclass
+class Testbed:
+    """Creates and tracks namespaces, links, processes and UAPI sockets for one test.
+
+    Construct with the running test case (``Testbed(self)``): its cleanup is registered with
+    ``addCleanup`` and process logs go under the test's temporary directory. Without a test
+    case, use it as a context manager.
+    """
+
+    testcase: unittest.TestCase | None = None
+    logdir: Path | None = None
+    prefix: str = field(init=False)
+    _namespaces: list[Namespace] = field(init=False, default_factory=list)
+    _processes: list[_Spawned] = field(init=False, default_factory=list)
+    _ifnames: list[str] = field(init=False, default_factory=list)
+    _cleaned: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.prefix = _fresh_prefix()
+        if self.logdir is None:
+            mktemp = getattr(self.testcase, "mktemp", None)
+            if callable(mktemp):
+                self.logdir = Path(str(mktemp())).absolute()
+            else:
+                self.logdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        if self.testcase is not None:
+            self.testcase.addCleanup(self.cleanup)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    @property
+    def log_dir(self) -> Path:
+        assert self.logdir is not None
+        return self.logdir
+
+    # -- names -----------------------------------------------------------------------------
+
+    def ifname(self, hint: str) -> str:
+        """An interface name unique across all namespaces and runs (for TUN/WireGuard devices).
+
+        Its UAPI socket ``/var/run/wireguard/NAME.sock`` is removed on cleanup.
+        """
+        name = self.prefix + hint
+        if len(name) > MAX_IFNAME:
+            raise ValueError(f"interface name {name!r} longer than {MAX_IFNAME} characters")
+        if name in self._ifnames:
+            raise ValueError(f"interface name {name!r} already handed out")
+        self._ifnames.append(name)
+        return name
+
+    def uapi_socket(self, ifname: str) -> Path:
+        return WIREGUARD_RUN_DIR / f"{ifname}.sock"
+
+    # -- namespaces and links ----------------------------------------------------------------
+
+    def netns(self, name: str) -> Namespace:
+        """Create namespace ``PREFIX-name`` with its loopback up."""
+        ns = Namespace(f"{self.prefix}-{name}")
+        self._host(["ip", "netns", "add", ns.name])
+        self._namespaces.append(ns)
+        self.ip(ns, "link", "set", "dev", "lo", "up")
+        return ns
+
+    def veth(
+        self,
+        ns_a: Namespace,
+        name_a: str,
+        ns_b: Namespace,
+        name_b: str,
+        mtu: int | None = None,
+    ) -> None:
+        """A veth pair created directly in its two namespaces, both ends up."""
+        for n in (name_a, name_b):
+            if len(n) > MAX_IFNAME:
+                raise ValueError(f"interface name {n!r} longer than {MAX_IFNAME} characters")
+        argv = ["ip", "link", "add", name_a, "netns", ns_a.name]
+        argv += ["type", "veth", "peer", "name", name_b, "netns", ns_b.name]
+        self._host(argv)
+        for ns, dev in ((ns_a, name_a), (ns_b, name_b)):
+            if mtu is not None:
+                self.ip(ns, "link", "set", "dev", dev, "mtu", str(mtu))
+            self.up(ns, dev)
+
+    def ip(self, ns: Namespace, *args: str) -> str:
+        return self.run(ns, ["ip", *args]).stdout
+
+    def addr(self, ns: Namespace, dev: str, cidr: str) -> None:
+        """Add an address; IPv6 addresses skip duplicate address detection so they work at once."""
+        extra = ["nodad"] if ":" in cidr else []
+        self.ip(ns, "addr", "add", cidr, "dev", dev, *extra)
+
+    def up(self, ns: Namespace, dev: str) -> None:
+        self.ip(ns, "link", "set", "dev", dev, "up")
+
+    def route(
+        self, ns: Namespace, dest: str, *, via: str | None = None, dev: str | None = None
+    ) -> None:
+        """``ip route add DEST [via GW] [dev DEV]``; the family follows ``dest``/``via``."""
+        argv = ["route", "add", dest]
+        if via is not None:
+            argv += ["via", via]
+        if dev is not None:
+            argv += ["dev", dev]
+        family = ["-6"] if ":" in dest or (via is not None and ":" in via) else []
+        self.ip(ns, *family, *argv)
+
+    def nft(self, ns: Namespace, ruleset: str) -> None:
+        """Load an nftables ruleset (``nft -f -``) in the namespace."""
+        self.run(ns, ["nft", "-f", "-"], input=ruleset)
+
+    def sysctl(self, ns: Namespace, key: str, value: str | int) -> None:
+        self.run(ns, ["sysctl", "-q", "-w", f"{key}={value}"])
+
+    def read_sysctl(self, ns: Namespace, key: str) -> str:
+        return self.run(ns, ["sysctl", "-n", key]).stdout.strip()
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        ns: Namespace | None,
+        argv: Sequence[str],
+        timeout: float = 10.0,
+        *,
+        check: bool = True,
+        input: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command to completion in ``ns`` (None: the root namespace), bounded by timeout.
+
+        Raises `CommandError` with its stderr on a non-zero exit or timeout unless ``check``
+        is false (a timeout then gives returncode -9).
+        """
+        full = list(argv) if ns is None else ns.exec_argv(argv)
+        try:
+            cp = subprocess.run(
+                full,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=None if env is None else {**os.environ, **env},
+            )
+        except subprocess.TimeoutExpired as e:
+            if check:
+                raise CommandError(full, None, _text(e.stdout), _text(e.stderr)) from None
+            return subprocess.CompletedProcess(full, -9, _text(e.stdout), _text(e.stderr))
+        if check and cp.returncode != 0:
+            raise CommandError(full, cp.returncode, cp.stdout, cp.stderr)
+        return cp
+
+    def _host(self, argv: Sequence[str], timeout: float = 10.0) -> None:
+        self.run(None, argv, timeout)
+
+    def spawn(
+        self,
+        ns: Namespace,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        cwd: str | Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running process in ``ns``; it is killed on cleanup.
+
+        Its stdout and stderr go to a log file under the test's temp dir (see `log_of`). The
+        process is the leader of its own session, so cleanup also reaches its children.
+        """
+        seq = len(self._processes)
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(argv[0]))
+        log_path = self.log_dir / f"{seq:02d}-{ns.name}-{base}.log"
+        log_file = log_path.open("wb")
+        log_file.write(("$ " + " ".join(argv) + "\n").encode())
+        log_file.flush()
+        proc = subprocess.Popen(
+            ns.exec_argv(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+        )
+        self._processes.append(_Spawned(proc, log_path, log_file))
+        return proc
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> Path:
+        for s in self._processes:
+            if s.proc is proc:
+                return s.log_path
+        raise KeyError(proc)
+
+    def log_tail(self, proc: subprocess.Popen[bytes], nbytes: int = 4000) -> str:
+        data = self.log_of(proc).read_bytes()
+        return data[-nbytes:].decode(errors="replace")
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+        """SIGTERM the process (and its session), SIGKILL after ``timeout``; returns its status."""
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout)
+        for s in self._processes:
+            if s.proc is proc and not s.log_file.closed:
+                s.log_file.close()
+        return proc.returncode
+
+    def wait_for(
+        self,
+        predicate: Callable[[], T | None],
+        timeout: float,
+        interval: float = 0.05,
+        what: str = "condition",
+    ) -> T:
+        return wait_for(predicate, timeout, interval, what)
+
+    # -- cleanup ---------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Remove every process, namespace and UAPI socket this testbed created, only those.
+
+        Idempotent. Attempts everything, then raises the first error it met, so a leak shows.
+        """
+        if self._cleaned:
+            return
+        self._cleaned = True
+        errors: list[BaseException] = []
+        for s in reversed(self._processes):
+            try:
+                self.stop(s.proc)
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                if not s.log_file.closed:
+                    s.log_file.close()
+        for ns in reversed(self._namespaces):
+            try:
+                self._host(["ip", "netns", "del", ns.name])
+            except BaseException as e:
+                errors.append(e)
+        for name in self._ifnames:
+            try:
+                self.uapi_socket(name).unlink(missing_ok=True)
+            except BaseException as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    # -- traffic -------------------------------------------------------------------------------
+
+    def ping(
+        self,
+        ns: Namespace,
+        addr: str,
+        count: int = 1,
+        timeout: float = 2.0,
+        *,
+        size: int | None = None,
+        dont_fragment: bool = False,
+    ) -> bool:
+        """True when at least one of ``count`` echo requests (v4 or v6) is answered in time.
+
+        ``size`` is the ICMP payload size; ``dont_fragment`` forbids fragmentation (``-M do``).
+        """
+        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", f"{timeout:g}"]
+        if size is not None:
+            argv += ["-s", str(size)]
+        if dont_fragment:
+            argv += ["-M", "do"]
+        argv.append(addr)
+        cp = self.run(ns, argv, timeout=timeout + 0.2 * count + 5, check=False)
+        return cp.returncode == 0
+
+    def listening(self, ns: Namespace, port: int, proto: str = "tcp") -> bool:
+        """Whether something listens on ``port`` (tcp) or is bound to it (udp) in ``ns``."""
+        flag = "-Hltn" if proto == "tcp" else "-Hlun"
+        out = self.run(ns, ["ss", flag, f"sport = :{port}"]).stdout
+        return bool(out.strip())
+
+    def tcp_transfer(
+        self,
+        ns_server: Namespace,
+        ns_client: Namespace,
+        server_addr: str,
+        nbytes: int,
+        *,
+        port: int = 7007,
+        timeout: float = 30.0,
+        seed: int = 1,
+    ) -> bool:
+        """Send ``nbytes`` of seeded pseudo-random data client -> server over one TCP connection.
+
+        True only when the server received exactly those bytes (length and SHA-256 match) within
+        ``timeout``; a stall, reset or corruption gives False, with details in the log dir.
+        """
+        server = self.spawn(
+            ns_server,
+            [sys.executable, "-c", _TCP_SERVER, server_addr, str(port), str(int(timeout) + 1)],
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            try:
+                self.wait_for(
+                    lambda: server.poll() is not None or self.listening(ns_server, port),
+                    timeout=min(timeout, 10.0),
+                    what=f"TCP server on port {port} in {ns_server}",
+                )
+            except WaitTimeoutError:
+                return False
+            if server.poll() is not None:
+                return False
+            client = self.run(
+                ns_client,
+                [sys.executable, "-c", _TCP_CLIENT, server_addr, str(port), str(nbytes), str(seed)],
+                timeout=max(1.0, deadline - time.monotonic()),
+                check=False,
+            )
+            try:
+                server.wait(max(0.5, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False
+            received = self.log_tail(server, 200).strip().splitlines()
+            ok = client.returncode == 0 and bool(received) and received[-1] == client.stdout.strip()
+            with (self.log_dir / "tcp_transfer.log").open("a") as f:
+                f.write(
+                    f"{ns_client}->{ns_server} {server_addr}:{port} {nbytes} B ok={ok}\n"
+                    f"  client rc={client.returncode} out={client.stdout.strip()!r} "
+                    f"err={client.stderr.strip()[-500:]!r}\n"
+                    f"  server: {received[-1:]!r}\n"
+                )
+            return ok
+        finally:
+            self.stop(server)
+
+    def iperf3(
+        self,
+        ns_server: Namespace,
+        ns_client: Namespace,
+        addr: str,
+        seconds: float,
+        *,
+        port: int = 5201,
+        extra: Sequence[str] = (),
+    ) -> float:
+        """Single-stream iperf3 TCP client -> server; returns received Mbit/s."""
+        server = self.spawn(ns_server, ["iperf3", "-s", "-1", "-p", str(port)])
+        try:
+            self.wait_for(
+                lambda: self.listening(ns_server, port),
+                timeout=10,
+                what=f"iperf3 server in {ns_server}",
+            )
+            cp = self.run(
+                ns_client,
+                ["iperf3", "-c", addr, "-p", str(port), "-t", f"{seconds:g}", "-J", *extra],
+                timeout=seconds + 30,
+            )
+            result = json.loads(cp.stdout)
+            bps = float(result["end"]["sum_received"]["bits_per_second"])
+            return bps / 1e6
+        finally:
+            self.stop(server)
+
+    def udp_reachable(
+        self,
+        ns_server: Namespace,
+        ns_client: Namespace,
+        server_addr: str,
+        *,
+        port: int = 7008,
+        timeout: float = 3.0,
+    ) -> bool:
+        """Whether one UDP datagram client -> server gets its echo back within ``timeout``."""
+        server = self.spawn(
+            ns_server, [sys.executable, "-c", _UDP_ECHO, server_addr, str(port), f"{timeout + 5}"]
+        )
+        try:
+            self.wait_for(
+                lambda: self.listening(ns_server, port, "udp"),
+                timeout=10,
+                what=f"UDP echo server in {ns_server}",
+            )
+            cp = self.run(
+                ns_client,
+                [sys.executable, "-c", _UDP_PROBE, server_addr, str(port), str(timeout)],
+                timeout=timeout + 5,
+                check=False,
+            )
+            return cp.returncode == 0
+        finally:
+            self.stop(server)
+
+    # -- stock WireGuard ---------------------------------------------------------------------
+
+    def start_wireguard_go(
+        self, ns: Namespace, ifname: str, timeout: float = 10.0
+    ) -> subprocess.Popen[bytes]:
+        """Run ``wireguard-go IFNAME`` in the foreground in ``ns``; return once its UAPI is up.
+
+        ``ifname`` should come from `ifname` so that its socket is unique and cleaned up.
+        """
+        if ifname not in self._ifnames:
+            self._ifnames.append(ifname)
+        proc = self.spawn(ns, ["wireguard-go", ifname], env={"WG_PROCESS_FOREGROUND": "1"})
+        sock = self.uapi_socket(ifname)
+        self.wait_for(
+            lambda: proc.poll() is not None or sock.exists(),
+            timeout=timeout,
+            what=f"UAPI socket {sock}",
+        )
+        if proc.poll() is not None:
+            raise CommandError(["wireguard-go", ifname], proc.returncode, self.log_tail(proc), "")
+        return proc
+
+    def wg(self, ns: Namespace, *args: str, input: str | None = None) -> str:
+        return self.run(ns, ["wg", *args], input=input).stdout
+
+    def wg_set_interface(
+        self, ns: Namespace, ifname: str, private_key: str, listen_port: int | None = None
+    ) -> None:
+        args = ["set", ifname, "private-key", "/dev/stdin"]
+        if listen_port is not None:
+            args += ["listen-port", str(listen_port)]
+        self.wg(ns, *args, input=private_key + "\n")
+
+    def wg_set_peer(
+        self,
+        ns: Namespace,
+        ifname: str,
+        public_key: str,
+        *,
+        allowed_ips: Sequence[str] = (),
+        endpoint: str | None = None,
+        persistent_keepalive: int | None = None,
+        preshared_key: str | None = None,
+    ) -> None:
+        """``wg set IF peer KEY ...``; ``endpoint`` is ``host:port`` or ``[v6]:port``."""
+        args = ["set", ifname, "peer", public_key]
+        if allowed_ips:
+            args += ["allowed-ips", ",".join(allowed_ips)]
+        if endpoint is not None:
+            args += ["endpoint", endpoint]
+        if persistent_keepalive is not None:
+            args += ["persistent-keepalive", str(persistent_keepalive)]
+        if preshared_key is not None:
+            args += ["preshared-key", "/dev/stdin"]
+        self.wg(ns, *args, input=None if preshared_key is None else preshared_key + "\n")
+
+    def latest_handshake(self, ns: Namespace, ifname: str, public_key: str) -> int:
+        """Unix time of the last handshake with a peer (0: none yet)."""
+        for line in self.wg(ns, "show", ifname, "latest-handshakes").splitlines():
+            key, _, stamp = line.partition("\t")
+            if key == public_key:
+                return int(stamp)
+        return 0
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _fresh_prefix() -> str:
+    """``mg`` + process tag (4 hex) + 2-char counter: 8 characters, 7 left for an ifname hint."""
+    global _counter
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    for _ in range(len(digits) ** 2):
+        n = _counter % len(digits) ** 2
+        _counter += 1
+        prefix = f"mg{_PROCESS_TAG}{digits[n // len(digits)]}{digits[n % len(digits)]}"
+        taken = any(p.name.startswith(prefix) for p in _listdir(Path("/run/netns")))
+        taken = taken or any(p.name.startswith(prefix) for p in _listdir(WIREGUARD_RUN_DIR))
+        if not taken:
+            return prefix
+    raise RuntimeError("no free testbed prefix")
+
+
+def _listdir(path: Path) -> list[Path]:
+    try:
+        return list(path.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+# -- helper programs run inside namespaces (python3 -c) ------------------------------------------
+
+_TCP_SERVER = """
+import hashlib, socket, sys
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, port))
+s.listen(1)
+s.settimeout(timeout)
+c, _ = s.accept()
+c.settimeout(timeout)
+h = hashlib.sha256()
+n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    h.update(b)
+    n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+
+_TCP_CLIENT = """
+import hashlib, random, socket, sys
+addr, port, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+h = hashlib.sha256()
+c = socket.create_connection((addr, port), timeout=10)
+c.settimeout(None)
+left = n
+while left:
+    b = rng.randbytes(min(left, 1 << 16))
+    h.update(b)
+    c.sendall(b)
+    left -= len(b)
+c.shutdown(socket.SHUT_WR)
+while c.recv(1 << 16):
+    pass
+print(n, h.hexdigest(), flush=True)
+"""
+
+_UDP_ECHO = """
+import socket, sys
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.bind((addr, port))
+s.settimeout(timeout)
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+
+_UDP_PROBE = """
+import os, socket, sys, time
+addr, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+token = os.urandom(16)
+deadline = time.monotonic() + timeout
+while time.monotonic() < deadline:
+    s.sendto(token, (addr, port))
+    s.settimeout(min(0.3, max(0.01, deadline - time.monotonic())))
+    try:
+        if s.recv(2048) == token:
+            sys.exit(0)
+    except (socket.timeout, ConnectionRefusedError):
+        pass
+sys.exit(1)
+"""
+
+
+# -- topologies ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TwoHosts:
+    """A and B joined by one veth (``a_dev`` <-> ``b_dev``)."""
+
+    a: Namespace
+    b: Namespace
+    a_dev: str
+    b_dev: str
+    a_addr: str
+    b_addr: str
+    a_addr6: str | None = None
+    b_addr6: str | None = None
+
+
+def two_hosts(testbed: Testbed, v6: bool = False, mtu: int | None = None) -> TwoHosts:
+    """A (10.0.0.1) and B (10.0.0.2) on one veth; with ``v6`` also fd00:0:0:1::1 and ::2."""
+    a, b = testbed.netns("a"), testbed.netns("b")
+    testbed.veth(a, "eth0", b, "eth0", mtu=mtu)
+    testbed.addr(a, "eth0", "10.0.0.1/24")
+    testbed.addr(b, "eth0", "10.0.0.2/24")
+    if v6:
+        testbed.addr(a, "eth0", "fd00:0:0:1::1/64")
+        testbed.addr(b, "eth0", "fd00:0:0:1::2/64")
+        return TwoHosts(
+            a, b, "eth0", "eth0", "10.0.0.1", "10.0.0.2", "fd00:0:0:1::1", "fd00:0:0:1::2"
+        )
+    return TwoHosts(a, b, "eth0", "eth0", "10.0.0.1", "10.0.0.2")
+
+
+@dataclass(frozen=True)
+class NatHome:
+    """``home`` - ``router`` (NAT on ``wan_dev``) - ``internet`` - ``hub``, all IPv4.
+
+    home 192.168.1.2/24 (default via router 192.168.1.1); router wan 203.0.113.2/24 (default via
+    internet 203.0.113.1); hub 198.51.100.2/24 (default via internet 198.51.100.1).
+    """
+
+    home: Namespace
+    router: Namespace
+    internet: Namespace
+    hub: Namespace
+    home_addr: str
+    router_lan_addr: str
+    router_wan_addr: str
+    hub_addr: str
+    lan_dev: str = "lan0"
+    wan_dev: str = "wan0"
+
+
+def nat_home(testbed: Testbed, conntrack_timeout: int | None = None, hard: bool = False) -> NatHome:
+    """A home host behind a masquerading router, reaching a hub across an "internet" router.
+
+    ``hard`` uses ``masquerade random`` (mapping depends on the destination).
+    ``conntrack_timeout`` sets the router's conntrack UDP timeouts (plain and stream), in
+    seconds, so tests can make the NAT forget an idle mapping quickly.
+    """
+    home = testbed.netns("home")
+    router = testbed.netns("router")
+    internet = testbed.netns("inet")
+    hub = testbed.netns("hub")
+    testbed.veth(home, "eth0", router, "lan0")
+    testbed.veth(router, "wan0", internet, "r0")
+    testbed.veth(internet, "h0", hub, "eth0")
+    testbed.addr(home, "eth0", "192.168.1.2/24")
+    testbed.addr(router, "lan0", "192.168.1.1/24")
+    testbed.addr(router, "wan0", "203.0.113.2/24")
+    testbed.addr(internet, "r0", "203.0.113.1/24")
+    testbed.addr(internet, "h0", "198.51.100.1/24")
+    testbed.addr(hub, "eth0", "198.51.100.2/24")
+    testbed.route(home, "default", via="192.168.1.1")
+    testbed.route(router, "default", via="203.0.113.1")
+    testbed.route(hub, "default", via="198.51.100.1")
+    for ns in (router, internet):
+        testbed.sysctl(ns, "net.ipv4.ip_forward", 1)
+    action = "masquerade random" if hard else "masquerade"
+    testbed.nft(
+        router,
+        "table ip nat {\n"
+        "  chain post {\n"
+        "    type nat hook postrouting priority 100\n"
+        f'    oifname "wan0" counter {action}\n'
+        "  }\n"
+        "}\n",
+    )
+    if conntrack_timeout is not None:
+        testbed.sysctl(router, "net.netfilter.nf_conntrack_udp_timeout", conntrack_timeout)
+        testbed.sysctl(router, "net.netfilter.nf_conntrack_udp_timeout_stream", conntrack_timeout)
+    return NatHome(
+        home, router, internet, hub, "192.168.1.2", "192.168.1.1", "203.0.113.2", "198.51.100.2"
+    )
+
+
+@dataclass(frozen=True)
+class Blackhole:
+    """A - mid - B; mid's link toward B has a small MTU and mid drops the ICMP errors that
+    would tell A so (IPv4 "destination unreachable", IPv6 "packet too big")."""
+
+    a: Namespace
+    mid: Namespace
+    b: Namespace
+    a_addr: str
+    b_addr: str
+    a_addr6: str
+    b_addr6: str
+    mtu: int
+
+
+def pmtu_blackhole(testbed: Testbed, mtu: int = 1280) -> Blackhole:
+    """A (10.1.0.2, fd00:1::2) - mid - B (10.2.0.2, fd00:2::2); mid->B link MTU ``mtu``."""
+    a, mid, b = testbed.netns("a"), testbed.netns("mid"), testbed.netns("b")
+    testbed.veth(a, "eth0", mid, "a0")
+    testbed.veth(mid, "b0", b, "eth0", mtu=mtu)
+    testbed.addr(a, "eth0", "10.1.0.2/24")
+    testbed.addr(a, "eth0", "fd00:1::2/64")
+    testbed.addr(mid, "a0", "10.1.0.1/24")
+    testbed.addr(mid, "a0", "fd00:1::1/64")
+    testbed.addr(mid, "b0", "10.2.0.1/24")
+    testbed.addr(mid, "b0", "fd00:2::1/64")
+    testbed.addr(b, "eth0", "10.2.0.2/24")
+    testbed.addr(b, "eth0", "fd00:2::2/64")
+    for ns, v4, v6 in ((a, "10.1.0.1", "fd00:1::1"), (b, "10.2.0.1", "fd00:2::1")):
+        testbed.route(ns, "default", via=v4)
+        testbed.route(ns, "::/0", via=v6)
+    testbed.sysctl(mid, "net.ipv4.ip_forward", 1)
+    testbed.sysctl(mid, "net.ipv6.conf.all.forwarding", 1)
+    chains = "".join(
+        f"  chain {hook} {{\n"
+        f"    type filter hook {hook} priority 0\n"
+        "    icmp type destination-unreachable counter drop\n"
+        "    icmpv6 type packet-too-big counter drop\n"
+        "  }\n"
+        for hook in ("forward", "output")
+    )
+    testbed.nft(mid, "table inet pmtu_blackhole {\n" + chains + "}\n")
+    return Blackhole(a, mid, b, "10.1.0.2", "10.2.0.2", "fd00:1::2", "fd00:2::2", mtu)
+
+
+def blackhole_drops(testbed: Testbed, bh: Blackhole) -> int:
+    """How many ICMP "too big" errors mid has dropped so far (proof the black hole was hit)."""
+    listing = testbed.run(bh.mid, ["nft", "list", "table", "inet", "pmtu_blackhole"]).stdout
+    return sum(int(n) for n in re.findall(r"counter packets (\d+)", listing))
+
+
+def block_udp(testbed: Testbed, router_ns: Namespace) -> None:
+    """Drop all UDP forwarded by ``router_ns`` (undo with `unblock_udp`)."""
+    testbed.nft(
+        router_ns,
+        f"table inet {_BLOCK_UDP_TABLE} {{\n"
+        "  chain forward {\n"
+        "    type filter hook forward priority 0\n"
+        "    meta l4proto udp counter drop\n"
+        "  }\n"
+        "}\n",
+    )
+
+
+def unblock_udp(testbed: Testbed, router_ns: Namespace) -> None:
+    testbed.run(router_ns, ["nft", "delete", "table", "inet", _BLOCK_UDP_TABLE])
+
+
+# -- a stock WireGuard pair ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WireGuardPair:
+    """wireguard-go on both sides of a `TwoHosts`, peered, with tunnel addresses assigned."""
+
+    a_if: str
+    b_if: str
+    a_proc: subprocess.Popen[bytes]
+    b_proc: subprocess.Popen[bytes]
+    a_key: Keypair
+    b_key: Keypair
+    a_tun: str
+    b_tun: str
+    a_tun6: str
+    b_tun6: str
+    port: int
+
+
+def wireguard_go_pair(
+    testbed: Testbed,
+    hosts: TwoHosts,
+    *,
+    port: int = 51820,
+    outer_v6: bool = False,
+    mtu: int | None = None,
+) -> WireGuardPair:
+    """Stock wireguard-go in A and B, peered over the veth; tunnel 10.99.0.1/2, fd99::1/2.
+
+    Both sides get their keys and peers before either interface comes up, so no initiation is
+    lost to a peer that does not know its key yet.
+    """
+    if outer_v6 and (hosts.a_addr6 is None or hosts.b_addr6 is None):
+        raise ValueError("outer_v6 needs two_hosts(v6=True)")
+    a_if, b_if = testbed.ifname("wga"), testbed.ifname("wgb")
+    a_proc = testbed.start_wireguard_go(hosts.a, a_if)
+    b_proc = testbed.start_wireguard_go(hosts.b, b_if)
+    a_key, b_key = wg_keypair(), wg_keypair()
+    a_end = f"[{hosts.a_addr6}]:{port}" if outer_v6 else f"{hosts.a_addr}:{port}"
+    b_end = f"[{hosts.b_addr6}]:{port}" if outer_v6 else f"{hosts.b_addr}:{port}"
+    sides = (
+        (hosts.a, a_if, a_key, b_key, b_end, "10.99.0.1", "fd99::1", "10.99.0.2", "fd99::2"),
+        (hosts.b, b_if, b_key, a_key, a_end, "10.99.0.2", "fd99::2", "10.99.0.1", "fd99::1"),
+    )
+    for ns, ifname, own, peer, endpoint, _, _, peer4, peer6 in sides:
+        testbed.wg_set_interface(ns, ifname, own.private, port)
+        testbed.wg_set_peer(
+            ns, ifname, peer.public, allowed_ips=(f"{peer4}/32", f"{peer6}/128"), endpoint=endpoint
+        )
+    for ns, ifname, _, _, _, own4, own6, _, _ in sides:
+        testbed.addr(ns, ifname, f"{own4}/24")
+        testbed.addr(ns, ifname, f"{own6}/64")
+        if mtu is not None:
+            testbed.ip(ns, "link", "set", "dev", ifname, "mtu", str(mtu))
+        testbed.up(ns, ifname)
+    return WireGuardPair(
+        a_if,
+        b_if,
+        a_proc,
+        b_proc,
+        a_key,
+        b_key,
+        "10.99.0.1",
+        "10.99.0.2",
+        "fd99::1",
+        "fd99::2",
+        port,
+    )
+
+
+# -- simple helpers for tests that manage their own devices ---------------------------------
+# (kept for tests written against the first, smaller version of this module)
+
+_unique = itertools.count()
+
+
+def require_root() -> None:
+    """Skip unless root with ``ip`` and ``/dev/net/tun``; with ``CI=true``, fail instead."""
+    require_root_netns(None, binaries=("ip",))
+
+
+def unique_name(prefix: str) -> str:
+    """A name unique across parallel test processes, at most 15 bytes (IFNAMSIZ - 1)."""
+    name = f"{prefix}{os.getpid() % 100000}x{next(_unique)}"
+    if len(name) > MAX_IFNAME:
+        raise ValueError(f"interface name {name!r} longer than {MAX_IFNAME} characters")
+    return name
+
+
+def ip(*args: str) -> str:
+    """``ip ARGS`` in the root namespace; raises AssertionError with its stderr on failure."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
