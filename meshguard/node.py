@@ -253,6 +253,38 @@ class Node:
             log.failure("protocol timer failed")
         self.reschedule()
 
+    # ------------------------------------------------------------------ mesh status
+
+    def status_document(self) -> dict[str, Any]:
+        """What ``meshguard status`` shows: the node, then every peer with its path."""
+        from meshguard.status import b64
+
+        device = self.device
+        peers = []
+        for peer in device.peers.values():
+            entry: dict[str, Any] = {
+                "public_key": b64(peer.public_key),
+                "endpoint": list(peer.endpoint) if peer.endpoint is not None else None,
+                "path": "direct" if peer.endpoint is not None else "none",
+                "last_handshake": peer.last_handshake_time or None,
+                "rx_bytes": peer.rx_bytes,
+                "tx_bytes": peer.tx_bytes,
+                "allowed_ips": [str(n) for n in device.allowed_ips.networks(peer)],
+                "persistent_keepalive": peer.persistent_keepalive,
+                "path_mtu": peer.inner_mtu if peer.inner_mtu < 65535 else None,
+            }
+            entry.update(self.mesh.peer_status(peer))
+            peers.append(entry)
+        return {
+            "interface": self.interface,
+            "public_key": b64(device.public_key) if device.public_key is not None else None,
+            "listen_port": self.udp.local_port,
+            "mtu": self.mtu,
+            "node": self.mesh.node_status(),
+            "drops": {k: v for k, v in device.counters.as_dict().items() if v},
+            "peers": peers,
+        }
+
     # ------------------------------------------------------------------ UAPI backend
 
     def status(self) -> DeviceStatus:

@@ -8,7 +8,9 @@ undoes the steps before it and ends the process with one line that says what to 
 from __future__ import annotations
 
 import ipaddress
+import json
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -19,6 +21,7 @@ from twisted.logger import Logger
 from meshguard.config import Config, ConfigError, load_config
 from meshguard.link import LinkError
 from meshguard.node import Node
+from meshguard.status import listen_status
 from meshguard.tun import TunError
 from meshguard.uapi_server import InterfaceInUseError, listen_uapi
 from meshguard.udp import UDPBindError
@@ -29,6 +32,28 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Errors a user can act on: printed as one line, exit status 1.
 STARTUP_ERRORS = (ConfigError, TunError, UDPBindError, LinkError, InterfaceInUseError, OSError)
+
+
+def host_addresses(exclude: str) -> list[str]:
+    """The host's global unicast addresses outside the tunnel (LAN candidates for the mesh)."""
+    try:
+        output = subprocess.run(
+            ["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout
+        links = json.loads(output)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+    addresses: list[str] = []
+    for link in links:
+        if link.get("ifname") in (exclude, "lo"):
+            continue
+        for info in link.get("addr_info", []):
+            if info.get("scope") != "global":
+                continue
+            local = info.get("local")
+            if isinstance(local, str):
+                addresses.append(local)
+    return addresses
 
 
 class StartupError(SystemExit):
@@ -51,6 +76,7 @@ class NodeService(service.Service):
         config_path: str | None = None,
         reactor: Any = None,
         uapi_directory: str = "/var/run/wireguard",
+        status_directory: str = "/var/run/meshguard",
         manage_link: bool = True,
     ) -> None:
         if reactor is None:
@@ -62,6 +88,8 @@ class NodeService(service.Service):
         self.config_path = config_path
         self.reactor = reactor
         self.uapi_directory = uapi_directory
+        self.status_directory = status_directory
+        self.status_port: IListeningPort | None = None
         self.manage_link = manage_link
         self.node: Node | None = None
         self.uapi: IListeningPort | None = None
@@ -89,6 +117,7 @@ class NodeService(service.Service):
         node.open()
         self._own_link = True
         self.interface = node.interface
+        node.refresh_local_endpoints(host_addresses(exclude=self.interface))
         if self.manage_link:
             node.link.set_mtu(mtu)
         if self.config is not None:
@@ -99,6 +128,9 @@ class NodeService(service.Service):
                 node.link.set_up()
                 self._sync_routes()
         self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
+        self.status_port = listen_status(
+            self.reactor, self.interface, node.status_document, self.status_directory
+        )
 
     def startService(self) -> None:
         service.Service.startService(self)  # type: ignore[no-untyped-call]
@@ -211,6 +243,9 @@ class NodeService(service.Service):
         self._tear_down()
 
     def _tear_down(self) -> None:
+        if self.status_port is not None:
+            self.status_port.stopListening()
+            self.status_port = None
         if self.uapi is not None:
             self.uapi.stopListening()
             self.uapi = None

@@ -217,6 +217,15 @@ class MeshAgent:
             if (deadline := feature.next_deadline()) is not None and deadline <= now:
                 feature.run_timers(now)
 
+    def node_status(self) -> dict[str, Any]:
+        """Node-wide facts from the features that have any (``node_status()`` is optional)."""
+        status: dict[str, Any] = {}
+        for feature in self.features:
+            node_status = getattr(feature, "node_status", None)
+            if node_status is not None:
+                status.update(node_status())
+        return status
+
     def peer_status(self, peer: Peer) -> dict[str, Any]:
         state = self.peers.get(peer.public_key)
         status: dict[str, Any] = {"meshguard": peer.is_meshguard}
