@@ -17,11 +17,15 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from meshguard.config import Config
+from meshguard.config import KEEPALIVE_AUTO, Config
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
+from meshguard.mesh.keepalive import KeepalivePolicy
+from meshguard.mesh.pmtu import PathMTU
+from meshguard.mesh.stack import MeshStack
+from meshguard.probe_sockets import ProbeSockets
 from meshguard.tun import TunDevice
 from meshguard.uapi import (
     UNSET,
@@ -45,7 +49,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class _DataPath:
     """The device's outputs bound straight to the adapters' methods (no forwarding call)."""
 
-    __slots__ = ("send_datagram", "write_packet")
+    __slots__ = ("send_datagram", "send_probe", "write_packet")
+    #: Set when the adapter can send path MTU probes with Don't-Fragment (optional).
+    send_probe: Callable[[bytes, Endpoint], bool]
 
     def __init__(
         self,
@@ -116,7 +122,10 @@ def config_operations(config: Config, *, existing: set[bytes] | None = None) -> 
                 public_key=peer.public_key,
                 preshared_key=peer.preshared_key,
                 endpoint=endpoint if endpoint is not None else UNSET,
-                persistent_keepalive=peer.persistent_keepalive,
+                # auto: the keepalive policy sets the number (Node.apply_config).
+                persistent_keepalive=None
+                if peer.persistent_keepalive == KEEPALIVE_AUTO
+                else peer.persistent_keepalive,
                 replace_allowed_ips=True,
                 allowed_ips=[(True, network) for network in peer.allowed_ips],
             )
@@ -158,6 +167,27 @@ class Node:
         self.link = link if link is not None else Link(interface)
         #: The mesh layer; it marks our handshakes and talks only to meshguard peers.
         self.mesh = MeshAgent(self.device, local_endpoints=self.local_endpoints)
+        #: ``PersistentKeepalive = auto``: NAT detection, lifetime probes, interval choice.
+        self.keepalive = KeepalivePolicy(
+            self.device,
+            self.mesh,
+            random,
+            ProbeSockets(reactor, fwmark=lambda: self.fwmark, after_receive=self._batch_end),
+        )
+        self.mesh.add_feature(self.keepalive)
+        #: Membership through introducers, hole punching and relaying (docs/mesh.md).
+        self.members = MeshStack(self.mesh)
+        #: Path MTU discovery per peer; with ``mtu_auto`` it also drives the interface MTU.
+        self.pmtu = PathMTU(
+            self.device,
+            route_mtu=self.udp.route_mtu,
+            on_change=self._path_mtu_changed,
+            mark_dirty=self._mesh_dirty,
+        )
+        self.mesh.add_feature(self.pmtu)
+        #: ``MTU = auto``: the interface MTU follows discovery within these bounds.
+        self.mtu_auto = False
+        self.mtu_bounds = (1280, 1420)
         self._local_endpoints: list[Endpoint] = []
         self.on_gone = on_gone
         self.fwmark = 0
@@ -179,7 +209,9 @@ class Node:
 
     def start(self) -> None:
         """Start the data path: the engine's outputs go to the adapters and reading begins."""
-        self.device.io = _DataPath(self.udp.send, self.tun.write)
+        io = _DataPath(self.udp.send, self.tun.write)
+        io.send_probe = self.udp.send_probe
+        self.device.io = io
         self.tun.start_reading()
         self.udp.start_reading()
         self.running = True
@@ -196,6 +228,35 @@ class Node:
         self.device.io = _DataPath(_discard_datagram, _discard_packet)
         self.udp.close()
         self.tun.close()
+
+    def _mesh_dirty(self) -> None:
+        self.mesh.dirty = True
+
+    def _path_mtu_changed(self, peer: Any, mtu: int) -> None:
+        """With ``MTU = auto``, the interface MTU is the smallest path MTU found among the
+        peers (within ``mtu_bounds``), so applications that ignore ICMP still fit; peers with
+        an even smaller path get the per-peer enforcement."""
+        log.info("path MTU toward {peer}: tunnel MTU {mtu}", peer=peer.short_name, mtu=mtu)
+        if not self.mtu_auto:
+            return
+        found = [p.inner_mtu for p in self.device.peers.values() if p.inner_mtu < 65535]
+        if not found:
+            return
+        low, high = self.mtu_bounds
+        wanted = max(low, min(high, min(found)))
+        if wanted == self.mtu:
+            return
+        try:
+            self.link.set_mtu(wanted)
+        except Exception as e:
+            log.warn(
+                "cannot set the MTU of {name} to {mtu}: {error}",
+                name=self.interface,
+                mtu=wanted,
+                error=str(e),
+            )
+            return
+        self.mtu = self.device.mtu = wanted
 
     def _tun_gone(self, error: OSError) -> None:
         log.info("interface {name} is gone ({error}); stopping", name=self.interface, error=error)
@@ -345,6 +406,7 @@ class Node:
             return
         if op.update_only and op.public_key not in device.peers:
             return
+        self.members.user_configured(op.public_key)
         peer = device.add_peer(op.public_key)
         if peer is None:
             return
@@ -360,8 +422,20 @@ class Node:
             else:
                 device.allowed_ips.remove(network, peer)
         if op.persistent_keepalive is not None:
+            # A number from wg or a file takes the peer out of auto.
+            self.keepalive.release(peer.public_key)
             device.set_persistent_keepalive(peer, op.persistent_keepalive, now)
 
     def apply_config(self, config: Config, *, reload: bool = False) -> None:
-        existing = set(self.device.peers) if reload else None
+        # Peers learned from introducers are not the file's to remove on reload.
+        learned = set(self.members.membership.learned)
+        existing = set(self.device.peers) - learned if reload else None
         self.apply(config_operations(config, existing=existing))
+        auto = {p.public_key for p in config.peers if p.persistent_keepalive == KEEPALIVE_AUTO}
+        self.keepalive.configure_auto(auto, self._seconds())
+        self.members.configure(
+            {peer.public_key for peer in config.peers if peer.introducer},
+            config.interface.forwarding,
+            self._seconds(),
+        )
+        self.reschedule()

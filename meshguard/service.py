@@ -18,9 +18,9 @@ from twisted.application import service
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from meshguard.config import Config, ConfigError, load_config
+from meshguard.config import MAX_MTU, MIN_MTU, MIN_MTU_IPV6, Config, ConfigError, load_config
 from meshguard.link import LinkError
-from meshguard.node import Node
+from meshguard.node import Node, resolve_endpoint
 from meshguard.status import listen_status
 from meshguard.tun import TunError
 from meshguard.uapi_server import InterfaceInUseError, listen_uapi
@@ -114,6 +114,14 @@ class NodeService(service.Service):
         port = interface.listen_port if interface is not None and interface.listen_port else 0
         node = Node(self.interface, self.reactor, mtu=mtu, listen_port=port, on_gone=self._gone)
         self.node = node
+        if interface is not None and interface.mtu_auto:
+            # MTU = auto: start from the routes toward the endpoints (as wg-quick), then let
+            # path MTU discovery move it (see docs/pmtu.md).
+            mtu = self._route_mtu_guess(node)
+            node.mtu = node.device.mtu = mtu
+            node.mtu_auto = True
+            floor = MIN_MTU_IPV6 if any(a.version == 6 for a in interface.addresses) else MIN_MTU
+            node.mtu_bounds = (floor, MAX_MTU)
         node.open()
         self._own_link = True
         self.interface = node.interface
@@ -131,6 +139,26 @@ class NodeService(service.Service):
         self.status_port = listen_status(
             self.reactor, self.interface, node.status_document, self.status_directory
         )
+
+    def _route_mtu_guess(self, node: Node) -> int:
+        """wg-quick's choice: the largest route MTU toward a peer's endpoint minus 80 (IPv6 +
+        UDP + WireGuard headers), 1420 when no endpoint has a route."""
+        assert self.config is not None
+        best = 0
+        for peer in self.config.peers:
+            if peer.endpoint is None:
+                continue
+            endpoint = resolve_endpoint(peer.endpoint)
+            if endpoint is None:
+                continue
+            try:
+                address = ipaddress.ip_address(endpoint[0].split("%", 1)[0])
+            except ValueError:
+                continue
+            route = node.link.route_mtu_toward(address, self.config.interface.fwmark)
+            if route is not None:
+                best = max(best, route - 80)
+        return max(MIN_MTU_IPV6, best) if best else 1420
 
     def startService(self) -> None:
         service.Service.startService(self)  # type: ignore[no-untyped-call]

@@ -24,6 +24,7 @@ from meshguard.core.crypto import CryptoError, clamp, dh, generate_private_key, 
 from meshguard.core.indextable import IndexTable
 from meshguard.core.interfaces import DeviceIO, Endpoint, RandomBytes
 from meshguard.core.keypair import Keypair
+from meshguard.core.mss import clamp_mss
 from meshguard.core.noise import (
     consume_initiation,
     consume_response,
@@ -79,6 +80,10 @@ class DropCounters:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+#: Stands in for the endpoint of a peer reached through a relay (never sent to).
+_RELAYED: Endpoint = ("0.0.0.0", 0)
+
+
 def endpoint_bytes(endpoint: Endpoint) -> bytes:
     """A stable byte form of an endpoint, for cookies (any stable encoding interoperates)."""
     host, port = endpoint
@@ -125,9 +130,19 @@ class Device:
         self.mesh = mesh
         #: Called with ``(peer, kind, body, now)`` for each authenticated control message.
         self.on_control: Callable[[Peer, int, bytes, float], None] | None = None
+        #: Called with ``(data, source, now)`` for a datagram that is no WireGuard message
+        #: (mesh probes such as the NAT lifetime probe); without it such a datagram is counted
+        #: as malformed. The hook counts what it does not recognise.
+        self.on_unknown_datagram: Callable[[bytes, Endpoint, float], None] | None = None
         #: Called with ``(peer, packet, now)`` for a TUN packet larger than the peer's
         #: ``inner_mtu`` (path MTU enforcement); the packet is not sent.
         self.on_too_big: Callable[[Peer, bytes, float], None] | None = None
+        #: Called with ``(peer, relay, datagram, now)`` to send a datagram for ``peer`` through
+        #: the member ``peer.relay`` (the mesh layer wraps it in a RELAY_FORWARD); unset, the
+        #: datagram is dropped.
+        self.on_relay_send: Callable[[Peer, Peer, bytes, float], None] | None = None
+        #: The relay the datagram being handled came through (see ``relayed_datagram_received``).
+        self._via: Peer | None = None
         self._load_window_start = 0.0
         self._load_window_count = 0
         self._under_load_until = -1.0
@@ -255,12 +270,23 @@ class Device:
         if length > peer.inner_mtu and self.on_too_big is not None:
             self.on_too_big(peer, packet, now)
             return
+        mss_mtu = peer.mss_mtu
+        if mss_mtu:
+            # Only TCP SYNs reach clamp_mss: protocol and flags bytes are checked here.
+            if version == 4:
+                flags_at = ((packet[0] & 15) << 2) + 13
+                if packet[9] == 6 and length > flags_at and packet[flags_at] & 2:
+                    packet = clamp_mss(packet, mss_mtu)
+            elif packet[6] == 6 and length > 53 and packet[53] & 2:
+                packet = clamp_mss(packet, mss_mtu)
         self.send_data(peer, packet, now)
 
     def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
         """Seal and send ``packet`` to ``peer``, staging it while no session can carry it."""
         keypair = peer.keypairs.current
         endpoint = peer.endpoint
+        if endpoint is None and peer.relay is not None:
+            endpoint = _RELAYED
         if (
             keypair is None
             or now - keypair.created >= C.REJECT_AFTER_TIME
@@ -302,7 +328,11 @@ class Device:
         message = (
             keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
         )
-        self.io.send_datagram(message, endpoint)
+        relay = peer.relay
+        if relay is None:
+            self.io.send_datagram(message, endpoint)
+        else:
+            self._send_relayed(peer, relay, message, now)
         peer.tx_bytes += len(message)
         # Any authenticated packet sent: no passive keepalive needed; persistent one re-armed.
         peer.timers.deadlines[SEND_KEEPALIVE] = None
@@ -320,6 +350,8 @@ class Device:
     def _send_staged(self, peer: Peer, now: float) -> None:
         keypair = peer.keypairs.current
         endpoint = peer.endpoint
+        if endpoint is None and peer.relay is not None:
+            endpoint = _RELAYED
         if endpoint is None:
             if peer.staged:
                 self.counters.no_endpoint += 1
@@ -379,7 +411,10 @@ class Device:
         )
 
     def _send_handshake_message(self, peer: Peer, message: bytes, now: float) -> None:
-        if peer.endpoint is not None:
+        if peer.relay is not None:
+            self._send_relayed(peer, peer.relay, message, now)
+            peer.tx_bytes += len(message)
+        elif peer.endpoint is not None:
             self.io.send_datagram(message, peer.endpoint)
             peer.tx_bytes += len(message)
         else:
@@ -426,6 +461,8 @@ class Device:
                 self.counters.malformed += 1
                 return
             self._receive_cookie_reply(data, now)
+        elif self.on_unknown_datagram is not None:
+            self.on_unknown_datagram(data, source, now)
         else:
             self.counters.malformed += 1
 
@@ -448,7 +485,10 @@ class Device:
             return
         peer = keypair.peer
         # Authenticated: roaming, counters, key confirmation, timers.
-        peer.endpoint = source
+        if self._via is None:
+            peer.endpoint = source
+        else:
+            self._relayed_from(peer)
         peer.rx_bytes += len(data)
         if keypair is peer.keypairs.next:
             for dropped in peer.keypairs.promote_next(keypair):
@@ -507,6 +547,14 @@ class Device:
             return
         if total != length:
             plaintext = plaintext[:total]
+        mss_mtu = peer.mss_mtu
+        if mss_mtu:
+            if version == 4:
+                flags_at = ((plaintext[0] & 15) << 2) + 13
+                if plaintext[9] == 6 and total > flags_at and plaintext[flags_at] & 2:
+                    plaintext = clamp_mss(plaintext, mss_mtu)
+            elif plaintext[6] == 6 and total > 53 and plaintext[53] & 2:
+                plaintext = clamp_mss(plaintext, mss_mtu)
         self.io.write_packet(plaintext)
 
     def _receive_control(self, peer: Peer, plaintext: bytes, now: float) -> None:
@@ -529,10 +577,92 @@ class Device:
             return False
         keypair = peer.keypairs.current
         endpoint = peer.endpoint
+        if endpoint is None and peer.relay is not None:
+            endpoint = _RELAYED
         if keypair is None or endpoint is None or not keypair.can_send(now):
             return False
         self._seal_and_send(peer, keypair, endpoint, control.encode(kind, body), now)
         return True
+
+    def send_probe(self, peer: Peer, kind: int, body: bytes, now: float) -> bool | None:
+        """Send a control message as a path MTU probe: with Don't-Fragment, no padding added.
+
+        The adapter's ``send_probe(datagram, endpoint) -> bool`` sends it with DF and says
+        whether the local stack accepted it (False: EMSGSIZE, bigger than the local route
+        allows); an adapter without one sends it as any datagram. Returns None when nothing
+        was sent (not a meshguard peer, no session, no direct endpoint).
+        """
+        if not self.mesh or not peer.is_meshguard or peer.relay is not None:
+            return None
+        keypair = peer.keypairs.current
+        endpoint = peer.endpoint
+        if keypair is None or endpoint is None or not keypair.can_send(now):
+            return None
+        counter = keypair.send_counter
+        keypair.send_counter = counter + 1
+        packet = control.encode(kind, body)
+        packet = packet + _ZEROS[: -len(packet) & 15]
+        message = (
+            keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
+        )
+        peer.tx_bytes += len(message)
+        send_probe = getattr(self.io, "send_probe", None)
+        if send_probe is None:
+            self.io.send_datagram(message, endpoint)
+            return True
+        return bool(send_probe(message, endpoint))
+
+    def send_control_to(
+        self, peer: Peer, endpoint: Endpoint, kind: int, body: bytes, now: float
+    ) -> bool:
+        """Send a control message to a meshguard peer at ``endpoint``, whatever its current path.
+
+        Hole punching uses it to try a candidate endpoint (and to answer on the endpoint a ping
+        came from) over the session the pair already has, usually one set up through a relay.
+        """
+        if not self.mesh or not peer.is_meshguard:
+            return False
+        keypair = peer.keypairs.current
+        if keypair is None or not keypair.can_send(now):
+            return False
+        counter = keypair.send_counter
+        keypair.send_counter = counter + 1
+        packet = control.encode(kind, body)
+        packet = packet + _ZEROS[: -len(packet) & 15]
+        message = (
+            keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
+        )
+        self.io.send_datagram(message, endpoint)
+        peer.tx_bytes += len(message)
+        return True
+
+    def _send_relayed(self, peer: Peer, relay: Peer, message: bytes, now: float) -> None:
+        if self.on_relay_send is None or relay.removed:
+            self.counters.no_endpoint += 1
+            return
+        self.on_relay_send(peer, relay, message, now)
+
+    def relayed_datagram_received(self, data: bytes, relay: Peer, now: float) -> None:
+        """A datagram another member forwarded to us (RELAY_DELIVER): handled as if received,
+        except that roaming records "via ``relay``" instead of a source endpoint."""
+        if relay.removed:
+            return
+        self._via = relay
+        try:
+            self.datagram_received(data, relay.endpoint or _RELAYED, now)
+        finally:
+            self._via = None
+
+    @property
+    def relayed_by(self) -> Peer | None:
+        """While a relayed datagram is being handled, the member that forwarded it."""
+        return self._via
+
+    def _relayed_from(self, peer: Peer) -> None:
+        """An authenticated datagram came through a relay: a peer we have no way to reach yet
+        answers through the same relay; otherwise the mesh layer's path choice stands."""
+        if peer.relay is None and peer.endpoint is None and self._via is not peer:
+            peer.relay = self._via
 
     def _under_load(self, now: float) -> bool:
         """Count handshake messages per second; past the threshold, demand cookies for 1 s."""
@@ -604,7 +734,10 @@ class Device:
         peer.last_initiation_consumed = now
         if control.is_marked(consumed.timestamp):
             peer.is_meshguard = True
-        peer.endpoint = source
+        if self._via is None:
+            peer.endpoint = source
+        else:
+            self._relayed_from(peer)
         # A consumed initiation replaces any handshake we had in flight with this peer.
         self._free_handshake_index(peer)
         peer.handshake = None
@@ -669,7 +802,10 @@ class Device:
         self.indices.replace(receiver_index, keypair)
         for dropped in peer.keypairs.install(keypair):
             self._drop_keypair(dropped)
-        peer.endpoint = source
+        if self._via is None:
+            peer.endpoint = source
+        else:
+            self._relayed_from(peer)
         self._authenticated_received(peer, now)
         self._handshake_complete(peer, now)
         self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)

@@ -63,6 +63,12 @@ class Peer:
         self.is_meshguard = False
         #: Largest inner packet the path to this peer carries (path MTU discovery lowers it).
         self.inner_mtu = 65535
+        #: Inner MTU that TCP SYNs to and from this peer have their MSS clamped to (0: off);
+        #: path MTU discovery sets it to the smaller of both directions' inner MTUs.
+        self.mss_mtu = 0
+        #: The member that forwards our datagrams to this peer, or None to send them straight
+        #: to ``endpoint``. Only the mesh layer sets it (see :meth:`Device.send_via_relay`).
+        self.relay: Peer | None = None
 
     def __repr__(self) -> str:
         # The public key is public, but a short form keeps log lines readable.

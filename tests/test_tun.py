@@ -1,0 +1,319 @@
+"""TunDevice: against twisted.pair's in-memory system, then a real TUN in a namespace."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+import subprocess
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.pair.testing import MemoryIOSystem, Tunnel
+from twisted.pair.tuntap import _TUNSETIFF
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from meshguard.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
+
+
+def require_root() -> None:
+    """Skip a real-device test unless root; with CI=true a missing privilege is a failure."""
+    missing = None
+    if os.geteuid() != 0:
+        missing = "root"
+    elif shutil.which("ip") is None or shutil.which("ping") is None:
+        missing = "ip and ping"
+    elif not os.path.exists("/dev/net/tun"):
+        missing = "/dev/net/tun"
+    if missing is None:
+        return
+    if os.environ.get("CI") == "true":
+        raise AssertionError(f"real-device test needs {missing} (CI=true)")
+    raise SkipTest(f"needs {missing}")
+
+
+class FakeReactor:
+    """Records which descriptors are registered for reading."""
+
+    def __init__(self) -> None:
+        self.readers: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.remove(reader)
+
+
+class MemoryTunTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.system = MemoryIOSystem()
+        self.system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+        self.reactor = FakeReactor()
+        self.packets: list[bytes] = []
+        self.batches = 0
+        self.gone: list[OSError] = []
+        self.tun = TunDevice(
+            "mg0",
+            self.packets.append,
+            self.reactor,
+            system=self.system,
+            on_gone=self.gone.append,
+            on_batch_end=self._batch_end,
+        )
+
+    def _batch_end(self) -> None:
+        self.batches += 1
+
+    def tunnel(self) -> Tunnel:
+        return self.system._openFiles[self.tun.fileno()]
+
+    def test_ioctl_request_matches_twisted(self) -> None:
+        """Our TUNSETIFF constant is the one twisted.pair (and the fake) use."""
+        self.assertEqual(TUNSETIFF, _TUNSETIFF)
+
+    def test_open_configures_tun_without_packet_info(self) -> None:
+        """open() asks for IFF_TUN | IFF_NO_PI, non-blocking and close-on-exec, and returns
+        the name the kernel reports."""
+        self.assertEqual(self.tun.open(), "mg0")
+        tunnel = self.tunnel()
+        self.assertEqual(tunnel.tunnelMode, IFF_TUN | IFF_NO_PI)
+        self.assertFalse(tunnel.blocking)
+        self.assertTrue(tunnel.closeOnExec)
+        self.assertEqual(tunnel.requestedName.rstrip(b"\0"), b"mg0")
+
+    def test_open_reads_back_kernel_chosen_name(self) -> None:
+        """With an empty name the kernel picks one; open() returns it."""
+
+        class System(MemoryIOSystem):
+            def ioctl(self, fd: int, request: int, args: bytes) -> bytes:
+                super().ioctl(fd, request, args)
+                return struct.pack("16sH", b"tun7", IFF_TUN | IFF_NO_PI)
+
+        system = System()
+        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+        tun = TunDevice("", self.packets.append, self.reactor, system=system)
+        self.assertEqual(tun.open(), "tun7")
+        self.assertEqual(tun.name, "tun7")
+
+    def test_open_without_privilege(self) -> None:
+        """EPERM names the device and tells the operator what to do."""
+        self.system.permissions.discard("ioctl")
+        with self.assertRaises(TunError) as cm:
+            self.tun.open()
+        message = str(cm.exception)
+        self.assertIn("cannot open /dev/net/tun", message)
+        self.assertIn("run as root or with CAP_NET_ADMIN", message)
+        self.assertEqual(self.system._openFiles, {}, "the fd must not leak")
+
+    def test_open_without_tun_device(self) -> None:
+        """A missing /dev/net/tun is one clear line, not a traceback."""
+        self.system._devices.clear()
+        with self.assertRaises(TunError) as cm:
+            self.tun.open()
+        self.assertIn("cannot open /dev/net/tun", str(cm.exception))
+
+    def test_name_too_long(self) -> None:
+        """Interface names longer than 15 bytes are refused before any system call."""
+        self.assertRaises(TunError, TunDevice, "x" * 16, self.packets.append, self.reactor)
+
+    def test_start_and_stop_reading(self) -> None:
+        """start_reading registers once; close unregisters and closes the fd."""
+        self.assertRaises(TunError, self.tun.start_reading)
+        self.tun.open()
+        self.tun.start_reading()
+        self.tun.start_reading()
+        self.assertEqual(self.reactor.readers, [self.tun])
+        fd = self.tun.fileno()
+        self.tun.close()
+        self.assertEqual(self.reactor.readers, [])
+        self.assertNotIn(fd, self.system._openFiles)
+        self.tun.close()
+
+    def test_read_drains_batch_in_order(self) -> None:
+        """One reactor event delivers every queued packet in order, then ends the batch once."""
+        self.tun.open()
+        queued = [bytes([0x45, i]) * 10 for i in range(5)]
+        for packet in queued:
+            self.tunnel().addToReadBuffer(packet)
+        self.tun.doRead()
+        self.assertEqual(self.packets, queued)
+        self.assertEqual(self.batches, 1)
+
+    def test_read_budget(self) -> None:
+        """A batch stops at batch_packets so other descriptors get a turn; the rest follow on
+        the next event."""
+        self.tun.open()
+        self.tun.batch_packets = 2
+        for i in range(3):
+            self.tunnel().addToReadBuffer(bytes([0x45, i]))
+        self.tun.doRead()
+        self.assertEqual(len(self.packets), 2)
+        self.tun.doRead()
+        self.assertEqual(len(self.packets), 3)
+        self.assertEqual(self.batches, 2)
+
+    def test_receiver_exception_is_logged_and_reading_continues(self) -> None:
+        """A bug in the packet handler is logged and counted; later packets still arrive."""
+
+        def receiver(packet: bytes) -> None:
+            if packet == b"bad":
+                raise ValueError("boom")
+            self.packets.append(packet)
+
+        tun = TunDevice("mg1", receiver, self.reactor, system=self.system)
+        tun.open()
+        tunnel = self.system._openFiles[tun.fileno()]
+        for packet in (b"bad", b"good"):
+            tunnel.addToReadBuffer(packet)
+        tun.doRead()
+        self.assertEqual(self.packets, [b"good"])
+        self.assertEqual(tun.receiver_errors, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_write(self) -> None:
+        """write() hands the packet to the device as is."""
+        self.tun.open()
+        self.tun.write(b"\x45" * 40)
+        self.assertEqual(list(self.tunnel().writeBuffer), [b"\x45" * 40])
+
+    def test_write_drops_when_full(self) -> None:
+        """ENOBUFS (queue full) drops the packet, counts it and never raises."""
+        self.tun.open()
+        self.tun.write(b"\x45" * (Tunnel.SEND_BUFFER_SIZE + 1))
+        self.assertEqual(self.tun.write_drops, 1)
+        self.assertEqual(list(self.tunnel().writeBuffer), [])
+
+    def test_write_other_errors_counted(self) -> None:
+        """Other write errors (EBADF, EINVAL...) are counted apart from drops and not raised."""
+        self.tun.write(b"\x45")
+        self.assertEqual(self.tun.write_errors, 1)
+        self.assertEqual(self.tun.write_drops, 0)
+
+    def test_interface_deleted(self) -> None:
+        """EBADFD from read (the interface was deleted) stops reading, closes the fd and calls
+        on_gone once."""
+        self.tun.open()
+        self.tun.start_reading()
+        fd = self.tun.fileno()
+
+        def read(limit: int) -> bytes:
+            raise OSError(errno.EBADFD, os.strerror(errno.EBADFD))
+
+        self.tunnel().addToReadBuffer(b"\x45first")
+        tunnel = self.tunnel()
+        original = tunnel.read
+        calls = iter([original, read])
+        tunnel.read = lambda limit: next(calls)(limit)
+        self.tun.doRead()
+        self.assertEqual(self.packets, [b"\x45first"])
+        self.assertEqual([e.errno for e in self.gone], [errno.EBADFD])
+        self.assertEqual(self.reactor.readers, [])
+        self.assertNotIn(fd, self.system._openFiles)
+        self.assertFalse(self.tun.is_open)
+
+    def test_connection_lost_from_reactor(self) -> None:
+        """HUP seen by the reactor (connectionLost) also means the interface is gone."""
+        self.tun.open()
+        self.tun.start_reading()
+        self.reactor.readers.remove(self.tun)  # the reactor removes before connectionLost
+        self.tun.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(len(self.gone), 1)
+        self.assertFalse(self.tun.is_open)
+        self.tun.connectionLost(Failure(ConnectionError()))
+        self.assertEqual(len(self.gone), 1)
+
+
+def _icmp_echo_reply(packet: bytes) -> bytes | None:
+    """Turn an IPv4 ICMP echo request into its reply, or None for anything else."""
+    if len(packet) < 28 or packet[0] >> 4 != 4 or packet[9] != 1:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    if packet[ihl] != 8:
+        return None
+    icmp = bytearray(packet[ihl:])
+    icmp[0] = 0
+    icmp[2:4] = b"\0\0"
+    icmp[2:4] = struct.pack("!H", _checksum(bytes(icmp)))
+    header = bytearray(packet[:ihl])
+    header[12:16], header[16:20] = packet[16:20], packet[12:16]
+    header[10:12] = b"\0\0"
+    header[10:12] = struct.pack("!H", _checksum(bytes(header)))
+    return bytes(header + icmp)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+class RealTunTests(TestCase):
+    """A real TUN created here, moved into a test namespace, pinged through, then deleted."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        require_root()
+        tag = f"{os.getpid() % 100000}{id(self) % 1000}"
+        self.ifname = f"mgt{tag}"[:15]
+        self.ns = f"mgtun{tag}"
+        subprocess.run(["ip", "netns", "add", self.ns], check=True, timeout=10)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns], check=False, timeout=10)
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(["ip", "-n", self.ns, *args], check=True, timeout=10)
+
+    @defer.inlineCallbacks
+    def test_ping_through_tun_and_delete(self) -> Any:
+        """A ping in the namespace is read from our fd and our written echo reply answers it;
+        deleting the interface calls on_gone."""
+        got_ping: defer.Deferred[None] = defer.Deferred()
+        gone: defer.Deferred[OSError] = defer.Deferred()
+        tun: TunDevice
+
+        def receiver(packet: bytes) -> None:
+            reply = _icmp_echo_reply(packet)
+            if reply is not None:
+                tun.write(reply)
+                if not got_ping.called:
+                    got_ping.callback(None)
+
+        tun = TunDevice(self.ifname, receiver, reactor, on_gone=gone.callback)
+        self.assertEqual(tun.open(), self.ifname)
+        self.addCleanup(tun.close)
+        tun.start_reading()
+        subprocess.run(
+            ["ip", "link", "set", "dev", self.ifname, "netns", self.ns], check=True, timeout=10
+        )
+        self.ip("address", "add", "10.201.0.1/24", "dev", self.ifname)
+        self.ip("link", "set", "dev", self.ifname, "up")
+        ping = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "ping", "-c", "1", "-W", "5", "10.201.0.2"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(ping.kill)
+        yield got_ping
+        # Let ping see our reply without blocking the reactor that delivers it.
+        for _ in range(100):
+            if ping.poll() is not None:
+                break
+            yield _sleep(0.05)
+        self.assertEqual(ping.wait(timeout=5), 0, "ping got no echo reply written by us")
+
+        self.ip("link", "del", "dev", self.ifname)
+        error = yield gone
+        self.assertIn(error.errno, (errno.EBADFD, errno.EIO, errno.EBADF, errno.ENXIO))
+        self.assertFalse(tun.is_open)
+
+
+def _sleep(seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
+    return d
