@@ -38,20 +38,31 @@ __all__ = [
     "Testbed",
     "TwoHosts",
     "WaitTimeoutError",
+    "REPO_ROOT",
+    "MeshguardGoPair",
+    "MeshguardPeer",
     "WireGuardPair",
     "blackhole_drops",
     "block_udp",
     "ip",
+    "meshguard_config_text",
+    "meshguard_env",
+    "meshguard_go_pair",
     "nat_home",
     "pmtu_blackhole",
     "require_root",
     "require_root_netns",
+    "start_meshguard",
+    "start_meshguard_userspace",
+    "twistd_argv",
     "two_hosts",
     "unblock_udp",
     "unique_name",
     "wait_for",
+    "wg_dump",
     "wg_keypair",
     "wireguard_go_pair",
+    "write_meshguard_config",
 ]
 
 T = TypeVar("T")
@@ -1001,3 +1012,320 @@ def ip(*args: str) -> str:
     if done.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
+
+
+# -- meshguard nodes -------------------------------------------------------------------------
+
+#: The repository root: on PYTHONPATH, twistd finds ``twisted/plugins/meshguard_plugin.py`` and
+#: every spawned node runs this tree's code without a reinstall.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def meshguard_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment additions for a spawned meshguard process (``PYTHONPATH`` = repo root)."""
+    path = os.environ.get("PYTHONPATH")
+    env = {"PYTHONPATH": str(REPO_ROOT) + (os.pathsep + path if path else "")}
+    env.update(extra or {})
+    return env
+
+
+def twistd_argv(config: str | Path, ifname: str | None = None) -> list[str]:
+    """``twistd -n --pidfile= meshguard --config CONFIG [--interface IFNAME]`` (this Python's)."""
+    twistd = Path(sys.executable).parent / "twistd"
+    if twistd.exists():
+        argv = [str(twistd)]
+    else:
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    argv += ["-n", "--pidfile=", "meshguard", "--config", str(config)]
+    if ifname is not None:
+        argv += ["--interface", ifname]
+    return argv
+
+
+@dataclass(frozen=True)
+class MeshguardPeer:
+    """One ``[Peer]`` section of a meshguard (wg-quick format) config."""
+
+    public_key: str
+    allowed_ips: Sequence[str] = ()
+    endpoint: str | None = None
+    preshared_key: str | None = None
+    persistent_keepalive: int | None = None
+
+
+def meshguard_config_text(
+    private_key: str,
+    *,
+    listen_port: int | None = None,
+    addresses: Sequence[str] = (),
+    mtu: int | None = None,
+    table: str | None = None,
+    peers: Sequence[MeshguardPeer] = (),
+) -> str:
+    """The text of a wg-quick style config for meshguard."""
+    lines = ["[Interface]", f"PrivateKey = {private_key}"]
+    if listen_port is not None:
+        lines.append(f"ListenPort = {listen_port}")
+    if addresses:
+        lines.append(f"Address = {', '.join(addresses)}")
+    if mtu is not None:
+        lines.append(f"MTU = {mtu}")
+    if table is not None:
+        lines.append(f"Table = {table}")
+    for peer in peers:
+        lines += ["", "[Peer]", f"PublicKey = {peer.public_key}"]
+        if peer.preshared_key is not None:
+            lines.append(f"PresharedKey = {peer.preshared_key}")
+        if peer.allowed_ips:
+            lines.append(f"AllowedIPs = {', '.join(peer.allowed_ips)}")
+        if peer.endpoint is not None:
+            lines.append(f"Endpoint = {peer.endpoint}")
+        if peer.persistent_keepalive is not None:
+            lines.append(f"PersistentKeepalive = {peer.persistent_keepalive}")
+    return "\n".join(lines) + "\n"
+
+
+def write_meshguard_config(path: Path, text: str) -> Path:
+    """Write a config (e.g. from `meshguard_config_text`) to ``path``, mode 0600 as wg wants."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
+    return path
+
+
+def start_meshguard(
+    testbed: Testbed,
+    ns: Namespace,
+    config: Path,
+    ifname: str,
+    *,
+    timeout: float = 20.0,
+) -> subprocess.Popen[bytes]:
+    """Run ``twistd -n --pidfile= meshguard --config CONFIG --interface IFNAME`` in ``ns``.
+
+    Returns once the node answers on its UAPI socket (so ``wg`` works); raises `CommandError`
+    with the log's tail if it exits first. ``ifname`` should come from ``testbed.ifname`` so
+    that its socket is unique and cleaned up.
+    """
+    if ifname not in testbed._ifnames:
+        testbed._ifnames.append(ifname)
+    proc = testbed.spawn(ns, twistd_argv(config, ifname), env=meshguard_env(), cwd=REPO_ROOT)
+    _wait_uapi(testbed, ns, proc, ifname, timeout)
+    return proc
+
+
+def start_meshguard_userspace(
+    testbed: Testbed, ns: Namespace, ifname: str, *, timeout: float = 20.0
+) -> subprocess.Popen[bytes]:
+    """Run ``meshguard-userspace -f IFNAME`` (this tree's code) in ``ns``; return once ready."""
+    if ifname not in testbed._ifnames:
+        testbed._ifnames.append(ifname)
+    argv = [sys.executable, "-m", "meshguard.userspace", "-f", ifname]
+    proc = testbed.spawn(ns, argv, env=meshguard_env(), cwd=REPO_ROOT)
+    _wait_uapi(testbed, ns, proc, ifname, timeout)
+    return proc
+
+
+def _wait_uapi(
+    testbed: Testbed, ns: Namespace, proc: subprocess.Popen[bytes], ifname: str, timeout: float
+) -> None:
+    def answers() -> bool:
+        if proc.poll() is not None:
+            return True
+        if not testbed.uapi_socket(ifname).exists():
+            return False
+        return testbed.run(ns, ["wg", "show", ifname], check=False).returncode == 0
+
+    testbed.wait_for(answers, timeout=timeout, what=f"meshguard UAPI for {ifname} in {ns}")
+    if proc.poll() is not None:
+        raise CommandError(proc.args, proc.returncode, testbed.log_tail(proc), "")
+
+
+def wg_dump(testbed: Testbed, ns: Namespace, ifname: str) -> tuple[list[str], list[list[str]]]:
+    """``wg show IFNAME dump`` split: the interface line's fields, then one list per peer."""
+    lines = testbed.wg(ns, "show", ifname, "dump").splitlines()
+    return lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+
+
+@dataclass(frozen=True)
+class MeshguardGoPair:
+    """meshguard (twistd, in A) peered with wireguard-go (in B) over a `TwoHosts` veth.
+
+    Tunnel addresses: meshguard 10.99.0.1 / fd99::1, wireguard-go 10.99.0.2 / fd99::2.
+    """
+
+    hosts: TwoHosts
+    mg_if: str
+    go_if: str
+    mg_proc: subprocess.Popen[bytes]
+    go_proc: subprocess.Popen[bytes]
+    mg_key: Keypair
+    go_key: Keypair
+    mg_config: Path
+    mg_port: int
+    go_port: int
+    psk: str | None
+    mg_tun: str = "10.99.0.1"
+    go_tun: str = "10.99.0.2"
+    mg_tun6: str = "fd99::1"
+    go_tun6: str = "fd99::2"
+
+
+def meshguard_go_pair(
+    testbed: Testbed,
+    hosts: TwoHosts,
+    *,
+    outer_v6: bool = False,
+    initiator: str = "both",
+    psk: bool = False,
+    mtu: int | None = None,
+    mg_port: int = 51820,
+    go_port: int = 51821,
+) -> MeshguardGoPair:
+    """meshguard in A (``twistd``, from a config file) and wireguard-go in B, peered.
+
+    ``initiator`` picks who knows the other's endpoint: ``"meshguard"`` (only meshguard can
+    start the handshake), ``"wireguard-go"`` (meshguard can only respond) or ``"both"``.
+    wireguard-go is configured before meshguard starts, so no first initiation is lost.
+    """
+    if initiator not in ("meshguard", "wireguard-go", "both"):
+        raise ValueError(f"unknown initiator {initiator!r}")
+    if outer_v6 and (hosts.a_addr6 is None or hosts.b_addr6 is None):
+        raise ValueError("outer_v6 needs two_hosts(v6=True)")
+    a_host = f"[{hosts.a_addr6}]" if outer_v6 else hosts.a_addr
+    b_host = f"[{hosts.b_addr6}]" if outer_v6 else hosts.b_addr
+    mg_if, go_if = testbed.ifname("mg"), testbed.ifname("go")
+    mg_key, go_key = wg_keypair(), wg_keypair()
+    key = testbed.wg(hosts.b, "genpsk").strip() if psk else None
+    go_proc = testbed.start_wireguard_go(hosts.b, go_if)
+    testbed.wg_set_interface(hosts.b, go_if, go_key.private, go_port)
+    testbed.wg_set_peer(
+        hosts.b,
+        go_if,
+        mg_key.public,
+        allowed_ips=("10.99.0.1/32", "fd99::1/128"),
+        endpoint=f"{a_host}:{mg_port}" if initiator != "meshguard" else None,
+        preshared_key=key,
+    )
+    testbed.addr(hosts.b, go_if, "10.99.0.2/24")
+    testbed.addr(hosts.b, go_if, "fd99::2/64")
+    if mtu is not None:
+        testbed.ip(hosts.b, "link", "set", "dev", go_if, "mtu", str(mtu))
+    testbed.up(hosts.b, go_if)
+    text = meshguard_config_text(
+        mg_key.private,
+        listen_port=mg_port,
+        addresses=("10.99.0.1/24", "fd99::1/64"),
+        mtu=mtu,
+        peers=[
+            MeshguardPeer(
+                go_key.public,
+                allowed_ips=("10.99.0.2/32", "fd99::2/128"),
+                endpoint=f"{b_host}:{go_port}" if initiator != "wireguard-go" else None,
+                preshared_key=key,
+            )
+        ],
+    )
+    config = write_meshguard_config(testbed.log_dir / f"{mg_if}.conf", text)
+    mg_proc = start_meshguard(testbed, hosts.a, config, mg_if)
+    return MeshguardGoPair(
+        hosts, mg_if, go_if, mg_proc, go_proc, mg_key, go_key, config, mg_port, go_port, key
+    )
+
+
+@dataclass(frozen=True)
+class MeshHome:
+    """One home of `nat_homes`: its router and its hosts (namespace, LAN address)."""
+
+    router: Namespace
+    public: str
+    hosts: list[tuple[Namespace, str]]
+    hard: bool
+
+
+@dataclass(frozen=True)
+class MeshInternet:
+    internet: Namespace
+    #: The public node (an introducer) and its address.
+    public: Namespace
+    public_address: str
+    homes: list[MeshHome]
+
+
+def nat_homes(
+    testbed: Testbed, layout: Sequence[tuple[int, bool]], *, extra_public: int = 0
+) -> MeshInternet:
+    """Several homes, each behind its own nftables NAT router, on a shared "internet" segment
+    with a public node at 198.51.100.2 (``extra_public`` more public hosts get 198.51.101.2,
+    198.51.102.2, ...).
+
+    ``layout`` gives, per home, its number of hosts and whether its router uses ``masquerade
+    random`` (a destination-dependent "hard" NAT). Home ``i`` (from 1) has the LAN
+    192.168.i.0/24 on a bridge in its router (hosts .2, .3, ...) and the public address
+    203.0.i.2 (on the link 203.0.i.0/24 to the internet router).
+    """
+    internet = testbed.netns("inet")
+    testbed.sysctl(internet, "net.ipv4.ip_forward", 1)
+    public = testbed.netns("pub")
+    testbed.veth(internet, "p0", public, "eth0")
+    testbed.addr(internet, "p0", "198.51.100.1/24")
+    testbed.addr(public, "eth0", "198.51.100.2/24")
+    testbed.route(public, "default", via="198.51.100.1")
+    for extra in range(extra_public):
+        ns = testbed.netns(f"pub{extra + 2}")
+        testbed.veth(internet, f"p{extra + 1}", ns, "eth0")
+        testbed.addr(internet, f"p{extra + 1}", f"198.51.{101 + extra}.1/24")
+        testbed.addr(ns, "eth0", f"198.51.{101 + extra}.2/24")
+        testbed.route(ns, "default", via=f"198.51.{101 + extra}.1")
+    homes: list[MeshHome] = []
+    for index, (count, hard) in enumerate(layout, start=1):
+        router = testbed.netns(f"r{index}")
+        testbed.sysctl(router, "net.ipv4.ip_forward", 1)
+        testbed.veth(router, "wan0", internet, f"h{index}")
+        testbed.addr(internet, f"h{index}", f"203.0.{index}.1/24")
+        testbed.addr(router, "wan0", f"203.0.{index}.2/24")
+        testbed.route(router, "default", via=f"203.0.{index}.1")
+        testbed.ip(router, "link", "add", "br0", "type", "bridge")
+        testbed.up(router, "br0")
+        testbed.addr(router, "br0", f"192.168.{index}.1/24")
+        hosts: list[tuple[Namespace, str]] = []
+        for host in range(count):
+            ns = testbed.netns(f"h{index}{host}")
+            testbed.veth(ns, "eth0", router, f"l{host}")
+            testbed.ip(router, "link", "set", "dev", f"l{host}", "master", "br0")
+            address = f"192.168.{index}.{host + 2}"
+            testbed.addr(ns, "eth0", f"{address}/24")
+            testbed.route(ns, "default", via=f"192.168.{index}.1")
+            hosts.append((ns, address))
+        action = "masquerade random" if hard else "masquerade"
+        testbed.nft(
+            router,
+            "table ip nat {\n"
+            "  chain post {\n"
+            "    type nat hook postrouting priority 100\n"
+            f'    oifname "wan0" counter {action}\n'
+            "  }\n"
+            "}\n"
+            # As home routers do: unsolicited packets from the WAN to the router itself are
+            # dropped. Besides being realistic this matters for hole punching: a peer's punch
+            # that reaches the router before our own packet left would otherwise become a
+            # conntrack entry that clashes with our mapping and makes masquerade pick
+            # another port.
+            "table ip filter {\n"
+            "  chain input {\n"
+            "    type filter hook input priority 0\n"
+            '    iifname "wan0" ct state new drop\n'
+            "  }\n"
+            "}\n",
+        )
+        homes.append(MeshHome(router, f"203.0.{index}.2", hosts, hard))
+    return MeshInternet(internet, public, "198.51.100.2", homes)
+
+
+def reboot_router(testbed: Testbed, home: MeshHome, new_public: str) -> None:
+    """A home router "reboots" with a new public address: the old address goes (masquerade
+    drops its conntrack entries with it), the new one comes, so every mapping is new."""
+    testbed.ip(home.router, "addr", "flush", "dev", "wan0")
+    prefix = new_public.rsplit(".", 1)[0]
+    testbed.addr(home.router, "wan0", f"{new_public}/24")
+    testbed.route(home.router, "default", via=f"{prefix}.1")

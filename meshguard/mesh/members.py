@@ -1,0 +1,420 @@
+"""Membership: introducers tell members about each other; members add what they learn as peers.
+
+An introducer is a node whose config lists every member as a ``[Peer]``; a member marks the
+introducer's ``[Peer]`` with ``Introducer = yes``. A member subscribes to each of its introducers
+over the tunnel (MEMBERS ``{"op": "subscribe"}``); the introducer answers with its list of members
+(key, AllowedIPs, the endpoint it observes for them, their LAN endpoints), in pages, again whenever
+the list changes, and whenever the member re-subscribes (every :data:`RESUBSCRIBE` seconds).
+
+A member trusts lists only from its introducers, merges several introducers' lists, never touches a
+peer the user configured (nor AllowedIPs that overlap a configured peer's), and removes a learned
+peer when no introducer lists it any more.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshguard.core.interfaces import Endpoint
+from meshguard.core.peer import Peer
+from meshguard.mesh import kinds
+from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, parse_endpoint
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Entries per MEMBERS page: keeps each page well under the agent's JSON limit.
+PAGE_SIZE = 16
+#: Most members, AllowedIPs per member and LAN endpoints per member accepted from an introducer.
+MAX_MEMBERS = 4096
+MAX_ALLOWED = 64
+MAX_LOCAL = 8
+#: How often a member re-subscribes: quickly until it has a list, then as a heartbeat.
+SUBSCRIBE_RETRY = 3.0
+RESUBSCRIBE = 60.0
+#: A subscriber that has not re-subscribed for this long is forgotten.
+SUBSCRIBER_TIMEOUT = 3 * RESUBSCRIBE
+#: How often an introducer compares its members' endpoints with what it last announced, and how
+#: long it lets changes gather before sending a new list.
+CHANGE_CHECK = 1.0
+DEBOUNCE = 1.0
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """One member as an introducer describes it."""
+
+    key: bytes
+    allowed: tuple[Network, ...] = ()
+    observed: Endpoint | None = None
+    local: tuple[Endpoint, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": base64.b64encode(self.key).decode(),
+            "allowed": [str(n) for n in self.allowed],
+            "observed": list(self.observed) if self.observed is not None else None,
+            "local": [list(e) for e in self.local],
+        }
+
+
+def parse_key(value: object) -> bytes | None:
+    if not isinstance(value, str) or len(value) != 44:
+        return None
+    try:
+        key = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return key if len(key) == 32 else None
+
+
+def parse_member(value: object) -> MemberInfo | None:
+    """A member entry from an introducer's list, or None if any part is malformed."""
+    if not isinstance(value, dict):
+        return None
+    key = parse_key(value.get("key"))
+    allowed_raw = value.get("allowed")
+    local_raw = value.get("local", [])
+    if key is None or not isinstance(allowed_raw, list) or not isinstance(local_raw, list):
+        return None
+    allowed: list[Network] = []
+    for text in allowed_raw[:MAX_ALLOWED]:
+        if not isinstance(text, str):
+            return None
+        try:
+            allowed.append(ipaddress.ip_network(text, strict=True))
+        except ValueError:
+            return None
+    observed_raw = value.get("observed")
+    observed = parse_endpoint(observed_raw) if observed_raw is not None else None
+    if observed_raw is not None and observed is None:
+        return None
+    local = tuple(e for e in map(parse_endpoint, local_raw[:MAX_LOCAL]) if e is not None)
+    return MemberInfo(key, tuple(allowed), observed, local)
+
+
+def parse_page(message: dict[str, Any]) -> tuple[int, int, int, bool, list[MemberInfo]] | None:
+    """``(generation, page, pages, relays, members)`` of a list page, or None."""
+    gen, page, pages = message.get("gen"), message.get("page"), message.get("pages")
+    members = message.get("members")
+    relays = message.get("relay", False)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gen, page, pages)):
+        return None
+    assert isinstance(gen, int) and isinstance(page, int) and isinstance(pages, int)
+    if not 0 <= page < pages <= MAX_MEMBERS // PAGE_SIZE + 1 or gen < 0:
+        return None
+    if not isinstance(members, list) or len(members) > PAGE_SIZE or not isinstance(relays, bool):
+        return None
+    parsed = [parse_member(m) for m in members]
+    if any(m is None for m in parsed):
+        return None
+    return gen, page, pages, relays, [m for m in parsed if m is not None]
+
+
+@dataclass
+class _Assembly:
+    """Pages of one introducer's list, gathered until complete."""
+
+    gen: int
+    pages: int
+    relays: bool
+    received: dict[int, list[MemberInfo]] = field(default_factory=dict)
+
+
+@dataclass
+class _Subscriber:
+    last_subscribed: float
+    #: The generation this subscriber last received in full, or -1.
+    sent_gen: int = -1
+
+
+class Membership:
+    """The MEMBERS control message, both the introducer's side and the member's side."""
+
+    kinds: tuple[int, ...] = (kinds.MEMBERS,)
+
+    def __init__(self, agent: MeshAgent, *, forwarding: bool = True) -> None:
+        self.agent = agent
+        self.device = agent.device
+        #: Keys of our introducers (``Introducer = yes``).
+        self.introducers: set[bytes] = set()
+        #: Whether we forward members' datagrams (``Forwarding``), announced with our lists.
+        self.forwarding = forwarding
+        #: Member key -> the introducers that list it (learned peers only).
+        self.learned: dict[bytes, set[bytes]] = {}
+        #: Introducer key -> its last complete list, and whether it offers to relay.
+        self.views: dict[bytes, dict[bytes, MemberInfo]] = {}
+        self.relaying_introducers: set[bytes] = set()
+        self._assembly: dict[bytes, _Assembly] = {}
+        self._next_subscribe: dict[bytes, float] = {}
+        # Introducer side.
+        self.subscribers: dict[bytes, _Subscriber] = {}
+        self.generation = 0
+        self._announced: dict[bytes, MemberInfo] = {}
+        self._next_check: float | None = None
+        self._send_at: float | None = None
+        #: Told ``(peer, info, introducers, now)`` when a learned member is added or changes,
+        #: and ``(peer, None, set(), now)`` when it goes away.
+        self.listeners: list[Callable[[Peer, MemberInfo | None, set[bytes], float], None]] = []
+        self.dropped = 0
+        self.lists_sent = 0
+        self.lists_received = 0
+
+    # ------------------------------------------------------------------ configuration
+
+    def configure(self, introducers: set[bytes], forwarding: bool, now: float) -> None:
+        """The config changed: introducers no longer listed stop counting."""
+        self.forwarding = forwarding
+        for key in list(self.views):
+            if key not in introducers:
+                self._introducer_gone(key, now)
+        self.introducers = set(introducers)
+        for key in self.introducers:
+            self._next_subscribe.setdefault(key, now)
+        self.agent.dirty = True
+
+    def is_learned(self, peer: Peer) -> bool:
+        return peer.public_key in self.learned
+
+    def user_configured(self, key: bytes) -> None:
+        """The user configured ``key`` by hand (config or ``wg set``): it is no longer ours."""
+        self.learned.pop(key, None)
+
+    # ------------------------------------------------------------------ MeshFeature
+
+    def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
+        message = decode_json(body)
+        if message is None:
+            self.dropped += 1
+            return
+        op = message.get("op")
+        if op == "subscribe":
+            self._subscribe(peer, now)
+        elif op == "list":
+            self._list_received(peer, message, now)
+        else:
+            self.dropped += 1
+
+    def session_started(self, peer: Peer, now: float) -> None:
+        if peer.public_key in self.introducers:
+            self._next_subscribe[peer.public_key] = now
+            self.agent.dirty = True
+
+    def next_deadline(self) -> float | None:
+        deadlines = list(self._next_subscribe.values())
+        if self.subscribers and self._next_check is not None:
+            deadlines.append(self._next_check)
+        if self._send_at is not None:
+            deadlines.append(self._send_at)
+        return min(deadlines) if deadlines else None
+
+    def run_timers(self, now: float) -> None:
+        for key, when in list(self._next_subscribe.items()):
+            if when > now:
+                continue
+            peer = self.device.peers.get(key)
+            if peer is None or key not in self.introducers:
+                del self._next_subscribe[key]
+                continue
+            self.device.send_control(peer, kinds.MEMBERS, encode_json({"op": "subscribe"}), now)
+            have = key in self.views
+            self._next_subscribe[key] = now + (RESUBSCRIBE if have else SUBSCRIBE_RETRY)
+        if self.subscribers and self._next_check is not None and self._next_check <= now:
+            self._next_check = now + CHANGE_CHECK
+            self._check_changes(now)
+        if self._send_at is not None and self._send_at <= now:
+            self._send_at = None
+            self._send_lists(now)
+
+    def peer_status(self, peer: Peer) -> dict[str, Any]:
+        introducers = self.learned.get(peer.public_key)
+        if introducers is not None:
+            return {
+                "member": "learned",
+                "learned_from": sorted(base64.b64encode(k).decode() for k in introducers),
+            }
+        status: dict[str, Any] = {"member": "configured"}
+        if peer.public_key in self.introducers:
+            status["introducer"] = True
+        if peer.public_key in self.subscribers:
+            status["subscriber"] = True
+        return status
+
+    def node_status(self) -> dict[str, Any]:
+        return {
+            "members_learned": len(self.learned),
+            "subscribers": len(self.subscribers),
+            "forwarding": self.forwarding,
+        }
+
+    # ------------------------------------------------------------------ introducer side
+
+    def _subscribe(self, peer: Peer, now: float) -> None:
+        if peer.public_key in self.learned:
+            # Only peers our user configured may subscribe (they are our members).
+            self.dropped += 1
+            return
+        subscriber = self.subscribers.get(peer.public_key)
+        if subscriber is None:
+            subscriber = self.subscribers[peer.public_key] = _Subscriber(now)
+        subscriber.last_subscribed = now
+        subscriber.sent_gen = -1
+        if self._next_check is None:
+            self._next_check = now
+            self._announced = self._current_members()
+        if self._send_at is None:
+            self._send_at = now
+        self.agent.dirty = True
+
+    def _current_members(self) -> dict[bytes, MemberInfo]:
+        """Our configured meshguard peers, as we see them now."""
+        members: dict[bytes, MemberInfo] = {}
+        for key, peer in self.device.peers.items():
+            if key in self.learned or not peer.is_meshguard:
+                continue
+            state = self.agent.peers.get(key)
+            members[key] = MemberInfo(
+                key,
+                tuple(self.device.allowed_ips.networks(peer)),
+                peer.endpoint if peer.relay is None else None,
+                tuple(state.local_endpoints[:MAX_LOCAL]) if state is not None else (),
+            )
+        return members
+
+    def _check_changes(self, now: float) -> None:
+        for key, subscriber in list(self.subscribers.items()):
+            if (
+                now - subscriber.last_subscribed > SUBSCRIBER_TIMEOUT
+                or key not in self.device.peers
+            ):
+                del self.subscribers[key]
+        current = self._current_members()
+        if current != self._announced:
+            self._announced = current
+            self.generation += 1
+            if self._send_at is None:
+                self._send_at = now + DEBOUNCE
+
+    def _send_lists(self, now: float) -> None:
+        members = sorted(self._announced.values(), key=lambda m: m.key)
+        for key, subscriber in self.subscribers.items():
+            if subscriber.sent_gen == self.generation:
+                continue
+            peer = self.device.peers.get(key)
+            if peer is None:
+                continue
+            entries = [m.to_json() for m in members if m.key != key]
+            pages = max(1, -(-len(entries) // PAGE_SIZE))
+            sent = True
+            for page in range(pages):
+                body = encode_json(
+                    {
+                        "op": "list",
+                        "gen": self.generation,
+                        "page": page,
+                        "pages": pages,
+                        "relay": self.forwarding,
+                        "members": entries[page * PAGE_SIZE : (page + 1) * PAGE_SIZE],
+                    }
+                )
+                sent = self.device.send_control(peer, kinds.MEMBERS, body, now) and sent
+            if sent:
+                subscriber.sent_gen = self.generation
+                self.lists_sent += 1
+
+    # ------------------------------------------------------------------ member side
+
+    def _list_received(self, peer: Peer, message: dict[str, Any], now: float) -> None:
+        key = peer.public_key
+        if key not in self.introducers:
+            # Membership is trusted only from our introducers.
+            self.dropped += 1
+            return
+        parsed = parse_page(message)
+        if parsed is None:
+            self.dropped += 1
+            return
+        gen, page, pages, relays, members = parsed
+        assembly = self._assembly.get(key)
+        if assembly is None or assembly.gen != gen or assembly.pages != pages:
+            assembly = self._assembly[key] = _Assembly(gen, pages, relays)
+        assembly.received[page] = members
+        if len(assembly.received) < pages:
+            return
+        del self._assembly[key]
+        view: dict[bytes, MemberInfo] = {}
+        for page_members in assembly.received.values():
+            for info in page_members:
+                view[info.key] = info
+        self.lists_received += 1
+        self.views[key] = view
+        if assembly.relays:
+            self.relaying_introducers.add(key)
+        else:
+            self.relaying_introducers.discard(key)
+        if self._next_subscribe.get(key, 0.0) < now + RESUBSCRIBE:
+            self._next_subscribe[key] = now + RESUBSCRIBE
+        self._merge(now)
+
+    def _introducer_gone(self, key: bytes, now: float) -> None:
+        self.views.pop(key, None)
+        self._assembly.pop(key, None)
+        self._next_subscribe.pop(key, None)
+        self.relaying_introducers.discard(key)
+        self._merge(now)
+
+    def _configured_networks(self) -> list[Network]:
+        networks: list[Network] = []
+        for key, peer in self.device.peers.items():
+            if key not in self.learned:
+                networks.extend(self.device.allowed_ips.networks(peer))
+        return networks
+
+    def _merge(self, now: float) -> None:
+        """Make the device's learned peers match the union of our introducers' views."""
+        wanted: dict[bytes, tuple[MemberInfo, set[bytes]]] = {}
+        for introducer, view in self.views.items():
+            for key, info in view.items():
+                if key == self.device.public_key or key in self.introducers:
+                    continue
+                if key in self.device.peers and key not in self.learned:
+                    continue  # configured by the user: never overridden
+                if key in wanted:
+                    merged, sources = wanted[key]
+                    wanted[key] = (_merge_info(merged, info), sources | {introducer})
+                else:
+                    wanted[key] = (info, {introducer})
+        for key in list(self.learned):
+            if key not in wanted:
+                del self.learned[key]
+                peer = self.device.peers.get(key)
+                if peer is not None:
+                    self.device.remove_peer(key)
+                    for listener in self.listeners:
+                        listener(peer, None, set(), now)
+        configured = self._configured_networks()
+        for key, (info, sources) in wanted.items():
+            added = self.device.add_peer(key)
+            if added is None:
+                continue
+            self.learned[key] = sources
+            allowed = [
+                n
+                for n in info.allowed
+                if not any(n.version == c.version and n.overlaps(c) for c in configured)  # type: ignore[arg-type]
+            ]
+            if set(allowed) != set(self.device.allowed_ips.networks(added)):
+                self.device.replace_allowed_ips(added, allowed)
+            for listener in self.listeners:
+                listener(added, info, sources, now)
+        self.agent.dirty = True
+
+
+def _merge_info(a: MemberInfo, b: MemberInfo) -> MemberInfo:
+    """Two introducers' views of one member: the union of what they say."""
+    allowed = a.allowed + tuple(n for n in b.allowed if n not in a.allowed)
+    local = a.local + tuple(e for e in b.local if e not in a.local)
+    return MemberInfo(a.key, allowed[:MAX_ALLOWED], a.observed or b.observed, local[:MAX_LOCAL])

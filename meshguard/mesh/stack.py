@@ -1,0 +1,38 @@
+"""The mesh features a node runs, wired together: membership, paths and relaying."""
+
+from __future__ import annotations
+
+from meshguard.core.peer import Peer
+from meshguard.mesh.agent import MeshAgent
+from meshguard.mesh.members import Membership
+from meshguard.mesh.paths import Paths
+from meshguard.mesh.relay import Relaying
+
+
+class MeshStack:
+    """Membership, hole punching and relaying on one agent, configured together."""
+
+    def __init__(self, agent: MeshAgent, *, forwarding: bool = True) -> None:
+        self.agent = agent
+        self.membership = Membership(agent, forwarding=forwarding)
+        self.paths = Paths(agent, self.membership)
+        self.relaying = Relaying(agent, forwarding=forwarding, trusted=self._trusted_relay)
+        agent.add_feature(self.membership)
+        agent.add_feature(self.paths)
+        agent.add_feature(self.relaying)
+
+    def _trusted_relay(self, peer: Peer) -> bool:
+        # Datagrams authenticate end to end anyway; taking them only from peers our user
+        # configured keeps a learned member from feeding us traffic under another's name.
+        return not self.membership.is_learned(peer)
+
+    def configure(self, introducers: set[bytes], forwarding: bool, now: float) -> None:
+        """Apply the config's mesh settings (``Introducer = yes`` peers, ``Forwarding``)."""
+        self.membership.configure(introducers, forwarding, now)
+        self.relaying.forwarding = forwarding
+
+    def user_configured(self, key: bytes) -> None:
+        """The user configured this peer by hand: learned information no longer applies."""
+        if key in self.membership.learned:
+            self.membership.user_configured(key)
+            self.paths.states.pop(key, None)

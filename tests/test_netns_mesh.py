@@ -1,0 +1,171 @@
+"""The mesh over real nftables NATs: homes punch to each other, hard NATs are relayed, a LAN pair
+uses the LAN, a router reboot recovers, and a stock wireguard-go peer keeps working."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from meshguard.status_client import read_status
+from tests.netns import (
+    Namespace,
+    Testbed,
+    nat_homes,
+    reboot_router,
+    require_root_netns,
+    start_meshguard,
+    wg_keypair,
+    write_meshguard_config,
+)
+
+PORT = 51820
+
+
+def _path(status: dict[str, Any], key: str) -> str:
+    for peer in status["peers"]:
+        if peer["public_key"] == key:
+            return str(peer.get("path"))
+    return "absent"
+
+
+def _endpoint_host(status: dict[str, Any], key: str) -> str | None:
+    for peer in status["peers"]:
+        if peer["public_key"] == key and peer.get("endpoint"):
+            return str(peer["endpoint"][0])
+    return None
+
+
+class MeshOverNatsTests(TestCase):
+    timeout = 300
+
+    def test_homes_punch_hard_nats_relay_lan_pair_and_reboot(self) -> None:
+        """Home 1 (two hosts) and home 2 behind plain masquerade, homes 3 and 4 behind
+        ``masquerade random``, one public introducer and a wireguard-go peer of it."""
+        require_root_netns(self)
+        tb = Testbed(self)
+        self.addCleanup(tb.cleanup)
+        net = nat_homes(tb, [(2, False), (1, False), (1, True), (1, True)], extra_public=1)
+        wgo_ns = Namespace(f"{tb.prefix}-pub2")
+        intro_keys = wg_keypair()
+        wgo_keys = wg_keypair()
+        hosts = [h for home in net.homes for h in home.hosts]
+        member_keys = [wg_keypair() for _ in hosts]
+        addresses = [f"10.99.0.{i + 2}" for i in range(len(hosts))]
+        logdir = Path(tb.log_dir)
+
+        # The introducer lists every member (and the wireguard-go peer) as a plain [Peer].
+        lines = [
+            "[Interface]",
+            f"PrivateKey = {intro_keys.private}",
+            f"ListenPort = {PORT}",
+            "Address = 10.99.0.1/24",
+        ]
+        for keys, address in zip(member_keys, addresses, strict=True):
+            lines += ["", "[Peer]", f"PublicKey = {keys.public}", f"AllowedIPs = {address}/32"]
+        lines += [
+            "",
+            "[Peer]",
+            f"PublicKey = {wgo_keys.public}",
+            "AllowedIPs = 10.99.0.100/32",
+            f"Endpoint = 198.51.101.2:{PORT}",
+        ]
+        intro_if = tb.ifname("in")
+        config = write_meshguard_config(logdir / "introducer.conf", "\n".join(lines) + "\n")
+        start_meshguard(tb, net.public, config, intro_if)
+
+        # A stock wireguard-go peer of the introducer, outside the mesh.
+        wgo_if = tb.ifname("wg")
+        tb.start_wireguard_go(wgo_ns, wgo_if)
+        key_file = logdir / "wgo.key"
+        key_file.write_text(wgo_keys.private + "\n")
+        tb.wg(wgo_ns, "set", wgo_if, "private-key", str(key_file), "listen-port", str(PORT))
+        tb.wg(
+            wgo_ns, "set", wgo_if, "peer", intro_keys.public, "allowed-ips", "10.99.0.1/32",
+            "endpoint", f"{net.public_address}:{PORT}",
+        )  # fmt: skip
+        tb.addr(wgo_ns, wgo_if, "10.99.0.100/24")
+        tb.up(wgo_ns, wgo_if)
+
+        ifnames: list[str] = []
+        for index, ((ns, _), keys, address) in enumerate(
+            zip(hosts, member_keys, addresses, strict=True)
+        ):
+            text = (
+                f"[Interface]\nPrivateKey = {keys.private}\nListenPort = {PORT}\n"
+                f"Address = {address}/24\n\n[Peer]\nPublicKey = {intro_keys.public}\n"
+                f"AllowedIPs = 10.99.0.1/32\nEndpoint = {net.public_address}:{PORT}\n"
+                "PersistentKeepalive = 25\nIntroducer = yes\n"
+            )
+            ifname = tb.ifname(f"m{index}")
+            config = write_meshguard_config(logdir / f"member{index}.conf", text)
+            start_meshguard(tb, ns, config, ifname)
+            ifnames.append(ifname)
+
+        a, a2, b, c, d = range(5)
+        ns_of = [ns for ns, _ in hosts]
+        key_of = [k.public for k in member_keys]
+        pairs = [(a, b), (a, c), (a, d), (b, c), (b, d), (c, d), (a, a2), (a2, b)]
+
+        def all_ping() -> bool:
+            return all(
+                tb.ping(ns_of[x], addresses[y], count=1, timeout=1)
+                and tb.ping(ns_of[y], addresses[x], count=1, timeout=1)
+                for x, y in pairs
+            )
+
+        tb.wait_for(all_ping, timeout=60, what="every home pings every other")
+
+        def paths_settled() -> bool:
+            sa, sb, sc = (read_status(ifnames[i]) for i in (a, b, c))
+            return (
+                _path(sa, key_of[b]) == "direct"
+                and _path(sb, key_of[a]) == "direct"
+                and _path(sa, key_of[a2]) == "lan"
+                and _path(sc, key_of[d]).startswith("relayed via")
+                and _path(sa, key_of[c]).startswith("relayed via")
+            )
+
+        try:
+            tb.wait_for(paths_settled, timeout=60, what="direct, LAN and relayed paths")
+        except AssertionError:
+            summary = {
+                i: {
+                    p["public_key"][:6]: (p.get("path"), p.get("endpoint"), p.get("candidates"))
+                    for p in read_status(ifnames[i])["peers"]
+                }
+                for i in range(len(ifnames))
+            }
+            self.fail(f"paths did not settle: {summary} keys {[k[:6] for k in key_of]}")
+
+        def by_pair(x: int, y: int) -> int:
+            counts = read_status(intro_if)["node"]["relay_forwarded_by_pair"]
+            return int(counts.get(f"{key_of[x]}>{key_of[y]}", 0))
+
+        punched_before = by_pair(a, b) + by_pair(b, a)
+        relayed_before = by_pair(c, d)
+        self.assertTrue(tb.ping(ns_of[a], addresses[b], count=5, timeout=2))
+        self.assertTrue(tb.ping(ns_of[b], addresses[a], count=5, timeout=2))
+        self.assertTrue(tb.ping(ns_of[c], addresses[d], count=5, timeout=2))
+        # Counted by the relay itself: nothing forwarded between the punched homes.
+        self.assertEqual(by_pair(a, b) + by_pair(b, a), punched_before)
+        self.assertGreater(by_pair(c, d), relayed_before)
+        self.assertTrue(tb.ping(net.public, "10.99.0.100", count=2, timeout=2))
+
+        # Home 2's router reboots with a new public address.
+        reboot_router(tb, net.homes[1], "203.0.2.3")
+
+        def recovered() -> bool:
+            sa, sb = read_status(ifnames[a]), read_status(ifnames[b])
+            return (
+                _path(sa, key_of[b]) == "direct"
+                and _path(sb, key_of[a]) == "direct"
+                and _endpoint_host(sa, key_of[b]) == "203.0.2.3"
+                and tb.ping(ns_of[a], addresses[b], count=1, timeout=1)
+                and tb.ping(ns_of[b], addresses[c], count=1, timeout=1)
+            )
+
+        tb.wait_for(recovered, timeout=90, what="home 2 direct again after its router reboot")
+        self.assertTrue(tb.ping(net.public, "10.99.0.100", count=2, timeout=2))
+        self.assertTrue(tb.ping(wgo_ns, "10.99.0.1", count=2, timeout=2))
