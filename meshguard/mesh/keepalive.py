@@ -1,0 +1,780 @@
+"""``PersistentKeepalive = auto``: find out whether we are behind a NAT, measure how long it keeps
+an idle UDP mapping, and keep it open just often enough (docs/keepalive.md has the figures).
+
+Three questions, answered with the help of meshguard peers:
+
+- **NATed at all?** A meshguard peer's HELLO says how it sees our endpoint. If that is one of our
+  local endpoints, the path to that peer is not translated and auto peers get no keepalive.
+- **How long does the NAT keep an idle mapping?** In the spirit of RFC 5780's binding-lifetime
+  discovery, but between two meshguard nodes: we open a *secondary* UDP socket (so the measured
+  mapping is not the one our tunnel uses, and the probe does not refresh the tunnel's mapping),
+  agree a random token with a helper peer over the authenticated control channel
+  (``NAT_PROBE_REQUEST``), send the token from the secondary socket twice 2.5 s apart (the helper
+  acks each, so the mapping looks like an established two-way flow, as the tunnel's does: Linux
+  conntrack gives such flows its longer "stream" timeout), then stay silent. After ``delay``
+  seconds the helper echoes the token toward the source it saw and reports ``echoed`` over the
+  tunnel (``NAT_PROBE_RESULT``). The echo arrives only if the mapping survived ``delay``. Probes
+  at several delays run in parallel, each on its own socket: a doubling ladder, then bisection
+  between the longest delay known alive and the shortest known dead.
+- **Does the mapping depend on the destination?** Two meshguard peers behind the same NAT path
+  that see the same public endpoint mean an endpoint-independent mapping: one keepalive stream
+  (to one "carrier" peer) keeps it, and other meshguard peers need not be kept awake.
+
+The interval is half the lifetime known to be alive: then even one lost keepalive leaves the
+mapping idle for at most the measured lifetime. Until measured, the conservative default (25 s,
+WireGuard's documented value) applies. Evidence that a mapping expired (a peer sees our port
+change while the address stays) halves the interval at once and starts a new measurement; a new
+public address (roaming) starts one too.
+
+Unauthenticated datagrams (probe tokens, acks, echoes) only ever act on a token learned over the
+authenticated channel; anything else is dropped and counted. Nothing here does I/O: secondary
+sockets come from an injected :class:`ProbePaths`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from meshguard.core.device import Device
+from meshguard.core.interfaces import Endpoint, RandomBytes
+from meshguard.core.peer import Peer
+from meshguard.mesh import kinds
+from meshguard.mesh.agent import MeshAgent, decode_json, encode_json
+
+#: Datagram magics: never a WireGuard message type (1..4 then three zero bytes).
+PROBE_MAGIC: Final = b"MGn\x01"
+ACK_MAGIC: Final = b"MGn\x02"
+ECHO_MAGIC: Final = b"MGn\x03"
+TOKEN_SIZE: Final = 16
+DATAGRAM_SIZE: Final = 4 + TOKEN_SIZE
+
+#: WireGuard's documented example interval: what auto uses until it knows better.
+DEFAULT_INTERVAL: Final = 25
+#: Bounds on the interval auto chooses.
+INTERVAL_MIN: Final = 2
+INTERVAL_MAX: Final = 300
+#: Interval = this fraction of the lifetime known alive (one lost keepalive is survived).
+SAFETY_FRACTION: Final = 0.5
+#: Probe delays tried first (in parallel); the last is the longest lifetime we measure.
+LIFETIME_LADDER: Final = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 600.0)
+LIFETIME_MAX: Final = LIFETIME_LADDER[-1]
+#: Probes per bisection round between known-alive and known-dead.
+BISECT_POINTS: Final = 3
+#: Priming: token datagrams sent from the secondary socket, this far apart.
+PRIMES: Final = 2
+PRIME_GAP: Final = 2.5
+#: At most this many token datagrams per probe (priming plus resends while unacknowledged).
+MAX_PROBE_SENDS: Final = 4
+#: How long to wait for the helper's answer to a request.
+REQUEST_TIMEOUT: Final = 10.0
+#: The echo is due ``delay`` after our last token datagram; it is called lost (the mapping
+#: expired) this much later. The helper's "echoed" report over the tunnel, when it gets
+#: through, shortens the wait to ECHO_GRACE. A probe the helper never acknowledged is
+#: inconclusive, never "dead".
+ECHO_WAIT: Final = 3.0
+ECHO_GRACE: Final = 2.0
+#: A request the session could not carry is sent again this much later (after the handshake
+#: we start for it), at most RELAUNCH_TRIES times.
+RELAUNCH_AFTER: Final = 6.0
+RELAUNCH_TRIES: Final = 5
+#: A failed measurement is retried after this; a good one is repeated after REMEASURE_AFTER.
+RETRY_AFTER: Final = 60.0
+REMEASURE_AFTER: Final = 6 * 3600.0
+#: Helper-side limits: outstanding tokens per peer and in total, datagrams answered per second.
+MAX_HELP_PER_PEER: Final = 16
+MAX_HELP_TOTAL: Final = 256
+MAX_ANSWERS_PER_SECOND: Final = 64
+
+
+class ProbePath(Protocol):
+    """A secondary UDP socket (its own NAT mapping)."""
+
+    def send(self, data: bytes, endpoint: Endpoint) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ProbePaths(Protocol):
+    """Opens secondary sockets; ``receive(data, source, now)`` gets what arrives on one."""
+
+    def open(
+        self, toward: Endpoint, receive: Callable[[bytes, Endpoint, float], None]
+    ) -> ProbePath | None: ...
+
+
+def _precision(alive: float) -> float:
+    """Stop bisecting when known-alive and known-dead are this close."""
+    return max(1.0, 0.15 * alive)
+
+
+def interval_for(lifetime: float) -> int:
+    """The keepalive interval for a mapping known to survive ``lifetime`` idle seconds."""
+    return max(INTERVAL_MIN, min(INTERVAL_MAX, int(lifetime * SAFETY_FRACTION)))
+
+
+def _host(endpoint: Endpoint) -> str:
+    return endpoint[0].split("%", 1)[0]
+
+
+def _same_host(a: Endpoint, b: Endpoint) -> bool:
+    try:
+        return ipaddress.ip_address(_host(a)) == ipaddress.ip_address(_host(b))
+    except ValueError:
+        return False
+
+
+@dataclass
+class _Probe:
+    """One lifetime probe of ours: a token, a delay and a secondary socket."""
+
+    token: bytes
+    delay: float
+    helper: bytes
+    deadline: float
+    path: ProbePath | None = None
+    target: Endpoint | None = None
+    sends: int = 0
+    next_send: float | None = None
+    acked: bool = False
+    echoed_at: float | None = None
+
+
+@dataclass
+class _Help:
+    """A probe we answer for a peer: where its token came from and when to echo."""
+
+    peer: bytes
+    delay: float
+    expires: float
+    observed: Endpoint | None = None
+    datagrams: int = 0
+    echo_at: float | None = None
+
+
+@dataclass
+class _Decision:
+    interval: int
+    reason: str
+
+
+@dataclass
+class NatState:
+    """What this node knows about its NAT (shown by ``meshguard status``)."""
+
+    natted: bool | None = None
+    mapping: str = "unknown"
+    lifetime: float | None = None
+    #: The lifetime is at least the longest delay we probe (the NAT may keep it longer).
+    lifetime_at_least: bool = False
+    measurement: str = "not started"
+    measured_at: float | None = None
+    #: Interval forced down by evidence of an expired mapping (until re-measured).
+    shrunk: int | None = None
+    shrink_reason: str = ""
+    events: list[str] = field(default_factory=list)
+
+
+class KeepalivePolicy:
+    """The mesh feature behind ``PersistentKeepalive = auto`` (and the helper side of probes)."""
+
+    kinds: tuple[int, ...] = (kinds.NAT_PROBE_REQUEST, kinds.NAT_PROBE_RESULT)
+
+    def __init__(
+        self,
+        device: Device,
+        agent: MeshAgent,
+        random: RandomBytes,
+        paths: ProbePaths | None = None,
+    ) -> None:
+        self.device = device
+        self.agent = agent
+        self.random = random
+        self.paths = paths
+        #: Peers (public keys) whose keepalive interval this policy chooses.
+        self.auto: set[bytes] = set()
+        self.nat = NatState()
+        self.decisions: dict[bytes, _Decision] = {}
+        self.observations: dict[bytes, Endpoint] = {}
+        self.counters: dict[str, int] = {}
+        self.carrier: bytes | None = None
+        self.helper: bytes | None = None
+        #: Completed probes as (delay, alive), newest last (for status and tests).
+        self.results: list[tuple[float, bool]] = []
+        self._probes: dict[bytes, _Probe] = {}
+        self._help: dict[bytes, _Help] = {}
+        self._alive = 0.0
+        self._dead: float | None = None
+        self._round_learned = 0
+        self._next_campaign: float | None = None
+        #: Delays whose request waits for a session, retried at ``_relaunch_at``.
+        self._pending: list[float] = []
+        self._relaunch_at: float | None = None
+        self._relaunch_tries = 0
+        self._answer_window = 0.0
+        self._answers = 0
+        agent.observed_listeners.append(self._observed)
+        device.on_unknown_datagram = self.datagram_received
+
+    # ------------------------------------------------------------------ configuration
+
+    def configure_auto(self, keys: set[bytes], now: float) -> None:
+        """The peers with ``PersistentKeepalive = auto`` (config load or reload)."""
+        self.auto = set(keys)
+        for key in list(self.decisions):
+            if key not in self.auto:
+                del self.decisions[key]
+        self.update(now)
+
+    def release(self, key: bytes) -> None:
+        """An operator set this peer's interval by number (UAPI): stop managing it."""
+        self.auto.discard(key)
+        self.decisions.pop(key, None)
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _event(self, text: str) -> None:
+        self.nat.events = [*self.nat.events[-7:], text]
+
+    # ------------------------------------------------------------------ NAT classification
+
+    def _local(self) -> set[Endpoint]:
+        return set(self.agent.local_endpoints())
+
+    def _path_natted(self, key: bytes) -> bool | None:
+        observed = self.observations.get(key)
+        if observed is None:
+            return self.nat.natted
+        return observed not in self._local()
+
+    def _classify(self) -> None:
+        local = self._local()
+        live = {k: e for k, e in self.observations.items() if k in self.device.peers}
+        if not live:
+            self.nat.natted = None
+            self.nat.mapping = "unknown"
+            return
+        natted = {k: e for k, e in live.items() if e not in local}
+        self.nat.natted = bool(natted)
+        if len(natted) >= 2:
+            distinct = set(natted.values())
+            self.nat.mapping = (
+                "endpoint-independent" if len(distinct) == 1 else "endpoint-dependent"
+            )
+        elif natted:
+            self.nat.mapping = "unknown"
+        else:
+            self.nat.mapping = "none"
+
+    def _observed(self, peer: Peer, observed: Endpoint, now: float) -> None:
+        key = peer.public_key
+        previous = self.observations.get(key)
+        self.observations[key] = observed
+        if previous is not None and previous != observed and observed not in self._local():
+            if not _same_host(previous, observed):
+                self._event(f"public address changed {previous[0]} -> {observed[0]}: re-measure")
+                self._restart_measurement(now, "public address changed")
+            else:
+                self._evidence_of_expiry(
+                    now, f"{peer.short_name} saw our port change {previous[1]} -> {observed[1]}"
+                )
+        self.update(now)
+
+    def _evidence_of_expiry(self, now: float, why: str) -> None:
+        """A mapping of ours expired: halve the interval now, and measure again."""
+        current = self.node_interval().interval
+        shrunk = max(INTERVAL_MIN, current // 2)
+        self.nat.shrunk = shrunk if self.nat.shrunk is None else min(self.nat.shrunk, shrunk)
+        self.nat.shrink_reason = f"mapping expired ({why})"
+        self._count("expiry_evidence")
+        self._event(f"mapping expired ({why}): interval {current} -> {self.nat.shrunk} s")
+        if not self._busy():
+            self._next_campaign = now
+            self.agent.dirty = True
+
+    def _restart_measurement(self, now: float, why: str) -> None:
+        self._cancel_probes()
+        self.nat.lifetime = None
+        self.nat.lifetime_at_least = False
+        self.nat.shrunk = None
+        self.nat.measurement = f"pending ({why})"
+        self._next_campaign = now
+        self.agent.dirty = True
+
+    # ------------------------------------------------------------------ decisions
+
+    def node_interval(self) -> _Decision:
+        """The interval a NATed path needs, with its reason."""
+        nat = self.nat
+        if nat.lifetime is None:
+            interval = DEFAULT_INTERVAL
+            reason = f"conservative default until the NAT is measured ({nat.measurement})"
+        elif nat.lifetime <= 0:
+            interval = INTERVAL_MIN
+            reason = f"NAT lifetime below {LIFETIME_LADDER[0]:g} s: minimum interval"
+        else:
+            interval = interval_for(nat.lifetime)
+            bound = "at least " if nat.lifetime_at_least else ""
+            reason = f"half the measured NAT lifetime ({bound}{nat.lifetime:g} s)"
+            if interval == INTERVAL_MAX:
+                reason += f", capped at {INTERVAL_MAX} s"
+        if nat.shrunk is not None and nat.shrunk < interval:
+            return _Decision(nat.shrunk, nat.shrink_reason + ": halved")
+        return _Decision(interval, reason)
+
+    def _choose_carrier(self) -> bytes | None:
+        candidates = [
+            key
+            for key in sorted(self.auto)
+            if key in self.device.peers
+            and self.device.peers[key].is_meshguard
+            and self.observations.get(key) is not None
+            and self._path_natted(key)
+        ]
+        if not candidates:
+            return None
+        if self.carrier in candidates:
+            return self.carrier
+        if self.helper in candidates:
+            return self.helper
+        return candidates[0]
+
+    def _decide(self, peer: Peer) -> _Decision:
+        key = peer.public_key
+        natted = self._path_natted(key)
+        if natted is False:
+            if key in self.observations:
+                return _Decision(0, "not behind a NAT: this peer sees our local endpoint")
+            return _Decision(0, "not behind a NAT: meshguard peers see our local endpoint")
+        if natted is None:
+            return _Decision(
+                DEFAULT_INTERVAL,
+                "conservative default until a meshguard peer reports our public endpoint",
+            )
+        if (
+            self.nat.mapping == "endpoint-independent"
+            and peer.is_meshguard
+            and self.carrier is not None
+            and key != self.carrier
+        ):
+            short = self.device.peers[self.carrier].short_name
+            return _Decision(0, f"endpoint-independent NAT: the keepalive to {short} keeps it")
+        return self.node_interval()
+
+    def update(self, now: float) -> None:
+        """Recompute every auto peer's interval and apply the ones that changed."""
+        self._classify()
+        self.carrier = (
+            self._choose_carrier() if self.nat.mapping == "endpoint-independent" else None
+        )
+        for key in sorted(self.auto):
+            peer = self.device.peers.get(key)
+            if peer is None:
+                continue
+            decision = self._decide(peer)
+            self.decisions[key] = decision
+            was = peer.persistent_keepalive
+            if decision.interval != was:
+                self.device.set_persistent_keepalive(peer, decision.interval, now)
+                if 0 < decision.interval < was and self.device.is_up and peer.endpoint:
+                    # Shrinking: refresh the mapping now, the timer follows the new interval.
+                    self.device.send_keepalive(peer, now)
+        self._maybe_start(now)
+
+    # ------------------------------------------------------------------ measuring (our side)
+
+    def _wants_measurement(self) -> bool:
+        if self.nat.natted is not True or self.paths is None:
+            return False
+        return any(
+            key in self.device.peers and self._path_natted(key) is not False for key in self.auto
+        )
+
+    def _pick_helper(self, now: float) -> Peer | None:
+        for key in sorted(self.observations):
+            peer = self.device.peers.get(key)
+            if peer is None or not peer.is_meshguard or peer.endpoint is None:
+                continue
+            if not self._path_natted(key):
+                continue
+            keypair = peer.keypairs.current
+            if keypair is None or not keypair.can_send(now):
+                continue
+            return peer
+        return None
+
+    def _busy(self) -> bool:
+        return bool(self._probes or self._pending)
+
+    def _maybe_start(self, now: float) -> None:
+        if self._busy() or not self._wants_measurement():
+            return
+        due = self._next_campaign
+        if due is None:
+            if self.nat.lifetime is not None and self.nat.shrunk is None:
+                return
+        elif due > now:
+            return
+        helper = self._pick_helper(now)
+        if helper is None:
+            # No deadline: the next session or observation calls us again.
+            self._next_campaign = None
+            self.nat.measurement = "waiting for a meshguard peer with a session"
+            return
+        self.helper = helper.public_key
+        self._alive = 0.0
+        self._dead = None
+        self._round_learned = 0
+        self._next_campaign = None
+        self.nat.measurement = f"measuring with {helper.short_name}"
+        self._count("campaigns")
+        for delay in LIFETIME_LADDER:
+            self._launch(helper, delay, now)
+
+    def _launch(self, helper: Peer, delay: float, now: float) -> None:
+        token = self.random(TOKEN_SIZE)
+        body = encode_json({"t": token.hex(), "d": delay})
+        if not self.device.send_control(helper, kinds.NAT_PROBE_REQUEST, body, now):
+            # The session went stale while idle: start a handshake, send the request after it.
+            self._count("request_not_sent")
+            if not self._pending:
+                self.device.send_keepalive(helper, now)
+                self._relaunch_at = now + RELAUNCH_AFTER
+            self._pending.append(delay)
+            self.agent.dirty = True
+            return
+        self._probes[token] = _Probe(token, delay, helper.public_key, now + REQUEST_TIMEOUT)
+        self.agent.dirty = True
+
+    def _relaunch(self, now: float) -> None:
+        delays, self._pending = self._pending, []
+        self._relaunch_at = None
+        helper = self.device.peers.get(self.helper) if self.helper is not None else None
+        self._relaunch_tries += 1
+        if helper is None or self._relaunch_tries > RELAUNCH_TRIES:
+            self._relaunch_tries = 0
+            self._schedule_retry(now, "helper session unavailable")
+            return
+        for delay in delays:
+            self._launch(helper, delay, now)
+        if not self._pending:
+            self._relaunch_tries = 0
+
+    def _schedule_retry(self, now: float, why: str) -> None:
+        if not self._busy():
+            self.nat.measurement = f"retrying in {RETRY_AFTER:g} s ({why})"
+            self._next_campaign = now + RETRY_AFTER
+            self.agent.dirty = True
+
+    def _cancel_probes(self, at_least: float | None = None) -> None:
+        if at_least is None:
+            self._pending = []
+            self._relaunch_at = None
+        else:
+            self._pending = [d for d in self._pending if d < at_least]
+        for token, probe in list(self._probes.items()):
+            if at_least is None or probe.delay >= at_least:
+                if probe.path is not None:
+                    probe.path.close()
+                del self._probes[token]
+
+    def _ready(self, probe: _Probe, now: float) -> None:
+        """The helper holds our token: open the secondary socket and prime the mapping."""
+        helper = self.device.peers.get(probe.helper)
+        if helper is None or helper.endpoint is None or self.paths is None:
+            self._finish_probe(probe, None, now)
+            return
+        token = probe.token
+
+        def receive(data: bytes, source: Endpoint, when: float) -> None:
+            self.path_datagram_received(token, data, source, when)
+
+        path = self.paths.open(helper.endpoint, receive)
+        if path is None:
+            self._count("no_secondary_socket")
+            self._finish_probe(probe, None, now)
+            return
+        probe.path = path
+        probe.target = helper.endpoint
+        self._send_probe(probe, now)
+
+    def _send_probe(self, probe: _Probe, now: float) -> None:
+        assert probe.path is not None and probe.target is not None
+        probe.path.send(PROBE_MAGIC + probe.token, probe.target)
+        probe.sends += 1
+        more = probe.sends < PRIMES or (not probe.acked and probe.sends < MAX_PROBE_SENDS)
+        probe.next_send = now + PRIME_GAP if more else None
+        probe.deadline = now + probe.delay + ECHO_WAIT
+        if more:
+            probe.deadline += PRIME_GAP * (MAX_PROBE_SENDS - probe.sends)
+        self.agent.dirty = True
+
+    def path_datagram_received(
+        self, token: bytes, data: bytes, source: Endpoint, now: float
+    ) -> None:
+        """A datagram on a secondary socket: only our helper's ack or echo of its token counts."""
+        probe = self._probes.get(token)
+        if (
+            probe is None
+            or len(data) != DATAGRAM_SIZE
+            or data[4:] != token
+            or probe.target is None
+            or source != probe.target
+        ):
+            self._count("path_garbage")
+            return
+        head = data[:4]
+        if head == ACK_MAGIC:
+            probe.acked = True
+        elif head == ECHO_MAGIC:
+            self._finish_probe(probe, True, now)
+        else:
+            self._count("path_garbage")
+
+    def _finish_probe(self, probe: _Probe, alive: bool | None, now: float) -> None:
+        if self._probes.pop(probe.token, None) is None:
+            return
+        if probe.path is not None:
+            probe.path.close()
+        if alive is None:
+            self._count("probes_inconclusive")
+        else:
+            self._count("probes_alive" if alive else "probes_dead")
+            self.results.append((probe.delay, alive))
+            self._round_learned += 1
+            if alive:
+                self._alive = max(self._alive, probe.delay)
+                if self._dead is not None and self._alive >= self._dead:
+                    self._dead = None  # inconsistent: the NAT kept a longer one; search upward
+            else:
+                self._dead = probe.delay if self._dead is None else min(self._dead, probe.delay)
+                # Longer delays would die too: do not wait for them.
+                self._cancel_probes(at_least=self._dead)
+        if not self._busy():
+            self._next_round(now)
+
+    def _next_round(self, now: float) -> None:
+        helper = self.device.peers.get(self.helper) if self.helper is not None else None
+        if self._round_learned == 0 or helper is None:
+            self._schedule_retry(now, "no probe answered")
+            return
+        self._round_learned = 0
+        alive, dead = self._alive, self._dead
+        if dead is None:
+            if alive >= LIFETIME_MAX:
+                self._measured(alive, now, at_least=True)
+                return
+            delays = [d for d in LIFETIME_LADDER if d > alive]
+        elif dead - alive <= _precision(alive):
+            self._measured(alive, now)
+            return
+        else:
+            step = (dead - alive) / (BISECT_POINTS + 1)
+            delays = [round(alive + step * i, 1) for i in range(1, BISECT_POINTS + 1)]
+        for delay in delays:
+            self._launch(helper, delay, now)
+
+    def _measured(self, lifetime: float, now: float, *, at_least: bool = False) -> None:
+        nat = self.nat
+        nat.lifetime = lifetime
+        nat.lifetime_at_least = at_least
+        nat.measured_at = now
+        nat.measurement = "measured"
+        nat.shrunk = None
+        self._event(f"measured NAT lifetime {'>= ' if at_least else ''}{lifetime:g} s")
+        self._next_campaign = now + REMEASURE_AFTER
+        self.agent.dirty = True
+        self.update(now)
+
+    # ------------------------------------------------------------------ control messages
+
+    def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
+        message = decode_json(body)
+        token_hex = message.get("t") if message is not None else None
+        if message is None or not isinstance(token_hex, str) or len(token_hex) != 2 * TOKEN_SIZE:
+            self._count("bad_control")
+            return
+        try:
+            token = bytes.fromhex(token_hex)
+        except ValueError:
+            self._count("bad_control")
+            return
+        if kind == kinds.NAT_PROBE_REQUEST:
+            self._help_requested(peer, token, message.get("d"), now)
+        else:
+            self._result(peer, token, message, now)
+
+    def _result(self, peer: Peer, token: bytes, message: dict[str, Any], now: float) -> None:
+        probe = self._probes.get(token)
+        if probe is None or probe.helper != peer.public_key:
+            self._count("stale_result")
+            return
+        state = message.get("s")
+        if state == "ready" and probe.path is None:
+            self._ready(probe, now)
+        elif state == "echoed" and probe.path is not None:
+            if not probe.acked or probe.next_send is not None:
+                self._finish_probe(probe, None, now)
+                return
+            probe.echoed_at = now
+            probe.deadline = min(probe.deadline, now + ECHO_GRACE)
+            self.agent.dirty = True
+        else:
+            # "refused" (helper limits) or out of order.
+            self._count("probe_refused")
+            self._finish_probe(probe, None, now)
+
+    # ------------------------------------------------------------------ helping a peer
+
+    def _help_requested(self, peer: Peer, token: bytes, delay: object, now: float) -> None:
+        def refuse(why: str) -> None:
+            self._count(f"help_refused_{why}")
+            body = encode_json({"t": token.hex(), "s": "refused", "why": why})
+            self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
+
+        if not isinstance(delay, int | float) or isinstance(delay, bool):
+            refuse("bad_delay")
+            return
+        if not 1.0 <= delay <= LIFETIME_MAX:
+            refuse("bad_delay")
+            return
+        if token in self._help:
+            refuse("duplicate")
+            return
+        mine = sum(1 for h in self._help.values() if h.peer == peer.public_key)
+        if mine >= MAX_HELP_PER_PEER or len(self._help) >= MAX_HELP_TOTAL:
+            refuse("busy")
+            return
+        window = PRIME_GAP * MAX_PROBE_SENDS + REQUEST_TIMEOUT
+        self._help[token] = _Help(peer.public_key, float(delay), now + window)
+        self.agent.dirty = True
+        body = encode_json({"t": token.hex(), "s": "ready"})
+        self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
+
+    def _answer_allowed(self, now: float) -> bool:
+        if now - self._answer_window >= 1.0:
+            self._answer_window = now
+            self._answers = 0
+        self._answers += 1
+        return self._answers <= MAX_ANSWERS_PER_SECOND
+
+    def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
+        """A non-WireGuard datagram on our port: a token a peer told us about, or garbage."""
+        if len(data) != DATAGRAM_SIZE or data[:4] != PROBE_MAGIC:
+            self.device.counters.malformed += 1
+            self._count("not_a_probe")
+            return
+        token = data[4:]
+        help = self._help.get(token)
+        if help is None:
+            self._count("unknown_token")
+            return
+        peer = self.device.peers.get(help.peer)
+        if peer is None or peer.endpoint is None or not _same_host(peer.endpoint, source):
+            self._count("token_source_mismatch")
+            return
+        if help.datagrams >= MAX_PROBE_SENDS or not self._answer_allowed(now):
+            self._count("probe_rate_limited")
+            return
+        help.datagrams += 1
+        help.observed = source
+        help.echo_at = now + help.delay
+        help.expires = help.echo_at + ECHO_GRACE
+        self.device.io.send_datagram(ACK_MAGIC + token, source)
+        self.agent.dirty = True
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        deadlines: list[float] = []
+        if self._next_campaign is not None and self._wants_measurement():
+            deadlines.append(self._next_campaign)
+        for probe in self._probes.values():
+            deadlines.append(probe.deadline)
+            if probe.next_send is not None:
+                deadlines.append(probe.next_send)
+        for help in self._help.values():
+            deadlines.append(help.echo_at if help.echo_at is not None else help.expires)
+        if self._relaunch_at is not None:
+            deadlines.append(self._relaunch_at)
+        return min(deadlines) if deadlines else None
+
+    def run_timers(self, now: float) -> None:
+        for token, help in list(self._help.items()):
+            if help.echo_at is not None and help.echo_at <= now:
+                del self._help[token]
+                peer = self.device.peers.get(help.peer)
+                if peer is None or help.observed is None:
+                    continue
+                if self._answer_allowed(now):
+                    self.device.io.send_datagram(ECHO_MAGIC + token, help.observed)
+                body = encode_json({"t": token.hex(), "s": "echoed", "o": list(help.observed)})
+                self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
+                self._count("echoes_sent")
+            elif help.echo_at is None and help.expires <= now:
+                del self._help[token]
+                self._count("help_expired")
+        for probe in list(self._probes.values()):
+            if probe.token not in self._probes:
+                continue  # cancelled by an earlier probe's result
+            if probe.deadline <= now:
+                # Acknowledged and primed, yet no echo by its time: the mapping expired.
+                done = probe.acked and probe.next_send is None
+                self._finish_probe(probe, False if done else None, now)
+            elif probe.next_send is not None and probe.next_send <= now:
+                self._send_probe(probe, now)
+        if self._relaunch_at is not None and self._relaunch_at <= now:
+            self._relaunch(now)
+        if self._next_campaign is not None and self._next_campaign <= now:
+            self._maybe_start(now)
+
+    # ------------------------------------------------------------------ mesh feature hooks
+
+    def session_started(self, peer: Peer, now: float) -> None:
+        self.update(now)
+
+    def peer_status(self, peer: Peer) -> dict[str, Any]:
+        key = peer.public_key
+        decision = self.decisions.get(key)
+        if key in self.auto and decision is not None:
+            return {
+                "keepalive": f"{decision.interval or 'off'} (auto: {decision.reason})",
+                "keepalive_interval": decision.interval,
+                "keepalive_reason": decision.reason,
+                "keepalive_auto": True,
+            }
+        interval = peer.persistent_keepalive
+        reason = "configured" if interval else "off (not configured)"
+        return {
+            "keepalive": f"{interval or 'off'} ({reason})",
+            "keepalive_interval": interval,
+            "keepalive_reason": reason,
+            "keepalive_auto": False,
+        }
+
+    def node_status(self) -> dict[str, Any]:
+        nat = self.nat
+        natted = {True: "yes", False: "no", None: "unknown"}[nat.natted]
+        status: dict[str, Any] = {
+            "nat": natted,
+            "nat_mapping": nat.mapping,
+            "nat_lifetime": nat.lifetime,
+            "nat_lifetime_at_least": nat.lifetime_at_least,
+            "nat_measurement": nat.measurement,
+        }
+        if self.auto:
+            decision = self.node_interval() if nat.natted else _Decision(0, "not behind a NAT")
+            if nat.natted is None:
+                decision = _Decision(DEFAULT_INTERVAL, "NAT unknown: conservative default")
+            status["keepalive_interval"] = decision.interval
+            status["keepalive_reason"] = decision.reason
+            if self.carrier is not None and self.carrier in self.device.peers:
+                status["keepalive_carrier"] = self.device.peers[self.carrier].short_name
+        if nat.events:
+            status["nat_events"] = list(nat.events)
+        if self.counters:
+            status["nat_probe_counters"] = dict(sorted(self.counters.items()))
+        return status
