@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from meshguard.config import MAX_MTU, MIN_MTU, MIN_MTU_IPV6, Config, ConfigError, load_config
+from meshguard.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.link import LinkError
 from meshguard.node import Node, resolve_endpoint
+from meshguard.plugins import IPathObserver
 from meshguard.status import listen_status
 from meshguard.tun import TunError
 from meshguard.uapi_server import InterfaceInUseError, listen_uapi
@@ -56,13 +62,42 @@ def host_addresses(exclude: str) -> list[str]:
     return addresses
 
 
+@implementer(IPathObserver)
+class LearnedRoutes:
+    """The route keeper's ear on the mesh: learned members' comings and goings."""
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self.changed = changed
+
+    def member_changed(self, public_key: bytes, allowed_ips: Sequence[Network] | None) -> None:
+        self.changed()
+
+    def path_changed(self, public_key: bytes, old: str, new: str, detail: str | None) -> None:
+        pass
+
+    def rtt_measured(self, public_key: bytes, rtt: float) -> None:
+        pass
+
+
 class StartupError(SystemExit):
     """Ends the process with status 1 after printing one clear line."""
 
     def __init__(self, message: str) -> None:
-        sys.stderr.write(f"meshguard: {message}\n")
-        sys.stderr.flush()
+        line = f"meshguard: {message}\n"
+        # twistd has replaced sys.stderr with a log file by the time services start, so the
+        # line goes to the process's real stderr (the terminal with -n), and to the log too.
+        real = sys.__stderr__
+        for stream in {id(s): s for s in (real, sys.stderr) if s is not None}.values():
+            try:
+                stream.write(line)
+                stream.flush()
+            except (OSError, ValueError):
+                pass
         super().__init__(1)
+
+
+class DaemonStartupError(Exception):
+    """A start-up failure under a daemonizing twistd, which reports it to the waiting parent."""
 
 
 class NodeService(service.Service):
@@ -78,6 +113,7 @@ class NodeService(service.Service):
         uapi_directory: str = "/var/run/wireguard",
         status_directory: str = "/var/run/meshguard",
         manage_link: bool = True,
+        daemon: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -91,12 +127,19 @@ class NodeService(service.Service):
         self.status_directory = status_directory
         self.status_port: IListeningPort | None = None
         self.manage_link = manage_link
+        #: Started by a daemonizing twistd (no ``-n``): see ``privilegedStartService``.
+        self.daemon = daemon
         self.node: Node | None = None
         self.uapi: IListeningPort | None = None
+        #: The TLS relay server and clients (``meshguard.relay.service.TlsRelay``), if configured.
+        self.tls_relay: Any = None
         self.routes: list[Network] = []
+        self._learned_sync: IDelayedCall | None = None
         self._previous_hup: Any = None
         #: Set once our TUN device exists: only then is the interface ours to delete.
         self._own_link = False
+        #: Policy routing for a peer that takes all traffic (AllowedIPs 0.0.0.0/0 or ::/0).
+        self.default_route: DefaultRoute | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -105,6 +148,11 @@ class NodeService(service.Service):
             self._set_up()
         except STARTUP_ERRORS as e:
             self._tear_down()
+            if self.daemon:
+                # A daemonizing twistd's waiting parent only hears of an Exception (it then
+                # prints it and exits 1); a SystemExit here would leave it waiting forever.
+                log.error("meshguard: {error}", error=str(e))
+                raise DaemonStartupError(f"meshguard: {e}") from e
             raise StartupError(str(e)) from e
         service.Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
 
@@ -135,6 +183,14 @@ class NodeService(service.Service):
                     node.link.add_address(address)
                 node.link.set_up()
                 self._sync_routes()
+                node.members.paths.observers.append(LearnedRoutes(self._learned_members_changed))
+        if self.config is not None and (
+            self.config.interface.relay_listen is not None or self.config.interface.relays
+        ):
+            from meshguard.relay.service import TlsRelay
+
+            self.tls_relay = TlsRelay(self.config.interface, self.reactor)
+            self.tls_relay.listen(node)
         self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
         self.status_port = listen_status(
             self.reactor, self.interface, node.status_document, self.status_directory
@@ -166,6 +222,8 @@ class NodeService(service.Service):
             self.privilegedStartService()
         assert self.node is not None
         self.node.start()
+        if self.tls_relay is not None:
+            self.tls_relay.attach(self.node)
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         except ValueError:
@@ -186,17 +244,23 @@ class NodeService(service.Service):
         if table == "off":
             return []
         on_link: list[Network] = [a.network for a in self.config.interface.addresses]
+        networks = [network for peer in self.config.peers for network in peer.allowed_ips]
+        # Members learned from introducers (docs/mesh.md) get routes like configured peers.
+        device = self.node.device
+        for key in sorted(self.node.members.membership.learned):
+            learned = device.peers.get(key)
+            if learned is not None:
+                networks.extend(device.allowed_ips.networks(learned))
         wanted: list[Network] = []
-        for peer in self.config.peers:
-            for network in peer.allowed_ips:
-                if network in wanted:
-                    continue
-                if any(
-                    network.version == link.version and network.subnet_of(link)  # type: ignore[arg-type]
-                    for link in on_link
-                ):
-                    continue
-                wanted.append(network)
+        for network in networks:
+            if network in wanted:
+                continue
+            if any(
+                network.version == link.version and network.subnet_of(link)  # type: ignore[arg-type]
+                for link in on_link
+            ):
+                continue
+            wanted.append(network)
         return wanted
 
     def _sync_routes(self) -> None:
@@ -206,16 +270,52 @@ class NodeService(service.Service):
         table = self.config.interface.table
         table_arg = None if table == "auto" else table
         wanted = self._wanted_routes()
-        for network in self.routes:
+        for network in list(self.routes):
             if network not in wanted:
                 try:
-                    self.node.link.remove_route(network, table_arg)
+                    if network.prefixlen == 0 and self.default_route is not None:
+                        self.default_route.remove((network.version,))
+                    else:
+                        self.node.link.remove_route(network, table_arg)
                 except LinkError as e:
                     log.warn("{error}", error=str(e))
+                self.routes.remove(network)
         for network in wanted:
             if network not in self.routes:
-                self.node.link.add_route(network, table_arg)
-        self.routes = wanted
+                if network.prefixlen == 0 and table == "auto":
+                    self._install_default(network.version)
+                else:
+                    self.node.link.add_route(network, table_arg)
+                self.routes.append(network)
+
+    def _install_default(self, version: int) -> None:
+        """A peer takes all traffic: wg-quick's fwmark + policy-rule scheme (no loop)."""
+        assert self.node is not None
+        node = self.node
+        if self.default_route is None:
+            mark = node.fwmark or DEFAULT_TABLE
+            self.default_route = DefaultRoute(self.interface, mark)
+
+        def set_fwmark(mark: int) -> None:
+            node.udp.set_fwmark(mark)
+            node.fwmark = mark
+
+        self.default_route.install(version, set_fwmark)
+
+    def _learned_members_changed(self) -> None:
+        """A learned member came, changed or went: sync the routes once the burst (a whole
+        member list arrives at once) is handled."""
+        if self._learned_sync is None or not self._learned_sync.active():
+            self._learned_sync = self.reactor.callLater(0, self._sync_learned_routes)
+
+    def _sync_learned_routes(self) -> None:
+        self._learned_sync = None
+        if self.node is None or self.config is None:
+            return
+        try:
+            self._sync_routes()
+        except LinkError as e:
+            log.warn("cannot route a learned member's AllowedIPs: {error}", error=str(e))
 
     # ------------------------------------------------------------------ reload
 
@@ -261,26 +361,43 @@ class NodeService(service.Service):
         if self.reactor.running:
             self.reactor.stop()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[Any] | None:
         service.Service.stopService(self)  # type: ignore[no-untyped-call]
         if self._previous_hup is not None:
             try:
                 signal.signal(signal.SIGHUP, self._previous_hup)
             except ValueError:
                 pass
-        self._tear_down()
+        return self._tear_down()
 
-    def _tear_down(self) -> None:
-        if self.status_port is not None:
-            self.status_port.stopListening()
-            self.status_port = None
-        if self.uapi is not None:
-            self.uapi.stopListening()
-            self.uapi = None
+    def _tear_down(self) -> Deferred[Any] | None:
+        """Undo the set-up; the Deferred fires once the UNIX sockets are closed and unlinked
+        (the reactor waits for it at shutdown, or the socket files would stay behind)."""
+        closing: list[Deferred[Any]] = []
+        for port in (self.status_port, self.uapi):
+            if port is None:
+                continue
+            done = port.stopListening()
+            if done is not None:
+                closing.append(done)
+            if not self.reactor.running:
+                # A failed start: the reactor never runs the close, so unlink the file here.
+                path = getattr(port.getHost(), "name", None)
+                if isinstance(path, str | bytes):
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+        self.status_port = None
+        self.uapi = None
+        if self.tls_relay is not None:
+            self.tls_relay.stop()
+            self.tls_relay = None
+        result = gatherResults(closing) if closing else None
         node = self.node
         self.node = None
         if node is None:
-            return
+            return result
         if node.running:
             node.stop()
         else:
@@ -288,9 +405,13 @@ class NodeService(service.Service):
             node.tun.close()
         # Closing the TUN fd removes a non-persistent interface with its addresses and routes;
         # delete it explicitly in case another process still holds it open.
+        if self.default_route is not None:
+            self.default_route.remove()
+            self.default_route = None
         if self.manage_link and self._own_link:
             self._own_link = False
             try:
                 node.link.delete()
             except LinkError:
                 pass
+        return result
