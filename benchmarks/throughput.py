@@ -28,6 +28,7 @@ from tests.netns import (  # noqa: E402
     Testbed,
     TwoHosts,
     WaitTimeoutError,
+    meshguard_env,
     require_root_netns,
     two_hosts,
     wg_keypair,
@@ -179,7 +180,9 @@ def run_meshguard(tb: Testbed, hosts: TwoHosts, args: argparse.Namespace) -> Res
 
 def start(tb: Testbed, ns: Namespace, argv: Sequence[str]) -> subprocess.Popen[bytes]:
     try:
-        return tb.spawn(ns, argv, cwd=REPO)
+        # PYTHONPATH=REPO: twistd finds twisted/plugins/meshguard_plugin.py and this tree's code
+        # (twistd does not look in the working directory).
+        return tb.spawn(ns, argv, env=meshguard_env(), cwd=REPO)
     except OSError as e:
         raise UnavailableError(f"cannot start {argv[0]}: {e}") from None
 

@@ -37,9 +37,11 @@ def makeService(options: Options) -> IService:
         config = load_config(options["config"])
     except ConfigError as e:
         raise StartupError(str(e)) from e
+    parent = getattr(options, "parent", None)  # twistd's own options, when run by twistd
     return NodeService(
         options["interface"],
         config,
         config_path=options["config"],
         uapi_directory=options["uapi-dir"],
+        daemon=parent is not None and not parent.get("nodaemon", True),
     )

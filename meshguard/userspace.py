@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 
-def _run(interface: str, ready_fd: int | None) -> int:
+def _run(interface: str, ready_fd: int | None, on_ready: Callable[[], None] | None = None) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -35,6 +36,8 @@ def _run(interface: str, ready_fd: int | None) -> int:
     if ready_fd is not None:
         os.write(ready_fd, b"R")
         os.close(ready_fd)
+    if on_ready is not None:
+        on_ready()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0
@@ -73,11 +76,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_daemon(interface: str, ready_fd: int, devnull: int) -> int:
-    # stderr stays open until ready so that a startup error reaches the user's terminal.
-    try:
-        return _run(interface, ready_fd)
-    finally:
+    # stderr stays open until ready so that a startup error reaches the user's terminal, and
+    # is let go as soon as we are ready: a caller capturing our output (wg-quick under a
+    # pipe) would otherwise wait for the daemon to exit.
+    def release_stderr() -> None:
         os.dup2(devnull, 2)
+
+    try:
+        return _run(interface, ready_fd, release_stderr)
+    finally:
+        release_stderr()
 
 
 if __name__ == "__main__":

@@ -29,18 +29,18 @@ from typing import IO, TypeVar
 
 __all__ = [
     "DEFAULT_BINARIES",
+    "REPO_ROOT",
     "WIREGUARD_RUN_DIR",
     "Blackhole",
     "CommandError",
     "Keypair",
+    "MeshguardGoPair",
+    "MeshguardPeer",
     "Namespace",
     "NatHome",
     "Testbed",
     "TwoHosts",
     "WaitTimeoutError",
-    "REPO_ROOT",
-    "MeshguardGoPair",
-    "MeshguardPeer",
     "WireGuardPair",
     "blackhole_drops",
     "block_udp",
@@ -68,6 +68,8 @@ __all__ = [
 T = TypeVar("T")
 
 WIREGUARD_RUN_DIR = Path("/var/run/wireguard")
+#: Where meshguard nodes put their status sockets (``meshguard status``).
+MESHGUARD_RUN_DIR = Path("/var/run/meshguard")
 DEFAULT_BINARIES: tuple[str, ...] = ("ip", "nft", "wg", "wireguard-go", "ping", "sysctl", "ss")
 MAX_IFNAME = 15
 
@@ -430,6 +432,7 @@ class Testbed:
         for name in self._ifnames:
             try:
                 self.uapi_socket(name).unlink(missing_ok=True)
+                (MESHGUARD_RUN_DIR / f"{name}.sock").unlink(missing_ok=True)
             except BaseException as e:
                 errors.append(e)
         if errors:
@@ -1109,8 +1112,9 @@ def start_meshguard(
     """
     if ifname not in testbed._ifnames:
         testbed._ifnames.append(ifname)
-    proc = testbed.spawn(ns, twistd_argv(config, ifname), env=meshguard_env(), cwd=REPO_ROOT)
-    _wait_uapi(testbed, ns, proc, ifname, timeout)
+    argv = twistd_argv(config, ifname)
+    proc = testbed.spawn(ns, argv, env=meshguard_env(), cwd=REPO_ROOT)
+    _wait_uapi(testbed, ns, proc, argv, ifname, timeout)
     return proc
 
 
@@ -1122,12 +1126,17 @@ def start_meshguard_userspace(
         testbed._ifnames.append(ifname)
     argv = [sys.executable, "-m", "meshguard.userspace", "-f", ifname]
     proc = testbed.spawn(ns, argv, env=meshguard_env(), cwd=REPO_ROOT)
-    _wait_uapi(testbed, ns, proc, ifname, timeout)
+    _wait_uapi(testbed, ns, proc, argv, ifname, timeout)
     return proc
 
 
 def _wait_uapi(
-    testbed: Testbed, ns: Namespace, proc: subprocess.Popen[bytes], ifname: str, timeout: float
+    testbed: Testbed,
+    ns: Namespace,
+    proc: subprocess.Popen[bytes],
+    argv: Sequence[str],
+    ifname: str,
+    timeout: float,
 ) -> None:
     def answers() -> bool:
         if proc.poll() is not None:
@@ -1138,7 +1147,7 @@ def _wait_uapi(
 
     testbed.wait_for(answers, timeout=timeout, what=f"meshguard UAPI for {ifname} in {ns}")
     if proc.poll() is not None:
-        raise CommandError(proc.args, proc.returncode, testbed.log_tail(proc), "")
+        raise CommandError(argv, proc.returncode, testbed.log_tail(proc), "")
 
 
 def wg_dump(testbed: Testbed, ns: Namespace, ifname: str) -> tuple[list[str], list[list[str]]]:
