@@ -98,6 +98,14 @@ class InterfaceConfig:
     table: str = "auto"
     fwmark: int = 0
     forwarding: bool = True
+    #: TLS relay (docs/relay.md): serve on ``relay_listen`` with this certificate and key, and
+    #: keep a connection to every ``relays`` entry, verified with ``relay_ca`` or ``relay_pins``.
+    relay_listen: tuple[str, int] | None = None
+    relay_certificate: str | None = None
+    relay_key: str | None = None
+    relays: list[tuple[str, int]] = field(default_factory=list)
+    relay_ca: str | None = None
+    relay_pins: list[bytes] = field(default_factory=list)
     pre_up: list[str] = field(default_factory=list)
     post_up: list[str] = field(default_factory=list)
     pre_down: list[str] = field(default_factory=list)
@@ -391,6 +399,47 @@ def _persistent_keepalive(value: str, ctx: _Context) -> int:
     return _number(value, "PersistentKeepalive", 0, 65535)
 
 
+def _relay_listen(value: str, ctx: _Context) -> tuple[str, int]:
+    host, port = _endpoint(value.replace("*:", "0.0.0.0:", 1), ctx)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _BadValueError(
+            f"RelayListen {_shown(value)} is not ADDRESS:PORT (e.g. 0.0.0.0:8443 or [::]:8443)"
+        ) from None
+    return host, port
+
+
+def _relay_url(value: str, ctx: _Context) -> list[tuple[str, int]]:
+    if not value.lower().startswith("tls://"):
+        raise _BadValueError(f"Relay {_shown(value)} is not tls://HOST:PORT")
+    try:
+        return [_endpoint(value[6:].rstrip("/"), ctx)]
+    except _BadValueError:
+        raise _BadValueError(f"Relay {_shown(value)} is not tls://HOST:PORT") from None
+
+
+def _path(name: str) -> ValueParser:
+    def parse(value: str, ctx: _Context) -> str:
+        return os.path.join(ctx.base_dir, value)
+
+    return parse
+
+
+def _relay_pin(value: str, ctx: _Context) -> list[bytes]:
+    scheme, _, digits = value.partition(":")
+    try:
+        digest = bytes.fromhex(digits.replace(":", ""))
+    except ValueError:
+        digest = b""
+    if scheme.lower() != "sha256" or len(digest) != 32:
+        raise _BadValueError(
+            "RelayPin is not sha256:<64 hex digits> (the SHA-256 of the relay certificate's "
+            "DER form; 'openssl x509 -in CERT -outform DER | sha256sum' prints it)"
+        )
+    return [digest]
+
+
 # ---- the key tables --------------------------------------------------------------------------
 
 
@@ -419,6 +468,13 @@ INTERFACE_KEYS: Final[dict[str, _Key]] = _table_of(
     _Key("PostDown", "post_down", _shell, repeats=True, raw=True, empty_ok=True),
     # Mesh keys.
     _Key("Forwarding", "forwarding", _bool("Forwarding")),
+    # TLS relay keys (docs/relay.md).
+    _Key("RelayListen", "relay_listen", _relay_listen),
+    _Key("RelayCertificate", "relay_certificate", _path("RelayCertificate"), raw=True),
+    _Key("RelayKey", "relay_key", _path("RelayKey"), raw=True),
+    _Key("Relay", "relays", _relay_url, repeats=True),
+    _Key("RelayCA", "relay_ca", _path("RelayCA"), raw=True),
+    _Key("RelayPin", "relay_pins", _relay_pin, repeats=True),
 )
 
 PEER_KEYS: Final[dict[str, _Key]] = _table_of(
@@ -573,6 +629,7 @@ class _Parser:
         else:
             own_public = keys.pubkey(interface.private_key)
         self.check_mtu()
+        self.check_relay()
         interface.mtu_auto = (
             self.interface_section is not None
             and "mtu" in self.interface_section.set_by
@@ -605,6 +662,33 @@ class _Parser:
             peers.append(peer)
         self.check_overlaps(peers)
         return Config(self.path, interface, peers, self.warnings)
+
+    def check_relay(self) -> None:
+        """A relay server needs its certificate and key; a pin or CA needs a relay to verify."""
+        section = self.interface_section
+        if section is None:
+            return
+        set_by = section.set_by
+        if "relay_listen" in set_by:
+            for name, attr in (
+                ("RelayCertificate", "relay_certificate"),
+                ("RelayKey", "relay_key"),
+            ):
+                if attr not in set_by:
+                    raise self.error(
+                        set_by["relay_listen"][1],
+                        f"RelayListen needs {name} = PATH (PEM); see docs/relay.md",
+                    )
+        for attr in ("relay_certificate", "relay_key"):
+            if attr in set_by and "relay_listen" not in set_by:
+                raise self.error(set_by[attr][1], f"{set_by[attr][0]} without RelayListen")
+        if not self.interface.relays:
+            if "relay_ca" in set_by:
+                raise self.error(
+                    set_by["relay_ca"][1], "RelayCA without any Relay = tls://HOST:PORT"
+                )
+            if self.interface.relay_pins:
+                raise self.error(section.line, "RelayPin without any Relay = tls://HOST:PORT")
 
     def check_mtu(self) -> None:
         mtu = self.interface.mtu

@@ -22,3 +22,8 @@ PATH_PONG: Final = 33
 # Relaying through members (50-59).
 RELAY_FORWARD: Final = 50
 RELAY_DELIVER: Final = 51
+
+# The TLS relay path: probing UDP while a peer is reached through a TLS relay (60-69).
+TLS_UDP_PROBE: Final = 60
+TLS_UDP_ACK: Final = 61
+TLS_UDP_SWITCH: Final = 62

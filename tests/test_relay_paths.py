@@ -1,0 +1,118 @@
+"""The "via TLS relay" path rules, in memory with simulated time: fall back when UDP handshakes go
+unanswered, carry data through the relay, move back to UDP once a probe gets through."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshguard.mesh.agent import MeshAgent
+from meshguard.relay.paths import PREFIX, TlsPaths
+from tests.test_device import A_EP, B_EP, Pair
+
+
+class MemoryRelay:
+    """Both ends of one relay connection between A and B: queued, delivered on flush."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[TlsPaths, int, bytes, bytes]] = []
+        self.up = True
+
+    def end(self, own: bytes, other: bytes, name: str) -> _End:
+        return _End(self, own, other, name)
+
+    def flush(self, now: float) -> None:
+        while self.queue:
+            paths, link_id, source, datagram = self.queue.pop(0)
+            paths.delivered(link_id, source, datagram, now)
+
+
+class _End:
+    def __init__(self, relay: MemoryRelay, own: bytes, other: bytes, name: str) -> None:
+        self.relay, self.own, self.other, self.name = relay, own, other, name
+        self.far: tuple[TlsPaths, int] | None = None
+
+    def present(self) -> Collection[bytes]:
+        return {self.other} if self.relay.up else set()
+
+    def send(self, destination: bytes, datagram: bytes) -> bool:
+        if not self.relay.up or destination != self.other or self.far is None:
+            return False
+        self.relay.queue.append((self.far[0], self.far[1], self.own, datagram))
+        return True
+
+
+def udp_blocked(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
+    return False
+
+
+class TlsPathRulesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.pair = Pair()
+        net = self.pair.net
+        self.relay = MemoryRelay()
+        a_key, b_key = self.pair.peer_of_b.public_key, self.pair.peer_of_a.public_key
+        self.agents = [MeshAgent(self.pair.a.device), MeshAgent(self.pair.b.device)]
+        self.paths: list[TlsPaths] = []
+        ends = [self.relay.end(a_key, b_key, "relay.test:443"), self.relay.end(b_key, a_key, "b")]
+        for node, agent, end in zip((self.pair.a, self.pair.b), self.agents, ends, strict=True):
+            paths = TlsPaths(agent)
+            agent.add_feature(paths)
+            node.send_datagram = paths.wrap(node.send_datagram)  # type: ignore[method-assign]
+            link_id = paths.add_link(end, net.now)
+            self.paths.append(paths)
+            net.timed.append(agent)
+            self.assertEqual(link_id, 0)
+        ends[0].far, ends[1].far = (self.paths[1], 0), (self.paths[0], 0)
+        self.filter = udp_blocked
+        net.filters.append(self.filter)
+
+    def advance(self, seconds: float) -> None:
+        net = self.pair.net
+        for _ in range(int(seconds * 10)):
+            net.advance(0.1)
+            self.relay.flush(net.now)
+            net.flush()
+
+    def path_of_a(self) -> str:
+        return str(self.paths[0].peer_status(self.pair.peer_of_a).get("path", "udp"))
+
+    def test_fallback_data_and_return_to_udp(self) -> None:
+        """UDP blocked: A's handshake goes unanswered, A moves B to the relay within about 6 s
+        and data flows; UDP unblocked: a probe gets through and both sides return to UDP."""
+        self.pair.peer_of_a.persistent_keepalive = 0
+        self.pair.a_to_b(b"first")
+        self.assertEqual(self.pair.b.written, [])
+        self.advance(7)
+        self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
+        self.assertTrue(self.pair.peer_of_a.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+        packet = self.pair.a_to_b(b"through the relay")
+        self.relay.flush(self.pair.net.now)
+        self.assertIn(packet, self.pair.b.written)
+        self.assertTrue(self.pair.peer_of_b.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+        reply = self.pair.b_to_a(b"back")
+        self.relay.flush(self.pair.net.now)
+        self.assertIn(reply, self.pair.a.written)
+
+        self.pair.net.filters.remove(self.filter)
+        self.advance(7)
+        self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+        self.assertEqual(self.pair.peer_of_b.endpoint, A_EP)
+        self.assertEqual(self.path_of_a(), "udp")
+        self.assertEqual(self.paths[0].returns, 1)
+        self.assertEqual(self.paths[1].returns, 1)
+
+    def test_relay_gone_returns_to_udp_endpoint(self) -> None:
+        self.pair.a_to_b(b"first")
+        self.advance(7)
+        self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
+        self.relay.up = False
+        self.advance(2)
+        self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+
+    def test_junk_from_the_relay_is_dropped(self) -> None:
+        """A datagram that does not authenticate moves nothing."""
+        self.paths[0].delivered(0, self.pair.peer_of_a.public_key, b"\x04junk" * 10, 0.0)
+        self.paths[0].delivered(0, b"\x01" * 32, b"junk", 0.0)
+        self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
