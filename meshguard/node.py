@@ -20,11 +20,15 @@ from twisted.logger import Logger
 from meshguard.config import KEEPALIVE_AUTO, Config
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
+from meshguard.endpoint_names import EndpointNames, Resolver, is_name
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.keepalive import KeepalivePolicy
 from meshguard.mesh.pmtu import PathMTU
+from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
 from meshguard.mesh.stack import MeshStack
+from meshguard.plugins import IEndpointSource, IPathObserver
+from meshguard.plugins import load as load_plugins
 from meshguard.probe_sockets import ProbeSockets
 from meshguard.tun import TunDevice
 from meshguard.uapi import (
@@ -147,6 +151,8 @@ class Node:
         tun_system: Any = None,
         link: Link | None = None,
         on_gone: Callable[[], None] | None = None,
+        resolver: Resolver | None = None,
+        plugins: bool = True,
     ) -> None:
         self.interface = interface
         self.reactor = reactor
@@ -177,6 +183,15 @@ class Node:
         self.mesh.add_feature(self.keepalive)
         #: Membership through introducers, hole punching and relaying (docs/mesh.md).
         self.members = MeshStack(self.mesh)
+        if plugins:
+            # Endpoint sources and path observers are plugins, the built-in ones included.
+            sources: list[EndpointSource] = list(load_plugins(IEndpointSource))
+            self.members.paths.sources = sources or list(DEFAULT_SOURCES)
+            self.members.paths.observers.extend(load_plugins(IPathObserver))
+        #: ``Endpoint = name:port``: re-resolved when the peer goes quiet or the TTL runs out.
+        self.names = EndpointNames(
+            self.device, reactor, resolver=resolver, on_change=self.reschedule
+        )
         #: Path MTU discovery per peer; with ``mtu_auto`` it also drives the interface MTU.
         self.pmtu = PathMTU(
             self.device,
@@ -216,11 +231,13 @@ class Node:
         self.udp.start_reading()
         self.running = True
         self.device.up(self._seconds())
+        self.names.start()
         self.reschedule()
 
     def stop(self) -> None:
         """Stop reading, forget sessions and close the sockets and the TUN device."""
         self.running = False
+        self.names.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -334,6 +351,9 @@ class Node:
                 "persistent_keepalive": peer.persistent_keepalive,
                 "path_mtu": peer.inner_mtu if peer.inner_mtu < 65535 else None,
             }
+            name = self.names.name_of(peer.public_key)
+            if name is not None:
+                entry["endpoint_name"] = name
             entry.update(self.mesh.peer_status(peer))
             peers.append(entry)
         return {
@@ -414,6 +434,8 @@ class Node:
             device.set_preshared_key(peer, op.preshared_key)
         if op.endpoint is not UNSET:
             device.set_endpoint(peer, op.endpoint)
+            # An endpoint set by hand (or by a config load, which re-adds the name) wins over DNS.
+            self.names.forget(op.public_key)
         if op.replace_allowed_ips:
             device.allowed_ips.remove_value(peer)
         for add, network in op.allowed_ips:
@@ -431,6 +453,14 @@ class Node:
         learned = set(self.members.membership.learned)
         existing = set(self.device.peers) - learned if reload else None
         self.apply(config_operations(config, existing=existing))
+        self.names.configure(
+            {
+                peer.public_key: peer.endpoint
+                for peer in config.peers
+                if peer.endpoint is not None and is_name(peer.endpoint[0])
+            },
+            self._seconds(),
+        )
         auto = {p.public_key for p in config.peers if p.persistent_keepalive == KEEPALIVE_AUTO}
         self.keepalive.configure_auto(auto, self._seconds())
         self.members.configure(

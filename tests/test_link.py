@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from ipaddress import ip_address, ip_interface, ip_network
@@ -163,8 +164,6 @@ class RealLinkTests(SynchronousTestCase):
     def test_configure_in_namespace(self) -> None:
         """MTU, addresses, routes and route_mtu_toward against the kernel; delete removes it."""
         require_root()
-        import os
-
         tag = f"{os.getpid() % 100000}{id(self) % 1000}"
         name, ns = f"mgl{tag}"[:15], f"mglink{tag}"
         subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)

@@ -18,15 +18,17 @@ back on a direct path, where the NATs allow one, within about ``DEAD_AFTER + REC
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, parse_endpoint
 from meshguard.mesh.members import MAX_LOCAL, MemberInfo, Membership, parse_key
+from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource, gather
 
 #: Seconds between punch rounds after a (re)start: quick at first, then backing off.
 PUNCH_SCHEDULE = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
@@ -48,8 +50,21 @@ CALL_ME_MAYBE_GAP = 1.0
 LAN, DIRECT, RELAYED, NONE = "lan", "direct", "relayed", "none"
 _RANK = {LAN: 3, DIRECT: 2, RELAYED: 1, NONE: 0}
 
-#: Path events for observers: ``(peer, old_kind, new_kind, endpoint_or_relay_key)``.
-PathListener = Callable[[Peer, str, str, str | None], None]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class PathObserver(Protocol):
+    """The shape :class:`meshguard.plugins.IPathObserver` gives inside the mesh core."""
+
+    def member_changed(self, public_key: bytes, allowed_ips: Sequence[Network] | None) -> None:
+        """A learned member was added or changed (its AllowedIPs as installed), or is gone."""
+
+    def path_changed(self, public_key: bytes, old: str, new: str, detail: str | None) -> None:
+        """The path to a learned member changed kind (``lan``/``direct``/``relayed``/``none``);
+        ``detail`` is the endpoint or the relay's key."""
+
+    def rtt_measured(self, public_key: bytes, rtt: float) -> None:
+        """A PATH_PONG on the chosen direct path measured the round-trip time (seconds)."""
 
 
 @dataclass
@@ -88,12 +103,23 @@ class Paths:
 
     kinds: tuple[int, ...] = (kinds.CALL_ME_MAYBE, kinds.PATH_PING, kinds.PATH_PONG)
 
-    def __init__(self, agent: MeshAgent, membership: Membership) -> None:
+    def __init__(
+        self,
+        agent: MeshAgent,
+        membership: Membership,
+        *,
+        sources: Sequence[EndpointSource] = DEFAULT_SOURCES,
+    ) -> None:
         self.agent = agent
         self.device = agent.device
         self.membership = membership
         self.states: dict[bytes, PathState] = {}
-        self.listeners: list[PathListener] = []
+        #: Where candidate endpoints come from (the node sets the plugins it finds).
+        self.sources: list[EndpointSource] = list(sources)
+        #: Told about members and path events (the node adds plugins and its route keeper).
+        self.observers: list[PathObserver] = []
+        #: Calls into sources and observers that raised (their bugs never break the paths).
+        self.plugin_errors = 0
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
         self.dropped = 0
         self.control_sent = 0
@@ -109,19 +135,23 @@ class Paths:
             state = self.states.pop(key, None)
             if state is not None:
                 self._set_kind(state, NONE, None)
+            self._notify(lambda observer: observer.member_changed(key, None))
             return
+        allowed = self.device.allowed_ips.networks(peer)
+        self._notify(lambda observer: observer.member_changed(key, allowed))
         state = self.states.get(key)
         created = state is None
         if state is None:
             state = self.states[key] = PathState(peer)
-        observed = [
-            view[key].observed
-            for view in self.membership.views.values()
-            if key in view and view[key].observed is not None
-        ]
-        lan = list(info.local[:MAX_LOCAL])
+        reports = {
+            introducer: view[key]
+            for introducer, view in self.membership.views.items()
+            if key in view
+        }
+        lan, observed, failures = gather(self.sources, key, reports)
+        self.plugin_errors += failures
         new = [e for e in observed + lan if e not in state.candidates()]
-        state.observed = [e for e in observed if e is not None]
+        state.observed = observed
         state.lan = lan
         if state.kind in (NONE, RELAYED):
             relay = self._relay_for(peer)
@@ -224,6 +254,8 @@ class Paths:
         if source == state.direct or _RANK[new_kind] > _RANK[state.kind]:
             state.rtt = now - sent[1]
             state.last_pong = now
+            rtt = state.rtt
+            self._notify(lambda observer: observer.rtt_measured(peer.public_key, rtt))
             if source != state.direct or state.kind != new_kind:
                 state.direct = source
                 peer.relay = None
@@ -358,11 +390,15 @@ class Paths:
         old = state.kind
         state.kind = kind
         if old != kind or kind != RELAYED:
-            for listener in self.listeners:
-                try:
-                    listener(state.peer, old, kind, detail)
-                except Exception:
-                    self.dropped += 0  # an observer's bug never breaks the path logic
+            key = state.peer.public_key
+            self._notify(lambda observer: observer.path_changed(key, old, kind, detail))
+
+    def _notify(self, event: Callable[[PathObserver], None]) -> None:
+        for observer in self.observers:
+            try:
+                event(observer)
+            except Exception:
+                self.plugin_errors += 1  # an observer's bug never breaks the path logic
 
     # ------------------------------------------------------------------ status
 
@@ -384,7 +420,13 @@ class Paths:
         counts: dict[str, int] = {}
         for state in self.states.values():
             counts[state.kind] = counts.get(state.kind, 0) + 1
-        return {"paths": counts}
+        status: dict[str, Any] = {
+            "paths": counts,
+            "endpoint_sources": [source.name for source in self.sources],
+        }
+        if self.plugin_errors:
+            status["plugin_errors"] = self.plugin_errors
+        return status
 
 
 def _b64(key: bytes) -> str:

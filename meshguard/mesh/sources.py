@@ -1,0 +1,105 @@
+"""Endpoint sources: where the candidate endpoints of a learned member come from.
+
+:class:`~meshguard.mesh.paths.Paths` punches toward every candidate a source names, LAN ones
+first. The built-in sources read what introducers report (the endpoint each introducer observes
+for the member, and the member's own LAN addresses); third-party sources are Twisted plugins
+providing :class:`meshguard.plugins.IEndpointSource` (docs/plugins.md). A source is asked
+whenever an introducer's member list arrives (on every change, and at least every
+``RESUBSCRIBE`` seconds), so it must answer at once from what it already knows: no blocking I/O
+here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshguard.core.interfaces import Endpoint
+from meshguard.mesh.agent import parse_endpoint
+from meshguard.mesh.members import MAX_LOCAL, MemberInfo
+
+#: Direct candidates kept per member from all sources together (LAN ones: ``MAX_LOCAL``), so a
+#: source cannot make us ping an unbounded list.
+MAX_CANDIDATES = 16
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An endpoint worth a PATH_PING; ``lan`` ranks a path found through it above a direct one."""
+
+    endpoint: Endpoint
+    lan: bool = False
+
+
+class EndpointSource(Protocol):
+    """The shape :class:`meshguard.plugins.IEndpointSource` gives inside the mesh core."""
+
+    name: str
+
+    def candidates(
+        self, key: bytes, reports: Mapping[bytes, MemberInfo]
+    ) -> Iterable[Candidate]: ...
+
+
+class IntroducerObserved:
+    """The member's endpoint as each of its introducers sees it (its public NAT mapping)."""
+
+    name = "introducer"
+
+    def candidates(self, key: bytes, reports: Mapping[bytes, MemberInfo]) -> Iterable[Candidate]:
+        for introducer in sorted(reports):
+            observed = reports[introducer].observed
+            if observed is not None:
+                yield Candidate(observed)
+
+
+class LanAddresses:
+    """The member's own LAN addresses with its port, as it reported them to its introducers."""
+
+    name = "lan"
+
+    def candidates(self, key: bytes, reports: Mapping[bytes, MemberInfo]) -> Iterable[Candidate]:
+        for introducer in sorted(reports):
+            for endpoint in reports[introducer].local[:MAX_LOCAL]:
+                yield Candidate(endpoint, lan=True)
+
+
+#: What :class:`~meshguard.mesh.paths.Paths` uses when nobody passes sources (the node passes
+#: the plugins it finds, which include these same two).
+DEFAULT_SOURCES: tuple[EndpointSource, ...] = (LanAddresses(), IntroducerObserved())
+
+
+def gather(
+    sources: Sequence[EndpointSource], key: bytes, reports: Mapping[bytes, MemberInfo]
+) -> tuple[list[Endpoint], list[Endpoint], int]:
+    """``(lan, direct, failures)``: every source's candidates, deduplicated in source order.
+
+    A source that raises or answers garbage is skipped and counted: a plugin's bug never stops
+    the path logic.
+    """
+    lan: list[Endpoint] = []
+    direct: list[Endpoint] = []
+    failures = 0
+    for source in sources:
+        try:
+            found = list(source.candidates(key, reports))
+        except Exception:
+            failures += 1
+            continue
+        for candidate in found:
+            if not isinstance(candidate, Candidate) or not _is_endpoint(candidate.endpoint):
+                failures += 1
+                continue
+            endpoint = candidate.endpoint
+            bucket, limit = (lan, MAX_LOCAL) if candidate.lan else (direct, MAX_CANDIDATES)
+            if endpoint not in lan and endpoint not in direct and len(bucket) < limit:
+                bucket.append(endpoint)
+    return lan, direct, failures
+
+
+def _is_endpoint(value: object) -> bool:
+    """A numeric ``(address, port)``: names are for adapters to resolve, never for the core."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        return False
+    return parse_endpoint(list(value)) is not None
