@@ -14,7 +14,7 @@ from meshguard.core.icmp import (
     fragment_ipv4,
     packet_too_big_v6,
 )
-from meshguard.core.mss import clamp_mss
+from meshguard.core.mss import clamp_if_syn, clamp_mss
 from tests.packets import _checksum, ipv4, ipv6
 
 
@@ -172,3 +172,20 @@ class MSSTests(SynchronousTestCase):
         self.assertTrue(tcp_ok(out))
         value = struct.unpack("!H", out[40 + nops + 2 : 40 + nops + 4])[0]
         self.assertEqual(value, min(mss, mtu - 40))
+
+    def test_clamp_if_syn_only_touches_syns(self) -> None:
+        """The data path's filter: SYNs (v4 and v6) are clamped, anything else passes as is."""
+        syn4 = self._syn(struct.pack("!BBH", 2, 4, 1460))
+        syn6 = self._syn(struct.pack("!BBH", 2, 4, 1440), v6=True)
+        self.assertEqual(clamp_if_syn(syn4, 1216), clamp_mss(syn4, 1216))
+        self.assertEqual(clamp_if_syn(syn6, 1280), clamp_mss(syn6, 1280))
+        ack = self._syn(struct.pack("!BBH", 2, 4, 1460), flags=0x10)
+        udp = ipv4("10.0.0.1", "10.0.0.2", b"x" * 40)
+        for packet in (ack, udp, ipv6("fd00::1", "fd00::2", b"y" * 40)):
+            self.assertIs(clamp_if_syn(packet, 1216), packet)
+
+    @given(st.binary(min_size=20, max_size=120))
+    def test_clamp_if_syn_garbage(self, data: bytes) -> None:
+        """Any packet of at least an IPv4 header's length (the device checks that) is safe."""
+        out = clamp_if_syn(data, 1216)
+        self.assertEqual(len(out), len(data))

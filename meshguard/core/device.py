@@ -24,7 +24,7 @@ from meshguard.core.crypto import CryptoError, clamp, dh, generate_private_key, 
 from meshguard.core.indextable import IndexTable
 from meshguard.core.interfaces import DeviceIO, Endpoint, RandomBytes
 from meshguard.core.keypair import Keypair
-from meshguard.core.mss import clamp_mss
+from meshguard.core.mss import clamp_if_syn
 from meshguard.core.noise import (
     consume_initiation,
     consume_response,
@@ -272,13 +272,7 @@ class Device:
             return
         mss_mtu = peer.mss_mtu
         if mss_mtu:
-            # Only TCP SYNs reach clamp_mss: protocol and flags bytes are checked here.
-            if version == 4:
-                flags_at = ((packet[0] & 15) << 2) + 13
-                if packet[9] == 6 and length > flags_at and packet[flags_at] & 2:
-                    packet = clamp_mss(packet, mss_mtu)
-            elif packet[6] == 6 and length > 53 and packet[53] & 2:
-                packet = clamp_mss(packet, mss_mtu)
+            packet = clamp_if_syn(packet, mss_mtu)
         self.send_data(peer, packet, now)
 
     def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
@@ -549,12 +543,7 @@ class Device:
             plaintext = plaintext[:total]
         mss_mtu = peer.mss_mtu
         if mss_mtu:
-            if version == 4:
-                flags_at = ((plaintext[0] & 15) << 2) + 13
-                if plaintext[9] == 6 and total > flags_at and plaintext[flags_at] & 2:
-                    plaintext = clamp_mss(plaintext, mss_mtu)
-            elif plaintext[6] == 6 and total > 53 and plaintext[53] & 2:
-                plaintext = clamp_mss(plaintext, mss_mtu)
+            plaintext = clamp_if_syn(plaintext, mss_mtu)
         self.io.write_packet(plaintext)
 
     def _receive_control(self, peer: Peer, plaintext: bytes, now: float) -> None:

@@ -92,3 +92,19 @@ def clamp_mss(packet: bytes, mtu: int) -> bytes:
             return bytes(out)
         i += length
     return packet
+
+
+def clamp_if_syn(packet: bytes, mtu: int) -> bytes:
+    """``clamp_mss`` for TCP SYNs only; every other packet is returned as it is.
+
+    The data path calls this for every packet to a peer with a known path MTU, so the test is
+    three byte reads and the SYN parsing happens only for SYNs.
+    """
+    first = packet[0]
+    if first >> 4 == 4:
+        flags_at = ((first & 15) << 2) + 13
+        if packet[9] == 6 and len(packet) > flags_at and packet[flags_at] & 2:
+            return clamp_mss(packet, mtu)
+    elif len(packet) > 53 and packet[6] == 6 and packet[53] & 2:
+        return clamp_mss(packet, mtu)
+    return packet
