@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshguard.core.device import Device
+from meshguard.core.icmp import echo_reply
 from meshguard.core.interfaces import Endpoint, RandomBytes
 
 #: Decides the fate of a datagram: return False to drop it.
@@ -55,6 +56,8 @@ class MemoryNode:
     device: Device = field(init=False)
     written: list[bytes] = field(default_factory=list)
     sent: list[tuple[bytes, Endpoint]] = field(default_factory=list)
+    #: Answer ICMP echo requests written to the TUN side, as the host's stack would.
+    answers_echo: bool = False
 
     def send_datagram(self, data: bytes, endpoint: Endpoint) -> None:
         self.sent.append((data, endpoint))
@@ -62,6 +65,8 @@ class MemoryNode:
 
     def write_packet(self, packet: bytes) -> None:
         self.written.append(packet)
+        if self.answers_echo and (reply := echo_reply(packet)) is not None:
+            self.device.packet_from_tun(reply, self.network.now)
 
 
 class MemoryNetwork:

@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from meshguard.config import KEEPALIVE_AUTO, Config
+from meshguard.config import KEEPALIVE_AUTO, Config, IPInterface
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.endpoint_names import EndpointNames, Resolver, is_name
@@ -198,11 +198,14 @@ class Node:
             route_mtu=self.udp.route_mtu,
             on_change=self._path_mtu_changed,
             mark_dirty=self._mesh_dirty,
+            local_addresses=lambda: self.addresses,
         )
         self.mesh.add_feature(self.pmtu)
         #: ``MTU = auto``: the interface MTU follows discovery within these bounds.
         self.mtu_auto = False
         self.mtu_bounds = (1280, 1420)
+        #: The interface's addresses (config ``Address``): sources of echo probes.
+        self.addresses: list[IPInterface] = []
         self._local_endpoints: list[Endpoint] = []
         self.on_gone = on_gone
         self.fwmark = 0
@@ -451,6 +454,7 @@ class Node:
     def apply_config(self, config: Config, *, reload: bool = False) -> None:
         # Peers learned from introducers are not the file's to remove on reload.
         learned = set(self.members.membership.learned)
+        self.addresses = list(config.interface.addresses)
         existing = set(self.device.peers) - learned if reload else None
         self.apply(config_operations(config, existing=existing))
         self.names.configure(

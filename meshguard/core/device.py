@@ -137,6 +137,11 @@ class Device:
         #: Called with ``(peer, packet, now)`` for a TUN packet larger than the peer's
         #: ``inner_mtu`` (path MTU enforcement); the packet is not sent.
         self.on_too_big: Callable[[Peer, bytes, float], None] | None = None
+        #: The ICMP echo identifier (2 bytes) of path MTU probes toward stock peers: received
+        #: echo replies carrying it go to ``on_echo_reply`` (True: consumed, not written to
+        #: the TUN device). None: no check in the receive path.
+        self.echo_marker: bytes | None = None
+        self.on_echo_reply: Callable[[Peer, bytes, float], bool] | None = None
         #: Called with ``(peer, relay, datagram, now)`` to send a datagram for ``peer`` through
         #: the member ``peer.relay`` (the mesh layer wraps it in a RELAY_FORWARD); unset, the
         #: datagram is dropped.
@@ -541,6 +546,14 @@ class Device:
             return
         if total != length:
             plaintext = plaintext[:total]
+        marker = self.echo_marker
+        if marker is not None and (
+            (version == 4 and plaintext[9] == 1 and plaintext[24:26] == marker)
+            or (version == 6 and plaintext[6] == 58 and plaintext[44:46] == marker)
+        ):
+            on_echo_reply = self.on_echo_reply
+            if on_echo_reply is not None and on_echo_reply(peer, plaintext, now):
+                return
         mss_mtu = peer.mss_mtu
         if mss_mtu:
             plaintext = clamp_if_syn(plaintext, mss_mtu)
@@ -581,7 +594,15 @@ class Device:
         allows); an adapter without one sends it as any datagram. Returns None when nothing
         was sent (not a meshguard peer, no session, no direct endpoint).
         """
-        if not self.mesh or not peer.is_meshguard or peer.relay is not None:
+        if not self.mesh or not peer.is_meshguard:
+            return None
+        return self.send_packet_probe(peer, control.encode(kind, body), now)
+
+    def send_packet_probe(self, peer: Peer, packet: bytes, now: float) -> bool | None:
+        """Seal ``packet`` (an inner packet, any peer) and send it as a path MTU probe, with
+        Don't-Fragment; see :meth:`send_probe` for the result. Toward a stock WireGuard peer the
+        probe is an ordinary data packet (an ICMP echo request its host answers)."""
+        if peer.relay is not None:
             return None
         keypair = peer.keypairs.current
         endpoint = peer.endpoint
@@ -589,7 +610,6 @@ class Device:
             return None
         counter = keypair.send_counter
         keypair.send_counter = counter + 1
-        packet = control.encode(kind, body)
         packet = packet + _ZEROS[: -len(packet) & 15]
         message = (
             keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)

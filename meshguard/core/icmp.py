@@ -145,3 +145,49 @@ def fragment_ipv4(packet: bytes, mtu: int) -> list[bytes]:
             return fragments
         if len(header) != 20:
             header = bytes([0x45]) + packet[1:20]
+
+
+def echo_request(source: bytes, destination: bytes, ident: int, payload: bytes) -> bytes:
+    """An ICMP (IPv4, 4-byte addresses) or ICMPv6 (16-byte) echo request with DF (IPv4).
+
+    Path MTU probes toward stock WireGuard peers: the peer's host answers it with a reply of the
+    same size, so an answer proves the size passed both ways.
+    """
+    if len(source) == 4:
+        icmp = struct.pack("!BBHHH", 8, 0, 0, ident, 0) + payload
+        icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+        header = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0x4000, 64, 1, 0, source, destination
+        )
+        header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+        return header + icmp
+    body = struct.pack("!BBHHH", 128, 0, 0, ident, 0) + payload
+    pseudo = source + destination + struct.pack("!I3xB", len(body), 58)
+    body = body[:2] + struct.pack("!H", checksum(pseudo + body)) + body[4:]
+    return struct.pack("!IHBB", 6 << 28, len(body), 58, 64) + source + destination + body
+
+
+def echo_reply(packet: bytes) -> bytes | None:
+    """The reply a host sends to an echo request (None: not an unfragmented echo request).
+
+    Used by the in-memory network to answer pings the way an operating system does.
+    """
+    if len(packet) >= 28 and packet[0] == 0x45 and packet[9] == 1 and packet[20] == 8:
+        if (packet[6] & 0x3F) or packet[7]:
+            return None
+        return _reply4(packet)
+    if len(packet) >= 48 and packet[0] >> 4 == 6 and packet[6] == 58 and packet[40] == 128:
+        source, destination = packet[24:40], packet[8:24]
+        body = b"\x81\x00\x00\x00" + packet[44:]
+        pseudo = source + destination + struct.pack("!I3xB", len(body), 58)
+        body = body[:2] + struct.pack("!H", checksum(pseudo + body)) + body[4:]
+        return packet[:8] + source + destination + body
+    return None
+
+
+def _reply4(packet: bytes) -> bytes:
+    icmp = b"\x00\x00\x00\x00" + packet[24:]
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    header = packet[:10] + b"\x00\x00" + packet[16:20] + packet[12:16]
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return header + icmp

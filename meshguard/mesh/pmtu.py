@@ -28,6 +28,13 @@ again from scratch (the lower bound is reset too, tinc's pitfall). Until a searc
 enforced MTU stays as it was: a half-finished search would teach the kernel and TCP a size
 that is too small, and they keep it for minutes.
 
+Toward a stock WireGuard peer (no control channel) the probes are ICMP echo requests of the
+chosen size, sent through the tunnel to the peer's tunnel address (a host route in its
+AllowedIPs) from our interface address, sealed as data and sent with DF. The peer's host answers
+with a reply of the same size, which the device hands back here before it reaches the TUN
+device (:meth:`PathMTU.echo_reply`); the search is the same. A reply proves the size passed both
+ways, so the result is the smaller of both directions (and of the peer's interface MTU).
+
 Results go to ``peer.inner_mtu`` (the device sends oversize TUN packets here, see
 :meth:`PathMTU.too_big`) and ``peer.mss_mtu`` (the smaller of both directions' inner MTUs: the
 peer reports its own result in every acknowledgement, and SYNs both ways are clamped to it).
@@ -35,13 +42,14 @@ peer reports its own result in every acknowledgement, and SYNs both ways are cla
 
 from __future__ import annotations
 
+import ipaddress
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from meshguard.core.device import Device
-from meshguard.core.icmp import frag_needed_v4, fragment_ipv4, packet_too_big_v6
+from meshguard.core.icmp import echo_request, frag_needed_v4, fragment_ipv4, packet_too_big_v6
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
@@ -73,9 +81,19 @@ RETRY_AFTER: Final = 30.0
 #: Retry when no session can carry a probe (an idle tunnel has none; probing waits for one).
 NO_SESSION_RETRY: Final = 10.0
 
+#: How long after a handshake a peer not (yet) known as meshguard is left to say hello before
+#: it is probed with ICMP echo as a stock WireGuard peer.
+STOCK_GRACE: Final = 2.0
+#: Marks our echo probes' payload (after the identifier the device matches), then the sequence.
+ECHO_MAGIC: Final = b"mgPM"
+
 _PROBE: Final = struct.Struct("!I")
 _ACK: Final = struct.Struct("!III")
 _CONTROL_HEADER: Final = 5
+
+#: How probes travel: mesh control messages, or ICMP echo through the tunnel (stock peers).
+VIA_CONTROL: Final = "control"
+VIA_ECHO: Final = "echo"
 
 SEARCH: Final = "searching"
 STEADY: Final = "steady"
@@ -123,6 +141,10 @@ class PeerPMTU:
     search_probes: int = 0
     searches: int = 0
     rtt: float | None = None
+    via: str = VIA_CONTROL
+
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 class PathMTU:
@@ -137,11 +159,14 @@ class PathMTU:
         route_mtu: Callable[[Endpoint], int | None] = lambda endpoint: None,
         on_change: Callable[[Peer, int], None] | None = None,
         mark_dirty: Callable[[], None] | None = None,
+        local_addresses: Callable[[], Sequence[IPInterface]] = list,
     ) -> None:
         self.device = device
         self.route_mtu = route_mtu
         self.on_change = on_change
         self.mark_dirty = mark_dirty
+        #: Our interface addresses: the source of echo probes toward stock peers.
+        self.local_addresses = local_addresses
         self.peers: dict[bytes, PeerPMTU] = {}
         self._seq = 0
         #: Oversize TUN packets answered with ICMP, fragmented, or dropped.
@@ -149,6 +174,18 @@ class PathMTU:
         self.fragmented = 0
         self.too_big_dropped = 0
         device.on_too_big = self.too_big
+        #: Echo probes carry this identifier; the device hands replies with it to us.
+        self.echo_ident = device.random(2)
+        device.echo_marker = self.echo_ident
+        device.on_echo_reply = self.echo_reply
+        previous = device.on_handshake
+
+        def on_handshake(peer: Peer) -> None:
+            if previous is not None:
+                previous(peer)
+            self._handshake(peer)
+
+        device.on_handshake = on_handshake
 
     # ------------------------------------------------------------------ enforcement
 
@@ -188,9 +225,36 @@ class PathMTU:
             return
         self.start(peer, now)
 
+    def _handshake(self, peer: Peer) -> None:
+        """A session with a peer not known as meshguard: unless it says hello within
+        ``STOCK_GRACE`` (then ``session_started`` takes over), probe it with ICMP echo."""
+        if peer.is_meshguard or self.echo_addresses(peer) is None:
+            return
+        state = self._state(peer)
+        if state.endpoint == peer.endpoint and state.searches and state.state != FAILED:
+            return  # a rekey: the measurement (or the search under way) still holds
+        self.start(peer, peer.last_handshake_time)
+        state.started = state.deadline = peer.last_handshake_time + STOCK_GRACE
+
+    def echo_addresses(self, peer: Peer) -> tuple[bytes, bytes] | None:
+        """(our address, the peer's tunnel address) for echo probes, or None: the peer's first
+        host route (/32, /128) in its AllowedIPs of a family we have an interface address in,
+        IPv4 first."""
+        ours = {a.version: a.ip.packed for a in reversed(self.local_addresses())}
+        networks = self.device.allowed_ips.networks(peer)
+        for version in (4, 6):
+            source = ours.get(version)
+            if source is None:
+                continue
+            for network in networks:
+                if network.version == version and network.num_addresses == 1:
+                    return source, network.network_address.packed
+        return None
+
     def start(self, peer: Peer, now: float, *, keep_low: int = 0, high: int | None = None) -> None:
         """(Re)start the search toward ``peer``'s current endpoint."""
         state = self._state(peer)
+        state.via = VIA_CONTROL if peer.is_meshguard else VIA_ECHO
         if state.endpoint != peer.endpoint:
             state.rtt = None
         state.endpoint = peer.endpoint
@@ -228,6 +292,8 @@ class PathMTU:
                 continue
             if peer.endpoint != state.endpoint and peer.endpoint is not None:
                 self.start(peer, now)  # roamed: the old measurement says nothing
+            elif state.via == VIA_ECHO and peer.is_meshguard:
+                self.start(peer, now)  # it turned out to be a meshguard node
             if state.state == SEARCH:
                 self._search_round(peer, state, now)
             elif state.state == STEADY:
@@ -290,8 +356,20 @@ class PathMTU:
 
     def _send_probe(self, peer: Peer, state: PeerPMTU, size: int, now: float) -> bool | None:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        body = _PROBE.pack(self._seq) + bytes(size - _CONTROL_HEADER - _PROBE.size)
-        result = self.device.send_probe(peer, kinds.PMTU_PROBE, body, now)
+        result: bool | None
+        if state.via == VIA_ECHO:
+            addresses = self.echo_addresses(peer)
+            if addresses is None:
+                return None
+            source, destination = addresses
+            header = 28 if len(source) == 4 else 48
+            payload = ECHO_MAGIC + _PROBE.pack(self._seq)
+            payload += bytes(size - header - len(payload))
+            packet = echo_request(source, destination, int.from_bytes(self.echo_ident), payload)
+            result = self.device.send_packet_probe(peer, packet, now)
+        else:
+            body = _PROBE.pack(self._seq) + bytes(size - _CONTROL_HEADER - _PROBE.size)
+            result = self.device.send_probe(peer, kinds.PMTU_PROBE, body, now)
         if result:
             state.outstanding[self._seq] = (size, now)
             state.probes += 1
@@ -309,7 +387,7 @@ class PathMTU:
         state.misses = 0
         state.check_sent = False
         self._next_check(state, now, RECHECK_INTERVAL)
-        self._apply(peer, state, state.low, "probe")
+        self._apply(peer, state, state.low, "icmp-echo" if state.via == VIA_ECHO else "probe")
 
     def _apply(self, peer: Peer, state: PeerPMTU, mtu: int, method: str) -> None:
         state.method = method
@@ -378,6 +456,30 @@ class PathMTU:
         if kind != kinds.PMTU_ACK or len(body) < _ACK.size:
             return
         seq, received, reverse = _ACK.unpack_from(body)
+        self._answered(peer, seq, received, reverse, now)
+
+    def echo_reply(self, peer: Peer, packet: bytes, now: float) -> bool:
+        """An ICMP echo reply with our identifier from ``peer`` (the device's receive path):
+        True when it answers one of our probes (it is then not written to the TUN device)."""
+        if packet[0] == 0x45:
+            if packet[20:21] != b"\x00" or packet[6] & 0x3F or packet[7]:
+                return False  # not an echo reply, or a fragment
+            offset = 28
+        elif packet[0] >> 4 == 6 and packet[40:41] == b"\x81":
+            offset = 48
+        else:
+            return False
+        if packet[offset : offset + 4] != ECHO_MAGIC or len(packet) < offset + 8:
+            return False
+        (seq,) = _PROBE.unpack_from(packet, offset + 4)
+        self._answered(peer, seq, len(packet), None, now)
+        return True
+
+    def _answered(
+        self, peer: Peer, seq: int, received: int, reverse: int | None, now: float
+    ) -> None:
+        """Probe ``seq`` arrived with ``received`` bytes; ``reverse``: the peer's own result
+        (None: unknown, as from an echo reply)."""
         state = self.peers.get(peer.public_key)
         if state is None:
             return
@@ -388,7 +490,7 @@ class PathMTU:
         if received != size:
             return  # a probe that was cut short proves nothing
         state.rtt = now - sent if state.rtt is None else 0.875 * state.rtt + 0.125 * (now - sent)
-        if reverse != state.reverse:
+        if reverse is not None and reverse != state.reverse:
             state.reverse = reverse
             if state.mtu:
                 peer.mss_mtu = min(state.mtu, reverse) if reverse else state.mtu
@@ -418,9 +520,13 @@ class PathMTU:
                     "path_mtu_source": None,
                     "pmtu_state": state.state if state is not None else None,
                 }
-            # A stock WireGuard peer: all we know is the local route's MTU.
+            # A stock WireGuard peer not (yet) measured with echo: the local route's MTU.
             route = self.route_mtu(peer.endpoint)
-            return {"path_mtu": route, "path_mtu_source": "route" if route else None}
+            return {
+                "path_mtu": route,
+                "path_mtu_source": "route" if route else None,
+                "pmtu_state": state.state if state is not None else None,
+            }
         overhead = ip_udp_overhead(state.endpoint) + WG_OVERHEAD
         return {
             "path_mtu": state.mtu + overhead,
