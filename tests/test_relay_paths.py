@@ -116,3 +116,51 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.paths[0].delivered(0, self.pair.peer_of_a.public_key, b"\x04junk" * 10, 0.0)
         self.paths[0].delivered(0, b"\x01" * 32, b"junk", 0.0)
         self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+
+    def test_member_forwarding_gives_way_to_the_relay(self) -> None:
+        """A peer another member forwards for (inside our session with that member) is sent
+        through the TLS relay that reaches it instead, at the next tick; data flows there."""
+        peer = self.pair.peer_of_a
+        self.assertTrue(self.paths[0].reaches(peer))
+        self.pair.a_to_b(b"first")
+        peer.relay = self.pair.peer_of_b  # stands for a forwarding member
+        self.advance(1.5)
+        self.assertIsNone(peer.relay)
+        self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
+        self.advance(0.5)  # the handshake it started through the relay
+        packet = self.pair.a_to_b(b"through the relay")
+        self.relay.flush(self.pair.net.now)
+        self.assertIn(packet, self.pair.b.written)
+        self.relay.up = False
+        self.assertFalse(self.paths[0].reaches(peer))
+
+    def test_established_session_moves_soon_after_udp_dies(self) -> None:
+        """A session on UDP whose path dies while data is sent moves to the relay about 6 s
+        later (not WireGuard's ~20 s), and a stalled but idle peer answering the stall probe
+        over UDP stays on UDP."""
+        net = self.pair.net
+        net.filters.remove(self.filter)
+        self.pair.a_to_b(b"first")
+        self.advance(1)
+        self.assertEqual(self.path_of_a(), "udp")
+        # Sending into a silent but working peer: the stall probe's answer keeps UDP.
+        for _ in range(8):
+            self.pair.peer_of_a.tx_bytes += 1
+            self.advance(1)
+        self.assertEqual(self.path_of_a(), "udp")
+        self.assertEqual(self.paths[0].fallbacks, 0)
+        net.filters.append(self.filter)
+        moved_at = None
+        for step in range(100):
+            self.pair.a_to_b(b"data %d" % step)
+            self.advance(0.2)
+            if self.path_of_a() != "udp":
+                moved_at = step * 0.2
+                break
+        self.assertIsNotNone(moved_at)
+        self.assertLess(moved_at, 8.0)
+        self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
+        packet = self.pair.a_to_b(b"through the relay")
+        self.relay.flush(net.now)
+        self.assertIn(packet, self.pair.b.written)
+        self.assertTrue(self.pair.peer_of_b.endpoint[0].startswith(PREFIX))  # type: ignore[index]

@@ -118,6 +118,9 @@ class Paths:
         self.sources: list[EndpointSource] = list(sources)
         #: Told about members and path events (the node adds plugins and its route keeper).
         self.observers: list[PathObserver] = []
+        #: Whether a TLS relay reaches this peer itself (set by :mod:`meshguard.relay`): then no
+        #: member forwards for it, which would carry its traffic inside a second session.
+        self.tls_relay_reaches: Callable[[Peer], bool] = lambda peer: False
         #: Calls into sources and observers that raised (their bugs never break the paths).
         self.plugin_errors = 0
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
@@ -163,6 +166,8 @@ class Paths:
 
     def _relay_for(self, peer: Peer) -> Peer | None:
         """An introducer that lists ``peer``, offers to forward and has a session with us."""
+        if self.tls_relay_reaches(peer):
+            return None
         sources = self.membership.learned.get(peer.public_key, set())
         for key in sorted(sources):
             if key not in self.membership.relaying_introducers:
@@ -228,8 +233,13 @@ class Paths:
         if kind == kinds.CALL_ME_MAYBE:
             self._call_me_maybe_received(peer, body, now)
             return
-        if len(body) != 8 or self.device.relayed_by is not None or peer.endpoint is None:
-            self.dropped += 1
+        if (
+            len(body) != 8
+            or self.device.relayed_by is not None
+            or peer.endpoint is None
+            or self.membership.is_relay_endpoint(peer.endpoint)
+        ):
+            self.dropped += 1  # only what came straight over UDP tells of a UDP path
             return
         source = peer.endpoint  # roaming just set it to where this message came from
         state = self.states.get(peer.public_key)

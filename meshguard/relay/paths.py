@@ -13,12 +13,20 @@ Rules, per peer present at a connected relay (the relay tells who is):
   nothing received from the peer meanwhile (so about 6 s after the first attempt, or about 20 s
   after traffic stops being answered, when WireGuard starts a new handshake) -> the relay
   endpoint, and a new initiation through it at once.
+- An established session on UDP: data sent and nothing received for :data:`STALL_PROBE_AFTER`
+  seconds sends one TLS_UDP_PROBE over UDP (a working peer answers at once); still nothing
+  received :data:`FALLBACK_AFTER` seconds after the stall began -> the relay endpoint, without
+  waiting for WireGuard's own ~20 s of timers. The session stays; the peer follows when our
+  datagrams reach it through the relay.
 - While on the relay, every :data:`PROBE_INTERVAL` seconds send a TLS_UDP_PROBE straight over UDP
   to the last UDP endpoint the peer had. The other side answers over UDP (TLS_UDP_ACK) and keeps
   its own choice; the prober, which now knows UDP works both ways, moves to UDP and says so
   (TLS_UDP_SWITCH), and the other side follows. Authenticated UDP traffic from a peer we still
   send to through the relay moves us too (a lost SWITCH).
 - A peer that leaves the relay (or a relay link that goes down) goes back to its UDP endpoint.
+- A peer another member forwards for (the mesh's ``peer.relay``) while a relay reaches it moves
+  to the relay at once: no second layer of encryption, no forwarding member's rate limit. The
+  mesh asks :meth:`TlsPaths.reaches` before choosing a forwarding member at all.
 
 This module is sans-I/O: links are objects with ``present()`` and ``send()``.
 """
@@ -43,11 +51,13 @@ _BASE = 0x0100 << 112
 TICK = 1.0
 #: While on a relay, UDP is probed this often.
 PROBE_INTERVAL = 5.0
-#: After UDP carried something, a datagram that came through the relay does not move us for
-#: this long (in-flight relay traffic right after a switch).
+#: After we moved from the relay to UDP, a datagram that came through the relay does not move us
+#: back for this long (in-flight relay traffic right after a switch).
 UDP_HOLD = 10.0
 #: A handshake unanswered for this long (and nothing received meanwhile) means UDP fails.
 FALLBACK_AFTER = 5.0
+#: On UDP, data sent and nothing received for this long: probe UDP at once (an answer is due).
+STALL_PROBE_AFTER = 1.0
 #: Outstanding probe nonces kept per peer.
 MAX_PENDING = 8
 
@@ -74,10 +84,16 @@ class _PeerPath:
     #: The last UDP endpoint the peer had: where probes go and where we return to.
     udp: Endpoint | None = None
     udp_seen: float = float("-inf")
+    #: When we last moved from the relay to UDP.
+    switched: float = float("-inf")
     #: Bytes of authenticated datagrams that came through a relay (to tell UDP traffic apart).
     tls_rx: int = 0
     rx_mark: int = 0
     tls_rx_mark: int = 0
+    tx_mark: int = 0
+    #: Since when we sent over UDP and received nothing (an established session going dead).
+    stalled_since: float | None = None
+    stall_probed: bool = False
     next_probe: float = 0.0
     #: Since when an initiation has been outstanding with nothing received.
     waiting_since: float | None = None
@@ -128,6 +144,10 @@ class TlsPaths:
             self._endpoints[(link_id, key)] = endpoint
             self._by_endpoint[endpoint] = (link_id, key)
         return endpoint
+
+    def reaches(self, peer: Peer) -> bool:
+        """Whether a relay link reaches ``peer`` now (then no member need forward for it)."""
+        return any(peer.public_key in link.present() for link in self.links)
 
     def is_relay_endpoint(self, endpoint: Endpoint | None) -> bool:
         return endpoint is not None and endpoint in self._by_endpoint
@@ -189,7 +209,7 @@ class TlsPaths:
         if peer.endpoint != endpoint:
             return
         if state.tls is None:
-            if state.udp is not None and now - state.udp_seen < UDP_HOLD:
+            if state.udp is not None and now - state.switched < UDP_HOLD:
                 peer.endpoint = state.udp  # just moved to UDP; this was still in flight
                 return
             self._move_to_relay(peer, state, endpoint, now, "the peer reached us through it")
@@ -219,6 +239,8 @@ class TlsPaths:
                 if state.tls is not None:
                     peer.endpoint = state.tls
                 return
+            if state.tls is None:
+                return  # a stall probe answered: UDP still works, nothing to switch
             self.device.send_control_to(peer, source, kinds.TLS_UDP_SWITCH, body, now)
             self._move_to_udp(peer, state, source, now)
         else:
@@ -253,7 +275,12 @@ class TlsPaths:
             state.udp = endpoint
         rx = peer.rx_bytes - state.rx_mark
         udp_rx = rx - (state.tls_rx - state.tls_rx_mark)
-        state.rx_mark, state.tls_rx_mark = peer.rx_bytes, state.tls_rx
+        tx = peer.tx_bytes - state.tx_mark
+        state.rx_mark, state.tls_rx_mark, state.tx_mark = peer.rx_bytes, state.tls_rx, peer.tx_bytes
+        if rx > 0 or on_relay or peer.keypairs.current is None:
+            state.stalled_since, state.stall_probed = None, False
+        elif tx > 0 and state.stalled_since is None:
+            state.stalled_since = now
         if peer.handshake is None or rx > 0:
             state.waiting_since = None
         elif state.waiting_since is None:
@@ -264,10 +291,24 @@ class TlsPaths:
                 self._move_to_udp(peer, state, endpoint, now)  # the other side moved first
                 return
         if state.tls is None:
+            if link_id is not None and peer.relay is not None and not on_relay:
+                # A member forwards for it inside our session with that member (a second layer
+                # of encryption, and that member's rate limit): the TLS relay reaches it itself.
+                peer.relay = None
+                self._move_to_relay(
+                    peer,
+                    state,
+                    self.endpoint_for(link_id, peer.public_key),
+                    now,
+                    "reached without a forwarding member",
+                )
+                if peer.keypairs.current is None:
+                    peer.last_sent_handshake = None
+                    self.device.send_initiation(peer, now, retry=True)
+                return
             if (
                 link_id is not None
                 and not on_relay
-                and peer.relay is None
                 and state.waiting_since is not None
                 and now - state.waiting_since >= FALLBACK_AFTER
             ):
@@ -279,6 +320,27 @@ class TlsPaths:
                 # Handshake through the relay now rather than at the next retransmission.
                 peer.last_sent_handshake = None
                 self.device.send_initiation(peer, now, retry=True)
+                return
+            stalled = state.stalled_since
+            if link_id is None or peer.relay is not None or stalled is None:
+                return
+            if now - stalled >= FALLBACK_AFTER:
+                # An established session's UDP path went dead: the peer answered neither our
+                # data nor a probe that asks for an answer. Move now rather than wait for
+                # WireGuard's own timers (about 20 s); the session stays.
+                state.stalled_since, state.stall_probed = None, False
+                self.fallbacks += 1
+                self._move_to_relay(
+                    peer,
+                    state,
+                    self.endpoint_for(link_id, peer.public_key),
+                    now,
+                    "UDP stopped answering",
+                )
+                self.device.send_keepalive(peer, now)
+            elif now - stalled >= STALL_PROBE_AFTER and not state.stall_probed:
+                state.stall_probed = True
+                self._probe(peer, state, now)
             return
         current = self._by_endpoint.get(state.tls)
         if link_id is None:
@@ -318,6 +380,7 @@ class TlsPaths:
         peer.endpoint = source
         if state.tls is not None:
             state.tls = None
+            state.switched = now
             state.pending.clear()
             self.returns += 1
             self._changed(peer, f"UDP {source[0]}:{source[1]}")

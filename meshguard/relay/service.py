@@ -111,6 +111,8 @@ class TlsRelay:
         paths = TlsPaths(node.mesh, on_change=self._path_changed)
         self.paths = paths
         node.mesh.add_feature(paths)
+        node.members.paths.tls_relay_reaches = paths.reaches
+        node.members.membership.is_relay_endpoint = paths.is_relay_endpoint
         io = node.device.io
         io.send_datagram = paths.wrap(io.send_datagram)
         send_probe = getattr(io, "send_probe", None)
