@@ -353,7 +353,29 @@ class NodeService(service.Service):
         except Exception as e:
             log.error("reload partly applied: {error}", error=str(e))
             return
+        self._reload_relay(config)
         log.info("reloaded {path}: {peers} peers", path=self.config_path, peers=len(config.peers))
+
+    def _reload_relay(self, config: Config) -> None:
+        """Relay settings changed by a reload (docs/relay.md); a failure keeps the old ones."""
+        assert self.node is not None
+        if self.tls_relay is not None:
+            self.tls_relay.reload(config.interface)
+            return
+        interface = config.interface
+        if interface.relay_listen is None and not interface.relays:
+            return
+        from meshguard.relay.service import TlsRelay
+
+        relay = TlsRelay(interface, self.reactor)
+        try:
+            relay.listen(self.node)
+            relay.attach(self.node)
+        except Exception as e:
+            relay.stop()
+            log.error("relay settings not applied: {error}", error=str(e))
+            return
+        self.tls_relay = relay
 
     # ------------------------------------------------------------------ stop
 

@@ -19,7 +19,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshguard.config import ConfigError, parse_config
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.relay import auth, frames
-from meshguard.relay.client import RelayClientLink, RelayClientProtocol, parse_pin, relay_backoff
+from meshguard.relay.client import (
+    RelayClientFactory,
+    RelayClientLink,
+    RelayClientProtocol,
+    member_backoff,
+    parse_pin,
+    relay_backoff,
+)
 from meshguard.relay.connection import DEAD_AFTER
 from meshguard.relay.server import AUTH_TIMEOUT, RelayHub, RelayServerProtocol
 
@@ -348,6 +355,82 @@ class BackoffTests(SynchronousTestCase):
             reactor.advance(0.25)
         self.assertEqual(len(attempts), 7)
         service.stopService()
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_tls_and_auth_failures_grow_the_backoff(self) -> None:
+        """Attempts that connect over TCP but then fail TLS verification or member
+        authentication count as failures: the delays double to the cap instead of restarting
+        at the first step; a successful AUTH_OK resets them, and stopping leaves no timer."""
+        from OpenSSL import SSL
+        from twisted.internet import defer
+        from twisted.python.failure import Failure
+
+        reactor = MemoryReactorClock()
+        members: set[bytes] = set()
+        hub, _ = make_hub(reactor, members)
+        link, _ = make_client(reactor, ALICE)
+        #: What the next connection does: "tls" (verification fails), "auth" (the relay
+        #: refuses us) or "ok" (we authenticate).
+        outcomes = iter(
+            ["tls", "auth", "tls", "auth", "tls", "tls", "tls", "ok", "tls", "auth", "tls"]
+        )
+        attempts: list[float] = []
+        pumps: list[Any] = []
+
+        class Endpoint:
+            def connect(self, factory: Factory) -> Any:
+                attempts.append(reactor.seconds())
+                outcome = next(outcomes)
+                client = factory.buildProtocol(None)
+                if outcome == "tls":
+                    transport = iosim.FakeTransport(client, isServer=False)
+                    client.makeConnection(transport)
+                    # The TLS layer reports a failed handshake as the connection's loss.
+                    error = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
+                    reactor.callLater(0, client.connectionLost, error)
+                else:
+                    if outcome == "ok":
+                        members.add(ALICE[1])
+                    else:
+                        members.discard(ALICE[1])
+                    server = RelayServerProtocol(hub)
+                    pump = iosim.connect(
+                        server,
+                        iosim.FakeTransport(server, isServer=True),
+                        client,
+                        iosim.FakeTransport(client, isServer=False),
+                        greet=False,
+                    )
+                    pumps.append((server, pump))
+                    reactor.callLater(0, pump.flush)
+                return defer.succeed(client)
+
+        service = ClientService(
+            Endpoint(),
+            RelayClientFactory(link, reactor),
+            retryPolicy=member_backoff(link, relay_backoff(random=lambda: 0.0)),
+            clock=reactor,
+        )
+        service.startService()
+        reactor.advance(0)
+        while len(attempts) < 8:
+            reactor.advance(0.5)
+        # Seven failures in a row: 0.5 * min(30, 2**n) for n = 1..7, however each one failed.
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        self.assertEqual(gaps, [1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0])
+        self.assertIsNotNone(link.connection)
+        self.assertEqual(link.failures, 0)
+        # The authenticated connection is lost: the count starts again from the first step.
+        server, pump = pumps[-1]
+        server.abort()
+        pump.flush()
+        self.assertIsNone(link.connection)
+        while len(attempts) < 11:
+            reactor.advance(0.5)
+        self.assertEqual([b - a for a, b in itertools.pairwise(attempts[7:])], [1.0, 2.0, 4.0])
+        service.stopService()
+        for server, _pump in pumps:
+            server.connectionLost(None)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_pin_parsing(self) -> None:

@@ -4,7 +4,9 @@ TLS is verified before any byte of ours is sent: against the relay's host name w
 ``service_identity`` (trusting the system store, or only the CAs in ``RelayCA``), or against a
 pinned certificate (``RelayPin = sha256:...``). A failed verification is logged as such and the
 connection is dropped; the reconnecting ``ClientService`` tries again with backoff, and nothing
-ever falls back to an unverified connection.
+ever falls back to an unverified connection. The backoff counts every attempt since the last
+successful member authentication, so a relay that accepts TCP but fails TLS or refuses us is
+retried ever more slowly, up to the cap.
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ class RelayClientLink:
         self.relay_key: bytes | None = None
         self.received = 0
         self.dropped = 0
+        #: Attempts in a row that ended without AUTH_OK (TCP, TLS or member auth): what the
+        #: reconnect backoff counts.
+        self.failures = 0
 
     # ------------------------------------------------------------------ RelayLink
 
@@ -169,6 +174,7 @@ class RelayClientLink:
     def up(self, connection: RelayClientProtocol, relay_key: bytes) -> None:
         self.connection = connection
         self.relay_key = relay_key
+        self.failures = 0
         log.info(
             "relay {name}: connected as a member (relay key {key})",
             name=self.name,
@@ -304,6 +310,24 @@ def relay_client_service(
     return ClientService(
         endpoint,
         RelayClientFactory(link, reactor),
-        retryPolicy=retry_policy or relay_backoff(),
+        retryPolicy=member_backoff(link, retry_policy or relay_backoff()),
         clock=reactor,
     )
+
+
+def member_backoff(link: RelayClientLink, policy: Callable[[int], float]) -> Callable[[int], float]:
+    """``policy`` counted in attempts since the link last authenticated.
+
+    ``ClientService`` counts failures since the last TCP connection, but TLS verification and
+    member authentication fail after TCP connects: counted its way, a relay with the wrong
+    certificate would be retried every second or two forever. ``ClientService`` asks the policy
+    once per failed attempt or lost connection, so each call is one more failure; AUTH_OK resets
+    the count. (Its ``prepareConnection`` hook cannot reject a connection here: the rejected
+    connection's close then reaches its state machine in a state that has no transition for it.)
+    """
+
+    def retry(attempt: int) -> float:
+        link.failures += 1
+        return policy(link.failures)
+
+    return retry

@@ -52,8 +52,9 @@ TICK = 1.0
 #: While on a relay, UDP is probed this often.
 PROBE_INTERVAL = 5.0
 #: After we moved from the relay to UDP, a datagram that came through the relay does not move us
-#: back for this long (in-flight relay traffic right after a switch).
-UDP_HOLD = 10.0
+#: back for this long (in-flight relay traffic right after a switch). Short: when UDP dies again
+#: right after the switch, the peer falls back first and we must follow it onto the relay.
+UDP_HOLD = 3.0
 #: A handshake unanswered for this long (and nothing received meanwhile) means UDP fails.
 FALLBACK_AFTER = 5.0
 #: On UDP, data sent and nothing received for this long: probe UDP at once (an answer is due).
