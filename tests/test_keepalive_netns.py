@@ -10,17 +10,20 @@ from __future__ import annotations
 import re
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from meshguard.core.constants import REJECT_AFTER_TIME
 from meshguard.mesh import keepalive as K
 from meshguard.status_client import read_status
 from tests.netns import (
     Namespace,
     Testbed,
     nat_home,
+    nat_homes,
     require_root_netns,
     start_meshguard,
     wg_keypair,
@@ -194,3 +197,136 @@ class KeepaliveThroughNatTests(TestCase):
         )
         Path(tb.log_dir / "keepalive.txt").write_text(report)
         print("\n  " + report.strip())
+
+
+# Datagrams from the LAN by kind, told apart by UDP length: a WireGuard keepalive is an empty
+# transport message (32 bytes + 8 of UDP header), a handshake initiation 148 + 8.
+_UDP_FROM_LAN = """table inet mg_keepalive_udp {
+  chain count {
+    type filter hook forward priority -10
+    iifname "br0" udp sport 51820 udp length 40 counter comment "keepalive"
+    iifname "br0" udp sport 51820 udp length 156 counter comment "initiation"
+    iifname "br0" meta l4proto udp counter comment "all"
+  }
+}
+"""
+
+
+def udp_from_lan(tb: Testbed, router: Namespace) -> dict[str, int]:
+    """UDP datagrams the router forwarded from its LAN: keepalives, initiations, all."""
+    listing = tb.run(router, ["nft", "list", "table", "inet", "mg_keepalive_udp"]).stdout
+    found = re.findall(r'counter packets (\d+) bytes \d+ comment "(\w+)"', listing)
+    return {kind: int(n) for n, kind in found}
+
+
+class KeepaliveDefaultConntrackTests(TestCase):
+    """The Linux default conntrack timeouts (untouched): the long netns test of the suite."""
+
+    timeout = 480
+
+    def setUp(self) -> None:
+        require_root_netns(self)
+        self.tb = Testbed(self)
+
+    def test_auto_with_default_conntrack_beats_fixed_25(self) -> None:
+        """THE LONG ONE (about 5.5 minutes of real time: the NAT's lifetime is measured, then
+        the tunnels idle past it). Three homes, each behind its own masquerading router with
+        the kernel's default UDP conntrack timeouts (read, not set: typically 30 s unreplied,
+        120 s stream), and one meshguard hub. Home "auto" has `PersistentKeepalive = auto`,
+        "fixed" 25 s, "off" none. Auto measures a lifetime below the stream timeout and picks
+        an interval within the bounds and below that lifetime; after an idle period longer than
+        the stream timeout the hub reaches auto and fixed, and auto sent fewer keepalives than
+        fixed over the same window. The off home is the control: the hub can no longer reach
+        it."""
+        tb = self.tb
+        names = ("auto", "fixed", "off")
+        net = nat_homes(tb, [(1, False)] * len(names))
+        homes = dict(zip(names, net.homes, strict=True))
+        router = homes["auto"].router
+        unreplied = int(tb.read_sysctl(router, "net.netfilter.nf_conntrack_udp_timeout"))
+        stream = int(tb.read_sysctl(router, "net.netfilter.nf_conntrack_udp_timeout_stream"))
+        for home in net.homes:
+            tb.nft(home.router, _UDP_FROM_LAN)
+        keys = {name: wg_keypair() for name in ("hub", *names)}
+        tunnel = {"hub": "10.99.0.2", "auto": "10.99.0.1", "fixed": "10.99.0.3", "off": "10.99.0.4"}
+        ifnames = {name: tb.ifname(name) for name in keys}
+        hub_text = (
+            f"[Interface]\nPrivateKey = {keys['hub'].private}\nListenPort = {PORT}\n"
+            f"Address = {tunnel['hub']}/24\n"
+        )
+        for name in names:
+            hub_text += (
+                f"\n[Peer]\nPublicKey = {keys[name].public}\nAllowedIPs = {tunnel[name]}/32\n"
+                f"PersistentKeepalive = {'auto' if name == 'auto' else 'off'}\n"
+            )
+        hub_conf = write_meshguard_config(tb.log_dir / "hub.conf", hub_text)
+        start_meshguard(tb, net.public, hub_conf, ifnames["hub"])
+        hosts = {name: homes[name].hosts[0][0] for name in names}
+        for name, keepalive in zip(names, ("auto", "25", "off"), strict=True):
+            text = (
+                f"[Interface]\nPrivateKey = {keys[name].private}\nListenPort = {PORT}\n"
+                f"Address = {tunnel[name]}/24\n\n[Peer]\nPublicKey = {keys['hub'].public}\n"
+                f"AllowedIPs = {tunnel['hub']}/32\nEndpoint = {net.public_address}:{PORT}\n"
+                f"PersistentKeepalive = {keepalive}\n"
+            )
+            conf = write_meshguard_config(tb.log_dir / f"{name}.conf", text)
+            start_meshguard(tb, hosts[name], conf, ifnames[name])
+        started = time.monotonic()
+        for name in names:
+            tb.wait_for(
+                partial(tb.ping, hosts[name], tunnel["hub"], timeout=2),
+                timeout=30,
+                what=f"{name} home reaches the hub",
+            )
+
+        def measured() -> dict[str, Any] | None:
+            status: dict[str, Any] = read_status(ifnames["auto"])
+            return status if status["node"].get("nat_measurement") == "measured" else None
+
+        status = tb.wait_for(measured, timeout=1.5 * stream + 60, interval=1.0, what="measured")
+        took = time.monotonic() - started
+        node = status["node"]
+        lifetime, interval = node["nat_lifetime"], node["keepalive_interval"]
+        self.assertEqual(node["nat"], "yes")
+        self.assertFalse(node["nat_lifetime_at_least"])
+        # The tunnel is a two-way flow: conntrack's stream timeout applies, not the 30 s.
+        self.assertGreater(lifetime, unreplied)
+        self.assertLess(lifetime, stream)
+        self.assertGreaterEqual(lifetime, stream / (1 + K.PRECISION) - 5)
+        self.assertEqual(interval, K.interval_for(lifetime))
+        self.assertTrue(K.INTERVAL_MIN <= interval <= K.INTERVAL_MAX)
+        self.assertLess(interval, lifetime)
+        self.assertIn(f"every {interval} seconds", tb.wg(hosts["auto"], "show", ifnames["auto"]))
+
+        before = {name: udp_from_lan(tb, home.router) for name, home in homes.items()}
+        # Longer than the stream timeout; and long enough for the off home's session (its last
+        # two-way traffic, the hub's path-MTU re-checks included) to end and its mapping to go.
+        last_refresh_of_off = started + REJECT_AFTER_TIME
+        idle = max(stream + 10, round(last_refresh_of_off + stream + 15 - time.monotonic()))
+        time.sleep(idle)  # real time for conntrack: nothing sent by the test
+        sent = {
+            name: {k: n - before[name][k] for k, n in udp_from_lan(tb, home.router).items()}
+            for name, home in homes.items()
+        }
+        reached = {name: tb.ping(net.public, tunnel[name], timeout=2) for name in names}
+        report = (
+            f"default conntrack (udp_timeout {unreplied} s, udp_timeout_stream {stream} s): "
+            f"measured lifetime {lifetime:g} s, {took:.0f} s after start, interval {interval} s; "
+            f"in {idle} s idle, UDP from each home (keepalives / initiations / all) and hub "
+            "reaches it: "
+            + ", ".join(
+                f"{name} {s['keepalive']}/{s['initiation']}/{s['all']} {reached[name]}"
+                for name, s in sent.items()
+            )
+            + f" (25 s alone would be {idle / 25:.1f} keepalives)\n"
+        )
+        Path(tb.log_dir / "keepalive-default.txt").write_text(report)
+        print("\n  " + report.strip())
+        self.assertTrue(reached["auto"], "hub lost the auto home")
+        self.assertTrue(reached["fixed"], "hub lost the 25 s home")
+        self.assertLess(sent["auto"]["keepalive"], sent["fixed"]["keepalive"])
+        self.assertLessEqual(sent["auto"]["keepalive"], idle / interval + 1)
+        self.assertLessEqual(sent["auto"]["all"], sent["fixed"]["all"])
+        # The control: with no keepalive the router forgot the home, so the test cannot pass by
+        # accident.
+        self.assertFalse(reached["off"], "the off home was reached: the NAT kept its mapping")

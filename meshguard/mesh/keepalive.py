@@ -14,8 +14,9 @@ Three questions, answered with the help of meshguard peers:
   conntrack gives such flows its longer "stream" timeout), then stay silent. After ``delay``
   seconds the helper echoes the token toward the source it saw and reports ``echoed`` over the
   tunnel (``NAT_PROBE_RESULT``). The echo arrives only if the mapping survived ``delay``. Probes
-  at several delays run in parallel, each on its own socket: a doubling ladder, then bisection
-  between the longest delay known alive and the shortest known dead.
+  at every delay of a 15 % ladder (4 s to 600 s) run in parallel, each on its own socket; the
+  first failure cancels the longer ones. Bisection between the longest delay known alive and
+  the shortest known dead follows only if the ladder's answers left a wider gap.
 - **Does the mapping depend on the destination?** Two meshguard peers behind the same NAT path
   that see the same public endpoint mean an endpoint-independent mapping: one keepalive stream
   (to one "carrier" peer) keeps it, and other meshguard peers need not be kept awake.
@@ -34,6 +35,7 @@ sockets come from an injected :class:`ProbePaths`.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -58,10 +60,31 @@ INTERVAL_MIN: Final = 2
 INTERVAL_MAX: Final = 300
 #: Interval = this fraction of the lifetime known alive (one lost keepalive is survived).
 SAFETY_FRACTION: Final = 0.5
-#: Probe delays tried first (in parallel); the last is the longest lifetime we measure.
-LIFETIME_LADDER: Final = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 600.0)
-LIFETIME_MAX: Final = LIFETIME_LADDER[-1]
-#: Probes per bisection round between known-alive and known-dead.
+#: Stop when known-alive and known-dead are within this fraction of known-alive (or 1 s).
+PRECISION: Final = 0.15
+LIFETIME_MIN: Final = 4.0
+#: The longest lifetime we measure.
+LIFETIME_MAX: Final = 600.0
+
+
+def _ladder() -> tuple[float, ...]:
+    """4 s to 600 s, each rung at most the precision above the previous one (37 rungs).
+
+    All rungs are probed at once, so one round usually ends the measurement as soon as the
+    first rung above the lifetime fails (about 1.15 times the lifetime, plus the echo wait),
+    instead of a doubling ladder followed by a bisection round of another full lifetime.
+    """
+    rungs = [LIFETIME_MIN]
+    while rungs[-1] < LIFETIME_MAX:
+        step = max(1.0, PRECISION * rungs[-1])
+        rungs.append(min(LIFETIME_MAX, math.floor((rungs[-1] + step) * 10) / 10))
+    return tuple(rungs)
+
+
+#: Probe delays tried first, all in parallel, each on its own socket.
+LIFETIME_LADDER: Final = _ladder()
+#: Probes per bisection round between known-alive and known-dead (needed only when the
+#: ladder's answers were incomplete or inconsistent).
 BISECT_POINTS: Final = 3
 #: Priming: token datagrams sent from the secondary socket, this far apart.
 PRIMES: Final = 2
@@ -84,8 +107,9 @@ RELAUNCH_TRIES: Final = 5
 RETRY_AFTER: Final = 60.0
 REMEASURE_AFTER: Final = 6 * 3600.0
 #: Helper-side limits: outstanding tokens per peer and in total, datagrams answered per second.
-MAX_HELP_PER_PEER: Final = 16
-MAX_HELP_TOTAL: Final = 256
+#: (Room for two campaigns: a cancelled probe's token stays with the helper until its delay.)
+MAX_HELP_PER_PEER: Final = 2 * len(LIFETIME_LADDER)
+MAX_HELP_TOTAL: Final = 512
 MAX_ANSWERS_PER_SECOND: Final = 64
 
 
@@ -107,7 +131,7 @@ class ProbePaths(Protocol):
 
 def _precision(alive: float) -> float:
     """Stop bisecting when known-alive and known-dead are this close."""
-    return max(1.0, 0.15 * alive)
+    return max(1.0, PRECISION * alive)
 
 
 def interval_for(lifetime: float) -> int:
@@ -568,7 +592,7 @@ class KeepalivePolicy:
                 self._measured(alive, now, at_least=True)
                 return
             delays = [d for d in LIFETIME_LADDER if d > alive]
-        elif dead - alive <= _precision(alive):
+        elif dead - alive <= _precision(alive) + 0.05:  # + rounding of the rungs
             self._measured(alive, now)
             return
         else:
