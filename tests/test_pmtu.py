@@ -207,9 +207,23 @@ class ScheduleTests(SynchronousTestCase):
         mesh = Mesh(path_mtu=1500)
         self.assertEqual(mesh.peer_of_a.inner_mtu, 1440)
         mesh.limit.mtu = 1280
+        mesh.pair.a_to_b()  # the tunnel is in use (an idle one is not re-checked)
         mesh.run(RECHECK_INTERVAL + 5)
         self.assertEqual(mesh.peer_of_a.inner_mtu, 1216)
         self.assertIn(("a", 1216), mesh.changes)
+
+    def test_idle_tunnel_is_not_rechecked(self) -> None:
+        """No data either way: no re-check probes, so the NAT and the peer may sleep (the
+        keepalive policy counts on it); data again: re-checks resume."""
+        mesh = Mesh(path_mtu=1500)
+        state = mesh.pmtu_a.peers[mesh.peer_of_a.public_key]
+        mesh.run(RECHECK_INTERVAL + 1)  # the first re-check sees the initial packet's data
+        before = state.probes
+        mesh.run(5 * RECHECK_INTERVAL)
+        self.assertEqual(state.probes, before)
+        mesh.pair.a_to_b()
+        mesh.run(RECHECK_INTERVAL + 1)
+        self.assertGreater(state.probes, before)
 
     def test_growth_noticed(self) -> None:
         """The path grows 1280 -> 1500: the step-up probe passes and the search goes up."""
@@ -236,6 +250,7 @@ class ScheduleTests(SynchronousTestCase):
         """No probe gets through at all: probing failed, the enforced MTU is not lowered."""
         mesh = Mesh(path_mtu=1500)
         mesh.limit.mtu = 100
+        mesh.pair.a_to_b()
         mesh.run(RECHECK_INTERVAL + 10)
         self.assertEqual(mesh.peer_of_a.inner_mtu, 1440)
         state = mesh.pmtu_a.peers[mesh.peer_of_a.public_key]

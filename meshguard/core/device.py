@@ -299,6 +299,7 @@ class Device:
             self.send_initiation(peer, now, retry=False)
             return
         self._seal_and_send(peer, keypair, endpoint, packet, now)
+        peer.data_packets += 1
         slots = peer.timers.deadlines
         # Data sent: expect an answer, or start a new handshake (KEEPALIVE + REKEY timeouts).
         if slots[NEW_HANDSHAKE] is None:
@@ -363,7 +364,9 @@ class Device:
         while peer.staged:
             packet = peer.staged.popleft()
             self._seal_and_send(peer, keypair, endpoint, packet, now)
-            sent_data = sent_data or bool(packet)
+            if packet:
+                sent_data = True
+                peer.data_packets += 1
         if sent_data and not self.timers.pending(peer.timers, NEW_HANDSHAKE):
             self.timers.arm(
                 peer,
@@ -557,6 +560,7 @@ class Device:
         mss_mtu = peer.mss_mtu
         if mss_mtu:
             plaintext = clamp_if_syn(plaintext, mss_mtu)
+        peer.data_packets += 1
         self.io.write_packet(plaintext)
 
     def _receive_control(self, peer: Peer, plaintext: bytes, now: float) -> None:

@@ -58,6 +58,9 @@ class Peer:
         self.timers = TimerSlots(len(TIMER_NAMES))
         self.rx_bytes = 0
         self.tx_bytes = 0
+        #: Inner packets carried either way (not keepalives, control or probes): tells mesh
+        #: features whether the tunnel is in use or idle.
+        self.data_packets = 0
         self.removed = False
         #: Whether the peer showed it is a meshguard node (handshake mark or control message).
         self.is_meshguard = False

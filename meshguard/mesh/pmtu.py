@@ -141,6 +141,8 @@ class PeerPMTU:
     search_probes: int = 0
     searches: int = 0
     rtt: float | None = None
+    #: ``peer.data_packets`` at the last re-check (re-checks are skipped while idle).
+    data_mark: int = -1
     via: str = VIA_CONTROL
 
 
@@ -416,6 +418,12 @@ class PathMTU:
                 self._next_check(state, now, RECHECK_RETRY)
             state.outstanding.clear()
             return
+        if state.misses == 0 and peer.data_packets == state.data_mark:
+            # Idle since the last check: the path's size matters to nobody, and a probe would
+            # only keep the NAT mapping and the peer awake (keepalive = auto relies on quiet).
+            self._next_check(state, now, RECHECK_INTERVAL)
+            return
+        state.data_mark = peer.data_packets
         state.ceiling = self._ceiling(peer)
         sizes = [state.mtu]
         if state.mtu + 16 <= state.ceiling:
