@@ -788,6 +788,20 @@ def two_hosts(testbed: Testbed, v6: bool = False, mtu: int | None = None) -> Two
     return TwoHosts(a, b, "eth0", "eth0", "10.0.0.1", "10.0.0.2")
 
 
+def masquerade_ruleset(hard: bool) -> str:
+    """nftables NAT for a router whose uplink is ``wan0``: ``masquerade`` (mapping independent of
+    the destination) or, ``hard``, ``masquerade random`` (a new port per destination)."""
+    action = "masquerade random" if hard else "masquerade"
+    return (
+        "table ip nat {\n"
+        "  chain post {\n"
+        "    type nat hook postrouting priority 100\n"
+        f'    oifname "wan0" counter {action}\n'
+        "  }\n"
+        "}\n"
+    )
+
+
 @dataclass(frozen=True)
 class NatHome:
     """``home`` - ``router`` (NAT on ``wan_dev``) - ``internet`` - ``hub``, all IPv4.
@@ -833,16 +847,7 @@ def nat_home(testbed: Testbed, conntrack_timeout: int | None = None, hard: bool 
     testbed.route(hub, "default", via="198.51.100.1")
     for ns in (router, internet):
         testbed.sysctl(ns, "net.ipv4.ip_forward", 1)
-    action = "masquerade random" if hard else "masquerade"
-    testbed.nft(
-        router,
-        "table ip nat {\n"
-        "  chain post {\n"
-        "    type nat hook postrouting priority 100\n"
-        f'    oifname "wan0" counter {action}\n'
-        "  }\n"
-        "}\n",
-    )
+    testbed.nft(router, masquerade_ruleset(hard))
     if conntrack_timeout is not None:
         testbed.sysctl(router, "net.netfilter.nf_conntrack_udp_timeout", conntrack_timeout)
         testbed.sysctl(router, "net.netfilter.nf_conntrack_udp_timeout_stream", conntrack_timeout)
@@ -1306,15 +1311,9 @@ def nat_homes(
             testbed.addr(ns, "eth0", f"{address}/24")
             testbed.route(ns, "default", via=f"192.168.{index}.1")
             hosts.append((ns, address))
-        action = "masquerade random" if hard else "masquerade"
         testbed.nft(
             router,
-            "table ip nat {\n"
-            "  chain post {\n"
-            "    type nat hook postrouting priority 100\n"
-            f'    oifname "wan0" counter {action}\n'
-            "  }\n"
-            "}\n"
+            masquerade_ruleset(hard) +
             # As home routers do: unsolicited packets from the WAN to the router itself are
             # dropped. Besides being realistic this matters for hole punching: a peer's punch
             # that reaches the router before our own packet left would otherwise become a

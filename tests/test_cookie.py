@@ -8,29 +8,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.cookie import COOKIE_LIFETIME, CookieChecker, CookieGenerator
 from meshguard.core.crypto import blake2s, clamp, public_key
+from tests.kat import KAT_COOKIE_REPLY, KAT_INITIATION, KAT_RESPONSE
 
 SI_PUB = public_key(clamp(blake2s(b"meshguard KAT initiator static")))
 SR_PUB = public_key(clamp(blake2s(b"meshguard KAT responder static")))
 
-# The digest's KAT initiation (mac1 filled, mac2 zero) and response, as wg-go sees them.
-KAT_INITIATION = bytes.fromhex(
-    "0100000044332211519397ccd3ec065961cf837d7deb1dfeb23e604e5a0baff3ed98283ec8609404"
-    "77de410efb379d5b4ae2849c8766b5bb79a3897d279ce079d215fcc872d0702e621170cc4be007eb"
-    "20a8906916528f5c5e9912eb52298304c21ca47d0a53554a90d6b93c2ad8b9622869da1c629cda64"
-    "7ae6f469a600bb984fa71e3900000000000000000000000000000000"
-)
-KAT_RESPONSE = bytes.fromhex(
-    "02000000887766554433221105124a6098f0aa5239606ab01def19678dbbf1691924165ea50bb3cc"
-    "67c6657cdbf1ba13a1dfb832566d24869f2f735a955674b300f8656fc0cb806d7e98d70500000000"
-    "000000000000000000000000"
-)
 KAT_SECRET = blake2s(b"meshguard KAT cookie secret")
 KAT_NONCE = blake2s(b"meshguard KAT cookie nonce")[:24]
 KAT_SOURCE = bytes.fromhex("c0000201ca6c")  # 192.0.2.1, port 51820
-KAT_COOKIE_REPLY = bytes.fromhex(
-    "030000004433221129e3504b308092e730c1fe478a7d72e803f398983dd83701"
-    "dbb5c76d214fb84d7d111cfffa6a6bda5836da95a957f3f32ea07b2d75044d5e"
-)
 KAT_MAC2 = bytes.fromhex("8ca9440af0d29fdb87140e6d2f8cc3ed")
 OTHER_SOURCE = bytes.fromhex("c0000202ca6c")
 

@@ -125,7 +125,11 @@ class Device:
         self.cookie_checker: CookieChecker | None = None
         self.under_load_threshold = under_load_threshold
         self.is_up = False
-        self.on_handshake = on_handshake
+        #: Called with the peer whenever a handshake completes (``on_handshake`` first); the mesh
+        #: features each add one.
+        self.handshake_listeners: list[Callable[[Peer], None]] = (
+            [on_handshake] if on_handshake is not None else []
+        )
         #: Whether this device speaks the mesh control channel (marks its initiations).
         self.mesh = mesh
         #: Called with ``(peer, kind, body, now)`` for each authenticated control message.
@@ -848,8 +852,8 @@ class Device:
         peer.handshake_attempts = 0
         peer.sent_lastminute_handshake = False
         peer.last_handshake_time = now
-        if self.on_handshake is not None:
-            self.on_handshake(peer)
+        for listener in self.handshake_listeners:
+            listener(peer)
 
     # ------------------------------------------------------------------ timers
 

@@ -109,14 +109,7 @@ class MeshAgent:
         self.dirty = False
         device.mesh = True
         device.on_control = self.control_received
-        previous = device.on_handshake
-
-        def on_handshake(peer: Peer) -> None:
-            if previous is not None:
-                previous(peer)
-            self._handshake(peer)
-
-        device.on_handshake = on_handshake
+        device.handshake_listeners.append(self._handshake)
 
     def add_feature(self, feature: MeshFeature) -> None:
         for kind in feature.kinds:

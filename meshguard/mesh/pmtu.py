@@ -180,14 +180,7 @@ class PathMTU:
         self.echo_ident = device.random(2)
         device.echo_marker = self.echo_ident
         device.on_echo_reply = self.echo_reply
-        previous = device.on_handshake
-
-        def on_handshake(peer: Peer) -> None:
-            if previous is not None:
-                previous(peer)
-            self._handshake(peer)
-
-        device.on_handshake = on_handshake
+        device.handshake_listeners.append(self._handshake)
 
     # ------------------------------------------------------------------ enforcement
 
