@@ -1311,21 +1311,19 @@ def nat_homes(
             testbed.addr(ns, "eth0", f"{address}/24")
             testbed.route(ns, "default", via=f"192.168.{index}.1")
             hosts.append((ns, address))
-        testbed.nft(
-            router,
-            masquerade_ruleset(hard) +
-            # As home routers do: unsolicited packets from the WAN to the router itself are
-            # dropped. Besides being realistic this matters for hole punching: a peer's punch
-            # that reaches the router before our own packet left would otherwise become a
-            # conntrack entry that clashes with our mapping and makes masquerade pick
-            # another port.
+        # As home routers do: unsolicited packets from the WAN to the router itself are dropped.
+        # Besides being realistic this matters for hole punching: a peer's punch that reaches
+        # the router before our own packet left would otherwise become a conntrack entry that
+        # clashes with our mapping and makes masquerade pick another port.
+        drop_unsolicited = (
             "table ip filter {\n"
             "  chain input {\n"
             "    type filter hook input priority 0\n"
             '    iifname "wan0" ct state new drop\n'
             "  }\n"
-            "}\n",
+            "}\n"
         )
+        testbed.nft(router, masquerade_ruleset(hard) + drop_unsolicited)
         homes.append(MeshHome(router, f"203.0.{index}.2", hosts, hard))
     return MeshInternet(internet, public, "198.51.100.2", homes)
 
