@@ -730,6 +730,9 @@ def parse_config(
     return _Parser(path, read_secret).parse(text)
 
 
+_INLINE_SECRET = re.compile(r"^[ \t]*(privatekey|presharedkey)[ \t]*=", re.I | re.M)
+
+
 def load_config(path: str) -> Config:
     """Read and parse a config file, warning when it holds a key and others may read it."""
     try:
@@ -744,9 +747,8 @@ def load_config(path: str) -> Config:
         line = data[: e.start].count(b"\n") + 1
         raise ConfigError(path, line, "this line is not UTF-8 text") from None
     config = parse_config(text, path)
-    holds_key = config.interface.private_key is not None or any(
-        p.preshared_key is not None for p in config.peers
-    )
+    # Only keys written in the file itself; a key file's own mode is the key file's business.
+    holds_key = _INLINE_SECRET.search(text) is not None
     if holds_key and stat.S_ISREG(mode) and mode & 0o007:
         config.warnings.insert(
             0, f"{path}: holds a key and is world accessible; run 'chmod 600 {path}'"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import tempfile
@@ -619,6 +620,21 @@ class ErrorTests(SynchronousTestCase):
             loose.warnings, [f"{path}: holds a key and is world accessible; run 'chmod 600 {path}'"]
         )
         self.assertEqual(tight.warnings, [])
+
+    def test_key_in_a_key_file_does_not_warn(self) -> None:
+        """With PrivateKeyFile the config itself holds no secret: no chmod hint for it."""
+        with tempfile.TemporaryDirectory() as directory:
+            key_path = os.path.join(directory, "mg0.key")
+            with open(key_path, "w") as f:
+                f.write(base64.b64encode(bytes(range(1, 33))).decode() + "\n")
+            os.chmod(key_path, 0o600)
+            path = os.path.join(directory, "mg0.conf")
+            with open(path, "w") as f:
+                f.write("[Interface]\nPrivateKeyFile = mg0.key\n")
+            os.chmod(path, 0o644)
+            config = load_config(path)
+        self.assertIsNotNone(config.interface.private_key)
+        self.assertEqual(config.warnings, [])
 
 
 class SecretLeakTests(SynchronousTestCase):
