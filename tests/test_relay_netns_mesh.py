@@ -197,7 +197,12 @@ class TlsRelayMeshNetnsTests(TestCase):
             timeout=10,
             what="junk client connected",
         )
-        time.sleep(1.0)  # let the flood build up before measuring through it
+        # Measure only once the flood is in full swing: the relay is already shedding it.
+        tb.wait_for(
+            lambda: read_status(hub_if)["node"]["relay_server"]["rate_limited"] > 1000,
+            timeout=10,
+            what="junk flood under way",
+        )
         self.assertTrue(tb.ping(a_ns, "10.77.0.3", count=5))
         started = time.monotonic()
         self.assertTrue(tb.tcp_transfer(b_ns, a_ns, "10.77.0.3", 5 * 1024 * 1024, timeout=30))
