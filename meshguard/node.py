@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from meshguard.config import KEEPALIVE_AUTO, Config, IPInterface
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
+from meshguard.core.peer import Peer
 from meshguard.endpoint_names import EndpointNames, Resolver, is_name
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
@@ -171,6 +172,9 @@ class Node:
             self._datagram_received, reactor, listen_port, on_batch_end=self._batch_end
         )
         self.link = link if link is not None else Link(interface)
+        #: The endpoint UAPI ``get`` reports for a peer (the TLS relay shows the last UDP one
+        #: instead of its stand-in addresses).
+        self.endpoint_view: Callable[[Peer], Endpoint | None] = lambda peer: peer.endpoint
         #: The mesh layer; it marks our handshakes and talks only to meshguard peers.
         self.mesh = MeshAgent(self.device, local_endpoints=self.local_endpoints)
         #: ``PersistentKeepalive = auto``: NAT detection, lifetime probes, interval choice.
@@ -377,7 +381,7 @@ class Node:
             PeerStatus(
                 public_key=peer.public_key,
                 preshared_key=peer.preshared_key if any(peer.preshared_key) else None,
-                endpoint=peer.endpoint,
+                endpoint=self.endpoint_view(peer),
                 last_handshake_time=peer.last_handshake_time,
                 rx_bytes=peer.rx_bytes,
                 tx_bytes=peer.tx_bytes,

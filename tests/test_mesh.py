@@ -65,6 +65,35 @@ class HolePunchingTests(SynchronousTestCase):
         assert endpoint is not None
         self.assertEqual(endpoint[0], "203.0.113.2")
 
+    def test_answered_path_checks_are_reported_for_the_tls_relay(self) -> None:
+        """Every PATH_PONG that proves a UDP path is told to ``direct_confirmed`` (the TLS
+        relay's logic leaves the relay on it); while that logic holds a peer on a relay, a
+        datagram over another path does not make the mesh restore its direct endpoint."""
+        sim = MeshSim(seed=2)
+        a = sim.add_member(home(sim, 1), "192.168.1.2")
+        b = sim.add_member(home(sim, 2), "192.168.2.2")
+        confirmed: list[tuple[bytes, tuple[str, int]]] = []
+        a.stack.paths.direct_confirmed = lambda peer, endpoint, now: confirmed.append(
+            (peer.public_key, endpoint)
+        )
+        sim.start()
+        sim.run(20)
+        self.assertEqual(sim.path(a, b), "direct")
+        self.assertIn((b.public_key, sim.endpoint_of(a, b)), confirmed)
+        count = len(confirmed)
+        sim.run(CHECK_INTERVAL * 2 + 1)
+        self.assertGreater(len(confirmed), count)  # each periodic check that is answered
+        peer = a.node.device.peers[b.public_key]
+        state = a.stack.paths.states[b.public_key]
+        stand_in = ("100::5", 1)
+        a.stack.paths.tls_relay_holds = lambda p: True
+        peer.endpoint = stand_in
+        a.stack.paths._keep_chosen(state, stand_in)
+        self.assertEqual(peer.endpoint, stand_in)
+        a.stack.paths.tls_relay_holds = lambda p: False
+        a.stack.paths._keep_chosen(state, stand_in)
+        self.assertEqual(peer.endpoint, state.direct)
+
     def test_hard_nats_on_both_sides_are_relayed(self) -> None:
         """Two homes whose NATs map per destination cannot punch: their traffic is relayed
         through the introducer, which counts it, and arrives."""

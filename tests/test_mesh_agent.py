@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, decode_json, parse_endpoint
+from meshguard.mesh.agent import MeshAgent, decode_json, is_discard_only, parse_endpoint
 from tests.test_device import A_EP, B_EP, Pair
 
 
@@ -106,3 +106,16 @@ class ParsingTests(SynchronousTestCase):
         self.assertEqual(parse_endpoint(["fe80::1%eth0", 5]), ("fe80::1%eth0", 5))
         self.assertIsNone(parse_endpoint(["192.0.2.1", 0]))
         self.assertIsNone(parse_endpoint(["example.com", 5]))
+
+    def test_relay_stand_ins_are_never_candidates(self) -> None:
+        """Another node's relay stand-in (100::/64) could name one of our own: a peer's HELLO or
+        an introducer's call-me-maybe carrying one must not become a UDP candidate (seen in
+        namespaces: a punch "candidate" that went out through our TLS relay and pulled the
+        pair back onto it)."""
+        self.assertIsNone(parse_endpoint(["100::1", 1]))
+        self.assertIsNone(parse_endpoint(["100::1:0:5", 1]))
+        self.assertEqual(parse_endpoint(["100:1::1", 1]), ("100:1::1", 1))
+        self.assertTrue(is_discard_only(("100::2", 1)))
+        self.assertFalse(is_discard_only(("2001:db8::1", 1)))
+        self.assertFalse(is_discard_only(("192.0.2.1", 1)))
+        self.assertFalse(is_discard_only(None))

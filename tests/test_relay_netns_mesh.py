@@ -243,8 +243,12 @@ class TlsRelayMeshNetnsTests(TestCase):
             what="A-B on UDP",
         )
         self.assertTrue(tb.ping(a_ns, "10.77.0.3", count=3))
-        # Known issue (see docs/relay.md): the pair can flap back onto the relay shortly after
-        # moving to UDP; whether it stays on UDP is not asserted until that is fixed.
+        # And stays there: nothing pulls it back onto the relay while UDP works.
+        deadline = time.monotonic() + 15.0
+        while time.monotonic() < deadline:
+            paths = (path(a_if, b_k.public), path(b_if, a_k.public))
+            self.assertNotIn(RELAY, paths, "A-B pair went back onto the relay")
+            tb.ping(a_ns, "10.77.0.3", count=1)
 
         # UDP dies under the established session while A sends: the pair is back on the relay
         # within seconds, not WireGuard's ~20 s.

@@ -111,6 +111,36 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.advance(2)
         self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
 
+    def test_removed_link_returns_its_peers_to_udp_at_once(self) -> None:
+        """A relay removed on reload: its peers are back on their UDP endpoint right away, the
+        link no longer reaches anyone, and its stand-in endpoints send nothing."""
+        self.pair.a_to_b(b"first")
+        self.advance(7)
+        self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
+        stand_in = self.pair.peer_of_a.endpoint
+        assert stand_in is not None
+        self.paths[0].remove_link(0, self.pair.net.now)
+        self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+        self.assertFalse(self.paths[0].reaches(self.pair.peer_of_a))
+        self.assertEqual(self.paths[0].node_status()["tls_relays"], {})
+        dropped = self.paths[0].dropped
+        self.paths[0].send_datagram(b"x", stand_in)
+        self.assertEqual(self.paths[0].dropped, dropped + 1)
+
+    def test_wg_show_gets_the_udp_endpoint_not_the_stand_in(self) -> None:
+        """UAPI get (``wg show``/``wg showconf``) reports the last UDP endpoint of a peer on a
+        relay; a peer never seen over UDP has none."""
+        self.pair.a_to_b(b"first")
+        self.advance(7)
+        peer = self.pair.peer_of_a
+        self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
+        self.assertEqual(self.paths[0].shown_endpoint(peer), B_EP)
+        self.pair.b_to_a(b"back")
+        self.relay.flush(self.pair.net.now)
+        self.assertTrue(self.paths[1].is_relay_endpoint(self.pair.peer_of_b.endpoint))
+        self.paths[1].states[self.pair.peer_of_b.public_key].udp = None
+        self.assertIsNone(self.paths[1].shown_endpoint(self.pair.peer_of_b))
+
     def test_junk_from_the_relay_is_dropped(self) -> None:
         """A datagram that does not authenticate moves nothing."""
         self.paths[0].delivered(0, self.pair.peer_of_a.public_key, b"\x04junk" * 10, 0.0)
@@ -164,3 +194,45 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.relay.flush(net.now)
         self.assertIn(packet, self.pair.b.written)
         self.assertTrue(self.pair.peer_of_b.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+
+    def test_mesh_path_check_answered_leaves_the_relay_for_good(self) -> None:
+        """The mesh's own path check (PATH_PONG) proving UDP both ways moves the pair off the
+        relay at once, and datagrams the peer still had in flight through the relay, or sends
+        there before it hears of the switch, do not pull it back (the flap seen in namespaces
+        when the mesh and the relay logic each owned the endpoint)."""
+        net = self.pair.net
+        self.pair.a_to_b(b"first")
+        self.advance(7)
+        self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
+        self.pair.b_to_a(b"on the relay")
+        self.relay.flush(net.now)
+        self.assertTrue(self.paths[0].holds(self.pair.peer_of_a))
+        self.assertTrue(self.pair.peer_of_b.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+        net.filters.remove(self.filter)
+        in_flight = self.pair.b_to_a(b"in flight through the relay")  # queued, not yet delivered
+        self.paths[0].direct_confirmed(self.pair.peer_of_a, B_EP, net.now)
+        self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+        self.assertFalse(self.paths[0].holds(self.pair.peer_of_a))
+        self.relay.flush(net.now)
+        self.assertIn(in_flight, self.pair.a.written)
+        net.flush()  # the SWITCH over UDP
+        self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+        self.assertEqual(self.pair.peer_of_b.endpoint, A_EP)
+        for step in range(40):
+            self.pair.a_to_b(b"a %d" % step)
+            self.pair.b_to_a(b"b %d" % step)
+            self.advance(0.5)
+            self.assertEqual(self.path_of_a(), "udp")
+            self.assertEqual(self.pair.peer_of_b.endpoint, A_EP)
+        self.assertEqual(self.paths[0].returns, 1)
+        self.assertEqual(self.paths[1].returns, 1)
+
+    def test_direct_confirmed_is_ignored_off_the_relay(self) -> None:
+        """A path check answered while we are on UDP anyway changes nothing and sends nothing."""
+        self.pair.net.filters.remove(self.filter)
+        self.pair.a_to_b(b"first")
+        self.advance(1)
+        sent = self.pair.peer_of_a.tx_bytes
+        self.paths[0].direct_confirmed(self.pair.peer_of_a, B_EP, self.pair.net.now)
+        self.assertEqual(self.pair.peer_of_a.tx_bytes, sent)
+        self.assertEqual(self.paths[0].returns, 0)

@@ -158,3 +158,26 @@ class RelayReloadTests(SynchronousTestCase):
         assert relay.paths is not None
         self.assertEqual(relay.hub_link_id, 1)
         self.assertIs(relay.paths.links[1], relay.hub)
+
+    def test_removed_relays_leave_status(self) -> None:
+        """A Relay line removed on reload disappears from ``tls_relays`` at once (its id is not
+        reused); a removed RelayListen takes this node's own relay out of the path logic, and
+        adding it back gives it a fresh link."""
+        a, b = ("a.test", 443), ("b.test", 443)
+        relay = self.start(self.server_config(relays=[a, b]))
+        assert relay.paths is not None
+        self.assertEqual(
+            set(relay.paths.node_status()["tls_relays"]), {"a.test:443", "b.test:443", "this node"}
+        )
+        self.assertTrue(relay.reload(self.server_config(relays=[a])))
+        self.assertEqual(set(relay.paths.node_status()["tls_relays"]), {"a.test:443", "this node"})
+        self.assertTrue(relay.reload(InterfaceConfig(relays=[a])))
+        self.assertIsNone(relay.hub_link_id)
+        status = relay.paths.node_status()
+        self.assertEqual(set(status["tls_relays"]), {"a.test:443"})
+        self.assertNotIn("relay_server", status)
+        self.assertTrue(relay.reload(self.server_config(relays=[a, b])))
+        self.assertEqual(
+            set(relay.paths.node_status()["tls_relays"]), {"a.test:443", "b.test:443", "this node"}
+        )
+        self.assertEqual(len(relay.paths.links), 5)

@@ -59,16 +59,36 @@ def encode_json(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
+#: RFC 6666's discard-only prefix. meshguard's TLS relay stands for "through relay L to member K"
+#: with addresses in it that mean something only on the node that made them.
+DISCARD_ONLY = ipaddress.IPv6Network("100::/64")
+
+
+def is_discard_only(endpoint: Endpoint | None) -> bool:
+    """Whether ``endpoint`` is a stand-in address (never a place to send UDP to)."""
+    if endpoint is None:
+        return False
+    try:
+        address = ipaddress.ip_address(endpoint[0].split("%", 1)[0])
+    except ValueError:
+        return False
+    return address.version == 6 and address in DISCARD_ONLY
+
+
 def parse_endpoint(value: object) -> Endpoint | None:
-    """``["host", port]`` from a peer, checked: a numeric address and a port in range."""
+    """``["host", port]`` from a peer, checked: a numeric address and a port in range, and not
+    a stand-in for a relay path (another node's stand-ins could name one of ours: a "candidate"
+    that silently sends through our relay)."""
     if not isinstance(value, list) or len(value) != 2:
         return None
     host, port = value
     if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
         return None
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
+        return None
+    if address.version == 6 and address in DISCARD_ONLY:
         return None
     return (host, port)
 
@@ -138,7 +158,9 @@ class MeshAgent:
     def _hello_body(self, peer: Peer) -> bytes:
         return encode_json(
             {
-                "observed": list(peer.endpoint) if peer.endpoint is not None else None,
+                "observed": list(peer.endpoint)
+                if peer.endpoint is not None and not is_discard_only(peer.endpoint)
+                else None,
                 "local": [list(e) for e in self.local_endpoints()],
                 "features": sorted({type(f).__name__ for f in self.features}),
             }

@@ -26,7 +26,13 @@ from typing import Any, Protocol
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, parse_endpoint
+from meshguard.mesh.agent import (
+    MeshAgent,
+    decode_json,
+    encode_json,
+    is_discard_only,
+    parse_endpoint,
+)
 from meshguard.mesh.members import MAX_LOCAL, MemberInfo, Membership, parse_key
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource, gather
 
@@ -121,6 +127,16 @@ class Paths:
         #: Whether a TLS relay reaches this peer itself (set by :mod:`meshguard.relay`): then no
         #: member forwards for it, which would carry its traffic inside a second session.
         self.tls_relay_reaches: Callable[[Peer], bool] = lambda peer: False
+        #: Whether the TLS relay's path logic has ``peer`` on a relay now: then a datagram that
+        #: came over another path does not make us restore our direct endpoint (that logic owns
+        #: the choice until it hears of a working UDP path, below).
+        self.tls_relay_holds: Callable[[Peer], bool] = lambda peer: False
+        #: Told ``(peer, endpoint, now)`` whenever a PATH_PONG proves a UDP path both ways, so
+        #: the TLS relay's path logic leaves the relay at once instead of pulling the peer back
+        #: with the next relayed datagram (two owners of one endpoint flap).
+        self.direct_confirmed: Callable[[Peer, Endpoint, float], None] = (
+            lambda peer, endpoint, now: None
+        )
         #: Calls into sources and observers that raised (their bugs never break the paths).
         self.plugin_errors = 0
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
@@ -275,6 +291,7 @@ class Paths:
                 self.agent.dirty = True
             if new_kind == LAN or not state.lan:
                 state.next_punch = None
+            self.direct_confirmed(peer, source, now)
         else:
             self._keep_chosen(state, source)
 
@@ -282,6 +299,8 @@ class Paths:
         """Roaming follows every authenticated datagram; keep the path we chose if it is better
         than the one this message came over."""
         if state.direct is not None and source != state.direct:
+            if self.tls_relay_holds(state.peer):
+                return
             if _RANK[state.classify(source)] <= _RANK[state.kind]:
                 state.peer.endpoint = state.direct
 
@@ -330,7 +349,9 @@ class Paths:
         body = encode_json(
             {
                 "from": _b64(peer.public_key),
-                "observed": list(peer.endpoint) if peer.endpoint and not peer.relay else None,
+                "observed": list(peer.endpoint)
+                if peer.endpoint and not peer.relay and not is_discard_only(peer.endpoint)
+                else None,
             }
         )
         if self.device.send_control(target, kinds.CALL_ME_MAYBE, body, now):

@@ -78,6 +78,19 @@ class RelayLink(Protocol):
         ...
 
 
+class _Removed:
+    """What is left of a link removed on reload: reaches nobody, shown nowhere; its id is not
+    reused, so relay endpoints made for it can never name another link."""
+
+    name = "(removed)"
+
+    def present(self) -> Collection[bytes]:
+        return ()
+
+    def send(self, destination: bytes, datagram: bytes) -> bool:
+        return False
+
+
 @dataclass
 class _PeerPath:
     #: The relay endpoint we send to while the peer is on a relay, else None.
@@ -136,6 +149,19 @@ class TlsPaths:
             self.agent.dirty = True
         return len(self.links) - 1
 
+    def remove_link(self, link_id: int, now: float) -> None:
+        """A relay taken out of the configuration: its peers go back to UDP at once."""
+        link = self.links[link_id]
+        if isinstance(link, _Removed):
+            return
+        self.links[link_id] = _Removed()
+        self.run_timers_now(now)
+
+    def run_timers_now(self, now: float) -> None:
+        """Apply the path rules now (links changed), not at the next tick."""
+        self._next_tick = now
+        self.run_timers(now)
+
     def endpoint_for(self, link_id: int, key: bytes) -> Endpoint:
         endpoint = self._endpoints.get((link_id, key))
         if endpoint is None:
@@ -149,6 +175,35 @@ class TlsPaths:
     def reaches(self, peer: Peer) -> bool:
         """Whether a relay link reaches ``peer`` now (then no member need forward for it)."""
         return any(peer.public_key in link.present() for link in self.links)
+
+    def holds(self, peer: Peer) -> bool:
+        """Whether we have ``peer`` on a relay now (the mesh's direct paths defer to us)."""
+        state = self.states.get(peer.public_key)
+        return state is not None and state.tls is not None
+
+    def direct_confirmed(self, peer: Peer, endpoint: Endpoint, now: float) -> None:
+        """The mesh's path check got an answer over UDP at ``endpoint``: UDP works both ways.
+
+        Leave the relay now and tell the peer (TLS_UDP_SWITCH) so it follows; otherwise the
+        next datagram it still sends through the relay would roam us back onto it.
+        """
+        state = self.states.get(peer.public_key)
+        if state is None or state.tls is None or endpoint in self._by_endpoint:
+            return
+        self.device.send_control_to(
+            peer, endpoint, kinds.TLS_UDP_SWITCH, self.device.random(8), now
+        )
+        self._move_to_udp(peer, state, endpoint, now, "the mesh path check was answered")
+
+    def shown_endpoint(self, peer: Peer) -> Endpoint | None:
+        """The endpoint ``wg show`` (UAPI get) reports: while the peer is on a relay, its last
+        UDP endpoint (or none), never the stand-in, which means nothing outside this node and
+        would be written into a saved configuration by ``wg showconf``."""
+        endpoint = peer.endpoint
+        if endpoint is None or endpoint not in self._by_endpoint:
+            return endpoint
+        state = self.states.get(peer.public_key)
+        return state.udp if state is not None else None
 
     def is_relay_endpoint(self, endpoint: Endpoint | None) -> bool:
         return endpoint is not None and endpoint in self._by_endpoint
@@ -243,9 +298,9 @@ class TlsPaths:
             if state.tls is None:
                 return  # a stall probe answered: UDP still works, nothing to switch
             self.device.send_control_to(peer, source, kinds.TLS_UDP_SWITCH, body, now)
-            self._move_to_udp(peer, state, source, now)
+            self._move_to_udp(peer, state, source, now, "our probe was answered")
         else:
-            self._move_to_udp(peer, state, source, now)
+            self._move_to_udp(peer, state, source, now, "the peer switched")
 
     def session_started(self, peer: Peer, now: float) -> None:
         pass
@@ -289,7 +344,7 @@ class TlsPaths:
         if udp_rx > 0 and not on_relay:
             state.udp_seen = now
             if state.tls is not None and endpoint is not None:
-                self._move_to_udp(peer, state, endpoint, now)  # the other side moved first
+                self._move_to_udp(peer, state, endpoint, now, "UDP traffic from the peer")
                 return
         if state.tls is None:
             if link_id is not None and peer.relay is not None and not on_relay:
@@ -376,7 +431,9 @@ class TlsPaths:
         peer.endpoint = endpoint
         self._changed(peer, f"tls-relay via {self.link_name(endpoint)} ({why})")
 
-    def _move_to_udp(self, peer: Peer, state: _PeerPath, source: Endpoint, now: float) -> None:
+    def _move_to_udp(
+        self, peer: Peer, state: _PeerPath, source: Endpoint, now: float, why: str
+    ) -> None:
         state.udp_seen = now
         peer.endpoint = source
         if state.tls is not None:
@@ -384,7 +441,7 @@ class TlsPaths:
             state.switched = now
             state.pending.clear()
             self.returns += 1
-            self._changed(peer, f"UDP {source[0]}:{source[1]}")
+            self._changed(peer, f"UDP {source[0]}:{source[1]} ({why})")
 
     def _changed(self, peer: Peer, description: str) -> None:
         self.agent.dirty = True
@@ -414,12 +471,13 @@ class TlsPaths:
 
     def node_status(self) -> dict[str, Any]:
         status: dict[str, Any] = {}
-        for link in self.links:
+        live = [link for link in self.links if not isinstance(link, _Removed)]
+        for link in live:
             link_status = getattr(link, "status", None)
             if link_status is not None:
                 status["relay_server"] = link_status()
         return status | {
-            "tls_relays": {link.name: len(link.present()) for link in self.links},
+            "tls_relays": {link.name: len(link.present()) for link in live},
             "tls_relay_sent": self.sent,
             "tls_relay_delivered": self.delivered_count,
             "tls_relay_dropped": self.dropped,

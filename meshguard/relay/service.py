@@ -140,6 +140,9 @@ class TlsRelay:
         self.paths = paths
         node.mesh.add_feature(paths)
         node.members.paths.tls_relay_reaches = paths.reaches
+        node.members.paths.tls_relay_holds = paths.holds
+        node.endpoint_view = paths.shown_endpoint
+        node.members.paths.direct_confirmed = paths.direct_confirmed
         node.members.membership.is_relay_endpoint = paths.is_relay_endpoint
         io = node.device.io
         io.send_datagram = paths.wrap(io.send_datagram)
@@ -230,14 +233,19 @@ class TlsRelay:
             if new.relay_listen is None and self.hub is not None:
                 for client in list(self.hub.clients.values()):
                     client.abort()
+                if self.paths is not None and self.hub_link_id is not None:
+                    self.paths.remove_link(self.hub_link_id, self.reactor.seconds())
+                    self.hub_link_id = None
             self.port = port
             if port is not None and self.paths is not None and self.hub_link_id is None:
                 assert self.hub is not None
                 self.hub_link_id = self.paths.add_link(self.hub, self.reactor.seconds())
         for relay in list(self.services):
             if relay not in new.relays:
-                link, _ = self._stop_client(relay)
+                link, link_id = self._stop_client(relay)
                 self.links.remove(link)
+                if self.paths is not None:
+                    self.paths.remove_link(link_id, self.reactor.seconds())
                 log.info("relay {name}: removed", name=link.name)
         for relay in restart:
             link, link_id = self._stop_client(relay)
