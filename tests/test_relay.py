@@ -28,6 +28,7 @@ from meshguard.relay.client import (
     relay_backoff,
 )
 from meshguard.relay.connection import DEAD_AFTER
+from meshguard.relay.fairness import SLACK
 from meshguard.relay.server import AUTH_TIMEOUT, RelayHub, RelayServerProtocol
 
 
@@ -269,17 +270,54 @@ class ServerTests(SynchronousTestCase):
         self.assertLess(len([1 for s, _ in bob_rx if s == MALLORY[1]]), 60)
 
     def test_paused_target_drops_instead_of_buffering(self) -> None:
-        """While the target's transport is over its high-water mark, frames to it are dropped."""
+        """While the target's transport is over its high-water mark, frames to it are dropped
+        beyond a bounded slack (SLACK bytes until it resumes), however many senders there are."""
         self.join(ALICE)
         self.join(BOB)
+        self.hub.is_member = {ALICE[1], BOB[1], MALLORY[1]}.__contains__
+        self.join(MALLORY)
         target = self.hub.clients[BOB[1]]
         target.pauseProducing()
-        before = self.hub.backpressure_drops
-        self.hub.forward(self.hub.clients[ALICE[1]], BOB[1], b"x" * 100)
-        self.assertEqual(self.hub.backpressure_drops, before + 1)
+        written = len(target.transport.stream)  # type: ignore[union-attr]
+        for i in range(200):
+            sender = ALICE[1] if i % 2 else MALLORY[1]
+            self.hub.forward(self.hub.clients[sender], BOB[1], b"x" * 1000, self.clock.seconds())
+        grown = len(target.transport.stream) - written  # type: ignore[union-attr]
+        self.assertLessEqual(grown, SLACK + 200 * frames.HEADER_SIZE)
+        self.assertGreater(self.hub.backpressure_drops, 100)
         target.resumeProducing()
-        self.hub.forward(self.hub.clients[ALICE[1]], BOB[1], b"x" * 100)
-        self.assertEqual(self.hub.forwarded, 1)
+        before = self.hub.forwarded
+        self.hub.forward(self.hub.clients[ALICE[1]], BOB[1], b"x" * 100, self.clock.seconds())
+        self.assertEqual(self.hub.forwarded, before + 1)
+
+    def test_paused_receiver_is_shared_fairly(self) -> None:
+        """Mallory floods Bob (within her own rate limit) and keeps his connection paused;
+        Alice's light traffic to Bob still gets through while Mallory's excess is dropped."""
+        self.join(ALICE)
+        self.join(BOB)
+        self.hub.is_member = {ALICE[1], BOB[1], MALLORY[1]}.__contains__
+        self.join(MALLORY)
+        target = self.hub.clients[BOB[1]]
+        delivered = {ALICE[1]: 0, MALLORY[1]: 0}
+        offered = {ALICE[1]: 0, MALLORY[1]: 0}
+        for step in range(400):  # 2 s: the transport drains 32 KiB per 10 ms step
+            now = step * 0.005
+            for _ in range(20):
+                offered[MALLORY[1]] += 1
+                if self.hub._write(target, MALLORY[1], b"m" * 1200, now):
+                    delivered[MALLORY[1]] += 1
+            if step % 4 == 1:  # always while Bob's transport is paused
+                offered[ALICE[1]] += 1
+                if self.hub._write(target, ALICE[1], b"a" * 1200, now):
+                    delivered[ALICE[1]] += 1
+            # The transport pauses over its high-water mark and resumes when drained.
+            if step % 2 == 0:
+                target.pauseProducing()
+            else:
+                target.resumeProducing()
+        self.assertEqual(delivered[ALICE[1]], offered[ALICE[1]])
+        self.assertLess(delivered[MALLORY[1]], offered[MALLORY[1]] * 0.75)
+        self.assertGreater(self.hub.fair_admitted, 0)
 
     def test_junk_frame_type_closes_only_that_client(self) -> None:
         self.join(ALICE)

@@ -2,7 +2,8 @@
 
 One :class:`RelayHub` per node holds the authenticated connections. A client frame ``SEND(to,
 datagram)`` becomes ``RECV(from, datagram)`` on the target's connection at once or is dropped:
-nothing is queued beyond the transport's own buffer (see :mod:`.connection`). Each client has a
+nothing is queued beyond the transport's own buffer (see :mod:`.connection`), except a bounded
+slack for senders within their fair share of a paused receiver (:mod:`.fairness`). Each client has a
 token bucket of bytes (every frame also costs :data:`FRAME_COST`, so tiny frames are no way
 around it); over it, frames are dropped and counted. Frames that break the protocol close that
 client's connection only. Datagrams addressed to the relay node itself go to its own device.
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 
 from meshguard.relay import auth, frames
 from meshguard.relay.connection import FramedConnection, channel_binding
+from meshguard.relay.fairness import FairShare
 from meshguard.relay.paths import short
 
 log = Logger()
@@ -72,6 +74,8 @@ class RelayHub:
         self.unreachable = 0
         self.refused = 0
         self.backpressure_drops = 0
+        #: Frames written to a paused receiver because their sender was within its fair share.
+        self.fair_admitted = 0
 
     # ------------------------------------------------------------------ RelayLink
 
@@ -85,7 +89,25 @@ class RelayHub:
         if target is None or own is None:
             self.unreachable += 1
             return False
-        if not target.write_frame(frames.RECV, own + datagram):
+        return self._write(target, own, datagram, self.clock.seconds())
+
+    def _write(
+        self, target: RelayServerProtocol, source: bytes, datagram: bytes, now: float
+    ) -> bool:
+        """``RECV(source, datagram)`` to ``target``, or a drop: a paused receiver still takes
+        frames from senders within their fair share of it, up to a bounded slack (fairness)."""
+        fair = target.fair
+        size = len(datagram) + frames.KEY_SIZE
+        fair.offered(source, size, now)
+        if target.paused:
+            if target.closed or not fair.admit_paused(source, size):
+                target.frames_dropped += 1
+                self.backpressure_drops += 1
+                return False
+            self.fair_admitted += 1
+            target.write_frame(frames.RECV, source + datagram, control=True)
+            return True
+        if not target.write_frame(frames.RECV, source + datagram):
             self.backpressure_drops += 1
             return False
         return True
@@ -118,7 +140,9 @@ class RelayHub:
             other.write_frame(frames.LEAVE, key, control=True)
         log.info("relay: member {key} left", key=short(key))
 
-    def forward(self, source: RelayServerProtocol, destination: bytes, datagram: bytes) -> None:
+    def forward(
+        self, source: RelayServerProtocol, destination: bytes, datagram: bytes, now: float
+    ) -> None:
         assert source.member is not None
         if destination == self.public_key():
             self.deliver_local(source.member, datagram)
@@ -127,11 +151,9 @@ class RelayHub:
         if target is None or target is source:
             self.unreachable += 1
             return
-        if target.write_frame(frames.RECV, source.member + datagram):
+        if self._write(target, source.member, datagram, now):
             self.forwarded += 1
             self.forwarded_bytes += len(datagram)
-        else:
-            self.backpressure_drops += 1
 
     def status(self) -> dict[str, Any]:
         return {
@@ -142,6 +164,7 @@ class RelayHub:
             "unreachable": self.unreachable,
             "refused": self.refused,
             "backpressure_drops": self.backpressure_drops,
+            "fair_admitted": self.fair_admitted,
         }
 
 
@@ -158,6 +181,8 @@ class RelayServerProtocol(FramedConnection):
         self._auth_timer: IDelayedCall | None = None
         self.tokens = hub.burst
         self.updated = 0.0
+        #: Who sends to this member, and how much (see :mod:`.fairness`).
+        self.fair = FairShare()
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -170,6 +195,10 @@ class RelayServerProtocol(FramedConnection):
         self.write_frame(frames.CHALLENGE, self.challenge.encode(), control=True)
         self.updated = self.clock.seconds()
         self._auth_timer = self.clock.callLater(AUTH_TIMEOUT, self._auth_timeout)
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        self.fair.resumed()
 
     def _auth_timeout(self) -> None:
         self._auth_timer = None
@@ -206,7 +235,7 @@ class RelayServerProtocol(FramedConnection):
             self.hub.rate_limited += 1
             return
         self.tokens -= cost
-        self.hub.forward(self, payload[: frames.KEY_SIZE], payload[frames.KEY_SIZE :])
+        self.hub.forward(self, payload[: frames.KEY_SIZE], payload[frames.KEY_SIZE :], now)
 
     def _authenticate(self, payload: bytes) -> None:
         answer = auth.Answer.decode(payload)
