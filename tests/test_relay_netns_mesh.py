@@ -183,6 +183,10 @@ class TlsRelayMeshNetnsTests(TestCase):
         hub_status = read_status(hub_if)["node"]["relay_server"]
         self.assertGreater(hub_status["forwarded_bytes"], 50 * 1024 * 1024)
         self.assertEqual(path(a_if, b_k.public), RELAY)
+        # `wg show` never shows the stand-in relay address (it would land in a saved config).
+        shown = tb.run(a_ns, ["wg", "show", a_if, "endpoints"], timeout=10).stdout
+        self.assertIn(b_k.public, shown)
+        self.assertNotIn("[100::", shown)
 
         # A member floods the relay with junk: A and B keep talking through it.
         flood = subprocess.Popen(
