@@ -111,3 +111,31 @@ class LoopbackTLSTests(TestCase):
         bad = self.client(port, tls_creator("relay.example.net", pins=[bytes(32)]))
         yield task.deferLater(reactor, 1.0, lambda: None)
         self.assertIsNone(bad.connection)
+
+    @inlineCallbacks
+    def test_system_store(self) -> Any:
+        """Without RelayCA or RelayPin the system's trust store decides: a certificate from a CA
+        in it is accepted, one from a CA outside it is refused (the store is pointed at by
+        SSL_CERT_FILE, which OpenSSL's default verify paths honour)."""
+        import os
+
+        port = self.listen("127.0.0.1")
+        saved = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
+
+        def restore() -> None:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+        self.addCleanup(restore)
+        os.environ["SSL_CERT_FILE"] = str(self.ca.path)
+        os.environ["SSL_CERT_DIR"] = str(self.dir / "no-such-dir")
+        trusted = self.client(port, tls_creator("127.0.0.1"))
+        yield self.wait(lambda: trusted.connection is not None)
+        other = TestCA(self.dir / "other", name="not in the store")
+        os.environ["SSL_CERT_FILE"] = str(other.path)
+        refused = self.client(port, tls_creator("127.0.0.1"))
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        self.assertIsNone(refused.connection)
