@@ -28,7 +28,7 @@ from meshguard.mesh.keepalive import KeepalivePolicy
 from meshguard.mesh.pmtu import PathMTU
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
 from meshguard.mesh.stack import MeshStack
-from meshguard.plugins import IEndpointSource, IPathObserver
+from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver
 from meshguard.plugins import load as load_plugins
 from meshguard.probe_sockets import ProbeSockets
 from meshguard.tun import TunDevice
@@ -192,6 +192,7 @@ class Node:
             sources: list[EndpointSource] = list(load_plugins(IEndpointSource))
             self.members.paths.sources = sources or list(DEFAULT_SOURCES)
             self.members.paths.observers.extend(load_plugins(IPathObserver))
+            self.keepalive.overrides.extend(load_plugins(IKeepalivePolicy))
         #: ``Endpoint = name:port``: re-resolved when the peer goes quiet or the TTL runs out.
         self.names = EndpointNames(
             self.device, reactor, resolver=resolver, on_change=self.reschedule

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import random
+from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,14 +33,24 @@ def is_keepalive(data: bytes) -> bool:
 class Member:
     """A device with its mesh agent and keepalive policy on the in-memory network."""
 
-    def __init__(self, net: MemoryNetwork, endpoint: Endpoint, rng: random.Random) -> None:
+    def __init__(
+        self,
+        net: MemoryNetwork,
+        endpoint: Endpoint,
+        rng: random.Random,
+        overrides: Sequence[K.IntervalOverride] = (),
+    ) -> None:
         self.node: MemoryNode = net.add(endpoint, rng.randbytes)
         self.key = generate_private_key(rng.randbytes)
         self.public = public_key(self.key)
         self.address = f"10.9.0.{len(net.nodes)}"
         self.agent = MeshAgent(self.node.device, local_endpoints=lambda: [endpoint])
         self.policy = K.KeepalivePolicy(
-            self.node.device, self.agent, rng.randbytes, MemoryProbePaths(net, endpoint[0])
+            self.node.device,
+            self.agent,
+            rng.randbytes,
+            MemoryProbePaths(net, endpoint[0]),
+            overrides=overrides,
         )
         self.agent.add_feature(self.policy)
         net.timed.append(self.agent)
@@ -51,7 +62,10 @@ class Member:
 
 
 class Mesh:
-    """Home (maybe behind a NAT) and one or two hubs; home's peers are auto, as are the hubs'."""
+    """Home (maybe behind a NAT) and one or two hubs; home's peers are auto, as are the hubs'.
+
+    ``overrides``: keepalive plugins the home's policy consults.
+    """
 
     def __init__(
         self,
@@ -61,6 +75,7 @@ class Mesh:
         endpoint_dependent: bool = False,
         seed: int = 7,
         hub_auto: bool = True,
+        overrides: Sequence[K.IntervalOverride] = (),
     ) -> None:
         rng = random.Random(seed)
         self.net = MemoryNetwork()
@@ -69,7 +84,7 @@ class Mesh:
             self.nat = self.net.add_nat(
                 MemoryNAT(PUBLIC, {HOME[0]}, lifetime, endpoint_dependent=endpoint_dependent)
             )
-        self.home = Member(self.net, HOME, rng)
+        self.home = Member(self.net, HOME, rng, overrides)
         self.hubs = [Member(self.net, ep, rng) for ep in (HUB, HUB2)[:hubs]]
         now = self.net.now
         for hub in self.hubs:

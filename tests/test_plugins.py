@@ -23,9 +23,10 @@ from meshguard.mesh.agent import encode_json
 from meshguard.mesh.members import MemberInfo, Network
 from meshguard.mesh.sources import DEFAULT_SOURCES, Candidate, gather
 from meshguard.node import Node
-from meshguard.plugins import IEndpointSource, IPathObserver, load
+from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver, load
 from meshguard.plugins.standard import PathLog
 from tests.meshsim import MeshSim
+from tests.test_keepalive import Mesh
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs" / "plugins.md"
 
@@ -55,11 +56,12 @@ recorder = Recorder()
 """
 
 
-def doc_example() -> str:
-    """The complete plugin file docs/plugins.md shows."""
+def doc_example(index: int = 0) -> str:
+    """A complete plugin file docs/plugins.md shows: 0, endpoints and path changes; 1, keepalive
+    policies."""
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
-    assert len(blocks) == 1, "docs/plugins.md shows one complete plugin"
-    return str(blocks[0])
+    assert len(blocks) == 2, "docs/plugins.md shows two complete plugin modules"
+    return str(blocks[index])
 
 
 def private(n: int) -> bytes:
@@ -175,16 +177,24 @@ class ThirdPartyPluginTests(SynchronousTestCase):
         plugins.mkdir(parents=True)
         (plugins / "mgtest_endpoints_file.py").write_text(doc_example())
         (plugins / "mgtest_recorder.py").write_text(RECORDER)
+        (plugins / "mgtest_keepalive_policy.py").write_text(doc_example(1))
         self.endpoints = self.directory / "endpoints.json"
+        self.metered = self.directory / "metered"
         self.patch(sys, "path", [str(self.directory), *sys.path])
         self.patch(meshguard.plugins, "__path__", list(meshguard.plugins.__path__))
-        self.patch(os, "environ", {**os.environ, "MESHGUARD_ENDPOINTS_FILE": str(self.endpoints)})
+        environ = {
+            **os.environ,
+            "MESHGUARD_ENDPOINTS_FILE": str(self.endpoints),
+            "MESHGUARD_METERED_FLAG": str(self.metered),
+        }
+        self.patch(os, "environ", environ)
         self.addCleanup(self._forget_modules)
 
     def _forget_modules(self) -> None:
         for name in (
             "meshguard.plugins.mgtest_endpoints_file",
             "meshguard.plugins.mgtest_recorder",
+            "meshguard.plugins.mgtest_keepalive_policy",
         ):
             sys.modules.pop(name, None)
 
@@ -217,3 +227,48 @@ class ThirdPartyPluginTests(SynchronousTestCase):
         self.assertEqual(state.candidates(), [("203.0.113.9", 4000), ("192.0.2.77", 51820)])
         self.assertIn(("member", member, [ipaddress.ip_network("10.99.0.3/32")]), recorder.events)
         self.assertEqual(node.status_document()["node"]["endpoint_sources"], names)
+
+    def test_keepalive_policy_from_a_temporary_package(self) -> None:
+        """The keepalive policies of docs/plugins.md, put in a ``meshguard/plugins`` directory on
+        sys.path, are found by getPlugins in the module's order and consulted by auto: the
+        metered floor while the flag file exists (20 s where auto chose 13 s behind a 30 s NAT),
+        the fixed interval for its peer over the floor, and auto's own choice without either."""
+        policies = load(IKeepalivePolicy)
+        self.assertEqual([p.name for p in policies], ["fixed", "metered-floor"])
+        module = sys.modules["meshguard.plugins.mgtest_keepalive_policy"]
+        self.metered.write_text("")
+        mesh = Mesh(30.0, overrides=policies)
+        mesh.net.advance(30 * 60)
+        policy = mesh.policy
+        hub = mesh.hubs[0]
+        peer = mesh.home.peer(hub)
+        lifetime = policy.nat.lifetime
+        assert lifetime is not None
+        self.assertEqual(peer.persistent_keepalive, 20)
+        self.assertEqual(
+            policy.peer_status(peer)["keepalive"],
+            f"20 (plugin metered-floor; auto: 13, half the measured NAT lifetime ({lifetime:g} s))",
+        )
+
+        self.patch(module, "FIXED", {base64.b64encode(hub.public).decode(): 15})
+        policy.update(mesh.net.now)
+        self.assertEqual(peer.persistent_keepalive, 15)
+        self.assertEqual(policy.peer_status(peer)["keepalive_plugin"], "fixed")
+
+        self.patch(module, "FIXED", {})
+        self.metered.unlink()
+        policy.update(mesh.net.now)
+        self.assertEqual(peer.persistent_keepalive, 13)
+        self.assertNotIn("keepalive_plugin", policy.peer_status(peer))
+        self.assertEqual(policy.plugin_errors, 0)
+
+    def test_node_consults_keepalive_plugins(self) -> None:
+        """A node hands the keepalive plugins it finds to its ``auto`` policy, in load order,
+        and its status lists them."""
+        node = Node("mgplug2", Clock())
+        names = [getattr(p, "name", None) for p in node.keepalive.overrides]
+        self.assertEqual(names, ["fixed", "metered-floor"])
+        self.assertEqual(
+            node.status_document()["node"]["keepalive_plugins"], ["fixed", "metered-floor"]
+        )
+        self.assertEqual(Node("mgplug3", Clock(), plugins=False).keepalive.overrides, [])

@@ -11,7 +11,14 @@ from meshguard.core.icmp import echo_reply, echo_request
 from meshguard.core.peer import Peer
 from meshguard.memory import MemoryNetwork, PathMTULimit
 from meshguard.mesh.agent import MeshAgent
-from meshguard.mesh.pmtu import FAILED, RECHECK_INTERVAL, STEADY, STOCK_GRACE, PathMTU
+from meshguard.mesh.pmtu import (
+    FAILED,
+    GUESS_RETRY_AFTER,
+    RECHECK_INTERVAL,
+    STEADY,
+    STOCK_GRACE,
+    PathMTU,
+)
 from tests.packets import ipv4
 from tests.test_device import A_EP, Pair
 
@@ -156,6 +163,69 @@ class StockPeerTests(SynchronousTestCase):
             s.pair.a_to_b()
             s.net.advance(RECHECK_INTERVAL / 2)
         self.assertEqual(s.peer.inner_mtu, 1440)
+
+    def _subnet_gateway(self, peer_networks: list[str], *, answers: bool = True) -> StockPeer:
+        """A stock peer that is the gateway of a subnet (no host route of its own): we are
+        10.9.0.5/24 and the peer's AllowedIPs are ``peer_networks``."""
+        ours = ipaddress.ip_interface("10.9.0.5/24")
+        s = StockPeer(path_mtu=1280, addresses=(ours,), answers=answers)
+        s.pair.a.device.replace_allowed_ips(
+            s.peer, [ipaddress.ip_network(n) for n in peer_networks]
+        )
+        s.pair.b.device.replace_allowed_ips(s.pair.peer_of_b, [ipaddress.ip_network("10.9.0.5/32")])
+        return s
+
+    def test_subnet_gateway_probed_at_the_first_host(self) -> None:
+        """AllowedIPs 10.9.0.0/24 with no /32: the guess 10.9.0.1 answers, 1216 is found, and
+        the status names the target as a guess."""
+        s = self._subnet_gateway(["10.9.0.0/24"])
+        target = s.pmtu.echo_target(s.peer)
+        self.assertEqual(target, (bytes([10, 9, 0, 5]), bytes([10, 9, 0, 1]), True))
+        s.net.advance(STOCK_GRACE + 5)
+        self.assertEqual(s.peer.inner_mtu, 1216)
+        status = s.pmtu.peer_status(s.peer)
+        self.assertEqual(status["pmtu_echo_target"], "10.9.0.1")
+        self.assertTrue(status["pmtu_echo_target_guessed"])
+
+    def test_default_route_peer_guessed_in_our_own_subnet(self) -> None:
+        """A VPN-style peer with AllowedIPs 0.0.0.0/0: the first host of our own interface's
+        subnet routes to it and is tried; 0.0.0.1 never is."""
+        s = self._subnet_gateway(["0.0.0.0/0"])
+        self.assertEqual(
+            s.pmtu.echo_target(s.peer), (bytes([10, 9, 0, 5]), bytes([10, 9, 0, 1]), True)
+        )
+        s.net.advance(STOCK_GRACE + 5)
+        self.assertEqual(s.peer.inner_mtu, 1216)
+
+    def test_host_route_preferred_and_guess_never_ours_or_another_peers(self) -> None:
+        s = self._subnet_gateway(["10.9.0.0/24", "10.9.0.7/32"])
+        self.assertEqual(
+            s.pmtu.echo_target(s.peer), (bytes([10, 9, 0, 5]), bytes([10, 9, 0, 7]), False)
+        )
+        # Our own address is the first host: no guess there (nor in 0.0.0.0/0's 0.0.0.1).
+        ours = ipaddress.ip_interface("10.9.0.1/24")
+        s.pmtu.local_addresses = lambda: (ours,)
+        s.pair.a.device.replace_allowed_ips(s.peer, [ipaddress.ip_network("10.9.0.0/24")])
+        self.assertIsNone(s.pmtu.echo_target(s.peer))
+
+    def test_silent_guess_is_retried_rarely(self) -> None:
+        """Nobody answers at the guessed address: one failed search, then nothing for
+        GUESS_RETRY_AFTER seconds; the route MTU is shown."""
+        s = self._subnet_gateway(["10.9.0.0/24"], answers=False)
+        s.net.advance(STOCK_GRACE + 10)
+        state = s.pmtu.peers[s.peer.public_key]
+        self.assertEqual(state.state, FAILED)
+        probes = state.probes
+        self.assertEqual(GUESS_RETRY_AFTER, 600.0)
+        for _ in range(10):  # 300 s of traffic
+            s.net.send(s.pair.a, ipv4("10.9.0.5", "10.9.0.1", b"traffic"))
+            s.net.advance(RECHECK_INTERVAL)
+        self.assertEqual(state.probes, probes)
+        for _ in range(12):  # 360 s more
+            s.net.send(s.pair.a, ipv4("10.9.0.5", "10.9.0.1", b"traffic"))
+            s.net.advance(RECHECK_INTERVAL)
+        self.assertGreater(state.probes, probes)  # tried again, once its time came
+        self.assertEqual(s.pmtu.peer_status(s.peer)["path_mtu_source"], "route")
 
     def test_other_echo_replies_reach_the_tun(self) -> None:
         """Replies to the host's own pings (another identifier, or ours without the probe

@@ -27,6 +27,10 @@ WireGuard's documented value) applies. Evidence that a mapping expired (a peer s
 change while the address stays) halves the interval at once and starts a new measurement; a new
 public address (roaming) starts one too.
 
+Keepalive plugins (:class:`IntervalOverride`, injected by the node from
+:class:`meshguard.plugins.IKeepalivePolicy`) may override each choice: they are asked every time
+auto decides, and the first answer that is not ``None`` wins, within the same bounds.
+
 Unauthenticated datagrams (probe tokens, acks, echoes) only ever act on a token learned over the
 authenticated channel; anything else is dropped and counted. Nothing here does I/O: secondary
 sockets come from an injected :class:`ProbePaths`.
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -182,6 +186,58 @@ class _Help:
 class _Decision:
     interval: int
     reason: str
+    #: The plugin that overrode auto's choice, and that choice.
+    plugin: str | None = None
+    auto: _Decision | None = None
+
+
+@dataclass(frozen=True)
+class KeepaliveFacts:
+    """What auto knows when it chooses a peer's interval, for keepalive plugins to read."""
+
+    #: Whether the path to this peer is translated (``None``: no meshguard peer said yet).
+    natted: bool | None
+    #: ``endpoint-independent``, ``endpoint-dependent``, ``none`` or ``unknown``.
+    mapping: str
+    #: Seconds an idle mapping is known to survive; ``None`` until measured.
+    lifetime: float | None
+    #: The NAT kept the longest probe: the lifetime may be longer still.
+    lifetime_at_least: bool
+    #: Why auto chose its interval (the text ``meshguard status`` shows).
+    reason: str
+    #: This peer carries the keepalive that keeps an endpoint-independent mapping for all.
+    carrier: bool
+    #: The interval in force for this peer before this decision (0: off).
+    current: int
+    #: Auto halved its interval after a mapping expired (until the lifetime is re-measured).
+    expired: bool
+    #: The peer runs meshguard (otherwise it is a stock WireGuard peer).
+    meshguard: bool
+
+
+class IntervalOverride(Protocol):
+    """The shape :class:`meshguard.plugins.IKeepalivePolicy` gives inside the mesh core."""
+
+    name: str
+
+    def interval(self, public_key: bytes, chosen: int, facts: KeepaliveFacts) -> int | None: ...
+
+
+def _describe(value: object) -> str:
+    """``repr(value)`` for status, short, even when the plugin's object cannot give one."""
+    try:
+        return repr(value)[:100]
+    except Exception:
+        return f"a {type(value).__name__}"
+
+
+def override_name(override: object) -> str:
+    """A plugin's ``name`` for status, or its class's name when it has no usable one."""
+    try:
+        name = getattr(override, "name", None)
+    except Exception:
+        name = None
+    return name if isinstance(name, str) and name else type(override).__name__
 
 
 @dataclass
@@ -212,11 +268,18 @@ class KeepalivePolicy:
         agent: MeshAgent,
         random: RandomBytes,
         paths: ProbePaths | None = None,
+        overrides: Sequence[IntervalOverride] = (),
     ) -> None:
         self.device = device
         self.agent = agent
         self.random = random
         self.paths = paths
+        #: Keepalive plugins, asked in this order each time auto chooses an interval (the node
+        #: puts the ``IKeepalivePolicy`` plugins here, built-in ones first).
+        self.overrides: list[IntervalOverride] = list(overrides)
+        #: Plugin calls that raised or answered garbage (ignored), and the latest such call.
+        self.plugin_errors = 0
+        self.plugin_error = ""
         #: Peers (public keys) whose keepalive interval this policy chooses.
         self.auto: set[bytes] = set()
         self.nat = NatState()
@@ -349,11 +412,12 @@ class KeepalivePolicy:
             return _Decision(nat.shrunk, nat.shrink_reason + ": halved")
         return _Decision(interval, reason)
 
-    def _choose_carrier(self) -> bytes | None:
+    def _choose_carrier(self, declined: set[bytes]) -> bytes | None:
         candidates = [
             key
             for key in sorted(self.auto)
-            if key in self.device.peers
+            if key not in declined
+            and key in self.device.peers
             and self.device.peers[key].is_meshguard
             and self.observations.get(key) is not None
             and self._path_natted(key)
@@ -388,17 +452,36 @@ class KeepalivePolicy:
             return _Decision(0, f"endpoint-independent NAT: the keepalive to {short} keeps it")
         return self.node_interval()
 
+    def _decide_all(self) -> dict[bytes, _Decision]:
+        """Every auto peer's interval, plugins consulted, and the carrier they rely on.
+
+        A plugin may turn the carrier's keepalive off; then another peer carries the shared
+        mapping (or, with none left, every peer keeps its own), so switching one peer off never
+        silently leaves the whole node without a keepalive.
+        """
+        declined: set[bytes] = set()
+        while True:
+            self.carrier = (
+                self._choose_carrier(declined)
+                if self.nat.mapping == "endpoint-independent"
+                else None
+            )
+            decisions: dict[bytes, _Decision] = {}
+            for key in sorted(self.auto):
+                peer = self.device.peers.get(key)
+                if peer is not None:
+                    decisions[key] = self._overridden(peer, self._decide(peer))
+            carrier = decisions.get(self.carrier) if self.carrier is not None else None
+            if carrier is None or carrier.interval or carrier.plugin is None:
+                return decisions
+            assert self.carrier is not None
+            declined.add(self.carrier)
+
     def update(self, now: float) -> None:
         """Recompute every auto peer's interval and apply the ones that changed."""
         self._classify()
-        self.carrier = (
-            self._choose_carrier() if self.nat.mapping == "endpoint-independent" else None
-        )
-        for key in sorted(self.auto):
-            peer = self.device.peers.get(key)
-            if peer is None:
-                continue
-            decision = self._decide(peer)
+        for key, decision in self._decide_all().items():
+            peer = self.device.peers[key]
             self.decisions[key] = decision
             was = peer.persistent_keepalive
             if decision.interval != was:
@@ -407,6 +490,54 @@ class KeepalivePolicy:
                     # Shrinking: refresh the mapping now, the timer follows the new interval.
                     self.device.send_keepalive(peer, now)
         self._maybe_start(now)
+
+    def _facts(self, peer: Peer, chosen: _Decision) -> KeepaliveFacts:
+        nat = self.nat
+        return KeepaliveFacts(
+            natted=self._path_natted(peer.public_key),
+            mapping=nat.mapping,
+            lifetime=nat.lifetime,
+            lifetime_at_least=nat.lifetime_at_least,
+            reason=chosen.reason,
+            carrier=peer.public_key == self.carrier,
+            current=peer.persistent_keepalive,
+            expired=nat.shrunk is not None,
+            meshguard=peer.is_meshguard,
+        )
+
+    def _overridden(self, peer: Peer, chosen: _Decision) -> _Decision:
+        """Auto's choice, or the first plugin answer that is not ``None``, within the bounds.
+
+        0 (off) is taken as given: an operator may turn a peer's keepalive off in the config
+        too. Any other number is clamped to auto's own bounds. A plugin that raises or answers
+        anything but ``None`` or an ``int`` >= 0 is counted and skipped.
+        """
+        if not self.overrides:
+            return chosen
+        facts = self._facts(peer, chosen)
+        for override in self.overrides:
+            name = override_name(override)
+            try:
+                answer = override.interval(peer.public_key, chosen.interval, facts)
+            except Exception as e:
+                self._plugin_failed(name, f"raised {_describe(e)}")
+                continue
+            if answer is None:
+                continue
+            if type(answer) is not int or answer < 0:  # not bool, nor a subclass's surprises
+                self._plugin_failed(name, f"answered {_describe(answer)}")
+                continue
+            interval = 0 if answer == 0 else max(INTERVAL_MIN, min(INTERVAL_MAX, answer))
+            source = f"plugin {name}"
+            if interval != answer:
+                source += f", {answer} clamped to {interval}"
+            reason = f"{source}; auto: {chosen.interval or 'off'}, {chosen.reason}"
+            return _Decision(interval, reason, plugin=name, auto=chosen)
+        return chosen
+
+    def _plugin_failed(self, name: str, what: str) -> None:
+        self.plugin_errors += 1
+        self.plugin_error = f"{name} {what}"[:200]
 
     # ------------------------------------------------------------------ measuring (our side)
 
@@ -764,12 +895,18 @@ class KeepalivePolicy:
         key = peer.public_key
         decision = self.decisions.get(key)
         if key in self.auto and decision is not None:
-            return {
-                "keepalive": f"{decision.interval or 'off'} (auto: {decision.reason})",
+            source = "" if decision.plugin is not None else "auto: "
+            status: dict[str, Any] = {
+                "keepalive": f"{decision.interval or 'off'} ({source}{decision.reason})",
                 "keepalive_interval": decision.interval,
                 "keepalive_reason": decision.reason,
                 "keepalive_auto": True,
             }
+            if decision.plugin is not None and decision.auto is not None:
+                status["keepalive_plugin"] = decision.plugin
+                status["keepalive_auto_interval"] = decision.auto.interval
+                status["keepalive_auto_reason"] = decision.auto.reason
+            return status
         interval = peer.persistent_keepalive
         reason = "configured" if interval else "off (not configured)"
         return {
@@ -797,6 +934,11 @@ class KeepalivePolicy:
             status["keepalive_reason"] = decision.reason
             if self.carrier is not None and self.carrier in self.device.peers:
                 status["keepalive_carrier"] = self.device.peers[self.carrier].short_name
+        if self.overrides:
+            status["keepalive_plugins"] = [override_name(o) for o in self.overrides]
+        if self.plugin_errors:
+            status["keepalive_plugin_errors"] = self.plugin_errors
+            status["keepalive_plugin_error"] = self.plugin_error
         if nat.events:
             status["nat_events"] = list(nat.events)
         if self.counters:

@@ -78,6 +78,9 @@ COPIES: Final = 2
 MIN_SIZE: Final = 512
 #: A failed or paused search is tried again after this long.
 RETRY_AFTER: Final = 30.0
+#: A guessed echo target (a stock peer without a host route) that never answered is tried again
+#: this rarely.
+GUESS_RETRY_AFTER: Final = 600.0
 #: Retry when no session can carry a probe (an idle tunnel has none; probing waits for one).
 NO_SESSION_RETRY: Final = 10.0
 
@@ -223,19 +226,41 @@ class PathMTU:
     def _handshake(self, peer: Peer) -> None:
         """A session with a peer not known as meshguard: unless it says hello within
         ``STOCK_GRACE`` (then ``session_started`` takes over), probe it with ICMP echo."""
-        if peer.is_meshguard or self.echo_addresses(peer) is None:
+        target = None if peer.is_meshguard else self.echo_target(peer)
+        if target is None:
             return
         state = self._state(peer)
         if state.endpoint == peer.endpoint and state.searches and state.state != FAILED:
             return  # a rekey: the measurement (or the search under way) still holds
+        if (
+            state.state == FAILED
+            and target[2]
+            and state.deadline is not None
+            and peer.last_handshake_time < state.deadline
+        ):
+            return  # a guess nobody answered: not again before its retry time
         self.start(peer, peer.last_handshake_time)
         state.started = state.deadline = peer.last_handshake_time + STOCK_GRACE
 
     def echo_addresses(self, peer: Peer) -> tuple[bytes, bytes] | None:
-        """(our address, the peer's tunnel address) for echo probes, or None: the peer's first
-        host route (/32, /128) in its AllowedIPs of a family we have an interface address in,
-        IPv4 first."""
-        ours = {a.version: a.ip.packed for a in reversed(self.local_addresses())}
+        """(our address, the peer's tunnel address) for echo probes, or None (see
+        :meth:`echo_target`)."""
+        target = self.echo_target(peer)
+        return None if target is None else (target[0], target[1])
+
+    def echo_target(self, peer: Peer) -> tuple[bytes, bytes, bool] | None:
+        """(our address, where to send echo, whether that is a guess), or None.
+
+        First the peer's first host route (/32, /128) in its AllowedIPs of a family we have an
+        interface address in, IPv4 first. Without one (a stock peer that is the gateway of a
+        whole subnet, or of everything), a guess: the first host of our own interface's subnet
+        (where the hub of a tunnel subnet usually sits), then of each of the peer's networks
+        (/8../30, /16../126), provided it routes to this peer and is not one of our addresses.
+        A guess that never answers costs one failed search and then one more every
+        :data:`GUESS_RETRY_AFTER` seconds; until one answers, the route MTU is shown.
+        """
+        local = list(self.local_addresses())
+        ours: dict[int, bytes] = {a.version: a.ip.packed for a in reversed(local)}
         networks = self.device.allowed_ips.networks(peer)
         for version in (4, 6):
             source = ours.get(version)
@@ -243,7 +268,21 @@ class PathMTU:
                 continue
             for network in networks:
                 if network.version == version and network.num_addresses == 1:
-                    return source, network.network_address.packed
+                    return source, network.network_address.packed, False
+        own = {a.ip.packed for a in local}
+        for version in (4, 6):
+            source = ours.get(version)
+            if source is None:
+                continue
+            shortest, longest = (8, 30) if version == 4 else (16, 126)
+            candidates = [a.network for a in local if a.version == version]
+            candidates += [n for n in networks if n.version == version]
+            for network in candidates:
+                if not shortest <= network.prefixlen <= longest:
+                    continue
+                guess = (network.network_address + 1).packed
+                if guess not in own and self.device.allowed_ips.lookup(guess) is peer:
+                    return source, guess, True
         return None
 
     def start(self, peer: Peer, now: float, *, keep_low: int = 0, high: int | None = None) -> None:
@@ -373,9 +412,12 @@ class PathMTU:
 
     def _converged(self, peer: Peer, state: PeerPMTU, now: float) -> None:
         if state.low < MIN_SIZE:
-            # Nothing got through: the peer is gone or UDP is filtered, not an MTU question.
+            # Nothing got through: the peer is gone or UDP is filtered, not an MTU question
+            # (or, for a guessed echo target, nobody there answers pings).
             state.state = FAILED
-            state.deadline = now + RETRY_AFTER
+            target = self.echo_target(peer) if state.via == VIA_ECHO else None
+            guessed = target is not None and target[2]
+            state.deadline = now + (GUESS_RETRY_AFTER if guessed else RETRY_AFTER)
             return
         state.state = STEADY
         state.converged_in = now - state.started
@@ -529,7 +571,11 @@ class PathMTU:
                 "pmtu_state": state.state if state is not None else None,
             }
         overhead = ip_udp_overhead(state.endpoint) + WG_OVERHEAD
-        return {
+        echo: dict[str, Any] = {}
+        if state.via == VIA_ECHO and (target := self.echo_target(peer)) is not None:
+            echo["pmtu_echo_target"] = str(ipaddress.ip_address(target[1]))
+            echo["pmtu_echo_target_guessed"] = target[2]
+        return echo | {
             "path_mtu": state.mtu + overhead,
             "path_mtu_source": state.method,
             "tunnel_mtu": state.mtu,

@@ -5,7 +5,7 @@ A plugin is a module in a ``meshguard/plugins/`` directory anywhere on ``sys.pat
 ``twisted.plugins`` does) holding module-level objects that provide ``twisted.plugin.IPlugin``
 and one of the interfaces below. meshguard's own endpoint sources and path logger are plugins of
 this package too (:mod:`meshguard.plugins.standard`), so built-in and third-party code go
-through the same seams. docs/plugins.md has a complete third-party example.
+through the same seams. docs/plugins.md has complete third-party examples.
 
 Plugins are called on the reactor thread from inside the mesh layer: they must return at once
 (no blocking I/O) and should not raise; a call that raises is counted and skipped.
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from twisted.logger import Logger
 from twisted.plugin import getPlugins, pluginPackagePaths
 from zope.interface import Attribute, Interface
 
+from meshguard.mesh.keepalive import KeepaliveFacts
 from meshguard.mesh.members import MemberInfo, Network
 from meshguard.mesh.sources import Candidate
 
@@ -31,6 +32,7 @@ __all__ = [
     "IEndpointSource",
     "IKeepalivePolicy",
     "IPathObserver",
+    "KeepaliveFacts",
     "MemberInfo",
     "load",
 ]
@@ -84,20 +86,29 @@ class IPathObserver(Interface):
 class IKeepalivePolicy(Interface):
     """Overrides the interval ``PersistentKeepalive = auto`` chooses for a peer.
 
-    Declared for the keepalive policy (:mod:`meshguard.mesh.keepalive`) to consult; it does not
-    yet (see docs/plugins.md).
+    Asked about every ``auto`` peer each time auto decides: at config load and reload, on each
+    new session with a meshguard peer (each rekey, about every 2 minutes while packets flow), on
+    each report of our public endpoint, and when a lifetime measurement ends or a mapping is seen
+    to expire. An answer that depends on outside state takes effect at the next decision.
+    Peers with a number in the config or set with ``wg`` are never asked about. No built-in
+    plugin provides this: auto's own choice is the default.
     """
 
-    name = Attribute("A short name shown as the reason's source.")
+    name = Attribute("A short name, shown in the reason ``meshguard status`` gives.")
 
-    def interval(
-        public_key: bytes,  # noqa: N805
-        chosen: int,
-        reason: str,
-        nat: Mapping[str, Any],
-    ) -> tuple[int, str] | None:
-        """``(interval, reason)`` to use instead of ``chosen`` (seconds, 0: off), or ``None`` to
-        keep it; ``nat`` is the NAT facts ``meshguard status`` shows."""
+    def interval(public_key: bytes, chosen: int, facts: KeepaliveFacts) -> int | None:  # noqa: N805
+        """The interval to use for the peer whose public key is ``public_key`` instead of
+        ``chosen`` (auto's choice, in seconds, 0: off), or ``None`` to leave it to the next
+        plugin and finally to auto.
+
+        The first plugin (built-in first, then by module name) to answer a number wins; later
+        ones are not asked. 0 turns the peer's keepalive off (if that peer was carrying the
+        keepalive for an endpoint-independent NAT, another peer takes over); other numbers are
+        clamped to auto's bounds, 2..300 s. ``facts`` (:class:`KeepaliveFacts`) is what auto
+        knows: NAT, mapping, measured lifetime, its reason, whether this peer is the carrier.
+        Anything else (an exception, a negative number, a non-integer) is counted in
+        ``meshguard status`` as ``keepalive plugin errors`` and ignored.
+        """
 
 
 T = TypeVar("T", bound=Interface)
