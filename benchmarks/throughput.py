@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from meshguard.status_client import read_status  # noqa: E402
 from tests.netns import (  # noqa: E402
     Namespace,
     Testbed,
@@ -175,7 +176,33 @@ def run_meshguard(tb: Testbed, hosts: TwoHosts, args: argparse.Namespace) -> Res
             f"(command: {args.meshguard_cmd!r})\n{tails}"
         ) from None
     check_mtu(tb, hosts, a_if, args.mtu)
-    return measure(tb, hosts, TUNNEL_B, "meshguard", procs, args.seconds, args.reps)
+    result = measure(tb, hosts, TUNNEL_B, "meshguard", procs, args.seconds, args.reps)
+    for side, ifname in (("A (sender)", a_if), ("B (receiver)", b_if)):
+        print(f"  {side}: {offload_summary(ifname)}")
+    return result
+
+
+def offload_summary(ifname: str) -> str:
+    """How much the UDP offloads batched on one node, from its ``meshguard status`` document
+    (the status socket is a path, so it is reachable from outside the node's namespace)."""
+    try:
+        offload = read_status(ifname)["node"]["udp_offload"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no UDP offload counters ({e.__class__.__name__}: {e})"
+
+    def per(count: int, calls: int) -> str:
+        return f"{count / calls:.1f}" if calls else "-"
+
+    received = offload["reads"] - offload["gro_reads"] + offload["gro_datagrams"]
+    return (
+        f"GSO {offload['gso']}: {offload['gso_sends']} sends, "
+        f"{per(offload['gso_datagrams'], offload['gso_sends'])} datagrams each, "
+        f"{per(100 * offload['gso_datagrams'], offload['held_datagrams'])} % of "
+        f"{offload['held_datagrams']} held; "
+        f"GRO {offload['gro']}: {offload['gro_reads']} of {offload['reads']} reads coalesced, "
+        f"{per(offload['gro_datagrams'], offload['gro_reads'])} datagrams each, "
+        f"{per(received, offload['reads'])} per read overall"
+    )
 
 
 def start(tb: Testbed, ns: Namespace, argv: Sequence[str]) -> subprocess.Popen[bytes]:

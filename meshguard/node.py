@@ -167,6 +167,7 @@ class Node:
             system=tun_system,
             on_gone=self._tun_gone,
             on_batch_end=self._batch_end,
+            on_batch_start=self._tun_batch_start,
         )
         self.udp = UDPTransport(
             self._datagram_received, reactor, listen_port, on_batch_end=self._batch_end
@@ -284,6 +285,7 @@ class Node:
         self.mtu = self.device.mtu = wanted
 
     def _tun_gone(self, error: OSError) -> None:
+        self.udp.flush()  # the batch ended without its end hook
         log.info("interface {name} is gone ({error}); stopping", name=self.interface, error=error)
         if self.on_gone is not None:
             self.on_gone()
@@ -296,8 +298,14 @@ class Node:
     def _datagram_received(self, data: bytes, source: Endpoint) -> None:
         self.device.datagram_received(data, source, self._seconds())
 
+    def _tun_batch_start(self) -> None:
+        """Hold the datagrams one TUN batch seals, so each peer's leave in few GSO sends."""
+        self.udp.hold()
+
     def _batch_end(self) -> None:
-        """After a drained batch: move the reactor timer only if a deadline moved earlier."""
+        """After a drained batch: send what was held, and move the reactor timer only if a
+        deadline moved earlier."""
+        self.udp.flush()
         if self.device.timers.dirty or self.mesh.dirty:
             self.reschedule()
 
@@ -369,7 +377,7 @@ class Node:
             "public_key": b64(device.public_key) if device.public_key is not None else None,
             "listen_port": self.udp.local_port,
             "mtu": self.mtu,
-            "node": self.mesh.node_status(),
+            "node": {**self.mesh.node_status(), "udp_offload": self.udp.offload_status()},
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
             "peers": peers,
         }

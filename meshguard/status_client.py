@@ -47,6 +47,8 @@ def format_status(document: dict[str, Any]) -> str:
         if document.get(key) is not None:
             lines.append(f"  {key.replace('_', ' ')}: {document[key]}")
     for key, value in sorted(document.get("node", {}).items()):
+        if isinstance(value, dict):  # a group of facts (udp_offload): one line, in its order
+            value = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
         lines.append(f"  {key.replace('_', ' ')}: {value}")
     for peer in document.get("peers", []):
         lines.append("")

@@ -123,10 +123,11 @@ def _open_hint(err: OSError) -> str:
 class TunDevice:
     """A Linux TUN interface in IFF_TUN | IFF_NO_PI mode: raw IP packets in and out.
 
-    ``receiver(packet)`` is called for every packet read; after each drained batch the optional
-    ``on_batch_end()`` is called once, so the node can flush queued work and reschedule its
-    single timer per batch instead of per packet. When the interface disappears (``ip link
-    del``) reading stops and ``on_gone(error)`` is called, so the node can exit the way
+    ``receiver(packet)`` is called for every packet read; before each batch the optional
+    ``on_batch_start()`` and after it the optional ``on_batch_end()`` are called once, so the
+    node can hold the datagrams a batch produces for one GSO send, flush queued work and
+    reschedule its single timer per batch instead of per packet. When the interface disappears
+    (``ip link del``) reading stops and ``on_gone(error)`` is called, so the node can exit the way
     wireguard-go does.
     """
 
@@ -142,6 +143,7 @@ class TunDevice:
         max_packet: int = 65535,
         on_gone: Callable[[OSError], None] | None = None,
         on_batch_end: Callable[[], None] | None = None,
+        on_batch_start: Callable[[], None] | None = None,
     ) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise TunError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
@@ -154,6 +156,7 @@ class TunDevice:
         self.max_packet = max_packet
         self.on_gone = on_gone
         self.on_batch_end = on_batch_end
+        self.on_batch_start = on_batch_start
         self._fd = -1
         self._reading = False
         #: Packets dropped on write because the kernel queue was full (EAGAIN/ENOBUFS).
@@ -240,6 +243,12 @@ class TunDevice:
         fd = self._fd
         size = self.max_packet
         receiver = self._receiver
+        start = self.on_batch_start
+        if start is not None:
+            try:
+                start()
+            except Exception:
+                self._receiver_failed()
         for _ in range(self.batch_packets):
             try:
                 packet = read(fd, size)

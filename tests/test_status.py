@@ -94,7 +94,7 @@ class StatusDocumentTests(SynchronousTestCase):
 
     def test_node_fields(self) -> None:
         """The node part names the interface and key and carries the mesh's node facts:
-        learned members, path counts, endpoint sources, forwarding."""
+        learned members, path counts, endpoint sources, forwarding, and the UDP offloads."""
         document = self.document()
         self.assertEqual(document["interface"], "mgst0")
         self.assertEqual(document["public_key"], b64(public_key(private(1))))
@@ -103,6 +103,8 @@ class StatusDocumentTests(SynchronousTestCase):
         self.assertEqual(node["paths"], {"direct": 1, "relayed": 1})
         self.assertEqual(node["endpoint_sources"][:2], ["lan", "introducer"])
         self.assertIs(node["forwarding"], True)
+        self.assertEqual(node["udp_offload"]["gso_sends"], 0)
+        self.assertIn("gro_datagrams", node["udp_offload"])
         self.assertEqual(len(document["peers"]), 4)
 
     def test_configured_peers(self) -> None:
@@ -152,15 +154,19 @@ class FormatStatusTests(SynchronousTestCase):
         self.patch(meshguard.status_client.time, "time", lambda: 1000.0)
 
     def test_layout(self) -> None:
-        """wg show's layout: the interface block (fixed keys, then node facts sorted), then per
-        peer path, endpoint, latest handshake and transfer first, then the rest sorted; keys
-        are spelled with spaces."""
+        """wg show's layout: the interface block (fixed keys, then node facts sorted, a group of
+        facts on one line), then per peer path, endpoint, latest handshake and transfer first,
+        then the rest sorted; keys are spelled with spaces."""
         document = {
             "interface": "mg0",
             "public_key": "PUB=",
             "listen_port": 51820,
             "mtu": 1420,
-            "node": {"members_learned": 1, "forwarding": True},
+            "node": {
+                "members_learned": 1,
+                "forwarding": True,
+                "udp_offload": {"gso": "ipv4", "gso_sends": 2},
+            },
             "peers": [
                 {
                     "public_key": "PEER=",
@@ -184,6 +190,7 @@ class FormatStatusTests(SynchronousTestCase):
                     "  listen port: 51820",
                     "  forwarding: True",
                     "  members learned: 1",
+                    "  udp offload: gso ipv4, gso sends 2",
                     "",
                     "peer: PEER=",
                     "  path: relayed via INTRO=",

@@ -142,6 +142,19 @@ class MemoryTunTests(SynchronousTestCase):
         self.assertEqual(self.packets, queued)
         self.assertEqual(self.batches, 1)
 
+    def test_batch_is_bracketed(self) -> None:
+        """``on_batch_start`` runs once before a batch's first packet and ``on_batch_end`` once
+        after its last, so the node can hold the datagrams a batch produces (UDP GSO)."""
+        events: list[object] = []
+        self.tun.on_batch_start = lambda: events.append("start")
+        self.tun.on_batch_end = lambda: events.append("end")
+        self.tun._receiver = events.append
+        self.tun.open()
+        for i in range(2):
+            self.tunnel().addToReadBuffer(bytes([0x45, i]))
+        self.tun.doRead()
+        self.assertEqual(events, ["start", b"\x45\x00", b"\x45\x01", "end"])
+
     def test_read_budget(self) -> None:
         """A batch stops at batch_packets so other descriptors get a turn; the rest follow on
         the next event."""

@@ -9,6 +9,8 @@ import socket
 import time
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from meshguard import udp
@@ -284,3 +286,529 @@ class ScopedAddressTests(SynchronousTestCase):
         reader = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
         reader.doRead()
         self.assertEqual(received, [(b"a", ("192.0.2.1", 5)), (b"b", ("fe80::1%lo", 6))])
+
+
+# -- UDP GSO and GRO ----------------------------------------------------------------------------
+
+V4_PEER = ("192.0.2.1", 51820)
+V4_OTHER = ("192.0.2.2", 51820)
+V6_PEER = ("2001:db8::1", 51820)
+
+
+class FakeSocket:
+    """A UDP socket that records what would be sent (as ``("sendto"|"gso", address, parts)``)
+    and can be told to fail GSO sends or to lack the offloads."""
+
+    def __init__(self, log: list[tuple[str, Any, list[bytes], Any]], fd: int) -> None:
+        self.log = log
+        self.fd = fd
+        self.gso_supported = True
+        self.gso_error: int | None = None
+        self.options: dict[tuple[int, int], int] = {}
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def getsockopt(self, level: int, option: int) -> int:
+        if (level, option) == (udp.SOL_UDP, udp.UDP_SEGMENT) and not self.gso_supported:
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        return self.options.get((level, option), 0)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if level == udp.SOL_UDP and not self.gso_supported:
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        self.options[(level, option)] = value
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        self.log.append(("sendto", address, [data], None))
+        return len(data)
+
+    def sendmsg(self, buffers: list[bytes], anc: Any, flags: int, address: Any) -> int:
+        gso = [c for c in anc if c[:2] == (udp.SOL_UDP, udp.UDP_SEGMENT)]
+        if gso and self.gso_error is not None:
+            raise OSError(self.gso_error, os.strerror(self.gso_error))
+        kind = "gso" if gso else "sendmsg"
+        self.log.append((kind, address, list(buffers), list(anc)))
+        return sum(map(len, buffers))
+
+    def close(self) -> None:
+        pass
+
+
+def _segment(anc: Any) -> int:
+    (value,) = [c[2] for c in anc if c[:2] == (udp.SOL_UDP, udp.UDP_SEGMENT)]
+    size: int = udp._SEGMENT_SIZE.unpack(value)[0]
+    return size
+
+
+class GSOSendTests(SynchronousTestCase):
+    """Batching on fake sockets: which datagrams leave together, in which order, and the
+    fallbacks when the kernel refuses."""
+
+    def setUp(self) -> None:
+        self.log: list[tuple[str, Any, list[bytes], Any]] = []
+        self.sock4 = FakeSocket(self.log, 100)
+        self.sock6 = FakeSocket(self.log, 101)
+        self.transport = self.install()
+
+    def install(self) -> UDPTransport:
+        transport = UDPTransport(lambda d, s: None, FakeReactor(), 0)
+        transport._install(self.sock4, self.sock6, 4242)  # type: ignore[arg-type]
+        return transport
+
+    def sent(self) -> list[tuple[str, Any, list[bytes]]]:
+        return [(kind, address, parts) for kind, address, parts, _anc in self.log]
+
+    def test_offloads_probed_and_reported(self) -> None:
+        """Installing a socket turns GRO on and finds GSO usable; status says so."""
+        self.assertEqual(self.sock4.options[(udp.SOL_UDP, udp.UDP_GRO)], 1)
+        status = self.transport.offload_status()
+        self.assertEqual((status["gso"], status["gro"]), ("ipv4 ipv6", "ipv4 ipv6"))
+
+    def test_not_held_sends_at_once(self) -> None:
+        """Outside a hold (timers, handshakes) every datagram is a plain sendto at once."""
+        self.transport.send(b"a" * 10, V4_PEER)
+        self.transport.send(b"b" * 10, V4_PEER)
+        self.assertEqual(
+            self.sent(), [("sendto", V4_PEER, [b"a" * 10]), ("sendto", V4_PEER, [b"b" * 10])]
+        )
+
+    def test_held_run_leaves_as_one_gso_send(self) -> None:
+        """Same-size datagrams held for one endpoint leave as one sendmsg whose UDP_SEGMENT is
+        their size, at flush and not before."""
+        self.transport.hold()
+        parts = [bytes([i]) * 100 for i in range(5)]
+        for part in parts:
+            self.transport.send(part, V4_PEER)
+        self.assertEqual(self.log, [])
+        self.transport.flush()
+        ((kind, address, buffers, anc),) = self.log
+        self.assertEqual((kind, address, buffers), ("gso", V4_PEER, parts))
+        self.assertEqual(_segment(anc), 100)
+        self.assertEqual((self.transport.gso_sends, self.transport.gso_datagrams), (1, 5))
+        self.assertEqual(self.transport.held_datagrams, 5)
+
+    def test_shorter_datagram_ends_the_run(self) -> None:
+        """Only the last segment may be shorter: a short datagram joins the run and sends it."""
+        self.transport.hold()
+        for size in (100, 100, 40):
+            self.transport.send(b"x" * size, V4_PEER)
+        self.assertEqual(self.sent(), [("gso", V4_PEER, [b"x" * 100, b"x" * 100, b"x" * 40])])
+        self.transport.send(b"y" * 100, V4_PEER)
+        self.transport.flush()
+        self.assertEqual(self.sent()[1:], [("sendto", V4_PEER, [b"y" * 100])])
+
+    def test_larger_datagram_flushes_first(self) -> None:
+        """A larger datagram cannot join: the run leaves first, then it starts the next one."""
+        self.transport.hold()
+        for data in (b"a" * 50, b"b" * 50, b"c" * 60, b"d" * 60):
+            self.transport.send(data, V4_PEER)
+        self.transport.flush()
+        self.assertEqual(
+            self.sent(),
+            [("gso", V4_PEER, [b"a" * 50, b"b" * 50]), ("gso", V4_PEER, [b"c" * 60, b"d" * 60])],
+        )
+
+    def test_run_of_one_is_a_plain_send(self) -> None:
+        """A lone held datagram needs no GSO: it leaves with sendto."""
+        self.transport.hold()
+        self.transport.send(b"alone", V4_PEER)
+        self.transport.flush()
+        self.assertEqual(self.sent(), [("sendto", V4_PEER, [b"alone"])])
+        self.assertEqual(self.transport.gso_sends, 0)
+
+    def test_run_limits(self) -> None:
+        """Runs are cut at GSO_MAX_SEGMENTS datagrams and at GSO_MAX_BYTES."""
+        self.patch(udp, "GSO_MAX_SEGMENTS", 4)
+        self.transport.hold()
+        for i in range(10):
+            self.transport.send(bytes([i]) * 10, V4_PEER)
+        self.transport.flush()
+        self.assertEqual([len(parts) for _k, _a, parts in self.sent()], [4, 4, 2])
+        del self.log[:]
+        self.patch(udp, "GSO_MAX_BYTES", 25)
+        self.transport.hold()
+        for i in range(5):
+            self.transport.send(bytes([i]) * 10, V4_PEER)
+        self.transport.flush()
+        self.assertEqual([len(parts) for _k, _a, parts in self.sent()], [2, 2, 1])
+
+    def test_endpoints_have_separate_runs(self) -> None:
+        """Interleaved datagrams to two peers leave as one run per peer, IPv4 and IPv6."""
+        self.transport.hold()
+        for _ in range(3):
+            self.transport.send(b"4" * 30, V4_PEER)
+            self.transport.send(b"6" * 30, V6_PEER)
+        self.transport.flush()
+        self.assertEqual(
+            sorted(self.sent()),
+            [("gso", V4_PEER, [b"4" * 30] * 3), ("gso", V6_PEER, [b"6" * 30] * 3)],
+        )
+
+    def test_sticky_source_combined_with_gso(self) -> None:
+        """A run toward a peer answered from a non-default address carries both the packet
+        info and the segment size."""
+        control = (socket.IPPROTO_IP, udp.IP_PKTINFO, b"\0" * 12)
+        self.transport._sources[V4_PEER] = (b"\0" * 12, [control])
+        self.transport.hold()
+        self.transport.send(b"x" * 20, V4_PEER)
+        self.transport.send(b"x" * 20, V4_PEER)
+        self.transport.flush()
+        ((kind, _address, _parts, anc),) = self.log
+        self.assertEqual(kind, "gso")
+        self.assertEqual(anc[0], control)
+        self.assertEqual(_segment(anc), 20)
+
+    def test_probe_is_never_held(self) -> None:
+        """A path MTU probe leaves at once, after what was held for its peer."""
+        self.transport.hold()
+        self.transport.send(b"d" * 10, V4_PEER)
+        self.transport.send(b"d" * 10, V4_PEER)
+        self.assertTrue(self.transport.send_probe(b"probe", V4_PEER))
+        self.assertEqual(
+            self.sent(), [("gso", V4_PEER, [b"d" * 10] * 2), ("sendto", V4_PEER, [b"probe"])]
+        )
+
+    def test_close_sends_what_was_held(self) -> None:
+        """Closing (or rebinding) sends held datagrams on the old socket first."""
+        self.transport.hold()
+        self.transport.send(b"last", V4_PEER)
+        self.transport.close()
+        self.assertEqual(self.sent(), [("sendto", V4_PEER, [b"last"])])
+        self.transport.send(b"x", V4_PEER)  # closed: counted, not held
+        self.assertEqual(self.transport.send_errors, 1)
+
+    def test_unsupported_device_turns_gso_off_for_the_socket(self) -> None:
+        """EIO (no checksum offload) resends the run one by one and turns GSO off for that
+        socket for good; the other family keeps it."""
+        self.sock4.gso_error = errno.EIO
+        self.transport.hold()
+        for _ in range(3):
+            self.transport.send(b"x" * 10, V4_PEER)
+            self.transport.send(b"y" * 10, V6_PEER)
+        self.transport.flush()
+        self.assertEqual(sorted(k for k, _a, _p in self.sent()), ["gso"] + ["sendto"] * 3)
+        self.assertEqual(self.transport.gso_disabled, 1)
+        self.assertEqual(self.transport.offload_status()["gso"], "ipv6")
+        self.flushLoggedErrors()
+        del self.log[:]
+        self.transport.hold()
+        self.transport.send(b"x" * 10, V4_PEER)
+        self.assertEqual(self.sent(), [("sendto", V4_PEER, [b"x" * 10])])
+        self.transport.flush()
+
+    def test_refused_run_resent_and_endpoint_remembered(self) -> None:
+        """EINVAL/EMSGSIZE (e.g. a learned path MTU below the segment size) resends that run
+        one by one and keeps that endpoint on separate datagrams; others still use GSO."""
+        for code, endpoint in ((errno.EINVAL, V4_PEER), (errno.EMSGSIZE, V4_OTHER)):
+            self.sock4.gso_error = code
+            self.transport.hold()
+            self.transport.send(b"x" * 10, endpoint)
+            self.transport.send(b"x" * 10, endpoint)
+            self.transport.flush()
+            self.assertEqual(self.sent(), [("sendto", endpoint, [b"x" * 10])] * 2)
+            del self.log[:]
+        self.assertEqual(self.transport.gso_refused, 2)
+        self.sock4.gso_error = None
+        third = ("192.0.2.3", 51820)
+        self.transport.hold()
+        for endpoint in (V4_PEER, V4_OTHER, third, V4_PEER, V4_OTHER, third):
+            self.transport.send(b"z" * 10, endpoint)
+        self.transport.flush()
+        self.assertEqual(
+            self.sent(),
+            [("sendto", endpoint, [b"z" * 10]) for endpoint in (V4_PEER, V4_OTHER)] * 2
+            + [("gso", third, [b"z" * 10] * 2)],
+        )
+        # Forgetting sources (addresses or routes changed) gives GSO another chance.
+        self.transport.forget_sources()
+        self.assertEqual(self.transport._gso_refused, set())
+
+    def test_back_pressure_drops_the_run(self) -> None:
+        """A full send queue drops the whole run, counted per datagram, without retrying."""
+        self.sock4.gso_error = errno.ENOBUFS
+        self.transport.hold()
+        for _ in range(4):
+            self.transport.send(b"x" * 10, V4_PEER)
+        self.transport.flush()
+        self.assertEqual((self.log, self.transport.send_drops), ([], 4))
+
+    def test_other_errors_counted(self) -> None:
+        """Other errors (a firewall's EPERM) count every datagram of the run as not sent."""
+        self.sock4.gso_error = errno.EPERM
+        self.transport.hold()
+        for _ in range(3):
+            self.transport.send(b"x" * 10, V4_PEER)
+        self.transport.flush()
+        self.assertEqual((self.log, self.transport.send_errors), ([], 3))
+
+    def test_no_gso_in_kernel(self) -> None:
+        """Without UDP_SEGMENT (old kernel) nothing is held: sends go out at once."""
+        self.sock4.gso_supported = self.sock6.gso_supported = False
+        transport = self.install()
+        self.assertEqual(transport.offload_status()["gso"], "off")
+        self.assertEqual(transport.offload_status()["gro"], "off")
+        transport.hold()
+        transport.send(b"x", V4_PEER)
+        self.assertEqual(self.sent(), [("sendto", V4_PEER, [b"x"])])
+
+    def test_switched_off(self) -> None:
+        """USE_GSO = False keeps one datagram per call even where the kernel could batch."""
+        self.patch(udp, "USE_GSO", False)
+        transport = self.install()
+        transport.hold()
+        transport.send(b"x", V4_PEER)
+        transport.send(b"x", V4_PEER)
+        self.assertEqual(len(self.log), 2)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from([V4_PEER, V4_OTHER, V6_PEER]),
+                st.integers(min_value=1, max_value=120),
+                st.booleans(),  # flush after this datagram
+            ),
+            max_size=60,
+        )
+    )
+    def test_order_and_gso_rule_hold(self, plan: list[tuple[Any, int, bool]]) -> None:
+        """For any sequence, each endpoint receives exactly its datagrams in order, and every
+        GSO send obeys the kernel's rule and the limits."""
+        self.patch(udp, "GSO_MAX_SEGMENTS", 5)
+        self.patch(udp, "GSO_MAX_BYTES", 300)
+        del self.log[:]
+        expected: dict[Any, list[bytes]] = {}
+        self.transport.hold()
+        for n, (endpoint, size, flush) in enumerate(plan):
+            data = n.to_bytes(2, "big") + b"." * size
+            expected.setdefault(endpoint, []).append(data)
+            self.transport.send(data, endpoint)
+            if flush:
+                self.transport.flush()
+                self.transport.hold()
+        self.transport.flush()
+        got: dict[Any, list[bytes]] = {}
+        for kind, address, parts, anc in self.log:
+            got.setdefault(address, []).extend(parts)
+            if kind == "gso":
+                segment = _segment(anc)
+                self.assertGreaterEqual(len(parts), 2)
+                self.assertLessEqual(len(parts), 5)
+                self.assertLessEqual(sum(map(len, parts)), 300)
+                self.assertTrue(all(len(p) == segment for p in parts[:-1]))
+                self.assertLessEqual(len(parts[-1]), segment)
+        self.assertEqual(got, expected)
+
+
+class GRODeliveryTests(SynchronousTestCase):
+    """Cutting coalesced reads back into datagrams, on a fake socket."""
+
+    def read(self, queue: list[Any], v6: bool = False) -> tuple[list[Any], UDPTransport]:
+        received: list[tuple[bytes, tuple[str, int]]] = []
+
+        class Sock:
+            def fileno(self) -> int:
+                return 99
+
+            def recvmsg(self, size: int, ancsize: int) -> Any:
+                if not queue:
+                    raise BlockingIOError(errno.EAGAIN, "again")
+                return queue.pop(0)
+
+        transport = UDPTransport(lambda d, s: received.append((d, s)), FakeReactor(), 0)
+        udp._Reader(transport, Sock(), v6).doRead()  # type: ignore[arg-type]
+        return received, transport
+
+    def test_coalesced_buffer_is_split(self) -> None:
+        """A buffer with a UDP_GRO segment size becomes its datagrams, each from the same
+        source, and the local address it reached is learned (in either control order)."""
+        info = udp._IN_PKTINFO.pack(1, socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.1"))
+        gro = (udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(4))
+        pktinfo = (socket.IPPROTO_IP, udp.IP_PKTINFO, info)
+        source = ("192.0.2.9", 7)
+        received, transport = self.read(
+            [
+                (b"aaaabbbbcc", [gro, pktinfo], 0, source),
+                (b"ddddeeee", [pktinfo, gro], 0, source),
+                (b"single", [pktinfo], 0, source),
+                (b"abcd", [gro, pktinfo], 0, source),  # one segment: nothing to split
+            ]
+        )
+        self.assertEqual(
+            [d for d, _s in received],
+            [b"aaaa", b"bbbb", b"cc", b"dddd", b"eeee", b"single", b"abcd"],
+        )
+        self.assertEqual({s for _d, s in received}, {source})
+        self.assertEqual(transport._sources[source][0], info)
+        self.assertEqual((transport.reads, transport.gro_reads, transport.gro_datagrams), (4, 2, 5))
+
+    def test_receiver_error_in_a_coalesced_buffer(self) -> None:
+        """A handler that raises on one datagram of a buffer still gets the rest."""
+        calls: list[bytes] = []
+
+        def receiver(data: bytes, source: Any) -> None:
+            calls.append(data)
+            if data == b"bb":
+                raise ValueError("boom")
+
+        transport = UDPTransport(receiver, FakeReactor(), 0)
+        queue = [(b"aabbcc", [(udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))], 0, V4_PEER)]
+
+        class Sock:
+            def fileno(self) -> int:
+                return 99
+
+            def recvmsg(self, size: int, ancsize: int) -> Any:
+                if not queue:
+                    raise BlockingIOError(errno.EAGAIN, "again")
+                return queue.pop(0)
+
+        udp._Reader(transport, Sock(), False).doRead()  # type: ignore[arg-type]
+        self.assertEqual(calls, [b"aa", b"bb", b"cc"])
+        self.assertEqual(transport.receiver_errors, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=3000), st.integers(min_value=-5, max_value=4000))
+    def test_split_never_raises_or_loses_bytes(self, data: bytes, segment: int) -> None:
+        """Any buffer and segment size: the pieces join back to the buffer, all but the last
+        are exactly one segment and the last is not longer."""
+        parts = udp.split_datagrams(data, segment)
+        self.assertEqual(b"".join(parts), data)
+        self.assertGreaterEqual(len(parts), 1)
+        if segment > 0:
+            self.assertTrue(all(len(p) == segment for p in parts[:-1]))
+            self.assertLessEqual(len(parts[-1]), segment)
+            self.assertEqual(len(parts), max(1, -(-len(data) // segment)))
+        else:
+            self.assertEqual(parts, [data])
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from([socket.IPPROTO_IP, udp.SOL_UDP, socket.IPPROTO_IPV6]),
+                st.integers(min_value=0, max_value=200),
+                st.binary(max_size=24),
+            ),
+            max_size=4,
+        ),
+        st.binary(max_size=200),
+    )
+    def test_garbage_control_messages(self, anc: list[Any], data: bytes) -> None:
+        """Whatever control messages come with a read, no byte is lost and nothing raises."""
+        received, _transport = self.read([(data, anc, 0, V4_PEER)])
+        self.assertEqual(b"".join(d for d, _s in received), data)
+
+
+class OffloadLoopbackTests(SynchronousTestCase):
+    """The real kernel on loopback: one GSO send is many datagrams, and GRO reads come back
+    as those datagrams."""
+
+    def setUp(self) -> None:
+        self.received: list[tuple[bytes, tuple[str, int]]] = []
+        self.reactor = FakeReactor()
+        self.transport = UDPTransport(lambda d, s: self.received.append((d, s)), self.reactor, 0)
+        self.port = self.transport.bind()
+        self.addCleanup(self.transport.close)
+        if self.transport.offload_status()["gso"] == "off":
+            raise SkipTest("this kernel has no UDP GSO")
+        self.transport.start_reading()
+
+    def pump(self, count: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.fail(f"only {len(self.received)} of {count} datagrams arrived")
+            ready, _, _ = select.select(self.reactor.readers, [], [], remaining)
+            for reader in ready:
+                reader.doRead()
+
+    def datagrams(self) -> list[bytes]:
+        return [bytes([i]) * 1000 for i in range(5)] + [b"L" * 300]
+
+    def test_gso_send_arrives_as_datagrams(self) -> None:
+        """One held run leaves in one sendmsg and a plain socket reads each datagram alone."""
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(client.close)
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        self.transport.hold()
+        for data in self.datagrams():
+            self.transport.send(data, client.getsockname())
+        self.transport.flush()
+        self.assertEqual((self.transport.gso_sends, self.transport.gso_datagrams), (1, 6))
+        got = [client.recvfrom(2000) for _ in self.datagrams()]
+        self.assertEqual([d for d, _a in got], self.datagrams())
+        self.assertEqual({a for _d, a in got}, {("127.0.0.1", self.port)})
+
+    def test_gro_read_is_split(self) -> None:
+        """A GSO buffer sent to our GRO socket is read in one call and delivered as its
+        datagrams, in order, each from the sender."""
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(client.close)
+        client.bind(("127.0.0.1", 0))
+        control = [(udp.SOL_UDP, udp.UDP_SEGMENT, udp._SEGMENT_SIZE.pack(1000))]
+        client.sendmsg(self.datagrams(), control, 0, ("127.0.0.1", self.port))
+        self.pump(6)
+        self.assertEqual([d for d, _s in self.received], self.datagrams())
+        self.assertEqual({s for _d, s in self.received}, {client.getsockname()})
+        self.assertEqual((self.transport.gro_reads, self.transport.gro_datagrams), (1, 6))
+        # The local address was learned from the same read: replies still work.
+        self.transport.send(b"reply", client.getsockname())
+        client.settimeout(5)
+        self.assertEqual(client.recvfrom(100)[0], b"reply")
+
+    def test_transport_to_transport_v6(self) -> None:
+        """Two transports over IPv6 loopback: a held run arrives as one GRO read."""
+        if not _has_ipv6() or self.transport._sock6 is None:
+            raise SkipTest("no IPv6 loopback")
+        other_received: list[bytes] = []
+        other = UDPTransport(lambda d, s: other_received.append(d), FakeReactor(), 0)
+        other.bind()
+        self.addCleanup(other.close)
+        other.hold()
+        for data in self.datagrams():
+            other.send(data, ("::1", self.port))
+        other.flush()
+        self.pump(6)
+        self.assertEqual([d for d, _s in self.received], self.datagrams())
+        self.assertEqual(self.transport.gro_reads, 1)
+
+
+class NodeBatchTests(SynchronousTestCase):
+    """The node holds UDP sends for the length of one TUN read batch."""
+
+    def test_tun_batch_leaves_in_one_gso_send(self) -> None:
+        """Packets drained from the TUN in one read event, sealed toward one peer through the
+        device's (possibly wrapped) send_datagram, leave in one GSO send at the batch end;
+        a send from a timer afterwards is not held."""
+        from twisted.internet.task import Clock
+        from twisted.pair.testing import MemoryIOSystem, Tunnel
+
+        from meshguard.node import Node
+
+        system = MemoryIOSystem()
+        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+        node = Node("mgb0", Clock(), tun_system=system, plugins=False)
+        log: list[tuple[str, Any, list[bytes], Any]] = []
+        node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
+        self.addCleanup(node.udp.close)
+        send = node.udp.send
+
+        def wrapped(data: bytes, endpoint: Any) -> None:  # as relay paths wrap it
+            send(data, endpoint)
+
+        node.device.packet_from_tun = lambda packet, now: wrapped(packet, V4_PEER)  # type: ignore[method-assign]
+        node.tun.open()
+        self.addCleanup(node.tun.close)
+        tunnel = system._openFiles[node.tun.fileno()]
+        packets = [bytes([0x45, i]) * 50 for i in range(4)]
+        for packet in packets:
+            tunnel.addToReadBuffer(packet)
+        node.tun.doRead()
+        self.assertEqual([(k, a, p) for k, a, p, _c in log], [("gso", V4_PEER, packets)])
+        wrapped(b"keepalive", V4_PEER)
+        self.assertEqual(log[-1][:3], ("sendto", V4_PEER, [b"keepalive"]))
