@@ -172,6 +172,7 @@ class Node:
         self.udp = UDPTransport(
             self._datagram_received, reactor, listen_port, on_batch_end=self._batch_end
         )
+        self.device.on_authenticated_source = self.udp.confirm_source
         self.link = link if link is not None else Link(interface)
         #: The endpoint UAPI ``get`` reports for a peer (the TLS relay shows the last UDP one
         #: instead of its stand-in addresses).

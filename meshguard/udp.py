@@ -108,9 +108,9 @@ _GSO_UNSUPPORTED_ERRNOS = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTS
 #: the same datagrams sent one by one may pass (the kernel fragments what separate sends carry).
 _GSO_REFUSED_ERRNOS = frozenset({errno.EINVAL, errno.EMSGSIZE})
 
-#: Bound on remembered (endpoint -> local source) entries: sources are learned before a datagram
-#: is authenticated, so spoofed floods must not grow memory. On overflow we forget everything;
-#: real peers are relearned from their next datagram.
+#: Bound on remembered (endpoint -> local source) entries. Sources are learned only from
+#: datagrams that authenticate (:meth:`UDPTransport.confirm_source`), so this bounds the number
+#: of live peers' endpoints; on overflow we forget everything and relearn from the next datagram.
 MAX_SOURCES = 4096
 
 _UNDECIDED: Any = object()
@@ -259,31 +259,37 @@ class _Reader:
                     host = host[7:]
                 addr = (host, addr[1])
             segment = 0
+            info: bytes | None = None
             if anc:
                 if len(anc) == 1 and anc[0][0] != SOL_UDP:
-                    info: bytes | None = anc[0][2]
+                    info = anc[0][2]
                 else:
                     info, segment = _ancillary(anc)
                 if info is not None:
                     entry = get(addr)
                     if entry is None or entry[0] != info:
-                        if len(sources) >= MAX_SOURCES:
-                            sources.clear()
-                        sources[addr] = (info, _UNDECIDED)
+                        # New or changed: remembered only if the datagram authenticates.
+                        t._pending_source = (addr, info)
             if segment and len(data) > segment:
                 parts = split_datagrams(data, segment)
                 gro_reads += 1
                 gro_datagrams += len(parts)
                 for part in parts:
+                    if info is not None and t._pending_source is None:
+                        entry = get(addr)
+                        if entry is None or entry[0] != info:
+                            t._pending_source = (addr, info)
                     try:
                         receiver(part, addr)
                     except Exception:
                         t._receiver_failed()
+                t._pending_source = None
                 continue
             try:
                 receiver(data, addr)
             except Exception:
                 t._receiver_failed()
+            t._pending_source = None
         t.reads += reads
         if gro_reads:
             t.gro_reads += gro_reads
@@ -336,6 +342,9 @@ class UDPTransport:
         self._reading = False
         self._port = 0
         self._sources: dict[Endpoint, _Source] = {}
+        #: (endpoint, packet info) of the datagram being handed to the receiver when that info
+        #: is new for the endpoint; installed by :meth:`confirm_source` if it authenticates.
+        self._pending_source: tuple[Endpoint, bytes] | None = None
         self._v6_addresses: dict[Endpoint, tuple[Any, ...]] = {}
         self._sendto4: Callable[[bytes, Any], int] = _no_socket
         self._sendto6: Callable[[bytes, Any], int] = _no_socket
@@ -431,6 +440,22 @@ class UDPTransport:
 
     def close(self) -> None:
         self._uninstall()
+
+    def confirm_source(self, endpoint: Endpoint) -> None:
+        """The datagram being received from ``endpoint`` authenticated (the device's
+        ``on_authenticated_source``): answer that endpoint from the local address it reached.
+
+        Called before the device sends any reply to it, so a handshake response already leaves
+        from the right address. A datagram that does not authenticate changes nothing here: a
+        spoofed one cannot move a peer's replies to another local address."""
+        pending = self._pending_source
+        if pending is None or pending[0] != endpoint:
+            return
+        self._pending_source = None
+        sources = self._sources
+        if len(sources) >= MAX_SOURCES:
+            sources.clear()
+        sources[endpoint] = (pending[1], _UNDECIDED)
 
     def forget_sources(self) -> None:
         """Drop learned sticky sources, e.g. after local addresses or routes changed."""

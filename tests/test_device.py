@@ -65,6 +65,23 @@ class Pair:
 
 
 class HandshakeAndDataTests(SynchronousTestCase):
+    def test_authenticated_sources_reported_before_any_reply(self) -> None:
+        """Initiation, response and data that authenticate tell ``on_authenticated_source``
+        their source (before the handshake response goes out, so the UDP layer can answer from
+        the right local address); garbage and forged datagrams tell nothing."""
+        pair = Pair()
+        told: list[tuple[str, tuple[str, int], int]] = []
+        pair.a.device.on_authenticated_source = lambda s: told.append(("a", s, len(pair.a.sent)))
+        pair.b.device.on_authenticated_source = lambda s: told.append(("b", s, len(pair.b.sent)))
+        pair.a_to_b(b"x")
+        # B: the initiation (before its response), then the data; A: the response.
+        self.assertEqual(told, [("b", A_EP, 0), ("a", B_EP, 1), ("b", A_EP, 1)])
+        told.clear()
+        now = pair.net.now
+        for junk in (b"\x01" + bytes(147), b"\x04" + bytes(40), b"\x02" + bytes(91), b"x"):
+            pair.b.device.datagram_received(junk, ("192.0.2.66", 1), now)
+        self.assertEqual(told, [])
+
     def test_first_packet_starts_handshake_and_is_delivered(self) -> None:
         """A packet with no session is staged, a handshake runs, then it arrives intact."""
         pair = Pair()

@@ -51,6 +51,8 @@ class UDPTransportTests(SynchronousTestCase):
 
     def received_datagram(self, data: bytes, source: tuple[str, int]) -> None:
         self.received.append((data, source))
+        if not data.startswith(b"spoofed"):
+            self.transport.confirm_source(source)  # as the device does when it authenticates
 
     def batch_end(self) -> None:
         self.batches += 1
@@ -131,6 +133,26 @@ class UDPTransportTests(SynchronousTestCase):
         self.transport.send(b"reply", self.received[1][1])
         self.assertEqual(client.recvfrom(100), (b"reply", ("127.0.0.1", self.port)))
 
+    def test_unauthenticated_datagram_does_not_move_the_source(self) -> None:
+        """A datagram that does not authenticate (a spoofed one, say) leaves the learned local
+        address alone: replies keep leaving from where the real peer reached us."""
+        client = self.client(socket.AF_INET, "127.0.0.1")
+        client.sendto(b"to .2", ("127.0.0.2", self.port))
+        self.pump(1)
+        client.sendto(b"spoofed, to .1", ("127.0.0.1", self.port))
+        self.pump(2)
+        self.transport.send(b"reply", self.received[0][1])
+        self.assertEqual(client.recvfrom(100), (b"reply", ("127.0.0.2", self.port)))
+        self.assertIsNone(self.transport._pending_source)
+
+    def test_unauthenticated_datagrams_learn_nothing(self) -> None:
+        """New endpoints that never authenticate take no memory at all."""
+        clients = [self.client(socket.AF_INET, "127.0.0.1") for _ in range(3)]
+        for n, client in enumerate(clients, 1):
+            client.sendto(b"spoofed", ("127.0.0.2", self.port))
+            self.pump(n)
+        self.assertEqual(self.transport._sources, {})
+
     def test_default_source_uses_plain_sendto(self) -> None:
         """When the learned source is what routing picks anyway, no ancillary data is kept,
         so sends stay on the cheaper sendto."""
@@ -155,7 +177,7 @@ class UDPTransportTests(SynchronousTestCase):
         self.assertEqual((self.transport.send_errors, self.transport.send_drops), (0, 0))
 
     def test_source_cache_bounded(self) -> None:
-        """Sources are learned before authentication, so the table has a hard bound."""
+        """The table of learned sources has a hard bound."""
         self.patch(udp, "MAX_SOURCES", 3)
         clients = [self.client(socket.AF_INET, "127.0.0.1") for _ in range(5)]
         for n, client in enumerate(clients, 1):
@@ -616,7 +638,11 @@ class GRODeliveryTests(SynchronousTestCase):
                     raise BlockingIOError(errno.EAGAIN, "again")
                 return queue.pop(0)
 
-        transport = UDPTransport(lambda d, s: received.append((d, s)), FakeReactor(), 0)
+        def receive(data: bytes, source: Any) -> None:
+            received.append((data, source))
+            transport.confirm_source(source)
+
+        transport = UDPTransport(receive, FakeReactor(), 0)
         udp._Reader(transport, Sock(), v6).doRead()  # type: ignore[arg-type]
         return received, transport
 

@@ -138,6 +138,10 @@ class Device:
         #: (mesh probes such as the NAT lifetime probe); without it such a datagram is counted
         #: as malformed. The hook counts what it does not recognise.
         self.on_unknown_datagram: Callable[[bytes, Endpoint, float], None] | None = None
+        #: Told the source of every datagram that authenticated (roaming's moment), before any
+        #: reply to it is sent: the UDP layer learns which local address to answer from only
+        #: then, so spoofed datagrams cannot change it.
+        self.on_authenticated_source: Callable[[Endpoint], None] | None = None
         #: Called with ``(peer, packet, now)`` for a TUN packet larger than the peer's
         #: ``inner_mtu`` (path MTU enforcement); the packet is not sent.
         self.on_too_big: Callable[[Peer, bytes, float], None] | None = None
@@ -493,6 +497,8 @@ class Device:
         # Authenticated: roaming, counters, key confirmation, timers.
         if self._via is None:
             peer.endpoint = source
+            if self.on_authenticated_source is not None:
+                self.on_authenticated_source(source)
         else:
             self._relayed_from(peer)
         peer.rx_bytes += len(data)
@@ -753,6 +759,8 @@ class Device:
             peer.is_meshguard = True
         if self._via is None:
             peer.endpoint = source
+            if self.on_authenticated_source is not None:
+                self.on_authenticated_source(source)
         else:
             self._relayed_from(peer)
         # A consumed initiation replaces any handshake we had in flight with this peer.
@@ -821,6 +829,8 @@ class Device:
             self._drop_keypair(dropped)
         if self._via is None:
             peer.endpoint = source
+            if self.on_authenticated_source is not None:
+                self.on_authenticated_source(source)
         else:
             self._relayed_from(peer)
         self._authenticated_received(peer, now)
