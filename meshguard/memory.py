@@ -222,7 +222,9 @@ class MemoryNAT:
     ones; an inbound packet passes only on a live flow from that remote. With
     ``endpoint_dependent`` every flow gets its own public port ("hard" NAT); otherwise a private
     endpoint keeps one public port while any of its flows lives, and gets a new one once all
-    expired (so a peer sees the port change).
+    expired (so a peer sees the port change). With ``preserve_port`` a new mapping takes the
+    private port itself whenever no live mapping holds it, as Linux masquerade does: an expired
+    mapping comes back on the same public port, and no peer sees a change.
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class MemoryNAT:
         inbound_refreshes: bool = True,
         first_port: int = 20000,
         filtering: str = "port",
+        preserve_port: bool = False,
     ) -> None:
         if filtering not in ("port", "address", "none"):
             raise ValueError("filtering is 'port', 'address' or 'none'")
@@ -247,6 +250,7 @@ class MemoryNAT:
         self.lifetime = lifetime
         self.endpoint_dependent = endpoint_dependent
         self.inbound_refreshes = inbound_refreshes
+        self.preserve_port = preserve_port
         self._flows: dict[tuple[Endpoint, Endpoint], _Flow] = {}
         self._next_port = first_port
         self.expired_drops = 0
@@ -269,13 +273,21 @@ class MemoryNAT:
                     ),
                     None,
                 )
+            if port is None and self.preserve_port and not self._taken(source[1], now):
+                port = source[1]
             if port is None:
                 port = self._next_port
                 self._next_port += 1
+                while self.preserve_port and self._taken(port, now):
+                    port = self._next_port
+                    self._next_port += 1
             flow = self._flows[key] = _Flow(port, now)
             self.created += 1
         flow.last_used = now
         return (self.public_host, flow.public_port)
+
+    def _taken(self, port: int, now: float) -> bool:
+        return any(f.public_port == port and self._alive(f, now) for f in self._flows.values())
 
     def inbound(self, remote: Endpoint, destination: Endpoint, now: float) -> Endpoint | None:
         filtering = self.filtering

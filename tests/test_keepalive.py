@@ -64,7 +64,8 @@ class Member:
 class Mesh:
     """Home (maybe behind a NAT) and one or two hubs; home's peers are auto, as are the hubs'.
 
-    ``overrides``: keepalive plugins the home's policy consults.
+    ``overrides``: keepalive plugins the home's policy consults. ``preserve_port``: the NAT
+    re-creates an expired mapping on the same public port (Linux masquerade).
     """
 
     def __init__(
@@ -76,13 +77,20 @@ class Mesh:
         seed: int = 7,
         hub_auto: bool = True,
         overrides: Sequence[K.IntervalOverride] = (),
+        preserve_port: bool = False,
     ) -> None:
         rng = random.Random(seed)
         self.net = MemoryNetwork()
         self.nat: MemoryNAT | None = None
         if lifetime is not None:
             self.nat = self.net.add_nat(
-                MemoryNAT(PUBLIC, {HOME[0]}, lifetime, endpoint_dependent=endpoint_dependent)
+                MemoryNAT(
+                    PUBLIC,
+                    {HOME[0]},
+                    lifetime,
+                    endpoint_dependent=endpoint_dependent,
+                    preserve_port=preserve_port,
+                )
             )
         self.home = Member(self.net, HOME, rng, overrides)
         self.hubs = [Member(self.net, ep, rng) for ep in (HUB, HUB2)[:hubs]]

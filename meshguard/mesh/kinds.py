@@ -8,6 +8,9 @@ HELLO_ACK: Final = 2
 # Keepalive policy and NAT binding-lifetime measurement (10-19).
 NAT_PROBE_REQUEST: Final = 10
 NAT_PROBE_RESULT: Final = 11
+#: The self-check of the tunnel's own mapping: "send me a late reply", and its acknowledgement.
+NAT_SELF_CHECK: Final = 12
+NAT_SELF_CHECK_ACK: Final = 13
 
 # Path MTU discovery (20-29).
 PMTU_PROBE: Final = 20
