@@ -31,6 +31,15 @@ def _ago(timestamp: float | None) -> str:
     return f"{seconds} s ago"
 
 
+def _value(key: str, value: Any) -> Any:
+    """Timestamps (keys ending in ``_at``, on the node's wall clock) read as "N s ago" or
+    "in N s"; everything else as it is."""
+    if key.endswith("_at") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        delta = int(value - time.time())
+        return f"in {delta} s" if delta > 0 else f"{-delta} s ago"
+    return value
+
+
 def _bytes(count: int) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -49,7 +58,7 @@ def format_status(document: dict[str, Any]) -> str:
     for key, value in sorted(document.get("node", {}).items()):
         if isinstance(value, dict):  # a group of facts (udp_offload): one line, in its order
             value = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
-        lines.append(f"  {key.replace('_', ' ')}: {value}")
+        lines.append(f"  {key.replace('_', ' ')}: {_value(key, value)}")
     for peer in document.get("peers", []):
         lines.append("")
         lines.append(f"peer: {peer.get('public_key')}")
@@ -63,7 +72,7 @@ def format_status(document: dict[str, Any]) -> str:
         skip = {"public_key", "path", "endpoint", "last_handshake", "rx_bytes", "tx_bytes"}
         for key, value in sorted(peer.items()):
             if key not in skip:
-                lines.append(f"  {key.replace('_', ' ')}: {value}")
+                lines.append(f"  {key.replace('_', ' ')}: {_value(key, value)}")
     return "\n".join(lines)
 
 

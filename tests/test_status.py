@@ -221,3 +221,17 @@ class FormatStatusTests(SynchronousTestCase):
             {"interface": "x", "peers": [{"rx_bytes": 5 * 1024**2, "tx_bytes": 3 * 1024**4}]}
         )
         self.assertIn("transfer: 5.00 MiB received, 3072.00 GiB sent", text)
+
+    def test_timestamps_read_relative(self) -> None:
+        """Keys ending in ``_at`` (the node's wall clock) read as "N s ago" / "in N s"."""
+        text = format_status(
+            {
+                "interface": "x",
+                "node": {"keepalive_self_check_next_at": 1600.0, "mtu_at": "n/a"},
+                "peers": [{"keepalive_self_check_at": 880.0, "flag_at": True}],
+            }
+        )
+        self.assertIn("keepalive self check next at: in 600 s", text)
+        self.assertIn("keepalive self check at: 120 s ago", text)
+        self.assertIn("mtu at: n/a", text)
+        self.assertIn("flag at: True", text)
