@@ -18,6 +18,7 @@ from meshguard.core.peer import Peer
 from meshguard.memory import MemoryNAT, MemoryNetwork
 from meshguard.mesh import keepalive as K
 from meshguard.mesh import kinds
+from meshguard.mesh import selfcheck as S
 from meshguard.mesh.agent import encode_json
 from tests.packets import ipv4
 from tests.test_keepalive import HOME, HOUR, HUB, PUBLIC, Member, Mesh
@@ -80,10 +81,10 @@ class CheckTests(SynchronousTestCase):
         policy = mesh.policy
         peer = mesh.home.peer(mesh.hubs[0])
         self.assertEqual(peer.persistent_keepalive, INTERVAL)
-        self.assertEqual(policy.checks.counts["ok"], 1)  # the one after the new interval
+        self.assertEqual(policy.self_check.checks.counts["ok"], 1)  # the one after the new interval
         requests = policy.counters["check_requests"]
         mesh.net.advance(3 * HOUR)
-        counts = policy.checks.counts
+        counts = policy.self_check.checks.counts
         self.assertEqual(counts["ok"], 1 + 6)
         self.assertEqual((counts["missed"], counts["void"], counts["inconclusive"]), (0, 0, 0))
         self.assertEqual(policy.counters["check_requests"] - requests, 6)
@@ -92,7 +93,7 @@ class CheckTests(SynchronousTestCase):
         hub = mesh.hubs[0].policy
         self.assertEqual(hub.counters["check_help_accepted"], 7)
         self.assertEqual(hub.counters["check_replies_sent"], 7)
-        text, _ = policy.checks.last[peer.public_key]
+        text, _ = policy.self_check.checks.last[peer.public_key]
         self.assertEqual(text, f"ok: reply after {DELAY} s idle")
 
     def test_short_interval_checks_pass(self) -> None:
@@ -101,9 +102,11 @@ class CheckTests(SynchronousTestCase):
         mesh.net.advance(HOUR)
         peer = mesh.home.peer(mesh.hubs[0])
         self.assertEqual(peer.persistent_keepalive, 13)
-        self.assertGreaterEqual(mesh.policy.checks.counts["ok"], 3)
-        self.assertEqual(mesh.policy.checks.counts["missed"], 0)
-        self.assertEqual(mesh.policy.checks.last[peer.public_key][0], "ok: reply after 11.7 s idle")
+        self.assertGreaterEqual(mesh.policy.self_check.checks.counts["ok"], 3)
+        self.assertEqual(mesh.policy.self_check.checks.counts["missed"], 0)
+        self.assertEqual(
+            mesh.policy.self_check.checks.last[peer.public_key][0], "ok: reply after 11.7 s idle"
+        )
 
     def test_silent_lifetime_drop_halves_and_remeasures(self) -> None:
         """The NAT starts forgetting after 40 s and re-creates the mapping on the same port, so
@@ -113,13 +116,15 @@ class CheckTests(SynchronousTestCase):
         55 (the control)."""
         mesh = settled()
         control = settled()
-        control.policy.self_check = False
+        control.policy.self_check.enabled = False
         for each in (mesh, control):
             assert each.nat is not None
             each.nat.lifetime = 40.0
         policy = mesh.policy
-        took = run_until(mesh, lambda: policy.checks.expiries > 0, K.CHECK_EVERY + 5 * 60)
-        self.assertEqual(policy.checks.counts["missed"], 2)
+        took = run_until(
+            mesh, lambda: policy.self_check.checks.expiries > 0, S.CHECK_EVERY + 5 * 60
+        )
+        self.assertEqual(policy.self_check.checks.counts["missed"], 2)
         expired = [e for e in policy.nat.events if "mapping expired" in e]
         self.assertEqual(
             expired,
@@ -135,13 +140,13 @@ class CheckTests(SynchronousTestCase):
         interval = mesh.home.peer(mesh.hubs[0]).persistent_keepalive
         self.assertEqual(interval, K.interval_for(policy.nat.lifetime))
         self.assertLess(interval, 20)
-        self.assertLess(took, K.CHECK_EVERY)
+        self.assertLess(took, S.CHECK_EVERY)
         # Corrected: a whole idle hour without a gap, and the new interval checks out.
-        ok = policy.checks.counts["ok"]
+        ok = policy.self_check.checks.counts["ok"]
         self.assertEqual(unreachable_seconds(mesh, int(HOUR)), 0)
         self.assertTrue(mesh.hub_reaches_home())
-        self.assertGreater(policy.checks.counts["ok"], ok)
-        self.assertEqual(policy.checks.expiries, 1)
+        self.assertGreater(policy.self_check.checks.counts["ok"], ok)
+        self.assertEqual(policy.self_check.checks.expiries, 1)
         # The control never notices, and loses the home in every interval.
         control.net.advance(took + 10 * 60)
         self.assertEqual(control.home.peer(control.hubs[0]).persistent_keepalive, INTERVAL)
@@ -156,8 +161,8 @@ class CheckTests(SynchronousTestCase):
         mesh.net.advance(10 * 60)
         policy = mesh.policy
         self.assertEqual(mesh.home.peer(mesh.hubs[0]).persistent_keepalive, 12)
-        self.assertEqual(policy.checks.expiries, 1)
-        self.assertGreaterEqual(policy.checks.counts["ok"], 1)
+        self.assertEqual(policy.self_check.checks.expiries, 1)
+        self.assertGreaterEqual(policy.self_check.checks.counts["ok"], 1)
         self.assertEqual(policy.nat.lifetime, None)
         self.assertEqual(unreachable_seconds(mesh, int(HOUR)), 0)
 
@@ -169,49 +174,52 @@ class CheckTests(SynchronousTestCase):
         policy = mesh.policy
         assert mesh.nat is not None
         mesh.nat.lifetime = 40.0
-        run_until(mesh, lambda: policy._check is not None, K.CHECK_EVERY + 60)
+        run_until(mesh, lambda: policy.self_check._check is not None, S.CHECK_EVERY + 60)
         mesh.net.advance(20.0)
         hub = mesh.hubs[0]
         mesh.net.send(mesh.home.node, ipv4(mesh.home.address, hub.address, b"traffic"))
-        run_until(mesh, lambda: policy._check is None, 60)
-        self.assertEqual(policy.checks.counts["void"], 1)
-        self.assertEqual(policy.checks.counts["missed"], 0)
-        self.assertEqual(policy.checks.misses, 0)
-        text, _ = policy.checks.last[hub.public]
+        run_until(mesh, lambda: policy.self_check._check is None, 60)
+        self.assertEqual(policy.self_check.checks.counts["void"], 1)
+        self.assertEqual(policy.self_check.checks.counts["missed"], 0)
+        self.assertEqual(policy.self_check.checks.misses, 0)
+        text, _ = policy.self_check.checks.last[hub.public]
         self.assertEqual(text, "void: we sent to the peer meanwhile")
         self.assertEqual(mesh.home.peer(hub).persistent_keepalive, INTERVAL)
-        assert policy._check_due is not None
-        self.assertLessEqual(abs(policy._check_due - mesh.net.now - K.CHECK_AFTER_VOID), 1)
+        assert policy.self_check._check_due is not None
+        self.assertLessEqual(
+            abs(policy.self_check._check_due - mesh.net.now - S.CHECK_AFTER_VOID), 1
+        )
 
     def test_one_lost_reply_does_not_halve(self) -> None:
         """Exactly one late reply is lost on the way: one miss, confirmed as fine by the next
         check ten seconds later; the interval stays."""
         mesh = settled()
         policy = mesh.policy
-        dropped = drop_first(mesh, K.CHECK_MAGIC)
-        run_until(mesh, lambda: policy.checks.counts["missed"] == 1, K.CHECK_EVERY + 60)
+        dropped = drop_first(mesh, S.CHECK_MAGIC)
+        run_until(mesh, lambda: policy.self_check.checks.counts["missed"] == 1, S.CHECK_EVERY + 60)
         self.assertEqual(dropped, [1])
         peer = mesh.home.peer(mesh.hubs[0])
         self.assertEqual(
-            policy.checks.last[peer.public_key][0], f"missed 1: no reply after {DELAY} s idle"
+            policy.self_check.checks.last[peer.public_key][0],
+            f"missed 1: no reply after {DELAY} s idle",
         )
         self.assertEqual(
             policy.peer_status(peer)["keepalive_self_check"],
             f"missed 1: no reply after {DELAY} s idle",
         )
-        ok = policy.checks.counts["ok"]
-        run_until(mesh, lambda: policy.checks.counts["ok"] > ok, 5 * 60)
-        self.assertEqual(policy.checks.misses, 0)
+        ok = policy.self_check.checks.counts["ok"]
+        run_until(mesh, lambda: policy.self_check.checks.counts["ok"] > ok, 5 * 60)
+        self.assertEqual(policy.self_check.checks.misses, 0)
         mesh.net.advance(HOUR)
-        self.assertEqual(policy.checks.counts["missed"], 1)
-        self.assertEqual(policy.checks.expiries, 0)
+        self.assertEqual(policy.self_check.checks.counts["missed"], 1)
+        self.assertEqual(policy.self_check.checks.expiries, 0)
         self.assertEqual(peer.persistent_keepalive, INTERVAL)
 
     def test_lost_ack_is_no_miss_but_reply_still_counts(self) -> None:
         """The helper's acknowledgement is lost but its late reply arrives: ok."""
         mesh = settled()
         policy = mesh.policy
-        ok = policy.checks.counts["ok"]
+        ok = policy.self_check.checks.counts["ok"]
         original = mesh.hubs[0].node.device.send_control
         lost: list[int] = []
 
@@ -222,9 +230,9 @@ class CheckTests(SynchronousTestCase):
             return original(peer, kind, body, now)
 
         mesh.hubs[0].node.device.send_control = send_control  # type: ignore[method-assign]
-        run_until(mesh, lambda: policy.checks.counts["ok"] > ok, K.CHECK_EVERY + 60)
+        run_until(mesh, lambda: policy.self_check.checks.counts["ok"] > ok, S.CHECK_EVERY + 60)
         self.assertEqual(lost, [kinds.NAT_SELF_CHECK_ACK])
-        self.assertEqual(policy.checks.counts["missed"], 0)
+        self.assertEqual(policy.self_check.checks.counts["missed"], 0)
 
     def test_helper_that_does_not_know_self_checks(self) -> None:
         """A meshguard peer without self-checks (the kind is unknown to it) never acknowledges:
@@ -237,12 +245,12 @@ class CheckTests(SynchronousTestCase):
         mesh.nat.lifetime = 40.0
         policy = mesh.policy
         mesh.net.advance(4 * HOUR)
-        counts = policy.checks.counts
+        counts = policy.self_check.checks.counts
         self.assertEqual(counts["missed"], 0)
         self.assertGreaterEqual(counts["inconclusive"], 2)
         self.assertLessEqual(counts["inconclusive"], 6)  # 30 min, then 10, 20, 40, 80 ...
-        self.assertEqual(policy.checks.last[hub.public][0], "not acknowledged")
-        self.assertEqual(policy.checks.expiries, 0)
+        self.assertEqual(policy.self_check.checks.last[hub.public][0], "not acknowledged")
+        self.assertEqual(policy.self_check.checks.expiries, 0)
 
 
 class NoCheckTests(SynchronousTestCase):
@@ -286,7 +294,7 @@ class NoCheckTests(SynchronousTestCase):
         self.assertGreater(stock_peer.persistent_keepalive, 0)
         self.assertNotIn(kinds.NAT_SELF_CHECK, kinds_sent.get(public_key(stock_key), []))
         self.assertIn(kinds.NAT_SELF_CHECK, kinds_sent[hub.public])
-        self.assertGreater(home.policy.checks.counts["ok"], 0)
+        self.assertGreater(home.policy.self_check.checks.counts["ok"], 0)
         self.assertNotIn("keepalive_self_check", home.policy.peer_status(stock_peer))
 
     def test_only_stock_peers_no_check(self) -> None:
@@ -308,7 +316,7 @@ class NoCheckTests(SynchronousTestCase):
         net.advance(2 * HOUR)
         self.assertEqual(peer.persistent_keepalive, K.DEFAULT_INTERVAL)
         self.assertNotIn("check_requests", home.policy.counters)
-        self.assertIsNone(home.policy._check_due)
+        self.assertIsNone(home.policy.self_check._check_due)
         self.assertNotIn("keepalive_self_checks", home.policy.node_status())
 
     def test_never_without_a_session(self) -> None:
@@ -321,13 +329,13 @@ class NoCheckTests(SynchronousTestCase):
         before = policy.counters["check_requests"]
         mesh.net.advance(2 * HOUR)
         self.assertEqual(policy.counters["check_requests"], before)
-        self.assertEqual(policy.checks.counts["missed"], 0)
-        self.assertTrue(policy.checks.state.startswith("waiting for a session with "))
+        self.assertEqual(policy.self_check.checks.counts["missed"], 0)
+        self.assertTrue(policy.self_check.checks.state.startswith("waiting for a session with "))
 
     def test_off_switch(self) -> None:
         """``self_check = False``: no request, no status keys."""
         mesh = Mesh(LIFETIME, preserve_port=True)
-        mesh.policy.self_check = False
+        mesh.policy.self_check.enabled = False
         mesh.net.advance(2 * HOUR)
         self.assertNotIn("check_requests", mesh.policy.counters)
         self.assertNotIn("keepalive_self_checks", mesh.policy.node_status())
@@ -338,7 +346,7 @@ class HelperLimitTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.mesh = settled()
-        self.mesh.policy.self_check = False  # only the requests below
+        self.mesh.policy.self_check.enabled = False  # only the requests below
         self.hub = self.mesh.hubs[0]
         self.policy = self.hub.policy
         self.peer = self.hub.peer(self.mesh.home)
@@ -348,9 +356,9 @@ class HelperLimitTests(SynchronousTestCase):
         self.mesh.net.advance(1.0)
         keypair = self.peer.keypairs.current
         assert keypair is not None and keypair.can_send(self.mesh.net.now + 60)
-        self.policy._late.clear()
-        self.policy._late_accepted.clear()
-        self.policy._late_last_request.clear()
+        self.policy.self_check._late.clear()
+        self.policy.self_check._late_accepted.clear()
+        self.policy.self_check._late_last_request.clear()
         self.accepted = self.policy.counters["check_help_accepted"]  # the home's own checks
 
     def request(self, token: bytes, delay: object, at: float | None = None) -> None:
@@ -369,29 +377,29 @@ class HelperLimitTests(SynchronousTestCase):
         state.next_hello = self.mesh.net.now + 1
         self.request(b"a" * 16, 30)
         self.assertEqual(self.acks(sent), 1)
-        self.assertIn(b"a" * 16, self.policy._late)
+        self.assertIn(b"a" * 16, self.policy.self_check._late)
         assert state.next_hello is not None
         self.assertGreater(state.next_hello, self.mesh.net.now + 30)
         self.mesh.net.advance(29.9)
-        replies = [(d, ep) for d, ep in self.hub.node.sent[sent:] if d[:4] == K.CHECK_MAGIC]
+        replies = [(d, ep) for d, ep in self.hub.node.sent[sent:] if d[:4] == S.CHECK_MAGIC]
         self.assertEqual(replies, [])
         self.mesh.net.advance(0.2)
-        replies = [(d, ep) for d, ep in self.hub.node.sent[sent:] if d[:4] == K.CHECK_MAGIC]
-        self.assertEqual(replies, [(K.CHECK_MAGIC + b"a" * 16, self.peer.endpoint)])
-        self.assertEqual(self.policy._late, {})
+        replies = [(d, ep) for d, ep in self.hub.node.sent[sent:] if d[:4] == S.CHECK_MAGIC]
+        self.assertEqual(replies, [(S.CHECK_MAGIC + b"a" * 16, self.peer.endpoint)])
+        self.assertEqual(self.policy.self_check._late, {})
 
     def test_bad_delays_refused(self) -> None:
         """Delays outside 2..300 s, or not numbers, are refused (and counted); nothing kept."""
         now = self.mesh.net.now
         bad: list[object] = [1.9, 300.1, -1, 0, True, "30", None, [30], {"d": 30}, 10**400]
         for i, delay in enumerate(bad):
-            self.request(bytes([i]) * 16, delay, at=now + i * K.CHECK_HELP_MIN_GAP)
-        self.assertEqual(self.policy._late, {})
+            self.request(bytes([i]) * 16, delay, at=now + i * S.CHECK_HELP_MIN_GAP)
+        self.assertEqual(self.policy.self_check._late, {})
         self.assertEqual(self.policy.counters["check_help_refused_bad_delay"], len(bad))
         for i, delay in enumerate((math.nan, math.inf)):  # JSON's NaN and Infinity
-            at = now + (len(bad) + i) * K.CHECK_HELP_MIN_GAP
+            at = now + (len(bad) + i) * S.CHECK_HELP_MIN_GAP
             self.request(bytes([100 + i]) * 16, delay, at=at)
-        self.assertEqual(self.policy._late, {})
+        self.assertEqual(self.policy.self_check._late, {})
         self.assertEqual(self.policy.counters["check_help_refused_bad_delay"], len(bad) + 2)
 
     def test_too_often_ignored_one_pending_and_hourly_budget(self) -> None:
@@ -403,39 +411,39 @@ class HelperLimitTests(SynchronousTestCase):
         self.request(b"\x02" * 16, 100, at=now + 1)
         self.assertEqual(self.acks(sent), 1)
         self.assertEqual(self.policy.counters["check_help_ignored_too_soon"], 1)
-        self.request(b"\x03" * 16, 100, at=now + 2 * K.CHECK_HELP_MIN_GAP)
+        self.request(b"\x03" * 16, 100, at=now + 2 * S.CHECK_HELP_MIN_GAP)
         self.assertEqual(self.policy.counters["check_help_refused_busy"], 1)
-        self.assertEqual(len(self.policy._late), 1)
-        self.policy._late.clear()
-        at = now + 3 * K.CHECK_HELP_MIN_GAP
-        for i in range(K.CHECK_HELP_PER_HOUR + 3):
-            self.policy._late.clear()
-            self.request(bytes([10 + i]) * 16, 2, at=at + i * K.CHECK_HELP_MIN_GAP)
+        self.assertEqual(len(self.policy.self_check._late), 1)
+        self.policy.self_check._late.clear()
+        at = now + 3 * S.CHECK_HELP_MIN_GAP
+        for i in range(S.CHECK_HELP_PER_HOUR + 3):
+            self.policy.self_check._late.clear()
+            self.request(bytes([10 + i]) * 16, 2, at=at + i * S.CHECK_HELP_MIN_GAP)
         accepted = self.policy.counters["check_help_accepted"] - self.accepted
-        self.assertEqual(accepted, K.CHECK_HELP_PER_HOUR)  # the first one above included
+        self.assertEqual(accepted, S.CHECK_HELP_PER_HOUR)  # the first one above included
         self.assertEqual(self.policy.counters["check_help_ignored_hourly"], 4)
         # An hour later the budget is back.
-        self.policy._late.clear()
+        self.policy.self_check._late.clear()
         self.request(b"\x77" * 16, 2, at=now + 2 * HOUR)
         accepted = self.policy.counters["check_help_accepted"] - self.accepted
-        self.assertEqual(accepted, K.CHECK_HELP_PER_HOUR + 1)
+        self.assertEqual(accepted, S.CHECK_HELP_PER_HOUR + 1)
 
     def test_duplicate_token_refused(self) -> None:
         """A token another peer's pending check already uses is refused, the other kept."""
-        pending = K._LateReply(b"another peer", self.mesh.net.now + 100)
-        self.policy._late[b"\x05" * 16] = pending
+        pending = S._LateReply(b"another peer", self.mesh.net.now + 100)
+        self.policy.self_check._late[b"\x05" * 16] = pending
         self.request(b"\x05" * 16, 100)
         self.assertEqual(self.policy.counters["check_help_refused_duplicate"], 1)
-        self.assertEqual(self.policy._late, {b"\x05" * 16: pending})
+        self.assertEqual(self.policy.self_check._late, {b"\x05" * 16: pending})
 
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=200))
     def test_garbage_request_bodies(self, body: bytes) -> None:
         """Random bodies never raise, are never answered and never kept."""
         sent = len(self.hub.node.sent)
-        self.policy._late_last_request.clear()
+        self.policy.self_check._late_last_request.clear()
         self.policy.control_received(self.peer, kinds.NAT_SELF_CHECK, body, self.mesh.net.now)
-        self.assertEqual(self.policy._late, {})
+        self.assertEqual(self.policy.self_check._late, {})
         self.assertEqual(len(self.hub.node.sent), sent)
 
     @settings(max_examples=300, deadline=None)
@@ -450,8 +458,8 @@ class HelperLimitTests(SynchronousTestCase):
             st.none(),
             st.booleans(),
             st.text(max_size=5),
-            st.floats(max_value=K.CHECK_DELAY_MIN, exclude_max=True),
-            st.floats(min_value=K.CHECK_DELAY_MAX, exclude_min=True),
+            st.floats(max_value=S.CHECK_DELAY_MIN, exclude_max=True),
+            st.floats(min_value=S.CHECK_DELAY_MAX, exclude_min=True),
             st.just(math.nan),
             st.integers(max_value=1),
             st.integers(min_value=301),
@@ -460,10 +468,10 @@ class HelperLimitTests(SynchronousTestCase):
     )
     def test_hostile_request_fields(self, token: object, delay: object) -> None:
         """Well-formed JSON with hostile fields: never raises, never keeps anything."""
-        self.policy._late_last_request.clear()
+        self.policy.self_check._late_last_request.clear()
         body = encode_json({"t": token, "d": delay})
         self.policy.control_received(self.peer, kinds.NAT_SELF_CHECK, body, self.mesh.net.now)
-        self.assertEqual(self.policy._late, {})
+        self.assertEqual(self.policy.self_check._late, {})
 
 
 class RequesterHostileInputTests(SynchronousTestCase):
@@ -473,13 +481,13 @@ class RequesterHostileInputTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.mesh = settled()
         self.policy = self.mesh.policy
-        run_until(self.mesh, lambda: self.policy._check is not None, K.CHECK_EVERY + 60)
+        run_until(self.mesh, lambda: self.policy.self_check._check is not None, S.CHECK_EVERY + 60)
         self.hub_peer = self.mesh.home.peer(self.mesh.hubs[0])
 
     def snapshot(self) -> tuple[object, ...]:
-        check = self.policy._check
+        check = self.policy.self_check._check
         assert check is not None
-        return (check.acked_at, check.deadline, dict(self.policy.checks.counts))
+        return (check.acked_at, check.deadline, dict(self.policy.self_check.checks.counts))
 
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=200))
@@ -510,48 +518,48 @@ class RequesterHostileInputTests(SynchronousTestCase):
         """Random datagrams on the tunnel port (late-reply magic or not) change nothing."""
         if data[:1] in (b"\x01", b"\x02", b"\x03", b"\x04"):
             data = b"\xff" + data[1:]
-        check = self.policy._check
+        check = self.policy.self_check._check
         assert check is not None
         if data[4:] == check.token:
             data = data[:4] + bytes(16)
         before = self.snapshot()
         self.mesh.home.node.device.datagram_received(data, source, self.mesh.net.now)
         self.mesh.home.node.device.datagram_received(
-            K.CHECK_MAGIC + data[:16].ljust(16, b"\x00"), source, self.mesh.net.now
+            S.CHECK_MAGIC + data[:16].ljust(16, b"\x00"), source, self.mesh.net.now
         )
         self.assertEqual(self.snapshot(), before)
 
     def test_reply_from_elsewhere_ignored(self) -> None:
         """Our own token from another host does not count (the token alone is not enough)."""
-        check = self.policy._check
+        check = self.policy.self_check._check
         assert check is not None
         before = self.snapshot()
         self.mesh.home.node.device.datagram_received(
-            K.CHECK_MAGIC + check.token, ("192.0.2.7", 51820), self.mesh.net.now
+            S.CHECK_MAGIC + check.token, ("192.0.2.7", 51820), self.mesh.net.now
         )
         self.assertEqual(self.snapshot(), before)
         self.assertEqual(self.policy.counters["check_reply_source_mismatch"], 1)
 
     def test_early_reply_proves_nothing(self) -> None:
         """A reply well before the asked delay (a helper that did not wait) is inconclusive."""
-        check = self.policy._check
+        check = self.policy.self_check._check
         assert check is not None
         self.mesh.home.node.device.datagram_received(
-            K.CHECK_MAGIC + check.token, HUB, self.mesh.net.now
+            S.CHECK_MAGIC + check.token, HUB, self.mesh.net.now
         )
-        self.assertIsNone(self.policy._check)
-        self.assertEqual(self.policy.checks.counts["inconclusive"], 1)
-        self.assertEqual(self.policy.checks.counts["ok"], 1)  # the first check, earlier
+        self.assertIsNone(self.policy.self_check._check)
+        self.assertEqual(self.policy.self_check.checks.counts["inconclusive"], 1)
+        self.assertEqual(self.policy.self_check.checks.counts["ok"], 1)  # the first check, earlier
 
     def test_refusal_is_inconclusive(self) -> None:
-        check = self.policy._check
+        check = self.policy.self_check._check
         assert check is not None
         body = encode_json({"t": check.token.hex(), "s": "refused", "why": "busy"})
         self.policy.control_received(
             self.hub_peer, kinds.NAT_SELF_CHECK_ACK, body, self.mesh.net.now
         )
-        self.assertIsNone(self.policy._check)
-        text, _ = self.policy.checks.last[self.hub_peer.public_key]
+        self.assertIsNone(self.policy.self_check._check)
+        text, _ = self.policy.self_check.checks.last[self.hub_peer.public_key]
         self.assertEqual(text, "refused by the peer (busy)")
 
 
@@ -574,9 +582,9 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(node["keepalive_self_check_state"], "scheduled")
         self.assertAlmostEqual(
             node["keepalive_self_check_next_at"],
-            status["keepalive_self_check_at"] + K.CHECK_EVERY,
+            status["keepalive_self_check_at"] + S.CHECK_EVERY,
         )
-        run_until(mesh, lambda: policy._check is not None, K.CHECK_EVERY + 60)
+        run_until(mesh, lambda: policy.self_check._check is not None, S.CHECK_EVERY + 60)
         self.assertEqual(
             policy.peer_status(peer)["keepalive_self_check_pending"],
             f"reply due after {DELAY} s idle",

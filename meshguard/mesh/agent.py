@@ -75,6 +75,16 @@ def is_discard_only(endpoint: Endpoint | None) -> bool:
     return address.version == 6 and address in DISCARD_ONLY
 
 
+def same_host(a: Endpoint, b: Endpoint) -> bool:
+    """Whether two endpoints have the same address (any port): a NAT may change the port."""
+    try:
+        return ipaddress.ip_address(a[0].split("%", 1)[0]) == ipaddress.ip_address(
+            b[0].split("%", 1)[0]
+        )
+    except ValueError:
+        return False
+
+
 def parse_endpoint(value: object) -> Endpoint | None:
     """``["host", port]`` from a peer, checked: a numeric address and a port in range, and not
     a stand-in for a relay path (another node's stand-ins could name one of ours: a "candidate"
@@ -165,6 +175,19 @@ class MeshAgent:
                 "features": sorted({type(f).__name__ for f in self.features}),
             }
         )
+
+    def hold_hello(self, peer: Peer, until: float) -> None:
+        """Move the next HELLO refresh with ``peer`` to ``until`` if it is due sooner: a feature
+        that needs the tunnel idle for a while (the keepalive self-check) holds it back. Only
+        an acknowledged exchange is held: a HELLO still being retried is left alone."""
+        state = self.peers.get(peer.public_key)
+        if (
+            state is not None
+            and state.hello_acked
+            and state.next_hello is not None
+            and state.next_hello < until
+        ):
+            state.next_hello = until
 
     def send_hello(self, peer: Peer, now: float, kind: int = kinds.HELLO) -> bool:
         return self.device.send_control(peer, kind, self._hello_body(peer), now)

@@ -1,7 +1,7 @@
 """``PersistentKeepalive = auto``: find out whether we are behind a NAT, measure how long it keeps
 an idle UDP mapping, and keep it open just often enough (docs/keepalive.md has the figures).
 
-Three questions, answered with the help of meshguard peers:
+Four questions, answered with the help of meshguard peers:
 
 - **NATed at all?** A meshguard peer's HELLO says how it sees our endpoint. If that is one of our
   local endpoints, the path to that peer is not translated and auto peers get no keepalive.
@@ -21,17 +21,10 @@ Three questions, answered with the help of meshguard peers:
   that see the same public endpoint mean an endpoint-independent mapping: one keepalive stream
   (to one "carrier" peer) keeps it, and other meshguard peers need not be kept awake.
 - **Is the interval still short enough?** A NAT may start forgetting sooner than it did when
-  measured (under load, a new router, a changed conntrack timeout). When it re-creates an expired
-  mapping on the same public port (Linux masquerade does when the port is free) no peer sees a
-  change, yet inbound packets are dropped in every gap. So once after each new interval, then
-  every 30 minutes, the node *self-checks* the tunnel's own mapping: it asks the peer its
-  keepalive goes to (a meshguard peer with a session) for a late reply (``NAT_SELF_CHECK``),
-  "interval minus a margin" after the request arrives, i.e. just before our next keepalive would
-  refresh the mapping. The peer acknowledges at once and later sends a token datagram to our
-  tunnel endpoint. We send that peer nothing meanwhile (both sides hold back their HELLO
-  refresh), so the reply arrives only if the mapping outlived that idle. Anything we did send
-  makes the check void (traffic refreshed the mapping); two misses in a row, not one (a datagram
-  may be lost), are evidence of expiry.
+  measured. Now and then the node asks the peer its keepalive goes to for a late reply through
+  the tunnel's own mapping, just before the next keepalive would refresh it: the self-check, in
+  :mod:`meshguard.mesh.selfcheck` (both sides). This module chooses that peer, keeps the check
+  out of a measurement's way, and acts on its evidence of expiry.
 
 The interval is half the lifetime known to be alive: then even one lost keepalive leaves the
 mapping idle for at most the measured lifetime. Until measured, the conservative default (25 s,
@@ -50,7 +43,6 @@ I/O: secondary sockets come from an injected :class:`ProbePaths`.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +52,8 @@ from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, is_discard_only
+from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, is_discard_only, same_host
+from meshguard.mesh.selfcheck import CHECK_MAGIC, CHECK_RETRY, SelfCheck
 
 #: Datagram magics: never a WireGuard message type (1..4 then three zero bytes).
 PROBE_MAGIC: Final = b"MGn\x01"
@@ -128,53 +121,6 @@ MAX_HELP_PER_PEER: Final = 2 * len(LIFETIME_LADDER)
 MAX_HELP_TOTAL: Final = 512
 MAX_ANSWERS_PER_SECOND: Final = 64
 
-# The self-check of the tunnel's own mapping (the module docstring's fourth question).
-#: The late reply: sent by the helper from its tunnel port to ours, so it crosses our tunnel's
-#: mapping. Never a WireGuard message type.
-CHECK_MAGIC: Final = b"MGn\x04"
-#: Delays a helper accepts for a late reply (those of intervals 3 s to 300 s fit).
-CHECK_DELAY_MIN: Final = 2.0
-CHECK_DELAY_MAX: Final = 300.0
-#: The reply is asked for this long before our next keepalive: at least a second, a tenth of
-#: the interval, or four round trips (timer jitter and the reply's way back). The check is
-#: judged half a margin (or two round trips) after the reply is due, so before the keepalive.
-CHECK_MARGIN_MIN: Final = 1.0
-CHECK_MARGIN_FRACTION: Final = 0.1
-CHECK_MARGIN_RTTS: Final = 4.0
-#: Misses in a row that count as evidence of expiry (one lost datagram must not halve).
-CHECK_MISSES: Final = 2
-#: The first check after a new interval (or a new keepalive peer), and the rhythm after that.
-CHECK_AFTER_CHANGE: Final = 10.0
-CHECK_EVERY: Final = 1800.0
-#: After a miss, confirm soon; after a void check (traffic), an unanswered or refused one,
-#: wait (unanswered: doubling up to REMEASURE_AFTER: the peer may not know self-checks).
-CHECK_AFTER_MISS: Final = 10.0
-CHECK_AFTER_VOID: Final = 600.0
-#: A request goes out only after the tunnel to the peer was quiet (nothing either way) this
-#: long, so it starts the idle period itself; while not quiet, or without a session, look again
-#: every CHECK_RETRY.
-CHECK_QUIET: Final = 2.0
-CHECK_RETRY: Final = 30.0
-#: The helper holds its HELLO refresh this long after the reply (at least): past the
-#: requester's grace (half the margin, or two round trips), which it does not know.
-CHECK_HOLD_MIN: Final = 5.0
-CHECK_HOLD_FRACTION: Final = 0.1
-#: A request goes out only on a session that can still send this long (the ack comes back on
-#: it); without one, the next session brings the check forward.
-CHECK_SESSION_SLACK: Final = 10.0
-#: Helper side: requests from one peer closer than this are ignored (not answered); at most
-#: CHECK_HELP_PER_HOUR accepted per peer in an hour, one pending per peer, CHECK_HELP_TOTAL in all.
-CHECK_HELP_MIN_GAP: Final = 5.0
-CHECK_HELP_PER_HOUR: Final = 12
-CHECK_HELP_TOTAL: Final = 256
-#: The round trip an acknowledgement is taken to show at most (for the margin).
-CHECK_RTT_MAX: Final = 1.0
-#: A reply this much earlier than asked proves nothing (the helper did not wait).
-CHECK_EARLY: Final = 0.5
-NO_CHECK_PEER: Final = "idle: no meshguard peer to check the mapping with"
-#: Why a helper refused, as a requester shows it (anything else a peer says is "unknown").
-CHECK_REFUSALS: Final = frozenset({"bad_delay", "busy", "duplicate"})
-
 
 class ProbePath(Protocol):
     """A secondary UDP socket (its own NAT mapping)."""
@@ -200,17 +146,6 @@ def _precision(alive: float) -> float:
 def interval_for(lifetime: float) -> int:
     """The keepalive interval for a mapping known to survive ``lifetime`` idle seconds."""
     return max(INTERVAL_MIN, min(INTERVAL_MAX, int(lifetime * SAFETY_FRACTION)))
-
-
-def _host(endpoint: Endpoint) -> str:
-    return endpoint[0].split("%", 1)[0]
-
-
-def _same_host(a: Endpoint, b: Endpoint) -> bool:
-    try:
-        return ipaddress.ip_address(_host(a)) == ipaddress.ip_address(_host(b))
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -239,51 +174,6 @@ class _Help:
     observed: Endpoint | None = None
     datagrams: int = 0
     echo_at: float | None = None
-
-
-@dataclass
-class _Check:
-    """One self-check of ours in flight: the late reply we asked ``peer`` for."""
-
-    token: bytes
-    peer: bytes
-    #: The keepalive interval checked and the idle (``delay``) the reply must survive.
-    interval: int
-    delay: float
-    sent_at: float
-    deadline: float
-    #: ``peer.tx_bytes`` right after the request: anything sent since voids the check.
-    tx_mark: int
-    acked_at: float | None = None
-
-
-@dataclass
-class _LateReply:
-    """A self-check we answer for a peer: the token datagram goes out at ``due``."""
-
-    peer: bytes
-    due: float
-
-
-@dataclass
-class SelfCheckState:
-    """The self-check's outcome so far (shown by ``meshguard status``)."""
-
-    #: Results: ok, missed, void, inconclusive; and how often two misses halved the interval.
-    counts: dict[str, int] = field(
-        default_factory=lambda: {"ok": 0, "missed": 0, "void": 0, "inconclusive": 0}
-    )
-    expiries: int = 0
-    #: Misses in a row for the current peer and interval.
-    misses: int = 0
-    #: Unanswered (or refused) requests in a row: they space the next ones out.
-    unanswered: int = 0
-    #: Per peer: the latest result (text) and when it came.
-    last: dict[bytes, tuple[str, float]] = field(default_factory=dict)
-    #: The round trip the latest acknowledgement took (widens the margin).
-    rtt: float = 0.0
-    #: What the check is doing now ("scheduled", "waiting for ...", "pending: ...").
-    state: str = "idle"
 
 
 @dataclass
@@ -362,7 +252,10 @@ class NatState:
 
 
 class KeepalivePolicy:
-    """The mesh feature behind ``PersistentKeepalive = auto`` (and the helper side of probes)."""
+    """The mesh feature behind ``PersistentKeepalive = auto`` (and the helper side of probes).
+
+    It owns the self-check (:attr:`self_check`) and routes the self-check's control messages
+    and late replies to it."""
 
     kinds: tuple[int, ...] = (
         kinds.NAT_PROBE_REQUEST,
@@ -411,24 +304,19 @@ class KeepalivePolicy:
         self._relaunch_tries = 0
         self._answer_window = 0.0
         self._answers = 0
-        #: Whether to self-check the tunnel's mapping (on by default; a test comparing costs
-        #: may switch it off).
-        self.self_check = True
-        self.checks = SelfCheckState()
-        self._check: _Check | None = None
-        self._check_due: float | None = None
-        #: The (peer, interval) the checks are about; a change resets the misses in a row.
-        self._check_for: tuple[bytes, int] | None = None
-        #: The peer a due check waits for a session with.
-        self._check_session_wait: bytes | None = None
-        #: (peer, tx_bytes, rx_bytes) when we last looked for a quiet moment.
-        self._quiet: tuple[bytes, int, int] | None = None
         #: Until then the helper may still report on probe tokens of ours over the tunnel.
         self._helper_busy_until = 0.0
-        #: Helper side: late replies we owe, and per peer when requests were accepted.
-        self._late: dict[bytes, _LateReply] = {}
-        self._late_accepted: dict[bytes, list[float]] = {}
-        self._late_last_request: dict[bytes, float] = {}
+        #: The self-check of the tunnel's own mapping, both sides (``self_check.enabled``).
+        self.self_check = SelfCheck(
+            device,
+            agent,
+            new_token=lambda: self.random(TOKEN_SIZE),
+            keepalive_peer=self._self_check_peer,
+            measurement_blocks=self._measurement_blocks,
+            evidence_of_expiry=self._self_check_expired,
+            answer_allowed=self._answer_allowed,
+            count=self._count,
+        )
         agent.observed_listeners.append(self._observed)
         device.on_unknown_datagram = self.datagram_received
 
@@ -488,7 +376,7 @@ class KeepalivePolicy:
         previous = self.observations.get(key)
         self.observations[key] = observed
         if previous is not None and previous != observed and observed not in self._local():
-            if not _same_host(previous, observed):
+            if not same_host(previous, observed):
                 self._event(f"public address changed {previous[0]} -> {observed[0]}: re-measure")
                 self._restart_measurement(now, "public address changed")
             else:
@@ -617,7 +505,7 @@ class KeepalivePolicy:
                     # Shrinking: refresh the mapping now, the timer follows the new interval.
                     self.device.send_keepalive(peer, now)
         self._maybe_start(now)
-        self._schedule_check(now)
+        self.self_check.schedule(now)
 
     def _facts(self, peer: Peer, chosen: _Decision) -> KeepaliveFacts:
         nat = self.nat
@@ -893,9 +781,9 @@ class KeepalivePolicy:
         elif kind == kinds.NAT_PROBE_RESULT:
             self._result(peer, token, message, now)
         elif kind == kinds.NAT_SELF_CHECK:
-            self._check_requested(peer, token, message.get("d"), now)
+            self.self_check.request_received(peer, token, message.get("d"), now)
         else:
-            self._check_acknowledged(peer, token, message, now)
+            self.self_check.ack_received(peer, token, message, now)
 
     def _result(self, peer: Peer, token: bytes, message: dict[str, Any], now: float) -> None:
         probe = self._probes.get(token)
@@ -954,7 +842,7 @@ class KeepalivePolicy:
     def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
         """A non-WireGuard datagram on our port: a token a peer told us about, or garbage."""
         if len(data) == DATAGRAM_SIZE and data[:4] == CHECK_MAGIC:
-            self._late_reply_received(data[4:], source, now)
+            self.self_check.reply_received(data[4:], source, now)
             return
         if len(data) != DATAGRAM_SIZE or data[:4] != PROBE_MAGIC:
             self.device.counters.malformed += 1
@@ -966,7 +854,7 @@ class KeepalivePolicy:
             self._count("unknown_token")
             return
         peer = self.device.peers.get(help.peer)
-        if peer is None or peer.endpoint is None or not _same_host(peer.endpoint, source):
+        if peer is None or peer.endpoint is None or not same_host(peer.endpoint, source):
             self._count("token_source_mismatch")
             return
         if help.datagrams >= MAX_PROBE_SENDS or not self._answer_allowed(now):
@@ -979,9 +867,9 @@ class KeepalivePolicy:
         self.device.io.send_datagram(ACK_MAGIC + token, source)
         self.agent.dirty = True
 
-    # ------------------------------------------------------------------ self-check (our side)
+    # ------------------------------------------------------------------ self-check seam
 
-    def _check_target(self) -> Peer | None:
+    def _self_check_peer(self) -> Peer | None:
         """The peer whose keepalive keeps our mapping open and that can check it: an auto peer
         running meshguard, reached directly through the NAT, with a keepalive in force (the
         carrier first, then the helper: the peers auto already relies on)."""
@@ -1006,272 +894,20 @@ class KeepalivePolicy:
                     return peer
         return candidates[0] if candidates else None
 
-    def _check_margin(self, interval: int) -> float:
-        """How long before the next keepalive the late reply is due (see CHECK_MARGIN_MIN)."""
-        return max(
-            CHECK_MARGIN_MIN,
-            CHECK_MARGIN_FRACTION * interval,
-            CHECK_MARGIN_RTTS * self.checks.rtt,
-        )
-
-    def _schedule_check(self, now: float) -> None:
-        """Auto decided again: a new keepalive peer or interval is checked soon."""
-        target = self._check_target() if self.self_check else None
-        if target is None:
-            self._check_for = None
-            self._check_due = None
-            self._quiet = None
-            self.checks.state = NO_CHECK_PEER
-            return
-        wanted = (target.public_key, target.persistent_keepalive)
-        if wanted != self._check_for:
-            self._check_for = wanted
-            self.checks.misses = 0
-            self.checks.state = "scheduled"
-            self._check_due = now + CHECK_AFTER_CHANGE
-            self.agent.dirty = True
-
-    def _check_blocked(self, peer: Peer, now: float) -> tuple[str, float] | None:
-        """Why a due check cannot start now, and when to look again (None: it can start)."""
+    def _measurement_blocks(self, peer: Peer, now: float) -> tuple[str, float] | None:
+        """Why our lifetime measurement keeps a self-check with ``peer`` from starting now, and
+        when to look again (None: it does not)."""
         if self._busy():
             return "waiting for the NAT measurement to end", now + CHECK_RETRY
         if peer.public_key == self.helper and now < self._helper_busy_until:
             # Its reports on our probe tokens would cross the tunnel in the middle.
             return "waiting for the last probe reports", self._helper_busy_until
-        keypair = peer.keypairs.current
-        if keypair is None or not keypair.can_send(now + CHECK_SESSION_SLACK):
-            # The next session brings the check forward (``session_started``); no polling.
-            self._check_session_wait = peer.public_key
-            return f"waiting for a session with {peer.short_name}", now + CHECK_EVERY
-        state = self.agent.peers.get(peer.public_key)
-        if state is None or not state.hello_acked:
-            return f"waiting for the HELLO exchange with {peer.short_name}", now + CHECK_RETRY
         return None
 
-    def _try_check(self, now: float) -> None:
-        """A check is due: send the request at a quiet moment, when nothing else forbids it."""
-        self._check_due = None
-        target = self._check_target() if self.self_check else None
-        if target is None:
-            self._check_for = None
-            self.checks.state = NO_CHECK_PEER
-            return
-        key, interval = target.public_key, target.persistent_keepalive
-        if (key, interval) != self._check_for:
-            self._check_for = (key, interval)
-            self.checks.misses = 0
-        delay = round(interval - self._check_margin(interval), 1)
-        if delay < CHECK_DELAY_MIN:
-            # Until the interval changes: a mapping this short-lived is not worth a late reply.
-            self.checks.state = f"off: a {interval} s interval is too short to check"
-            return
-        blocked = self._check_blocked(target, now)
-        if blocked is not None:
-            self.checks.state, self._check_due = blocked
-            return
-        marks = (key, target.tx_bytes, target.rx_bytes)
-        if marks != self._quiet:
-            # Something crossed the tunnel since we last looked (or we never looked): look
-            # again after a quiet spell, then less often while the tunnel stays busy.
-            first = self._quiet is None or self._quiet[0] != key
-            self._quiet = marks
-            self.checks.state = "waiting for a quiet moment"
-            self._check_due = now + (CHECK_QUIET if first else CHECK_RETRY)
-            return
-        self._quiet = None
-        self._start_check(target, interval, delay, now)
-
-    def _start_check(self, peer: Peer, interval: int, delay: float, now: float) -> None:
-        token = self.random(TOKEN_SIZE)
-        body = encode_json({"t": token.hex(), "d": delay})
-        if not self.device.send_control(peer, kinds.NAT_SELF_CHECK, body, now):
-            self._count("check_request_not_sent")
-            self._check_due = now + CHECK_RETRY
-            return
-        self._count("check_requests")
-        deadline = now + delay + self._check_margin(interval) / 2
-        # Our HELLO refresh would refresh the mapping in the middle of the idle: hold it back.
-        self._hold_hello(peer, deadline + CHECK_QUIET)
-        self._check = _Check(token, peer.public_key, interval, delay, now, deadline, peer.tx_bytes)
-        self.checks.state = f"pending: reply due after {delay:g} s idle ({peer.short_name})"
-        self.agent.dirty = True
-
-    def _hold_hello(self, peer: Peer, until: float) -> None:
-        """Move the agent's next HELLO refresh with ``peer`` after ``until`` (an acknowledged
-        session only: a HELLO still being retried is left alone)."""
-        state = self.agent.peers.get(peer.public_key)
-        if (
-            state is not None
-            and state.hello_acked
-            and state.next_hello is not None
-            and state.next_hello < until
-        ):
-            state.next_hello = until
-
-    def _check_acknowledged(
-        self, peer: Peer, token: bytes, message: dict[str, Any], now: float
-    ) -> None:
-        check = self._check
-        if check is None or check.token != token or check.peer != peer.public_key:
-            self._count("check_stale_ack")
-            return
-        state = message.get("s")
-        if state == "ok" and check.acked_at is None:
-            check.acked_at = now
-            rtt = now - check.sent_at
-            # Capped: one slow answer must not push the next request below the minimum delay.
-            self.checks.rtt = min(rtt, CHECK_RTT_MAX)
-            check.deadline = max(check.deadline, check.sent_at + check.delay + 2 * rtt)
-            self._hold_hello(peer, check.deadline + CHECK_QUIET)
-        elif state == "refused":
-            why = message.get("why")
-            why = why if isinstance(why, str) and why in CHECK_REFUSALS else "unknown"
-            self._finish_check(check, "inconclusive", f"refused by the peer ({why})", now)
-        else:
-            self._count("check_stale_ack")
-
-    def _late_reply_received(self, token: bytes, source: Endpoint, now: float) -> None:
-        """The token datagram came through our tunnel's mapping: it lived as long as asked."""
-        check = self._check
-        if check is None or token != check.token:
-            self._count("check_reply_unknown")
-            return
-        peer = self.device.peers.get(check.peer)
-        if peer is None or peer.endpoint is None or not _same_host(peer.endpoint, source):
-            self._count("check_reply_source_mismatch")
-            return
-        idle = now - check.sent_at
-        if peer.tx_bytes != check.tx_mark:
-            self._finish_check(check, "void", "void: we sent to the peer meanwhile", now)
-        elif idle < check.delay - CHECK_EARLY:
-            # The peer did not wait: it proves nothing about the idle we asked for.
-            self._finish_check(check, "inconclusive", f"reply came early ({idle:.1f} s)", now)
-        else:
-            self._finish_check(check, "ok", f"ok: reply after {idle:.1f} s idle", now)
-
-    def _judge_check(self, check: _Check, now: float) -> None:
-        """No reply by the deadline (which comes before our next keepalive)."""
-        peer = self.device.peers.get(check.peer)
-        if peer is None:
-            self._finish_check(check, "inconclusive", "the peer was removed", now)
-        elif check.acked_at is None:
-            # Lost request, lost ack, or a peer that does not know self-checks (whose HELLO
-            # then voids it too): no evidence, and the next request waits longer.
-            self._finish_check(check, "inconclusive", "not acknowledged", now)
-        elif peer.tx_bytes != check.tx_mark:
-            self._finish_check(check, "void", "void: we sent to the peer meanwhile", now)
-        else:
-            self._finish_check(check, "missed", f"no reply after {check.delay:g} s idle", now)
-
-    def _finish_check(self, check: _Check, result: str, text: str, now: float) -> None:
-        self._check = None
-        self._quiet = None
-        checks = self.checks
-        checks.counts[result] += 1
-        # A check of an interval no longer in force is shown but not counted for evidence.
-        current = self._check_for == (check.peer, check.interval)
-        checks.unanswered = checks.unanswered + 1 if result == "inconclusive" else 0
-        expired = False
-        if result == "ok" and current:
-            checks.misses = 0
-        elif result == "missed" and current:
-            checks.misses += 1
-            text = f"missed {checks.misses}: {text}"
-            expired = checks.misses >= CHECK_MISSES
-        elif result == "missed":
-            text = f"missed: {text}"
-        if not current:
-            after = CHECK_AFTER_CHANGE
-        elif result == "ok":
-            after = CHECK_EVERY
-        elif result == "missed":
-            after = CHECK_AFTER_MISS
-        elif result == "void":
-            after = CHECK_AFTER_VOID
-        else:
-            after = min(REMEASURE_AFTER, CHECK_AFTER_VOID * 2 ** min(checks.unanswered - 1, 8))
-        self._check_due = now + after if self._check_for is not None else None
-        checks.state = "scheduled" if self._check_due is not None else NO_CHECK_PEER
-        self.agent.dirty = True
-        if expired:
-            checks.misses = 0
-            checks.expiries += 1
-            checks.last[check.peer] = (f"{text}: interval halved", now)
-            self._evidence_of_expiry(
-                now,
-                f"self-check: reply after {check.delay:g} s idle did not arrive"
-                f" {CHECK_MISSES} times in a row",
-            )
-            self.update(now)
-        else:
-            checks.last[check.peer] = (text, now)
-
-    # ------------------------------------------------------------------ self-check (helping)
-
-    def _check_requested(self, peer: Peer, token: bytes, delay: object, now: float) -> None:
-        """A peer asks for a late reply: accepted within the limits, else refused or ignored."""
-        key = peer.public_key
-        last = self._late_last_request.get(key)
-        if last is not None and now - last < CHECK_HELP_MIN_GAP:
-            # Faster than any honest requester asks: not even a refusal.
-            self._count("check_help_ignored_too_soon")
-            return
-        self._late_last_request[key] = now
-
-        def refuse(why: str) -> None:
-            self._count(f"check_help_refused_{why}")
-            body = encode_json({"t": token.hex(), "s": "refused", "why": why})
-            self.device.send_control(peer, kinds.NAT_SELF_CHECK_ACK, body, now)
-
-        if not isinstance(delay, int | float) or isinstance(delay, bool):
-            refuse("bad_delay")
-            return
-        if not CHECK_DELAY_MIN <= delay <= CHECK_DELAY_MAX:
-            refuse("bad_delay")
-            return
-        if token in self._late:
-            refuse("duplicate")
-            return
-        pending = any(late.peer == key for late in self._late.values())
-        if pending or len(self._late) >= CHECK_HELP_TOTAL:
-            refuse("busy")
-            return
-        accepted = [t for t in self._late_accepted.get(key, ()) if now - t < 3600.0]
-        if len(accepted) >= CHECK_HELP_PER_HOUR:
-            self._late_accepted[key] = accepted
-            self._count("check_help_ignored_hourly")
-            return
-        for gone in [k for k in self._late_accepted if k not in self.device.peers]:
-            del self._late_accepted[gone]
-        for gone in [k for k in self._late_last_request if k not in self.device.peers]:
-            del self._late_last_request[gone]
-        self._late_accepted[key] = [*accepted, now]
-        due = now + float(delay)
-        self._late[token] = _LateReply(key, due)
-        # Our HELLO refresh would make the requester answer (and refresh its mapping) before
-        # it judged the check: hold it until the requester's grace is over too.
-        self._hold_hello(peer, due + max(CHECK_HOLD_MIN, CHECK_HOLD_FRACTION * float(delay)))
-        self._count("check_help_accepted")
-        self.agent.dirty = True
-        body = encode_json({"t": token.hex(), "s": "ok"})
-        self.device.send_control(peer, kinds.NAT_SELF_CHECK_ACK, body, now)
-
-    def _send_late_reply(self, token: bytes, late: _LateReply, now: float) -> None:
-        """Send the token to the requester's tunnel endpoint, from ours: through its mapping."""
-        peer = self.device.peers.get(late.peer)
-        if (
-            peer is None
-            or peer.endpoint is None
-            or peer.relay is not None
-            or is_discard_only(peer.endpoint)
-        ):
-            self._count("check_help_no_endpoint")
-            return
-        if not self._answer_allowed(now):
-            self._count("check_help_rate_limited")
-            return
-        self.device.io.send_datagram(CHECK_MAGIC + token, peer.endpoint)
-        self._count("check_replies_sent")
+    def _self_check_expired(self, now: float, why: str) -> None:
+        """Self-checks missed in a row: evidence of expiry, like a peer seeing our port change."""
+        self._evidence_of_expiry(now, why)
+        self.update(now)
 
     # ------------------------------------------------------------------ timers
 
@@ -1287,11 +923,8 @@ class KeepalivePolicy:
             deadlines.append(help.echo_at if help.echo_at is not None else help.expires)
         if self._relaunch_at is not None:
             deadlines.append(self._relaunch_at)
-        if self._check is not None:
-            deadlines.append(self._check.deadline)
-        elif self._check_due is not None:
-            deadlines.append(self._check_due)
-        deadlines.extend(late.due for late in self._late.values())
+        if (check := self.self_check.next_deadline()) is not None:
+            deadlines.append(check)
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
@@ -1322,24 +955,13 @@ class KeepalivePolicy:
             self._relaunch(now)
         if self._next_campaign is not None and self._next_campaign <= now:
             self._maybe_start(now)
-        for token, late in list(self._late.items()):
-            if late.due <= now:
-                del self._late[token]
-                self._send_late_reply(token, late, now)
-        if self._check is not None and self._check.deadline <= now:
-            self._judge_check(self._check, now)
-        if self._check is None and self._check_due is not None and self._check_due <= now:
-            self._try_check(now)
+        self.self_check.run_timers(now)
 
     # ------------------------------------------------------------------ mesh feature hooks
 
     def session_started(self, peer: Peer, now: float) -> None:
         self.update(now)
-        if self._check_session_wait == peer.public_key:
-            self._check_session_wait = None
-            if self._check is None and self._check_due is not None:
-                self._check_due = min(self._check_due, now + CHECK_QUIET)
-                self.agent.dirty = True
+        self.self_check.session_started(peer, now)
 
     def peer_status(self, peer: Peer) -> dict[str, Any]:
         key = peer.public_key
@@ -1356,7 +978,7 @@ class KeepalivePolicy:
                 status["keepalive_plugin"] = decision.plugin
                 status["keepalive_auto_interval"] = decision.auto.interval
                 status["keepalive_auto_reason"] = decision.auto.reason
-            status.update(self._check_status(key))
+            status.update(self.self_check.peer_status(key))
             return status
         interval = peer.persistent_keepalive
         reason = "configured" if interval else "off (not configured)"
@@ -1366,17 +988,6 @@ class KeepalivePolicy:
             "keepalive_reason": reason,
             "keepalive_auto": False,
         }
-
-    def _check_status(self, key: bytes) -> dict[str, Any]:
-        """The latest self-check with this peer: its result text and when (the node's clock)."""
-        status: dict[str, Any] = {}
-        last = self.checks.last.get(key)
-        if last is not None:
-            status["keepalive_self_check"], status["keepalive_self_check_at"] = last
-        check = self._check
-        if check is not None and check.peer == key:
-            status["keepalive_self_check_pending"] = f"reply due after {check.delay:g} s idle"
-        return status
 
     def node_status(self) -> dict[str, Any]:
         nat = self.nat
@@ -1401,12 +1012,7 @@ class KeepalivePolicy:
         if self.plugin_errors:
             status["keepalive_plugin_errors"] = self.plugin_errors
             status["keepalive_plugin_error"] = self.plugin_error
-        checks = self.checks
-        if self._check_for is not None or any(checks.counts.values()):
-            status["keepalive_self_checks"] = {**checks.counts, "halved": checks.expiries}
-            status["keepalive_self_check_state"] = checks.state
-            if self._check is None and self._check_due is not None:
-                status["keepalive_self_check_next_at"] = self._check_due
+        status.update(self.self_check.node_status())
         if nat.events:
             status["nat_events"] = list(nat.events)
         if self.counters:
