@@ -78,6 +78,7 @@ class Mesh:
         hub_auto: bool = True,
         overrides: Sequence[K.IntervalOverride] = (),
         preserve_port: bool = False,
+        filtering: str = "port",
     ) -> None:
         rng = random.Random(seed)
         self.net = MemoryNetwork()
@@ -90,6 +91,7 @@ class Mesh:
                     lifetime,
                     endpoint_dependent=endpoint_dependent,
                     preserve_port=preserve_port,
+                    filtering=filtering,
                 )
             )
         self.home = Member(self.net, HOME, rng, overrides)
@@ -224,17 +226,22 @@ class MeasurementTests(SynchronousTestCase):
 
 class MappingTests(SynchronousTestCase):
     def test_endpoint_independent_one_carrier(self) -> None:
-        """Two meshguard hubs see the same public endpoint: one keepalive stream, not two."""
-        mesh = Mesh(60.0, hubs=2)
+        """Two meshguard hubs see the same public endpoint and the filtering check shows the NAT
+        admits a remote we did not send to ("full cone"): one keepalive stream, not two, and
+        the other hub still reaches the idle home."""
+        mesh = Mesh(60.0, hubs=2, filtering="none")
         mesh.net.advance(30 * 60)
         policy = mesh.policy
         self.assertEqual(policy.nat.mapping, "endpoint-independent")
+        self.assertEqual(policy.nat.filtering, K.FILTER_OPEN)
         intervals = sorted(mesh.home.peer(h).persistent_keepalive for h in mesh.hubs)
         self.assertEqual(intervals[0], 0)
         self.assertEqual(intervals[1], K.interval_for(policy.nat.lifetime or 0))
         carrier = next(h for h in mesh.hubs if mesh.home.peer(h).persistent_keepalive)
         other = next(h for h in mesh.hubs if h is not carrier)
+        self.assertEqual(policy.carrier, carrier.public)
         self.assertIn("endpoint-independent", policy.decisions[other.public].reason)
+        self.assertIn("filtering checked with", policy.decisions[other.public].reason)
         start = len(mesh.home.node.sent)
         mesh.net.advance(HOUR)
         to_other = [
@@ -243,8 +250,85 @@ class MappingTests(SynchronousTestCase):
             if ep == other.node.endpoint and is_keepalive(d)
         ]
         self.assertEqual(to_other, [])
+        self.assertTrue(mesh.hub_reaches_home(other))
+        mesh.net.advance(HOUR)
         self.assertTrue(mesh.hub_reaches_home(carrier))
         self.assertIn("keepalive_carrier", policy.node_status())
+
+    def test_one_lost_late_reply_does_not_flip_the_verdict(self) -> None:
+        """A lost late reply is one miss: the next check passes and carrier-only follows."""
+        mesh = Mesh(60.0, hubs=2, filtering="none")
+        dropped: list[bytes] = []
+        for hub in mesh.hubs:
+            check = hub.policy.self_check
+            send = check._send_late_reply
+
+            def lossy(token: bytes, late: object, now: float, send: object = send) -> None:
+                pending = mesh.policy._filter
+                if not dropped and pending is not None and pending.token == token:
+                    dropped.append(token)
+                    return
+                send(token, late, now)  # type: ignore[operator]
+
+            check._send_late_reply = lossy  # type: ignore[method-assign]
+        mesh.net.advance(30 * 60)
+        policy = mesh.policy
+        self.assertEqual(len(dropped), 1)
+        self.assertEqual(policy.counters.get("filter_missed"), 1)
+        self.assertEqual(policy.nat.filtering, K.FILTER_OPEN)
+        self.assertEqual(policy.counters.get("filter_ok"), 1)
+        intervals = sorted(mesh.home.peer(h).persistent_keepalive for h in mesh.hubs)
+        self.assertEqual(intervals[0], 0)
+
+    def test_filtering_status(self) -> None:
+        """Status: unknown before the check, the verdict with its peer after; the per-peer
+        reason says why a non-carrier hub keeps its own keepalive."""
+        mesh = Mesh(60.0, hubs=2)
+        mesh.net.advance(1)
+        self.assertEqual(mesh.policy.node_status()["nat_filtering"], "unknown")
+        mesh.net.advance(30 * 60)
+        policy = mesh.policy
+        status = policy.node_status()
+        checked = mesh.policy.nat.filtering_peer
+        self.assertEqual(
+            status["nat_filtering"], f"address-or-port-dependent (checked with {checked})"
+        )
+        self.assertIsInstance(status["nat_filtering_at"], float)
+        other = next(h for h in mesh.hubs if h.public != policy.carrier)
+        peer = policy.peer_status(mesh.home.peer(other))
+        self.assertIn("filtering admits only peers we sent to", peer["keepalive"])
+
+        fresh = Mesh(300.0, hubs=2)
+        fresh.net.advance(2 * HOUR)
+        other = next(h for h in fresh.hubs if h.public != fresh.policy.carrier)
+        reason = fresh.policy.decisions[other.public].reason
+        self.assertIn("filtering not known to admit other peers", reason)
+        self.assertEqual(fresh.policy.node_status()["nat_filtering"], "unknown")
+        self.assertIn("not checked", fresh.policy.node_status()["nat_filtering_check"])
+        for hub in fresh.hubs:
+            self.assertGreater(fresh.home.peer(hub).persistent_keepalive, 0)
+
+    def test_port_dependent_filtering_keeps_both_hubs(self) -> None:
+        """One public port for all destinations, but inbound only from a remote we sent to
+        lately (Linux masquerade, most home routers): both hubs keep their own keepalive, so
+        the second hub still reaches the idle home."""
+        mesh = Mesh(60.0, hubs=2)
+        mesh.net.advance(30 * 60)
+        policy = mesh.policy
+        self.assertEqual(policy.nat.mapping, "endpoint-independent")
+        self.assertEqual(policy.nat.filtering, "address-or-port-dependent")
+        assert policy.nat.lifetime is not None
+        for hub in mesh.hubs:
+            self.assertEqual(
+                mesh.home.peer(hub).persistent_keepalive, K.interval_for(policy.nat.lifetime)
+            )
+        other = next(h for h in mesh.hubs if h.public != policy.carrier)
+        self.assertIn(
+            "filtering admits only peers we sent to", policy.decisions[other.public].reason
+        )
+        mesh.net.advance(HOUR)
+        for hub in reversed(mesh.hubs):
+            self.assertTrue(mesh.hub_reaches_home(hub))
 
     def test_endpoint_dependent_keeps_each(self) -> None:
         """A hard NAT (a port per destination): every path needs its own keepalive."""
