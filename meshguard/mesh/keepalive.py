@@ -64,14 +64,18 @@ from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, is_discard_only, same_host
 from meshguard.mesh.selfcheck import (
     CHECK_DELAY_MAX,
-    CHECK_EARLY,
     CHECK_MAGIC,
     CHECK_QUIET,
     CHECK_RETRY,
     CHECK_RTT_MAX,
     CHECK_SESSION_SLACK,
+    LateReplyJudge,
     SelfCheck,
+    send_request,
 )
+
+#: Why a filtering check proves nothing: traffic either way may have refreshed our flow.
+FILTER_VOID_TEXT: Final = "void: traffic with the peer meanwhile"
 
 #: Datagram magics: never a WireGuard message type (1..4 then three zero bytes).
 PROBE_MAGIC: Final = b"MGn\x01"
@@ -228,6 +232,12 @@ class _FilterCheck:
     rx_mark: int | None = None
     acked_at: float | None = None
 
+    def void(self, peer: Peer) -> bool:
+        """We sent to the peer, or it sent to us after its ack: our flow may be fresh."""
+        return peer.tx_bytes != self.tx_mark or (
+            self.rx_mark is not None and peer.rx_bytes != self.rx_mark
+        )
+
 
 @dataclass
 class _Decision:
@@ -368,6 +378,7 @@ class KeepalivePolicy:
         self._helper_busy_until = 0.0
         #: The filtering check in flight, and when to try the next one.
         self._filter: _FilterCheck | None = None
+        self._filter_late = LateReplyJudge(device, self._count, "filter", FILTER_VOID_TEXT, "")
         self._filter_due: float | None = None
         #: The self-check of the tunnel's own mapping, both sides (``self_check.enabled``).
         self.self_check = SelfCheck(
@@ -1074,8 +1085,7 @@ class KeepalivePolicy:
             self._filter_due = now + CHECK_RETRY
             return
         token = self.random(TOKEN_SIZE)
-        body = encode_json({"t": token.hex(), "d": delay})
-        if not self.device.send_control(peer, kinds.NAT_SELF_CHECK, body, now):
+        if not send_request(self.device, peer, token, delay, now):
             self._count("filter_request_not_sent")
             self._filter_due = now + CHECK_RETRY
             return
@@ -1105,38 +1115,12 @@ class KeepalivePolicy:
         else:
             self._count("filter_stale_ack")
 
-    def _filter_void(self, peer: Peer, check: _FilterCheck) -> bool:
-        """We sent to the peer, or it sent to us after its ack: our flow may be fresh."""
-        return peer.tx_bytes != check.tx_mark or (
-            check.rx_mark is not None and peer.rx_bytes != check.rx_mark
-        )
-
     def _filter_reply(self, source: Endpoint, now: float) -> None:
         check = self._filter
         assert check is not None
-        peer = self.device.peers.get(check.peer)
-        if peer is None or peer.endpoint is None or not same_host(peer.endpoint, source):
-            self._count("filter_reply_source_mismatch")
-            return
-        idle = now - check.sent_at
-        if self._filter_void(peer, check):
-            self._filter_finish(check, "void", "void: traffic with the peer meanwhile", now)
-        elif idle < check.delay - CHECK_EARLY:
-            self._filter_finish(check, "inconclusive", f"reply came early ({idle:.1f} s)", now)
-        else:
-            self._filter_finish(check, "ok", f"reply after {idle:.1f} s idle", now)
-
-    def _filter_judge(self, check: _FilterCheck, now: float) -> None:
-        """No late reply by the deadline."""
-        peer = self.device.peers.get(check.peer)
-        if peer is None:
-            self._filter_finish(check, "inconclusive", "the peer was removed", now)
-        elif check.acked_at is None:
-            self._filter_finish(check, "inconclusive", "not acknowledged", now)
-        elif self._filter_void(peer, check):
-            self._filter_finish(check, "void", "void: traffic with the peer meanwhile", now)
-        else:
-            self._filter_finish(check, "missed", f"no reply after {check.delay:g} s idle", now)
+        verdict = self._filter_late.reply(check, source, now)
+        if verdict is not None:
+            self._filter_finish(check, *verdict, now)
 
     def _filter_finish(self, check: _FilterCheck, result: str, text: str, now: float) -> None:
         self._filter = None
@@ -1267,7 +1251,8 @@ class KeepalivePolicy:
         if self._next_campaign is not None and self._next_campaign <= now:
             self._maybe_start(now)
         if self._filter is not None and self._filter.deadline <= now:
-            self._filter_judge(self._filter, now)
+            # No late reply by the deadline.
+            self._filter_finish(self._filter, *self._filter_late.deadline(self._filter), now)
         elif self._filter is None and self._filter_due is not None and self._filter_due <= now:
             self._filter_try(now)
         self.self_check.run_timers(now)

@@ -17,14 +17,17 @@ mapping); two misses in a row, not one (a datagram may be lost), are evidence of
 the answer) and the peer answering (which requests to accept and when to send the late reply).
 The keepalive policy owns it and tells it which peer to check with, whether a measurement is in
 the way, and what to do with evidence of expiry; it hands it the self-check's control messages
-and late replies. Nothing here does I/O.
+and late replies. The keepalive policy's filtering check reuses the same request and late reply,
+so :func:`send_request` and :class:`LateReplyJudge` (one verdict logic, with each check's own
+void rule and wording) serve both; what a verdict then decides stays with its owner. Nothing
+here does I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint
@@ -82,6 +85,74 @@ NO_CHECK_PEER: Final = "idle: no meshguard peer to check the mapping with"
 CHECK_REFUSALS: Final = frozenset({"bad_delay", "busy", "duplicate"})
 
 
+#: Why a late-reply check proves nothing when we sent to the peer while waiting.
+VOID_SENT: Final = "void: we sent to the peer meanwhile"
+
+
+def send_request(device: Device, peer: Peer, token: bytes, delay: float, now: float) -> bool:
+    """Ask ``peer`` for the token back after ``delay`` s (both checks); False if not sent."""
+    body = encode_json({"t": token.hex(), "d": delay})
+    return device.send_control(peer, kinds.NAT_SELF_CHECK, body, now)
+
+
+class LateCheck(Protocol):
+    """A late reply in flight, as the judge sees it (self-check or filtering check)."""
+
+    peer: bytes
+    delay: float
+    sent_at: float
+    acked_at: float | None
+
+    def void(self, peer: Peer) -> bool:
+        """Whether traffic since the request may have kept the mapping alive anyway."""
+        ...
+
+
+class LateReplyJudge:
+    """Judges late replies: one verdict logic for the self-check and the filtering check.
+
+    Both ask a peer for a token datagram after a delay of silence; they differ only in what
+    voids a check (:meth:`LateCheck.void`), in wording and in what the verdict then decides,
+    which stays with the owner. Verdicts are ``(result, text)``.
+    """
+
+    def __init__(
+        self, device: Device, count: Callable[[str], None], prefix: str, void_text: str, ok: str
+    ) -> None:
+        self.device = device
+        self._count = count
+        self._mismatch = f"{prefix}_reply_source_mismatch"
+        self._void_text = void_text
+        self._ok = ok
+
+    def reply(self, check: LateCheck, source: Endpoint, now: float) -> tuple[str, str] | None:
+        """The token came back from ``source``; None (counted) if not from the peer's host."""
+        peer = self.device.peers.get(check.peer)
+        if peer is None or peer.endpoint is None or not same_host(peer.endpoint, source):
+            self._count(self._mismatch)
+            return None
+        idle = now - check.sent_at
+        if check.void(peer):
+            return "void", self._void_text
+        if idle < check.delay - CHECK_EARLY:
+            # The peer did not wait: it proves nothing about the idle we asked for.
+            return "inconclusive", f"reply came early ({idle:.1f} s)"
+        return "ok", f"{self._ok}reply after {idle:.1f} s idle"
+
+    def deadline(self, check: LateCheck) -> tuple[str, str]:
+        """No reply by the deadline."""
+        peer = self.device.peers.get(check.peer)
+        if peer is None:
+            return "inconclusive", "the peer was removed"
+        if check.acked_at is None:
+            # Lost request, lost ack, or a peer that does not know self-checks (whose HELLO
+            # then voids it too): no evidence, and the next request waits longer.
+            return "inconclusive", "not acknowledged"
+        if check.void(peer):
+            return "void", self._void_text
+        return "missed", f"no reply after {check.delay:g} s idle"
+
+
 @dataclass
 class _Check:
     """One self-check of ours in flight: the late reply we asked ``peer`` for."""
@@ -96,6 +167,10 @@ class _Check:
     #: ``peer.tx_bytes`` right after the request: anything sent since voids the check.
     tx_mark: int
     acked_at: float | None = None
+
+    def void(self, peer: Peer) -> bool:
+        """We sent to the peer since the request."""
+        return peer.tx_bytes != self.tx_mark
 
 
 @dataclass
@@ -155,6 +230,7 @@ class SelfCheck:
         self._evidence_of_expiry = evidence_of_expiry
         self._answer_allowed = answer_allowed
         self._count = count
+        self._verdicts = LateReplyJudge(device, count, "check", VOID_SENT, "ok: ")
         #: Whether to self-check the tunnel's mapping (on by default; a test comparing costs
         #: may switch it off). The helper side answers either way.
         self.enabled = True
@@ -252,8 +328,7 @@ class SelfCheck:
 
     def _start(self, peer: Peer, interval: int, delay: float, now: float) -> None:
         token = self._new_token()
-        body = encode_json({"t": token.hex(), "d": delay})
-        if not self.device.send_control(peer, kinds.NAT_SELF_CHECK, body, now):
+        if not send_request(self.device, peer, token, delay, now):
             self._count("check_request_not_sent")
             self._check_due = now + CHECK_RETRY
             return
@@ -292,32 +367,13 @@ class SelfCheck:
         if check is None or token != check.token:
             self._count("check_reply_unknown")
             return
-        peer = self.device.peers.get(check.peer)
-        if peer is None or peer.endpoint is None or not same_host(peer.endpoint, source):
-            self._count("check_reply_source_mismatch")
-            return
-        idle = now - check.sent_at
-        if peer.tx_bytes != check.tx_mark:
-            self._finish(check, "void", "void: we sent to the peer meanwhile", now)
-        elif idle < check.delay - CHECK_EARLY:
-            # The peer did not wait: it proves nothing about the idle we asked for.
-            self._finish(check, "inconclusive", f"reply came early ({idle:.1f} s)", now)
-        else:
-            self._finish(check, "ok", f"ok: reply after {idle:.1f} s idle", now)
+        verdict = self._verdicts.reply(check, source, now)
+        if verdict is not None:
+            self._finish(check, *verdict, now)
 
     def _judge(self, check: _Check, now: float) -> None:
         """No reply by the deadline (which comes before our next keepalive)."""
-        peer = self.device.peers.get(check.peer)
-        if peer is None:
-            self._finish(check, "inconclusive", "the peer was removed", now)
-        elif check.acked_at is None:
-            # Lost request, lost ack, or a peer that does not know self-checks (whose HELLO
-            # then voids it too): no evidence, and the next request waits longer.
-            self._finish(check, "inconclusive", "not acknowledged", now)
-        elif peer.tx_bytes != check.tx_mark:
-            self._finish(check, "void", "void: we sent to the peer meanwhile", now)
-        else:
-            self._finish(check, "missed", f"no reply after {check.delay:g} s idle", now)
+        self._finish(check, *self._verdicts.deadline(check), now)
 
     def _finish(self, check: _Check, result: str, text: str, now: float) -> None:
         self._check = None
