@@ -149,9 +149,10 @@ class StartupErrorTests(SynchronousTestCase):
         self.assertFalse(self.tb.uapi_socket(self.ifname).exists())
 
 
+# Holds the port until the test's cleanup kills it (no timer: it waits for a signal).
 _HOLD_PORT = """
-import socket, sys, time
+import signal, socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", int(sys.argv[1])))
-time.sleep(60)
+signal.pause()
 """
