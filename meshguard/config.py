@@ -98,6 +98,9 @@ class InterfaceConfig:
     table: str = "auto"
     fwmark: int = 0
     forwarding: bool = True
+    #: ``PortMapping``: ``auto`` asks the gateway for a port mapping (PCP, NAT-PMP, UPnP-IGD;
+    #: docs/portmapping.md), ``off`` never does.
+    port_mapping: str = "auto"
     #: TLS relay (docs/relay.md): serve on ``relay_listen`` with this certificate and key, and
     #: keep a connection to every ``relays`` entry, verified with ``relay_ca`` or ``relay_pins``.
     relay_listen: tuple[str, int] | None = None
@@ -262,6 +265,13 @@ def _fwmark(value: str, ctx: _Context) -> int:
     raise _BadValueError(
         f"FwMark {_shown(value)} is not 'off', a decimal number or 0x hex up to 32 bits"
     )
+
+
+def _port_mapping(value: str, ctx: _Context) -> str:
+    lowered = value.lower()
+    if lowered in ("auto", "off"):
+        return lowered
+    raise _BadValueError(f"PortMapping {_shown(value)} is not 'auto' or 'off'")
 
 
 def _bool(name: str) -> ValueParser:
@@ -468,6 +478,7 @@ INTERFACE_KEYS: Final[dict[str, _Key]] = _table_of(
     _Key("PostDown", "post_down", _shell, repeats=True, raw=True, empty_ok=True),
     # Mesh keys.
     _Key("Forwarding", "forwarding", _bool("Forwarding")),
+    _Key("PortMapping", "port_mapping", _port_mapping),
     # TLS relay keys (docs/relay.md).
     _Key("RelayListen", "relay_listen", _relay_listen),
     _Key("RelayCertificate", "relay_certificate", _path("RelayCertificate"), raw=True),

@@ -178,7 +178,11 @@ class Node:
         #: instead of its stand-in addresses).
         self.endpoint_view: Callable[[Peer], Endpoint | None] = lambda peer: peer.endpoint
         #: The mesh layer; it marks our handshakes and talks only to meshguard peers.
-        self.mesh = MeshAgent(self.device, local_endpoints=self.local_endpoints)
+        self.mesh = MeshAgent(
+            self.device,
+            local_endpoints=self.local_endpoints,
+            mapped_endpoints=self.mapped_endpoints,
+        )
         #: ``PersistentKeepalive = auto``: NAT detection, lifetime probes, interval choice.
         self.keepalive = KeepalivePolicy(
             self.device,
@@ -214,6 +218,10 @@ class Node:
         #: The interface's addresses (config ``Address``): sources of echo probes.
         self.addresses: list[IPInterface] = []
         self._local_endpoints: list[Endpoint] = []
+        #: Public endpoints our gateway maps to our UDP port (``meshguard.portmap``).
+        self._mapped_endpoints: list[Endpoint] = []
+        #: The node-level ``port_mapping`` status, while port mapping runs (set by the service).
+        self.port_mapping_status: Callable[[], dict[str, Any]] | None = None
         self.on_gone = on_gone
         self.fwmark = 0
         self._timer: IDelayedCall | None = None
@@ -314,6 +322,18 @@ class Node:
         """Our LAN candidates: the host's addresses outside the tunnel, with our UDP port."""
         return self._local_endpoints
 
+    def mapped_endpoints(self) -> list[Endpoint]:
+        """Our port-mapped public endpoints, advertised to the mesh as candidates."""
+        return self._mapped_endpoints
+
+    def set_mapped_endpoints(self, endpoints: list[Endpoint]) -> None:
+        """The port mapping changed: advertise it to every meshguard peer at once."""
+        if endpoints == self._mapped_endpoints:
+            return
+        self._mapped_endpoints = list(endpoints)
+        self.mesh.advertise(self._seconds())
+        self.reschedule()
+
     def refresh_local_endpoints(self, addresses: list[str]) -> None:
         port = self.udp.local_port
         self._local_endpoints = [(address, port) for address in addresses]
@@ -378,7 +398,15 @@ class Node:
             "public_key": b64(device.public_key) if device.public_key is not None else None,
             "listen_port": self.udp.local_port,
             "mtu": self.mtu,
-            "node": {**self.mesh.node_status(), "udp_offload": self.udp.offload_status()},
+            "node": {
+                **self.mesh.node_status(),
+                "udp_offload": self.udp.offload_status(),
+                **(
+                    {"port_mapping": self.port_mapping_status()}
+                    if self.port_mapping_status is not None
+                    else {}
+                ),
+            },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
             "peers": peers,
         }

@@ -26,6 +26,7 @@ from meshguard.config import MAX_MTU, MIN_MTU, MIN_MTU_IPV6, Config, ConfigError
 from meshguard.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.link import LinkError
 from meshguard.node import Node, resolve_endpoint
+from meshguard.portmap.service import PortMapping, standard_methods
 from meshguard.plugins import IPathObserver
 from meshguard.status import listen_status
 from meshguard.tun import TunError
@@ -140,6 +141,8 @@ class NodeService(service.Service):
         self._own_link = False
         #: Policy routing for a peer that takes all traffic (AllowedIPs 0.0.0.0/0 or ::/0).
         self.default_route: DefaultRoute | None = None
+        #: ``PortMapping = auto``: our gateway's mapping of our UDP port (docs/portmapping.md).
+        self.port_mapping: PortMapping | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -224,6 +227,7 @@ class NodeService(service.Service):
         self.node.start()
         if self.tls_relay is not None:
             self.tls_relay.attach(self.node)
+        self._sync_port_mapping()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         except ValueError:
@@ -234,6 +238,37 @@ class NodeService(service.Service):
             port=self.node.udp.local_port,
             peers=len(self.node.device.peers),
         )
+
+    def _sync_port_mapping(self) -> Deferred[None] | None:
+        """Start or stop port mapping as ``PortMapping`` says (default ``auto``)."""
+        node = self.node
+        wanted = (
+            node is not None
+            and node.running
+            and self.config is not None
+            and self.config.interface.port_mapping == "auto"
+        )
+        if wanted and self.port_mapping is None:
+            assert node is not None
+            mapping = PortMapping(
+                self.reactor,
+                standard_methods(self.reactor),
+                lambda: node.udp.local_port,
+                node.set_mapped_endpoints,
+            )
+            node.mesh.observed_listeners.append(mapping.observed)
+            node.port_mapping_status = mapping.status
+            self.port_mapping = mapping
+            mapping.start()
+        elif not wanted and self.port_mapping is not None:
+            mapping, self.port_mapping = self.port_mapping, None
+            if node is not None:
+                node.port_mapping_status = None
+                if mapping.observed in node.mesh.observed_listeners:
+                    node.mesh.observed_listeners.remove(mapping.observed)
+            stopped: Deferred[None] = mapping.stop()
+            return stopped
+        return None
 
     # ------------------------------------------------------------------ routes
 
@@ -354,6 +389,7 @@ class NodeService(service.Service):
             log.error("reload partly applied: {error}", error=str(e))
             return
         self._reload_relay(config)
+        self._sync_port_mapping()
         log.info("reloaded {path}: {peers} peers", path=self.config_path, peers=len(config.peers))
 
     def _reload_relay(self, config: Config) -> None:
@@ -412,6 +448,10 @@ class NodeService(service.Service):
                         pass
         self.status_port = None
         self.uapi = None
+        if self.port_mapping is not None:
+            # Remove the gateway's mapping (bounded wait) while the node still stands.
+            mapping, self.port_mapping = self.port_mapping, None
+            closing.append(mapping.stop())
         if self.tls_relay is not None:
             self.tls_relay.stop()
             self.tls_relay = None

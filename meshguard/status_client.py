@@ -49,6 +49,37 @@ def _bytes(count: int) -> str:
     return f"{count} B"
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        hours, minutes = divmod(seconds // 60, 60)
+        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+    if seconds >= 60:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+def port_mapping_line(value: dict[str, Any]) -> str:
+    """``PCP 198.51.100.1:40001 (expires in 1h)``, ``none offered (PCP: ...)``, ``off``..."""
+    state = value.get("state")
+    if state == "mapped":
+        text = f"{value.get('protocol')} {value.get('external')}"
+        expires = value.get("expires_at")
+        if isinstance(expires, (int, float)):
+            text += f" (expires in {_duration(expires - time.time())})"
+        else:
+            text += " (permanent)"
+        if value.get("advertised") is False:
+            text += ", behind another NAT: not advertised"
+        return text
+    if state == "seeking":
+        return f"asking the gateway ({value.get('trying')})"
+    failures = value.get("failures")
+    if state == "none offered" and isinstance(failures, dict) and failures:
+        return "none offered (" + "; ".join(f"{k}: {v}" for k, v in failures.items()) + ")"
+    return str(state)
+
+
 def format_status(document: dict[str, Any]) -> str:
     """The human form: one block per node, then one per peer (wg show's layout, plus mesh)."""
     lines = [f"interface: {document.get('interface')}"]
@@ -56,6 +87,9 @@ def format_status(document: dict[str, Any]) -> str:
         if document.get(key) is not None:
             lines.append(f"  {key.replace('_', ' ')}: {document[key]}")
     for key, value in sorted(document.get("node", {}).items()):
+        if key == "port_mapping" and isinstance(value, dict):
+            lines.append(f"  port mapping: {port_mapping_line(value)}")
+            continue
         if isinstance(value, dict):  # a group of facts (udp_offload): one line, in its order
             value = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
         lines.append(f"  {key.replace('_', ' ')}: {_value(key, value)}")

@@ -210,7 +210,7 @@ class ThirdPartyPluginTests(SynchronousTestCase):
         clock.advance(1000)
         node = Node("mgplug1", clock)
         names = [s.name for s in node.members.paths.sources]
-        self.assertEqual(names, ["lan", "introducer", "endpoints-file"])
+        self.assertEqual(names, ["lan", "introducer", "mapped", "endpoints-file"])
         recorder = sys.modules["meshguard.plugins.mgtest_recorder"]
 
         # An introducer tells the node about the member; the plugins take part.

@@ -5,7 +5,9 @@ owns some control message kinds, hears about new meshguard sessions, and keeps i
 The agent aggregates them so the node keeps one reactor timer for the whole mesh layer.
 
 HELLO tells a peer how we see it: its endpoint as observed from here (the only way a node behind
-a NAT learns its public mapping) and our local addresses and listen port (LAN candidates).
+a NAT learns its public mapping), our local addresses and listen port (LAN candidates) and the
+public endpoints our gateway maps to our port (``mapped``: PCP, NAT-PMP or UPnP, see
+docs/portmapping.md), which an introducer passes on to the other members as candidates.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ MAX_JSON_BODY = 16384
 #: How often a HELLO is repeated until acknowledged, and refreshed afterwards.
 HELLO_RETRY = 2.0
 HELLO_REFRESH = 60.0
+#: Port-mapped endpoints accepted in one HELLO.
+MAX_MAPPED = 4
 
 
 class MeshFeature(Protocol):
@@ -115,6 +119,8 @@ class PeerMeshState:
     observed_self: Endpoint | None = None
     #: The peer's local addresses and port (LAN candidates), as it reported them.
     local_endpoints: list[Endpoint] = field(default_factory=list)
+    #: Public endpoints the peer's gateway maps to it (port mapping), as it reported them.
+    mapped_endpoints: list[Endpoint] = field(default_factory=list)
     features: list[str] = field(default_factory=list)
 
 
@@ -126,9 +132,12 @@ class MeshAgent:
         device: Device,
         *,
         local_endpoints: Callable[[], list[Endpoint]] = list,
+        mapped_endpoints: Callable[[], list[Endpoint]] = list,
     ) -> None:
         self.device = device
         self.local_endpoints = local_endpoints
+        #: Our port-mapped public endpoints (:mod:`meshguard.portmap`), advertised in HELLO.
+        self.mapped_endpoints = mapped_endpoints
         self.features: list[MeshFeature] = []
         self._by_kind: dict[int, MeshFeature] = {}
         self.peers: dict[bytes, PeerMeshState] = {}
@@ -172,6 +181,7 @@ class MeshAgent:
                 if peer.endpoint is not None and not is_discard_only(peer.endpoint)
                 else None,
                 "local": [list(e) for e in self.local_endpoints()],
+                "mapped": [list(e) for e in self.mapped_endpoints()[:MAX_MAPPED]],
                 "features": sorted({type(f).__name__ for f in self.features}),
             }
         )
@@ -188,6 +198,14 @@ class MeshAgent:
             and state.next_hello < until
         ):
             state.next_hello = until
+
+    def advertise(self, now: float) -> None:
+        """Our own endpoints changed (a port mapping came or went): say HELLO to every peer
+        now instead of at the next refresh, so introducers pass it on within seconds."""
+        for state in self.peers.values():
+            if state.next_hello is not None:
+                state.next_hello = now
+        self.dirty = True
 
     def send_hello(self, peer: Peer, now: float, kind: int = kinds.HELLO) -> bool:
         return self.device.send_control(peer, kind, self._hello_body(peer), now)
@@ -222,6 +240,11 @@ class MeshAgent:
         local = message.get("local")
         if isinstance(local, list):
             state.local_endpoints = [e for e in map(parse_endpoint, local[:16]) if e is not None]
+        mapped = message.get("mapped", [])
+        if isinstance(mapped, list):
+            state.mapped_endpoints = [
+                e for e in map(parse_endpoint, mapped[:MAX_MAPPED]) if e is not None
+            ]
         features = message.get("features")
         if isinstance(features, list):
             state.features = [f for f in features[:32] if isinstance(f, str)]
@@ -270,6 +293,8 @@ class MeshAgent:
         if state is not None:
             status["observed_self"] = list(state.observed_self) if state.observed_self else None
             status["local_endpoints"] = [list(e) for e in state.local_endpoints]
+            if state.mapped_endpoints:
+                status["mapped_endpoints"] = [list(e) for e in state.mapped_endpoints]
         for feature in self.features:
             status.update(feature.peer_status(peer))
         return status

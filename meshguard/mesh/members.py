@@ -22,7 +22,7 @@ from typing import Any
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, parse_endpoint
+from meshguard.mesh.agent import MAX_MAPPED, MeshAgent, decode_json, encode_json, parse_endpoint
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -51,14 +51,19 @@ class MemberInfo:
     allowed: tuple[Network, ...] = ()
     observed: Endpoint | None = None
     local: tuple[Endpoint, ...] = ()
+    #: Public endpoints the member's gateway maps to it (port mapping, docs/portmapping.md).
+    mapped: tuple[Endpoint, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        value = {
             "key": base64.b64encode(self.key).decode(),
             "allowed": [str(n) for n in self.allowed],
             "observed": list(self.observed) if self.observed is not None else None,
             "local": [list(e) for e in self.local],
         }
+        if self.mapped:
+            value["mapped"] = [list(e) for e in self.mapped]
+        return value
 
 
 def parse_key(value: object) -> bytes | None:
@@ -78,7 +83,10 @@ def parse_member(value: object) -> MemberInfo | None:
     key = parse_key(value.get("key"))
     allowed_raw = value.get("allowed")
     local_raw = value.get("local", [])
+    mapped_raw = value.get("mapped", [])
     if key is None or not isinstance(allowed_raw, list) or not isinstance(local_raw, list):
+        return None
+    if not isinstance(mapped_raw, list):
         return None
     allowed: list[Network] = []
     for text in allowed_raw[:MAX_ALLOWED]:
@@ -93,7 +101,8 @@ def parse_member(value: object) -> MemberInfo | None:
     if observed_raw is not None and observed is None:
         return None
     local = tuple(e for e in map(parse_endpoint, local_raw[:MAX_LOCAL]) if e is not None)
-    return MemberInfo(key, tuple(allowed), observed, local)
+    mapped = tuple(e for e in map(parse_endpoint, mapped_raw[:MAX_MAPPED]) if e is not None)
+    return MemberInfo(key, tuple(allowed), observed, local, mapped)
 
 
 def parse_page(message: dict[str, Any]) -> tuple[int, int, int, bool, list[MemberInfo]] | None:
@@ -286,6 +295,7 @@ class Membership:
                 if peer.relay is None and not self.is_relay_endpoint(peer.endpoint)
                 else None,
                 tuple(state.local_endpoints[:MAX_LOCAL]) if state is not None else (),
+                tuple(state.mapped_endpoints[:MAX_MAPPED]) if state is not None else (),
             )
         return members
 
@@ -422,4 +432,11 @@ def _merge_info(a: MemberInfo, b: MemberInfo) -> MemberInfo:
     """Two introducers' views of one member: the union of what they say."""
     allowed = a.allowed + tuple(n for n in b.allowed if n not in a.allowed)
     local = a.local + tuple(e for e in b.local if e not in a.local)
-    return MemberInfo(a.key, allowed[:MAX_ALLOWED], a.observed or b.observed, local[:MAX_LOCAL])
+    mapped = a.mapped + tuple(e for e in b.mapped if e not in a.mapped)
+    return MemberInfo(
+        a.key,
+        allowed[:MAX_ALLOWED],
+        a.observed or b.observed,
+        local[:MAX_LOCAL],
+        mapped[:MAX_MAPPED],
+    )

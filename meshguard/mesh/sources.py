@@ -2,11 +2,11 @@
 
 :class:`~meshguard.mesh.paths.Paths` punches toward every candidate a source names, LAN ones
 first. The built-in sources read what introducers report (the endpoint each introducer observes
-for the member, and the member's own LAN addresses); third-party sources are Twisted plugins
-providing :class:`meshguard.plugins.IEndpointSource` (docs/plugins.md). A source is asked
-whenever an introducer's member list arrives (on every change, and at least every
-``RESUBSCRIBE`` seconds), so it must answer at once from what it already knows: no blocking I/O
-here.
+for the member, the member's own LAN addresses, and the public endpoints its gateway maps to it);
+third-party sources are Twisted plugins providing :class:`meshguard.plugins.IEndpointSource`
+(docs/plugins.md). A source is asked whenever an introducer's member list arrives (on every
+change, and at least every ``RESUBSCRIBE`` seconds), so it must answer at once from what it
+already knows: no blocking I/O here.
 """
 
 from __future__ import annotations
@@ -26,10 +26,15 @@ MAX_CANDIDATES = 16
 
 @dataclass(frozen=True)
 class Candidate:
-    """An endpoint worth a PATH_PING; ``lan`` ranks a path found through it above a direct one."""
+    """An endpoint worth a PATH_PING; ``lan`` ranks a path found through it above a direct one.
+
+    ``kind`` names where it came from (``"mapped"``: the member's gateway maps it by PCP,
+    NAT-PMP or UPnP) for whoever ranks paths; :class:`~meshguard.mesh.paths.Paths` treats every
+    non-LAN candidate alike."""
 
     endpoint: Endpoint
     lan: bool = False
+    kind: str | None = None
 
 
 class EndpointSource(Protocol):
@@ -65,9 +70,22 @@ class LanAddresses:
                 yield Candidate(endpoint, lan=True)
 
 
+class PortMapped:
+    """The public endpoints the member's gateway maps to its port (it asked by PCP, NAT-PMP or
+    UPnP-IGD and reported the result in its HELLO): reachable even behind a NAT that maps
+    per destination."""
+
+    name = "mapped"
+
+    def candidates(self, key: bytes, reports: Mapping[bytes, MemberInfo]) -> Iterable[Candidate]:
+        for introducer in sorted(reports):
+            for endpoint in reports[introducer].mapped:
+                yield Candidate(endpoint, kind="mapped")
+
+
 #: What :class:`~meshguard.mesh.paths.Paths` uses when nobody passes sources (the node passes
-#: the plugins it finds, which include these same two).
-DEFAULT_SOURCES: tuple[EndpointSource, ...] = (LanAddresses(), IntroducerObserved())
+#: the plugins it finds, which include these same three).
+DEFAULT_SOURCES: tuple[EndpointSource, ...] = (LanAddresses(), IntroducerObserved(), PortMapped())
 
 
 def gather(

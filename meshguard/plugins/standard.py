@@ -26,6 +26,11 @@ class IntroducerObserved(sources.IntroducerObserved):
     __doc__ = sources.IntroducerObserved.__doc__
 
 
+@implementer(IPlugin, IEndpointSource)
+class PortMapped(sources.PortMapped):
+    __doc__ = sources.PortMapped.__doc__
+
+
 @implementer(IPlugin, IPathObserver)
 class PathLog:
     """Logs every change of path to a learned member (one line per change, never per packet)."""
@@ -53,4 +58,5 @@ def _short(key: bytes) -> str:
 # LAN first: a LAN candidate also reported as observed still counts as LAN.
 lan = LanAddresses()
 introducer = IntroducerObserved()
+mapped = PortMapped()
 path_log = PathLog()
