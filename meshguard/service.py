@@ -26,8 +26,8 @@ from meshguard.config import MAX_MTU, MIN_MTU, MIN_MTU_IPV6, Config, ConfigError
 from meshguard.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.link import LinkError
 from meshguard.node import Node, resolve_endpoint
-from meshguard.portmap.service import PortMapping, standard_methods
 from meshguard.plugins import IPathObserver
+from meshguard.portmap.service import PortMapping, standard_methods
 from meshguard.status import listen_status
 from meshguard.tun import TunError
 from meshguard.uapi_server import InterfaceInUseError, listen_uapi
