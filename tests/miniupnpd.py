@@ -81,7 +81,9 @@ def start_miniupnpd(
         )
         + "\n"
     )
-    proc = testbed.spawn(router, [MINIUPNPD, "-d", "-f", str(config), "-P", "/dev/null"])
+    # Its own pid file: miniupnpd unlinks the file on exit (never point it at /dev/null).
+    pidfile = testbed.log_dir / f"miniupnpd-{name}.pid"
+    proc = testbed.spawn(router, [MINIUPNPD, "-d", "-f", str(config), "-P", str(pidfile)])
 
     def listening() -> bool:
         if proc.poll() is not None:

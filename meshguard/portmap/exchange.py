@@ -46,6 +46,8 @@ class GatewayExchange(DatagramProtocol, Generic[T]):
     """Sends ``request(local_address)`` to ``gateway:port`` and fires ``done`` with the first
     answer ``accept`` turns into a value (``accept`` returns None for anything else)."""
 
+    noisy = False
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -81,6 +83,8 @@ class GatewayExchange(DatagramProtocol, Generic[T]):
 
     def _send(self) -> None:
         self._timer = None
+        if self._finished:
+            return
         if self.sent >= len(self.schedule):
             self._finish(GatewayTimeoutError())
             return
@@ -89,6 +93,8 @@ class GatewayExchange(DatagramProtocol, Generic[T]):
             self.transport.write(self._payload, None)
         except OSError:
             pass  # no route yet: the next send (or the timeout) decides
+        if self._finished:
+            return  # the write reported the port closed (connectionRefused)
         self._timer = self.clock.callLater(self.schedule[self.sent], self._send)
         self.sent += 1
 
@@ -105,6 +111,11 @@ class GatewayExchange(DatagramProtocol, Generic[T]):
         self._finish(value)
 
     def connectionRefused(self) -> None:
+        self._finish(GatewayRefusedError())
+
+    def stopProtocol(self) -> None:
+        # epoll reports the ICMP error of a connected UDP socket as a hang-up, and the reactor
+        # closes the port without calling connectionRefused: the same answer.
         self._finish(GatewayRefusedError())
 
     def cancel(self) -> None:

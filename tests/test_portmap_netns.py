@@ -1,0 +1,194 @@
+"""Port mapping against a real router daemon: Debian's miniupnpd in the router namespace.
+
+Each protocol (PCP, NAT-PMP, UPnP-IGD) obtains a mapping that really forwards a datagram from the
+"internet" to the home and is removed again; and a home behind a hard NAT (``masquerade
+random``) whose router offers mapping goes direct with other hard-NAT homes, while two hard-NAT
+homes without mapping stay relayed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+from meshguard.status_client import read_status
+from tests.miniupnpd import MINIUPNPD, start_miniupnpd
+from tests.netns import (
+    DEFAULT_BINARIES,
+    REPO_ROOT,
+    Testbed,
+    meshguard_env,
+    nat_homes,
+    require_root_netns,
+    start_meshguard,
+    wg_keypair,
+    write_meshguard_config,
+)
+
+PORT = 51820
+_SEND = (
+    "import socket, sys, time\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "for _ in range(5):\n"
+    "    s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))\n"
+    "    time.sleep(0.1)\n"
+)
+
+
+def _require(testcase: TestCase) -> None:
+    require_root_netns(testcase, [*DEFAULT_BINARIES, MINIUPNPD])
+
+
+def _peer(status: dict[str, Any], key: str) -> dict[str, Any]:
+    for peer in status["peers"]:
+        if peer["public_key"] == key:
+            return dict(peer)
+    return {}
+
+
+class ProtocolTests(TestCase):
+    timeout = 120
+
+    def test_each_protocol_maps_forwards_and_removes(self) -> None:
+        """PCP, NAT-PMP and UPnP-IGD each get a mapping of a home's UDP port from miniupnpd
+        behind a ``masquerade random`` router; a datagram sent from the internet to the mapped
+        endpoint arrives at the home; removing the mapping takes miniupnpd's DNAT rule away."""
+        _require(self)
+        tb = Testbed(self)
+        net = nat_homes(tb, [(1, True)])
+        home = net.homes[0]
+        host, _ = home.hosts[0]
+        start_miniupnpd(tb, home.router, "192.168.1.0/24")
+        for index, method in enumerate(("pcp", "natpmp", "upnp")):
+            internal = 40000 + index
+            probe = tb.spawn(
+                host,
+                [sys.executable, "-m", "tests.portmap_probe", method, str(internal), "3"],
+                env=meshguard_env(),
+                cwd=REPO_ROOT,
+            )
+
+            def grant(probe: Any = probe, method: str = method) -> dict[str, Any] | None:
+                for line in tb.log_tail(probe, 100000).splitlines():
+                    if line.startswith("GRANT "):
+                        return dict(json.loads(line[6:]))
+                    if line.startswith("FAILED"):
+                        raise AssertionError(f"{method}: {line}")
+                return None
+
+            granted = tb.wait_for(grant, 15, what=f"a {method} mapping")
+            self.assertEqual(granted["external_address"], home.public, method)
+            rules = tb.run(home.router, ["nft", "list", "table", "inet", "mupnp_nat"]).stdout
+            self.assertIn(f"192.168.1.2:{internal}", rules, method)
+            tb.run(
+                net.public,
+                [sys.executable, "-c", _SEND, home.public, str(granted["external_port"]), method],
+            )
+            log = tb.wait_for(
+                lambda probe=probe: (text := tb.log_tail(probe, 100000)) and "RELEASED" in text
+                and text,
+                15,
+                what=f"{method} probe to finish",
+            )  # fmt: skip
+            self.assertIn(f"RECEIVED {method} FROM {net.public_address}:", log)
+            rules = tb.run(home.router, ["nft", "list", "table", "inet", "mupnp_nat"]).stdout
+            self.assertNotIn(f"192.168.1.2:{internal}", rules, method)
+
+
+class HardNatMappingTests(TestCase):
+    timeout = 300
+
+    def test_hard_nat_with_mapping_goes_direct(self) -> None:
+        """Three homes behind ``masquerade random``; only home 1's router runs miniupnpd. Home 1
+        maps its WireGuard port (status shows it), advertises it, and goes direct with homes 2
+        and 3: their packets arrive on the mapped port, and the introducer forwards nothing for
+        those pairs during a transfer. Homes 2 and 3 (no mapping) stay relayed."""
+        _require(self)
+        tb = Testbed(self)
+        net = nat_homes(tb, [(1, True), (1, True), (1, True)])
+        start_miniupnpd(tb, net.homes[0].router, "192.168.1.0/24")
+        intro_keys = wg_keypair()
+        hosts = [home.hosts[0] for home in net.homes]
+        keys = [wg_keypair() for _ in hosts]
+        addresses = [f"10.98.0.{i + 2}" for i in range(len(hosts))]
+        logdir = Path(tb.log_dir)
+        lines = ["[Interface]", f"PrivateKey = {intro_keys.private}", f"ListenPort = {PORT}"]
+        lines.append("Address = 10.98.0.1/24")
+        lines.append("PortMapping = off")
+        for k, address in zip(keys, addresses, strict=True):
+            lines += ["", "[Peer]", f"PublicKey = {k.public}", f"AllowedIPs = {address}/32"]
+        intro_if = tb.ifname("in")
+        config = write_meshguard_config(logdir / "introducer.conf", "\n".join(lines) + "\n")
+        start_meshguard(tb, net.public, config, intro_if)
+        ifnames = []
+        for index, ((ns, _), k, address) in enumerate(zip(hosts, keys, addresses, strict=True)):
+            text = (
+                f"[Interface]\nPrivateKey = {k.private}\nListenPort = {PORT}\n"
+                f"Address = {address}/24\n\n[Peer]\nPublicKey = {intro_keys.public}\n"
+                f"AllowedIPs = 10.98.0.1/32\nEndpoint = {net.public_address}:{PORT}\n"
+                "PersistentKeepalive = 25\nIntroducer = yes\n"
+            )
+            ifname = tb.ifname(f"m{index}")
+            start_meshguard(tb, ns, write_meshguard_config(logdir / f"m{index}.conf", text), ifname)
+            ifnames.append(ifname)
+        a, b, c = range(3)
+        mapped = [net.homes[0].public, PORT]
+
+        def mapping_shown() -> bool:
+            node = read_status(ifnames[a])["node"]
+            pm = node.get("port_mapping", {})
+            return pm.get("state") == "mapped" and pm.get("external") == f"{mapped[0]}:{PORT}"
+
+        tb.wait_for(mapping_shown, 30, what="home 1 to show its port mapping")
+
+        def none_offered() -> bool:
+            states = [read_status(ifnames[i])["node"].get("port_mapping", {}) for i in (b, c)]
+            return all(s.get("state") == "none offered" for s in states)
+
+        # Closed port 5351 (PCP, NAT-PMP), then UPnP discovery finds nothing (2 s).
+        tb.wait_for(none_offered, 30, what="homes 2 and 3 to find no port mapping")
+
+        def settled() -> bool:
+            s = [read_status(i) for i in ifnames]
+            return (
+                _peer(s[b], keys[a].public).get("path") == "direct"
+                and _peer(s[c], keys[a].public).get("path") == "direct"
+                and _peer(s[a], keys[b].public).get("path") == "direct"
+                and _peer(s[a], keys[c].public).get("path") == "direct"
+                and str(_peer(s[b], keys[c].public).get("path")).startswith("relayed via")
+            )
+
+        try:
+            tb.wait_for(settled, 90, interval=0.5, what="home 1 direct with homes 2 and 3")
+        except AssertionError:
+            summary = {
+                i: {
+                    p["public_key"][:6]: (p.get("path"), p.get("endpoint"), p.get("candidates"))
+                    for p in read_status(ifnames[i])["peers"]
+                }
+                for i in range(3)
+            }
+            self.fail(f"paths did not settle: {summary} keys {[k.public[:6] for k in keys]}")
+        for other in (b, c):
+            peer = _peer(read_status(ifnames[other]), keys[a].public)
+            # The other home sends to home 1's mapped port, and hears it from there.
+            self.assertEqual(peer["endpoint"], mapped)
+            self.assertIn(f"{mapped[0]}:{PORT}", peer["candidates"])
+
+        def forwarded(x: int, y: int) -> int:
+            counts = read_status(intro_if)["node"].get("relay_forwarded_by_pair", {})
+            return int(counts.get(f"{keys[x].public}>{keys[y].public}", 0))
+
+        before = {pair: forwarded(*pair) for pair in ((a, b), (b, a), (a, c), (c, a))}
+        relayed_before = forwarded(b, c)
+        host_ns = [ns for ns, _ in hosts]
+        self.assertTrue(tb.tcp_transfer(host_ns[a], host_ns[b], addresses[a], 4 << 20))
+        self.assertTrue(tb.tcp_transfer(host_ns[c], host_ns[a], addresses[c], 1 << 20))
+        self.assertTrue(tb.ping(host_ns[b], addresses[c], count=3, timeout=2))
+        after = {pair: forwarded(*pair) for pair in before}
+        self.assertEqual(after, before)
+        self.assertGreater(forwarded(b, c), relayed_before)
