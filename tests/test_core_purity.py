@@ -9,6 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import meshguard.core
 import meshguard.mesh
+import meshguard.portmap.natpmp
+import meshguard.portmap.pcp
 
 FORBIDDEN = {"twisted.internet", "socket", "select", "time", "os", "random", "asyncio"}
 
@@ -26,10 +28,13 @@ def imported_modules(path: pathlib.Path) -> set[str]:
 
 class CorePurityTests(SynchronousTestCase):
     def test_no_io_imports(self) -> None:
-        """No module of meshguard.core or meshguard.mesh imports I/O: reactor, sockets, time, os."""
+        """No module of meshguard.core or meshguard.mesh, nor the port-mapping codecs (NAT-PMP,
+        PCP), imports I/O: reactor, sockets, time, os."""
         modules = []
         for package in (meshguard.core, meshguard.mesh):
             modules.extend(sorted(pathlib.Path(package.__file__).parent.rglob("*.py")))
+        for codec in (meshguard.portmap.natpmp, meshguard.portmap.pcp):
+            modules.append(pathlib.Path(codec.__file__))
         self.assertTrue(modules)
         for path in modules:
             for name in imported_modules(path):

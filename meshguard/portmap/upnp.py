@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 
 from meshguard.portmap.methods import Grant, MappingRefusedError
 
@@ -104,9 +105,24 @@ class UpnpMethod:
                 self._igd.deleteportmapping(external_port, "UDP")
 
     def request(self, internal_port: int, external_port: int, lifetime: int) -> Deferred[Grant]:
-        result: Deferred[Grant] = self.run_in_thread(
+        """Map in a thread. A thread cannot be stopped: if the caller cancels (the node stops)
+        and the mapping is made anyway, it is removed again instead of left behind."""
+        result: Deferred[Grant] = Deferred()
+        work: Deferred[Grant] = self.run_in_thread(
             lambda: self._map_blocking(internal_port, external_port, lifetime)
         )
+
+        def finished(outcome: object) -> None:
+            if result.called:  # cancelled meanwhile
+                if isinstance(outcome, Grant):
+                    self.release(internal_port, outcome.external_port).addErrback(lambda f: None)
+                return
+            if isinstance(outcome, Grant):
+                result.callback(outcome)
+            elif isinstance(outcome, Failure):
+                result.errback(outcome)
+
+        work.addBoth(finished)
         return result
 
     def release(self, internal_port: int, external_port: int) -> Deferred[None]:
