@@ -9,6 +9,7 @@ homes without mapping stay relayed.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,41 @@ class HardNatMappingTests(TestCase):
         after = {pair: forwarded(*pair) for pair in before}
         self.assertEqual(after, before)
         self.assertGreater(forwarded(b, c), relayed_before)
+
+
+class NodeLifecycleTests(TestCase):
+    timeout = 120
+
+    def test_node_maps_at_start_and_removes_on_reload_off_and_on_stop(self) -> None:
+        """A node behind a router running miniupnpd maps its port at start (status shows
+        it), removes it when a reload says ``PortMapping = off`` (the status field goes), maps
+        again when a reload says ``auto``, and removes it when it is stopped (SIGTERM)."""
+        _require(self)
+        tb = Testbed(self)
+        net = nat_homes(tb, [(1, True)])
+        home = net.homes[0]
+        host, _ = home.hosts[0]
+        start_miniupnpd(tb, home.router, "192.168.1.0/24")
+        keys = wg_keypair()
+        base = f"[Interface]\nPrivateKey = {keys.private}\nListenPort = {PORT}\n"
+        path = write_meshguard_config(Path(tb.log_dir) / "node.conf", base)
+        ifname = tb.ifname("pm")
+        proc = start_meshguard(tb, host, path, ifname)
+
+        def rule() -> bool:
+            table = tb.run(home.router, ["nft", "list", "table", "inet", "mupnp_nat"]).stdout
+            return f"192.168.1.2:{PORT}" in table
+
+        def state() -> str | None:
+            value = read_status(ifname)["node"].get("port_mapping")
+            return None if value is None else str(value["state"])
+
+        tb.wait_for(lambda: state() == "mapped" and rule(), 15, what="a mapping at start")
+        path.write_text(base + "PortMapping = off\n")
+        proc.send_signal(signal.SIGHUP)  # reload
+        tb.wait_for(lambda: state() is None and not rule(), 15, what="removal on reload")
+        path.write_text(base + "PortMapping = auto\n")
+        proc.send_signal(signal.SIGHUP)
+        tb.wait_for(lambda: state() == "mapped" and rule(), 15, what="a mapping after reload")
+        self.assertIn(tb.stop(proc), (0, -signal.SIGTERM), tb.log_tail(proc))
+        self.assertFalse(rule())
