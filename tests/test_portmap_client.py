@@ -134,7 +134,9 @@ class FakeIgd:
         self.calls: list[tuple[Any, ...]] = []
 
     def discover(self) -> int:
-        return 1 if self.present else 0
+        if not self.present:
+            raise Exception("Success")  # what the binding does when nothing answers
+        return 1
 
     def selectigd(self) -> str:
         return "http://192.168.1.1:5000/ctl/IPConn"

@@ -1,8 +1,12 @@
 """UPnP-IGD port mapping through the maintained miniupnpc binding, called in a thread.
 
-SSDP discovery and the SOAP calls of miniupnpc block (discovery waits ``DISCOVER_DELAY_MS``), so
-every call runs in the reactor's thread pool; one lock keeps the binding's object used by one
+SSDP discovery and the SOAP calls of miniupnpc block (discovery waits ``DISCOVER_DELAY_MS`` per
+device type), so every call runs in a thread; one lock keeps the binding's object used by one
 thread at a time. We never write SSDP or SOAP ourselves.
+
+The threads are daemon threads of their own rather than the reactor's pool (``deferToThread``):
+the reactor joins its pool at shutdown, so a node stopped during an 8-second discovery would
+take 8 seconds to exit. A daemon thread's answer after shutdown is simply never delivered.
 """
 
 from __future__ import annotations
@@ -12,21 +16,32 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from meshguard.portmap.methods import Grant, MappingRefusedError
 
-#: How long discovery listens for SSDP answers (milliseconds).
+#: How long discovery listens for SSDP answers per device type searched (milliseconds);
+#: miniupnpc searches several types in turn, so finding nothing takes about 8 s.
 DISCOVER_DELAY_MS = 2000
 DESCRIPTION = "meshguard"
 
 
 def reactor_threads(reactor: Any) -> Callable[[Callable[[], Any]], Deferred[Any]]:
-    """Runs a blocking call in ``reactor``'s thread pool (Twisted's ``deferToThread``)."""
+    """Runs a blocking call in a daemon thread; its result comes back on the reactor thread."""
 
     def run(call: Callable[[], Any]) -> Deferred[Any]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), call)
+        done: Deferred[Any] = Deferred()
+
+        def work() -> None:
+            try:
+                result = call()
+            except Exception as e:
+                reactor.callFromThread(done.errback, e)
+            else:
+                reactor.callFromThread(done.callback, result)
+
+        threading.Thread(target=work, name="meshguard-upnp", daemon=True).start()
+        return done
 
     return run
 
@@ -68,7 +83,11 @@ class UpnpMethod:
 
             igd = miniupnpc.UPnP()
         igd.discoverdelay = self.discover_delay_ms
-        if not igd.discover():
+        try:
+            found = igd.discover()
+        except Exception:
+            found = 0  # the binding raises (with errno's text) when nothing answered
+        if not found:
             raise IgdUnavailableError("no UPnP gateway answered")
         try:
             igd.selectigd()
