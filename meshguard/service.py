@@ -143,6 +143,7 @@ class NodeService(service.Service):
         self.default_route: DefaultRoute | None = None
         #: ``PortMapping = auto``: our gateway's mapping of our UDP port (docs/portmapping.md).
         self.port_mapping: PortMapping | None = None
+        self._mapped_port = 0
 
     # ------------------------------------------------------------------ start
 
@@ -240,7 +241,8 @@ class NodeService(service.Service):
         )
 
     def _sync_port_mapping(self) -> Deferred[None] | None:
-        """Start or stop port mapping as ``PortMapping`` says (default ``auto``)."""
+        """Start or stop port mapping as ``PortMapping`` says (default ``auto``); a reload
+        that moved our UDP port replaces the mapping of the old one."""
         node = self.node
         wanted = (
             node is not None
@@ -248,6 +250,15 @@ class NodeService(service.Service):
             and self.config is not None
             and self.config.interface.port_mapping == "auto"
         )
+        if (
+            wanted
+            and self.port_mapping is not None
+            and node is not None
+            and self.port_mapping.mapper.internal_port() != self._mapped_port
+        ):
+            self.port_mapping.stop()
+            self.port_mapping.start()
+        self._mapped_port = node.udp.local_port if node is not None else 0
         if wanted and self.port_mapping is None:
             assert node is not None
             mapping = PortMapping(

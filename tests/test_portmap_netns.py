@@ -201,7 +201,8 @@ class NodeLifecycleTests(TestCase):
     def test_node_maps_at_start_and_removes_on_reload_off_and_on_stop(self) -> None:
         """A node behind a router running miniupnpd maps its port at start (status shows
         it), removes it when a reload says ``PortMapping = off`` (the status field goes), maps
-        again when a reload says ``auto``, and removes it when it is stopped (SIGTERM)."""
+        again when a reload says ``auto``, moves the mapping when a reload changes
+        ``ListenPort``, and removes it when it is stopped (SIGTERM)."""
         _require(self)
         tb = Testbed(self)
         net = nat_homes(tb, [(1, True)])
@@ -214,9 +215,9 @@ class NodeLifecycleTests(TestCase):
         ifname = tb.ifname("pm")
         proc = start_meshguard(tb, host, path, ifname)
 
-        def rule() -> bool:
+        def rule(port: int = PORT) -> bool:
             table = tb.run(home.router, ["nft", "list", "table", "inet", "mupnp_nat"]).stdout
-            return f"192.168.1.2:{PORT}" in table
+            return f"192.168.1.2:{port}" in table
 
         def state() -> str | None:
             value = read_status(ifname)["node"].get("port_mapping")
@@ -229,5 +230,10 @@ class NodeLifecycleTests(TestCase):
         path.write_text(base + "PortMapping = auto\n")
         proc.send_signal(signal.SIGHUP)
         tb.wait_for(lambda: state() == "mapped" and rule(), 15, what="a mapping after reload")
+        path.write_text(base.replace(f"ListenPort = {PORT}", f"ListenPort = {PORT + 1}"))
+        proc.send_signal(signal.SIGHUP)
+        tb.wait_for(lambda: rule(PORT + 1) and not rule(PORT), 15, what="the mapping to move ports")
+        external = read_status(ifname)["node"]["port_mapping"]["external"]
+        self.assertEqual(external, f"{home.public}:{PORT + 1}")
         self.assertIn(tb.stop(proc), (0, -signal.SIGTERM), tb.log_tail(proc))
-        self.assertFalse(rule())
+        self.assertFalse(rule(PORT + 1))
