@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.status_client import read_status
+from meshguard.status_client import format_status, read_status
 from tests.miniupnpd import MINIUPNPD, start_miniupnpd
 from tests.netns import (
     DEFAULT_BINARIES,
@@ -224,6 +224,8 @@ class NodeLifecycleTests(TestCase):
             return None if value is None else str(value["state"])
 
         tb.wait_for(lambda: state() == "mapped" and rule(), 15, what="a mapping at start")
+        shown = format_status(read_status(ifname))
+        self.assertIn(f"  port mapping: PCP {home.public}:{PORT} (expires in 1h5", shown)
         path.write_text(base + "PortMapping = off\n")
         proc.send_signal(signal.SIGHUP)  # reload
         tb.wait_for(lambda: state() is None and not rule(), 15, what="removal on reload")
