@@ -27,7 +27,7 @@ from meshguard.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.link import LinkError
 from meshguard.node import Node, resolve_endpoint
 from meshguard.plugins import IPathObserver
-from meshguard.portmap.service import PortMapping, standard_methods
+from meshguard.portmap.service import PortMapping, listen_announcements, standard_methods
 from meshguard.status import listen_status
 from meshguard.tun import TunError
 from meshguard.uapi_server import InterfaceInUseError, listen_uapi
@@ -266,6 +266,7 @@ class NodeService(service.Service):
                 standard_methods(self.reactor),
                 lambda: node.udp.local_port,
                 node.set_mapped_endpoints,
+                listen_announcements=listen_announcements(self.reactor),
             )
             node.mesh.observed_listeners.append(mapping.observed)
             node.port_mapping_status = mapping.status

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.portmap import client, natpmp
+from meshguard.portmap.announcements import GatewayAnnouncements
 from meshguard.portmap.exchange import RETRANSMIT, GatewayExchange
 from meshguard.portmap.methods import Grant, MappingRefusedError, NatPmpMethod, PcpMethod
 from meshguard.portmap.service import PortMapping
@@ -24,6 +25,7 @@ from meshguard.status_client import port_mapping_line
 from tests.test_portmap_codec import (
     natpmp_address_response,
     natpmp_map_response,
+    pcp_announce,
     pcp_map_response,
 )
 
@@ -431,6 +433,53 @@ class PortMapperTests(SynchronousTestCase):
         mapper.start()
         self.assertEqual(mapper.status()["failures"], {"PCP": "refused: not authorized"})
         mapper.stop()
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class AnnouncementTests(SynchronousTestCase):
+    def test_gateway_announcement_asks_again_soon(self) -> None:
+        """A PCP ANNOUNCE or a NAT-PMP public-address notice from the gateway makes a mapped
+        client renew within 5 s (not at the next renewal, an hour away) and a client with
+        nothing offered look again; datagrams from other hosts, garbage, and a flood of
+        announcements (at most one reaction in 30 s) do not."""
+        h = Harness()
+        h.mapping.start()
+        h.settle(0.1)
+        listener = GatewayAnnouncements(lambda: GATEWAY, h.mapping.mapper.gateway_announced)
+        listener.datagramReceived(pcp_announce(5), ("192.168.1.66", 5351))
+        listener.datagramReceived(b"\x02\x80garbage", (GATEWAY, 5351))
+        h.settle(6)
+        self.assertEqual(len(h.gateway.requests), 1)
+        self.assertEqual(listener.ignored, 2)
+        for _ in range(10):
+            listener.datagramReceived(pcp_announce(5), (GATEWAY, 5351))
+        h.settle(6)
+        self.assertEqual(len(h.gateway.requests), 2)
+        self.assertEqual(listener.heard, 10)
+        h.clock.advance(client.ANNOUNCE_HOLDOFF)
+        h.gateway.public = "198.18.0.5"
+        listener.datagramReceived(
+            natpmp_address_response(0, 9, ipaddress.IPv4Address("198.18.0.5")), (GATEWAY, 5351)
+        )
+        h.settle(6)
+        self.assertEqual(len(h.gateway.requests), 3)
+        self.assertEqual(h.advertised[-1], [("198.18.0.5", WG_PORT)])
+        h.mapping.stop()
+        h.settle(0.1)
+
+    def test_announcement_while_nothing_offered(self) -> None:
+        """With nothing offered, an announcement makes the client look again at once."""
+        h = Harness(upnp=False)
+        h.gateway.mode = "closed"
+        h.mapping.start()
+        h.settle(0.1)
+        self.assertEqual(h.status()["state"], "none offered")
+        h.gateway.mode = "both"
+        h.mapping.mapper.gateway_announced()
+        h.settle(6)
+        self.assertEqual(h.status()["state"], "mapped")
+        h.mapping.stop()
+        h.settle(0.1)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
 

@@ -187,3 +187,23 @@ class PcpTests(SynchronousTestCase):
         """Well-sized version-2 garbage with the MAP response opcode parses or is dropped."""
         parsed = pcp.parse_response(bytes([2, 0x81]) + tail[2:])
         self.assertIn(type(parsed), (type(None), pcp.MapResponse))
+
+
+def pcp_announce(epoch: int, result: int = 0) -> bytes:
+    return struct.pack("!BBBBII12x", 2, 0x80, 0, result, 0, epoch)
+
+
+class AnnounceTests(SynchronousTestCase):
+    @given(u32)
+    def test_announce_round_trip(self, epoch: int) -> None:
+        """A PCP ANNOUNCE (miniupnpd multicasts one at start) gives its epoch; an error
+        result, a MAP response or a request does not count."""
+        self.assertEqual(pcp.parse_announce(pcp_announce(epoch)), epoch)
+        self.assertIsNone(pcp.parse_announce(pcp_announce(epoch, result=1)))
+        self.assertIsNone(pcp.parse_announce(bytes([2, 0]) + pcp_announce(epoch)[2:]))
+        self.assertIsNone(pcp.parse_announce(pcp_announce(epoch)[:20]))
+
+    @given(st.binary(max_size=1200))
+    def test_announce_garbage_never_raises(self, data: bytes) -> None:
+        """Any bytes parse to None or an epoch."""
+        self.assertIn(type(pcp.parse_announce(data)), (type(None), int))

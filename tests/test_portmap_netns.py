@@ -202,13 +202,15 @@ class NodeLifecycleTests(TestCase):
         """A node behind a router running miniupnpd maps its port at start (status shows
         it), removes it when a reload says ``PortMapping = off`` (the status field goes), maps
         again when a reload says ``auto``, moves the mapping when a reload changes
-        ``ListenPort``, and removes it when it is stopped (SIGTERM)."""
+        ``ListenPort``, maps again within seconds when the router's miniupnpd restarts with
+        its rules gone (it multicasts a PCP ANNOUNCE), and removes the mapping when it is
+        stopped (SIGTERM)."""
         _require(self)
         tb = Testbed(self)
         net = nat_homes(tb, [(1, True)])
         home = net.homes[0]
         host, _ = home.hosts[0]
-        start_miniupnpd(tb, home.router, "192.168.1.0/24")
+        daemon = start_miniupnpd(tb, home.router, "192.168.1.0/24")
         keys = wg_keypair()
         base = f"[Interface]\nPrivateKey = {keys.private}\nListenPort = {PORT}\n"
         path = write_meshguard_config(Path(tb.log_dir) / "node.conf", base)
@@ -226,6 +228,16 @@ class NodeLifecycleTests(TestCase):
         tb.wait_for(lambda: state() == "mapped" and rule(), 15, what="a mapping at start")
         shown = format_status(read_status(ifname))
         self.assertIn(f"  port mapping: PCP {home.public}:{PORT} (expires in 1h5", shown)
+
+        # The router "reboots": miniupnpd restarts and its rules are gone.
+        tb.stop(daemon)
+        for chain in ("prerouting_miniupnpd", "postrouting_miniupnpd"):
+            tb.run(home.router, ["nft", "flush", "chain", "inet", "mupnp_nat", chain])
+        tb.run(home.router, ["nft", "flush", "chain", "inet", "mupnp_filter", "miniupnpd"])
+        self.assertFalse(rule())
+        start_miniupnpd(tb, home.router, "192.168.1.0/24")
+        tb.wait_for(rule, 15, what="the mapping again after the gateway's announcement")
+        self.assertEqual(read_status(ifname)["node"]["port_mapping"]["announcements"], 1)
         path.write_text(base + "PortMapping = off\n")
         proc.send_signal(signal.SIGHUP)  # reload
         tb.wait_for(lambda: state() is None and not rule(), 15, what="removal on reload")

@@ -44,6 +44,11 @@ PERMANENT_REFRESH = 1800.0
 MIN_RENEW = 2.0
 #: Removal on stop waits at most this long for the gateway.
 RELEASE_TIMEOUT = 2.0
+#: After a gateway's announcement, ask again within this many seconds (a random point, as RFC
+#: 6887 section 14.1.3 asks, so a LAN of clients does not answer at once) ...
+ANNOUNCE_SPREAD = 5.0
+#: ... and react to announcements at most once in this long (anyone on the LAN can forge one).
+ANNOUNCE_HOLDOFF = 30.0
 
 STOPPED, SEEKING, MAPPED, WAITING = "stopped", "seeking", "mapped", "none offered"
 
@@ -98,6 +103,7 @@ class PortMapper:
         self._pending: Deferred[Grant] | None = None
         self._none_count = 0
         self._renew_failures = 0
+        self._last_announce: float | None = None
         #: Bumped on every transition that makes in-flight answers stale.
         self._generation = 0
 
@@ -118,6 +124,22 @@ class PortMapper:
             self._cancel_timer()
             self._none_count = 0
             self._seek(0)
+
+    def gateway_announced(self) -> None:
+        """The gateway announced a restart or a new public address: its mappings are gone or
+        wrong, so ask again soon (after a random wait of up to ``ANNOUNCE_SPREAD``)."""
+        now = self.clock.seconds()
+        if self.state not in (MAPPED, WAITING):
+            return  # stopped, or an answer is on its way anyway
+        if self._last_announce is not None and now - self._last_announce < ANNOUNCE_HOLDOFF:
+            return
+        self._last_announce = now
+        delay = ANNOUNCE_SPREAD * self.random()
+        if self.state == MAPPED:
+            self._schedule(delay, self._renew)
+        else:
+            self._none_count = 0
+            self._schedule(delay, lambda: self._seek(0))
 
     def stop(self) -> Deferred[None]:
         """Remove the mapping (waiting at most ``RELEASE_TIMEOUT`` for the gateway)."""

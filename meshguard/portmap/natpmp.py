@@ -13,6 +13,10 @@ from typing import Final
 
 #: The gateway's NAT-PMP (and PCP) port.
 SERVER_PORT: Final = 5351
+#: Where gateways multicast announcements (to 224.0.0.1): a new public address (NAT-PMP), a
+#: restart (PCP ANNOUNCE).
+CLIENT_PORT: Final = 5350
+ALL_HOSTS: Final = "224.0.0.1"
 VERSION: Final = 0
 OP_EXTERNAL_ADDRESS: Final = 0
 OP_MAP_UDP: Final = 1

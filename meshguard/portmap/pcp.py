@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 VERSION: Final = 2
+OP_ANNOUNCE: Final = 0
 OP_MAP: Final = 1
 PROTOCOL_UDP: Final = 17
 PROTOCOL_TCP: Final = 6
@@ -123,6 +124,17 @@ def encode_map_request(
     header = _REQUEST_HEADER.pack(VERSION, OP_MAP, 0, lifetime, _wire(client))
     body = _MAP_BODY.pack(nonce, protocol, internal_port, suggested_port, _wire(suggested_address))
     return header + body
+
+
+def parse_announce(data: bytes) -> int | None:
+    """The epoch of an unsolicited ANNOUNCE (RFC 6887 section 14.1.3: a gateway that restarted
+    or lost its state multicasts one to 224.0.0.1:5350), or None."""
+    if len(data) < _RESPONSE_HEADER.size or len(data) > MAX_MESSAGE or len(data) % 4:
+        return None
+    version, op, _reserved, result, _lifetime, epoch = _RESPONSE_HEADER.unpack_from(data)
+    if version != VERSION or op != 0x80 | OP_ANNOUNCE or result != SUCCESS:
+        return None
+    return int(epoch)
 
 
 def parse_response(data: bytes) -> MapResponse | OtherVersion | None:

@@ -15,11 +15,16 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
 
 from meshguard.core.interfaces import Endpoint
+from meshguard.portmap import natpmp
+from meshguard.portmap.announcements import GatewayAnnouncements
 from meshguard.portmap.client import Mapping, PortMapper
 from meshguard.portmap.methods import Method, NatPmpMethod, PcpMethod
 from meshguard.portmap.upnp import UpnpMethod, reactor_threads
+
+log = Logger()
 
 #: An external address in these ranges is itself behind another NAT (or not routable at all):
 #: such a mapping reaches no one outside, so it is shown in status but not advertised.
@@ -86,6 +91,16 @@ def standard_methods(
     ]
 
 
+def listen_announcements(reactor: Any) -> Callable[[DatagramProtocol], Any]:
+    """Opens 0.0.0.0:5350 for the gateway's multicast announcements, shared with other
+    listeners on the host (``listenMultiple``)."""
+
+    def listen(protocol: DatagramProtocol) -> Any:
+        return reactor.listenMulticast(natpmp.CLIENT_PORT, protocol, listenMultiple=True)
+
+    return listen
+
+
 class PortMapping:
     """Keeps our UDP port mapped and tells the mesh which endpoint to advertise."""
 
@@ -96,8 +111,15 @@ class PortMapping:
         internal_port: Callable[[], int],
         advertise: Callable[[list[Endpoint]], None],
         random: Callable[[int], bytes] = os.urandom,
+        *,
+        gateway: Callable[[], str | None] = default_gateway,
+        listen_announcements: Callable[[DatagramProtocol], Any] | None = None,
     ) -> None:
         self.advertise = advertise
+        self.gateway = gateway
+        self.listen_announcements = listen_announcements
+        self.announcements: GatewayAnnouncements | None = None
+        self._announcement_port: Any = None
         self.mapper = PortMapper(
             clock,
             methods,
@@ -109,9 +131,19 @@ class PortMapping:
         self._public_seen: str | None = None
 
     def start(self) -> None:
+        if self.listen_announcements is not None and self._announcement_port is None:
+            self.announcements = GatewayAnnouncements(self.gateway, self.mapper.gateway_announced)
+            try:
+                self._announcement_port = self.listen_announcements(self.announcements)
+            except Exception as e:
+                # Renewals still keep the mapping; only a restart goes unnoticed longer.
+                log.info("port mapping: not listening for gateway announcements ({e})", e=e)
         self.mapper.start()
 
     def stop(self) -> Deferred[None]:
+        port, self._announcement_port = self._announcement_port, None
+        if port is not None:
+            port.stopListening()
         return self.mapper.stop()
 
     def _changed(self, mapping: Mapping | None) -> None:
@@ -139,4 +171,6 @@ class PortMapping:
         status = self.mapper.status()
         if self.mapper.mapping is not None:
             status["advertised"] = bool(self.advertised)
+        if self.announcements is not None and self.announcements.heard:
+            status["announcements"] = self.announcements.heard
         return status
