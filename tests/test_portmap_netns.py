@@ -9,6 +9,7 @@ homes without mapping stay relayed.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -184,8 +185,26 @@ class HardNatMappingTests(TestCase):
             counts = read_status(intro_if)["node"].get("relay_forwarded_by_pair", {})
             return int(counts.get(f"{keys[x].public}>{keys[y].public}", 0))
 
+        # Home 1's router counts, per peer home, the bytes that peer sends to the mapped port
+        # (first in the chain: miniupnpd's own rule accepts them).
+        router = net.homes[0].router
+        for other in (b, c):
+            tb.run(
+                router,
+                ["nft", "insert", "rule", "inet", "mupnp_filter", "forward", "ct", "direction",
+                 "original", "ct", "original", "ip", "saddr", net.homes[other].public, "ct",
+                 "original", "ip", "daddr", mapped[0], "meta", "l4proto", "udp", "ct",
+                 "original", "proto-dst", str(PORT), "counter"],
+            )  # fmt: skip
+
+        def mapped_bytes() -> dict[str, int]:
+            chain = tb.run(router, ["nft", "list", "chain", "inet", "mupnp_filter", "forward"])
+            found = re.findall(r"ip saddr ([\d.]+) .*counter packets \d+ bytes (\d+)", chain.stdout)
+            return {source: int(count) for source, count in found}
+
         before = {pair: forwarded(*pair) for pair in ((a, b), (b, a), (a, c), (c, a))}
         relayed_before = forwarded(b, c)
+        mapped_before = mapped_bytes()
         host_ns = [ns for ns, _ in hosts]
         self.assertTrue(tb.tcp_transfer(host_ns[a], host_ns[b], addresses[a], 4 << 20))
         self.assertTrue(tb.tcp_transfer(host_ns[c], host_ns[a], addresses[c], 1 << 20))
@@ -193,6 +212,11 @@ class HardNatMappingTests(TestCase):
         after = {pair: forwarded(*pair) for pair in before}
         self.assertEqual(after, before)
         self.assertGreater(forwarded(b, c), relayed_before)
+        # The peers' packets arrived on the mapped port: home 2's whole 4 MiB upload to home 1,
+        # and home 3's side (the acknowledgements) of home 1's 1 MiB upload to it.
+        grown = {k: v - mapped_before.get(k, 0) for k, v in mapped_bytes().items()}
+        self.assertGreater(grown[net.homes[b].public], 4 << 20, grown)
+        self.assertGreater(grown[net.homes[c].public], 10000, grown)
 
 
 class NodeLifecycleTests(TestCase):
