@@ -126,6 +126,8 @@ class NodeService(service.Service):
         self.uapi_directory = uapi_directory
         self.status_directory = status_directory
         self.status_port: IListeningPort | None = None
+        #: ``MetricsListen``: the Prometheus endpoint (meshguard.metrics), if configured.
+        self.metrics_port: IListeningPort | None = None
         self.manage_link = manage_link
         #: Started by a daemonizing twistd (no ``-n``): see ``privilegedStartService``.
         self.daemon = daemon
@@ -193,8 +195,39 @@ class NodeService(service.Service):
             self.tls_relay.listen(node)
         self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
         self.status_port = listen_status(
-            self.reactor, self.interface, node.status_document, self.status_directory
+            self.reactor,
+            self.interface,
+            node.status_document,
+            self.status_directory,
+            handlers=self._control_requests(node),
         )
+        if self.config is not None and self.config.interface.metrics_listen is not None:
+            from meshguard.metrics import listen_metrics
+
+            self.metrics_port = listen_metrics(
+                self.reactor,
+                self.config.interface.metrics_listen,
+                node.status_document,
+                self._host_networks,
+            )
+
+    def _host_networks(self) -> list[Any]:
+        from meshguard.path_view import host_networks
+
+        return host_networks(exclude=self.interface)
+
+    def _control_requests(self, node: Node) -> dict[str, Any]:
+        """Requests on the control socket besides ``status`` (docs/operations.md)."""
+        from meshguard.pinging import PingRequests
+
+        def tls_relay_name(endpoint: Any) -> str | None:
+            paths = getattr(self.tls_relay, "paths", None)
+            return paths.link_name(endpoint) if paths is not None else None
+
+        ping = PingRequests(
+            node, self.reactor, tls_relay_name=tls_relay_name, local_networks=self._host_networks
+        )
+        return {"ping": ping}
 
     def _route_mtu_guess(self, node: Node) -> int:
         """wg-quick's choice: the largest route MTU toward a peer's endpoint minus 80 (IPv6 +
@@ -412,6 +445,11 @@ class NodeService(service.Service):
                         pass
         self.status_port = None
         self.uapi = None
+        if self.metrics_port is not None:
+            done = self.metrics_port.stopListening()
+            if done is not None:
+                closing.append(done)
+            self.metrics_port = None
         if self.tls_relay is not None:
             self.tls_relay.stop()
             self.tls_relay = None
