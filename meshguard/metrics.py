@@ -170,11 +170,13 @@ class StatusCollector:
         yield nat
         lifetime = _number(node.get("nat_lifetime"))
         if lifetime is not None:
-            yield GaugeMetricFamily(
+            measured = GaugeMetricFamily(
                 "meshguard_nat_mapping_lifetime_seconds",
                 "How long the NAT keeps an idle UDP mapping, as measured",
-                value=lifetime,
+                labels=["interface"],
             )
+            measured.add_metric([interface], lifetime)
+            yield measured
 
         forwarded = CounterMetricFamily(
             "meshguard_relay_forwarded_bytes_total",

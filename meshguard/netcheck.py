@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -94,17 +95,17 @@ def netcheck_report(
     nat = node.get("nat", "unknown")
     mapping = node.get("nat_mapping", "unknown")
     if udp == "no":
-        kind = "UDP blocked: no peer answers over UDP"
+        kind = "UDP blocked (no peer answers over UDP)"
     elif nat == "no":
-        kind = "no NAT: peers see our own address"
+        kind = "no NAT (peers see our own address)"
     elif mapping == "endpoint-independent":
-        kind = "NAT, mapping the same for every destination (easy: direct paths work)"
+        kind = "easy NAT (one mapping for every destination)"
     elif mapping == "endpoint-dependent":
-        kind = "NAT, mapping varies by destination (hard: peers behind NATs need a relay)"
+        kind = "hard NAT (mapping varies by destination)"
     elif nat == "yes":
-        kind = "NAT, mapping kind unknown (needs two meshguard peers outside it)"
+        kind = "NAT of unknown kind (needs 2 meshguard peers outside)"
     else:
-        kind = "unknown (no meshguard peer has told us how it sees us yet)"
+        kind = "unknown (no meshguard peer said how it sees us yet)"
     varies = {"endpoint-dependent": "yes", "endpoint-independent": "no", "none": "no"}.get(
         str(mapping), "unknown"
     )
@@ -147,7 +148,7 @@ def netcheck_report(
         "mapping_varies_by_destination": varies,
         "filtering": node.get("nat_filtering", "unknown (checked only with keepalive auto)"),
         "nat_mapping_lifetime": lifetime_text,
-        "port_mapping": "not tried: meshguard has no UPnP/NAT-PMP/PCP client yet",
+        "port_mapping": "not tried (no UPnP/NAT-PMP/PCP client yet)",
         "path_mtu": path_mtus,
         "tls_relays": relays,
     }
@@ -158,7 +159,14 @@ def format_netcheck(report: Mapping[str, Any]) -> str:
     lines = [f"netcheck of {report.get('interface')} (answers from the running node)"]
 
     def row(label: str, value: object) -> None:
-        lines.append(f"  {label + ':':<28}{value}")
+        lines.extend(
+            textwrap.wrap(
+                f"  {label + ':':<26}{value}",
+                width=80,
+                subsequent_indent=" " * 28,
+                break_on_hyphens=False,
+            )
+        )
 
     row("UDP", {"yes": "yes", "no": "blocked", "unknown": "unknown"}.get(report["udp"], "?"))
     row("public IPv4", ", ".join(report["public_ipv4"]) or "-")

@@ -7,6 +7,7 @@ Exit status for scripts: 0 when an answer came (with ``--until-direct``: over a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -28,6 +29,10 @@ def pick_interface(name: str | None, directory: str, stderr: TextIO) -> str | No
     if name:
         return name
     names = interface_names(directory)
+    if len(names) > 1:
+        # Sockets of nodes in other network namespaces share the directory: keep ours.
+        here = [n for n in names if os.path.exists(os.path.join("/sys/class/net", n))]
+        names = here or names
     if len(names) == 1:
         return names[0]
     if not names:
@@ -38,12 +43,18 @@ def pick_interface(name: str | None, directory: str, stderr: TextIO) -> str | No
 
 
 def _path_text(line: dict[str, Any]) -> str:
-    kind = line.get("path_kind", "?")
+    """``direct 203.0.113.4:51820``, ``LAN 192.168.1.2:51820``, ``member relay Q5YWoT8w``."""
+    kind = str(line.get("path_kind", "?"))
     via = line.get("path_via")
     endpoint = line.get("endpoint")
+    words = {"lan": "LAN", "member": "member relay", "tls-relay": "TLS relay"}.get(kind, kind)
     if via:
-        return f"{kind} via {str(via)[:12]}"
-    return f"{kind} {endpoint}" if endpoint else str(kind)
+        return f"{words} {str(via)[:8] if len(str(via)) == 44 else via}"
+    return f"{words} {endpoint}" if endpoint else words
+
+
+def _short(peer: str) -> str:
+    return peer[:8] if len(peer) == 44 else peer
 
 
 def main(
@@ -75,7 +86,7 @@ def main(
         "until_direct": until_direct,
     }
     summary: dict[str, Any] | None = None
-    label = peer
+    label = _short(peer)
     try:
         for line in request_lines(name, request, directory, timeout=timeout + interval + 5):
             if not isinstance(line, dict):
@@ -98,8 +109,8 @@ def main(
                     stdout.write(f"seq {line['seq']}: no answer within {timeout:g} s{why}\n")
                 else:
                     stdout.write(
-                        f"seq {line['seq']}: answer from {label} in {line['rtt_ms']} ms "
-                        f"via {_path_text(line)}\n"
+                        f"seq {line['seq']}: {line['rtt_ms']} ms from {label} "
+                        f"over {_path_text(line)}\n"
                     )
                 stdout.flush()
             elif line.get("done"):
