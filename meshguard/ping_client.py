@@ -7,7 +7,6 @@ Exit status for scripts: 0 when an answer came (with ``--until-direct``: over a 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -29,10 +28,6 @@ def pick_interface(name: str | None, directory: str, stderr: TextIO) -> str | No
     if name:
         return name
     names = interface_names(directory)
-    if len(names) > 1:
-        # Sockets of nodes in other network namespaces share the directory: keep ours.
-        here = [n for n in names if os.path.exists(os.path.join("/sys/class/net", n))]
-        names = here or names
     if len(names) == 1:
         return names[0]
     if not names:

@@ -53,8 +53,11 @@ def read_status(name: str, directory: str = DEFAULT_DIRECTORY, timeout: float = 
 
 
 def interface_names(directory: str = DEFAULT_DIRECTORY) -> list[str]:
-    """The interfaces with a control socket in ``directory``."""
-    return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(directory, "*.sock")))
+    """The interfaces with a control socket in ``directory``: those of this network namespace
+    when any is (nodes in other namespaces share the directory), else all."""
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(directory, "*.sock")))
+    here = [n for n in names if os.path.exists(os.path.join("/sys/class/net", n))]
+    return here or names
 
 
 # ---------------------------------------------------------------------- words for values

@@ -5,6 +5,7 @@ HTTP match ``wg show`` and status, ``meshguard ping`` names the path each answer
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from meshguard.status_client import read_status
 from tests.netns import (
+    REPO_ROOT,
     Namespace,
     Testbed,
     block_udp,
@@ -42,6 +44,37 @@ def cli(
         check=False,
         env={**meshguard_env(), "COLUMNS": "80"},
     )
+
+
+class Terminal:
+    """A tmux session 80 columns wide running one command in ``ns``: what a person sees."""
+
+    def __init__(
+        self, test: TestCase, tb: Testbed, ns: Namespace, command: list[str], name: str
+    ) -> None:
+        self.tb = tb
+        # Short: a UNIX socket path has at most 107 bytes.
+        self.socket = f"/tmp/{tb.prefix}-tmux-{name}"
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in meshguard_env().items())
+        shell = f"cd {shlex.quote(str(REPO_ROOT))} && {env} " + " ".join(map(shlex.quote, command))
+        # The pane keeps the command's last screen after it exits (remain-on-exit).
+        tb.run(
+            None,
+            [
+                *ns.exec_argv(["tmux", "-S", self.socket, "-f", "/dev/null"]),
+                "new-session", "-d", "-x", "80", "-y", "30", "-s", name,
+                f"{shell}; sleep 60",
+            ],
+        )  # fmt: skip
+        test.addCleanup(self.close)
+
+    def screen(self) -> list[str]:
+        text = self.tb.run(None, ["tmux", "-S", self.socket, "capture-pane", "-p"]).stdout
+        return text.rstrip("\n").splitlines()
+
+    def close(self) -> None:
+        self.tb.run(None, ["tmux", "-S", self.socket, "kill-server"], check=False)
+        Path(self.socket).unlink(missing_ok=True)
 
 
 def scrape_text(tb: Testbed, ns: Namespace, port: int = METRICS) -> str:
@@ -275,6 +308,35 @@ class OperationsMeshTests(TestCase):
         (index_c,) = [i for i, r in enumerate(rows) if r.startswith(key_of[c][:8])]
         self.assertIn(f"member via {intro.public[:8]}", rows[index_c])
         self.assertTrue(rows[index_c + 1].strip().startswith("not direct:"), table.stdout)
+
+        # --- the same in a real terminal, 80 columns (tmux): the table, then --watch.
+        once = Terminal(
+            self, tb, ns_of[a], [sys.executable, "-m", "meshguard.cli", "status"], "once"
+        )
+        try:
+            tb.wait_for(lambda: any("PEER" in r for r in once.screen()), timeout=20)
+        except AssertionError:
+            self.fail(f"no table in the terminal: {once.screen()}")
+        screen = once.screen()
+        self.assertTrue(screen[0].startswith(ifnames[a]), screen)
+        self.assertTrue(all(len(r) <= 80 for r in screen), screen)
+        self.assertEqual(screen[1].split(), ["PEER", "ADDRESS", "PATH", "RTT", "SEEN", "RX", "TX"])
+        self.assertEqual(len([r for r in screen if r.startswith(key_of[c][:8])]), 1, screen)
+        watch = Terminal(
+            self,
+            tb,
+            ns_of[a],
+            [sys.executable, "-m", "meshguard.cli", "status", "--watch", "1"],
+            "w",
+        )
+        tb.wait_for(lambda: "PEER" in "".join(watch.screen()), timeout=20, what="watch")
+        first = watch.screen()
+        tb.wait_for(lambda: watch.screen()[0] != first[0], timeout=20, what="--watch to refresh")
+        again = watch.screen()
+        self.assertTrue(again[0].startswith("every 1 s, "), again)
+        # Refreshed in place: one header, one table, nothing left over from the last frame.
+        self.assertEqual(sum(1 for r in again if r.startswith("PEER")), 1, again)
+        self.assertEqual(len(again), len(first), (first, again))
 
 
 class NetcheckTests(TestCase):
