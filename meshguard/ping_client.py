@@ -64,7 +64,7 @@ def main(
     stdout: TextIO,
     stderr: TextIO,
     directory: str = DEFAULT_DIRECTORY,
-    run: Runner = _run_ping,
+    run: Runner | None = None,
 ) -> int:
     if count < 1 or interval < 0.2 or timeout <= 0:
         stderr.write("ping: -c needs 1 or more, --interval 0.2 s or more, --timeout above 0\n")
@@ -93,7 +93,8 @@ def main(
                 stderr.write(f"ping: {line.get('message') or line['error']}\n")
                 return EXIT_USAGE
             if line.get("stock"):
-                return _icmp(line, label, count, interval, timeout, as_json, stdout, stderr, run)
+                runner = run if run is not None else _run_ping
+                return _icmp(line, label, count, interval, timeout, as_json, stdout, stderr, runner)
             if "count" in line and "seq" not in line:
                 if not as_json:
                     key = str(line.get("public_key", ""))

@@ -43,10 +43,11 @@ class PingRequests:
         *,
         tls_relay_name: Callable[[Endpoint], str | None] = lambda endpoint: None,
         local_networks: Callable[[], Iterable[Network]] = list,
+        pinger: Pinger | None = None,
     ) -> None:
         self.node = node
         self.reactor = reactor
-        self.pinger: Pinger = node.pinger
+        self.pinger: Pinger = pinger if pinger is not None else node.pinger
         self.tls_relay_name = tls_relay_name
         self.local_networks = local_networks
 
