@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from meshguard import cli, ping_client
@@ -277,7 +277,14 @@ def _document() -> dict[str, Any]:
             "relay_forwarded_bytes": 1234,
             "relay_server": {"forwarded_bytes": 99},
             "tls_relays": {"relay.example:443": 2},
-            "udp_offload": {"gso": "ipv4", "gro": "off", "gso_sends": 3, "gso_datagrams": 9},
+            "udp_offload": {
+                "gso": "ipv4",
+                "gro": "off",
+                "gso_sends": 3,
+                "gso_datagrams": 9,
+                "gro_reads": 0,
+                "gro_datagrams": 0,
+            },
         },
         "drops": {"malformed": 4, "no_route": 2},
         "peers": [
@@ -705,3 +712,72 @@ class PingRequestTests(SynchronousTestCase):
         lines = self.lines(transport)
         self.assertEqual(lines[1]["message"], "no session to send on yet")
         self.assertEqual(lines[2]["answered"], 0)
+
+
+class DashboardTests(SynchronousTestCase):
+    def test_dashboard_uses_only_metrics_the_node_serves(self) -> None:
+        """examples/grafana-dashboard.json is valid JSON, and every metric its queries name is
+        one a node serves (so a rename here cannot leave the dashboard blank)."""
+        import re
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parent.parent / "examples" / "grafana-dashboard.json"
+        dashboard = json.loads(path.read_text())
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        named = {m for e in exprs for m in re.findall(r"\b(?:wireguard|meshguard)_[a-z_]+", e)}
+        served = set(MetricsTests().samples(_document()))
+        self.assertTrue(named)
+        self.assertEqual(named - served, set())
+
+
+class ControlRequestFuzzTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=300))
+    def test_any_bytes(self, data: bytes) -> None:
+        """Whatever a local client sends, the socket answers with at most JSON lines and never
+        raises; nothing is left scheduled once the connection is gone."""
+        clock = Clock()
+        factory = StatusFactory(lambda: {"interface": "mg0"}, {}, clock=clock)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
+        clock.advance(REQUEST_GRACE)
+        protocol.connectionLost(None)
+        for line in transport.value().splitlines():
+            self.assertIsInstance(json.loads(line), dict)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class MetricsListenTests(TestCase):
+    def test_taken_port_is_one_clear_error(self) -> None:
+        """A MetricsListen port another program holds fails the start with a line that names
+        the key and what to do."""
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory
+
+        from meshguard.metrics import listen_metrics
+
+        holder = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(holder.stopListening)
+        port = holder.getHost().port
+        with self.assertRaises(OSError) as caught:
+            listen_metrics(reactor, ("127.0.0.1", port), _document)
+        self.assertIn(f"MetricsListen 127.0.0.1:{port}: cannot listen", str(caught.exception))
+        self.assertIn("pick a free address and port", str(caught.exception))
+
+    def test_served_over_http(self) -> None:
+        """The page is served over HTTP on the reactor: a real GET gets the text format."""
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, readBody
+
+        from meshguard.metrics import listen_metrics
+
+        port = listen_metrics(reactor, ("127.0.0.1", 0), _document)
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/metrics".encode()  # type: ignore[attr-defined]
+        pool_agent = Agent(reactor)
+        d = pool_agent.request(b"GET", url)
+        d.addCallback(readBody)
+        d.addCallback(lambda body: self.assertIn(b'friendly_name="hub"', body))
+        return d
