@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
-from meshguard.path_view import Network, host_networks, path_view, peer_label
+from meshguard.path_view import Network, PathView, host_networks, path_view, peer_label
 from meshguard.status import DEFAULT_DIRECTORY, socket_path
 
 
@@ -141,6 +141,8 @@ def not_direct_reason(peer: Mapping[str, Any], networks: Iterable[Network] = ())
     if view.reason:
         return view.reason
     candidates = peer.get("candidates")
+    if view.kind == "tls-relay":
+        return "no UDP path to it works (UDP probes go unanswered); the TLS relay carries it"
     if view.kind == "none":
         if not peer.get("endpoint") and not peer.get("relay"):
             return "no endpoint known and no relay offers to forward"
@@ -150,7 +152,7 @@ def not_direct_reason(peer: Mapping[str, Any], networks: Iterable[Network] = ())
         return f"no answer from its {count} candidate endpoint{'s' if count > 1 else ''} yet"
     if isinstance(candidates, list):
         return "no candidate endpoint known for it"
-    return None
+    return "no direct path found yet"
 
 
 # ---------------------------------------------------------------------- the table
@@ -168,6 +170,14 @@ def _address(peer: Mapping[str, Any]) -> str:
     if first.endswith("/32") or first.endswith("/128"):
         first = first.rsplit("/", 1)[0]
     return first + ("+" if len(networks) > 1 else "")
+
+
+def _path_cell(view: PathView) -> str:
+    """``direct``, ``member via Q5YWoT8w`` (a key's first 8 characters), ``tls-relay r1:443``."""
+    if not view.via:
+        return view.kind
+    via = view.via[:8] if len(view.via) == 44 else view.via
+    return f"tls-relay {via}" if view.kind == "tls-relay" else f"{view.kind} via {via}"
 
 
 def _label(peer: Mapping[str, Any]) -> str:
@@ -218,7 +228,7 @@ def format_table(
         cells = [
             _label(peer),
             _address(peer),
-            view.text() if not view.via else f"{view.kind} via {view.via[:8]}",
+            _path_cell(view),
             f"{rtt:.0f}ms"
             if isinstance(rtt, int | float) and rtt >= 10
             else (f"{rtt:.1f}ms" if isinstance(rtt, int | float) else "-"),

@@ -429,3 +429,82 @@ class NetcheckTests(TestCase):
         text = cli(tb, dict(nodes)["hard"], "netcheck", ifnames["hard"]).stdout
         self.assertIn("mapping varies by dest.:  yes", text)
         self.assertTrue(all(len(line) <= 80 for line in text.splitlines()), text)
+
+
+class TlsRelayOperationsTests(TestCase):
+    timeout = 240
+
+    def test_ping_netcheck_and_status_through_a_tls_relay(self) -> None:
+        """A home whose router drops UDP reaches its hub through the hub's TLS relay: ping's
+        answers name the TLS relay, netcheck says UDP is blocked and the relay reachable (with
+        its TCP connect time), and the status table gives the reason it is not direct."""
+        import shutil
+
+        from tests.netns import nat_home
+        from tests.relaycerts import TestCA
+
+        require_root_netns(self)
+        tb = Testbed(self)
+        self.addCleanup(tb.cleanup)
+        net = nat_home(tb)
+        logdir = Path(tb.log_dir)
+        ca = TestCA(logdir / "pki")
+        issued = ca.issue("relay.test")
+        etc = Path("/etc/netns") / net.home.name
+        etc.mkdir(parents=True, exist_ok=True)
+        self.addCleanup(shutil.rmtree, etc, True)
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{net.hub_addr} relay.test\n")
+        hub, home = wg_keypair(), wg_keypair()
+        hub_conf = write_meshguard_config(
+            logdir / "hub.conf",
+            f"[Interface]\nPrivateKey = {hub.private}\nListenPort = {PORT}\n"
+            "Address = 10.77.0.1/24\nRelayListen = 0.0.0.0:8443\n"
+            f"RelayCertificate = {issued.certificate}\nRelayKey = {issued.key}\n\n"
+            f"[Peer]\nPublicKey = {home.public}\nAllowedIPs = 10.77.0.2/32\n",
+        )
+        home_conf = write_meshguard_config(
+            logdir / "home.conf",
+            f"[Interface]\nPrivateKey = {home.private}\nAddress = 10.77.0.2/24\n"
+            f"Relay = tls://relay.test:8443\nRelayCA = {ca.path}\n\n"
+            f"[Peer]\nPublicKey = {hub.public}\nAllowedIPs = 10.77.0.1/32\n"
+            f"Endpoint = {net.hub_addr}:{PORT}\nPersistentKeepalive = 5\n",
+        )
+        block_udp(tb, net.router)
+        hub_if, home_if = tb.ifname("hub"), tb.ifname("home")
+        start_meshguard(tb, net.hub, hub_conf, hub_if)
+        start_meshguard(tb, net.home, home_conf, home_if)
+        tb.wait_for(lambda: tb.ping(net.home, "10.77.0.1"), timeout=40, what="ping via relay")
+
+        pinged = cli(tb, net.home, "ping", "10.77.0.1", "-c", "3", "-i", "0.3", "--json")
+        self.assertEqual(pinged.returncode, 0, pinged.stdout + pinged.stderr)
+        answers = [json.loads(x) for x in pinged.stdout.splitlines()]
+        replies = [x for x in answers if "rtt_ms" in x and "seq" in x]
+        self.assertTrue(replies, pinged.stdout)
+        for reply in replies:
+            self.assertEqual(
+                (reply["path_kind"], reply["path_via"]), ("tls-relay", "relay.test:8443")
+            )
+            self.assertGreater(reply["rtt_ms"], 0)
+            self.assertLess(reply["rtt_ms"], 500)
+        self.assertFalse(answers[-1]["direct"])
+        self.assertEqual(
+            cli(
+                tb, net.home, "ping", "10.77.0.1", "-c", "2", "-i", "0.3", "--until-direct"
+            ).returncode,
+            1,
+        )
+
+        checked = cli(tb, net.home, "netcheck", "--json")
+        self.assertEqual(checked.returncode, 0, checked.stderr)
+        report = json.loads(checked.stdout)
+        self.assertEqual(report["udp"], "no")
+        relay = report["tls_relays"]["relay.test:8443"]
+        self.assertTrue(relay["reachable"], relay)
+        self.assertGreater(relay["tcp_connect_ms"], 0)
+
+        table = cli(tb, net.home, "status")
+        rows = table.stdout.splitlines()
+        (index,) = [i for i, r in enumerate(rows) if r.startswith(hub.public[:8])]
+        self.assertIn("tls-relay relay.te", rows[index])
+        self.assertIn("not direct: no UDP path", rows[index + 1])
+        self.assertTrue(all(len(r) <= 80 for r in rows), table.stdout)
