@@ -72,6 +72,12 @@ def _add_operations(commands: Any, status: argparse.ArgumentParser) -> None:
     )
     netcheck.add_argument("name", metavar="NAME", nargs="?", default=None)
     netcheck.add_argument("--json", action="store_true", help="print JSON")
+    netcheck.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="with no node running, probe through this config's introducers",
+    )
 
 
 def _warn_if_world_accessible(stdout: TextIO, stderr: TextIO) -> None:
@@ -167,28 +173,43 @@ def _ping(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     )
 
 
-def _netcheck(name: str | None, as_json: bool, stdout: TextIO, stderr: TextIO) -> int:
+def _netcheck(
+    name: str | None, as_json: bool, config_path: str | None, stdout: TextIO, stderr: TextIO
+) -> int:
+    """Ask the running node; with none, probe through ``--config``'s introducers."""
     import json
 
     from meshguard.netcheck import format_netcheck, netcheck_report
     from meshguard.path_view import host_networks
-    from meshguard.ping_client import pick_interface
-    from meshguard.status import DEFAULT_DIRECTORY
-    from meshguard.status_client import read_status
+    from meshguard.status_client import interface_names, read_status
 
-    interface = pick_interface(name, DEFAULT_DIRECTORY, stderr)
-    if interface is None:
-        stderr.write(
-            "netcheck: asks a running node; without one there is nothing to ask yet "
-            "(start the node first)\n"
-        )
-        return 1
-    try:
-        document = read_status(interface)
-    except (OSError, ValueError) as e:
-        stderr.write(f"netcheck: cannot read the status of {interface}: {e}\n")
-        return 1
-    report = netcheck_report(document, host_networks(exclude=interface))
+    if name is None and config_path is not None:
+        name = os.path.splitext(os.path.basename(config_path))[0]
+    if name is None:
+        names = interface_names()
+        name = names[0] if len(names) == 1 else None
+    document = None
+    problem = "no meshguard interface is running"
+    if name is not None:
+        try:
+            document = read_status(name)
+        except (OSError, ValueError) as e:
+            problem = f"cannot read the status of {name}: {e}"
+    if document is None:
+        if config_path is None:
+            stderr.write(
+                f"netcheck: {problem}; start the node, or give --config FILE to probe "
+                "through its introducers without it\n"
+            )
+            return 1
+        from meshguard.netcheck_probe import probe
+
+        try:
+            document = probe(load_config(config_path))
+        except (ConfigError, ValueError, OSError) as e:
+            stderr.write(f"netcheck: {e}\n")
+            return 1
+    report = netcheck_report(document, host_networks(exclude=name))
     if as_json:
         stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
     else:
@@ -223,7 +244,7 @@ def run(
     if command == "ping":
         return _ping(args, stdout, stderr)
     if command == "netcheck":
-        return _netcheck(args.name, args.json, stdout, stderr)
+        return _netcheck(args.name, args.json, args.config, stdout, stderr)
     return _status(args.name, args.json, stderr, args.verbose, args.watch)
 
 

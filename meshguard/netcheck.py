@@ -118,10 +118,11 @@ def netcheck_report(
         at_least = node.get("nat_lifetime_at_least")
         lifetime_text = f"{'at least ' if at_least else ''}{lifetime:g} s"
 
+    probed = bool(document.get("probed"))
     path_mtus = {
         _short_label(p): p.get("path_mtu")
         for p in peers
-        if p.get("introducer") or p.get("member") == "configured"
+        if not probed and (p.get("introducer") or p.get("member") == "configured")
     }
 
     relays: dict[str, Any] = {}
@@ -139,6 +140,7 @@ def netcheck_report(
 
     return {
         "interface": document.get("interface"),
+        "source": "probe" if probed else "node",
         "udp": udp,
         "public_ipv4": public4,
         "public_ipv6": public6,
@@ -156,7 +158,10 @@ def netcheck_report(
 
 def format_netcheck(report: Mapping[str, Any]) -> str:
     """The report as lines a person reads."""
-    lines = [f"netcheck of {report.get('interface')} (answers from the running node)"]
+    if report.get("source") == "probe":
+        lines = [f"netcheck of {report.get('interface')}"]
+    else:
+        lines = [f"netcheck of {report.get('interface')} (answers from the running node)"]
 
     def row(label: str, value: object) -> None:
         lines.extend(
@@ -176,6 +181,8 @@ def format_netcheck(report: Mapping[str, Any]) -> str:
     row("filtering", report["filtering"])
     row("mapping lifetime", report["nat_mapping_lifetime"] or "not measured")
     row("port mapping", report["port_mapping"])
+    if report.get("source") == "probe":
+        row("path MTU", "measured by a running node only")
     for label, mtu in report["path_mtu"].items():
         row(f"path MTU to {label[:14]}", f"{mtu}" if mtu else "not found yet")
     if not report["tls_relays"]:
@@ -187,6 +194,7 @@ def format_netcheck(report: Mapping[str, Any]) -> str:
             text = f"reachable, TCP connect {entry['tcp_connect_ms']} ms"
         else:
             text = "not checked"
-        text += f", {entry['members_present']} members present"
+        if entry.get("members_present") is not None:
+            text += f", {entry['members_present']} members present"
         row(f"relay {name}", text)
     return "\n".join(lines)

@@ -781,3 +781,38 @@ class MetricsListenTests(TestCase):
         d.addCallback(readBody)
         d.addCallback(lambda body: self.assertIn(b'friendly_name="hub"', body))
         return d
+
+
+class NetcheckCommandTests(SynchronousTestCase):
+    def test_no_node_and_no_config(self) -> None:
+        """With no node to ask and no config to probe with, netcheck says what to do."""
+        import meshguard.status_client
+
+        self.patch(meshguard.status_client, "interface_names", lambda directory="": [])
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.run(["netcheck"], io.BytesIO(), out, err)
+        self.assertEqual(code, 1)
+        self.assertIn("no meshguard interface is running", err.getvalue())
+        self.assertIn("--config FILE", err.getvalue())
+
+    def test_probe_document_reads_as_a_report(self) -> None:
+        """A probe's document (no path MTU, relays not yet reached) reads as a report whose
+        text says it was probed."""
+        document = {
+            "interface": "mg0.conf (probed, no node running)",
+            "probed": True,
+            "node": {"nat": "yes", "nat_mapping": "endpoint-dependent", "tls_relays": {}},
+            "peers": [
+                {"public_key": KEY_B, "endpoint": ["198.51.100.2", 51820], "path": "direct",
+                 "last_handshake": 5.0, "observed_self": ["203.0.113.1", 40000],
+                 "introducer": True},
+            ],
+        }  # fmt: skip
+        report = netcheck_report(document, connect=None)
+        self.assertEqual(
+            (report["source"], report["udp"], report["path_mtu"]), ("probe", "yes", {})
+        )
+        text = format_netcheck(report)
+        self.assertIn("path MTU:", text)
+        self.assertIn("measured by a running node only", text)
+        self.assertNotIn("answers from the running node", text)

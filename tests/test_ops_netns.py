@@ -345,11 +345,12 @@ class NetcheckTests(TestCase):
     def test_nat_kinds(self) -> None:
         """Two public meshguard hubs; nodes behind plain masquerade, behind ``masquerade
         random``, behind a router that drops UDP, and one with no NAT. netcheck on each node
-        names its case."""
+        names its case; ``netcheck --config`` beside each home's node, with no node of its
+        own running, probes through the hubs and names the same case."""
         require_root_netns(self)
         tb = Testbed(self)
         self.addCleanup(tb.cleanup)
-        net = nat_homes(tb, [(1, False), (1, True), (1, False)], extra_public=2)
+        net = nat_homes(tb, [(2, False), (2, True), (2, False)], extra_public=2)
         hub2_ns = Namespace(f"{tb.prefix}-pub2")
         open_ns = Namespace(f"{tb.prefix}-pub3")
         block_udp(tb, net.homes[2].router)
@@ -361,7 +362,10 @@ class NetcheckTests(TestCase):
             ("blocked", net.homes[2].hosts[0][0]),
             ("open", open_ns),
         ]
-        node_keys = {name: wg_keypair() for name, _ in nodes}
+        probes = [(f"probe-{name}", home.hosts[1][0]) for name, home in zip(
+            ("easy", "hard", "blocked"), net.homes, strict=True
+        )]  # fmt: skip
+        node_keys = {name: wg_keypair() for name, _ in nodes + probes}
         for index, (ns, _, k) in enumerate(hubs):
             lines = [
                 "[Interface]",
@@ -369,7 +373,7 @@ class NetcheckTests(TestCase):
                 f"ListenPort = {PORT}",
                 f"Address = 10.98.{index}.1/24",
             ]
-            for n, (name, _) in enumerate(nodes):
+            for n, (name, _) in enumerate(nodes + probes):
                 lines += [
                     "",
                     "[Peer]",
@@ -425,6 +429,28 @@ class NetcheckTests(TestCase):
         self.assertEqual(blocked["udp"], "no")
         self.assertIn("UDP blocked", blocked["nat_kind"])
         self.assertEqual(blocked["public_ipv4"], [])
+        # No node running beside the probes: netcheck --config probes through the hubs.
+        for name, _ns in probes:
+            text = f"[Interface]\nPrivateKey = {node_keys[name].private}\nListenPort = {PORT + 1}\n"
+            for _, address, k in hubs:
+                text += (
+                    f"\n[Peer]\nPublicKey = {k.public}\nAllowedIPs = 10.98.9.1/32\n"
+                    f"Endpoint = {address}:{PORT}\nIntroducer = yes\n"
+                )
+            write_meshguard_config(logdir / f"{name}.conf", text)
+        probed = {}
+        for name, ns in probes:
+            done = cli(tb, ns, "netcheck", "--config", str(logdir / f"{name}.conf"), "--json")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            probed[name] = json.loads(done.stdout)
+        self.assertEqual(probed["probe-easy"]["source"], "probe")
+        self.assertEqual(probed["probe-easy"]["udp"], "yes")
+        self.assertEqual(probed["probe-easy"]["public_ipv4"], [f"203.0.1.2:{PORT + 1}"])
+        self.assertEqual(probed["probe-easy"]["mapping_varies_by_destination"], "no")
+        self.assertEqual(probed["probe-hard"]["mapping_varies_by_destination"], "yes")
+        self.assertEqual(len(probed["probe-hard"]["public_ipv4"]), 2)
+        self.assertEqual(probed["probe-blocked"]["udp"], "no")
+        self.assertIn("UDP blocked", probed["probe-blocked"]["nat_kind"])
         # The text form, as a person reads it.
         text = cli(tb, dict(nodes)["hard"], "netcheck", ifnames["hard"]).stdout
         self.assertIn("mapping varies by dest.:  yes", text)
