@@ -151,6 +151,9 @@ def _status(
             raise
         stderr.write("status: not available\n")
         return 1
+    if watch is not None and not 0.2 <= watch <= 3600:
+        stderr.write("status: --watch takes 0.2 to 3600 seconds\n")
+        return 2
     if verbose or watch is not None:
         return int(module.main(name, as_json, verbose=verbose, watch=watch))
     return int(module.main(name, as_json))

@@ -200,7 +200,7 @@ class _Run:
         self.sent += 1
         reactor = self.owner.reactor
         nonce = self.owner.pinger.ping(
-            self.peer, self.owner.node._seconds(), lambda answer: self._answer(seq, answer)
+            self.peer, reactor.seconds(), lambda answer: self._answer(seq, answer)
         )
         self.owner.node.reschedule()
         timer = reactor.callLater(self.timeout, self._timeout, seq)

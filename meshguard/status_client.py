@@ -34,7 +34,10 @@ def request_lines(
         sock.settimeout(timeout)
         sock.connect(path)
         if request is not None:
-            sock.sendall(json.dumps(dict(request)).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(dict(request)).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a node from before requests: it sent the status document and closed
         buffer = b""
         while chunk := sock.recv(65536):
             buffer += chunk

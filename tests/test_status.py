@@ -197,6 +197,7 @@ class FormatStatusTests(SynchronousTestCase):
                     "",
                     "peer: PEER=",
                     "  path: member via INTRO=",
+                    "  not direct: no direct path found yet",
                     "  endpoint: 203.0.113.4:4",
                     "  latest handshake: 10 s ago",
                     "  transfer: 2.00 KiB received, 100 B sent",
