@@ -195,12 +195,12 @@ class NodeService(service.Service):
             self.tls_relay.listen(node)
         self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
         self.status_port = listen_status(
-            self.reactor,
-            self.interface,
-            node.status_document,
-            self.status_directory,
-            handlers=self._control_requests(node),
+            self.reactor, self.interface, node.status_document, self.status_directory
         )
+        # Requests besides the status document (``meshguard ping``): docs/operations.md.
+        factory = getattr(self.status_port, "factory", None)
+        if factory is not None:
+            factory.handlers.update(self._control_requests(node))
         if self.config is not None and self.config.interface.metrics_listen is not None:
             from meshguard.metrics import listen_metrics
 
