@@ -366,6 +366,11 @@ class NodeService(service.Service):
             return
         old = self.config
         self.config = config
+        if old is not None and config.interface.metrics_listen != old.interface.metrics_listen:
+            log.warn(
+                "MetricsListen changed in {path}: restart the node to apply it",
+                path=self.config_path,
+            )
         node = self.node
         try:
             node.apply_config(config, reload=True)
