@@ -128,6 +128,8 @@ def _keepalive(peer: Mapping[str, Any]) -> str | None:
     interval = peer.get("keepalive_interval", peer.get("persistent_keepalive"))
     reason = peer.get("keepalive_reason")
     reason = str(reason) if reason else None
+    if reason and peer.get("keepalive_auto"):
+        reason = f"auto: {reason}"
     if interval:
         return f"every {interval} s" + (f" ({reason})" if reason else "")
     if reason is None:

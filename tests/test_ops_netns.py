@@ -225,6 +225,28 @@ class OperationsMeshTests(TestCase):
             return True
 
         tb.wait_for(metrics_match, timeout=30, what="metrics equal to wg show dump")
+
+        def same_as_status() -> bool:
+            samples = scrape(tb, ns_of[a])
+            status = read_status(ifnames[a])
+            for entry in status["peers"]:
+                key = entry["public_key"]
+                mtu = value(samples, "meshguard_peer_path_mtu_bytes", public_key=key)
+                keepalive = value(
+                    samples, "meshguard_peer_keepalive_interval_seconds", public_key=key
+                )
+                rtt = value(samples, "meshguard_peer_rtt_seconds", public_key=key)
+                want_rtt = entry.get("rtt_ms")
+                if (
+                    mtu != entry.get("path_mtu")
+                    or keepalive != (entry.get("keepalive_interval") or 0)
+                    or (rtt is None) != (want_rtt is None)
+                    or (rtt is not None and abs(rtt * 1000 - want_rtt) > 1e-6)
+                ):
+                    return False
+            return True
+
+        tb.wait_for(same_as_status, timeout=30, what="metrics equal to status")
         samples = scrape(tb, ns_of[a])
         status = read_status(ifnames[a])
         peer_b, peer_c = _peer(status, key_of[b]), _peer(status, key_of[c])
