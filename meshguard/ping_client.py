@@ -98,7 +98,8 @@ def main(
             if "count" in line and "seq" not in line:
                 if not as_json:
                     key = str(line.get("public_key", ""))
-                    stdout.write(f"PING {label} ({key[:8]}) on {name}: mesh pings\n")
+                    shown = label if label == key[:8] else f"{label} ({key[:8]})"
+                    stdout.write(f"PING {shown} on {name}: mesh pings\n")
             elif "seq" in line and not as_json:
                 if line.get("timeout"):
                     why = f" ({line['message']})" if line.get("message") else ""
