@@ -69,7 +69,12 @@ class PingRequests:
         by_name = [
             entry
             for entry in self.node.status_document().get("peers", [])
-            if target in (entry.get("name"), entry.get("endpoint_name"))
+            if target
+            in (
+                entry.get("name"),
+                entry.get("endpoint_name"),
+                str(entry.get("endpoint_name") or "").rsplit(":", 1)[0],
+            )
         ]
         if len(by_name) == 1:
             key = base64.b64decode(by_name[0]["public_key"])

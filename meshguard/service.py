@@ -128,6 +128,7 @@ class NodeService(service.Service):
         self.status_port: IListeningPort | None = None
         #: ``MetricsListen``: the Prometheus endpoint (meshguard.metrics), if configured.
         self.metrics_port: IListeningPort | None = None
+        self._networks_cache: tuple[float, list[Any]] | None = None
         self.manage_link = manage_link
         #: Started by a daemonizing twistd (no ``-n``): see ``privilegedStartService``.
         self.daemon = daemon
@@ -212,9 +213,15 @@ class NodeService(service.Service):
             )
 
     def _host_networks(self) -> list[Any]:
+        """This host's subnets (LAN or not), asked of ``ip`` at most every 30 s: a scrape or
+        a ping runs on the reactor and must not wait on a subprocess each time."""
         from meshguard.path_view import host_networks
 
-        return host_networks(exclude=self.interface)
+        now = self.reactor.seconds()
+        cached = self._networks_cache
+        if cached is None or now - cached[0] > 30:
+            cached = self._networks_cache = (now, host_networks(exclude=self.interface))
+        return list(cached[1])
 
     def _control_requests(self, node: Node) -> dict[str, Any]:
         """Requests on the control socket besides ``status`` (docs/operations.md)."""
