@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO
@@ -147,7 +148,7 @@ def not_direct_reason(peer: Mapping[str, Any], networks: Iterable[Network] = ())
         return view.reason
     candidates = peer.get("candidates")
     if view.kind == "tls-relay":
-        return "no UDP path to it works (UDP probes go unanswered); the TLS relay carries it"
+        return "UDP probes go unanswered; the TLS relay carries it"
     if view.kind == "none":
         if not peer.get("endpoint") and not peer.get("relay"):
             return "no endpoint known and no relay offers to forward"
@@ -245,7 +246,14 @@ def format_table(
         lines.append(" ".join(row).rstrip())
         reason = not_direct_reason(peer, networks)
         if reason is not None:
-            lines.append(_cell(f"    not direct: {reason}", 80))
+            lines.extend(
+                textwrap.wrap(
+                    f"    not direct: {reason}",
+                    width=80,
+                    subsequent_indent=" " * 16,
+                    break_on_hyphens=False,
+                )
+            )
     return "\n".join(lines)
 
 

@@ -816,3 +816,14 @@ class NetcheckCommandTests(SynchronousTestCase):
         self.assertIn("path MTU:", text)
         self.assertIn("measured by a running node only", text)
         self.assertNotIn("answers from the running node", text)
+
+
+class LongReasonTests(SynchronousTestCase):
+    def test_long_reason_wraps_within_80_columns(self) -> None:
+        """A long reason from the node wraps under itself instead of running past 80 columns."""
+        peer = {"public_key": KEY_A, "path": "none", "not_direct_reason": "word " * 40}
+        lines = format_table({"interface": "x", "peers": [peer]}, now=0).splitlines()
+        reason = lines[3:]
+        self.assertGreater(len(reason), 1)
+        self.assertTrue(all(len(line) <= 80 for line in lines))
+        self.assertTrue(all(line.startswith(" " * 16) for line in reason[1:]))

@@ -551,8 +551,10 @@ class TlsRelayOperationsTests(TestCase):
         self.assertGreater(relay["tcp_connect_ms"], 0)
 
         table = cli(tb, net.home, "status")
+        text = cli(tb, net.home, "netcheck").stdout
+        (logdir / "outputs.txt").write_text("\n\n".join([pinged.stdout, text, table.stdout]))
         rows = table.stdout.splitlines()
         (index,) = [i for i, r in enumerate(rows) if r.startswith(hub.public[:8])]
         self.assertIn("tls-relay relay.te", rows[index])
-        self.assertIn("not direct: no UDP path", rows[index + 1])
+        self.assertIn("not direct: UDP probes go unanswered", rows[index + 1])
         self.assertTrue(all(len(r) <= 80 for r in rows), table.stdout)
