@@ -212,7 +212,11 @@ def _netcheck(
         except (ConfigError, ValueError, OSError) as e:
             stderr.write(f"netcheck: {e}\n")
             return 1
-    report = netcheck_report(document, host_networks(exclude=name))
+    from meshguard.portmap_probe import probe_port_mapping
+
+    report = netcheck_report(
+        document, host_networks(exclude=name), port_mapping=probe_port_mapping()
+    )
     if as_json:
         stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
     else:

@@ -65,8 +65,10 @@ def netcheck_report(
     networks: Iterable[Network] = (),
     connect: Connector | None = tcp_connect_time,
     timeout: float = 3.0,
+    port_mapping: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report as a dict (``--json`` prints it as is)."""
+    """The report as a dict (``--json`` prints it as is). ``port_mapping`` is what
+    :func:`meshguard.portmap_probe.probe_port_mapping` found, if it was asked."""
     node = document.get("node") if isinstance(document.get("node"), dict) else {}
     assert isinstance(node, dict)
     peers = [p for p in document.get("peers", []) if isinstance(p, dict)]
@@ -150,10 +152,23 @@ def netcheck_report(
         "mapping_varies_by_destination": varies,
         "filtering": node.get("nat_filtering", "unknown (checked only with keepalive auto)"),
         "nat_mapping_lifetime": lifetime_text,
-        "port_mapping": "not tried (no UPnP/NAT-PMP/PCP client yet)",
+        "port_mapping": _port_mapping_text(port_mapping),
+        "port_mapping_offered": list(port_mapping.get("offered", [])) if port_mapping else [],
         "path_mtu": path_mtus,
         "tls_relays": relays,
     }
+
+
+def _port_mapping_text(found: Mapping[str, Any] | None) -> str:
+    if found is None:
+        return "not checked"
+    gateway = found.get("gateway")
+    if gateway is None:
+        return "unknown (no IPv4 default gateway)"
+    offered = found.get("offered") or []
+    if not offered:
+        return f"none offered by {gateway}"
+    return f"{', '.join(offered)} offered by {gateway} (meshguard does not map yet)"
 
 
 def format_netcheck(report: Mapping[str, Any]) -> str:

@@ -124,7 +124,7 @@ def probe(
         device.up(start)
         for _, peer in peers:
             device.send_initiation(peer, start, retry=False)
-        end = start + duration
+        end = start + duration if peers else start
         while (now := clock()) < end:
             if peers and all(
                 (state := agent.peers.get(peer.public_key)) is not None

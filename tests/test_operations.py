@@ -827,3 +827,46 @@ class LongReasonTests(SynchronousTestCase):
         self.assertGreater(len(reason), 1)
         self.assertTrue(all(len(line) <= 80 for line in lines))
         self.assertTrue(all(line.startswith(" " * 16) for line in reason[1:]))
+
+
+class PortMappingParserTests(SynchronousTestCase):
+    def test_answers_miniupnpd_gives(self) -> None:
+        """The answers Debian's miniupnpd 2.3.1 sent in a namespace (NAT-PMP, PCP, SSDP)."""
+        from meshguard.portmap_probe import parse_natpmp, parse_pcp, parse_ssdp, pcp_request
+
+        self.assertEqual(
+            parse_natpmp(bytes.fromhex("008000000000095ccb000102")),
+            {"result": "success", "external_address": "203.0.1.2"},
+        )
+        self.assertEqual(
+            parse_pcp(bytes.fromhex("02800000000000000000095c" + "00" * 12)),
+            {"result": "success"},
+        )
+        ssdp = (
+            b"HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\n"
+            b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n"
+            b"LOCATION: http://192.168.1.1:5000/rootDesc.xml\r\n\r\n"
+        )
+        self.assertEqual(parse_ssdp(ssdp), {"location": "http://192.168.1.1:5000/rootDesc.xml"})
+        self.assertEqual(len(pcp_request("192.168.1.2")), 24)
+        self.assertEqual(
+            pcp_request("192.168.1.2")[8:], bytes(10) + b"\xff\xff" + bytes([192, 168, 1, 2])
+        )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=80))
+    def test_hostile_answers(self, data: bytes) -> None:
+        """Whatever the network sends back, the parsers answer None or a small dict."""
+        from meshguard.portmap_probe import parse_natpmp, parse_pcp, parse_ssdp
+
+        for parse in (parse_natpmp, parse_pcp, parse_ssdp):
+            result = parse(data)
+            self.assertTrue(result is None or isinstance(result, dict))
+
+    def test_report_text(self) -> None:
+        offered = {"gateway": "192.168.1.1", "offered": ["UPnP-IGD", "NAT-PMP", "PCP"]}
+        report = netcheck_report(_document(), connect=None, port_mapping=offered)
+        self.assertEqual(report["port_mapping_offered"], ["UPnP-IGD", "NAT-PMP", "PCP"])
+        self.assertIn("UPnP-IGD, NAT-PMP, PCP offered by 192.168.1.1", report["port_mapping"])
+        none = netcheck_report(_document(), connect=None, port_mapping={"gateway": "10.0.0.1"})
+        self.assertEqual(none["port_mapping"], "none offered by 10.0.0.1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from meshguard.status_client import read_status
 from tests.netns import (
+    DEFAULT_BINARIES,
     REPO_ROOT,
     Namespace,
     Testbed,
@@ -119,7 +121,7 @@ class OperationsMeshTests(TestCase):
         Home 1 serves metrics; its scrape matches ``wg show dump`` and status; ``meshguard
         ping`` answers direct to home 2, via the introducer to home 3, and by ICMP to the stock
         peer; the status table fits 80 columns and says why home 3 is not direct."""
-        require_root_netns(self)
+        require_root_netns(self, binaries=(*DEFAULT_BINARIES, "tmux"))
         tb = Testbed(self)
         self.addCleanup(tb.cleanup)
         net = nat_homes(tb, [(1, False), (1, False), (1, True), (1, True)], extra_public=1)
@@ -486,8 +488,6 @@ class TlsRelayOperationsTests(TestCase):
         """A home whose router drops UDP reaches its hub through the hub's TLS relay: ping's
         answers name the TLS relay, netcheck says UDP is blocked and the relay reachable (with
         its TCP connect time), and the status table gives the reason it is not direct."""
-        import shutil
-
         from tests.netns import nat_home
         from tests.relaycerts import TestCA
 
@@ -558,3 +558,71 @@ class TlsRelayOperationsTests(TestCase):
         self.assertIn("tls-relay relay.te", rows[index])
         self.assertIn("not direct: UDP probes go unanswered", rows[index + 1])
         self.assertTrue(all(len(r) <= 80 for r in rows), table.stdout)
+
+
+_UPNP_TABLES = """table inet mgupnpf {
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+    jump miniupnpd
+  }
+  chain miniupnpd {
+  }
+}
+table inet mgupnpn {
+  chain prerouting {
+    type nat hook prerouting priority -100; policy accept;
+    jump prerouting_miniupnpd
+  }
+  chain postrouting {
+    type nat hook postrouting priority 90; policy accept;
+    jump postrouting_miniupnpd
+  }
+  chain prerouting_miniupnpd {
+  }
+  chain postrouting_miniupnpd {
+  }
+}
+"""
+
+
+class PortMappingNetnsTests(TestCase):
+    timeout = 120
+
+    def test_netcheck_names_the_protocols_a_router_offers(self) -> None:
+        """Home 1's router runs Debian's miniupnpd (UPnP-IGD, NAT-PMP and PCP); home 2's runs
+        nothing. netcheck (here probing with no node running) names the three protocols in
+        home 1 and none in home 2."""
+        require_root_netns(self, binaries=(*DEFAULT_BINARIES, "miniupnpd"))
+        tb = Testbed(self)
+        self.addCleanup(tb.cleanup)
+        net = nat_homes(tb, [(1, False), (1, False)])
+        logdir = Path(tb.log_dir)
+        router = net.homes[0].router
+        tb.nft(router, _UPNP_TABLES)
+        conf = logdir / "miniupnpd.conf"
+        conf.write_text(
+            "ext_ifname=wan0\nlistening_ip=br0\nhttp_port=5000\nenable_upnp=yes\n"
+            "enable_natpmp=yes\nupnp_table_name=mgupnpf\nupnp_nat_table_name=mgupnpn\n"
+            "upnp_forward_chain=miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n"
+            "upnp_nat_postrouting_chain=postrouting_miniupnpd\nsecure_mode=yes\n"
+            f"lease_file={logdir / 'upnp.leases'}\n"
+            "uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n"
+            "allow 1024-65535 192.168.1.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+        )
+        miniupnpd = shutil.which("miniupnpd")
+        assert miniupnpd is not None
+        tb.spawn(router, [miniupnpd, "-d", "-f", str(conf), "-P", str(logdir / "mu.pid")])
+        tb.wait_for(lambda: tb.listening(router, 5351, "udp"), timeout=20, what="miniupnpd")
+        reports = {}
+        for index, home in enumerate(net.homes):
+            config = write_meshguard_config(
+                logdir / f"probe{index}.conf",
+                f"[Interface]\nPrivateKey = {wg_keypair().private}\n",
+            )
+            done = cli(tb, home.hosts[0][0], "netcheck", "--config", str(config), "--json")
+            self.assertEqual(done.returncode, 0, done.stderr)
+            reports[index] = json.loads(done.stdout)
+        self.assertEqual(reports[0]["port_mapping_offered"], ["UPnP-IGD", "NAT-PMP", "PCP"])
+        self.assertIn("offered by 192.168.1.1", reports[0]["port_mapping"])
+        self.assertEqual(reports[1]["port_mapping_offered"], [])
+        self.assertEqual(reports[1]["port_mapping"], "none offered by 192.168.2.1")
