@@ -331,10 +331,15 @@ def _documents(name: str | None, directory: str, stderr: TextIO) -> list[dict[st
     documents = []
     for each in names:
         try:
-            documents.append(read_status(each, directory))
+            document = read_status(each, directory)
         except (OSError, ValueError) as e:
             stderr.write(f"status: cannot read the status of {each}: {e}\n")
             return None
+        if not isinstance(document, dict) or "error" in document:
+            error = document.get("error") if isinstance(document, dict) else document
+            stderr.write(f"status: {each} answered with an error: {error}\n")
+            return None
+        documents.append(document)
     return documents
 
 

@@ -870,3 +870,70 @@ class PortMappingParserTests(SynchronousTestCase):
         self.assertIn("UPnP-IGD, NAT-PMP, PCP offered by 192.168.1.1", report["port_mapping"])
         none = netcheck_report(_document(), connect=None, port_mapping={"gateway": "10.0.0.1"})
         self.assertEqual(none["port_mapping"], "none offered by 10.0.0.1")
+
+
+class ControlSocketIntegrationTests(TestCase):
+    """The control socket for real (a UNIX socket on the reactor, clients in a thread)."""
+
+    def setUp(self) -> None:
+        import shutil
+        import tempfile
+
+        from twisted.internet import reactor
+
+        from meshguard.status import listen_status
+
+        self.directory = tempfile.mkdtemp(prefix="mgops")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+
+        def stream(request: dict[str, Any], reply: Reply) -> None:
+            for seq in range(3):
+                reply.write({"seq": seq})
+            reply.write({"done": True})
+            reply.finish()
+
+        self.port = listen_status(
+            reactor, "mgops0", _document, self.directory, handlers={"stream": stream}
+        )
+        self.addCleanup(self.port.stopListening)
+
+    def test_socket_is_private(self) -> None:
+        import os
+        import stat
+
+        mode = os.stat(os.path.join(self.directory, "mgops0.sock")).st_mode
+        self.assertEqual(stat.S_IMODE(mode), 0o600)
+
+    def test_clients(self) -> Any:
+        """``meshguard status`` (a request) and a plain connect-and-read both get the
+        document; a streaming request's lines arrive in order; the table is printed."""
+        import socket as socketlib
+
+        from twisted.internet import threads
+
+        from meshguard import status_client
+
+        def clients() -> tuple[Any, Any, list[Any], str]:
+            requested = status_client.read_status("mgops0", self.directory)
+            with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(f"{self.directory}/mgops0.sock")
+                raw = b""
+                while chunk := sock.recv(65536):
+                    raw += chunk
+            lines = list(
+                status_client.request_lines("mgops0", {"request": "stream"}, self.directory)
+            )
+            out = io.StringIO()
+            status_client.main("mgops0", False, self.directory, stdout=out, networks=lambda: LAN)
+            return requested, json.loads(raw), lines, out.getvalue()
+
+        def check(result: tuple[Any, Any, list[Any], str]) -> None:
+            requested, raw, lines, table = result
+            self.assertEqual(requested["interface"], "mg0")
+            self.assertEqual(raw, requested)
+            self.assertEqual(lines, [{"seq": 0}, {"seq": 1}, {"seq": 2}, {"done": True}])
+            self.assertIn("PEER", table)
+            self.assertIn("hub", table)
+
+        return threads.deferToThread(clients).addCallback(check)
