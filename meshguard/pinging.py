@@ -32,6 +32,11 @@ def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
+def _endpoint_text(endpoint: Endpoint) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class PingRequests:
     """Answers ``{"request": "ping", "peer": P, "count": N, "interval": S, "timeout": S,
     "until_direct": bool}`` for one node."""
@@ -114,7 +119,13 @@ class PingRequests:
             or not MIN_INTERVAL <= interval <= 60
             or not 0.1 <= timeout <= 60
         ):
-            reply.write({"error": "usage", "message": "ping needs peer, count 1-1000, interval"})
+            reply.write(
+                {
+                    "error": "usage",
+                    "message": "ping needs a peer, count 1-1000, interval 0.2-60 s "
+                    "and timeout 0.1-60 s",
+                }
+            )
             reply.finish()
             return
         peer, why = self.find(target)
@@ -160,7 +171,7 @@ class PingRequests:
         return {
             "path_kind": view.kind,
             "path_via": view.via,
-            "endpoint": f"{endpoint[0]}:{endpoint[1]}" if endpoint else None,
+            "endpoint": _endpoint_text(endpoint) if endpoint else None,
         }
 
 
