@@ -5,6 +5,7 @@ HTTP match ``wg show`` and status, ``meshguard ping`` names the path each answer
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -295,6 +296,9 @@ class OperationsMeshTests(TestCase):
         relayed = cli(tb, ns_of[a], "ping", key_of[c], "-c", "2", "-i", "0.3")
         self.assertEqual(relayed.returncode, 0, relayed.stderr)
         self.assertIn(f"over member relay {intro.public[:8]}", relayed.stdout)
+        times = [float(t) for t in re.findall(r": ([0-9.]+) ms from ", relayed.stdout)]
+        self.assertEqual(len(times), 2, relayed.stdout)
+        self.assertTrue(all(0 < t < 500 for t in times), times)
         self.assertIn("no direct path", relayed.stdout)
         not_direct = cli(tb, ns_of[a], "ping", key_of[c], "-c", "2", "-i", "0.3", "--until-direct")
         self.assertEqual(not_direct.returncode, 1, not_direct.stdout)
