@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from meshguard import keys
 from meshguard.config import ConfigError, load_config
@@ -36,7 +36,48 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the mesh status of a running node")
     status.add_argument("name", metavar="NAME", nargs="?", default=None)
     status.add_argument("--json", action="store_true", help="print JSON")
+    _add_operations(commands, status)
     return parser
+
+
+def _add_operations(commands: Any, status: argparse.ArgumentParser) -> None:
+    """``status -v/--watch``, ``ping`` and ``netcheck`` (docs/operations.md)."""
+    status.add_argument("-v", "--verbose", action="store_true", help="every field, in words")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh in place every SECONDS (default 2) until Ctrl-C",
+    )
+    ping = commands.add_parser(
+        "ping", help="mesh-ping a peer: round-trip time and the path each answer took"
+    )
+    ping.add_argument("peer", metavar="PEER", help="member name, public key or tunnel address")
+    ping.add_argument("-c", "--count", type=int, default=None, help="pings to send (default 4)")
+    ping.add_argument(
+        "--until-direct",
+        action="store_true",
+        help="stop at the first answer over a direct path (up to -c, default 20 pings); "
+        "exit 1 if none came direct",
+    )
+    ping.add_argument("-i", "--interval", type=float, default=1.0, help="seconds between pings")
+    ping.add_argument("-W", "--timeout", type=float, default=2.0, help="seconds to wait per ping")
+    ping.add_argument("--interface", metavar="NAME", default=None)
+    ping.add_argument("--json", action="store_true", help="print each answer as a JSON line")
+    netcheck = commands.add_parser(
+        "netcheck", help="NAT kind, public endpoints, UDP, path MTU and relays, from the node"
+    )
+    netcheck.add_argument("name", metavar="NAME", nargs="?", default=None)
+    netcheck.add_argument("--json", action="store_true", help="print JSON")
+    netcheck.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="with no node running, probe through this config's introducers",
+    )
 
 
 def _warn_if_world_accessible(stdout: TextIO, stderr: TextIO) -> None:
@@ -96,7 +137,13 @@ def _check_config(path: str, stdout: TextIO, stderr: TextIO) -> int:
     return 0
 
 
-def _status(name: str | None, as_json: bool, stderr: TextIO) -> int:
+def _status(
+    name: str | None,
+    as_json: bool,
+    stderr: TextIO,
+    verbose: bool = False,
+    watch: float | None = None,
+) -> int:
     try:
         module = importlib.import_module(STATUS_MODULE)
     except ModuleNotFoundError as e:
@@ -104,7 +151,77 @@ def _status(name: str | None, as_json: bool, stderr: TextIO) -> int:
             raise
         stderr.write("status: not available\n")
         return 1
+    if watch is not None and not 0.2 <= watch <= 3600:
+        stderr.write("status: --watch takes 0.2 to 3600 seconds\n")
+        return 2
+    if verbose or watch is not None:
+        return int(module.main(name, as_json, verbose=verbose, watch=watch))
     return int(module.main(name, as_json))
+
+
+def _ping(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from meshguard import ping_client
+
+    count = args.count if args.count is not None else (20 if args.until_direct else 4)
+    return ping_client.main(
+        args.peer,
+        interface=args.interface,
+        count=count,
+        until_direct=args.until_direct,
+        interval=args.interval,
+        timeout=args.timeout,
+        as_json=args.json,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def _netcheck(
+    name: str | None, as_json: bool, config_path: str | None, stdout: TextIO, stderr: TextIO
+) -> int:
+    """Ask the running node; with none, probe through ``--config``'s introducers."""
+    import json
+
+    from meshguard.netcheck import format_netcheck, netcheck_report
+    from meshguard.path_view import host_networks
+    from meshguard.status_client import interface_names, read_status
+
+    if name is None and config_path is not None:
+        name = os.path.splitext(os.path.basename(config_path))[0]
+    if name is None:
+        names = interface_names()
+        name = names[0] if len(names) == 1 else None
+    document = None
+    problem = "no meshguard interface is running"
+    if name is not None:
+        try:
+            document = read_status(name)
+        except (OSError, ValueError) as e:
+            problem = f"cannot read the status of {name}: {e}"
+    if document is None:
+        if config_path is None:
+            stderr.write(
+                f"netcheck: {problem}; start the node, or give --config FILE to probe "
+                "through its introducers without it\n"
+            )
+            return 1
+        from meshguard.netcheck_probe import probe
+
+        try:
+            document = probe(load_config(config_path))
+        except (ConfigError, ValueError, OSError) as e:
+            stderr.write(f"netcheck: {e}\n")
+            return 1
+    from meshguard.portmap_probe import probe_port_mapping
+
+    report = netcheck_report(
+        document, host_networks(exclude=name), port_mapping=probe_port_mapping()
+    )
+    if as_json:
+        stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    else:
+        stdout.write(format_netcheck(report) + "\n")
+    return 0
 
 
 def run(
@@ -131,7 +248,11 @@ def run(
         return _pubkey(stdin, stdout, stderr)
     if command == "check-config":
         return _check_config(args.path, stdout, stderr)
-    return _status(args.name, args.json, stderr)
+    if command == "ping":
+        return _ping(args, stdout, stderr)
+    if command == "netcheck":
+        return _netcheck(args.name, args.json, args.config, stdout, stderr)
+    return _status(args.name, args.json, stderr, args.verbose, args.watch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,8 @@ class InterfaceConfig:
     relays: list[tuple[str, int]] = field(default_factory=list)
     relay_ca: str | None = None
     relay_pins: list[bytes] = field(default_factory=list)
+    #: ``MetricsListen = HOST:PORT``: serve Prometheus metrics there (docs/operations.md).
+    metrics_listen: tuple[str, int] | None = None
     pre_up: list[str] = field(default_factory=list)
     post_up: list[str] = field(default_factory=list)
     pre_down: list[str] = field(default_factory=list)
@@ -420,6 +422,17 @@ def _relay_listen(value: str, ctx: _Context) -> tuple[str, int]:
     return host, port
 
 
+def _metrics_listen(value: str, ctx: _Context) -> tuple[str, int]:
+    try:
+        host, port = _endpoint(value, ctx)
+        ipaddress.ip_address(host)
+    except (_BadValueError, ValueError):
+        raise _BadValueError(
+            f"MetricsListen {_shown(value)} is not ADDRESS:PORT (e.g. 127.0.0.1:9586)"
+        ) from None
+    return host, port
+
+
 def _relay_url(value: str, ctx: _Context) -> list[tuple[str, int]]:
     if not value.lower().startswith("tls://"):
         raise _BadValueError(f"Relay {_shown(value)} is not tls://HOST:PORT")
@@ -486,6 +499,8 @@ INTERFACE_KEYS: Final[dict[str, _Key]] = _table_of(
     _Key("Relay", "relays", _relay_url, repeats=True),
     _Key("RelayCA", "relay_ca", _path("RelayCA"), raw=True),
     _Key("RelayPin", "relay_pins", _relay_pin, repeats=True),
+    # Operations (docs/operations.md).
+    _Key("MetricsListen", "metrics_listen", _metrics_listen),
 )
 
 PEER_KEYS: Final[dict[str, _Key]] = _table_of(

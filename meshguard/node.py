@@ -25,6 +25,7 @@ from meshguard.endpoint_names import EndpointNames, Resolver, is_name
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.keepalive import KeepalivePolicy
+from meshguard.mesh.ping import Pinger
 from meshguard.mesh.pmtu import PathMTU
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
 from meshguard.mesh.stack import MeshStack
@@ -212,6 +213,9 @@ class Node:
             local_addresses=lambda: self.addresses,
         )
         self.mesh.add_feature(self.pmtu)
+        #: ``meshguard ping``: operator pings over the current path (docs/operations.md).
+        self.pinger = Pinger(self.mesh)
+        self.mesh.add_feature(self.pinger)
         #: ``MTU = auto``: the interface MTU follows discovery within these bounds.
         self.mtu_auto = False
         self.mtu_bounds = (1280, 1420)

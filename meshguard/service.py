@@ -127,6 +127,9 @@ class NodeService(service.Service):
         self.uapi_directory = uapi_directory
         self.status_directory = status_directory
         self.status_port: IListeningPort | None = None
+        #: ``MetricsListen``: the Prometheus endpoint (meshguard.metrics), if configured.
+        self.metrics_port: IListeningPort | None = None
+        self._networks_cache: tuple[float, list[Any]] | None = None
         self.manage_link = manage_link
         #: Started by a daemonizing twistd (no ``-n``): see ``privilegedStartService``.
         self.daemon = daemon
@@ -199,6 +202,43 @@ class NodeService(service.Service):
         self.status_port = listen_status(
             self.reactor, self.interface, node.status_document, self.status_directory
         )
+        # Requests besides the status document (``meshguard ping``): docs/operations.md.
+        factory = getattr(self.status_port, "factory", None)
+        if factory is not None:
+            factory.handlers.update(self._control_requests(node))
+        if self.config is not None and self.config.interface.metrics_listen is not None:
+            from meshguard.metrics import listen_metrics
+
+            self.metrics_port = listen_metrics(
+                self.reactor,
+                self.config.interface.metrics_listen,
+                node.status_document,
+                self._host_networks,
+            )
+
+    def _host_networks(self) -> list[Any]:
+        """This host's subnets (LAN or not), asked of ``ip`` at most every 30 s: a scrape or
+        a ping runs on the reactor and must not wait on a subprocess each time."""
+        from meshguard.path_view import host_networks
+
+        now = self.reactor.seconds()
+        cached = self._networks_cache
+        if cached is None or now - cached[0] > 30:
+            cached = self._networks_cache = (now, host_networks(exclude=self.interface))
+        return list(cached[1])
+
+    def _control_requests(self, node: Node) -> dict[str, Any]:
+        """Requests on the control socket besides ``status`` (docs/operations.md)."""
+        from meshguard.pinging import PingRequests
+
+        def tls_relay_name(endpoint: Any) -> str | None:
+            paths = getattr(self.tls_relay, "paths", None)
+            return paths.link_name(endpoint) if paths is not None else None
+
+        ping = PingRequests(
+            node, self.reactor, tls_relay_name=tls_relay_name, local_networks=self._host_networks
+        )
+        return {"ping": ping}
 
     def _route_mtu_guess(self, node: Node) -> int:
         """wg-quick's choice: the largest route MTU toward a peer's endpoint minus 80 (IPv6 +
@@ -380,6 +420,11 @@ class NodeService(service.Service):
             return
         old = self.config
         self.config = config
+        if old is not None and config.interface.metrics_listen != old.interface.metrics_listen:
+            log.warn(
+                "MetricsListen changed in {path}: restart the node to apply it",
+                path=self.config_path,
+            )
         node = self.node
         try:
             node.apply_config(config, reload=True)
@@ -464,6 +509,11 @@ class NodeService(service.Service):
             # Remove the gateway's mapping (bounded wait) while the node still stands.
             mapping, self.port_mapping = self.port_mapping, None
             closing.append(mapping.stop())
+        if self.metrics_port is not None:
+            done = self.metrics_port.stopListening()
+            if done is not None:
+                closing.append(done)
+            self.metrics_port = None
         if self.tls_relay is not None:
             self.tls_relay.stop()
             self.tls_relay = None

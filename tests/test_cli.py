@@ -239,7 +239,7 @@ class UsageTests(SynchronousTestCase):
     def test_help(self) -> None:
         result = run(["--help"])
         self.assertEqual(result.code, 0)
-        for command in ("genkey", "pubkey", "genpsk", "check-config", "status"):
+        for command in ("genkey", "pubkey", "genpsk", "check-config", "status", "ping", "netcheck"):
             self.assertIn(command, result.out)
 
     def test_unknown_command(self) -> None:

@@ -141,11 +141,12 @@ class StatusDocumentTests(SynchronousTestCase):
         self.assertIsNone(relayed["rtt_ms"])
 
     def test_text_form_of_a_real_document(self) -> None:
-        """The text form of a real document has one block per peer with its path."""
+        """The full text form (``-v``) of a real document has one block per peer with its path
+        in the operator's words."""
         text = format_status(self.document())
         self.assertTrue(text.startswith("interface: mgst0\n"))
         self.assertEqual(text.count("\npeer: "), 4)
-        self.assertIn(f"  path: relayed via {b64(INTRODUCER)}\n", text)
+        self.assertIn(f"  path: member via {b64(INTRODUCER)}\n", text)
         self.assertIn("  endpoint name: home.example:51820\n", text)
 
 
@@ -154,9 +155,10 @@ class FormatStatusTests(SynchronousTestCase):
         self.patch(meshguard.status_client.time, "time", lambda: 1000.0)
 
     def test_layout(self) -> None:
-        """wg show's layout: the interface block (fixed keys, then node facts sorted, a group of
-        facts on one line), then per peer path, endpoint, latest handshake and transfer first,
-        then the rest sorted; keys are spelled with spaces."""
+        """The full view keeps wg show's layout: the interface block (fixed keys, then node facts
+        sorted, a group of facts on one line), then per peer path, endpoint, latest handshake
+        and transfer first, then the rest sorted; keys are spelled with spaces and values in
+        words (yes, an endpoint as host:port, lists joined, no Python spellings)."""
         document = {
             "interface": "mg0",
             "public_key": "PUB=",
@@ -188,21 +190,24 @@ class FormatStatusTests(SynchronousTestCase):
                     "interface: mg0",
                     "  public key: PUB=",
                     "  listen port: 51820",
-                    "  forwarding: True",
+                    "  mtu: 1420",
+                    "  forwarding: yes",
                     "  members learned: 1",
                     "  udp offload: gso ipv4, gso sends 2",
                     "",
                     "peer: PEER=",
-                    "  path: relayed via INTRO=",
-                    "  endpoint: ['203.0.113.4', 4]",
+                    "  path: member via INTRO=",
+                    "  not direct: no direct path found yet",
+                    "  endpoint: 203.0.113.4:4",
                     "  latest handshake: 10 s ago",
                     "  transfer: 2.00 KiB received, 100 B sent",
-                    "  allowed ips: ['10.99.0.4/32']",
+                    "  allowed ips: 10.99.0.4/32",
                     "  rtt ms: 12.3",
                     "",
                     "peer: IDLE=",
-                    "  path: direct",
-                    "  endpoint: (none)",
+                    "  path: none",
+                    "  not direct: no endpoint known and no relay offers to forward",
+                    "  endpoint: -",
                     "  latest handshake: never",
                     "  transfer: 0 B received, 0 B sent",
                 ]
@@ -213,7 +218,7 @@ class FormatStatusTests(SynchronousTestCase):
         """A document with nothing but an interface, or the error document the socket sends
         when the snapshot failed, still prints."""
         self.assertEqual(format_status({"interface": "mg1"}), "interface: mg1")
-        self.assertEqual(format_status({"error": "boom"}), "interface: None")
+        self.assertEqual(format_status({"error": "boom"}), "interface: -")
 
     def test_byte_units(self) -> None:
         """Transfer counts step through B, KiB, MiB and GiB, and stop at GiB."""
@@ -234,4 +239,4 @@ class FormatStatusTests(SynchronousTestCase):
         self.assertIn("keepalive self check next at: in 600 s", text)
         self.assertIn("keepalive self check at: 120 s ago", text)
         self.assertIn("mtu at: n/a", text)
-        self.assertIn("flag at: True", text)
+        self.assertIn("flag at: yes", text)

@@ -30,3 +30,7 @@ RELAY_DELIVER: Final = 51
 TLS_UDP_PROBE: Final = 60
 TLS_UDP_ACK: Final = 61
 TLS_UDP_SWITCH: Final = 62
+
+# Operator tools: ``meshguard ping`` (90-99).
+OPERATOR_PING: Final = 90
+OPERATOR_PONG: Final = 91
