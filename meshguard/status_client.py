@@ -71,6 +71,8 @@ def format_status(document: dict[str, Any]) -> str:
         )
         skip = {"public_key", "path", "endpoint", "last_handshake", "rx_bytes", "tx_bytes"}
         for key, value in sorted(peer.items()):
+            if isinstance(value, dict):  # a group of counts (sent by kind): one line
+                value = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
             if key not in skip:
                 lines.append(f"  {key.replace('_', ' ')}: {_value(key, value)}")
     return "\n".join(lines)

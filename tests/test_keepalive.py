@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
-from meshguard.core.peer import Peer
+from meshguard.core.peer import PERSISTENT_KEEPALIVE, Peer
 from meshguard.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
 from meshguard.mesh import keepalive as K
 from meshguard.mesh.agent import MeshAgent
@@ -190,6 +190,14 @@ class MeasurementTests(SynchronousTestCase):
         peer = mesh.home.peer(mesh.hubs[0])
         mesh.home.node.device.set_persistent_keepalive(peer, 25, mesh.net.now)
         mesh.net.advance(600)
+        # Try between two keepalives, once the mapping has expired (the hub's attempt lasts
+        # 10 s: it must not meet the next keepalive, which would re-open the mapping).
+        deadline = peer.timers.deadlines[PERSISTENT_KEEPALIVE]
+        assert deadline is not None
+        target = deadline - 25 + 11  # 11 s after the latest keepalive
+        if target <= mesh.net.now:
+            target += 25
+        mesh.net.advance(target - mesh.net.now)
         self.assertFalse(mesh.hub_reaches_home())
 
     def test_not_natted_sends_nothing(self) -> None:
