@@ -489,6 +489,72 @@ class HostileInputTests(SynchronousTestCase):
         self.assertEqual(policy.results, before)
 
 
+class ProbeCancelTests(SynchronousTestCase):
+    """A finished measurement tells its helper which probes are over (issue 17)."""
+
+    def test_helper_stays_silent_after_the_measurement(self) -> None:
+        """Once the first probe dies, the longer ones are cancelled at the helper: it sends no
+        late reports into the idle tunnel (before, one per cancelled probe, up to 600 s after
+        the start), and the home counts no stale results after the measurement."""
+        mesh = Mesh(120.0)
+        while mesh.policy.nat.measurement != "measured":
+            mesh.net.advance(1.0)
+        hub = mesh.hubs[0]
+        # 24 rungs up to 110 s survived, 126.5 s died: the 12 longer ones were cancelled.
+        self.assertEqual(hub.policy.counters["help_cancelled"], 12)
+        self.assertEqual(mesh.policy.counters["probes_cancel_sent"], 1)
+        echoes = hub.policy.counters["echoes_sent"]
+        stale = mesh.policy.counters.get("stale_result", 0)
+        hub_peer = hub.peer(mesh.home)
+        controls = hub_peer.sent.total["control"]
+        mesh.net.advance(700.0)
+        self.assertEqual(hub.policy.counters["echoes_sent"], echoes)
+        self.assertEqual(mesh.policy.counters.get("stale_result", 0), stale)
+        # Only the self-check's acknowledgement went from the hub into the tunnel.
+        self.assertLessEqual(hub_peer.sent.total["control"] - controls, 1)
+
+    def test_cancel_touches_only_the_senders_own_tokens(self) -> None:
+        """A peer cannot cancel another peer's probes; a foreign or unknown token is ignored."""
+        mesh = Mesh(30.0, hubs=2)
+        mesh.net.advance(5)
+        hub, other = mesh.hubs
+        policy = hub.policy
+        now = mesh.net.now
+        policy._help.clear()
+        token = b"\x07" * K.TOKEN_SIZE
+        policy._help[token] = K._Help(mesh.home.public, 30.0, now + 60)
+        body = K.encode_json({"t": token.hex(), "x": [token.hex(), "11" * K.TOKEN_SIZE]})
+        policy.control_received(hub.peer(mesh.home), K.kinds.NAT_PROBE_REQUEST, body, now)
+        self.assertEqual(policy._help, {})
+        policy._help[token] = K._Help(mesh.home.public, 30.0, now + 60)
+        stranger = other.node.device.add_peer(b"\x09" * 32)
+        assert stranger is not None
+        policy.control_received(stranger, K.kinds.NAT_PROBE_REQUEST, body, now)
+        self.assertIn(token, policy._help)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.text(max_size=40),
+            st.lists(st.one_of(st.text(max_size=40), st.integers(), st.none()), max_size=40),
+        )
+    )
+    def test_hostile_cancel_lists(self, value: object) -> None:
+        """Whatever a peer puts in a cancel list, nothing raises and only its own well-formed
+        tokens are ever dropped."""
+        mesh = Mesh(30.0)
+        hub = mesh.hubs[0]
+        policy = hub.policy
+        now = mesh.net.now
+        token = b"\x05" * K.TOKEN_SIZE
+        policy._help[token] = K._Help(b"\x01" * 32, 30.0, now + 60)  # another peer's
+        body = K.encode_json({"t": "00" * K.TOKEN_SIZE, "x": value})
+        policy.control_received(hub.peer(mesh.home), K.kinds.NAT_PROBE_REQUEST, body, now)
+        self.assertIn(token, policy._help)
+
+
 class ConfigTests(SynchronousTestCase):
     def test_auto_parsed_and_left_to_the_policy(self) -> None:
         """`PersistentKeepalive = auto` parses; the UAPI operations leave the number to the
