@@ -495,6 +495,7 @@ class IdleKeepaliveTests(SynchronousTestCase):
         follows the response. The next keepalive confirms the keypair, and the responder can
         reach us before that by a handshake of its own."""
         pair = Pair()
+        pair.peer_of_a.is_meshguard = True
         pair.a_to_b()
         pair.a.device.set_persistent_keepalive(pair.peer_of_a, 50, pair.net.now)
         sent = self.record(pair, 2 * C.REJECT_AFTER_TIME + 100)
@@ -511,15 +512,35 @@ class IdleKeepaliveTests(SynchronousTestCase):
         self.assertEqual(pair.a.written[-1], packet)
 
     def test_unconfirmed_responder_reaches_us_by_its_own_handshake(self) -> None:
-        """Between the quiet handshake and the next keepalive, the responder's data still
-        arrives: it starts a handshake of its own (the old session having expired)."""
+        """Right after the quiet handshake (and at any moment until the next keepalive), the
+        responder's data still arrives: it starts a handshake of its own, at most
+        REKEY_TIMEOUT after its response (it may not sooner)."""
+        for after in (0.1, 3.0, 6.0, 30.0):
+            pair = Pair()
+            pair.peer_of_a.is_meshguard = True
+            pair.a_to_b()
+            pair.a.device.set_persistent_keepalive(pair.peer_of_a, 50, pair.net.now)
+            # Until the first keepalive that finds the session expired: a quiet handshake.
+            while pair.peer_of_b.keypairs.next is None:
+                pair.net.advance(0.05)
+            pair.net.advance(after)
+            # Unconfirmed until our next keepalive (50 s later).
+            self.assertIsNotNone(pair.peer_of_b.keypairs.next)
+            packet = pair.b_to_a()
+            pair.net.advance(C.REKEY_TIMEOUT + C.REKEY_TIMEOUT_JITTER_MAX)
+            self.assertEqual(pair.a.written[-1], packet, f"{after} s after the handshake")
+
+    def test_stock_peer_gets_its_key_confirmation(self) -> None:
+        """Toward a stock WireGuard peer the keepalive's handshake is confirmed at once, as
+        WireGuard does (a stock responder would hold its packets until our next keepalive)."""
         pair = Pair()
         pair.a_to_b()
         pair.a.device.set_persistent_keepalive(pair.peer_of_a, 50, pair.net.now)
-        pair.net.advance(C.REJECT_AFTER_TIME + 25)  # just after the quiet handshake at 200 s
-        packet = pair.b_to_a()
-        pair.net.advance(1.0)
-        self.assertEqual(pair.a.written[-1], packet)
+        sent = self.record(pair, 2 * C.REJECT_AFTER_TIME + 100)
+        handshakes = [t for t, kind in sent if kind == "handshake"]
+        self.assertTrue(handshakes)
+        for when in handshakes:
+            self.assertIn(round(when, 3), [round(t, 3) for t, kind in sent if kind == "keepalive"])
 
     def record(self, pair: Pair, seconds: float) -> list[tuple[float, str]]:
         """A's datagrams over ``seconds``: (time since start, handshake or keepalive or other)."""

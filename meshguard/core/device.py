@@ -399,6 +399,17 @@ class Device:
             peer.last_sent_handshake is not None
             and now - peer.last_sent_handshake < C.REKEY_TIMEOUT
         ):
+            if not self.timers.pending(peer.timers, RETRANSMIT_HANDSHAKE):
+                # We answered the peer's initiation moments ago and it has not confirmed the
+                # session yet (it may never: see ``_persistent_keepalive``): try ours once the
+                # gap has passed, rather than leave what we have to send waiting for the
+                # peer's next packet. Confirmation cancels it (``_handshake_complete``).
+                self.timers.arm(
+                    peer,
+                    peer.timers,
+                    RETRANSMIT_HANDSHAKE,
+                    peer.last_sent_handshake + C.REKEY_TIMEOUT + self._jitter(),
+                )
             return
         if self.private_key is None or self.public_key is None or peer.static_shared is None:
             self.counters.no_identity += 1
@@ -903,12 +914,15 @@ class Device:
 
     def _persistent_keepalive(self, peer: Peer, now: float) -> None:
         """Keep the NAT mapping toward ``peer`` open. On an idle tunnel whose session expired,
-        the handshake initiation refreshes the mapping as well as a keepalive would, so no
-        keepalive follows the handshake as key confirmation: the next keepalive confirms the
-        keypair, and a peer that must send before that starts its own handshake (as after any
-        unconfirmed one). One datagram per keepalive period instead of two."""
+        the handshake initiation refreshes the mapping as well as a keepalive would, so toward
+        a meshguard peer no keepalive follows the handshake as key confirmation: the next
+        keepalive confirms the keypair, and a peer that must send before that starts its own
+        handshake, at most REKEY_TIMEOUT after its response (see ``send_initiation``). One
+        datagram per keepalive period instead of two. A stock WireGuard peer gets its
+        confirmation at once, as from WireGuard (it would hold its packets for us until our
+        next keepalive)."""
         keypair = peer.keypairs.current
-        if not peer.staged and (keypair is None or not keypair.can_send(now)):
+        if peer.is_meshguard and not peer.staged and (keypair is None or not keypair.can_send(now)):
             peer.quiet_handshake = True
             self.send_initiation(peer, now, retry=False)
             return

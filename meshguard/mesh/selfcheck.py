@@ -328,6 +328,13 @@ class SelfCheck:
         # The request goes where the next keepalive would (it re-arms the keepalive timer):
         # the check then costs no datagram of ours beyond the keepalive schedule.
         slot = keepalive_slot(target)
+        keypair = target.keypairs.current
+        if slot is not None and (
+            keypair is None or not keypair.can_send(slot + CHECK_SESSION_SLACK)
+        ):
+            # The session will have expired by then (the slot will carry a handshake): ask
+            # now, on the session we have, at the cost of one datagram.
+            slot = None
         if marks != self._quiet:
             # Something crossed the tunnel since we last looked (or we never looked): look
             # again at the next keepalive slot if a quiet spell fits before it, else after a
