@@ -395,6 +395,7 @@ class Device:
         """Start (or retry) a handshake with ``peer``, at most once per REKEY_TIMEOUT."""
         if not retry:
             peer.handshake_attempts = 0
+            peer.quiet_handshake = False
         if (
             peer.last_sent_handshake is not None
             and now - peer.last_sent_handshake < C.REKEY_TIMEOUT
@@ -856,7 +857,7 @@ class Device:
         self._handshake_complete(peer, now)
         self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)
         # Key confirmation: the responder needs a packet on the new keypair. Not for a
-        # handshake a persistent keepalive started on an idle tunnel (see ``run_timers``).
+        # handshake a persistent keepalive started on an idle tunnel (``_persistent_keepalive``).
         if not peer.staged and not peer.quiet_handshake:
             peer.staged.append(b"")
         peer.quiet_handshake = False
@@ -923,8 +924,9 @@ class Device:
         next keepalive)."""
         keypair = peer.keypairs.current
         if peer.is_meshguard and not peer.staged and (keypair is None or not keypair.can_send(now)):
-            peer.quiet_handshake = True
             self.send_initiation(peer, now, retry=False)
+            # Quiet only if this initiation went out (not one already in flight for data).
+            peer.quiet_handshake = peer.last_sent_handshake == now
             return
         self.send_keepalive(peer, now)
 
