@@ -338,6 +338,28 @@ class MappingTests(SynchronousTestCase):
         for hub in reversed(mesh.hubs):
             self.assertTrue(mesh.hub_reaches_home(hub))
 
+    def test_filtering_request_goes_instead_of_a_keepalive(self) -> None:
+        """The filtering check's first request to the second hub leaves when that hub's
+        keepalive is due, in its place, not beside it (issue 17)."""
+        mesh = Mesh(60.0, hubs=2)
+        sent: list[tuple[float, int]] = []
+        original = mesh.home.node.send_datagram
+
+        def record(data: bytes, endpoint: Endpoint) -> None:
+            if endpoint == HUB2:
+                sent.append((mesh.net.now, len(data)))
+            original(data, endpoint)
+
+        mesh.home.node.send_datagram = record  # type: ignore[method-assign]
+        mesh.net.advance(30 * 60)
+        policy = mesh.policy
+        self.assertEqual(policy.nat.filtering, "address-or-port-dependent")
+        # The request is the first 96-byte message (a late-reply request) to the second hub.
+        first = next(i for i, (_, size) in enumerate(sent) if size == 96)
+        # The keepalive it replaced was armed with the 25 s in force before the measurement.
+        gap = sent[first][0] - sent[first - 1][0]
+        self.assertGreaterEqual(gap, K.DEFAULT_INTERVAL - 1.0)
+
     def test_endpoint_dependent_keeps_each(self) -> None:
         """A hard NAT (a port per destination): every path needs its own keepalive."""
         mesh = Mesh(60.0, hubs=2, endpoint_dependent=True)

@@ -243,7 +243,7 @@ class Device:
         if interval == 0:
             self.timers.cancel(peer.timers, PERSISTENT_KEEPALIVE)
         elif was == 0 and self.is_up:
-            self.send_keepalive(peer, now)
+            self._persistent_keepalive(peer, now)
 
     def up(self, now: float) -> None:
         """The interface came up: peers with a persistent keepalive announce themselves."""

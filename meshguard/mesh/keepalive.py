@@ -62,7 +62,14 @@ from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.core.peer import Peer
 from meshguard.core.sent import PROBE
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, is_discard_only, same_host
+from meshguard.mesh.agent import (
+    MeshAgent,
+    decode_json,
+    encode_json,
+    is_discard_only,
+    keepalive_slot,
+    same_host,
+)
 from meshguard.mesh.selfcheck import (
     CHECK_DELAY_MAX,
     CHECK_MAGIC,
@@ -70,6 +77,7 @@ from meshguard.mesh.selfcheck import (
     CHECK_RETRY,
     CHECK_RTT_MAX,
     CHECK_SESSION_SLACK,
+    CHECK_SLOT_SLACK,
     LateReplyJudge,
     SelfCheck,
     send_request,
@@ -1131,6 +1139,16 @@ class KeepalivePolicy:
         if state is None or not state.hello_acked:
             nat.filtering_state = f"waiting for the HELLO exchange with {peer.short_name}"
             self._filter_due = now + CHECK_RETRY
+            return
+        slot = keepalive_slot(peer)
+        if (
+            slot is not None
+            and slot > now + CHECK_SLOT_SLACK
+            and keypair.can_send(slot + CHECK_SESSION_SLACK)
+        ):
+            # The request goes in the place of P2's next keepalive, not beside it.
+            nat.filtering_state = f"waiting for the next keepalive to {peer.short_name}"
+            self._filter_due = slot
             return
         token = self.random(TOKEN_SIZE)
         if not send_request(self.device, peer, token, delay, now):
