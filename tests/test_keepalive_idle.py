@@ -14,8 +14,10 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshguard.core import constants as C
 from meshguard.memory import MemoryNAT
 from tests.idlesim import HOME, HUB, KINDS, PUBLIC, IdleHome
+from tests.packets import ipv4
 
 HOUR = 3600.0
 #: The NATs of the issue: (idle lifetime, lifetime once a reply was seen).
@@ -106,3 +108,19 @@ class IdleHourTests(SynchronousTestCase):
             self.assertTrue(home.hub_reaches_home(), name)
         # A 25 s keepalive is too slow for the 20 s NAT: the control that the check can fail.
         self.assertIn("unreachable 0%; fixed 25 s: 144/h, unreachable 2", figures["20 s"])
+
+    def test_hub_reaches_the_idle_home_at_random_moments(self) -> None:
+        """For each NAT, separate runs of the same idle hour, each stopped at a random moment
+        where the hub sends the home one packet: it arrives, within a handshake the hub may
+        have to wait REKEY_TIMEOUT for (right after a keepalive's quiet handshake)."""
+        rng = random.Random(11)
+        for name in NATS:
+            for _ in range(8):
+                home = IdleHome(nat(name))
+                home.warm_up(after=240.0)
+                home.net.advance(rng.uniform(0.0, HOUR))
+                before = len(home.home.node.written)
+                packet = ipv4(home.hub.address, home.home.address, b"wake up")
+                home.net.send(home.hub.node, packet)
+                home.net.advance(C.REKEY_TIMEOUT + C.REKEY_TIMEOUT_JITTER_MAX + 0.1)
+                self.assertEqual(home.home.node.written[before:], [packet], name)
