@@ -212,6 +212,8 @@ class MemorySocket:
 class _Flow:
     public_port: int
     last_used: float
+    #: An inbound packet passed on this flow (Linux conntrack's "seen reply").
+    replied: bool = False
 
 
 class MemoryNAT:
@@ -225,6 +227,10 @@ class MemoryNAT:
     expired (so a peer sees the port change). With ``preserve_port`` a new mapping takes the
     private port itself whenever no live mapping holds it, as Linux masquerade does: an expired
     mapping comes back on the same public port, and no peer sees a change.
+
+    ``replied_lifetime`` gives a flow that has let in a reply another idle lifetime, as Linux
+    conntrack does (``nf_conntrack_udp_timeout`` 30 s until a reply is seen,
+    ``nf_conntrack_udp_timeout_stream`` 120 s after): ``MemoryNAT(..., 30, replied_lifetime=120)``.
     """
 
     def __init__(
@@ -238,6 +244,7 @@ class MemoryNAT:
         first_port: int = 20000,
         filtering: str = "port",
         preserve_port: bool = False,
+        replied_lifetime: float | None = None,
     ) -> None:
         if filtering not in ("port", "address", "none"):
             raise ValueError("filtering is 'port', 'address' or 'none'")
@@ -251,12 +258,15 @@ class MemoryNAT:
         self.endpoint_dependent = endpoint_dependent
         self.inbound_refreshes = inbound_refreshes
         self.preserve_port = preserve_port
+        self.replied_lifetime = replied_lifetime
         self._flows: dict[tuple[Endpoint, Endpoint], _Flow] = {}
         self._next_port = first_port
         self.expired_drops = 0
         self.created = 0
 
     def _alive(self, flow: _Flow, now: float) -> bool:
+        if flow.replied and self.replied_lifetime is not None:
+            return now - flow.last_used < self.replied_lifetime
         return now - flow.last_used < self.lifetime
 
     def outbound(self, source: Endpoint, destination: Endpoint, now: float) -> Endpoint:
@@ -299,6 +309,7 @@ class MemoryNAT:
             ):
                 if not self._alive(flow, now):
                     continue
+                flow.replied = True
                 if self.inbound_refreshes:
                     flow.last_used = now
                 return private

@@ -350,6 +350,8 @@ def format_status(
             *_KEEPALIVE_KEYS,
         }
         for key, value in sorted(peer.items()):
+            if isinstance(value, dict):  # a group of counts (sent by kind): one line
+                value = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
             if key not in skip:
                 lines.append(f"  {key.replace('_', ' ')}: {_words(value, now, key)}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -483,6 +484,98 @@ class KeepaliveTests(SynchronousTestCase):
         a.device.up(net.now)
         self.assertEqual(kinds(a.sent), [1])
         self.assertFalse(a.device.timers.pending(peer.timers, SEND_KEEPALIVE))
+
+
+class IdleKeepaliveTests(SynchronousTestCase):
+    """What an idle tunnel with a persistent keepalive costs (issue 17)."""
+
+    def test_keepalive_on_expired_session_is_the_initiation_alone(self) -> None:
+        """Once the session expired, the keepalive's slot carries only the handshake
+        initiation (it refreshes the NAT mapping as well): no key-confirmation keepalive
+        follows the response. The next keepalive confirms the keypair, and the responder can
+        reach us before that by a handshake of its own."""
+        pair = Pair()
+        pair.peer_of_a.is_meshguard = True
+        pair.a_to_b()
+        pair.a.device.set_persistent_keepalive(pair.peer_of_a, 50, pair.net.now)
+        sent = self.record(pair, 2 * C.REJECT_AFTER_TIME + 100)
+        # One datagram per slot, 50 s apart: keepalives, and an initiation alone in the slot
+        # that found the session expired.
+        gaps = {round(b[0] - a[0], 1) for a, b in itertools.pairwise(sent)}
+        self.assertEqual(gaps, {50.0})
+        self.assertEqual({kind for _, kind in sent}, {"keepalive", "handshake"})
+        self.assertEqual(sent[-1][1], "keepalive")
+        # The next keepalive confirmed the keypair: B uses it for data at once.
+        before = kinds(pair.b.sent)
+        packet = pair.b_to_a()
+        self.assertEqual(kinds(pair.b.sent)[len(before) :], [4])
+        self.assertEqual(pair.a.written[-1], packet)
+
+    def test_unconfirmed_responder_reaches_us_by_its_own_handshake(self) -> None:
+        """Right after the quiet handshake (and at any moment until the next keepalive), the
+        responder's data still arrives: it starts a handshake of its own, at most
+        REKEY_TIMEOUT after its response (it may not sooner)."""
+        for after in (0.1, 3.0, 6.0, 30.0):
+            pair = Pair()
+            pair.peer_of_a.is_meshguard = True
+            pair.a_to_b()
+            pair.a.device.set_persistent_keepalive(pair.peer_of_a, 50, pair.net.now)
+            # Until the first keepalive that finds the session expired: a quiet handshake.
+            while pair.peer_of_b.keypairs.next is None:
+                pair.net.advance(0.05)
+            pair.net.advance(after)
+            # Unconfirmed until our next keepalive (50 s later).
+            self.assertIsNotNone(pair.peer_of_b.keypairs.next)
+            packet = pair.b_to_a()
+            pair.net.advance(C.REKEY_TIMEOUT + C.REKEY_TIMEOUT_JITTER_MAX)
+            self.assertEqual(pair.a.written[-1], packet, f"{after} s after the handshake")
+
+    def test_stock_peer_gets_its_key_confirmation(self) -> None:
+        """Toward a stock WireGuard peer the keepalive's handshake is confirmed at once, as
+        WireGuard does (a stock responder would hold its packets until our next keepalive)."""
+        pair = Pair()
+        pair.a_to_b()
+        pair.a.device.set_persistent_keepalive(pair.peer_of_a, 50, pair.net.now)
+        sent = self.record(pair, 2 * C.REJECT_AFTER_TIME + 100)
+        handshakes = [t for t, kind in sent if kind == "handshake"]
+        self.assertTrue(handshakes)
+        for when in handshakes:
+            self.assertIn(round(when, 3), [round(t, 3) for t, kind in sent if kind == "keepalive"])
+
+    def record(self, pair: Pair, seconds: float) -> list[tuple[float, str]]:
+        """A's datagrams over ``seconds``: (time since start, handshake or keepalive or other)."""
+        started = pair.net.now
+        sent: list[tuple[float, str]] = []
+        original = pair.a.send_datagram
+
+        def record(data: bytes, endpoint: tuple[str, int]) -> None:
+            kind = "handshake" if data[0] == 1 else "keepalive" if is_keepalive(data) else "other"
+            sent.append((pair.net.now - started, kind))
+            original(data, endpoint)
+
+        pair.a.send_datagram = record  # type: ignore[method-assign]
+        pair.net.advance(seconds)
+        pair.a.send_datagram = original  # type: ignore[method-assign]
+        return sent
+
+    def test_sent_counts_by_kind_and_idle_stretch(self) -> None:
+        """Each peer counts keepalives, control messages and handshake messages it was sent;
+        the idle stretch restarts with the first of them after a data packet."""
+        pair = Pair()
+        pair.a_to_b()
+        counts = pair.peer_of_a.sent
+        self.assertEqual(counts.total["handshake"], 1)
+        pair.a.device.set_persistent_keepalive(pair.peer_of_a, 25, pair.net.now)
+        pair.net.advance(111)
+        # At once, then 25 s after the latest packet either way (B's passive keepalive at 10 s).
+        self.assertEqual(counts.total["keepalive"], 5)
+        self.assertEqual(counts.idle, {"keepalive": 5, "control": 0, "handshake": 0, "probe": 0})
+        pair.a_to_b()
+        pair.net.advance(40)  # B's passive keepalive at 10 s, ours 25 s later
+        self.assertEqual(counts.idle["keepalive"], 1)
+        self.assertEqual(counts.total["keepalive"], 6)
+        self.assertEqual(counts.idle_since, counts.latest)
+        self.assertEqual(pair.peer_of_b.sent.total["handshake"], 1)  # the response
 
 
 class RoamingAndSourceTests(SynchronousTestCase):

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
-from meshguard.core.peer import Peer
+from meshguard.core.peer import PERSISTENT_KEEPALIVE, Peer
 from meshguard.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
 from meshguard.mesh import keepalive as K
 from meshguard.mesh.agent import MeshAgent
@@ -190,6 +190,14 @@ class MeasurementTests(SynchronousTestCase):
         peer = mesh.home.peer(mesh.hubs[0])
         mesh.home.node.device.set_persistent_keepalive(peer, 25, mesh.net.now)
         mesh.net.advance(600)
+        # Try between two keepalives, once the mapping has expired (the hub's attempt lasts
+        # 10 s: it must not meet the next keepalive, which would re-open the mapping).
+        deadline = peer.timers.deadlines[PERSISTENT_KEEPALIVE]
+        assert deadline is not None
+        target = deadline - 25 + 11  # 11 s after the latest keepalive
+        if target <= mesh.net.now:
+            target += 25
+        mesh.net.advance(target - mesh.net.now)
         self.assertFalse(mesh.hub_reaches_home())
 
     def test_not_natted_sends_nothing(self) -> None:
@@ -329,6 +337,28 @@ class MappingTests(SynchronousTestCase):
         mesh.net.advance(HOUR)
         for hub in reversed(mesh.hubs):
             self.assertTrue(mesh.hub_reaches_home(hub))
+
+    def test_filtering_request_goes_instead_of_a_keepalive(self) -> None:
+        """The filtering check's first request to the second hub leaves when that hub's
+        keepalive is due, in its place, not beside it (issue 17)."""
+        mesh = Mesh(60.0, hubs=2)
+        sent: list[tuple[float, int]] = []
+        original = mesh.home.node.send_datagram
+
+        def record(data: bytes, endpoint: Endpoint) -> None:
+            if endpoint == HUB2:
+                sent.append((mesh.net.now, len(data)))
+            original(data, endpoint)
+
+        mesh.home.node.send_datagram = record  # type: ignore[method-assign]
+        mesh.net.advance(30 * 60)
+        policy = mesh.policy
+        self.assertEqual(policy.nat.filtering, "address-or-port-dependent")
+        # The request is the first 96-byte message (a late-reply request) to the second hub.
+        first = next(i for i, (_, size) in enumerate(sent) if size == 96)
+        # The keepalive it replaced was armed with the 25 s in force before the measurement.
+        gap = sent[first][0] - sent[first - 1][0]
+        self.assertGreaterEqual(gap, K.DEFAULT_INTERVAL - 1.0)
 
     def test_endpoint_dependent_keeps_each(self) -> None:
         """A hard NAT (a port per destination): every path needs its own keepalive."""
@@ -479,6 +509,72 @@ class HostileInputTests(SynchronousTestCase):
             policy.path_datagram_received(token, data, ("192.0.2.9", 1), self.mesh.net.now)
         policy.path_datagram_received(b"x" * 16, data, HUB, self.mesh.net.now)
         self.assertEqual(policy.results, before)
+
+
+class ProbeCancelTests(SynchronousTestCase):
+    """A finished measurement tells its helper which probes are over (issue 17)."""
+
+    def test_helper_stays_silent_after_the_measurement(self) -> None:
+        """Once the first probe dies, the longer ones are cancelled at the helper: it sends no
+        late reports into the idle tunnel (before, one per cancelled probe, up to 600 s after
+        the start), and the home counts no stale results after the measurement."""
+        mesh = Mesh(120.0)
+        while mesh.policy.nat.measurement != "measured":
+            mesh.net.advance(1.0)
+        hub = mesh.hubs[0]
+        # 24 rungs up to 110 s survived, 126.5 s died: the 12 longer ones were cancelled.
+        self.assertEqual(hub.policy.counters["help_cancelled"], 12)
+        self.assertEqual(mesh.policy.counters["probes_cancel_sent"], 1)
+        echoes = hub.policy.counters["echoes_sent"]
+        stale = mesh.policy.counters.get("stale_result", 0)
+        hub_peer = hub.peer(mesh.home)
+        controls = hub_peer.sent.total["control"]
+        mesh.net.advance(700.0)
+        self.assertEqual(hub.policy.counters["echoes_sent"], echoes)
+        self.assertEqual(mesh.policy.counters.get("stale_result", 0), stale)
+        # Only the self-check's acknowledgement went from the hub into the tunnel.
+        self.assertLessEqual(hub_peer.sent.total["control"] - controls, 1)
+
+    def test_cancel_touches_only_the_senders_own_tokens(self) -> None:
+        """A peer cannot cancel another peer's probes; a foreign or unknown token is ignored."""
+        mesh = Mesh(30.0, hubs=2)
+        mesh.net.advance(5)
+        hub, other = mesh.hubs
+        policy = hub.policy
+        now = mesh.net.now
+        policy._help.clear()
+        token = b"\x07" * K.TOKEN_SIZE
+        policy._help[token] = K._Help(mesh.home.public, 30.0, now + 60)
+        body = K.encode_json({"t": token.hex(), "x": [token.hex(), "11" * K.TOKEN_SIZE]})
+        policy.control_received(hub.peer(mesh.home), K.kinds.NAT_PROBE_REQUEST, body, now)
+        self.assertEqual(policy._help, {})
+        policy._help[token] = K._Help(mesh.home.public, 30.0, now + 60)
+        stranger = other.node.device.add_peer(b"\x09" * 32)
+        assert stranger is not None
+        policy.control_received(stranger, K.kinds.NAT_PROBE_REQUEST, body, now)
+        self.assertIn(token, policy._help)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.text(max_size=40),
+            st.lists(st.one_of(st.text(max_size=40), st.integers(), st.none()), max_size=40),
+        )
+    )
+    def test_hostile_cancel_lists(self, value: object) -> None:
+        """Whatever a peer puts in a cancel list, nothing raises and only its own well-formed
+        tokens are ever dropped."""
+        mesh = Mesh(30.0)
+        hub = mesh.hubs[0]
+        policy = hub.policy
+        now = mesh.net.now
+        token = b"\x05" * K.TOKEN_SIZE
+        policy._help[token] = K._Help(b"\x01" * 32, 30.0, now + 60)  # another peer's
+        body = K.encode_json({"t": "00" * K.TOKEN_SIZE, "x": value})
+        policy.control_received(hub.peer(mesh.home), K.kinds.NAT_PROBE_REQUEST, body, now)
+        self.assertIn(token, policy._help)
 
 
 class ConfigTests(SynchronousTestCase):

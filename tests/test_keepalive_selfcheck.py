@@ -4,6 +4,7 @@ simulated NATs of tests/test_keepalive.py (in memory, deterministic clock, no sl
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -95,6 +96,28 @@ class CheckTests(SynchronousTestCase):
         self.assertEqual(hub.counters["check_replies_sent"], 7)
         text, _ = policy.self_check.checks.last[peer.public_key]
         self.assertEqual(text, f"ok: reply after {DELAY} s idle")
+
+    def test_request_goes_instead_of_a_keepalive(self) -> None:
+        """The request leaves at the keepalive's slot and re-arms its timer: over two idle
+        hours with checks passing, the home never sends two datagrams closer than the
+        interval (no request beside a keepalive, no HELLO, no key confirmation)."""
+        mesh = settled()
+        policy = mesh.policy
+        requests = policy.counters["check_requests"]
+        times: list[float] = []
+        original = mesh.home.node.send_datagram
+
+        def record(data: bytes, endpoint: Endpoint) -> None:
+            times.append(mesh.net.now)
+            original(data, endpoint)
+
+        mesh.home.node.send_datagram = record  # type: ignore[method-assign]
+        mesh.net.advance(2 * HOUR)
+        self.assertEqual(policy.counters["check_requests"] - requests, 4)
+        self.assertEqual(policy.self_check.checks.counts["missed"], 0)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        self.assertGreaterEqual(min(gaps), INTERVAL - S.CHECK_SLOT_SLACK - 0.5)
+        self.assertLessEqual(len(times), math.ceil(2 * HOUR / INTERVAL) + 1)
 
     def test_short_interval_checks_pass(self) -> None:
         """A 30 s NAT (13 s interval): the reply is asked for after 13 - 1.3 s and arrives."""

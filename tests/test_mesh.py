@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 
 from hypothesis import given, settings
@@ -469,3 +470,41 @@ class ScaleTests(SynchronousTestCase):
         per_peer = {count: value / (count - 1) for count, value in per_member.items()}
         self.assertLess(per_peer[50], per_peer[10] * 1.5, per_peer)
         self.assertLess(per_peer[25], per_peer[10] * 1.5, per_peer)
+
+
+class IdleMembershipTests(SynchronousTestCase):
+    def test_idle_member_heartbeats_in_keepalive_slots_and_gets_no_repeated_lists(self) -> None:
+        """A member behind a NAT, idle for an hour, with a 25 s keepalive to its introducer:
+        its minutely re-subscription goes in the place of a keepalive (one datagram per
+        slot, never two), and the introducer, whose list did not change, sends no list
+        again (issue 17). A list that changes still arrives."""
+        sim = MeshSim(seed=3)
+        member = sim.add_member(home(sim, 1), "192.168.1.2")
+        sim.start()
+        sim.run(200)
+        membership = member.stack.membership
+        self.assertIn(sim.introducer.public_key, membership.views)
+        peer = member.node.device.peers[sim.introducer.public_key]
+        back = sim.introducer.node.device.peers[member.public_key]
+        sent, lists = len(member.node.sent), sim.introducer.stack.membership.lists_sent
+        times: list[float] = []
+        original = member.node.send_datagram
+
+        def record(data: bytes, endpoint: tuple[str, int]) -> None:
+            times.append(sim.net.now)
+            original(data, endpoint)
+
+        member.node.send_datagram = record  # type: ignore[method-assign]
+        heartbeats = peer.sent.total["control"]
+        sim.run(3600, tick=0.25)
+        self.assertGreaterEqual(peer.sent.total["control"] - heartbeats, 25)
+        self.assertEqual(sim.introducer.stack.membership.lists_sent, lists)
+        self.assertGreater(len(times), 0)
+        self.assertGreaterEqual(min(b - a for a, b in itertools.pairwise(times)), 24)
+        self.assertLessEqual(len(member.node.sent) - sent, 3600 / 25 + 2)
+        # The introducer still knows the member: a new member reaches it in a list.
+        other = sim.add_member(home(sim, 2), "192.168.2.2")
+        other.node.device.up(sim.net.now)
+        sim.run(30)
+        self.assertIn(other.public_key, membership.learned)
+        self.assertGreater(back.sent.total["control"], 0)

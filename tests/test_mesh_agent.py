@@ -119,3 +119,83 @@ class ParsingTests(SynchronousTestCase):
         self.assertFalse(is_discard_only(("2001:db8::1", 1)))
         self.assertFalse(is_discard_only(("192.0.2.1", 1)))
         self.assertFalse(is_discard_only(None))
+
+
+def timed_pair() -> tuple[Pair, MeshAgent, MeshAgent, RecordingFeature, RecordingFeature]:
+    """A mesh pair whose agents the network's clock drives (``pair.net.advance``)."""
+    pair, agent_a, agent_b, fa, fb = mesh_pair()
+    pair.net.timed.extend([agent_a, agent_b])
+    pair.a_to_b()
+    pair.net.advance(1.0)
+    return pair, agent_a, agent_b, fa, fb
+
+
+def controls(peer: Peer) -> int:
+    return peer.sent.total["control"]
+
+
+class IdleHelloTests(SynchronousTestCase):
+    """An idle tunnel says nothing it already said (issue 17)."""
+
+    def test_idle_refresh_skipped_and_resumed_by_traffic(self) -> None:
+        """Once both sides told each other everything and no data crosses, the minutely
+        refresh sends nothing (counted as skipped); the first data after the pause brings the
+        refresh back within a refresh period."""
+        pair, agent_a, _agent_b, _, _ = timed_pair()
+        # The refresh after the first exchange still follows traffic (the first packet).
+        pair.net.advance(70.0)
+        a_sent, b_sent = controls(pair.peer_of_a), controls(pair.peer_of_b)
+        pair.net.advance(600.0)
+        self.assertEqual(controls(pair.peer_of_a), a_sent)
+        self.assertEqual(controls(pair.peer_of_b), b_sent)
+        self.assertGreaterEqual(agent_a.state(pair.peer_of_a).hellos_skipped, 9)
+        self.assertIn("hellos_skipped_idle", agent_a.peer_status(pair.peer_of_a))
+        pair.a_to_b()
+        pair.net.advance(61.0)
+        self.assertGreater(controls(pair.peer_of_a), a_sent)
+        self.assertGreater(controls(pair.peer_of_b), b_sent)
+
+    def test_quiet_rekey_sends_no_hello_but_features_hear_of_it(self) -> None:
+        """A keepalive-driven rekey on an idle tunnel exchanges no HELLO (nothing new to tell);
+        the features still hear of each new session."""
+        pair, _, _, fa, fb = timed_pair()
+        pair.net.advance(70.0)
+        pair.a.device.set_persistent_keepalive(pair.peer_of_a, 50, pair.net.now)
+        a_sent, b_sent = controls(pair.peer_of_a), controls(pair.peer_of_b)
+        sessions_a, sessions_b = len(fa.events), len(fb.events)
+        handshakes = pair.peer_of_a.sent.total["handshake"]
+        pair.net.advance(900.0)
+        self.assertGreaterEqual(pair.peer_of_a.sent.total["handshake"] - handshakes, 3)
+        self.assertEqual(controls(pair.peer_of_a), a_sent)
+        self.assertEqual(controls(pair.peer_of_b), b_sent)
+        self.assertGreaterEqual(len(fa.events) - sessions_a, 3)
+        self.assertGreaterEqual(len(fb.events) - sessions_b, 3)
+
+    def test_new_observed_endpoint_told_while_idle(self) -> None:
+        """The peer sees us at a new endpoint (a NAT mapping expired and came back on another
+        port): its next refresh tells us, idle or not, so auto learns of the expiry."""
+        pair, agent_a, _, _, _ = timed_pair()
+        pair.net.advance(130.0)
+        moved = ("192.0.2.1", 40000)
+        pair.net.move(pair.a, moved)
+        pair.a.device.set_persistent_keepalive(pair.peer_of_a, 25, pair.net.now)
+        a_sent = controls(pair.peer_of_a)
+        pair.net.advance(120.0)
+        self.assertEqual(agent_a.state(pair.peer_of_a).observed_self, moved)
+        # Told once (the HELLO at the first session after the move), then quiet again.
+        pair.net.advance(600.0)
+        self.assertEqual(controls(pair.peer_of_a) - a_sent, 1)  # our acknowledgement
+
+    def test_peer_that_lost_its_state_is_told_again(self) -> None:
+        """A peer whose mesh state is new (a restart) says hello on its next session, and our
+        acknowledgement tells it everything, though we had nothing new to say."""
+        pair, agent_a, agent_b, _, _ = timed_pair()
+        pair.net.advance(200.0)  # the session expired
+        agent_a.peers.clear()
+        pair.a_to_b()
+        pair.net.advance(3.0)
+        state = agent_a.state(pair.peer_of_a)
+        self.assertTrue(state.hello_acked)
+        self.assertEqual(state.observed_self, A_EP)
+        self.assertEqual(state.local_endpoints, [("10.2.0.1", 51820)])
+        self.assertTrue(agent_b.state(pair.peer_of_b).hello_acked)

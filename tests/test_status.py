@@ -214,6 +214,19 @@ class FormatStatusTests(SynchronousTestCase):
             ),
         )
 
+    def test_sent_while_idle_per_peer(self) -> None:
+        """What a peer cost while idle reads as one line per group of counts (issue 17)."""
+        peer = {
+            "public_key": "HUB=",
+            "sent": {"keepalive": 70, "control": 40, "handshake": 20, "probe": 90},
+            "sent_while_idle": {"keepalive": 5, "control": 0, "handshake": 1, "probe": 0},
+            "sent_while_idle_since_at": 700.0,
+        }
+        text = format_status({"interface": "mg0", "peers": [peer]})
+        self.assertIn("\n  sent: keepalive 70, control 40, handshake 20, probe 90\n", text)
+        self.assertIn("\n  sent while idle: keepalive 5, control 0, handshake 1, probe 0\n", text)
+        self.assertIn("\n  sent while idle since at: 300 s ago", text)
+
     def test_minimal_and_error_documents(self) -> None:
         """A document with nothing but an interface, or the error document the socket sends
         when the snapshot failed, still prints."""

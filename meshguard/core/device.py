@@ -41,6 +41,7 @@ from meshguard.core.peer import (
     Peer,
 )
 from meshguard.core.ratelimiter import RateLimiter
+from meshguard.core.sent import CONTROL, HANDSHAKE, KEEPALIVE
 from meshguard.core.timers import TimerQueue
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -242,7 +243,7 @@ class Device:
         if interval == 0:
             self.timers.cancel(peer.timers, PERSISTENT_KEEPALIVE)
         elif was == 0 and self.is_up:
-            self.send_keepalive(peer, now)
+            self._persistent_keepalive(peer, now)
 
     def up(self, now: float) -> None:
         """The interface came up: peers with a persistent keepalive announce themselves."""
@@ -375,6 +376,8 @@ class Device:
             if packet:
                 sent_data = True
                 peer.data_packets += 1
+            else:
+                peer.sent.add(KEEPALIVE, peer.data_packets, now)
         if sent_data and not self.timers.pending(peer.timers, NEW_HANDSHAKE):
             self.timers.arm(
                 peer,
@@ -392,10 +395,22 @@ class Device:
         """Start (or retry) a handshake with ``peer``, at most once per REKEY_TIMEOUT."""
         if not retry:
             peer.handshake_attempts = 0
+            peer.quiet_handshake = False
         if (
             peer.last_sent_handshake is not None
             and now - peer.last_sent_handshake < C.REKEY_TIMEOUT
         ):
+            if not self.timers.pending(peer.timers, RETRANSMIT_HANDSHAKE):
+                # We answered the peer's initiation moments ago and it has not confirmed the
+                # session yet (it may never: see ``_persistent_keepalive``): try ours once the
+                # gap has passed, rather than leave what we have to send waiting for the
+                # peer's next packet. Confirmation cancels it (``_handshake_complete``).
+                self.timers.arm(
+                    peer,
+                    peer.timers,
+                    RETRANSMIT_HANDSHAKE,
+                    peer.last_sent_handshake + C.REKEY_TIMEOUT + self._jitter(),
+                )
             return
         if self.private_key is None or self.public_key is None or peer.static_shared is None:
             self.counters.no_identity += 1
@@ -424,9 +439,11 @@ class Device:
         if peer.relay is not None:
             self._send_relayed(peer, peer.relay, message, now)
             peer.tx_bytes += len(message)
+            peer.sent.add(HANDSHAKE, peer.data_packets, now)
         elif peer.endpoint is not None:
             self.io.send_datagram(message, peer.endpoint)
             peer.tx_bytes += len(message)
+            peer.sent.add(HANDSHAKE, peer.data_packets, now)
         else:
             self.counters.no_endpoint += 1
         peer.timers.deadlines[SEND_KEEPALIVE] = None
@@ -598,6 +615,7 @@ class Device:
         if keypair is None or endpoint is None or not keypair.can_send(now):
             return False
         self._seal_and_send(peer, keypair, endpoint, control.encode(kind, body), now)
+        peer.sent.add(CONTROL, peer.data_packets, now)
         return True
 
     def send_probe(self, peer: Peer, kind: int, body: bytes, now: float) -> bool | None:
@@ -629,6 +647,7 @@ class Device:
             keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
         )
         peer.tx_bytes += len(message)
+        peer.sent.add(CONTROL, peer.data_packets, now)
         send_probe = getattr(self.io, "send_probe", None)
         if send_probe is None:
             self.io.send_datagram(message, endpoint)
@@ -657,6 +676,7 @@ class Device:
         )
         self.io.send_datagram(message, endpoint)
         peer.tx_bytes += len(message)
+        peer.sent.add(CONTROL, peer.data_packets, now)
         return True
 
     def _send_relayed(self, peer: Peer, relay: Peer, message: bytes, now: float) -> None:
@@ -836,9 +856,11 @@ class Device:
         self._authenticated_received(peer, now)
         self._handshake_complete(peer, now)
         self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)
-        # Key confirmation: the responder needs a packet on the new keypair.
-        if not peer.staged:
+        # Key confirmation: the responder needs a packet on the new keypair. Not for a
+        # handshake a persistent keepalive started on an idle tunnel (``_persistent_keepalive``).
+        if not peer.staged and not peer.quiet_handshake:
             peer.staged.append(b"")
+        peer.quiet_handshake = False
         self._send_staged(peer, now)
 
     def _receive_cookie_reply(self, data: bytes, now: float) -> None:
@@ -889,7 +911,24 @@ class Device:
                 self._zero_key_material(peer)
             elif kind == PERSISTENT_KEEPALIVE:
                 if peer.persistent_keepalive:
-                    self.send_keepalive(peer, now)
+                    self._persistent_keepalive(peer, now)
+
+    def _persistent_keepalive(self, peer: Peer, now: float) -> None:
+        """Keep the NAT mapping toward ``peer`` open. On an idle tunnel whose session expired,
+        the handshake initiation refreshes the mapping as well as a keepalive would, so toward
+        a meshguard peer no keepalive follows the handshake as key confirmation: the next
+        keepalive confirms the keypair, and a peer that must send before that starts its own
+        handshake, at most REKEY_TIMEOUT after its response (see ``send_initiation``). One
+        datagram per keepalive period instead of two. A stock WireGuard peer gets its
+        confirmation at once, as from WireGuard (it would hold its packets for us until our
+        next keepalive)."""
+        keypair = peer.keypairs.current
+        if peer.is_meshguard and not peer.staged and (keypair is None or not keypair.can_send(now)):
+            self.send_initiation(peer, now, retry=False)
+            # Quiet only if this initiation went out (not one already in flight for data).
+            peer.quiet_handshake = peer.last_sent_handshake == now
+            return
+        self.send_keepalive(peer, now)
 
     def _retransmit_handshake(self, peer: Peer, now: float) -> None:
         if peer.handshake_attempts > C.MAX_TIMER_HANDSHAKES:

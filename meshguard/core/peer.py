@@ -14,6 +14,7 @@ from meshguard.core.cookie import CookieGenerator
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.keypair import Keypairs
 from meshguard.core.noise import InitiatorHandshake
+from meshguard.core.sent import SentCounts
 from meshguard.core.timers import TimerSlots
 
 # Timer kinds, indices into ``Peer.timers``.
@@ -54,6 +55,9 @@ class Peer:
         self.last_handshake_time = 0.0
         self.sent_lastminute_handshake = False
         self.need_another_keepalive = False
+        #: The handshake in flight was started by the persistent keepalive on an idle tunnel:
+        #: its completion sends no key-confirmation keepalive (``Device._persistent_keepalive``).
+        self.quiet_handshake = False
         self.staged: deque[bytes] = deque(maxlen=MAX_STAGED_PACKETS)
         self.timers = TimerSlots(len(TIMER_NAMES))
         self.rx_bytes = 0
@@ -61,6 +65,8 @@ class Peer:
         #: Inner packets carried either way (not keepalives, control or probes): tells mesh
         #: features whether the tunnel is in use or idle.
         self.data_packets = 0
+        #: Keepalives, control, handshake and probe datagrams sent, in all and while idle.
+        self.sent = SentCounts()
         self.removed = False
         #: Whether the peer showed it is a meshguard node (handshake mark or control message).
         self.is_meshguard = False

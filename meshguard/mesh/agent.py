@@ -8,6 +8,14 @@ HELLO tells a peer how we see it: its endpoint as observed from here (the only w
 a NAT learns its public mapping), our local addresses and listen port (LAN candidates) and the
 public endpoints our gateway maps to our port (``mapped``: PCP, NAT-PMP or UPnP, see
 docs/portmapping.md), which an introducer passes on to the other members as candidates.
+
+An idle tunnel says nothing it already said: with ``PersistentKeepalive = auto`` the whole point
+is that an idle home sends only its keepalives. So a HELLO refresh (and the HELLO after a rekey)
+goes out only when there is something to tell (the body differs from the last one the peer
+acknowledged: a new observed endpoint, new local addresses), while the peer is not yet
+acknowledged, or when data crossed the tunnel since the last exchange; otherwise the refresh is
+skipped (counted) and looked at again a refresh later. A peer that restarted says hello itself
+(its state is new), and our acknowledgement tells it everything.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import Any, Protocol
 
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint
-from meshguard.core.peer import Peer
+from meshguard.core.peer import PERSISTENT_KEEPALIVE, Peer
 from meshguard.mesh import kinds
 
 #: Largest JSON control body accepted; anything larger is dropped unread.
@@ -61,6 +69,21 @@ def decode_json(body: bytes) -> dict[str, Any] | None:
 
 def encode_json(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+#: A message that may wait for the peer's next keepalive goes this long before it: the device's
+#: timers run before the mesh layer's, so at the same instant the keepalive would go first.
+KEEPALIVE_SLOT_LEAD = 0.5
+
+
+def keepalive_slot(peer: Peer) -> float | None:
+    """When a control message to ``peer`` would go *instead of* its next persistent keepalive
+    (any authenticated packet we send re-arms the keepalive timer), or None when no keepalive
+    is armed. An idle NATed tunnel then sends one datagram where it would have sent two."""
+    deadline = peer.timers.deadlines[PERSISTENT_KEEPALIVE]
+    if deadline is None or not peer.persistent_keepalive:
+        return None
+    return deadline - KEEPALIVE_SLOT_LEAD
 
 
 #: RFC 6666's discard-only prefix. meshguard's TLS relay stands for "through relay L to member K"
@@ -122,6 +145,13 @@ class PeerMeshState:
     #: Public endpoints the peer's gateway maps to it (port mapping), as it reported them.
     mapped_endpoints: list[Endpoint] = field(default_factory=list)
     features: list[str] = field(default_factory=list)
+    #: The body of our latest HELLO, and of the latest one the peer acknowledged.
+    sent_body: bytes | None = None
+    told: bytes | None = None
+    #: ``peer.data_packets`` at the latest exchange: unchanged means the tunnel is idle.
+    data_mark: int = -1
+    #: HELLOs not sent because the tunnel was idle and there was nothing new to tell.
+    hellos_skipped: int = 0
 
 
 class MeshAgent:
@@ -170,7 +200,10 @@ class MeshAgent:
         state = self.state(peer)
         state.session_pending = True
         if peer.is_meshguard:
-            state.hello_acked = False
+            if not (state.hello_acked and state.told == self._hello_body(peer)):
+                # Something to tell (or never told): say it until acknowledged. A rekey with
+                # nothing new is not acknowledged again: ``run_timers`` decides, at once.
+                state.hello_acked = False
             state.next_hello = peer.last_handshake_time
             self.dirty = True
 
@@ -208,7 +241,20 @@ class MeshAgent:
         self.dirty = True
 
     def send_hello(self, peer: Peer, now: float, kind: int = kinds.HELLO) -> bool:
-        return self.device.send_control(peer, kind, self._hello_body(peer), now)
+        body = self._hello_body(peer)
+        sent = self.device.send_control(peer, kind, body, now)
+        if sent and kind == kinds.HELLO:
+            self.state(peer).sent_body = body
+        return sent
+
+    def _hello_wanted(self, peer: Peer, state: PeerMeshState) -> bool:
+        """Whether a due HELLO says anything: not yet acknowledged, a new body, or traffic
+        since the last exchange (a busy tunnel refreshes as before)."""
+        return (
+            not state.hello_acked
+            or state.told != self._hello_body(peer)
+            or peer.data_packets != state.data_mark
+        )
 
     def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
         try:
@@ -237,6 +283,8 @@ class MeshAgent:
         else:
             state.hello_acked = True
             state.next_hello = now + HELLO_REFRESH
+            state.told = state.sent_body
+        state.data_mark = peer.data_packets
         local = message.get("local")
         if isinstance(local, list):
             state.local_endpoints = [e for e in map(parse_endpoint, local[:16]) if e is not None]
@@ -272,8 +320,18 @@ class MeshAgent:
                 del self.peers[key]
                 continue
             if state.next_hello is not None and state.next_hello <= now:
-                self.send_hello(peer, now)
-                state.next_hello = now + (HELLO_REFRESH if state.hello_acked else HELLO_RETRY)
+                if self._hello_wanted(peer, state):
+                    self.send_hello(peer, now)
+                    state.next_hello = now + (HELLO_REFRESH if state.hello_acked else HELLO_RETRY)
+                else:
+                    # Idle, nothing new: stay quiet, look again a refresh later.
+                    state.hellos_skipped += 1
+                    state.next_hello = now + HELLO_REFRESH
+                    if state.session_pending:
+                        # A rekey: the features hear of the new session as after a HELLO.
+                        state.session_pending = False
+                        for feature in self.features:
+                            feature.session_started(peer, now)
         for feature in self.features:
             if (deadline := feature.next_deadline()) is not None and deadline <= now:
                 feature.run_timers(now)
@@ -290,11 +348,20 @@ class MeshAgent:
     def peer_status(self, peer: Peer) -> dict[str, Any]:
         state = self.peers.get(peer.public_key)
         status: dict[str, Any] = {"meshguard": peer.is_meshguard}
+        sent = peer.sent
+        if sent.idle_since is not None:
+            # What the tunnel costs while idle (docs/keepalive.md): datagrams by kind since
+            # the first one after the latest data packet; ``sent`` counts them all along.
+            status["sent_while_idle"] = dict(sent.idle)
+            status["sent_while_idle_since_at"] = sent.idle_since
+            status["sent"] = dict(sent.total)
         if state is not None:
             status["observed_self"] = list(state.observed_self) if state.observed_self else None
             status["local_endpoints"] = [list(e) for e in state.local_endpoints]
             if state.mapped_endpoints:
                 status["mapped_endpoints"] = [list(e) for e in state.mapped_endpoints]
+            if state.hellos_skipped:
+                status["hellos_skipped_idle"] = state.hellos_skipped
         for feature in self.features:
             status.update(feature.peer_status(peer))
         return status

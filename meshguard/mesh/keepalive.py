@@ -60,8 +60,16 @@ from typing import Any, Final, Protocol
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.core.peer import Peer
+from meshguard.core.sent import PROBE
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, is_discard_only, same_host
+from meshguard.mesh.agent import (
+    MeshAgent,
+    decode_json,
+    encode_json,
+    is_discard_only,
+    keepalive_slot,
+    same_host,
+)
 from meshguard.mesh.selfcheck import (
     CHECK_DELAY_MAX,
     CHECK_MAGIC,
@@ -69,6 +77,7 @@ from meshguard.mesh.selfcheck import (
     CHECK_RETRY,
     CHECK_RTT_MAX,
     CHECK_SESSION_SLACK,
+    CHECK_SLOT_SLACK,
     LateReplyJudge,
     SelfCheck,
     send_request,
@@ -155,6 +164,9 @@ FILTER_FIRST: Final = 10.0
 FILTER_UNKNOWN: Final = "unknown"
 FILTER_OPEN: Final = "endpoint-independent"
 FILTER_CLOSED: Final = "address-or-port-dependent"
+
+#: Tokens per cancel message (a finished measurement tells its helper which probes are over).
+CANCEL_BATCH: Final = 24
 
 #: Helper-side limits: outstanding tokens per peer and in total, datagrams answered per second.
 #: (Room for two campaigns: a cancelled probe's token stays with the helper until its delay.)
@@ -472,7 +484,7 @@ class KeepalivePolicy:
             self.agent.dirty = True
 
     def _restart_measurement(self, now: float, why: str) -> None:
-        self._cancel_probes()
+        self._cancel_probes(now)
         # Another NAT (or router): its filtering is not known either.
         self._filter_forget(f"pending ({why})")
         self.nat.lifetime = None
@@ -743,17 +755,36 @@ class KeepalivePolicy:
             self._next_campaign = now + RETRY_AFTER
             self.agent.dirty = True
 
-    def _cancel_probes(self, at_least: float | None = None) -> None:
+    def _cancel_probes(self, now: float, at_least: float | None = None) -> None:
         if at_least is None:
             self._pending = []
             self._relaunch_at = None
         else:
             self._pending = [d for d in self._pending if d < at_least]
+        cancelled: dict[bytes, list[bytes]] = {}
         for token, probe in list(self._probes.items()):
             if at_least is None or probe.delay >= at_least:
                 if probe.path is not None:
                     probe.path.close()
                 del self._probes[token]
+                cancelled.setdefault(probe.helper, []).append(token)
+        for key, tokens in cancelled.items():
+            self._tell_cancelled(key, tokens, now)
+
+    def _tell_cancelled(self, key: bytes, tokens: list[bytes], now: float) -> None:
+        """Tell the helper once that these probes are over: otherwise it still echoes each one
+        and reports it over the tunnel at its delay (up to 600 s after the start), a stream of
+        control messages into the idle tunnel that the measurement was meant to leave quiet.
+        A helper that does not know cancelling refuses it (we ignore the refusal); a lost
+        message only lets those late reports come, as before."""
+        helper = self.device.peers.get(key)
+        if helper is None:
+            return
+        for start in range(0, len(tokens), CANCEL_BATCH):
+            batch = tokens[start : start + CANCEL_BATCH]
+            body = encode_json({"t": batch[0].hex(), "x": [t.hex() for t in batch]})
+            if self.device.send_control(helper, kinds.NAT_PROBE_REQUEST, body, now):
+                self._count("probes_cancel_sent")
 
     def _ready(self, probe: _Probe, now: float) -> None:
         """The helper holds our token: open the secondary socket and prime the mapping."""
@@ -779,6 +810,9 @@ class KeepalivePolicy:
         assert probe.path is not None and probe.target is not None
         probe.path.send(PROBE_MAGIC + probe.token, probe.target)
         probe.sends += 1
+        helper = self.device.peers.get(probe.helper)
+        if helper is not None:
+            helper.sent.add(PROBE, helper.data_packets, now)
         more = probe.sends < PRIMES or (not probe.acked and probe.sends < MAX_PROBE_SENDS)
         probe.next_send = now + PRIME_GAP if more else None
         probe.deadline = now + probe.delay + ECHO_WAIT
@@ -826,7 +860,7 @@ class KeepalivePolicy:
             else:
                 self._dead = probe.delay if self._dead is None else min(self._dead, probe.delay)
                 # Longer delays would die too: do not wait for them.
-                self._cancel_probes(at_least=self._dead)
+                self._cancel_probes(now, at_least=self._dead)
         if not self._busy():
             self._next_round(now)
 
@@ -878,7 +912,9 @@ class KeepalivePolicy:
         except ValueError:
             self._count("bad_control")
             return
-        if kind == kinds.NAT_PROBE_REQUEST:
+        if kind == kinds.NAT_PROBE_REQUEST and "x" in message:
+            self._help_cancelled(peer, message.get("x"))
+        elif kind == kinds.NAT_PROBE_REQUEST:
             self._help_requested(peer, token, message.get("d"), now)
         elif kind == kinds.NAT_PROBE_RESULT:
             self._result(peer, token, message, now)
@@ -936,6 +972,25 @@ class KeepalivePolicy:
         body = encode_json({"t": token.hex(), "s": "ready"})
         self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
 
+    def _help_cancelled(self, peer: Peer, tokens: object) -> None:
+        """The requester is done with these probes: no echo, no report (its own tokens only)."""
+        if not isinstance(tokens, list) or len(tokens) > CANCEL_BATCH:
+            self._count("bad_control")
+            return
+        for value in tokens:
+            if not isinstance(value, str) or len(value) != 2 * TOKEN_SIZE:
+                self._count("bad_control")
+                return
+            try:
+                token = bytes.fromhex(value)
+            except ValueError:
+                self._count("bad_control")
+                return
+            help = self._help.get(token)
+            if help is not None and help.peer == peer.public_key:
+                del self._help[token]
+                self._count("help_cancelled")
+
     def _answer_allowed(self, now: float) -> bool:
         if now - self._answer_window >= 1.0:
             self._answer_window = now
@@ -972,6 +1027,7 @@ class KeepalivePolicy:
         help.echo_at = now + help.delay
         help.expires = help.echo_at + ECHO_GRACE
         self.device.io.send_datagram(ACK_MAGIC + token, source)
+        peer.sent.add(PROBE, peer.data_packets, now)
         self.agent.dirty = True
 
     # ------------------------------------------------------------------ filtering check
@@ -1083,6 +1139,16 @@ class KeepalivePolicy:
         if state is None or not state.hello_acked:
             nat.filtering_state = f"waiting for the HELLO exchange with {peer.short_name}"
             self._filter_due = now + CHECK_RETRY
+            return
+        slot = keepalive_slot(peer)
+        if (
+            slot is not None
+            and slot > now + CHECK_SLOT_SLACK
+            and keypair.can_send(slot + CHECK_SESSION_SLACK)
+        ):
+            # The request goes in the place of P2's next keepalive, not beside it.
+            nat.filtering_state = f"waiting for the next keepalive to {peer.short_name}"
+            self._filter_due = slot
             return
         token = self.random(TOKEN_SIZE)
         if not send_request(self.device, peer, token, delay, now):
@@ -1231,6 +1297,7 @@ class KeepalivePolicy:
                     continue
                 if self._answer_allowed(now):
                     self.device.io.send_datagram(ECHO_MAGIC + token, help.observed)
+                    peer.sent.add(PROBE, peer.data_packets, now)
                 body = encode_json({"t": token.hex(), "s": "echoed", "o": list(help.observed)})
                 self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
                 self._count("echoes_sent")

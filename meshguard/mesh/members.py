@@ -4,7 +4,14 @@ An introducer is a node whose config lists every member as a ``[Peer]``; a membe
 introducer's ``[Peer]`` with ``Introducer = yes``. A member subscribes to each of its introducers
 over the tunnel (MEMBERS ``{"op": "subscribe"}``); the introducer answers with its list of members
 (key, AllowedIPs, the endpoint it observes for them, their LAN endpoints), in pages, again whenever
-the list changes, and whenever the member re-subscribes (every :data:`RESUBSCRIBE` seconds).
+the list changes, and whenever the member re-subscribes (every :data:`RESUBSCRIBE` seconds) with
+another generation than the introducer's current one (a list got lost; or the subscriber is new
+to it).
+
+The re-subscription is a heartbeat (the introducer forgets a subscriber after
+:data:`SUBSCRIBER_TIMEOUT`): on an idle tunnel it waits for the moment the member's next keepalive
+to the introducer is due and goes instead of it, when that comes soon enough (issue 17: an idle
+home sends its keepalives and nothing else).
 
 A member trusts lists only from its introducers, merges several introducers' lists, never touches a
 peer the user configured (nor AllowedIPs that overlap a configured peer's), and removes a learned
@@ -22,7 +29,14 @@ from typing import Any
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MAX_MAPPED, MeshAgent, decode_json, encode_json, parse_endpoint
+from meshguard.mesh.agent import (
+    MAX_MAPPED,
+    MeshAgent,
+    decode_json,
+    encode_json,
+    keepalive_slot,
+    parse_endpoint,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -37,6 +51,9 @@ SUBSCRIBE_RETRY = 3.0
 RESUBSCRIBE = 60.0
 #: A subscriber that has not re-subscribed for this long is forgotten.
 SUBSCRIBER_TIMEOUT = 3 * RESUBSCRIBE
+#: A heartbeat waits for the keepalive's slot only if it then comes at most this long after the
+#: previous one (a lost one still leaves the next before the introducer forgets us).
+RESUBSCRIBE_LATEST = SUBSCRIBER_TIMEOUT - RESUBSCRIBE
 #: How often an introducer compares its members' endpoints with what it last announced, and how
 #: long it lets changes gather before sending a new list.
 CHANGE_CHECK = 1.0
@@ -159,6 +176,9 @@ class Membership:
         self.relaying_introducers: set[bytes] = set()
         self._assembly: dict[bytes, _Assembly] = {}
         self._next_subscribe: dict[bytes, float] = {}
+        #: Per introducer: when we last subscribed, and the generation of its latest list.
+        self._subscribed_at: dict[bytes, float] = {}
+        self._view_gen: dict[bytes, int] = {}
         # Introducer side.
         self.subscribers: dict[bytes, _Subscriber] = {}
         self.generation = 0
@@ -204,7 +224,7 @@ class Membership:
             return
         op = message.get("op")
         if op == "subscribe":
-            self._subscribe(peer, now)
+            self._subscribe(peer, now, message.get("gen"))
         elif op == "list":
             self._list_received(peer, message, now)
         else:
@@ -231,8 +251,27 @@ class Membership:
             if peer is None or key not in self.introducers:
                 del self._next_subscribe[key]
                 continue
-            self.device.send_control(peer, kinds.MEMBERS, encode_json({"op": "subscribe"}), now)
             have = key in self.views
+            slot = keepalive_slot(peer)
+            last = self._subscribed_at.get(key)
+            keypair = peer.keypairs.current
+            if (
+                have
+                and slot is not None
+                and last is not None
+                and now < slot <= last + RESUBSCRIBE_LATEST
+                and keypair is not None
+                and keypair.can_send(slot)
+            ):
+                # A heartbeat only: it goes in the place of our next keepalive to the
+                # introducer (it re-arms the keepalive timer) rather than beside it.
+                self._next_subscribe[key] = slot
+                continue
+            body: dict[str, Any] = {"op": "subscribe"}
+            if have and key in self._view_gen:
+                body["gen"] = self._view_gen[key]
+            if self.device.send_control(peer, kinds.MEMBERS, encode_json(body), now):
+                self._subscribed_at[key] = now
             self._next_subscribe[key] = now + (RESUBSCRIBE if have else SUBSCRIBE_RETRY)
         if self.subscribers and self._next_check is not None and self._next_check <= now:
             self._next_check = now + CHANGE_CHECK
@@ -264,7 +303,7 @@ class Membership:
 
     # ------------------------------------------------------------------ introducer side
 
-    def _subscribe(self, peer: Peer, now: float) -> None:
+    def _subscribe(self, peer: Peer, now: float, gen: object = None) -> None:
         if peer.public_key in self.learned:
             # Only peers our user configured may subscribe (they are our members).
             self.dropped += 1
@@ -273,6 +312,9 @@ class Membership:
         if subscriber is None:
             subscriber = self.subscribers[peer.public_key] = _Subscriber(now)
         subscriber.last_subscribed = now
+        if gen == self.generation == subscriber.sent_gen and type(gen) is int:
+            # A heartbeat from a member that has our current list: nothing to send.
+            return
         subscriber.sent_gen = -1
         if self._next_check is None:
             self._next_check = now
@@ -366,6 +408,7 @@ class Membership:
                 view[info.key] = info
         self.lists_received += 1
         self.views[key] = view
+        self._view_gen[key] = gen
         if assembly.relays:
             self.relaying_introducers.add(key)
         else:
@@ -376,6 +419,8 @@ class Membership:
 
     def _introducer_gone(self, key: bytes, now: float) -> None:
         self.views.pop(key, None)
+        self._view_gen.pop(key, None)
+        self._subscribed_at.pop(key, None)
         self._assembly.pop(key, None)
         self._next_subscribe.pop(key, None)
         self.relaying_introducers.discard(key)

@@ -32,8 +32,15 @@ from typing import Any, Final, Protocol
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
+from meshguard.core.sent import PROBE
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, encode_json, is_discard_only, same_host
+from meshguard.mesh.agent import (
+    MeshAgent,
+    encode_json,
+    is_discard_only,
+    keepalive_slot,
+    same_host,
+)
 
 #: The late reply: sent by the helper from its tunnel port to ours, so it crosses our tunnel's
 #: mapping. Never a WireGuard message type.
@@ -64,6 +71,9 @@ CHECK_AFTER_UNANSWERED_MAX: Final = 6 * 3600.0
 #: every CHECK_RETRY.
 CHECK_QUIET: Final = 2.0
 CHECK_RETRY: Final = 30.0
+#: A quiet tunnel sends the request at the keepalive slot (``agent.keepalive_slot``); one this
+#: close counts as now.
+CHECK_SLOT_SLACK: Final = 0.25
 #: The helper holds its HELLO refresh this long after the reply (at least): past the
 #: requester's grace (half the margin, or two round trips), which it does not know.
 CHECK_HOLD_MIN: Final = 5.0
@@ -315,13 +325,31 @@ class SelfCheck:
             self.checks.state, self._check_due = blocked
             return
         marks = (key, target.tx_bytes, target.rx_bytes)
+        # The request goes where the next keepalive would (it re-arms the keepalive timer):
+        # the check then costs no datagram of ours beyond the keepalive schedule.
+        slot = keepalive_slot(target)
+        keypair = target.keypairs.current
+        if slot is not None and (
+            keypair is None or not keypair.can_send(slot + CHECK_SESSION_SLACK)
+        ):
+            # The session will have expired by then (the slot will carry a handshake): ask
+            # now, on the session we have, at the cost of one datagram.
+            slot = None
         if marks != self._quiet:
             # Something crossed the tunnel since we last looked (or we never looked): look
-            # again after a quiet spell, then less often while the tunnel stays busy.
+            # again at the next keepalive slot if a quiet spell fits before it, else after a
+            # quiet spell, then less often while the tunnel stays busy.
             first = self._quiet is None or self._quiet[0] != key
             self._quiet = marks
             self.checks.state = "waiting for a quiet moment"
-            self._check_due = now + (CHECK_QUIET if first else CHECK_RETRY)
+            if slot is not None and slot >= now + CHECK_QUIET:
+                self._check_due = slot
+            else:
+                self._check_due = now + (CHECK_QUIET if first else CHECK_RETRY)
+            return
+        if slot is not None and slot > now + CHECK_SLOT_SLACK:
+            self.checks.state = "waiting for the next keepalive"
+            self._check_due = slot
             return
         self._quiet = None
         self._start(target, interval, delay, now)
@@ -485,6 +513,7 @@ class SelfCheck:
             self._count("check_help_rate_limited")
             return
         self.device.io.send_datagram(CHECK_MAGIC + token, peer.endpoint)
+        peer.sent.add(PROBE, peer.data_packets, now)
         self._count("check_replies_sent")
 
     # ------------------------------------------------------------------ timers and hooks
