@@ -9,6 +9,11 @@ the list changes, and whenever the member re-subscribes (every :data:`RESUBSCRIB
 A member trusts lists only from its introducers, merges several introducers' lists, never touches a
 peer the user configured (nor AllowedIPs that overlap a configured peer's), and removes a learned
 peer when no introducer lists it any more.
+
+In a mesh with an authority (:mod:`meshguard.mesh.authority`) a member accepts a learned member
+only with a record the authority signed: the member's key, addresses (its AllowedIPs) and name
+come from the record, never from the introducer, and revocations (signed too) remove a member
+everywhere. An introducer then also serves the members its store enrolled (:meth:`enroll`).
 """
 
 from __future__ import annotations
@@ -16,18 +21,23 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent, decode_json, encode_json, parse_endpoint
+from meshguard.mesh.authority import MAX_TEXT, Member
+from meshguard.mesh.roster import Roster
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Entries per MEMBERS page: keeps each page well under the agent's JSON limit.
 PAGE_SIZE = 16
+#: Entries per page when entries carry signed records (larger), and revocations per message.
+SIGNED_PAGE_SIZE = 8
+REVOKED_PER_MESSAGE = 32
 #: Most members, AllowedIPs per member and LAN endpoints per member accepted from an introducer.
 MAX_MEMBERS = 4096
 MAX_ALLOWED = 64
@@ -51,14 +61,21 @@ class MemberInfo:
     allowed: tuple[Network, ...] = ()
     observed: Endpoint | None = None
     local: tuple[Endpoint, ...] = ()
+    #: The authority-signed record of this member, passed on unchanged (None: unsigned).
+    record: str | None = None
+    #: The member's name (from its verified record only).
+    name: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        value: dict[str, Any] = {
             "key": base64.b64encode(self.key).decode(),
             "allowed": [str(n) for n in self.allowed],
             "observed": list(self.observed) if self.observed is not None else None,
             "local": [list(e) for e in self.local],
         }
+        if self.record is not None:
+            value["record"] = self.record
+        return value
 
 
 def parse_key(value: object) -> bytes | None:
@@ -93,7 +110,10 @@ def parse_member(value: object) -> MemberInfo | None:
     if observed_raw is not None and observed is None:
         return None
     local = tuple(e for e in map(parse_endpoint, local_raw[:MAX_LOCAL]) if e is not None)
-    return MemberInfo(key, tuple(allowed), observed, local)
+    record = value.get("record")
+    if record is not None and (not isinstance(record, str) or len(record) > MAX_TEXT):
+        return None
+    return MemberInfo(key, tuple(allowed), observed, local, record)
 
 
 def parse_page(message: dict[str, Any]) -> tuple[int, int, int, bool, list[MemberInfo]] | None:
@@ -104,7 +124,7 @@ def parse_page(message: dict[str, Any]) -> tuple[int, int, int, bool, list[Membe
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gen, page, pages)):
         return None
     assert isinstance(gen, int) and isinstance(page, int) and isinstance(pages, int)
-    if not 0 <= page < pages <= MAX_MEMBERS // PAGE_SIZE + 1 or gen < 0:
+    if not 0 <= page < pages <= MAX_MEMBERS // SIGNED_PAGE_SIZE + 1 or gen < 0:
         return None
     if not isinstance(members, list) or len(members) > PAGE_SIZE or not isinstance(relays, bool):
         return None
@@ -165,6 +185,15 @@ class Membership:
         self.dropped = 0
         self.lists_sent = 0
         self.lists_received = 0
+        #: A mesh with an authority: the verified members (None: trust introducers' lists).
+        self.roster: Roster | None = None
+        #: Our own signed record, sent with each subscription so introducers learn our name.
+        self.own_record: str | None = None
+        self.own_name: str | None = None
+        #: Introducer side: members enrolled from the store, by key (see :meth:`enroll`).
+        self.enrolled: dict[bytes, Member] = {}
+        #: Learned entries refused for a missing, forged, expired or revoked record.
+        self.refused = 0
 
     # ------------------------------------------------------------------ configuration
 
@@ -179,12 +208,53 @@ class Membership:
             self._next_subscribe.setdefault(key, now)
         self.agent.dirty = True
 
+    def set_authority(self, roster: Roster | None, own_record: str | None, now: float) -> None:
+        """Trust learned members only through ``roster`` (None: today's unsigned behaviour)."""
+        self.roster = roster
+        self.own_record = own_record
+        own = roster.accept(own_record, now) if roster is not None and own_record else None
+        self.own_name = own.name if own is not None else None
+        self._merge(now)
+
+    def enroll(self, members: list[Member], now: float) -> None:
+        """Introducer side: make our enrolled peers match ``members`` (verified records from the
+        store). A peer the user configured by hand is left as it is."""
+        revoked = self.roster.revoked if self.roster is not None else {}
+        wanted = {
+            m.key: m for m in members if m.key != self.device.public_key and m.key not in revoked
+        }
+        for key in list(self.enrolled):
+            if key not in wanted:
+                del self.enrolled[key]
+                peer = self.device.peers.get(key)
+                if peer is not None:
+                    self.device.remove_peer(key)
+                    for listener in self.listeners:
+                        listener(peer, None, set(), now)
+        for key, member in wanted.items():
+            if key in self.device.peers and key not in self.enrolled and key not in self.learned:
+                continue  # configured by the user
+            self.learned.pop(key, None)
+            peer = self.device.add_peer(key)
+            if peer is None:
+                continue
+            if self.enrolled.get(key) != member:
+                self.enrolled[key] = member
+                if set(member.addresses) != set(self.device.allowed_ips.networks(peer)):
+                    self.device.replace_allowed_ips(peer, member.addresses)
+        self.agent.dirty = True
+
+    def name_of(self, key: bytes) -> str | None:
+        """The member's name from its verified record, if we have one."""
+        return self.roster.name_of(key) if self.roster is not None else None
+
     def is_learned(self, peer: Peer) -> bool:
         return peer.public_key in self.learned
 
     def user_configured(self, key: bytes) -> None:
         """The user configured ``key`` by hand (config or ``wg set``): it is no longer ours."""
         self.learned.pop(key, None)
+        self.enrolled.pop(key, None)
 
     # ------------------------------------------------------------------ MeshFeature
 
@@ -195,9 +265,11 @@ class Membership:
             return
         op = message.get("op")
         if op == "subscribe":
-            self._subscribe(peer, now)
+            self._subscribe(peer, message, now)
         elif op == "list":
             self._list_received(peer, message, now)
+        elif op == "revoked" and self.roster is not None and peer.public_key in self.introducers:
+            self._revoked_received(message, now)
         else:
             self.dropped += 1
 
@@ -212,6 +284,8 @@ class Membership:
             deadlines.append(self._next_check)
         if self._send_at is not None:
             deadlines.append(self._send_at)
+        if self.roster is not None and (expiry := self.roster.next_expiry()) is not None:
+            deadlines.append(float(expiry))
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
@@ -222,7 +296,10 @@ class Membership:
             if peer is None or key not in self.introducers:
                 del self._next_subscribe[key]
                 continue
-            self.device.send_control(peer, kinds.MEMBERS, encode_json({"op": "subscribe"}), now)
+            subscribe: dict[str, Any] = {"op": "subscribe"}
+            if self.own_record is not None:
+                subscribe["record"] = self.own_record
+            self.device.send_control(peer, kinds.MEMBERS, encode_json(subscribe), now)
             have = key in self.views
             self._next_subscribe[key] = now + (RESUBSCRIBE if have else SUBSCRIBE_RETRY)
         if self.subscribers and self._next_check is not None and self._next_check <= now:
@@ -231,15 +308,24 @@ class Membership:
         if self._send_at is not None and self._send_at <= now:
             self._send_at = None
             self._send_lists(now)
+        if self.roster is not None and (expiry := self.roster.next_expiry()) is not None:
+            if expiry <= now:
+                self._expired(self.roster.expire(now), now)
 
     def peer_status(self, peer: Peer) -> dict[str, Any]:
+        name = self.name_of(peer.public_key)
+        named: dict[str, Any] = {"name": name} if name is not None else {}
         introducers = self.learned.get(peer.public_key)
         if introducers is not None:
             return {
+                **named,
                 "member": "learned",
                 "learned_from": sorted(base64.b64encode(k).decode() for k in introducers),
             }
-        status: dict[str, Any] = {"member": "configured"}
+        status: dict[str, Any] = {
+            **named,
+            "member": "enrolled" if peer.public_key in self.enrolled else "configured",
+        }
         if peer.public_key in self.introducers:
             status["introducer"] = True
         if peer.public_key in self.subscribers:
@@ -247,19 +333,31 @@ class Membership:
         return status
 
     def node_status(self) -> dict[str, Any]:
-        return {
+        status: dict[str, Any] = {
             "members_learned": len(self.learned),
             "subscribers": len(self.subscribers),
             "forwarding": self.forwarding,
         }
+        if self.roster is not None:
+            status["mesh"] = self.roster.mesh
+            status["members_enrolled"] = len(self.enrolled)
+            status["members_refused"] = self.refused
+            status["members_revoked"] = len(self.roster.revoked)
+            if self.own_name is not None:
+                status["name"] = self.own_name
+        return status
 
     # ------------------------------------------------------------------ introducer side
 
-    def _subscribe(self, peer: Peer, now: float) -> None:
+    def _subscribe(self, peer: Peer, message: dict[str, Any], now: float) -> None:
         if peer.public_key in self.learned:
             # Only peers our user configured may subscribe (they are our members).
             self.dropped += 1
             return
+        record = message.get("record")
+        if self.roster is not None and record is not None:
+            # Learn the subscriber's name; a record for another key is only ever that key's.
+            self.roster.accept(record, now)
         subscriber = self.subscribers.get(peer.public_key)
         if subscriber is None:
             subscriber = self.subscribers[peer.public_key] = _Subscriber(now)
@@ -279,6 +377,7 @@ class Membership:
             if key in self.learned or not peer.is_meshguard:
                 continue
             state = self.agent.peers.get(key)
+            known = self.roster.members.get(key) if self.roster is not None else None
             members[key] = MemberInfo(
                 key,
                 tuple(self.device.allowed_ips.networks(peer)),
@@ -286,6 +385,7 @@ class Membership:
                 if peer.relay is None and not self.is_relay_endpoint(peer.endpoint)
                 else None,
                 tuple(state.local_endpoints[:MAX_LOCAL]) if state is not None else (),
+                known.text if known is not None else None,
             )
         return members
 
@@ -305,26 +405,34 @@ class Membership:
 
     def _send_lists(self, now: float) -> None:
         members = sorted(self._announced.values(), key=lambda m: m.key)
+        size = PAGE_SIZE if self.roster is None else SIGNED_PAGE_SIZE
+        revoked = self.roster.revocation_texts() if self.roster is not None else []
         for key, subscriber in self.subscribers.items():
             if subscriber.sent_gen == self.generation:
                 continue
             peer = self.device.peers.get(key)
             if peer is None:
                 continue
-            entries = [m.to_json() for m in members if m.key != key]
-            pages = max(1, -(-len(entries) // PAGE_SIZE))
             sent = True
+            # Revocations first, so a member never re-learns a revoked key in between.
+            for start in range(0, len(revoked), REVOKED_PER_MESSAGE):
+                chunk = revoked[start : start + REVOKED_PER_MESSAGE]
+                body = encode_json({"op": "revoked", "revoked": chunk})
+                sent = self.device.send_control(peer, kinds.MEMBERS, body, now) and sent
+            entries = [m.to_json() for m in members if m.key != key]
+            pages = max(1, -(-len(entries) // size))
             for page in range(pages):
-                body = encode_json(
-                    {
-                        "op": "list",
-                        "gen": self.generation,
-                        "page": page,
-                        "pages": pages,
-                        "relay": self.forwarding,
-                        "members": entries[page * PAGE_SIZE : (page + 1) * PAGE_SIZE],
-                    }
-                )
+                message: dict[str, Any] = {
+                    "op": "list",
+                    "gen": self.generation,
+                    "page": page,
+                    "pages": pages,
+                    "relay": self.forwarding,
+                    "members": entries[page * size : (page + 1) * size],
+                }
+                if page == 0 and self.own_record is not None:
+                    message["self"] = self.own_record
+                body = encode_json(message)
                 sent = self.device.send_control(peer, kinds.MEMBERS, body, now) and sent
             if sent:
                 subscriber.sent_gen = self.generation
@@ -343,6 +451,11 @@ class Membership:
             self.dropped += 1
             return
         gen, page, pages, relays, members = parsed
+        own = message.get("self")
+        if self.roster is not None and own is not None:
+            self.roster.accept(own, now)  # the introducer's own record: its name
+        if self.roster is not None:
+            members = [m for m in map(lambda m: self._verified(m, now), members) if m is not None]
         assembly = self._assembly.get(key)
         if assembly is None or assembly.gen != gen or assembly.pages != pages:
             assembly = self._assembly[key] = _Assembly(gen, pages, relays)
@@ -362,6 +475,39 @@ class Membership:
             self.relaying_introducers.discard(key)
         if self._next_subscribe.get(key, 0.0) < now + RESUBSCRIBE:
             self._next_subscribe[key] = now + RESUBSCRIBE
+        self._merge(now)
+
+    def _verified(self, info: MemberInfo, now: float) -> MemberInfo | None:
+        """``info`` with the addresses and name its signed record gives, or None (refused)."""
+        assert self.roster is not None
+        member = self.roster.accept(info.record, now)
+        if member is None or member.key != info.key:
+            self.refused += 1
+            return None
+        return replace(info, allowed=member.addresses, name=member.name)
+
+    def _revoked_received(self, message: dict[str, Any], now: float) -> None:
+        assert self.roster is not None
+        texts = message.get("revoked")
+        if not isinstance(texts, list):
+            self.dropped += 1
+            return
+        gone: list[bytes] = []
+        for text in texts[:REVOKED_PER_MESSAGE]:
+            if isinstance(text, str) and (revocation := self.roster.revoke(text)) is not None:
+                gone.append(revocation.key)
+        self._expired(gone, now)
+
+    def _expired(self, keys: list[bytes], now: float) -> None:
+        """These members' records expired or were revoked: they are no longer members here."""
+        if not keys:
+            return
+        for view in self.views.values():
+            for key in keys:
+                view.pop(key, None)
+        still = [m for k, m in self.enrolled.items() if k not in keys]
+        if len(still) != len(self.enrolled):
+            self.enroll(still, now)
         self._merge(now)
 
     def _introducer_gone(self, key: bytes, now: float) -> None:
@@ -384,6 +530,8 @@ class Membership:
         for introducer, view in self.views.items():
             for key, info in view.items():
                 if key == self.device.public_key or key in self.introducers:
+                    continue
+                if self.roster is not None and key in self.roster.revoked:
                     continue
                 if key in self.device.peers and key not in self.learned:
                     continue  # configured by the user: never overridden
@@ -422,4 +570,11 @@ def _merge_info(a: MemberInfo, b: MemberInfo) -> MemberInfo:
     """Two introducers' views of one member: the union of what they say."""
     allowed = a.allowed + tuple(n for n in b.allowed if n not in a.allowed)
     local = a.local + tuple(e for e in b.local if e not in a.local)
-    return MemberInfo(a.key, allowed[:MAX_ALLOWED], a.observed or b.observed, local[:MAX_LOCAL])
+    return MemberInfo(
+        a.key,
+        allowed[:MAX_ALLOWED],
+        a.observed or b.observed,
+        local[:MAX_LOCAL],
+        a.record or b.record,
+        a.name or b.name,
+    )
