@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the mesh status of a running node")
     status.add_argument("name", metavar="NAME", nargs="?", default=None)
     status.add_argument("--json", action="store_true", help="print JSON")
+    # Signed membership: mesh init, invite, join, members (docs/invitations.md).
+    from meshguard import mesh_cli
+
+    mesh_cli.add_commands(commands)
     return parser
 
 
@@ -131,6 +135,10 @@ def run(
         return _pubkey(stdin, stdout, stderr)
     if command == "check-config":
         return _check_config(args.path, stdout, stderr)
+    from meshguard import mesh_cli
+
+    if command in mesh_cli.COMMANDS:
+        return mesh_cli.run(args, stdout, stderr)
     return _status(args.name, args.json, stderr)
 
 

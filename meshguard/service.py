@@ -140,6 +140,8 @@ class NodeService(service.Service):
         self._own_link = False
         #: Policy routing for a peer that takes all traffic (AllowedIPs 0.0.0.0/0 or ::/0).
         self.default_route: DefaultRoute | None = None
+        #: Signed membership, store, joins and names (``MeshName``; docs/invitations.md).
+        self.enrollment: Any = None
 
     # ------------------------------------------------------------------ start
 
@@ -191,6 +193,11 @@ class NodeService(service.Service):
 
             self.tls_relay = TlsRelay(self.config.interface, self.reactor)
             self.tls_relay.listen(node)
+        if self.config is not None and self.config.interface.mesh_name is not None:
+            from meshguard.enrollment import Enrollment
+
+            self.enrollment = Enrollment(self.config, node, self.reactor)
+            self.enrollment.open()
         self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
         self.status_port = listen_status(
             self.reactor, self.interface, node.status_document, self.status_directory
@@ -224,6 +231,8 @@ class NodeService(service.Service):
         self.node.start()
         if self.tls_relay is not None:
             self.tls_relay.attach(self.node)
+        if self.enrollment is not None:
+            self.enrollment.start()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         except ValueError:
@@ -415,6 +424,9 @@ class NodeService(service.Service):
         if self.tls_relay is not None:
             self.tls_relay.stop()
             self.tls_relay = None
+        if self.enrollment is not None:
+            self.enrollment.stop()
+            self.enrollment = None
         result = gatherResults(closing) if closing else None
         node = self.node
         self.node = None

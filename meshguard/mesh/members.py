@@ -244,6 +244,14 @@ class Membership:
                     self.device.replace_allowed_ips(peer, member.addresses)
         self.agent.dirty = True
 
+    def announce(self, now: float) -> None:
+        """Introducer side: something subscribers must hear changed (a revocation, say), even
+        if our member list looks the same: send everything again shortly."""
+        self.generation += 1
+        if self._send_at is None:
+            self._send_at = now
+        self.agent.dirty = True
+
     def name_of(self, key: bytes) -> str | None:
         """The member's name from its verified record, if we have one."""
         return self.roster.name_of(key) if self.roster is not None else None
@@ -310,7 +318,7 @@ class Membership:
             self._send_lists(now)
         if self.roster is not None and (expiry := self.roster.next_expiry()) is not None:
             if expiry <= now:
-                self._expired(self.roster.expire(now), now)
+                self.forget_members(self.roster.expire(now), now)
 
     def peer_status(self, peer: Peer) -> dict[str, Any]:
         name = self.name_of(peer.public_key)
@@ -496,9 +504,9 @@ class Membership:
         for text in texts[:REVOKED_PER_MESSAGE]:
             if isinstance(text, str) and (revocation := self.roster.revoke(text)) is not None:
                 gone.append(revocation.key)
-        self._expired(gone, now)
+        self.forget_members(gone, now)
 
-    def _expired(self, keys: list[bytes], now: float) -> None:
+    def forget_members(self, keys: list[bytes], now: float) -> None:
         """These members' records expired or were revoked: they are no longer members here."""
         if not keys:
             return

@@ -1,0 +1,151 @@
+"""A node's part in a mesh with an authority: its roster, its store, its join service, its names.
+
+Every node of such a mesh checks learned members against the authority (the roster) and answers
+DNS for ``NAME.MESH`` on its tunnel addresses. An introducer (``MeshStore`` set) also enrolls
+the members its store holds, follows the store for new members and revocations (a cheap version
+check every :data:`POLL` seconds, in a worker thread), and with ``JoinListen`` serves joins.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from nacl.signing import VerifyKey
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from meshguard.config import Config, ConfigError
+from meshguard.mesh.roster import Roster
+from meshguard.names import MeshZone, listen_names
+from meshguard.store import MembershipStore, Snapshot, in_thread, open_store
+
+log = Logger()
+
+#: How often an introducer checks its store for changes (seconds): the revocation delay.
+POLL = 1.0
+
+
+class Enrollment:
+    """Wires the roster into the node's membership and keeps it in step with the store."""
+
+    def __init__(self, config: Config, node: Any, reactor: Any, dns_port: int = 53) -> None:
+        interface = config.interface
+        if interface.mesh_name is None or interface.mesh_authority is None:
+            raise ConfigError(
+                config.path, None, "MeshName and MeshAuthority go together (docs/invitations.md)"
+            )
+        if interface.join_listen is not None and (
+            interface.mesh_store is None or interface.join_certificate is None
+        ):
+            raise ConfigError(config.path, None, "JoinListen needs MeshStore and JoinCertificate")
+        self.config = config
+        self.node = node
+        self.reactor = reactor
+        self.dns_port = dns_port
+        self.mesh = interface.mesh_name
+        self.authority = VerifyKey(interface.mesh_authority)
+        self.roster = Roster(self.mesh, self.authority)
+        self.store: MembershipStore | None = None
+        self.ports: list[IListeningPort] = []
+        self._version: str | None = None
+        self._poll: IDelayedCall | None = None
+        self._polling = False
+        self.prefix = ""
+
+    @property
+    def membership(self) -> Any:
+        return self.node.members.membership
+
+    def open(self) -> None:
+        """Open the store and the listening ports (privileged: port 53, the join port)."""
+        interface = self.config.interface
+        self.membership.set_authority(self.roster, interface.mesh_record, time.time())
+        if interface.mesh_record is not None and self.membership.own_name is None:
+            log.warn(
+                "{path}: MeshRecord is not a valid record of mesh {mesh} (expired, or signed "
+                "by another authority): this node has no name",
+                path=self.config.path,
+                mesh=self.mesh,
+            )
+        if interface.mesh_store is not None:
+            self.store = open_store(interface.mesh_store)
+            self.prefix = self.store.get_meta("prefix") or ""
+            self._apply(self.store.snapshot())
+        if interface.join_listen is not None and self.store is not None:
+            from meshguard.join import JoinService
+
+            assert interface.join_certificate is not None
+            service = JoinService(
+                self.reactor,
+                self.store,
+                self.mesh,
+                self.authority,
+                self.prefix,
+                self._introducer_records,
+                on_joined=self._check_now,
+            )
+            host, port = interface.join_listen
+            self.ports.append(service.listen(host, port, interface.join_certificate))
+        addresses = [str(a.ip) for a in interface.addresses]
+        zone = MeshZone(self.mesh, self.roster.lookup)
+        self.ports.extend(listen_names(self.reactor, zone, addresses, self.dns_port))
+
+    def start(self) -> None:
+        if self.store is not None:
+            self._poll = self.reactor.callLater(POLL, self._check)
+
+    def stop(self) -> None:
+        if self._poll is not None and self._poll.active():
+            self._poll.cancel()
+        self._poll = None
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+
+    def _introducer_records(self) -> list[str]:
+        return sorted(m.text for m in self.roster.members.values() if "introducer" in m.roles)
+
+    def _check_now(self) -> None:
+        if self._poll is not None and self._poll.active():
+            self._poll.reset(0)
+
+    def _check(self) -> None:
+        """Poll the store's version off the reactor thread; read everything when it moved."""
+        self._poll = None
+        if self._polling or self.store is None:
+            return
+        self._polling = True
+        store = self.store
+
+        def read() -> Snapshot | None:
+            return store.snapshot() if store.version() != self._version else None
+
+        def done(snapshot: Snapshot | None) -> None:
+            if snapshot is not None:
+                self._apply(snapshot)
+
+        def failed(failure: Failure) -> None:
+            log.warn("cannot read the mesh store: {error}", error=failure.getErrorMessage())
+
+        def again(_: object) -> None:
+            self._polling = False
+            if self.store is not None:
+                self._poll = self.reactor.callLater(POLL, self._check)
+
+        in_thread(self.reactor, read).addCallbacks(done, failed).addBoth(again)
+
+    def _apply(self, snapshot: Snapshot) -> None:
+        now = time.time()
+        revoked_before = set(self.roster.revoked)
+        for text in snapshot.revocations:
+            self.roster.revoke(text)
+        members = [m for t in snapshot.records if (m := self.roster.accept(t, now)) is not None]
+        membership = self.membership
+        membership.enroll(members, now)
+        if set(self.roster.revoked) != revoked_before:
+            membership.forget_members(list(set(self.roster.revoked) - revoked_before), now)
+            membership.announce(now)
+        self._version = snapshot.version
+        self.node.reschedule()
