@@ -47,9 +47,10 @@ class MeshZone(ResolverBase):
         label = self._label(name)
         if label is None:
             return defer.fail(DomainError(name))
-        addresses = [a for a in self.lookup(label) if a.version == version]
-        if not self.lookup(label):
+        known = self.lookup(label)
+        if not known:
             return defer.fail(DomainError(name))
+        addresses = [a for a in known if a.version == version]
         payload: Any
         answers = []
         for address in addresses:
