@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from meshguard import member_names
 from meshguard.config import Config, ConfigError
 from meshguard.mesh.roster import Roster
 from meshguard.names import MeshZone, listen_names
@@ -61,6 +62,7 @@ class Enrollment:
     def open(self) -> None:
         """Open the store and the listening ports (privileged: port 53, the join port)."""
         interface = self.config.interface
+        member_names.register(self.roster.name_of)
         self.membership.set_authority(self.roster, interface.mesh_record, time.time())
         if interface.mesh_record is not None and self.membership.own_name is None:
             log.warn(
@@ -97,6 +99,7 @@ class Enrollment:
             self._poll = self.reactor.callLater(POLL, self._check)
 
     def stop(self) -> None:
+        member_names.unregister(self.roster.name_of)
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
@@ -144,8 +147,15 @@ class Enrollment:
         members = [m for t in snapshot.records if (m := self.roster.accept(t, now)) is not None]
         membership = self.membership
         membership.enroll(members, now)
-        if set(self.roster.revoked) != revoked_before:
-            membership.forget_members(list(set(self.roster.revoked) - revoked_before), now)
+        revoked = set(self.roster.revoked) - revoked_before
+        if revoked:
+            for key in revoked:
+                log.info(
+                    "member {name} removed from mesh {mesh}",
+                    name=self.roster.revoked[key].name,
+                    mesh=self.mesh,
+                )
+            membership.forget_members(list(revoked), now)
             membership.announce(now)
         self._version = snapshot.version
         self.node.reschedule()

@@ -147,7 +147,12 @@ class JoinService:
 
         def done(record: str) -> JoinAnswer:
             self.joined += 1
-            log.info("a new member joined the mesh {mesh}", mesh=self.mesh)
+            member = verify_member(self.authority, self.mesh, record, now)
+            log.info(
+                "member {name} joined mesh {mesh}",
+                name=member.name if member is not None else "?",
+                mesh=self.mesh,
+            )
             self.on_joined()
             return JoinAnswer(record, self.prefix, tuple(self.introducer_records()))
 

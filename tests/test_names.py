@@ -60,3 +60,16 @@ class ServerTests(TestCase):
         )
         with self.assertRaises(DNSNameError):
             yield resolver.lookupAddress("nobody.home")
+
+
+class LogNameTests(SynchronousTestCase):
+    def test_logs_show_a_registered_name_and_the_key_prefix(self) -> None:
+        """Path logs describe a member by name once a roster knows it, by key prefix before."""
+        from meshguard import member_names
+
+        key = bytes(range(32))
+        self.assertEqual(member_names.describe(key), "AAECAwQF...")
+        lookup = {key: "alice"}.get
+        member_names.register(lookup)
+        self.addCleanup(member_names.unregister, lookup)
+        self.assertEqual(member_names.describe(key), "alice (AAECAwQF...)")
