@@ -52,7 +52,7 @@ class InvitationMeshTests(TestCase):
         timings: dict[str, float] = {}
 
         # The admin, on the public node: make the mesh and its first introducer.
-        started = time.monotonic()
+        zero = started = time.monotonic()
         meshguard_cli(
             tb, net.public, "mesh", "init", "home", "--prefix", "10.99.0.0/24",
             "--endpoint", f"{net.public_address}:{PORT}", "--state-dir", str(state),
@@ -85,7 +85,9 @@ class InvitationMeshTests(TestCase):
             f"AllowedIPs = 10.99.0.1/32\nEndpoint = {net.public_address}:{PORT}\n"
             "PersistentKeepalive = 5\n",
         )
+        evil_started = time.monotonic()
         start_meshguard(tb, evil_ns, evil_config, evil_if)
+        timings["(test only) starting the injected node"] = time.monotonic() - evil_started
 
         # One invitation and one join per home.
         homes = [home.hosts[0][0] for home in net.homes]
@@ -100,9 +102,11 @@ class InvitationMeshTests(TestCase):
             config = logdir / f"{name}.conf"
             meshguard_cli(tb, ns, "join", line, "--config", str(config))
             timings[f"invite + join {name}"] = time.monotonic() - started
+            node_started = time.monotonic()
             self.assertEqual(config.stat().st_mode & 0o777, 0o600)
             ifname = tb.ifname(f"m{index}")
             start_meshguard(tb, ns, config, ifname)
+            timings[f"start {name}'s node"] = time.monotonic() - node_started
             ifnames.append(ifname)
             # Each home resolves the mesh's names through its own node's DNS.
             etc_dir = NETNS_ETC / ns.name
@@ -125,6 +129,9 @@ class InvitationMeshTests(TestCase):
 
         tb.wait_for(all_by_name, timeout=60, what="every home pings every other by name")
         timings["last join to all pinging by name"] = time.monotonic() - joined
+        timings["zero to all pinging by name (all commands, node start-ups)"] = (
+            time.monotonic() - zero - timings["(test only) starting the injected node"]
+        )
         self.assertTrue(ping(homes[0], "hub.home"))
 
         # Alice and Bob sit behind NATs that keep one mapping per socket: they go direct.
