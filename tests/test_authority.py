@@ -307,3 +307,44 @@ def ping_twice(sim: MeshSim, a: SimMember, b: SimMember) -> bool:
             return True
         sim.run(1.0)
     return False
+
+
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=50)
+    | st.sampled_from([record(), record(signer=OTHER), "a.b", "a.b.c.d"]),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=10,
+)
+
+
+class SignedHostileInputTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sim, self.a, self.b, self.c = signed_sim(31)
+        self.sim.start()
+        self.sim.run(15)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.dictionaries(
+            st.sampled_from(
+                ["op", "gen", "page", "pages", "members", "relay", "self", "revoked", "record"]
+            ),
+            _VALUES,
+        ).map(encode_json)
+        | st.binary(max_size=200)
+    )
+    def test_member_bodies_from_the_introducer_never_raise_or_add_unsigned_peers(
+        self, body: bytes
+    ) -> None:
+        """Any MEMBERS body, even from the introducer itself, is handled without an exception
+        escaping, and adds no peer without a record signed by the authority."""
+        a = self.a
+        intro = a.node.device.peers[self.sim.introducer.public_key]
+        before = set(a.node.device.peers)
+        dropped = a.agent.dropped
+        a.agent.control_received(intro, kinds.MEMBERS, body, self.sim.net.now)
+        self.assertEqual(a.agent.dropped, dropped)
+        self.assertLessEqual(set(a.node.device.peers), before)

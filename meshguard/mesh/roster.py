@@ -19,6 +19,9 @@ from meshguard.mesh.authority import (
     verify_revocation,
 )
 
+#: Most verified texts remembered (cleared when full: a cache, not a list of members).
+MAX_CHECKED = 8192
+
 
 class Roster:
     """Verified members by WireGuard key and by name, and the keys revoked."""
@@ -30,11 +33,19 @@ class Roster:
         self.revoked: dict[bytes, Revocation] = {}
         #: Records refused (bad signature, wrong mesh, expired, revoked): counted, never logged.
         self.refused = 0
+        #: Texts already verified: introducers repeat their lists, signatures need checking once.
+        self._checked: dict[str, Member] = {}
 
     def accept(self, text: object, now: float) -> Member | None:
         """The member ``text`` describes if it verifies, is current and not revoked; it is
         remembered (a later record for the same key replaces an earlier one)."""
-        member = verify_member(self.authority, self.mesh, text, now)
+        member = self._checked.get(text) if isinstance(text, str) else None
+        if member is None or member.expires <= now:
+            member = verify_member(self.authority, self.mesh, text, now)
+            if member is not None:
+                if len(self._checked) >= MAX_CHECKED:
+                    self._checked.clear()
+                self._checked[member.text] = member
         if member is None or member.key in self.revoked:
             self.refused += 1
             return None
