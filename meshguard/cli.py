@@ -138,7 +138,7 @@ def run(
     from meshguard import mesh_cli
 
     if command in mesh_cli.COMMANDS:
-        return mesh_cli.run(args, stdout, stderr)
+        return mesh_cli.run(args, stdout, stderr, stdin)
     return _status(args.name, args.json, stderr)
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from nacl.signing import SigningKey
 
@@ -66,7 +66,7 @@ def add_commands(commands: Any) -> None:
     invite.add_argument("--role", action="append", default=[], choices=["relay", "introducer"])
 
     join = commands.add_parser("join", help="join a mesh with an invitation line")
-    join.add_argument("line", metavar="LINE")
+    join.add_argument("line", metavar="LINE", help="the invitation line (- reads stdin)")
     join.add_argument("--config", help="config to write (default /etc/meshguard/MESH.conf)")
     join.add_argument("--listen-port", type=int, default=51820)
     join.add_argument("--force", action="store_true", help="replace an existing config")
@@ -95,7 +95,9 @@ def _introducer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--days", type=int, default=3650)
 
 
-def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+def run(
+    args: argparse.Namespace, stdout: TextIO, stderr: TextIO, stdin: BinaryIO | None = None
+) -> int:
     try:
         if args.command == "mesh" and args.mesh_command == "init":
             return _mesh_init(args, stdout)
@@ -104,6 +106,9 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         if args.command == "invite":
             return _invite(args, stdout)
         if args.command == "join":
+            if args.line == "-" and stdin is not None:
+                # The line is a one-time secret: stdin keeps it out of `ps` and shell history.
+                args.line = stdin.read(8192).decode("ascii", "replace").strip()
             return _join(args, stdout)
         if args.members_command == "list":
             return _members_list(args, stdout)

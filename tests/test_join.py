@@ -305,3 +305,42 @@ class JoinExchangeTests(TestCase):
             await join_mesh(reactor, forged, keys.genkey(os.urandom))
         member, _, _ = await join_mesh(reactor, invitation, keys.genkey(os.urandom))
         self.assertEqual(member.name, "dave")
+
+
+class CommandTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = tempfile.mkdtemp()
+        self.admin = Admin(self.root)
+
+    def test_join_refuses_a_cut_line_from_argv_or_stdin(self) -> None:
+        """A line that is not an invitation is refused with advice, and nothing is written."""
+        config = os.path.join(self.root, "x.conf")
+        code, _, err = run_cli("join", "meshguard-invite-1:abc", "--config", config)
+        self.assertEqual(code, 1)
+        self.assertIn("copy the whole line", err)
+        out, errs = io.StringIO(), io.StringIO()
+        code = cli.run(["join", "-", "--config", config], io.BytesIO(b"junk\n"), out, errs)
+        self.assertEqual(code, 1)
+        self.assertIn("not a meshguard invitation line", errs.getvalue())
+        self.assertFalse(os.path.exists(config))
+
+    def test_admin_commands(self) -> None:
+        """A taken name, a second init, removing a stranger: each a clear error; the list shows
+        the introducer and a removal."""
+        self.admin.invite("alice")
+        code, _, err = run_cli("invite", "alice", "--state-dir", self.admin.state)
+        self.assertEqual((code, "taken" in err), (1, True))
+        code, _, err = run_cli(
+            "mesh", "init", "home", "--prefix", "10.99.0.0/24", "--endpoint", "h:1",
+            "--state-dir", self.admin.state, "--config-dir", self.admin.configs,
+        )  # fmt: skip
+        self.assertEqual((code, "made here already" in err), (1, True))
+        code, _, err = run_cli("members", "remove", "nobody", "--state-dir", self.admin.state)
+        self.assertEqual((code, "no member named" in err), (1, True))
+        code, out, _ = run_cli("members", "list", "--state-dir", self.admin.state)
+        self.assertEqual(code, 0)
+        self.assertIn("hub\t10.99.0.1/32\tintroducer,relay", out)
+        code, out, _ = run_cli("members", "remove", "hub", "--state-dir", self.admin.state)
+        self.assertEqual(code, 0)
+        _, out, _ = run_cli("members", "list", "--state-dir", self.admin.state)
+        self.assertIn("(1 revoked)", out)
