@@ -53,6 +53,7 @@ class Enrollment:
         self._version: str | None = None
         self._poll: IDelayedCall | None = None
         self._polling = False
+        self._store_ok = True
         self.prefix = ""
 
     @property
@@ -126,11 +127,19 @@ class Enrollment:
             return store.snapshot() if store.version() != self._version else None
 
         def done(snapshot: Snapshot | None) -> None:
+            if not self._store_ok:
+                self._store_ok = True
+                log.info("the mesh store answers again")
             if snapshot is not None:
                 self._apply(snapshot)
 
         def failed(failure: Failure) -> None:
-            log.warn("cannot read the mesh store: {error}", error=failure.getErrorMessage())
+            if self._store_ok:  # once per outage, not once a second
+                self._store_ok = False
+                log.warn(
+                    "cannot read the mesh store (joins and removals wait for it): {error}",
+                    error=failure.getErrorMessage(),
+                )
 
         def again(_: object) -> None:
             self._polling = False
