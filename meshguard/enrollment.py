@@ -55,6 +55,9 @@ class Enrollment:
         self._polling = False
         self._store_ok = True
         self.prefix = ""
+        #: Keys whose records and revocations the store holds (as of the last snapshot).
+        self._stored: set[bytes] = set()
+        self._stored_revoked: set[bytes] = set()
 
     @property
     def membership(self) -> Any:
@@ -123,10 +126,18 @@ class Enrollment:
         self._polling = True
         store = self.store
 
+        records, revocations = self._unstored()
+
         def read() -> Snapshot | None:
+            for key, name, addresses, text in records:
+                store.put_record(key, name, addresses, text)
+            for key, text in revocations:
+                store.revoke(key, text)
             return store.snapshot() if store.version() != self._version else None
 
         def done(snapshot: Snapshot | None) -> None:
+            if revocations:  # heard through the mesh: pass them on to our subscribers too
+                self.membership.announce(time.time())
             if not self._store_ok:
                 self._store_ok = True
                 log.info("the mesh store answers again")
@@ -167,4 +178,24 @@ class Enrollment:
             membership.forget_members(list(revoked), now)
             membership.announce(now)
         self._version = snapshot.version
+        self._stored = {m.key for m in members}
+        self._stored_revoked = {
+            r.key for t in snapshot.revocations if (r := self.roster.revoke(t)) is not None
+        }
         self.node.reschedule()
+
+    def _unstored(self) -> tuple[list[tuple[bytes, str, list[str], str]], list[tuple[bytes, str]]]:
+        """Verified records and revocations we heard through the mesh (from other introducers)
+        that our store lacks: written to it, so several introducers of a home mesh, each with
+        its own store, end up with the same signed membership."""
+        records = [
+            (m.key, m.name, [str(a) for a in m.addresses], m.text)
+            for m in self.roster.members.values()
+            if m.key not in self._stored and m.key != self.node.device.public_key
+        ]
+        revocations = [
+            (key, r.text)
+            for key, r in self.roster.revoked.items()
+            if key not in self._stored_revoked
+        ]
+        return records, revocations

@@ -239,7 +239,12 @@ def join_mesh(
             problems.append(f"{introducer.host}:{introducer.join_port}: {_why(e)}")
             continue
         if answer.error is not None:
-            raise JoinError(f"{introducer.host}:{introducer.join_port} refused: {answer.error}")
+            where = f"{introducer.host}:{introducer.join_port}"
+            if "not known" in answer.error:
+                # Home meshes: only the introducer whose store made the invitation knows it.
+                problems.append(f"{where}: {answer.error}")
+                continue
+            raise JoinError(f"{where} refused: {answer.error}")
         now = clock()
         member = verify_member(authority, invitation.mesh, answer.record, now)
         if member is None or member.key != wg_key:
@@ -250,7 +255,7 @@ def join_mesh(
             if checked is not None:
                 records[checked.key] = checked
         return member, records, answer
-    raise JoinError("no introducer could be reached: " + "; ".join(problems))
+    raise JoinError("no introducer could take the join: " + "; ".join(problems))
 
 
 def _why(error: BaseException) -> str:

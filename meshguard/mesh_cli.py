@@ -30,6 +30,7 @@ from meshguard.mesh.authority import (
     unb64u,
     valid_name,
     verify_member,
+    verify_revocation,
 )
 from meshguard.mesh.invitation import IntroducerAddress, Invitation, parse_invitation
 from meshguard.store import DEFAULT_DIRECTORY, MembershipStore, StoreError, open_store
@@ -56,6 +57,13 @@ def add_commands(commands: Any) -> None:
     more.add_argument("name", metavar="NAME")
     more.add_argument("--mesh", help="the mesh (default: the only one in the state directory)")
     _introducer_arguments(more)
+    more.add_argument(
+        "--store",
+        help="its own store (home meshes: sqlite:PATH on its machine); default: the mesh's store",
+    )
+    more.add_argument(
+        "--admin-dir", help="also write the signing key there, to invite from its store"
+    )
 
     invite = commands.add_parser("invite", help="print an invitation line for a new member")
     invite.add_argument("name", metavar="NAME")
@@ -208,6 +216,7 @@ def _make_introducer(
     authority: SigningKey,
     store: MembershipStore,
     store_url: str,
+    introducer_peers: str = "",
 ) -> tuple[str, str]:
     """An introducer's key, record, certificate and config; returns (config path, name)."""
     if not valid_name(args.name):
@@ -233,21 +242,24 @@ def _make_introducer(
     store.set_meta("introducers", json.dumps(introducers))
     network = ipaddress.ip_network(prefix)
     config = args.config or os.path.join(args.config_dir, f"{mesh}.conf")
-    text = "\n".join(
-        [
-            f"# Introducer {args.name!r} of the mesh {mesh!r}, written by `meshguard mesh`.",
-            "[Interface]",
-            f"PrivateKey = {keys.key_to_base64(private)}",
-            f"ListenPort = {wg_port}",
-            f"Address = {address.network_address}/{network.prefixlen}",
-            f"MeshName = {mesh}",
-            f"MeshAuthority = {authority_key_text(authority.verify_key)}",
-            f"MeshRecord = {record}",
-            f"MeshStore = {store_url}",
-            f"JoinListen = 0.0.0.0:{args.join_port}",
-            f"JoinCertificate = {certificate}",
-            "",
-        ]
+    text = (
+        "\n".join(
+            [
+                f"# Introducer {args.name!r} of the mesh {mesh!r}, written by `meshguard mesh`.",
+                "[Interface]",
+                f"PrivateKey = {keys.key_to_base64(private)}",
+                f"ListenPort = {wg_port}",
+                f"Address = {address.network_address}/{network.prefixlen}",
+                f"MeshName = {mesh}",
+                f"MeshAuthority = {authority_key_text(authority.verify_key)}",
+                f"MeshRecord = {record}",
+                f"MeshStore = {store_url}",
+                f"JoinListen = 0.0.0.0:{args.join_port}",
+                f"JoinCertificate = {certificate}",
+                "",
+            ]
+        )
+        + introducer_peers
     )
     if os.path.exists(config):
         raise CommandError(f"{config} exists; move it away or give --config PATH")
@@ -289,12 +301,72 @@ def _mesh_init(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
+def _peer_block(store: MembershipStore, mesh: str, authority: SigningKey, key: bytes) -> str:
+    """A ``[Peer]`` section for the introducer ``key`` (from the store's introducer list)."""
+    for host, wg_port, _, _, key_text in json.loads(store.get_meta("introducers") or "[]"):
+        if unb64u(key_text) != key:
+            continue
+        addresses, name = "", host
+        for text in store.snapshot().records:
+            member = verify_member(authority.verify_key, mesh, text, time.time())
+            if member is not None and member.key == key:
+                addresses = ", ".join(str(a) for a in member.addresses)
+                name = member.name
+        shown = f"[{host}]" if ":" in host else host
+        return (
+            f"\n[Peer]\n# introducer {name}\nPublicKey = {base64.b64encode(key).decode()}\n"
+            f"AllowedIPs = {addresses}\nEndpoint = {shown}:{wg_port}\n"
+            "PersistentKeepalive = 25\nIntroducer = yes\n"
+        )
+    raise CommandError("the new introducer is missing from the store's list")
+
+
 def _mesh_introducer(args: argparse.Namespace, stdout: TextIO) -> int:
     mesh, authority, store = _admin(args.mesh, args.state_dir)
     with open(os.path.join(args.state_dir, f"{mesh}.mesh")) as f:
         store_url = json.load(f)["store"]
-    config, name = _make_introducer(args, mesh, authority, store, store_url)
-    stdout.write(f"introducer {name!r} of mesh {mesh}: {config}\n")
+    if args.store is None or args.store == store_url:
+        config, name = _make_introducer(args, mesh, authority, store, store_url)
+        stdout.write(f"introducer {name!r} of mesh {mesh}: {config}\n")
+        return 0
+    # A home mesh's second introducer with its own store: it starts as a copy of ours, lists
+    # the introducers before it as its own, and from then on they exchange signed records
+    # through the mesh (each stores what it hears from the others).
+    before = [unb64u(k) or b"" for *_, k in json.loads(store.get_meta("introducers") or "[]")]
+    peers = "".join(_peer_block(store, mesh, authority, key) for key in before)
+    own_store = open_store(args.store)
+    if own_store.get_meta("authority") is not None:
+        raise CommandError(f"the store {args.store} already holds a mesh")
+    config, name = _make_introducer(args, mesh, authority, store, args.store, peers)
+    for key in ("mesh", "prefix", "authority", "introducers"):
+        value = store.get_meta(key)
+        if value is not None:
+            own_store.set_meta(key, value)
+    snapshot = store.snapshot()
+    for text in snapshot.records:
+        member = verify_member(authority.verify_key, mesh, text, time.time())
+        if member is not None:
+            addresses = [str(a) for a in member.addresses]
+            own_store.put_record(member.key, member.name, addresses, text)
+    for text in snapshot.revocations:
+        revocation = verify_revocation(authority.verify_key, mesh, text)
+        if revocation is not None:
+            own_store.revoke(revocation.key, text)
+    if args.admin_dir:
+        os.makedirs(args.admin_dir, mode=0o700, exist_ok=True)
+        _write_private(
+            os.path.join(args.admin_dir, f"{mesh}.key"),
+            base64.b64encode(bytes(authority)).decode() + "\n",
+        )
+        _write_private(
+            os.path.join(args.admin_dir, f"{mesh}.mesh"), json.dumps({"store": args.store}) + "\n"
+        )
+    new_key = unb64u(json.loads(store.get_meta("introducers") or "[]")[-1][4]) or b""
+    stdout.write(
+        f"introducer {name!r} of mesh {mesh}: {config} (its own store {args.store})\n"
+        "add this to the config of every introducer before it, then send it SIGHUP:\n"
+        + _peer_block(store, mesh, authority, new_key)
+    )
     return 0
 
 

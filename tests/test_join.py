@@ -289,7 +289,7 @@ class JoinExchangeTests(TestCase):
             ),
         )
         with self.assertRaisesRegex(
-            JoinError, "no introducer could be reached.*not the one pinned"
+            JoinError, "no introducer could take the join.*not the one pinned"
         ):
             await join_mesh(reactor, wrong, keys.genkey(os.urandom))
         self.assertEqual(self.service.joined + self.service.refused, 0)
