@@ -199,7 +199,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _free_address(store: MembershipStore, prefix: str, now: int) -> Network:
-    network = ipaddress.ip_network(prefix)
+    """The lowest free address of the store's pool (its part of the prefix: introducers of a
+    home mesh with their own stores allocate from disjoint halves, so they never collide)."""
+    network = ipaddress.ip_network(store.get_meta("pool") or prefix)
     used = store.used_addresses(now)
     for index, host in enumerate(network.hosts()):
         if index > 65536:
@@ -342,6 +344,12 @@ def _mesh_introducer(args: argparse.Namespace, stdout: TextIO) -> int:
         value = store.get_meta(key)
         if value is not None:
             own_store.set_meta(key, value)
+    pool = ipaddress.ip_network(store.get_meta("pool") or store.get_meta("prefix") or "")
+    if pool.max_prefixlen - pool.prefixlen < 3:
+        raise CommandError(f"the address pool {pool} is too small to share with another store")
+    lower, upper = pool.subnets(1)
+    store.set_meta("pool", str(lower))
+    own_store.set_meta("pool", str(upper))
     snapshot = store.snapshot()
     for text in snapshot.records:
         member = verify_member(authority.verify_key, mesh, text, time.time())
