@@ -9,9 +9,12 @@ check every :data:`POLL` seconds, in a worker thread), and with ``JoinListen`` s
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from typing import Any
 
 from nacl.signing import VerifyKey
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,7 +23,7 @@ from meshguard import member_names
 from meshguard.config import Config, ConfigError
 from meshguard.mesh.roster import Roster
 from meshguard.names import MeshZone, listen_names
-from meshguard.store import MembershipStore, Snapshot, in_thread, open_store
+from meshguard.store import MembershipStore, Snapshot, StoreRunner, node_runner, open_store
 
 log = Logger()
 
@@ -49,6 +52,7 @@ class Enrollment:
         self.authority = VerifyKey(interface.mesh_authority)
         self.roster = Roster(self.mesh, self.authority)
         self.store: MembershipStore | None = None
+        self.runner: StoreRunner | None = None
         self.ports: list[IListeningPort] = []
         self._version: str | None = None
         self._poll: IDelayedCall | None = None
@@ -76,16 +80,20 @@ class Enrollment:
                 mesh=self.mesh,
             )
         if interface.mesh_store is not None:
+            # Read once, blocking, before the reactor runs: a store that cannot be read stops
+            # the start with one clear line. From then on: worker threads (SQLite) or Agent
+            # requests on the reactor (etcd).
             self.store = open_store(interface.mesh_store)
             self.prefix = self.store.get_meta("prefix") or ""
             self._apply(self.store.snapshot())
-        if interface.join_listen is not None and self.store is not None:
+            self.runner = node_runner(self.reactor, interface.mesh_store, self.store)
+        if interface.join_listen is not None and self.runner is not None:
             from meshguard.join import JoinService
 
             assert interface.join_certificate is not None
             service = JoinService(
                 self.reactor,
-                self.store,
+                self.runner,
                 self.mesh,
                 self.authority,
                 self.prefix,
@@ -104,6 +112,10 @@ class Enrollment:
 
     def stop(self) -> None:
         member_names.unregister(self.roster.name_of)
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+        self.runner = None
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
@@ -119,21 +131,26 @@ class Enrollment:
             self._poll.reset(0)
 
     def _check(self) -> None:
-        """Poll the store's version off the reactor thread; read everything when it moved."""
+        """Poll the store's version without blocking the reactor; read everything when it
+        moved. First write what we heard through the mesh and the store lacks."""
         self._poll = None
-        if self._polling or self.store is None:
+        if self._polling or self.runner is None:
             return
         self._polling = True
-        store = self.store
-
+        runner = self.runner
         records, revocations = self._unstored()
 
-        def read() -> Snapshot | None:
+        @defer.inlineCallbacks
+        def read() -> Generator[Deferred[Any], Any, Snapshot | None]:
             for key, name, addresses, text in records:
-                store.put_record(key, name, addresses, text)
+                yield runner.run("put_record", key, name, addresses, text)
             for key, text in revocations:
-                store.revoke(key, text)
-            return store.snapshot() if store.version() != self._version else None
+                yield runner.run("revoke", key, text)
+            version = yield runner.run("version")
+            if version == self._version:
+                return None
+            snapshot: Snapshot = yield runner.run("snapshot")
+            return snapshot
 
         def done(snapshot: Snapshot | None) -> None:
             if revocations:  # heard through the mesh: pass them on to our subscribers too
@@ -154,10 +171,10 @@ class Enrollment:
 
         def again(_: object) -> None:
             self._polling = False
-            if self.store is not None:
+            if self.runner is not None:
                 self._poll = self.reactor.callLater(POLL, self._check)
 
-        in_thread(self.reactor, read).addCallbacks(done, failed).addBoth(again)
+        read().addCallbacks(done, failed).addBoth(again)
 
     def _apply(self, snapshot: Snapshot) -> None:
         now = time.time()

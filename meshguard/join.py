@@ -42,7 +42,7 @@ from meshguard.mesh.invitation import (
     parse_join_request,
     wg_key_text,
 )
-from meshguard.store import JoinRefusedError, MembershipStore, in_thread
+from meshguard.store import JoinRefusedError, StoreRunner
 
 log = Logger()
 
@@ -100,7 +100,7 @@ class JoinService:
     def __init__(
         self,
         reactor: Any,
-        store: MembershipStore,
+        store: StoreRunner,
         mesh: str,
         authority: VerifyKey,
         prefix: str,
@@ -140,11 +140,6 @@ class JoinService:
     def redeem(self, request: JoinRequest) -> Deferred[JoinAnswer]:
         now = int(self.clock())
 
-        def work() -> str:
-            return self.store.redeem(
-                request.invite_key, request.wg_key, self._make_record(request, now), now
-            )
-
         def done(record: str) -> JoinAnswer:
             self.joined += 1
             member = verify_member(self.authority, self.mesh, record, now)
@@ -164,7 +159,9 @@ class JoinService:
             log.failure("join failed", failure)
             return JoinAnswer(error="the introducer could not store the join; try again")
 
-        d: Deferred[str] = in_thread(self.reactor, work)
+        d: Deferred[str] = self.store.run(
+            "redeem", request.invite_key, request.wg_key, self._make_record(request, now), now
+        )
         return d.addCallbacks(done, refused)
 
 

@@ -270,3 +270,30 @@ def open_store(url: str) -> MembershipStore:
 def in_thread(reactor: Any, work: Callable[..., T], *args: Any) -> Deferred[T]:
     """Run a blocking store call on the reactor's thread pool (never on the reactor thread)."""
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work, *args)
+
+
+class StoreRunner(Protocol):
+    """How the node calls its store without blocking the reactor: ``run("snapshot")`` fires
+    with what ``store.snapshot()`` returns (or fails with what it raises)."""
+
+    def run(self, name: str, *args: Any) -> Deferred[Any]: ...
+
+
+class ThreadRunner:
+    """A blocking store (SQLite) called on the reactor's thread pool."""
+
+    def __init__(self, reactor: Any, store: MembershipStore) -> None:
+        self.reactor = reactor
+        self.store = store
+
+    def run(self, name: str, *args: Any) -> Deferred[Any]:
+        return in_thread(self.reactor, getattr(self.store, name), *args)
+
+
+def node_runner(reactor: Any, url: str, store: MembershipStore) -> StoreRunner:
+    """etcd through ``twisted.web``'s Agent on the reactor; anything else in worker threads."""
+    if url.startswith("etcd:"):
+        from meshguard.etcd_store import EtcdAgentStore
+
+        return EtcdAgentStore(reactor, url[len("etcd:") :])
+    return ThreadRunner(reactor, store)

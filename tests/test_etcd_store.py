@@ -1,14 +1,16 @@
-"""The etcd store against a real etcd: round trips, single use under concurrent joins."""
+"""The etcd store against a real etcd: round trips, single use under concurrent joins, with
+the blocking driver (command line) and the Agent driver (node)."""
 
 from __future__ import annotations
 
 import os
 import threading
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshguard.etcd_store import EtcdStore
-from meshguard.store import JoinRefusedError, open_store
+from meshguard.etcd_store import EtcdAgentStore, EtcdStore
+from meshguard.store import JoinRefusedError, StoreError, open_store
 from tests.etcd import start_loopback_etcd
 
 
@@ -68,3 +70,39 @@ class EtcdStoreTests(SynchronousTestCase):
             other = os.urandom(32)
             self.store.add_invitation(other, "dave", "g", ["10.99.0.5/32"], 10)
             self.store.redeem(other, os.urandom(32), lambda g: g, 1000)
+
+
+class EtcdAgentStoreTests(TestCase):
+    """The node's driver: the same operations over twisted.web's Agent, on the reactor."""
+
+    def setUp(self) -> None:
+        self.url = start_loopback_etcd(self)
+        self.store = EtcdAgentStore(reactor, f"{self.url}/meshes/home")
+        self.addCleanup(self.store.close)
+
+    async def test_concurrent_joins_on_the_reactor_use_an_invitation_once(self) -> None:
+        """Eight redemptions started at once, interleaved on one reactor: one record, seven
+        refusals; what the blocking driver wrote, the Agent driver reads."""
+        EtcdStore(f"{self.url}/meshes/home").set_meta("prefix", "10.99.0.0/24")
+        self.assertEqual(await self.store.run("get_meta", "prefix"), "10.99.0.0/24")
+        invite = os.urandom(32)
+        await self.store.run("add_invitation", invite, "erin", "grant", ["10.99.0.6/32"], 10**10)
+        attempts = []
+        for _ in range(8):
+            key = os.urandom(32)
+            attempts.append(
+                self.store.run("redeem", invite, key, lambda g, k=key: f"{g}+{k.hex()}", 1000)
+            )
+        results = await defer.DeferredList(attempts, consumeErrors=True)
+        wins = [value for ok, value in results if ok]
+        losses = [value for ok, value in results if not ok]
+        self.assertEqual(len(wins), 1)
+        self.assertTrue(all(f.check(JoinRefusedError) for f in losses))
+        snapshot = await self.store.run("snapshot")
+        self.assertEqual(snapshot.records, wins)
+
+    async def test_unreachable_etcd_is_a_store_error(self) -> None:
+        store = EtcdAgentStore(reactor, "http://127.0.0.1:9")
+        self.addCleanup(store.close)
+        with self.assertRaises(StoreError):
+            await store.run("version")

@@ -32,7 +32,7 @@ from meshguard.mesh.invitation import (
     parse_join_answer,
     parse_join_request,
 )
-from meshguard.store import JoinRefusedError, SqliteStore
+from meshguard.store import JoinRefusedError, SqliteStore, ThreadRunner
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -228,7 +228,7 @@ class JoinExchangeTests(TestCase):
         self.authority = VerifyKey(interface.mesh_authority)
         self.service = JoinService(
             reactor,
-            self.admin.store,
+            ThreadRunner(reactor, self.admin.store),
             "home",
             self.authority,
             "10.99.0.0/24",
