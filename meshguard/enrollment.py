@@ -8,7 +8,6 @@ check every :data:`POLL` seconds, in a worker thread), and with ``JoinListen`` s
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 from typing import Any
 
@@ -71,7 +70,7 @@ class Enrollment:
         """Open the store and the listening ports (privileged: port 53, the join port)."""
         interface = self.config.interface
         member_names.register(self.roster.name_of)
-        self.membership.set_authority(self.roster, interface.mesh_record, time.time())
+        self.membership.set_authority(self.roster, interface.mesh_record, self.reactor.seconds())
         if interface.mesh_record is not None and self.membership.own_name is None:
             log.warn(
                 "{path}: MeshRecord is not a valid record of mesh {mesh} (expired, or signed "
@@ -154,7 +153,7 @@ class Enrollment:
 
         def done(snapshot: Snapshot | None) -> None:
             if revocations:  # heard through the mesh: pass them on to our subscribers too
-                self.membership.announce(time.time())
+                self.membership.announce(self.reactor.seconds())
             if not self._store_ok:
                 self._store_ok = True
                 log.info("the mesh store answers again")
@@ -177,7 +176,7 @@ class Enrollment:
         read().addCallbacks(done, failed).addBoth(again)
 
     def _apply(self, snapshot: Snapshot) -> None:
-        now = time.time()
+        now = self.reactor.seconds()
         revoked_before = set(self.roster.revoked)
         for text in snapshot.revocations:
             self.roster.revoke(text)
