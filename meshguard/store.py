@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
-from meshguard.mesh.authority import b64u
+from meshguard.mesh.authority import b64u, unb64u
 
 T = TypeVar("T")
 
@@ -241,8 +241,6 @@ class SqliteStore:
         return used
 
     def keys_named(self, name: str) -> list[bytes]:
-        from meshguard.mesh.authority import unb64u
-
         rows = self._read("SELECT key FROM records WHERE name = ?", (name,))
         return [k for (text,) in rows if (k := unb64u(text)) is not None]
 
