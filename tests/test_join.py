@@ -344,3 +344,61 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(code, 0)
         _, out, _ = run_cli("members", "list", "--state-dir", self.admin.state)
         self.assertIn("(1 revoked)", out)
+
+
+class MeshConfigTests(SynchronousTestCase):
+    """The signed-membership config keys: accepted values, and errors that name the line."""
+
+    def rejected(self, line: str, fragment: str) -> None:
+        from meshguard.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(f"[Interface]\n{line}\n", "m.conf")
+        self.assertTrue(str(caught.exception).startswith("m.conf:2: "), str(caught.exception))
+        self.assertIn(fragment, str(caught.exception))
+
+    def test_values(self) -> None:
+        key = "A" * 43 + "="
+        config = parse_config(
+            "[Interface]\nMeshName = home\nMeshAuthority = " + key + "\n"
+            "MeshStore = etcd:http://10.0.0.1:2379,http://10.0.0.2:2379\n"
+            "JoinListen = *:51821\nJoinCertificate = join.pem\n",
+            "/etc/meshguard/m.conf",
+        ).interface
+        self.assertEqual(config.mesh_name, "home")
+        self.assertEqual(config.mesh_authority, bytes(32))
+        self.assertEqual(config.mesh_store, "etcd:http://10.0.0.1:2379,http://10.0.0.2:2379")
+        self.assertEqual(config.join_listen, ("0.0.0.0", 51821))
+        self.assertEqual(config.join_certificate, "/etc/meshguard/join.pem")
+        relative = parse_config("[Interface]\nMeshStore = home.db\n", "/etc/mg/m.conf")
+        self.assertEqual(relative.interface.mesh_store, "sqlite:/etc/mg/home.db")
+
+    def test_errors_name_the_line(self) -> None:
+        self.rejected("MeshName = Home!", "DNS label")
+        self.rejected("MeshAuthority = abc", "Ed25519 public key")
+        self.rejected("MeshRecord = not a record", "signed member record")
+        self.rejected("MeshStore = etcd:10.0.0.1:2379", "etcd:http://HOST:PORT")
+        self.rejected("JoinListen = example.com:51821", "ADDRESS:PORT")
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "key": st.one_of(st.text(max_size=50), st.just("A" * 43 + "=")),
+                "allowed": st.lists(st.sampled_from(["10.99.0.2/32", "x", "::/0"]), max_size=3),
+                "observed": st.one_of(st.none(), st.lists(st.integers(), max_size=2)),
+                "local": st.lists(st.text(max_size=5), max_size=2),
+                "record": st.one_of(st.none(), st.integers(), st.text(max_size=40)),
+            },
+        )
+    )
+    def test_member_entries_with_records_parse_or_are_refused(
+        self, value: dict[str, object]
+    ) -> None:
+        """Member entries carrying a record field parse strictly and round-trip."""
+        from meshguard.mesh.members import parse_member
+
+        member = parse_member(value)
+        if member is not None:
+            self.assertEqual(parse_member(member.to_json()), member)
