@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("name", metavar="NAME", nargs="?", default=None)
     status.add_argument("--json", action="store_true", help="print JSON")
     _add_operations(commands, status)
+    # Signed membership: mesh init, invite, join, members (docs/invitations.md).
+    from meshguard import mesh_cli
+
+    mesh_cli.add_commands(commands)
     return parser
 
 
@@ -248,6 +252,10 @@ def run(
         return _pubkey(stdin, stdout, stderr)
     if command == "check-config":
         return _check_config(args.path, stdout, stderr)
+    from meshguard import mesh_cli
+
+    if command in mesh_cli.COMMANDS:
+        return mesh_cli.run(args, stdout, stderr, stdin)
     if command == "ping":
         return _ping(args, stdout, stderr)
     if command == "netcheck":

@@ -9,6 +9,7 @@ and never contain key material.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -115,6 +116,14 @@ class InterfaceConfig:
     post_up: list[str] = field(default_factory=list)
     pre_down: list[str] = field(default_factory=list)
     post_down: list[str] = field(default_factory=list)
+    #: Signed membership (docs/invitations.md): the mesh's name, its authority's Ed25519 key and
+    #: this node's own signed record; on an introducer also its store and join service.
+    mesh_name: str | None = None
+    mesh_authority: bytes | None = None
+    mesh_record: str | None = field(default=None, repr=False)
+    mesh_store: str | None = None
+    join_listen: tuple[str, int] | None = None
+    join_certificate: str | None = None
 
 
 @dataclass
@@ -463,6 +472,56 @@ def _relay_pin(value: str, ctx: _Context) -> list[bytes]:
     return [digest]
 
 
+# ---- signed membership (docs/invitations.md) ------------------------------------------------
+
+
+def _mesh_name(value: str, ctx: _Context) -> str:
+    if re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", value) is None:
+        raise _BadValueError(f"MeshName {_shown(value)} is not a DNS label (a-z, 0-9, -)")
+    return value
+
+
+def _mesh_authority(value: str, ctx: _Context) -> bytes:
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise _BadValueError(
+            "MeshAuthority is not a base64 Ed25519 public key (44 characters); copy it from "
+            "the admin's `meshguard mesh init` output"
+        )
+    return raw
+
+
+def _mesh_record(value: str, ctx: _Context) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){1,3}", value) is None:
+        raise _BadValueError(
+            "MeshRecord is not a signed member record (as `meshguard join` writes it)"
+        )
+    return value
+
+
+def _mesh_store(value: str, ctx: _Context) -> str:
+    if value.startswith("etcd:"):
+        if not value[5:].startswith(("http://", "https://")):
+            raise _BadValueError(f"MeshStore {_shown(value)} is not etcd:http://HOST:PORT")
+        return value
+    path = value[len("sqlite:") :] if value.startswith("sqlite:") else value
+    return "sqlite:" + os.path.join(ctx.base_dir, path)
+
+
+def _join_listen(value: str, ctx: _Context) -> tuple[str, int]:
+    host, port = _endpoint(value.replace("*:", "0.0.0.0:", 1), ctx)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _BadValueError(
+            f"JoinListen {_shown(value)} is not ADDRESS:PORT (e.g. 0.0.0.0:51821)"
+        ) from None
+    return host, port
+
+
 # ---- the key tables --------------------------------------------------------------------------
 
 
@@ -501,6 +560,13 @@ INTERFACE_KEYS: Final[dict[str, _Key]] = _table_of(
     _Key("RelayPin", "relay_pins", _relay_pin, repeats=True),
     # Operations (docs/operations.md).
     _Key("MetricsListen", "metrics_listen", _metrics_listen),
+    # Signed membership keys (docs/invitations.md).
+    _Key("MeshName", "mesh_name", _mesh_name),
+    _Key("MeshAuthority", "mesh_authority", _mesh_authority),
+    _Key("MeshRecord", "mesh_record", _mesh_record),
+    _Key("MeshStore", "mesh_store", _mesh_store, raw=True),
+    _Key("JoinListen", "join_listen", _join_listen),
+    _Key("JoinCertificate", "join_certificate", _path("JoinCertificate"), raw=True),
 )
 
 PEER_KEYS: Final[dict[str, _Key]] = _table_of(

@@ -499,7 +499,7 @@ class Node:
 
     def apply_config(self, config: Config, *, reload: bool = False) -> None:
         # Peers learned from introducers are not the file's to remove on reload.
-        learned = set(self.members.membership.learned)
+        learned = set(self.members.membership.learned) | set(self.members.membership.enrolled)
         self.addresses = list(config.interface.addresses)
         existing = set(self.device.peers) - learned if reload else None
         self.apply(config_operations(config, existing=existing))

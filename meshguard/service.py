@@ -147,6 +147,8 @@ class NodeService(service.Service):
         #: ``PortMapping = auto``: our gateway's mapping of our UDP port (docs/portmapping.md).
         self.port_mapping: PortMapping | None = None
         self._mapped_port = 0
+        #: Signed membership, store, joins and names (``MeshName``; docs/invitations.md).
+        self.enrollment: Any = None
 
     # ------------------------------------------------------------------ start
 
@@ -198,6 +200,11 @@ class NodeService(service.Service):
 
             self.tls_relay = TlsRelay(self.config.interface, self.reactor)
             self.tls_relay.listen(node)
+        if self.config is not None and self.config.interface.mesh_name is not None:
+            from meshguard.enrollment import Enrollment
+
+            self.enrollment = Enrollment(self.config, node, self.reactor)
+            self.enrollment.open()
         self.uapi = listen_uapi(self.reactor, self.interface, node, self.uapi_directory)
         self.status_port = listen_status(
             self.reactor, self.interface, node.status_document, self.status_directory
@@ -269,6 +276,8 @@ class NodeService(service.Service):
         if self.tls_relay is not None:
             self.tls_relay.attach(self.node)
         self._sync_port_mapping()
+        if self.enrollment is not None:
+            self.enrollment.start()
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         except ValueError:
@@ -517,6 +526,9 @@ class NodeService(service.Service):
         if self.tls_relay is not None:
             self.tls_relay.stop()
             self.tls_relay = None
+        if self.enrollment is not None:
+            self.enrollment.stop()
+            self.enrollment = None
         result = gatherResults(closing) if closing else None
         node = self.node
         self.node = None

@@ -219,6 +219,22 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(list(self.hub.present()), [])
         self.assertEqual(self.hub.refused, 1)
 
+    def test_removed_member_is_cut_off_at_its_next_datagram(self) -> None:
+        """A member removed from the mesh after it connected (a revocation) gets nothing more
+        relayed: its next datagram closes its connection."""
+        members = {ALICE[1], BOB[1]}
+        self.hub.is_member = members.__contains__
+        alice, _, alice_pump = self.join(ALICE)
+        _, bob_rx, bob_pump = self.join(BOB)
+        alice_pump.flush()
+        members.discard(ALICE[1])
+        alice.send(BOB[1], b"after removal")
+        alice_pump.flush()
+        bob_pump.flush()
+        self.assertEqual(bob_rx, [])
+        self.assertIsNone(alice.connection)
+        self.assertNotIn(ALICE[1], self.hub.present())
+
     def test_wrong_proof_refused(self) -> None:
         """Claiming a member's key without its private key is refused."""
         impostor = (MALLORY[0], ALICE[1])

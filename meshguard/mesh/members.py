@@ -16,6 +16,11 @@ home sends its keepalives and nothing else).
 A member trusts lists only from its introducers, merges several introducers' lists, never touches a
 peer the user configured (nor AllowedIPs that overlap a configured peer's), and removes a learned
 peer when no introducer lists it any more.
+
+In a mesh with an authority (:mod:`meshguard.mesh.authority`) a member accepts a learned member
+only with a record the authority signed: the member's key, addresses (its AllowedIPs) and name
+come from the record, never from the introducer, and revocations (signed too) remove a member
+everywhere. An introducer then also serves the members its store enrolled (:meth:`enroll`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshguard.core.interfaces import Endpoint
@@ -37,11 +42,16 @@ from meshguard.mesh.agent import (
     keepalive_slot,
     parse_endpoint,
 )
+from meshguard.mesh.authority import MAX_TEXT, Member
+from meshguard.mesh.roster import Roster
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Entries per MEMBERS page: keeps each page well under the agent's JSON limit.
 PAGE_SIZE = 16
+#: Entries per page when entries carry signed records (larger), and revocations per message.
+SIGNED_PAGE_SIZE = 8
+REVOKED_PER_MESSAGE = 32
 #: Most members, AllowedIPs per member and LAN endpoints per member accepted from an introducer.
 MAX_MEMBERS = 4096
 MAX_ALLOWED = 64
@@ -70,9 +80,13 @@ class MemberInfo:
     local: tuple[Endpoint, ...] = ()
     #: Public endpoints the member's gateway maps to it (port mapping, docs/portmapping.md).
     mapped: tuple[Endpoint, ...] = ()
+    #: The authority-signed record of this member, passed on unchanged (None: unsigned).
+    record: str | None = None
+    #: The member's name (from its verified record only).
+    name: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        value = {
+        value: dict[str, Any] = {
             "key": base64.b64encode(self.key).decode(),
             "allowed": [str(n) for n in self.allowed],
             "observed": list(self.observed) if self.observed is not None else None,
@@ -80,6 +94,8 @@ class MemberInfo:
         }
         if self.mapped:
             value["mapped"] = [list(e) for e in self.mapped]
+        if self.record is not None:
+            value["record"] = self.record
         return value
 
 
@@ -119,7 +135,10 @@ def parse_member(value: object) -> MemberInfo | None:
         return None
     local = tuple(e for e in map(parse_endpoint, local_raw[:MAX_LOCAL]) if e is not None)
     mapped = tuple(e for e in map(parse_endpoint, mapped_raw[:MAX_MAPPED]) if e is not None)
-    return MemberInfo(key, tuple(allowed), observed, local, mapped)
+    record = value.get("record")
+    if record is not None and (not isinstance(record, str) or len(record) > MAX_TEXT):
+        return None
+    return MemberInfo(key, tuple(allowed), observed, local, mapped, record)
 
 
 def parse_page(message: dict[str, Any]) -> tuple[int, int, int, bool, list[MemberInfo]] | None:
@@ -130,7 +149,7 @@ def parse_page(message: dict[str, Any]) -> tuple[int, int, int, bool, list[Membe
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gen, page, pages)):
         return None
     assert isinstance(gen, int) and isinstance(page, int) and isinstance(pages, int)
-    if not 0 <= page < pages <= MAX_MEMBERS // PAGE_SIZE + 1 or gen < 0:
+    if not 0 <= page < pages <= MAX_MEMBERS // SIGNED_PAGE_SIZE + 1 or gen < 0:
         return None
     if not isinstance(members, list) or len(members) > PAGE_SIZE or not isinstance(relays, bool):
         return None
@@ -194,6 +213,15 @@ class Membership:
         self.dropped = 0
         self.lists_sent = 0
         self.lists_received = 0
+        #: A mesh with an authority: the verified members (None: trust introducers' lists).
+        self.roster: Roster | None = None
+        #: Our own signed record, sent with each subscription so introducers learn our name.
+        self.own_record: str | None = None
+        self.own_name: str | None = None
+        #: Introducer side: members enrolled from the store, by key (see :meth:`enroll`).
+        self.enrolled: dict[bytes, Member] = {}
+        #: Learned entries refused for a missing, forged, expired or revoked record.
+        self.refused = 0
 
     # ------------------------------------------------------------------ configuration
 
@@ -208,12 +236,61 @@ class Membership:
             self._next_subscribe.setdefault(key, now)
         self.agent.dirty = True
 
+    def set_authority(self, roster: Roster | None, own_record: str | None, now: float) -> None:
+        """Trust learned members only through ``roster`` (None: today's unsigned behaviour)."""
+        self.roster = roster
+        self.own_record = own_record
+        own = roster.accept(own_record, now) if roster is not None and own_record else None
+        self.own_name = own.name if own is not None else None
+        self._merge(now)
+
+    def enroll(self, members: list[Member], now: float) -> None:
+        """Introducer side: make our enrolled peers match ``members`` (verified records from the
+        store). A peer the user configured by hand is left as it is."""
+        revoked = self.roster.revoked if self.roster is not None else {}
+        wanted = {
+            m.key: m for m in members if m.key != self.device.public_key and m.key not in revoked
+        }
+        for key in list(self.enrolled):
+            if key not in wanted:
+                del self.enrolled[key]
+                peer = self.device.peers.get(key)
+                if peer is not None:
+                    self.device.remove_peer(key)
+                    for listener in self.listeners:
+                        listener(peer, None, set(), now)
+        for key, member in wanted.items():
+            if key in self.device.peers and key not in self.enrolled and key not in self.learned:
+                continue  # configured by the user
+            self.learned.pop(key, None)
+            peer = self.device.add_peer(key)
+            if peer is None:
+                continue
+            if self.enrolled.get(key) != member:
+                self.enrolled[key] = member
+                if set(member.addresses) != set(self.device.allowed_ips.networks(peer)):
+                    self.device.replace_allowed_ips(peer, member.addresses)
+        self.agent.dirty = True
+
+    def announce(self, now: float) -> None:
+        """Introducer side: something subscribers must hear changed (a revocation, say), even
+        if our member list looks the same: send everything again shortly."""
+        self.generation += 1
+        if self._send_at is None:
+            self._send_at = now
+        self.agent.dirty = True
+
+    def name_of(self, key: bytes) -> str | None:
+        """The member's name from its verified record, if we have one."""
+        return self.roster.name_of(key) if self.roster is not None else None
+
     def is_learned(self, peer: Peer) -> bool:
         return peer.public_key in self.learned
 
     def user_configured(self, key: bytes) -> None:
         """The user configured ``key`` by hand (config or ``wg set``): it is no longer ours."""
         self.learned.pop(key, None)
+        self.enrolled.pop(key, None)
 
     # ------------------------------------------------------------------ MeshFeature
 
@@ -224,9 +301,11 @@ class Membership:
             return
         op = message.get("op")
         if op == "subscribe":
-            self._subscribe(peer, now, message.get("gen"))
+            self._subscribe(peer, message, now)
         elif op == "list":
             self._list_received(peer, message, now)
+        elif op == "revoked" and self.roster is not None and peer.public_key in self.introducers:
+            self._revoked_received(message, now)
         else:
             self.dropped += 1
 
@@ -241,6 +320,8 @@ class Membership:
             deadlines.append(self._next_check)
         if self._send_at is not None:
             deadlines.append(self._send_at)
+        if self.roster is not None and (expiry := self.roster.next_expiry()) is not None:
+            deadlines.append(float(expiry))
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
@@ -268,6 +349,8 @@ class Membership:
                 self._next_subscribe[key] = slot
                 continue
             body: dict[str, Any] = {"op": "subscribe"}
+            if self.own_record is not None:
+                body["record"] = self.own_record
             if have and key in self._view_gen:
                 body["gen"] = self._view_gen[key]
             if self.device.send_control(peer, kinds.MEMBERS, encode_json(body), now):
@@ -279,15 +362,24 @@ class Membership:
         if self._send_at is not None and self._send_at <= now:
             self._send_at = None
             self._send_lists(now)
+        if self.roster is not None and (expiry := self.roster.next_expiry()) is not None:
+            if expiry <= now:
+                self.forget_members(self.roster.expire(now), now)
 
     def peer_status(self, peer: Peer) -> dict[str, Any]:
+        name = self.name_of(peer.public_key)
+        named: dict[str, Any] = {"name": name} if name is not None else {}
         introducers = self.learned.get(peer.public_key)
         if introducers is not None:
             return {
+                **named,
                 "member": "learned",
                 "learned_from": sorted(base64.b64encode(k).decode() for k in introducers),
             }
-        status: dict[str, Any] = {"member": "configured"}
+        status: dict[str, Any] = {
+            **named,
+            "member": "enrolled" if peer.public_key in self.enrolled else "configured",
+        }
         if peer.public_key in self.introducers:
             status["introducer"] = True
         if peer.public_key in self.subscribers:
@@ -295,23 +387,36 @@ class Membership:
         return status
 
     def node_status(self) -> dict[str, Any]:
-        return {
+        status: dict[str, Any] = {
             "members_learned": len(self.learned),
             "subscribers": len(self.subscribers),
             "forwarding": self.forwarding,
         }
+        if self.roster is not None:
+            status["mesh"] = self.roster.mesh
+            status["members_enrolled"] = len(self.enrolled)
+            status["members_refused"] = self.refused
+            status["members_revoked"] = len(self.roster.revoked)
+            if self.own_name is not None:
+                status["name"] = self.own_name
+        return status
 
     # ------------------------------------------------------------------ introducer side
 
-    def _subscribe(self, peer: Peer, now: float, gen: object = None) -> None:
+    def _subscribe(self, peer: Peer, message: dict[str, Any], now: float) -> None:
         if peer.public_key in self.learned:
             # Only peers our user configured may subscribe (they are our members).
             self.dropped += 1
             return
+        record = message.get("record")
+        if self.roster is not None and record is not None:
+            # Learn the subscriber's name; a record for another key is only ever that key's.
+            self.roster.accept(record, now)
         subscriber = self.subscribers.get(peer.public_key)
         if subscriber is None:
             subscriber = self.subscribers[peer.public_key] = _Subscriber(now)
         subscriber.last_subscribed = now
+        gen = message.get("gen")
         if gen == self.generation == subscriber.sent_gen and type(gen) is int:
             # A heartbeat from a member that has our current list: nothing to send.
             return
@@ -330,6 +435,7 @@ class Membership:
             if key in self.learned or not peer.is_meshguard:
                 continue
             state = self.agent.peers.get(key)
+            known = self.roster.members.get(key) if self.roster is not None else None
             members[key] = MemberInfo(
                 key,
                 tuple(self.device.allowed_ips.networks(peer)),
@@ -338,6 +444,7 @@ class Membership:
                 else None,
                 tuple(state.local_endpoints[:MAX_LOCAL]) if state is not None else (),
                 tuple(state.mapped_endpoints[:MAX_MAPPED]) if state is not None else (),
+                known.text if known is not None else None,
             )
         return members
 
@@ -357,26 +464,34 @@ class Membership:
 
     def _send_lists(self, now: float) -> None:
         members = sorted(self._announced.values(), key=lambda m: m.key)
+        size = PAGE_SIZE if self.roster is None else SIGNED_PAGE_SIZE
+        revoked = self.roster.revocation_texts() if self.roster is not None else []
         for key, subscriber in self.subscribers.items():
             if subscriber.sent_gen == self.generation:
                 continue
             peer = self.device.peers.get(key)
             if peer is None:
                 continue
-            entries = [m.to_json() for m in members if m.key != key]
-            pages = max(1, -(-len(entries) // PAGE_SIZE))
             sent = True
+            # Revocations first, so a member never re-learns a revoked key in between.
+            for start in range(0, len(revoked), REVOKED_PER_MESSAGE):
+                chunk = revoked[start : start + REVOKED_PER_MESSAGE]
+                body = encode_json({"op": "revoked", "revoked": chunk})
+                sent = self.device.send_control(peer, kinds.MEMBERS, body, now) and sent
+            entries = [m.to_json() for m in members if m.key != key]
+            pages = max(1, -(-len(entries) // size))
             for page in range(pages):
-                body = encode_json(
-                    {
-                        "op": "list",
-                        "gen": self.generation,
-                        "page": page,
-                        "pages": pages,
-                        "relay": self.forwarding,
-                        "members": entries[page * PAGE_SIZE : (page + 1) * PAGE_SIZE],
-                    }
-                )
+                message: dict[str, Any] = {
+                    "op": "list",
+                    "gen": self.generation,
+                    "page": page,
+                    "pages": pages,
+                    "relay": self.forwarding,
+                    "members": entries[page * size : (page + 1) * size],
+                }
+                if page == 0 and self.own_record is not None:
+                    message["self"] = self.own_record
+                body = encode_json(message)
                 sent = self.device.send_control(peer, kinds.MEMBERS, body, now) and sent
             if sent:
                 subscriber.sent_gen = self.generation
@@ -395,6 +510,11 @@ class Membership:
             self.dropped += 1
             return
         gen, page, pages, relays, members = parsed
+        own = message.get("self")
+        if self.roster is not None and own is not None:
+            self.roster.accept(own, now)  # the introducer's own record: its name
+        if self.roster is not None:
+            members = [m for m in map(lambda m: self._verified(m, now), members) if m is not None]
         assembly = self._assembly.get(key)
         if assembly is None or assembly.gen != gen or assembly.pages != pages:
             assembly = self._assembly[key] = _Assembly(gen, pages, relays)
@@ -415,6 +535,39 @@ class Membership:
             self.relaying_introducers.discard(key)
         if self._next_subscribe.get(key, 0.0) < now + RESUBSCRIBE:
             self._next_subscribe[key] = now + RESUBSCRIBE
+        self._merge(now)
+
+    def _verified(self, info: MemberInfo, now: float) -> MemberInfo | None:
+        """``info`` with the addresses and name its signed record gives, or None (refused)."""
+        assert self.roster is not None
+        member = self.roster.accept(info.record, now)
+        if member is None or member.key != info.key:
+            self.refused += 1
+            return None
+        return replace(info, allowed=member.addresses, name=member.name)
+
+    def _revoked_received(self, message: dict[str, Any], now: float) -> None:
+        assert self.roster is not None
+        texts = message.get("revoked")
+        if not isinstance(texts, list):
+            self.dropped += 1
+            return
+        gone: list[bytes] = []
+        for text in texts[:REVOKED_PER_MESSAGE]:
+            if isinstance(text, str) and (revocation := self.roster.revoke(text)) is not None:
+                gone.append(revocation.key)
+        self.forget_members(gone, now)
+
+    def forget_members(self, keys: list[bytes], now: float) -> None:
+        """These members' records expired or were revoked: they are no longer members here."""
+        if not keys:
+            return
+        for view in self.views.values():
+            for key in keys:
+                view.pop(key, None)
+        still = [m for k, m in self.enrolled.items() if k not in keys]
+        if len(still) != len(self.enrolled):
+            self.enroll(still, now)
         self._merge(now)
 
     def _introducer_gone(self, key: bytes, now: float) -> None:
@@ -439,6 +592,8 @@ class Membership:
         for introducer, view in self.views.items():
             for key, info in view.items():
                 if key == self.device.public_key or key in self.introducers:
+                    continue
+                if self.roster is not None and key in self.roster.revoked:
                     continue
                 if key in self.device.peers and key not in self.learned:
                     continue  # configured by the user: never overridden
@@ -484,4 +639,6 @@ def _merge_info(a: MemberInfo, b: MemberInfo) -> MemberInfo:
         a.observed or b.observed,
         local[:MAX_LOCAL],
         mapped[:MAX_MAPPED],
+        a.record or b.record,
+        a.name or b.name,
     )

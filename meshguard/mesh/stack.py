@@ -36,3 +36,5 @@ class MeshStack:
         if key in self.membership.learned:
             self.membership.user_configured(key)
             self.paths.states.pop(key, None)
+        elif key in self.membership.enrolled:
+            self.membership.user_configured(key)

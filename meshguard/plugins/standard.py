@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from meshguard.member_names import describe
 from meshguard.mesh import sources
 from meshguard.mesh.members import Network
 from meshguard.plugins import IEndpointSource, IPathObserver
@@ -41,7 +42,7 @@ class PathLog:
     def path_changed(self, public_key: bytes, old: str, new: str, detail: str | None) -> None:
         log.info(
             "path to member {member}: {old} -> {new}{detail}",
-            member=_short(public_key),
+            member=describe(public_key),
             old=old,
             new=new,
             detail=f" ({detail})" if detail else "",

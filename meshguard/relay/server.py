@@ -144,6 +144,11 @@ class RelayHub:
         self, source: RelayServerProtocol, destination: bytes, datagram: bytes, now: float
     ) -> None:
         assert source.member is not None
+        if not self.is_member(source.member):
+            # Removed from the mesh (a revocation) since it connected: nothing more is relayed.
+            self.refused += 1
+            source.fail(frames.E_NOT_MEMBER, "no longer a member of this relay")
+            return
         if destination == self.public_key():
             self.deliver_local(source.member, datagram)
             return
