@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from meshguard.config import KEEPALIVE_AUTO, Config, IPInterface
@@ -22,6 +23,8 @@ from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.core.peer import Peer
 from meshguard.endpoint_names import EndpointNames, Resolver, is_name
+from meshguard.flood_guard import TICK as FLOOD_TICK
+from meshguard.flood_guard import FloodGuard
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.keepalive import KeepalivePolicy
@@ -170,9 +173,17 @@ class Node:
             on_batch_start=self._tun_batch_start,
         )
         self.udp = UDPTransport(
-            self._datagram_received, reactor, listen_port, on_batch_end=self._batch_end
+            self._datagram_received,
+            reactor,
+            listen_port,
+            on_batch_end=self._batch_end,
+            wireguard_filter=True,
         )
         self.device.on_authenticated_source = self.udp.confirm_source
+        #: Sheds a flood in the kernel (meshguard/flood_guard.py), checked every FLOOD_TICK s.
+        self.flood_guard = FloodGuard(self.device, self.udp)
+        self._flood_tick = LoopingCall(lambda: self.flood_guard.tick(self._seconds()))
+        self._flood_tick.clock = reactor
         self.link = link if link is not None else Link(interface)
         #: The endpoint UAPI ``get`` reports for a peer (the TLS relay shows the last UDP one
         #: instead of its stand-in addresses).
@@ -242,12 +253,15 @@ class Node:
         self.running = True
         self.device.up(self._seconds())
         self.names.start()
+        self._flood_tick.start(FLOOD_TICK, now=False)
         self.reschedule()
 
     def stop(self) -> None:
         """Stop reading, forget sessions and close the sockets and the TUN device."""
         self.running = False
         self.names.stop()
+        if self._flood_tick.running:
+            self._flood_tick.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -378,7 +392,11 @@ class Node:
             "public_key": b64(device.public_key) if device.public_key is not None else None,
             "listen_port": self.udp.local_port,
             "mtu": self.mtu,
-            "node": {**self.mesh.node_status(), "udp_offload": self.udp.offload_status()},
+            "node": {
+                **self.mesh.node_status(),
+                "udp_offload": self.udp.offload_status(),
+                "flood_guard": self.flood_guard.status(),
+            },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
             "peers": peers,
         }
