@@ -13,16 +13,16 @@ What may pass, for a datagram whose payload starts with a little-endian type and
 bytes:
 
 - type 1 (initiation, 148 bytes), 2 (response, 92), 3 (cookie reply, 64): exactly that size, or
-  at least that size plus 32. The second form is a GRO bundle: a socket with ``UDP_GRO`` may be
+  at least that size plus 20. The second form is a GRO bundle: a socket with ``UDP_GRO`` may be
   handed several datagrams of one flow coalesced into one buffer (all segments the size of the
   first, the last no larger), and the filter sees only the first header and the total length;
-  the smallest datagram that can follow is a 32-byte keepalive.
+  the smallest datagram that can follow is a 20-byte mesh probe.
 - type 4 (transport): at least 32 bytes and a length that is a multiple of 16, or 4 or 12 more
   than one. A single transport message is always a multiple of 16; a GRO bundle led by one may
   end with any message of ours (an initiation, 148 = 4 mod 16; a response, 92 = 12 mod 16; a
   mesh probe, 20 = 4 mod 16), so those remainders must pass too.
 - the mesh layer's probes (``MGn`` and a kind byte, a fixed size each, see
-  :data:`MESH_DATAGRAMS`).
+  :data:`MESH_DATAGRAMS`), or a GRO bundle of them (a multiple of that size).
 
 Everything else is dropped: unknown types, nonzero reserved bytes, sizes no message or bundle of
 ours can have.
@@ -90,12 +90,15 @@ _TYPE_RESPONSE = 0x02000000
 _TYPE_COOKIE = 0x03000000
 _TYPE_TRANSPORT = 0x04000000
 _HANDSHAKE_SIZES = {_TYPE_INITIATION: 148, _TYPE_RESPONSE: 92, _TYPE_COOKIE: 64}
-_SMALLEST_MESSAGE = 32  # a keepalive: the least that can follow in a GRO bundle
+_SMALLEST_MESSAGE = 32  # a keepalive: the shortest transport message
 
 #: Datagrams of the mesh layer that share the port: (first four bytes, exact size).
 MESH_DATAGRAMS: tuple[tuple[bytes, int], ...] = tuple(
     (magic, DATAGRAM_SIZE) for magic in (PROBE_MAGIC, ACK_MAGIC, ECHO_MAGIC, CHECK_MAGIC)
 )
+
+#: The shortest datagram that can follow another in a GRO bundle (a mesh probe, else a keepalive).
+_SMALLEST_FOLLOWER = min([_SMALLEST_MESSAGE, *(size for _, size in MESH_DATAGRAMS)])
 
 #: Compares per run between two local ``ret`` instructions, so every jump stays under 256.
 _CHUNK = 200
@@ -182,17 +185,22 @@ def port_filter(
 
     for i, (_, size) in enumerate(mesh_datagrams):
         asm.label(f"mesh{i}")
+        # One probe, or a GRO bundle of them (nothing shorter can follow): a multiple of its size.
         asm.op(LD | W | LEN)
-        asm.op(JMP | JEQ | K, hdr + size, 0, 1)
+        asm.op(JMP | JGE | K, hdr + size, 0, "mdrop")
+        asm.op(ALU | SUB | K, hdr)
+        asm.op(ALU | MOD | K, size)
+        asm.op(JMP | JEQ | K, 0, 0, "mdrop")
         asm.op(RET | K, ACCEPT)
-        asm.op(RET | K, DROP)
+    asm.label("mdrop")
+    asm.op(RET | K, DROP)
 
     # Handshake messages: the exact size, or a GRO bundle led by one.
     for size in _HANDSHAKE_SIZES.values():
         asm.label(f"size{size}")
         asm.op(LD | W | LEN)
         asm.op(JMP | JEQ | K, hdr + size, "handshake", 0)
-        asm.op(JMP | JGE | K, hdr + size + _SMALLEST_MESSAGE, "handshake", "hdrop")
+        asm.op(JMP | JGE | K, hdr + size + _SMALLEST_FOLLOWER, "handshake", "hdrop")
     asm.label("hdrop")
     asm.op(RET | K, DROP)
 
