@@ -420,7 +420,19 @@ def write_config(path: Path, private: str, own: str, peer_public: str, peer: str
     path.chmod(0o600)
 
 
-def start_meshguard(tb: Testbed, hosts: Hosts, args: argparse.Namespace) -> Tunnel:
+#: meshguard with parts of its flood defence switched off, to measure what each step is worth
+#: (module switches set before twistd runs).
+VARIANTS = {
+    "meshguard": "",
+    "meshguard-noshed": "import meshguard.flood_guard as g; g.ON_RATE = float('inf'); ",
+    "meshguard-nofilter": "import meshguard.flood_guard as g; g.ON_RATE = float('inf'); "
+    "import meshguard.udp as u; u.USE_SOCKET_FILTER = False; ",
+}
+
+
+def start_meshguard(
+    tb: Testbed, hosts: Hosts, args: argparse.Namespace, variant: str = "meshguard"
+) -> Tunnel:
     a_key, b_key = wg_keypair(), wg_keypair()
     a_if, b_if = tb.ifname("mga"), tb.ifname("mgb")
     a_conf, b_conf = tb.log_dir / f"{a_if}.conf", tb.log_dir / f"{b_if}.conf"
@@ -429,8 +441,11 @@ def start_meshguard(tb: Testbed, hosts: Hosts, args: argparse.Namespace) -> Tunn
     procs = []
     for ns, conf, ifname in ((hosts.a, a_conf, a_if), (hosts.b, b_conf, b_if)):
         argv = shlex.split(args.meshguard_cmd.format(config=conf, ifname=ifname))
+        if VARIANTS[variant] and argv[0] == "twistd":
+            code = VARIANTS[variant] + "from twisted.scripts.twistd import run; run()"
+            argv = [sys.executable, "-c", code, *argv[1:]]
         procs.append(tb.spawn(ns, argv, env=meshguard_env(), cwd=REPO))
-    return Tunnel("meshguard", a_if, b_if, a_key, b_key, procs[1])
+    return Tunnel(variant, a_if, b_if, a_key, b_key, procs[1])
 
 
 def start_wireguard_go(tb: Testbed, hosts: Hosts, name: str, binary: str) -> Tunnel:
@@ -570,8 +585,8 @@ def bench(name: str, args: argparse.Namespace, flooder: Path, workdir: Path) -> 
     with Testbed(logdir=Path(tempfile.mkdtemp(prefix=f"flood-{name.replace('/', '_')}-"))) as tb:
         print(f"{name}: logs in {tb.log_dir}", flush=True)
         hosts = three_hosts(tb)
-        if name == "meshguard":
-            tunnel = start_meshguard(tb, hosts, args)
+        if name in VARIANTS:
+            tunnel = start_meshguard(tb, hosts, args, name)
         else:
             binary = (
                 args.wireguard_go if name == "wireguard-go(shared)" else "/usr/bin/wireguard-go"
@@ -595,7 +610,7 @@ def bench(name: str, args: argparse.Namespace, flooder: Path, workdir: Path) -> 
                 f"flooder {run.flooder}, RSS {run.rss_before} -> max {run.rss_max} KiB",
                 flush=True,
             )
-        if name == "meshguard":
+        if name in VARIANTS:
             result.note = meshguard_counters(tunnel.b_if)
     return result
 
@@ -676,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         default="meshguard,wireguard-go",
         help="comma-separated: meshguard, wireguard-go (Debian's), and with --wireguard-go also "
-        "wireguard-go(shared)",
+        "wireguard-go(shared); meshguard-noshed (socket filter, no flood guard) and "
+        "meshguard-nofilter (neither) measure the steps",
     )
     parser.add_argument(
         "--wireguard-go", default=None, help="another wireguard-go binary to run beside Debian's"
