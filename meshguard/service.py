@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from meshguard.capabilities import keep_across_uid_change, retain_net_admin
 from meshguard.config import MAX_MTU, MIN_MTU, MIN_MTU_IPV6, Config, ConfigError, load_config
 from meshguard.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.link import LinkError
@@ -144,6 +145,8 @@ class NodeService(service.Service):
     # ------------------------------------------------------------------ start
 
     def privilegedStartService(self) -> None:
+        # twistd --uid switches users next: keep CAP_NET_ADMIN across it (startService).
+        keep_across_uid_change()
         try:
             self._set_up()
         except STARTUP_ERRORS as e:
@@ -221,6 +224,13 @@ class NodeService(service.Service):
         if self.node is None:
             self.privilegedStartService()
         assert self.node is not None
+        if not retain_net_admin():
+            log.warn(
+                "running as uid {uid} without CAP_NET_ADMIN: reloads, routes and MTU changes "
+                "will fail; run as root or with AmbientCapabilities=CAP_NET_ADMIN "
+                "(examples/meshguard@.service)",
+                uid=os.geteuid(),
+            )
         self.node.start()
         if self.tls_relay is not None:
             self.tls_relay.attach(self.node)

@@ -18,6 +18,7 @@ class Options(usage.Options):
         ["config", "c", None, "Config file (wg-quick format, meshguard superset)."],
         ["interface", "i", None, "Interface name (default: the config file's stem)."],
         ["uapi-dir", None, "/var/run/wireguard", "Directory of the UAPI sockets (wg's)."],
+        ["status-dir", None, "/var/run/meshguard", "Directory of the status sockets."],
     ]
 
     def postOptions(self) -> None:
@@ -43,5 +44,6 @@ def makeService(options: Options) -> IService:
         config,
         config_path=options["config"],
         uapi_directory=options["uapi-dir"],
+        status_directory=options["status-dir"],
         daemon=parent is not None and not parent.get("nodaemon", True),
     )
