@@ -28,6 +28,7 @@ __all__ = ["CAP_NET_ADMIN", "has_effective", "keep_across_uid_change", "retain_n
 CAP_NET_ADMIN = 12
 _PR_SET_KEEPCAPS = 8
 _PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_IS_SET = 1
 _PR_CAP_AMBIENT_RAISE = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
@@ -93,9 +94,16 @@ def retain_net_admin() -> bool:
     word, bit = CAP_NET_ADMIN // 32, 1 << (CAP_NET_ADMIN % 32)
     if not data[word].permitted & bit:
         return False
+    if (
+        data[word].effective & bit
+        and data[word].permitted == data[word].inheritable == bit
+        and not data[1 - word].permitted
+        and libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_IS_SET, CAP_NET_ADMIN, 0, 0) == 1
+    ):
+        return True  # already so (systemd's AmbientCapabilities=), and capset may be filtered
     wanted = (_Data * 2)()
     wanted[word].effective = wanted[word].permitted = wanted[word].inheritable = bit
     if libc.capset(ctypes.byref(header), wanted) != 0:
-        return False
+        return bool(data[word].effective & bit)
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, CAP_NET_ADMIN, 0, 0)
     return True
