@@ -505,7 +505,10 @@ def transfer(tb: Testbed, hosts: Hosts, nbytes: int, timeout: float) -> float:
             sink.wait(15)
         except subprocess.TimeoutExpired:
             return 0.0
-        got, seconds = tb.log_tail(sink, 200).strip().splitlines()[-1].split()
+        fields = (tb.log_tail(sink, 200).strip().splitlines() or [""])[-1].split()
+        if len(fields) != 2:
+            return 0.0
+        got, seconds = fields
         return int(got) / (1 << 20) / max(float(seconds), 1e-6)
     finally:
         tb.stop(sink)

@@ -341,6 +341,8 @@ class NodeService(service.Service):
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {error}", error=str(e))
             return
+        for warning in config.warnings:
+            log.warn("{warning}", warning=warning)
         old = self.config
         self.config = config
         node = self.node

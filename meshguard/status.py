@@ -18,6 +18,8 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from meshguard.peer_credentials import refuse_other_users
+
 log = Logger()
 
 DEFAULT_DIRECTORY = "/var/run/meshguard"
@@ -32,6 +34,8 @@ class StatusProtocol(protocol.Protocol):
         self.snapshot = snapshot
 
     def connectionMade(self) -> None:
+        if refuse_other_users(self.transport, "status socket"):
+            return
         try:
             document = self.snapshot()
         except Exception:

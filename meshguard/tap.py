@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from meshguard.config import ConfigError, load_config
 from meshguard.service import NodeService, StartupError
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -38,6 +41,8 @@ def makeService(options: Options) -> IService:
         config = load_config(options["config"])
     except ConfigError as e:
         raise StartupError(str(e)) from e
+    for warning in config.warnings:  # e.g. a key file others may read: say so, run anyway
+        log.warn("{warning}", warning=warning)
     parent = getattr(options, "parent", None)  # twistd's own options, when run by twistd
     return NodeService(
         options["interface"],
