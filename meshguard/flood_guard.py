@@ -53,6 +53,7 @@ HOSTILE_COUNTERS = (
     "unknown_index",
     "decrypt_failed",
     "cookie_rejected",
+    "handshake_backlog_full",
 )
 
 

@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -180,6 +181,9 @@ class Node:
             wireguard_filter=True,
         )
         self.device.on_authenticated_source = self.udp.confirm_source
+        #: Handshakes wait behind each read batch's transport data (Device.handshake_backlog).
+        self.device.handshake_backlog = deque()
+        self._backlog_call: IDelayedCall | None = None
         #: Sheds a flood in the kernel (meshguard/flood_guard.py), checked every FLOOD_TICK s.
         self.flood_guard = FloodGuard(self.device, self.udp)
         self._flood_tick = LoopingCall(lambda: self.flood_guard.tick(self._seconds()))
@@ -265,6 +269,11 @@ class Node:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._backlog_call is not None and self._backlog_call.active():
+            self._backlog_call.cancel()
+        self._backlog_call = None
+        if self.device.handshake_backlog:
+            self.device.handshake_backlog.clear()
         self.device.down()
         self.device.io = _DataPath(_discard_datagram, _discard_packet)
         self.udp.close()
@@ -320,9 +329,17 @@ class Node:
     def _batch_end(self) -> None:
         """After a drained batch: send what was held, and move the reactor timer only if a
         deadline moved earlier."""
+        if self.device.handshake_backlog and self.device.run_handshake_backlog(self._seconds()):
+            # More handshakes wait: after the reactor's next look at the sockets.
+            if self._backlog_call is None or not self._backlog_call.active():
+                self._backlog_call = self.reactor.callLater(0, self._backlog_turn)
         self.udp.flush()
         if self.device.timers.dirty or self.mesh.dirty:
             self.reschedule()
+
+    def _backlog_turn(self) -> None:
+        self._backlog_call = None
+        self._batch_end()
 
     def local_endpoints(self) -> list[Endpoint]:
         """Our LAN candidates: the host's addresses outside the tunnel, with our UDP port."""
