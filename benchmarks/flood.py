@@ -424,6 +424,7 @@ def write_config(path: Path, private: str, own: str, peer_public: str, peer: str
 #: (module switches set before twistd runs).
 VARIANTS = {
     "meshguard": "",
+    "meshguard-nobacklog": "import meshguard.node as n; n.deque = lambda: None; ",
     "meshguard-noshed": "import meshguard.flood_guard as g; g.ON_RATE = float('inf'); ",
     "meshguard-nofilter": "import meshguard.flood_guard as g; g.ON_RATE = float('inf'); "
     "import meshguard.udp as u; u.USE_SOCKET_FILTER = False; ",
@@ -694,8 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         default="meshguard,wireguard-go",
         help="comma-separated: meshguard, wireguard-go (Debian's), and with --wireguard-go also "
-        "wireguard-go(shared); meshguard-noshed (socket filter, no flood guard) and "
-        "meshguard-nofilter (neither) measure the steps",
+        "wireguard-go(shared); meshguard-nobacklog (no handshake backlog), meshguard-noshed "
+        "(socket filter, no flood guard) and meshguard-nofilter (neither) measure the steps",
     )
     parser.add_argument(
         "--wireguard-go", default=None, help="another wireguard-go binary to run beside Debian's"
