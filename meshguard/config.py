@@ -186,6 +186,9 @@ def _base64_key(value: str, name: str, advice: str) -> bytes:
 
 def _secret_from_file(value: str, ctx: _Context, name: str, advice: str) -> bytes:
     path = os.path.join(ctx.base_dir, value)
+    if "\0" in path:
+        # open() would raise ValueError, not OSError (found by tests/fuzz/fuzz_config.py).
+        raise _BadValueError(f"{name} {_shown(path)} contains a NUL byte")
     try:
         text = ctx.read_secret(path)
     except OSError as e:
@@ -763,7 +766,7 @@ def loose_key_file(path: str) -> str | None:
     only its owner may, or it cannot be checked)."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:
+    except (OSError, ValueError):
         return None
     if not stat.S_ISREG(mode) or not mode & 0o077:
         return None

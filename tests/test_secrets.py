@@ -20,7 +20,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshguard.config import load_config, parse_config
+from meshguard.config import ConfigError, load_config, parse_config
 from meshguard.core.crypto import generate_private_key
 from meshguard.node import Node
 from meshguard.status import listen_status, socket_path
@@ -86,6 +86,20 @@ class KeyFileModeTests(SynchronousTestCase):
             load_config(conf).warnings,
             [f"{conf}: holds a key and is readable by its group; run 'chmod 600 {conf}'"],
         )
+
+    def test_nul_in_a_key_file_name_is_a_config_error(self) -> None:
+        """Found by the config fuzz target: a NUL byte in PrivateKeyFile or PresharedKeyFile
+        made open() raise ValueError out of the parser; now it is an error naming the line."""
+        for key in ("PrivateKeyFile", "PresharedKeyFile"):
+            text = (
+                f"[Interface]\nPrivateKey = {b64(PRIVATE)}\n\n[Peer]\nPublicKey = {b64(PEER)}\n"
+                if key == "PresharedKeyFile"
+                else "[Interface]\n"
+            ) + f"{key} = mi\0ssing\n"
+            path = self.write(f"nul-{key}.conf", text, 0o600)
+            error = self.assertRaises(ConfigError, load_config, path)
+            self.assertIn("NUL byte", str(error))
+            self.assertIn(f"{path}:", str(error))
 
     def test_warnings_never_show_the_key(self) -> None:
         warnings = " ".join(self.config_with_files(0o644, 0o644))

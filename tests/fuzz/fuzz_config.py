@@ -6,14 +6,14 @@ import atheris
 import harness
 
 with atheris.instrument_imports(include=["meshguard"]):
-    from meshguard.config import ConfigError, parse_config, to_uapi_set
+    from meshguard.config import ConfigError, _read_secret_file, parse_config, to_uapi_set
 
 _KEY = "YBk6X3pP8KjKz2L7RqTUyJ6CXyfTnWoh0qGFGf5TlFA="
 
 
 def _read_secret(path: str) -> str:
-    if path.endswith("missing"):
-        raise OSError(2, "No such file or directory")
+    if path.endswith("missing") or "\0" in path:
+        return _read_secret_file(path)  # the real reader: its errors, as in life
     return path.rsplit("/", 1)[-1] if path.endswith("=") else _KEY
 
 
