@@ -33,7 +33,8 @@ TARGET_RATE = 500.0
 QUIET_RATE = 100.0
 #: Ticks in a row below QUIET_RATE before the sample grows (or shedding ends).
 QUIET_TICKS = 8
-#: The first sample when shedding starts (one in 64) and the smallest (one in 65536).
+#: The first sample when shedding starts (one in 64, or less if the flood is big enough to
+#: need it: the rate seen divided by TARGET_RATE) and the smallest (one in 65536).
 FIRST_MASK = 63
 MAX_MASK = 0xFFFF
 #: More live indices than this and the filter stops checking receivers (program size limit).
@@ -93,7 +94,10 @@ class FloodGuard:
         if self.shedding is None:
             if rate < ON_RATE:
                 return
+            # Start with a sample that brings what reaches Python near the target at once.
             self.mask = FIRST_MASK
+            while self.mask < MAX_MASK and rate / (self.mask + 1) > TARGET_RATE:
+                self.mask = self.mask * 2 + 1
             self.episodes += 1
             self._quiet = 0
         elif rate > TARGET_RATE:

@@ -79,6 +79,11 @@ class FloodGuardTests(SynchronousTestCase):
         self.assertIsNone(self.shedder.calls[-1])
         self.assertEqual(steps, flood_guard.QUIET_TICKS * periods)
 
+    def test_big_flood_starts_with_a_smaller_sample(self) -> None:
+        """100,000/s: the first sample already brings it near the target (1/256 -> ~390/s)."""
+        self.flood(100_000)
+        self.assertEqual(self.guard.mask, 255)
+
     def test_sample_never_exceeds_the_largest_mask(self) -> None:
         self.flood(flood_guard.ON_RATE * 2)
         self.flood(flood_guard.ON_RATE * 100, ticks=40)
