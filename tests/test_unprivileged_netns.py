@@ -4,7 +4,8 @@ Two ways to run without root hold only ``CAP_NET_ADMIN``: ``setpriv`` with the c
 ambient (what systemd's ``AmbientCapabilities=`` does, examples/meshguard@.service), and
 ``twistd --uid/--gid`` started as root (meshguard/capabilities.py keeps the capability across
 twistd's user switch). Each node is checked to run as ``nobody`` with no capability but
-``CAP_NET_ADMIN``, and then to apply a reload (SIGHUP): a new route, a new address and a new MTU.
+``CAP_NET_ADMIN``, to route a member its introducer told it about, and then to apply a reload
+(SIGHUP): a new route, a new address and a new MTU.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class UnprivilegedNodeTests(TestCase):
         require_root_netns(self, binaries=("ip", "setpriv", "ping"))
         self.tb = Testbed(self)
         self.hosts = two_hosts(self.tb)
-        self.a_key, self.b_key = wg_keypair(), wg_keypair()
+        self.a_key, self.b_key, self.c_key = wg_keypair(), wg_keypair(), wg_keypair()
         # The unprivileged node's files live where nobody can read and write them.
         self.home = Path(tempfile.mkdtemp(prefix="mg-unpriv-"))
         self.addCleanup(shutil.rmtree, self.home, True)
@@ -64,11 +65,36 @@ class UnprivilegedNodeTests(TestCase):
                         self.a_key.public,
                         allowed_ips=["10.99.0.1/32", "10.99.7.1/32"],
                         endpoint=f"{self.hosts.a_addr}:{PORT}",
-                    )
+                    ),
+                    # A member B introduces to A: A learns it and routes its AllowedIPs.
+                    MeshguardPeer(self.c_key.public, allowed_ips=["10.98.0.3/32"]),
                 ],
             ),
         )
         start_meshguard(self.tb, self.hosts.b, b_conf, b_if)
+        # C: a member of B's, behind B on its own link, that B lists to A.
+        c = self.tb.netns("c")
+        self.tb.veth(c, "eth0", self.hosts.b, "eth1")
+        self.tb.addr(c, "eth0", "10.0.1.1/24")
+        self.tb.addr(self.hosts.b, "eth1", "10.0.1.2/24")
+        c_if = self.tb.ifname("uc")
+        c_text = meshguard_config_text(
+            self.c_key.private,
+            listen_port=PORT,
+            addresses=["10.98.0.3/24"],
+            peers=[
+                MeshguardPeer(
+                    self.b_key.public,
+                    allowed_ips=["10.99.0.2/32"],
+                    endpoint=f"10.0.1.2:{PORT}",
+                    persistent_keepalive=25,
+                )
+            ],
+        )
+        c_conf = write_meshguard_config(
+            self.tb.log_dir / f"{c_if}.conf", c_text + "Introducer = yes\n"
+        )
+        start_meshguard(self.tb, c, c_conf, c_if)
         # 10.99.5.1 on B stands for a network behind B that A learns a route to on reload.
         self.tb.ip(self.hosts.b, "addr", "add", "10.99.5.1/32", "dev", "lo")
 
@@ -88,7 +114,8 @@ class UnprivilegedNodeTests(TestCase):
         )
 
     def write_a_config(self, path: Path, *, reloaded: bool) -> None:
-        path.write_text(self.a_config(reloaded=reloaded))
+        # B is A's introducer (the last and only [Peer] section).
+        path.write_text(self.a_config(reloaded=reloaded) + "Introducer = yes\n")
         path.chmod(0o600)
         os.chown(path, NOBODY, NOBODY)
 
@@ -134,6 +161,17 @@ class UnprivilegedNodeTests(TestCase):
         status = self.status_of(proc.pid)
         self.assertEqual(status["Uid"].split()[1], str(NOBODY), status["Uid"])
         self.assertEqual(int(status["CapEff"], 16), CAP_NET_ADMIN_MASK, status["CapEff"])
+        # A learned member's route, added after start.
+        self.tb.wait_for(
+            lambda: "10.98.0.3" in self.tb.ip(a, "route", "show", "dev", a_if),
+            timeout=20,
+            what="route to the member B introduced",
+        )
+        self.tb.wait_for(
+            lambda: self.tb.ping(a, "10.98.0.3", timeout=1),
+            timeout=15,
+            what="ping to the learned member (relayed by B)",
+        )
         # Reload: a new AllowedIPs range (a route), a new address and a new MTU.
         self.write_a_config(conf, reloaded=True)
         os.kill(proc.pid, signal.SIGHUP)
