@@ -200,12 +200,18 @@ def _base64_key(value: str, name: str, advice: str) -> bytes:
 
 def _secret_from_file(value: str, ctx: _Context, name: str, advice: str) -> bytes:
     path = os.path.join(ctx.base_dir, value)
+    if "\0" in path:
+        # open() would raise ValueError, not OSError (found by tests/fuzz/fuzz_config.py).
+        raise _BadValueError(f"{name} {_shown(path)} contains a NUL byte")
     try:
         text = ctx.read_secret(path)
     except OSError as e:
         raise _BadValueError(f"cannot read {name} {_shown(path)}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         text = ""
+    loose = loose_key_file(path)
+    if loose is not None:
+        ctx.warnings.append(loose)
     try:
         return keys.key_from_base64(text.strip(_WHITESPACE))
     except ValueError:
@@ -841,11 +847,23 @@ def load_config(path: str) -> Config:
     config = parse_config(text, path)
     # Only keys written in the file itself; a key file's own mode is the key file's business.
     holds_key = _INLINE_SECRET.search(text) is not None
-    if holds_key and stat.S_ISREG(mode) and mode & 0o007:
-        config.warnings.insert(
-            0, f"{path}: holds a key and is world accessible; run 'chmod 600 {path}'"
-        )
+    if holds_key and stat.S_ISREG(mode) and mode & 0o077:
+        who = "is world accessible" if mode & 0o007 else "is readable by its group"
+        config.warnings.insert(0, f"{path}: holds a key and {who}; run 'chmod 600 {path}'")
     return config
+
+
+def loose_key_file(path: str) -> str | None:
+    """A warning when the key file at ``path`` may be read by its group or others (None when
+    only its owner may, or it cannot be checked)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(mode) or not mode & 0o077:
+        return None
+    who = "world accessible" if mode & 0o007 else "readable by its group"
+    return f"{path}: key file is {who}; run 'chmod 600 {path}'"
 
 
 def _uapi_endpoint(endpoint: tuple[str, int]) -> str | None:

@@ -11,10 +11,12 @@ import errno
 import ipaddress
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from meshguard.config import KEEPALIVE_AUTO, Config, IPInterface
@@ -22,6 +24,8 @@ from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.core.peer import Peer
 from meshguard.endpoint_names import EndpointNames, Resolver, is_name
+from meshguard.flood_guard import TICK as FLOOD_TICK
+from meshguard.flood_guard import FloodGuard
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.keepalive import KeepalivePolicy
@@ -171,9 +175,20 @@ class Node:
             on_batch_start=self._tun_batch_start,
         )
         self.udp = UDPTransport(
-            self._datagram_received, reactor, listen_port, on_batch_end=self._batch_end
+            self._datagram_received,
+            reactor,
+            listen_port,
+            on_batch_end=self._batch_end,
+            wireguard_filter=True,
         )
         self.device.on_authenticated_source = self.udp.confirm_source
+        #: Handshakes wait behind each read batch's transport data (Device.handshake_backlog).
+        self.device.handshake_backlog = deque()
+        self._backlog_call: IDelayedCall | None = None
+        #: Sheds a flood in the kernel (meshguard/flood_guard.py), checked every FLOOD_TICK s.
+        self.flood_guard = FloodGuard(self.device, self.udp)
+        self._flood_tick = LoopingCall(lambda: self.flood_guard.tick(self._seconds()))
+        self._flood_tick.clock = reactor
         self.link = link if link is not None else Link(interface)
         #: The endpoint UAPI ``get`` reports for a peer (the TLS relay shows the last UDP one
         #: instead of its stand-in addresses).
@@ -254,15 +269,23 @@ class Node:
         self.running = True
         self.device.up(self._seconds())
         self.names.start()
+        self._flood_tick.start(FLOOD_TICK, now=False)
         self.reschedule()
 
     def stop(self) -> None:
         """Stop reading, forget sessions and close the sockets and the TUN device."""
         self.running = False
         self.names.stop()
+        if self._flood_tick.running:
+            self._flood_tick.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._backlog_call is not None and self._backlog_call.active():
+            self._backlog_call.cancel()
+        self._backlog_call = None
+        if self.device.handshake_backlog:
+            self.device.handshake_backlog.clear()
         self.device.down()
         self.device.io = _DataPath(_discard_datagram, _discard_packet)
         self.udp.close()
@@ -318,9 +341,17 @@ class Node:
     def _batch_end(self) -> None:
         """After a drained batch: send what was held, and move the reactor timer only if a
         deadline moved earlier."""
+        if self.device.handshake_backlog and self.device.run_handshake_backlog(self._seconds()):
+            # More handshakes wait: after the reactor's next look at the sockets.
+            if self._backlog_call is None or not self._backlog_call.active():
+                self._backlog_call = self.reactor.callLater(0, self._backlog_turn)
         self.udp.flush()
         if self.device.timers.dirty or self.mesh.dirty:
             self.reschedule()
+
+    def _backlog_turn(self) -> None:
+        self._backlog_call = None
+        self._batch_end()
 
     def local_endpoints(self) -> list[Endpoint]:
         """Our LAN candidates: the host's addresses outside the tunnel, with our UDP port."""
@@ -410,6 +441,7 @@ class Node:
                     if self.port_mapping_status is not None
                     else {}
                 ),
+                "flood_guard": self.flood_guard.status(),
             },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
             "peers": peers,

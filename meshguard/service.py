@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from meshguard.capabilities import keep_across_uid_change, retain_net_admin
 from meshguard.config import MAX_MTU, MIN_MTU, MIN_MTU_IPV6, Config, ConfigError, load_config
 from meshguard.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.link import LinkError
@@ -153,6 +154,8 @@ class NodeService(service.Service):
     # ------------------------------------------------------------------ start
 
     def privilegedStartService(self) -> None:
+        # twistd --uid switches users next: keep CAP_NET_ADMIN across it (startService).
+        keep_across_uid_change()
         try:
             self._set_up()
         except STARTUP_ERRORS as e:
@@ -272,6 +275,13 @@ class NodeService(service.Service):
         if self.node is None:
             self.privilegedStartService()
         assert self.node is not None
+        if not retain_net_admin():
+            log.warn(
+                "running as uid {uid} without CAP_NET_ADMIN: reloads, routes and MTU changes "
+                "will fail; run as root or with AmbientCapabilities=CAP_NET_ADMIN "
+                "(examples/meshguard@.service)",
+                uid=os.geteuid(),
+            )
         self.node.start()
         if self.tls_relay is not None:
             self.tls_relay.attach(self.node)
@@ -427,6 +437,8 @@ class NodeService(service.Service):
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {error}", error=str(e))
             return
+        for warning in config.warnings:
+            log.warn("{warning}", warning=warning)
         old = self.config
         self.config = config
         if old is not None and config.interface.metrics_listen != old.interface.metrics_listen:

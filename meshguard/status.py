@@ -24,6 +24,8 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
+from meshguard.peer_credentials import refuse_other_users
+
 log = Logger()
 
 DEFAULT_DIRECTORY = "/var/run/meshguard"
@@ -87,7 +89,8 @@ class StatusProtocol(LineOnlyReceiver):
         self._reply: Reply | None = None
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
+        if refuse_other_users(self.transport, "status socket"):
+            return
         self._reply = Reply(self.transport)
         if self.clock is None:
             self._answer_status()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from meshguard.config import ConfigError, load_config
 from meshguard.service import NodeService, StartupError
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -18,6 +21,7 @@ class Options(usage.Options):
         ["config", "c", None, "Config file (wg-quick format, meshguard superset)."],
         ["interface", "i", None, "Interface name (default: the config file's stem)."],
         ["uapi-dir", None, "/var/run/wireguard", "Directory of the UAPI sockets (wg's)."],
+        ["status-dir", None, "/var/run/meshguard", "Directory of the status sockets."],
     ]
 
     def postOptions(self) -> None:
@@ -37,11 +41,14 @@ def makeService(options: Options) -> IService:
         config = load_config(options["config"])
     except ConfigError as e:
         raise StartupError(str(e)) from e
+    for warning in config.warnings:  # e.g. a key file others may read: say so, run anyway
+        log.warn("{warning}", warning=warning)
     parent = getattr(options, "parent", None)  # twistd's own options, when run by twistd
     return NodeService(
         options["interface"],
         config,
         config_path=options["config"],
         uapi_directory=options["uapi-dir"],
+        status_directory=options["status-dir"],
         daemon=parent is not None and not parent.get("nodaemon", True),
     )

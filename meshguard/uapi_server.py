@@ -17,6 +17,7 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IListeningPort, IReactorUNIX
 from twisted.logger import Logger
 
+from meshguard.peer_credentials import refuse_other_users
 from meshguard.uapi import (
     DEFAULT_MAX_REQUEST_SIZE,
     ERRNO_UNKNOWN,
@@ -82,8 +83,14 @@ class UAPIProtocol(protocol.Protocol):
     def __init__(self, backend: UAPIBackend, max_request_size: int) -> None:
         self._backend = backend
         self._parser = UAPIRequestParser(max_request_size)
+        self._refused = False
+
+    def connectionMade(self) -> None:
+        self._refused = refuse_other_users(self.transport, "UAPI socket")
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         out = cast(_StreamTransport, self.transport)
         for request in self._parser.feed(data):
             match request:

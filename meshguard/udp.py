@@ -52,6 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from meshguard import socket_filter
 from meshguard.tun import FDReactor
 
 __all__ = ["UDPBindError", "UDPError", "UDPTransport", "split_datagrams"]
@@ -87,6 +88,10 @@ USE_GRO = True
 GSO_MAX_SEGMENTS = 64
 #: Most bytes in one GSO send: the buffer must fit one IP packet (65507 bytes of UDP payload).
 GSO_MAX_BYTES = 65000
+
+#: Attach the kernel filter (meshguard/socket_filter.py) that drops what cannot be a message of
+#: ours; False leaves every datagram to Python (for measuring what the filter is worth).
+USE_SOCKET_FILTER = True
 
 #: Socket buffer size asked for; large buffers absorb bursts between reactor iterations.
 SOCKET_BUFFER = 4 << 20
@@ -330,8 +335,13 @@ class UDPTransport:
         port: int,
         fwmark: int = 0,
         on_batch_end: Callable[[], None] | None = None,
+        *,
+        wireguard_filter: bool = False,
     ) -> None:
         self._receiver = receiver
+        #: Whether the sockets carry the kernel filter for WireGuard's port (the node's do;
+        #: a generic datagram transport does not).
+        self._wireguard_filter = wireguard_filter
         self._reactor = reactor
         self._requested_port = port
         self._fwmark = fwmark
@@ -381,6 +391,10 @@ class UDPTransport:
         self.receive_errors = 0
         #: Exceptions raised by the receiver (each is logged, rate-limited).
         self.receiver_errors = 0
+        #: The kernel filter's flood shedding in force (None: the plain filter), and failures
+        #: to attach it.
+        self._shedding: socket_filter.Shedding | None = None
+        self.filter_errors = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -440,6 +454,23 @@ class UDPTransport:
 
     def close(self) -> None:
         self._uninstall()
+
+    def set_shedding(self, shedding: socket_filter.Shedding | None) -> None:
+        """Install the port's kernel filter on both sockets: the plain one (None) or the one
+        that sheds a flood (the flood guard decides). A kernel that refuses it leaves the
+        sockets unfiltered, with one warning."""
+        self._shedding = shedding
+        if not (USE_SOCKET_FILTER and self._wireguard_filter):
+            return
+        for sock, v6 in ((self._sock4, False), (self._sock6, True)):
+            if sock is None:
+                continue
+            try:
+                socket_filter.attach(sock, socket_filter.port_filter(v6=v6, shedding=shedding))
+            except (OSError, ValueError) as e:
+                self.filter_errors += 1
+                if self.filter_errors == 1:
+                    log.warn("cannot attach the UDP socket filter: {error}", error=str(e))
 
     def confirm_source(self, endpoint: Endpoint) -> None:
         """The datagram being received from ``endpoint`` authenticated (the device's
@@ -833,6 +864,7 @@ class UDPTransport:
         else:
             self._sendto6, self._sendmsg6 = _no_socket, _no_socket_msg
         self._gso_refused.clear()
+        self.set_shedding(self._shedding)
 
     def _uninstall(self) -> None:
         self._holding = False

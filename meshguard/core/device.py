@@ -13,6 +13,7 @@ loop of the whole node: it keeps to local variables, attribute slots and one AEA
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
@@ -76,10 +77,14 @@ class DropCounters:
     no_endpoint: int = 0
     no_identity: int = 0
     cookie_rejected: int = 0
+    handshake_backlog_full: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+
+#: Handshake messages waiting behind transport data at most (see ``Device.handshake_backlog``).
+HANDSHAKE_BACKLOG = 1024
 
 #: Stands in for the endpoint of a peer reached through a relay (never sent to).
 _RELAYED: Endpoint = ("0.0.0.0", 0)
@@ -155,6 +160,15 @@ class Device:
         #: the member ``peer.relay`` (the mesh layer wraps it in a RELAY_FORWARD); unset, the
         #: datagram is dropped.
         self.on_relay_send: Callable[[Peer, Peer, bytes, float], None] | None = None
+        #: When not None, initiations and responses that arrive directly while the device is
+        #: under load wait here and are handled by :meth:`run_handshake_backlog`, at most
+        #: ``handshake_budget`` per call. The adapter calls it after each read batch, so
+        #: transport data for live sessions in a batch is served first and a handshake flood
+        #: gets at most the budget per batch. Bounded by HANDSHAKE_BACKLOG; beyond it new ones
+        #: are dropped and counted. (Not under load, handshakes are handled at once, so the
+        #: UDP layer still learns the local address a peer reached from them.)
+        self.handshake_backlog: deque[tuple[bytes, Endpoint]] | None = None
+        self.handshake_budget = 32
         #: The relay the datagram being handled came through (see ``relayed_datagram_received``).
         self._via: Peer | None = None
         self._load_window_start = 0.0
@@ -477,10 +491,24 @@ class Device:
             if len(data) != C.INITIATION_SIZE:
                 self.counters.malformed += 1
                 return
+            if (
+                self.handshake_backlog is not None
+                and now < self._under_load_until
+                and self._via is None
+            ):
+                self._defer_handshake(self.handshake_backlog, data, source)
+                return
             self._receive_initiation(data, source, now)
         elif head == _RESPONSE_TYPE:
             if len(data) != C.RESPONSE_SIZE:
                 self.counters.malformed += 1
+                return
+            if (
+                self.handshake_backlog is not None
+                and now < self._under_load_until
+                and self._via is None
+            ):
+                self._defer_handshake(self.handshake_backlog, data, source)
                 return
             self._receive_response(data, source, now)
         elif head == _COOKIE_TYPE:
@@ -492,6 +520,28 @@ class Device:
             self.on_unknown_datagram(data, source, now)
         else:
             self.counters.malformed += 1
+
+    def _defer_handshake(
+        self, backlog: deque[tuple[bytes, Endpoint]], data: bytes, source: Endpoint
+    ) -> None:
+        if len(backlog) >= HANDSHAKE_BACKLOG:
+            self.counters.handshake_backlog_full += 1
+            return
+        backlog.append((data, source))
+
+    def run_handshake_backlog(self, now: float) -> bool:
+        """Handle up to ``handshake_budget`` waiting handshake messages, oldest first; True
+        when more are still waiting (the adapter comes back for them after other I/O)."""
+        backlog = self.handshake_backlog
+        if not backlog:
+            return False
+        for _ in range(min(self.handshake_budget, len(backlog))):
+            data, source = backlog.popleft()
+            if data[:4] == _INITIATION_TYPE:
+                self._receive_initiation(data, source, now)
+            else:
+                self._receive_response(data, source, now)
+        return bool(backlog)
 
     def _receive_transport(self, data: bytes, source: Endpoint, now: float) -> None:
         keypair = self.indices.get(int.from_bytes(data[4:8], "little"))
