@@ -168,9 +168,14 @@ class Node:
             on_gone=self._tun_gone,
             on_batch_end=self._batch_end,
             on_batch_start=self._tun_batch_start,
+            offload=tun_system is None,
         )
         self.udp = UDPTransport(
-            self._datagram_received, reactor, listen_port, on_batch_end=self._batch_end
+            self._datagram_received,
+            reactor,
+            listen_port,
+            on_batch_end=self._batch_end,
+            on_batch_start=self.tun.hold,
         )
         self.device.on_authenticated_source = self.udp.confirm_source
         self.link = link if link is not None else Link(interface)
@@ -307,6 +312,7 @@ class Node:
         """After a drained batch: send what was held, and move the reactor timer only if a
         deadline moved earlier."""
         self.udp.flush()
+        self.tun.flush()
         if self.device.timers.dirty or self.mesh.dirty:
             self.reschedule()
 
@@ -378,7 +384,11 @@ class Node:
             "public_key": b64(device.public_key) if device.public_key is not None else None,
             "listen_port": self.udp.local_port,
             "mtu": self.mtu,
-            "node": {**self.mesh.node_status(), "udp_offload": self.udp.offload_status()},
+            "node": {
+                **self.mesh.node_status(),
+                "udp_offload": self.udp.offload_status(),
+                "tun_offload": self.tun.offload_status(),
+            },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
             "peers": peers,
         }

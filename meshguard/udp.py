@@ -242,6 +242,12 @@ class _Reader:
         bufsize = t.max_datagram
         v6 = self.v6
         reads = gro_reads = gro_datagrams = 0
+        start = t.on_batch_start
+        if start is not None:
+            try:
+                start()
+            except Exception:
+                t._receiver_failed()
         for _ in range(t.batch_packets):
             try:
                 data, anc, _flags, addr = recvmsg(bufsize, _ANC_SIZE)
@@ -330,12 +336,15 @@ class UDPTransport:
         port: int,
         fwmark: int = 0,
         on_batch_end: Callable[[], None] | None = None,
+        on_batch_start: Callable[[], None] | None = None,
     ) -> None:
         self._receiver = receiver
         self._reactor = reactor
         self._requested_port = port
         self._fwmark = fwmark
         self.on_batch_end = on_batch_end
+        #: Called before each read batch (the node holds TUN writes for coalescing).
+        self.on_batch_start = on_batch_start
         self._sock4: socket.socket | None = None
         self._sock6: socket.socket | None = None
         self._readers: list[_Reader] = []

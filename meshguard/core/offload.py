@@ -1,0 +1,329 @@
+"""TUN segmentation and coalescing offloads (virtio-net header), with no I/O.
+
+A TUN device opened with ``IFF_VNET_HDR`` and told ``TUNSETOFFLOAD`` hands us *super-packets*:
+one read returns a 10-byte ``virtio_net_hdr`` and up to 64 KiB of one TCP flow (TSO) or one UDP
+socket's send (USO), which we must cut into MTU-sized packets before sealing, because every
+WireGuard datagram on the wire carries one ordinary IP packet (stock peers and path MTU discovery
+never see a super-packet). The other way round, the opened segments of one TCP flow that arrive
+in one UDP read batch are joined into one super-packet and written with one ``writev``: the
+kernel then runs its TCP receive path once per 64 KiB instead of once per segment, which is the
+larger share of the receiving side's CPU. This module is the pure part of both directions
+(bytes in, bytes out); ``meshguard.tun`` does the reads and writes.
+
+Checksums: the kernel sends super-packets and small packets with ``NEEDS_CSUM`` (only the
+pseudo-header sum in the checksum field), so every segment we cut gets its full TCP/UDP checksum
+and, for IPv4, a new header checksum, identification and length. A coalesced write goes out
+with ``NEEDS_CSUM`` again (the kernel finishes the checksum). The segments joined that way are
+not verified first: they authenticated under the session's AEAD, so they are exactly what the
+peer sealed, and the kernel's own WireGuard marks every such packet ``CHECKSUM_UNNECESSARY``
+for the same reason.
+
+The one's complement sum is computed as ``int.from_bytes(data) % 0xFFFF``: every 16-bit word
+is a base-65536 digit and 65536 is 1 modulo 65535, so the big integer is congruent to the sum of
+its words. It is about 2.3 us for a 1,424-byte segment on the development machine, the fastest
+way found without a C extension (numpy 2.2 us with more overhead, folding by shifts 2.1-3.2 us).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+__all__ = [
+    "GSO_NONE",
+    "GSO_TCPV4",
+    "GSO_TCPV6",
+    "GSO_UDP_L4",
+    "NEEDS_CSUM",
+    "PLAIN_HEADER",
+    "VNET_HDR",
+    "VNET_HDR_LEN",
+    "OffloadError",
+    "checksum",
+    "coalesce",
+    "split",
+]
+
+#: ``struct virtio_net_hdr`` without ``num_buffers``: flags, gso_type, hdr_len, gso_size,
+#: csum_start, csum_offset, in the host's byte order (the TUN device's default, legacy virtio).
+VNET_HDR: Final = struct.Struct("=BBHHHH")
+VNET_HDR_LEN: Final = VNET_HDR.size
+#: ``VIRTIO_NET_HDR_F_NEEDS_CSUM``: the checksum at csum_start + csum_offset is only partial.
+NEEDS_CSUM: Final = 1
+GSO_NONE: Final = 0
+GSO_TCPV4: Final = 1
+GSO_TCPV6: Final = 4
+GSO_UDP_L4: Final = 5
+#: ``VIRTIO_NET_HDR_GSO_ECN``: never asked for (no ``TUN_F_TSO_ECN``), refused if seen.
+GSO_ECN: Final = 0x80
+#: The header of a write that is one ordinary packet.
+PLAIN_HEADER: Final = bytes(VNET_HDR_LEN)
+
+_TCP: Final = 6
+_UDP: Final = 17
+_FIN: Final = 0x01
+_PSH: Final = 0x08
+_ACK: Final = 0x10
+#: Most payload bytes in one coalesced write: its IP packet must stay within 64 KiB.
+_MAX_IP: Final = 65535
+_U16: Final = struct.Struct("!H")
+_U32: Final = struct.Struct("!I")
+_pack16 = _U16.pack_into
+_pack32 = _U32.pack_into
+_from = int.from_bytes
+
+
+class OffloadError(ValueError):
+    """A frame read from the TUN device that cannot be cut up (counted and dropped)."""
+
+
+def _sum(data: bytes | bytearray | memoryview) -> int:
+    """The one's complement sum of ``data`` as a big integer congruent to it modulo 65535
+    (an odd length is padded with a zero byte, as the checksum rules say)."""
+    value = _from(data, "big")
+    return value << 8 if len(data) & 1 else value
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The Internet checksum of ``data`` (RFC 1071) plus ``initial``: the value to store.
+
+    Never 0: a sum that is 0 modulo 65535 gives 0xFFFF, its equal in one's complement, which is
+    also what UDP must send instead of 0.
+    """
+    return 0xFFFF - (initial + _sum(data)) % 0xFFFF
+
+
+def _fold(value: int) -> int:
+    """A sum folded to 16 bits, not inverted (what ``NEEDS_CSUM`` wants in the field)."""
+    folded = value % 0xFFFF
+    return folded if folded or not value else 0xFFFF
+
+
+def split(frame: bytes | bytearray | memoryview) -> list[bytes]:
+    """The IP packets of one TUN read (virtio-net header first), checksums completed.
+
+    A frame without GSO gives one packet; a TSO/USO super-packet gives its segments, each of
+    ``gso_size`` payload bytes but the last, with the headers a sender's stack would have
+    written (IPv4 identification counting up, lengths, TCP sequence numbers, FIN and PSH only on
+    the last segment, full checksums). Raises :class:`OffloadError` for a frame that does not
+    hold what its header says.
+    """
+    view = memoryview(frame)
+    if len(view) < VNET_HDR_LEN:
+        raise OffloadError("frame shorter than its virtio-net header")
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(view)
+    packet = view[VNET_HDR_LEN:]
+    if gso_type == GSO_NONE:
+        if not flags & NEEDS_CSUM:
+            return [bytes(packet)]
+        at = csum_start + csum_offset
+        if csum_start >= len(packet) or at + 2 > len(packet):
+            raise OffloadError("checksum offset outside the packet")
+        out = bytearray(packet)
+        initial = _from(out[at : at + 2], "big")
+        out[at : at + 2] = b"\0\0"
+        _pack16(out, at, checksum(memoryview(out)[csum_start:], initial))
+        return [bytes(out)]
+    if gso_type == GSO_TCPV4 or gso_type == GSO_TCPV6:
+        return _segments(packet, gso_type == GSO_TCPV4, True, gso_size, csum_start)
+    if gso_type == GSO_UDP_L4:
+        if not len(packet):
+            raise OffloadError("empty UDP super-packet")
+        return _segments(packet, packet[0] >> 4 == 4, False, gso_size, csum_start)
+    raise OffloadError(f"GSO type {gso_type:#x} not asked for")
+
+
+def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int) -> list[bytes]:
+    """Cut one super-packet whose transport header starts at ``iphl`` (the kernel's
+    csum_start) into segments of ``gso_size`` payload bytes."""
+    total = len(packet)
+    if gso_size <= 0:
+        raise OffloadError("GSO frame with segment size 0")
+    version = 4 if v4 else 6
+    if total < (20 if v4 else 40) or packet[0] >> 4 != version:
+        raise OffloadError("GSO frame does not hold the IP version its type says")
+    if iphl < (20 if v4 else 40) or iphl + (20 if tcp else 8) > total:
+        raise OffloadError("GSO frame's transport header is outside the packet")
+    if v4 and iphl != (packet[0] & 15) * 4:
+        raise OffloadError("GSO frame's checksum start is not the IPv4 header's end")
+    if (packet[9] if v4 else packet[6]) != (_TCP if tcp else _UDP) and (v4 or iphl == 40):
+        raise OffloadError("GSO frame's protocol does not match its type")
+    l4hl = (packet[iphl + 12] >> 4) * 4 if tcp else 8
+    if l4hl < (20 if tcp else 8):
+        raise OffloadError("TCP data offset below 20 bytes")
+    hl = iphl + l4hl
+    if hl > total:
+        raise OffloadError("GSO frame's transport header is longer than the packet")
+    header = bytearray(packet[:hl])
+    if v4:
+        header[10:12] = b"\0\0"
+        first_id = _from(header[4:6], "big")
+        addresses = _sum(packet[12:20])
+    else:
+        addresses = _sum(packet[8:40])
+    csum_at = iphl + (16 if tcp else 6)
+    header[csum_at : csum_at + 2] = b"\0\0"
+    pseudo = addresses + (_TCP if tcp else _UDP)
+    if tcp:
+        first_seq = _from(header[iphl + 4 : iphl + 8], "big")
+        flags = header[iphl + 13]
+    join = b"".join
+    out: list[bytes] = []
+    start = hl
+    index = 0
+    while True:
+        end = min(start + gso_size, total)
+        size = end - start
+        l4len = l4hl + size
+        if v4:
+            _pack16(header, 2, hl + size)
+            _pack16(header, 4, (first_id + index) & 0xFFFF)
+            header[10:12] = b"\0\0"
+            _pack16(header, 10, 0xFFFF - _from(header[:iphl], "big") % 0xFFFF)
+        else:
+            _pack16(header, 4, hl - 40 + size)
+        if tcp:
+            _pack32(header, iphl + 4, (first_seq + index * gso_size) & 0xFFFFFFFF)
+            header[iphl + 13] = flags if end == total else flags & ~(_FIN | _PSH)
+        else:
+            _pack16(header, iphl + 4, l4len)
+        header[csum_at : csum_at + 2] = b"\0\0"
+        payload = packet[start:end]
+        value = pseudo + l4len + _from(header[iphl:hl], "big") + _sum(payload)
+        _pack16(header, csum_at, 0xFFFF - value % 0xFFFF)
+        out.append(join((header, payload)))
+        index += 1
+        start = end
+        if start >= total:
+            return out
+
+
+class _Run:
+    """Segments of one TCP flow being joined: the write's buffers and what the next must be."""
+
+    __slots__ = ("bufs", "gso", "hl", "iphl", "last_flags", "length", "next_seq", "v4")
+
+    def __init__(
+        self, bufs: list[bytes | memoryview], iphl: int, hl: int, gso: int, seq: int, v4: bool
+    ) -> None:
+        self.bufs = bufs
+        self.iphl = iphl
+        self.hl = hl
+        self.gso = gso
+        self.length = gso
+        self.next_seq = (seq + gso) & 0xFFFFFFFF
+        self.last_flags = 0
+        self.v4 = v4
+
+
+def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
+    """Group ``packets`` into writes: each a list of buffers for one ``writev``, starting
+    with a virtio-net header.
+
+    Consecutive TCP segments of one flow (same addresses, ports, acknowledgement, window,
+    options and IP fields; in-sequence; all but the last of one size, the last not larger;
+    only ACK set, PSH allowed on the last) become one write of a GSO super-packet; every other
+    packet is written as it is, in order. Packets of one flow never change order; packets of
+    different flows may (as the kernel's GRO does).
+    """
+    writes: list[list[bytes | memoryview]] = []
+    runs: dict[bytes, _Run] = {}
+    joined: list[_Run] = []
+    for packet in packets:
+        n = len(packet)
+        first = packet[0]
+        if (
+            first == 0x45
+            and n >= 40
+            and packet[9] == _TCP
+            and not (packet[6] & 0x3F or packet[7])
+            and (packet[2] << 8 | packet[3]) == n
+        ):
+            iphl = 20
+            key = packet[12:24] + packet[28:32]
+            v4 = True
+        elif (
+            first >> 4 == 6
+            and n >= 60
+            and packet[6] == _TCP
+            and (packet[4] << 8 | packet[5]) + 40 == n
+        ):
+            iphl = 40
+            key = packet[8:44] + packet[48:52]
+            v4 = False
+        else:
+            writes.append([PLAIN_HEADER, packet])
+            continue
+        tcp_flags = packet[iphl + 13]
+        hl = iphl + (packet[iphl + 12] >> 4) * 4
+        size = n - hl
+        if size <= 0 or (tcp_flags != _ACK and tcp_flags != _ACK | _PSH) or hl < iphl + 20:
+            # Not joinable; it also ends its flow's run so that nothing overtakes it.
+            runs.pop(key, None)
+            writes.append([PLAIN_HEADER, packet])
+            continue
+        seq = _from(packet[iphl + 4 : iphl + 8], "big")
+        run = runs.get(key)
+        if run is not None:
+            bufs = run.bufs
+            head = bufs[1]
+            if (
+                seq == run.next_seq
+                and size <= run.gso
+                and hl == run.hl
+                and run.length + size + (hl if v4 else hl - 40) <= _MAX_IP
+                and packet[iphl + 12] == head[iphl + 12]
+                and packet[iphl + 14 : iphl + 16] == head[iphl + 14 : iphl + 16]
+                and packet[iphl + 18 : hl] == head[iphl + 18 : hl]
+                and (
+                    packet[1] == head[1] and packet[6] == head[6] and packet[8] == head[8]
+                    if v4
+                    else packet[:4] == head[:4] and packet[7] == head[7]
+                )
+            ):
+                if len(bufs) == 3:
+                    joined.append(run)
+                bufs.append(memoryview(packet)[hl:])
+                run.length += size
+                run.next_seq = (seq + size) & 0xFFFFFFFF
+                run.last_flags = tcp_flags
+                if size < run.gso or tcp_flags & _PSH:
+                    del runs[key]
+                continue
+        bufs = [PLAIN_HEADER, packet, memoryview(packet)[hl:]]
+        writes.append(bufs)
+        if tcp_flags & _PSH:
+            runs.pop(key, None)
+        else:
+            runs[key] = _Run(bufs, iphl, hl, size, seq, v4)
+    for run in joined:
+        _finish(run)
+    for bufs in writes:
+        if len(bufs) == 3:
+            del bufs[2]  # a run of one: the packet alone
+    return writes
+
+
+def _finish(run: _Run) -> None:
+    """Turn a run's first buffers into the virtio-net header and the super-packet's headers."""
+    bufs = run.bufs
+    first = bufs[1]
+    iphl, hl = run.iphl, run.hl
+    head = bytearray(first[:hl])
+    if run.last_flags & _PSH:
+        head[iphl + 13] |= _PSH
+    l4len = hl - iphl + run.length
+    if run.v4:
+        _pack16(head, 2, hl + run.length)
+        head[10:12] = b"\0\0"
+        _pack16(head, 10, 0xFFFF - _from(head[:iphl], "big") % 0xFFFF)
+        pseudo = _sum(head[12:20])
+        gso_type = GSO_TCPV4
+    else:
+        _pack16(head, 4, l4len)
+        pseudo = _sum(head[8:40])
+        gso_type = GSO_TCPV6
+    _pack16(head, iphl + 16, _fold(pseudo + _TCP + l4len))
+    bufs[0] = VNET_HDR.pack(NEEDS_CSUM, gso_type, hl, run.gso, iphl, 16)
+    bufs[1] = bytes(head)
