@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
+
+_np: Any
+try:  # optional: sums all segments of a super-packet in one call
+    import numpy as _np
+except ImportError:  # pragma: no cover - the pure path is tested by forcing it
+    _np = None
 
 __all__ = [
     "GSO_NONE",
@@ -136,7 +142,11 @@ def split(frame: bytes | bytearray | memoryview) -> list[bytes]:
 
 def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int) -> list[bytes]:
     """Cut one super-packet whose transport header starts at ``iphl`` (the kernel's
-    csum_start) into segments of ``gso_size`` payload bytes."""
+    csum_start) into segments of ``gso_size`` payload bytes.
+
+    The headers' constant parts are summed once; per segment only the changed fields are added
+    to those sums, and each segment is one ``struct.pack`` of header pieces plus its payload.
+    """
     total = len(packet)
     if gso_size <= 0:
         raise OffloadError("GSO frame with segment size 0")
@@ -155,48 +165,88 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
     hl = iphl + l4hl
     if hl > total:
         raise OffloadError("GSO frame's transport header is longer than the packet")
-    header = bytearray(packet[:hl])
+    header = bytes(packet[:hl])
+    # The IP header without its length, identification and checksum fields.
     if v4:
-        header[10:12] = b"\0\0"
+        ip_a, ip_b, ip_c = header[0:2], header[6:10], header[12:iphl]
+        ip_sum = _sum(ip_a) + _sum(ip_b) + _sum(ip_c)
         first_id = _from(header[4:6], "big")
-        addresses = _sum(packet[12:20])
+        pseudo = _sum(header[12:20])
+        ip_format = f"2sHH4sH{iphl - 12}s"
     else:
-        addresses = _sum(packet[8:40])
-    csum_at = iphl + (16 if tcp else 6)
-    header[csum_at : csum_at + 2] = b"\0\0"
-    pseudo = addresses + (_TCP if tcp else _UDP)
+        ip_a, ip_c = header[0:4], header[6:iphl]
+        pseudo = _sum(header[8:40])
+        ip_format = f"4sH{iphl - 6}s"
+    ports = header[iphl : iphl + 4]
     if tcp:
+        # Ports, acknowledgement and data offset, window, urgent pointer and options: the TCP
+        # header without sequence number, flags and checksum.
+        ack_offset = header[iphl + 8 : iphl + 13]
+        window = header[iphl + 14 : iphl + 16]
+        rest = header[iphl + 18 : hl]
+        l4_sum = pseudo + _TCP + _sum(ports) + _sum(ack_offset) + _sum(window) + _sum(rest)
         first_seq = _from(header[iphl + 4 : iphl + 8], "big")
         flags = header[iphl + 13]
-    join = b"".join
+        l4_format = f"4sI5sB2sH{l4hl - 18}s"
+    else:
+        l4_sum = pseudo + _UDP + _sum(ports)
+        l4_format = "4sHH"
+    payload_bytes = total - hl
+    count = max(1, -(-payload_bytes // gso_size))
+    sums = _payload_sums(packet, hl, gso_size, count)
+    pack = struct.pack
+    fmt = f"!{ip_format}{l4_format}"
     out: list[bytes] = []
     start = hl
-    index = 0
-    while True:
+    for index in range(count):
         end = min(start + gso_size, total)
         size = end - start
+        last = end == total
         l4len = l4hl + size
-        if v4:
-            _pack16(header, 2, hl + size)
-            _pack16(header, 4, (first_id + index) & 0xFFFF)
-            header[10:12] = b"\0\0"
-            _pack16(header, 10, 0xFFFF - _from(header[:iphl], "big") % 0xFFFF)
-        else:
-            _pack16(header, 4, hl - 40 + size)
-        if tcp:
-            _pack32(header, iphl + 4, (first_seq + index * gso_size) & 0xFFFFFFFF)
-            header[iphl + 13] = flags if end == total else flags & ~(_FIN | _PSH)
-        else:
-            _pack16(header, iphl + 4, l4len)
-        header[csum_at : csum_at + 2] = b"\0\0"
         payload = packet[start:end]
-        value = pseudo + l4len + _from(header[iphl:hl], "big") + _sum(payload)
-        _pack16(header, csum_at, 0xFFFF - value % 0xFFFF)
-        out.append(join((header, payload)))
-        index += 1
+        if tcp:
+            seq = (first_seq + index * gso_size) & 0xFFFFFFFF
+            seg_flags = flags if last else flags & ~(_FIN | _PSH)
+            value = l4_sum + l4len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + sums[index]
+            l4_fields: tuple[object, ...] = (
+                ports,
+                seq,
+                ack_offset,
+                seg_flags,
+                window,
+                0xFFFF - value % 0xFFFF,
+                rest,
+            )
+        else:
+            value = l4_sum + l4len + l4len + sums[index]
+            l4_fields = (ports, l4len, 0xFFFF - value % 0xFFFF)
+        if v4:
+            ident = (first_id + index) & 0xFFFF
+            length = hl + size
+            ip_check = 0xFFFF - (ip_sum + length + ident) % 0xFFFF
+            out.append(pack(fmt, ip_a, length, ident, ip_b, ip_check, ip_c, *l4_fields) + payload)
+        else:
+            out.append(pack(fmt, ip_a, hl - 40 + size, ip_c, *l4_fields) + payload)
         start = end
-        if start >= total:
-            return out
+    return out
+
+
+def _payload_sums(packet: memoryview, hl: int, gso_size: int, count: int) -> list[int]:
+    """Each segment's payload sum (congruent modulo 65535). With numpy and an even segment
+    size, the full segments are summed in one vectorised call (about 0.4 us a segment against
+    2.3 us for ``int.from_bytes`` and ``%``); the rest one by one."""
+    total = len(packet)
+    full = (total - hl) // gso_size
+    sums: list[int] = []
+    if _np is not None and full > 1 and not gso_size & 1:
+        words = _np.frombuffer(packet, dtype=">u2", count=full * gso_size // 2, offset=hl)
+        sums = words.reshape(full, gso_size // 2).sum(axis=1, dtype=_np.uint64).tolist()
+    start = hl + len(sums) * gso_size
+    while len(sums) < count:
+        end = min(start + gso_size, total)
+        sums.append(_sum(packet[start:end]))
+        start = end
+    return sums
 
 
 class _Run:
