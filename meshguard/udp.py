@@ -248,7 +248,11 @@ class _Reader:
                 start()
             except Exception:
                 t._receiver_failed()
-        for _ in range(t.batch_packets):
+        # The budget counts datagrams, not reads: a GRO read holds dozens, and one batch's
+        # worth of held TUN writes and replies should stay as long as without GRO.
+        budget = t.batch_packets
+        while budget > 0:
+            budget -= 1
             try:
                 data, anc, _flags, addr = recvmsg(bufsize, _ANC_SIZE)
             except BlockingIOError:
@@ -280,6 +284,7 @@ class _Reader:
                 parts = split_datagrams(data, segment)
                 gro_reads += 1
                 gro_datagrams += len(parts)
+                budget -= len(parts) - 1
                 for part in parts:
                     if info is not None and t._pending_source is None:
                         entry = get(addr)

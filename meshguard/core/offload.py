@@ -249,13 +249,29 @@ def _payload_sums(packet: memoryview, hl: int, gso_size: int, count: int) -> lis
     return sums
 
 
+#: The first 40 bytes of an IPv4 TCP packet without IP options, in the fields coalescing
+#: reads: version/IHL, TOS, total length, flags/fragment (2 bytes), TTL, protocol, addresses
+#: and ports, sequence number, acknowledgement and data offset, TCP flags, window, urgent.
+_V4_TCP: Final = struct.Struct("!BBHxxBBBBxx12sI5sBH2x2s")
+#: The same for IPv6 without extension headers (60 bytes): version/class/label, payload
+#: length, next header, hop limit, addresses and ports, then the TCP fields as above.
+_V6_TCP: Final = struct.Struct("!4sHBB36sI5sBH2x2s")
+
+
 class _Run:
     """Segments of one TCP flow being joined: the write's buffers and what the next must be."""
 
-    __slots__ = ("bufs", "gso", "hl", "iphl", "last_flags", "length", "next_seq", "v4")
+    __slots__ = ("bufs", "gso", "hl", "iphl", "last_flags", "length", "next_seq", "shape", "v4")
 
     def __init__(
-        self, bufs: list[bytes | memoryview], iphl: int, hl: int, gso: int, seq: int, v4: bool
+        self,
+        bufs: list[bytes | memoryview],
+        iphl: int,
+        hl: int,
+        gso: int,
+        seq: int,
+        v4: bool,
+        shape: tuple[object, ...],
     ) -> None:
         self.bufs = bufs
         self.iphl = iphl
@@ -265,6 +281,7 @@ class _Run:
         self.next_seq = (seq + gso) & 0xFFFFFFFF
         self.last_flags = 0
         self.v4 = v4
+        self.shape = shape
 
 
 def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
@@ -276,77 +293,72 @@ def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
     only ACK set, PSH allowed on the last) become one write of a GSO super-packet; every other
     packet is written as it is, in order. Packets of one flow never change order; packets of
     different flows may (as the kernel's GRO does).
+
+    Each packet's header is read with one ``struct`` call: this runs once per received packet.
     """
     writes: list[list[bytes | memoryview]] = []
     runs: dict[bytes, _Run] = {}
     joined: list[_Run] = []
+    unpack4 = _V4_TCP.unpack_from
+    unpack6 = _V6_TCP.unpack_from
     for packet in packets:
         n = len(packet)
-        first = packet[0]
-        if (
-            first == 0x45
-            and n >= 40
-            and packet[9] == _TCP
-            and not (packet[6] & 0x3F or packet[7])
-            and (packet[2] << 8 | packet[3]) == n
-        ):
+        first = packet[0] if n else 0
+        if first == 0x45 and n >= 40:
+            _vi, tos, total, frag, frag_low, ttl, proto, key, seq, ack, flags, window, urg = (
+                unpack4(packet)
+            )
+            if proto != _TCP or total != n or frag & 0x3F or frag_low:
+                writes.append([PLAIN_HEADER, packet])
+                continue
             iphl = 20
-            key = packet[12:24] + packet[28:32]
             v4 = True
-        elif (
-            first >> 4 == 6
-            and n >= 60
-            and packet[6] == _TCP
-            and (packet[4] << 8 | packet[5]) + 40 == n
-        ):
+            hl = 20 + (ack[4] >> 4) * 4
+            shape: tuple[object, ...] = (tos, frag, ttl, window, urg, packet[40:hl])
+        elif first >> 4 == 6 and n >= 60:
+            vcl, length, proto, hop, key, seq, ack, flags, window, urg = unpack6(packet)
+            if proto != _TCP or length + 40 != n:
+                writes.append([PLAIN_HEADER, packet])
+                continue
             iphl = 40
-            key = packet[8:44] + packet[48:52]
             v4 = False
+            hl = 40 + (ack[4] >> 4) * 4
+            shape = (vcl, hop, window, urg, packet[60:hl])
         else:
             writes.append([PLAIN_HEADER, packet])
             continue
-        tcp_flags = packet[iphl + 13]
-        hl = iphl + (packet[iphl + 12] >> 4) * 4
+        key += ack
         size = n - hl
-        if size <= 0 or (tcp_flags != _ACK and tcp_flags != _ACK | _PSH) or hl < iphl + 20:
+        if size <= 0 or (flags != _ACK and flags != _ACK | _PSH) or hl < iphl + 20:
             # Not joinable; it also ends its flow's run so that nothing overtakes it.
             runs.pop(key, None)
             writes.append([PLAIN_HEADER, packet])
             continue
-        seq = _from(packet[iphl + 4 : iphl + 8], "big")
         run = runs.get(key)
-        if run is not None:
+        if (
+            run is not None
+            and seq == run.next_seq
+            and size <= run.gso
+            and hl == run.hl
+            and run.length + size + (hl if v4 else hl - 40) <= _MAX_IP
+            and shape == run.shape
+        ):
             bufs = run.bufs
-            head = bufs[1]
-            if (
-                seq == run.next_seq
-                and size <= run.gso
-                and hl == run.hl
-                and run.length + size + (hl if v4 else hl - 40) <= _MAX_IP
-                and packet[iphl + 12] == head[iphl + 12]
-                and packet[iphl + 14 : iphl + 16] == head[iphl + 14 : iphl + 16]
-                and packet[iphl + 18 : hl] == head[iphl + 18 : hl]
-                and (
-                    packet[1] == head[1] and packet[6] == head[6] and packet[8] == head[8]
-                    if v4
-                    else packet[:4] == head[:4] and packet[7] == head[7]
-                )
-            ):
-                if len(bufs) == 3:
-                    joined.append(run)
-                bufs.append(memoryview(packet)[hl:])
-                run.length += size
-                run.next_seq = (seq + size) & 0xFFFFFFFF
-                run.last_flags = tcp_flags
-                if size < run.gso or tcp_flags & _PSH:
-                    del runs[key]
-                continue
+            if len(bufs) == 3:
+                joined.append(run)
+            bufs.append(memoryview(packet)[hl:])
+            run.length += size
+            run.next_seq = (seq + size) & 0xFFFFFFFF
+            run.last_flags = flags
+            if size < run.gso or flags & _PSH:
+                del runs[key]
+            continue
         bufs = [PLAIN_HEADER, packet, memoryview(packet)[hl:]]
         writes.append(bufs)
-        if tcp_flags & _PSH:
+        if flags & _PSH:
             runs.pop(key, None)
         else:
-            runs[key] = _Run(bufs, iphl, hl, size, seq, v4)
+            runs[key] = _Run(bufs, iphl, hl, size, seq, v4, shape)
     for run in joined:
         _finish(run)
     for bufs in writes:
