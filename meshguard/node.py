@@ -169,6 +169,7 @@ class Node:
             on_batch_end=self._batch_end,
             on_batch_start=self._tun_batch_start,
             offload=tun_system is None,
+            batch_receiver=self._packets_from_tun,
         )
         self.udp = UDPTransport(
             self._datagram_received,
@@ -300,6 +301,9 @@ class Node:
 
     def _packet_from_tun(self, packet: bytes) -> None:
         self.device.packet_from_tun(packet, self._seconds())
+
+    def _packets_from_tun(self, packets: list[bytes]) -> None:
+        self.device.packets_from_tun(packets, self._seconds())
 
     def _datagram_received(self, data: bytes, source: Endpoint) -> None:
         self.device.datagram_received(data, source, self._seconds())

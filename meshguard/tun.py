@@ -173,6 +173,7 @@ class TunDevice:
         on_batch_end: Callable[[], None] | None = None,
         on_batch_start: Callable[[], None] | None = None,
         offload: bool = False,
+        batch_receiver: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise TunError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
@@ -186,6 +187,9 @@ class TunDevice:
         self.on_gone = on_gone
         self.on_batch_end = on_batch_end
         self.on_batch_start = on_batch_start
+        #: Called instead of ``receiver`` with the segments of one super-packet (all to the
+        #: same destination), so they can be routed once.
+        self.batch_receiver = batch_receiver
         self._fd = -1
         self._reading = False
         #: Packets dropped on write because the kernel queue was full (EAGAIN/ENOBUFS).
@@ -446,6 +450,13 @@ class TunDevice:
                         self.gso_reads += 1
                         self.gso_segments += len(packets)
                 budget -= len(packets)
+                batch_receiver = self.batch_receiver
+                if batch_receiver is not None and len(packets) > 1:
+                    try:
+                        batch_receiver(packets)
+                    except Exception:
+                        self._receiver_failed()
+                    continue
                 for packet in packets:
                     try:
                         receiver(packet)

@@ -288,6 +288,77 @@ class Device:
             packet = clamp_if_syn(packet, mss_mtu)
         self.send_data(peer, packet, now)
 
+    def packets_from_tun(self, packets: list[bytes], now: float) -> None:
+        """The segments of one TUN super-packet: route, check and arm timers once, then seal
+        each in a tight loop (the per-packet path costs about a microsecond more a segment).
+
+        All segments of a super-packet share their addresses, so the first one routes them
+        all. Anything unusual (a smaller path MTU to enforce, MSS clamping, no session, the
+        counter limit in reach) takes the per-packet path, which handles it.
+        """
+        if not packets:
+            return
+        first = packets[0]
+        length = max(map(len, packets))
+        if len(first) < 20:
+            peer = None
+        elif first[0] >> 4 == 4:
+            peer = self.allowed_ips.lookup(first[16:20])
+        elif len(first) >= 40:
+            peer = self.allowed_ips.lookup(first[24:40])
+        else:
+            peer = None
+        keypair = peer.keypairs.current if peer is not None else None
+        endpoint = peer.endpoint if peer is not None else None
+        if (
+            peer is None
+            or keypair is None
+            or endpoint is None
+            or peer.relay is not None
+            or peer.mss_mtu
+            or length > peer.inner_mtu
+            or now - keypair.created >= C.REJECT_AFTER_TIME
+            or keypair.send_counter + len(packets) >= C.REKEY_AFTER_MESSAGES
+        ):
+            for packet in packets:
+                self.packet_from_tun(packet, now)
+            return
+        send = self.io.send_datagram
+        seal = keypair.sender.seal
+        header = keypair.header
+        mtu = self.mtu
+        counter = keypair.send_counter
+        sent = 0
+        for packet in packets:
+            size = len(packet)
+            padding = -size & 15
+            if padding:
+                if size + padding > mtu:
+                    padding = max(0, mtu - size)
+                packet = packet + _ZEROS[:padding]
+            message = header + counter.to_bytes(8, "little") + seal(counter, packet)
+            counter += 1
+            sent += len(message)
+            send(message, endpoint)
+        keypair.send_counter = counter
+        peer.tx_bytes += sent
+        peer.data_packets += len(packets)
+        slots = peer.timers.deadlines
+        slots[SEND_KEEPALIVE] = None
+        if peer.persistent_keepalive:
+            self.timers.arm(
+                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
+            )
+        if slots[NEW_HANDSHAKE] is None:
+            self.timers.arm(
+                peer,
+                peer.timers,
+                NEW_HANDSHAKE,
+                now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
+            )
+        if keypair.is_initiator and now - keypair.created > C.REKEY_AFTER_TIME:
+            self.send_initiation(peer, now, retry=False)
+
     def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
         """Seal and send ``packet`` to ``peer``, staging it while no session can carry it."""
         keypair = peer.keypairs.current
