@@ -177,6 +177,7 @@ class Node:
             listen_port,
             on_batch_end=self._batch_end,
             on_batch_start=self.tun.hold,
+            batch_receiver=self._datagrams_received,
         )
         self.device.on_authenticated_source = self.udp.confirm_source
         self.link = link if link is not None else Link(interface)
@@ -304,6 +305,9 @@ class Node:
 
     def _packets_from_tun(self, packets: list[bytes]) -> None:
         self.device.packets_from_tun(packets, self._seconds())
+
+    def _datagrams_received(self, datagrams: list[bytes], source: Endpoint) -> None:
+        self.device.transport_batch_received(datagrams, source, self._seconds())
 
     def _datagram_received(self, data: bytes, source: Endpoint) -> None:
         self.device.datagram_received(data, source, self._seconds())

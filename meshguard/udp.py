@@ -285,6 +285,14 @@ class _Reader:
                 gro_reads += 1
                 gro_datagrams += len(parts)
                 budget -= len(parts) - 1
+                batch_receiver = t.batch_receiver
+                if batch_receiver is not None:
+                    try:
+                        batch_receiver(parts, addr)
+                    except Exception:
+                        t._receiver_failed()
+                    t._pending_source = None
+                    continue
                 for part in parts:
                     if info is not None and t._pending_source is None:
                         entry = get(addr)
@@ -342,8 +350,11 @@ class UDPTransport:
         fwmark: int = 0,
         on_batch_end: Callable[[], None] | None = None,
         on_batch_start: Callable[[], None] | None = None,
+        batch_receiver: Callable[[list[bytes], Endpoint], None] | None = None,
     ) -> None:
         self._receiver = receiver
+        #: Called instead of ``receiver`` with the datagrams of one GRO read (one source).
+        self.batch_receiver = batch_receiver
         self._reactor = reactor
         self._requested_port = port
         self._fwmark = fwmark

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshguard.core import constants as C
 from meshguard.core.peer import Peer
 from tests.packets import ipv4, ipv6
-from tests.test_device import Pair
+from tests.test_device import A_EP, B_EP, Pair
 
 
 def segments(count: int, size: int = 1400, v6: bool = False) -> list[bytes]:
@@ -128,3 +128,103 @@ class PacketsFromTunTests(SynchronousTestCase):
         one, many = self.run_both([[ipv4("10.0.0.1", "10.9.9.9", b"x")] * 3, [b"\x45" * 10]])
         self.assertEqual(many.a.device.counters, one.a.device.counters)
         many.a.device.packets_from_tun([], many.net.now)
+
+
+def transports_a_to_b(pair: Pair, payloads: int) -> list[bytes]:
+    """Run a handshake and seal ``payloads`` packets A -> B, keeping every transport message
+    to B off the network (returned, in order), so B sees the first one in a batch."""
+    held: list[bytes] = []
+
+    def hold(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
+        if destination == B_EP and data[0] == 4:
+            held.append(data)
+            return False
+        return True
+
+    pair.net.filters.append(hold)
+    for i in range(payloads):
+        pair.a_to_b(bytes([i]) * (100 + i))
+    pair.a.device.send_keepalive(pair.peer_of_a, pair.net.now)
+    pair.a_to_b(b"after the keepalive")
+    pair.net.filters.remove(hold)
+    return held
+
+
+class TransportBatchTests(SynchronousTestCase):
+    def receive_both(self, mangle: object = None) -> tuple[Pair, Pair, int]:
+        """B receives A's held messages one by one (``one``) and as one batch (``many``)."""
+        one, many = Pair(seed=11), Pair(seed=11)
+        batches = [transports_a_to_b(pair, 8) for pair in (one, many)]
+        self.assertEqual(batches[0], batches[1])
+        batch = batches[0]
+        if callable(mangle):
+            batch = mangle(batch)
+        for data in batch:
+            one.b.device.datagram_received(data, A_EP, one.net.now)
+        slow: list[bytes] = []
+        device = many.b.device
+        single = device.datagram_received
+
+        def counted(data: bytes, source: tuple[str, int], now: float) -> None:
+            slow.append(data)
+            single(data, source, now)
+
+        device.datagram_received = counted  # type: ignore[method-assign]
+        device.transport_batch_received(batch, A_EP, many.net.now)
+        self.assertEqual(many.b.written, one.b.written, "packets delivered")
+        self.assertEqual(many.b.sent, one.b.sent, "what B sent (key confirmation, ...)")
+        self.assertEqual(many.b.device.counters, one.b.device.counters)
+        for pair in (one, many):
+            self.assertEqual(pair.peer_of_b.endpoint, A_EP)
+        self.assertEqual(
+            (state(many.peer_of_b), many.peer_of_b.rx_bytes, many.peer_of_b.need_another_keepalive),
+            (state(one.peer_of_b), one.peer_of_b.rx_bytes, one.peer_of_b.need_another_keepalive),
+        )
+        return one, many, len(slow)
+
+    def test_first_message_confirms_the_key_rest_fast(self) -> None:
+        """The batch starts with the session's first message (key confirmation on B's side);
+        it takes the full path, the other nine the fast one; a keepalive is not written."""
+        one, _, slow = self.receive_both()
+        self.assertEqual(len(one.b.written), 9)
+        self.assertEqual(slow, 1)
+
+    def test_replays_forgeries_and_strangers_in_the_batch(self) -> None:
+        """Replayed, forged and unknown-index messages and garbage inside a batch are
+        dropped and counted exactly as one by one."""
+
+        def mangle(batch: list[bytes]) -> list[bytes]:
+            forged = batch[3][:-1] + bytes([batch[3][-1] ^ 1])
+            stranger = batch[2][:4] + b"\x99\x99\x99\x99" + batch[2][8:]
+            return [*batch[:4], batch[1], forged, stranger, b"\x04junk", *batch[4:], batch[0]]
+
+        one, _, slow = self.receive_both(mangle)
+        counters = one.b.device.counters
+        self.assertEqual(counters.replayed, 2)
+        self.assertEqual(counters.decrypt_failed, 1)
+        self.assertEqual(counters.unknown_index, 1)
+        self.assertEqual(counters.malformed, 1)
+        self.assertLess(slow, 6)
+
+    def test_inner_packets_checked_in_the_fast_path(self) -> None:
+        """A packet whose inner source B does not allow from A is dropped on the fast path
+        too (the checks after decryption are shared with the full path)."""
+        pair = Pair(seed=3)
+        held: list[bytes] = []
+
+        def hold(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
+            if destination == B_EP and data[0] == 4:
+                held.append(data)
+                return False
+            return True
+
+        pair.a_to_b(b"first")  # the session, delivered
+        pair.net.filters.append(hold)
+        for source in ("10.0.0.1", "10.0.0.99", "10.0.0.1"):
+            pair.a.device.packet_from_tun(ipv4(source, "10.0.0.2", b"x"), pair.net.now)
+        pair.net.flush()
+        self.assertEqual(len(held), 3)
+        written = len(pair.b.written)
+        pair.b.device.transport_batch_received(held, A_EP, pair.net.now)
+        self.assertEqual(len(pair.b.written) - written, 2)
+        self.assertEqual(pair.b.device.counters.source_not_allowed, 1)

@@ -13,6 +13,7 @@ loop of the whole node: it keeps to local variables, attribute slots and one AEA
 from __future__ import annotations
 
 import ipaddress
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
@@ -50,6 +51,8 @@ _INITIATION_TYPE = b"\x01\x00\x00\x00"
 _RESPONSE_TYPE = b"\x02\x00\x00\x00"
 _COOKIE_TYPE = b"\x03\x00\x00\x00"
 _ZEROS = bytes(16)
+#: A transport message's receiver index and counter (after the 4-byte type).
+_TRANSPORT_HEADER = struct.Struct("<4xIQ")
 #: The receive-side rekey age: REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT.
 _REKEY_ON_RECEIVE_AGE = C.REJECT_AFTER_TIME - C.KEEPALIVE_TIMEOUT - C.REKEY_TIMEOUT
 
@@ -156,6 +159,8 @@ class Device:
         self.on_relay_send: Callable[[Peer, Peer, bytes, float], None] | None = None
         #: The relay the datagram being handled came through (see ``relayed_datagram_received``).
         self._via: Peer | None = None
+        #: The keypair the last transport message opened under (for transport_batch_received).
+        self._last_opened: Keypair | None = None
         self._load_window_start = 0.0
         self._load_window_count = 0
         self._under_load_until = -1.0
@@ -570,6 +575,8 @@ class Device:
             peer.endpoint = source
             if self.on_authenticated_source is not None:
                 self.on_authenticated_source(source)
+            # transport_batch_received may open the rest of its batch under this keypair.
+            self._last_opened = keypair
         else:
             self._relayed_from(peer)
         peer.rx_bytes += len(data)
@@ -602,6 +609,62 @@ class Device:
         ):
             peer.sent_lastminute_handshake = True
             self.send_initiation(peer, now, retry=False)
+        self._deliver(peer, plaintext, now)
+
+    def transport_batch_received(
+        self, datagrams: list[bytes], source: Endpoint, now: float
+    ) -> None:
+        """The datagrams of one UDP GRO read (one source, one time): as
+        :meth:`datagram_received` for each, with the per-session work done once.
+
+        The first datagram of a session in the batch takes the full path (index lookup, age,
+        roaming, key confirmation, timers); the following ones under the same receiver index
+        only decrypt, pass the replay window and are delivered, since everything else would
+        repeat with the same source and the same ``now``. Any other message resets that.
+        """
+        known = -1
+        keypair: Keypair | None = None
+        peer: Peer | None = None
+        for data in datagrams:
+            if (
+                keypair is not None
+                and len(data) >= C.TRANSPORT_MIN_SIZE
+                and data[:4] == _TRANSPORT_TYPE
+            ):
+                index, counter = _TRANSPORT_HEADER.unpack_from(data)
+                if index == known:
+                    assert peer is not None
+                    plaintext = keypair.receiver.open(counter, data[16:])
+                    if plaintext is None:
+                        self.counters.decrypt_failed += 1
+                        continue
+                    if not keypair.replay.check(counter):
+                        self.counters.replayed += 1
+                        continue
+                    peer.rx_bytes += len(data)
+                    if not plaintext:
+                        continue
+                    if plaintext[0] >> 4 == 15:
+                        self._receive_control(peer, plaintext, now)
+                        continue
+                    if peer.timers.deadlines[SEND_KEEPALIVE] is None:
+                        self.timers.arm(
+                            peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT
+                        )
+                    else:
+                        peer.need_another_keepalive = True
+                    self._deliver(peer, plaintext, now)
+                    continue
+            self._last_opened = None
+            self.datagram_received(data, source, now)
+            keypair = self._last_opened
+            if keypair is not None:
+                known = keypair.local_index
+                peer = keypair.peer
+        self._last_opened = None
+
+    def _deliver(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        """Check an opened data packet against the peer's allowed IPs and write it out."""
         length = len(plaintext)
         version = plaintext[0] >> 4
         if version == 4:
