@@ -144,7 +144,12 @@ def udp_run(c: Config, seconds: float, pps: float, size: int) -> tuple[float, fl
     """(received packets per second, loss %) at an offered ``pps``."""
     rate = int(pps * size * 8)
     result = iperf3_json(
-        c.tb, c.hosts.b, c.hosts.a, c.dst, seconds, "-u", "-l", str(size), "-b", str(rate)
+        c.tb,
+        c.hosts.b,
+        c.hosts.a,
+        c.dst,
+        seconds,
+        *("-u", "-l", str(size), "-b", str(rate), "-w", "4M"),
     )
     try:
         total = result["end"]["sum"]  # type: ignore[index]
@@ -223,7 +228,7 @@ def measure_round(c: Config, args: argparse.Namespace, rep: int) -> None:
     c.add("rtt_loaded", loaded)
 
     def show(value: float | None, unit: str) -> str:
-        return "-" if value is None else f"{value:.3g} {unit}"
+        return "-" if value is None else f"{number(value)} {unit}"
 
     print(
         f"  {c.name} rep {rep}: tcp1 {show(tcp1, 'Mbit/s')} (CPU {spent:.2f} s), "
@@ -361,13 +366,21 @@ def offload_summary(ifname: str) -> str:
 # -- report ------------------------------------------------------------------------------------
 
 
+def number(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
 def summary(values: list[float] | None) -> str:
     if not values:
         return "-"
     med = statistics.median(values)
     if len(values) == 1:
-        return f"{med:.3g}"
-    return f"{med:.3g} ({min(values):.3g}-{max(values):.3g})"
+        return number(med)
+    return f"{number(med)} ({number(min(values))}-{number(max(values))})"
 
 
 def report(configs: list[Config], skipped: dict[str, str], args: argparse.Namespace) -> None:
@@ -378,11 +391,11 @@ def report(configs: list[Config], skipped: dict[str, str], args: argparse.Namesp
         f"{os.cpu_count()} CPUs, load average now {os.getloadavg()[0]:.2f}; "
         "median (min-max)"
     )
-    width = max([len(c.name) for c in configs] + [10]) + 2
-    print(f"{'':<{width}}" + "".join(f"{TITLES[m][0]:>22}" for m in METRICS))
-    print(f"{'':<{width}}" + "".join(f"{TITLES[m][1]:>22}" for m in METRICS))
+    width = max([len(c.name) for c in configs] + [10]) + 14
+    print(f"{'':<{width}}" + "".join(f"{TITLES[m][0]:>24}" for m in METRICS))
+    print(f"{'':<{width}}" + "".join(f"{TITLES[m][1]:>24}" for m in METRICS))
     for c in configs:
-        print(f"{c.name:<{width}}" + "".join(f"{summary(c.values.get(m)):>22}" for m in METRICS))
+        print(f"{c.name:<{width}}" + "".join(f"{summary(c.values.get(m)):>24}" for m in METRICS))
     for name, why in skipped.items():
         print(f"{name:<{width}}  skipped: {why.splitlines()[0]}")
     mg = next((c for c in configs if c.name == "meshguard"), None)
@@ -399,7 +412,7 @@ def report(configs: list[Config], skipped: dict[str, str], args: argparse.Namesp
             else:
                 cells.append("-")
         label = f"meshguard / {other.name}"
-        print(f"{label:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
+        print(f"{label:<{width}}" + "".join(f"{cell:>24}" for cell in cells))
     print("(ratios of medians; for ping and CPU lower is better)")
 
 

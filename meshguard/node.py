@@ -54,9 +54,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class _DataPath:
     """The device's outputs bound straight to the adapters' methods (no forwarding call)."""
 
-    __slots__ = ("send_datagram", "send_probe", "write_packet")
+    __slots__ = ("send_datagram", "send_datagrams", "send_probe", "write_packet")
     #: Set when the adapter can send path MTU probes with Don't-Fragment (optional).
     send_probe: Callable[[bytes, Endpoint], bool]
+    #: Set when the adapter takes several datagrams to one endpoint at once (optional).
+    send_datagrams: Callable[[list[bytes], Endpoint], None]
 
     def __init__(
         self,
@@ -243,6 +245,7 @@ class Node:
         """Start the data path: the engine's outputs go to the adapters and reading begins."""
         io = _DataPath(self.udp.send, self.tun.write)
         io.send_probe = self.udp.send_probe
+        io.send_datagrams = self.udp.send_datagrams
         self.device.io = io
         self.tun.start_reading()
         self.udp.start_reading()

@@ -328,12 +328,13 @@ class Device:
             for packet in packets:
                 self.packet_from_tun(packet, now)
             return
-        send = self.io.send_datagram
         seal = keypair.sender.seal
         header = keypair.header
         mtu = self.mtu
         counter = keypair.send_counter
         sent = 0
+        join = b"".join
+        messages = []
         for packet in packets:
             size = len(packet)
             padding = -size & 15
@@ -341,11 +342,18 @@ class Device:
                 if size + padding > mtu:
                     padding = max(0, mtu - size)
                 packet = packet + _ZEROS[:padding]
-            message = header + counter.to_bytes(8, "little") + seal(counter, packet)
+            message = join((header, counter.to_bytes(8, "little"), seal(counter, packet)))
             counter += 1
             sent += len(message)
-            send(message, endpoint)
+            messages.append(message)
         keypair.send_counter = counter
+        send_datagrams = getattr(self.io, "send_datagrams", None)
+        if send_datagrams is not None:
+            send_datagrams(messages, endpoint)
+        else:
+            send = self.io.send_datagram
+            for message in messages:
+                send(message, endpoint)
         peer.tx_bytes += sent
         peer.data_packets += len(packets)
         slots = peer.timers.deadlines
