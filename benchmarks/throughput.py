@@ -305,7 +305,20 @@ def write_config(
     path.chmod(0o600)
 
 
-def bring_up_meshguard(tb: Testbed, args: argparse.Namespace) -> Config:
+def bring_up_meshguard_tree(
+    label: str, tree: str
+) -> Callable[[Testbed, argparse.Namespace], Config]:
+    """meshguard from another source tree (an older commit, for before/after figures)."""
+
+    def bring_up(tb: Testbed, args: argparse.Namespace) -> Config:
+        return bring_up_meshguard(tb, args, name=f"meshguard {label}", tree=tree)
+
+    return bring_up
+
+
+def bring_up_meshguard(
+    tb: Testbed, args: argparse.Namespace, name: str = "meshguard", tree: str | None = None
+) -> Config:
     hosts = two_hosts(tb)
     a_key, b_key = wg_keypair(), wg_keypair()
     a_if, b_if = tb.ifname("mga"), tb.ifname("mgb")
@@ -318,7 +331,8 @@ def bring_up_meshguard(tb: Testbed, args: argparse.Namespace) -> Config:
         try:
             # PYTHONPATH=REPO: twistd finds twisted/plugins/meshguard_plugin.py and this
             # tree's code (twistd does not look in the working directory).
-            procs.append(tb.spawn(ns, argv, env=meshguard_env(), cwd=REPO))
+            env = meshguard_env({"PYTHONPATH": tree} if tree else None)
+            procs.append(tb.spawn(ns, argv, env=env, cwd=tree or REPO))
         except OSError as e:
             raise UnavailableError(f"cannot start {argv[0]}: {e}") from None
     try:
@@ -332,7 +346,7 @@ def bring_up_meshguard(tb: Testbed, args: argparse.Namespace) -> Config:
             f"(command: {args.meshguard_cmd!r})\n{tails}"
         ) from None
     check_mtu(tb, hosts.a, a_if, args.mtu)
-    return Config("meshguard", tb, hosts, TUNNEL_B, TUNNEL_A, procs, (a_if, b_if))
+    return Config(name, tb, hosts, TUNNEL_B, TUNNEL_A, procs, (a_if, b_if))
 
 
 def offload_summary(ifname: str) -> str:
@@ -437,6 +451,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="command run in each namespace; {config} is the wg-quick style config file "
         "(named IFNAME.conf), {ifname} the interface name (default: %(default)s)",
     )
+    parser.add_argument(
+        "--meshguard-tree",
+        action="append",
+        metavar="LABEL=PATH",
+        help="also run meshguard from another source tree (repeatable), e.g. "
+        "before=/tmp/old (make one with: git archive COMMIT | tar -x -C /tmp/old)",
+    )
     parser.add_argument("--meshguard-timeout", type=float, default=15.0)
     parser.add_argument("--mtu", type=int, default=1420, help="tunnel MTU on all tunnels")
     args = parser.parse_args(argv)
@@ -453,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         wanted.append((binary, bring_up_wireguard_go(binary)))
     if not args.no_meshguard:
         wanted.append(("meshguard", bring_up_meshguard))
+    for item in args.meshguard_tree or []:
+        label, _, tree = item.partition("=")
+        wanted.append((f"meshguard {label}", bring_up_meshguard_tree(label, tree)))
 
     configs: list[Config] = []
     skipped: dict[str, str] = {}

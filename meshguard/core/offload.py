@@ -126,11 +126,12 @@ def split(frame: bytes | bytearray | memoryview) -> list[bytes]:
         at = csum_start + csum_offset
         if csum_start >= len(packet) or at + 2 > len(packet):
             raise OffloadError("checksum offset outside the packet")
-        out = bytearray(packet)
-        initial = _from(out[at : at + 2], "big")
-        out[at : at + 2] = b"\0\0"
-        _pack16(out, at, checksum(memoryview(out)[csum_start:], initial))
-        return [bytes(out)]
+        # The field holds the pseudo-header sum; summing the packet with it in place gives the
+        # whole sum, and the result goes where it was (one copy of the packet).
+        value = _sum(packet[csum_start:]) if not (at - csum_start) & 1 else None
+        if value is None:
+            raise OffloadError("checksum field at an odd offset")
+        return [b"".join((packet[:at], _U16.pack(0xFFFF - value % 0xFFFF), packet[at + 2 :]))]
     if gso_type == GSO_TCPV4 or gso_type == GSO_TCPV6:
         return _segments(packet, gso_type == GSO_TCPV4, True, gso_size, csum_start)
     if gso_type == GSO_UDP_L4:
