@@ -66,7 +66,6 @@ OFFLOAD_CHOICES = (
 #: Switch for the TUN offloads, on by default where the node asks for them: False opens the
 #: device without a virtio-net header, one packet per read and write, as before they existed.
 USE_TUN_OFFLOAD = True
-_UINT = struct.Struct("=I")
 IFNAMSIZ = 16
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH")
 TUN_PATH = b"/dev/net/tun"
@@ -103,7 +102,7 @@ class TunSystem(Protocol):
 
     def open(self, name: bytes, flags: int, mode: int = ...) -> int: ...
 
-    def ioctl(self, fd: int, request: int, arg: bytes) -> bytes: ...  # an int arg: int
+    def ioctl(self, fd: int, request: int, arg: bytes | int) -> bytes: ...
 
     def read(self, fd: int, limit: int) -> bytes: ...
 
@@ -127,7 +126,7 @@ class _RealSystem:
     close = staticmethod(os.close)
 
     @staticmethod
-    def ioctl(fd: int, request: int, arg: bytes) -> bytes:
+    def ioctl(fd: int, request: int, arg: bytes | int) -> bytes:
         result = fcntl.ioctl(fd, request, arg)
         if isinstance(arg, int):
             return b""  # a by-value argument (TUNSETOFFLOAD): nothing to read back
@@ -261,7 +260,7 @@ class TunDevice:
             self._buffer = bytearray(VNET_HDR_LEN + 65535)
             for choice in OFFLOAD_CHOICES:
                 try:
-                    system.ioctl(fd, TUNSETOFFLOAD, choice)  # type: ignore[arg-type]
+                    system.ioctl(fd, TUNSETOFFLOAD, choice)
                 except OSError:
                     continue
                 self.offloads = choice
@@ -445,6 +444,11 @@ class TunDevice:
                         packets = split(view[:n])
                     except OffloadError:
                         self.offload_errors += 1
+                        continue
+                    except Exception:
+                        # A bug in the cutter must not take the device off the reactor.
+                        self.offload_errors += 1
+                        self._receiver_failed()
                         continue
                     if buffer[1]:
                         self.gso_reads += 1
