@@ -1,23 +1,37 @@
-"""Single-stream TCP throughput through plain veth, wireguard-go and meshguard.
+"""meshguard against wireguard-go builds, side by side: TCP, UDP packet rate, RTT, CPU per GB.
 
-Builds two network namespaces joined by a veth (tests/netns.py), runs iperf3 A -> B for
-``--seconds`` seconds ``--reps`` times per configuration and reports the median, plus the CPU time
-(user + sys, from /proc/PID/stat) the two tunnel processes used. Needs root.
+Builds one pair of network namespaces joined by a veth per configuration (tests/netns.py): the
+plain veth, each wireguard-go binary given with ``--wireguard-go`` (both ends the same build),
+and meshguard on both ends. All tunnels are up at once and the measurements go round-robin
+(repetition 1 of every configuration, then repetition 2, ...), so load from other users of the
+machine falls on all of them alike. Per configuration and repetition:
 
-    python3 benchmarks/throughput.py [--seconds 10] [--reps 3] [--only wireguard-go,meshguard]
+- single-stream TCP (iperf3, ``--seconds``) and the CPU time the two tunnel processes used;
+- 4-stream TCP (iperf3 -P 4);
+- UDP packets per second received at no more than 1 % loss (iperf3 -u, ``--udp-size`` byte
+  payloads; the offered rate starts at the tunnel's 4-stream TCP packet rate and steps down);
+- ping round-trip time through the tunnel, idle and under a single-stream TCP transfer.
+
+The report gives medians with min-max ranges and meshguard's ratio to each wireguard-go build.
+Needs root.
+
+    python3 benchmarks/throughput.py [--seconds 5] [--reps 3] \\
+        [--wireguard-go wireguard-go] [--wireguard-go ../shared/bin/wireguard-go]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,34 +51,42 @@ from tests.netns import (  # noqa: E402
 )
 
 DEFAULT_MESHGUARD_CMD = "twistd -n --pidfile= meshguard --config {config}"
-CONFIGS = ("plain", "wireguard-go", "meshguard")
 TUNNEL_A, TUNNEL_B = "10.99.0.1", "10.99.0.2"
 PORT = 51820
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Result:
-    name: str
-    mbits: list[float]
-    cpu_seconds: list[float]  # per repetition, both tunnel processes together (0 for plain)
-    seconds: float
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.mbits)
-
-    @property
-    def cpu_per_gb(self) -> float | None:
-        """Tunnel CPU seconds per gigabyte carried (lower is better)."""
-        if not any(self.cpu_seconds):
-            return None
-        gigabytes = sum(m * self.seconds / 8 / 1000 for m in self.mbits)
-        return sum(self.cpu_seconds) / gigabytes
+METRICS = ("tcp1", "tcp4", "udp_pps", "rtt_idle", "rtt_loaded", "cpu_per_gb")
+TITLES = {
+    "tcp1": ("TCP 1 stream", "Mbit/s"),
+    "tcp4": ("TCP 4 streams", "Mbit/s"),
+    "udp_pps": ("UDP at <=1% loss", "kpps"),
+    "rtt_idle": ("ping idle", "ms"),
+    "rtt_loaded": ("ping loaded", "ms"),
+    "cpu_per_gb": ("tunnel CPU", "s/GB"),
+}
+#: Metrics where less is better (their ratio reads "meshguard needs x times as much").
+LOWER_IS_BETTER = {"rtt_idle", "rtt_loaded", "cpu_per_gb"}
 
 
 class UnavailableError(Exception):
     """A configuration could not be brought up; the message says why."""
+
+
+@dataclass
+class Config:
+    """One tunnel (or the plain veth) under test, up for the whole run."""
+
+    name: str
+    tb: Testbed
+    hosts: TwoHosts
+    dst: str  # B's address through the tunnel (or the veth)
+    dst_a: str  # A's address through the tunnel
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    ifnames: tuple[str, str] | None = None  # meshguard's, for its status counters
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, metric: str, value: float | None) -> None:
+        if value is not None:
+            self.values.setdefault(metric, []).append(value)
 
 
 def session_cpu_seconds(leader: int) -> float:
@@ -84,26 +106,151 @@ def session_cpu_seconds(leader: int) -> float:
     return ticks / CLK_TCK
 
 
-def measure(
-    tb: Testbed,
-    hosts: TwoHosts,
-    dst: str,
-    name: str,
-    procs: Sequence[subprocess.Popen[bytes]],
-    seconds: float,
-    reps: int,
-) -> Result:
-    result = Result(name, [], [], seconds)
-    for i in range(reps):
-        before = sum(session_cpu_seconds(p.pid) for p in procs)
-        mbits = tb.iperf3(hosts.b, hosts.a, dst, seconds)
-        after = sum(session_cpu_seconds(p.pid) for p in procs)
-        result.mbits.append(mbits)
-        result.cpu_seconds.append(after - before)
-        print(
-            f"  {name} rep {i + 1}/{reps}: {mbits:9.1f} Mbit/s, tunnel CPU {after - before:.2f} s"
+def cpu(config: Config) -> float:
+    return sum(session_cpu_seconds(p.pid) for p in config.procs)
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+def iperf3_json(
+    tb: Testbed, server: Namespace, client: Namespace, addr: str, seconds: float, *extra: str
+) -> dict[str, object]:
+    """One iperf3 run client -> server; its JSON result."""
+    proc = tb.spawn(server, ["iperf3", "-s", "-1", "-p", "5201"])
+    try:
+        tb.wait_for(lambda: tb.listening(server, 5201), timeout=10, what="iperf3 server")
+        cp = tb.run(
+            client,
+            ["iperf3", "-c", addr, "-p", "5201", "-t", f"{seconds:g}", "-J", *extra],
+            timeout=seconds + 30,
+            check=False,
         )
-    return result
+        result: dict[str, object] = json.loads(cp.stdout or "{}")
+        return result
+    finally:
+        tb.stop(proc)
+
+
+def tcp_mbits(c: Config, seconds: float, streams: int) -> float | None:
+    result = iperf3_json(c.tb, c.hosts.b, c.hosts.a, c.dst, seconds, "-P", str(streams))
+    try:
+        return float(result["end"]["sum_received"]["bits_per_second"]) / 1e6  # type: ignore[index]
+    except (KeyError, TypeError):
+        return None
+
+
+def udp_run(c: Config, seconds: float, pps: float, size: int) -> tuple[float, float] | None:
+    """(received packets per second, loss %) at an offered ``pps``."""
+    rate = int(pps * size * 8)
+    result = iperf3_json(
+        c.tb,
+        c.hosts.b,
+        c.hosts.a,
+        c.dst,
+        seconds,
+        *("-u", "-l", str(size), "-b", str(rate), "-w", "4M"),
+    )
+    try:
+        total = result["end"]["sum"]  # type: ignore[index]
+        packets, lost = int(total["packets"]), int(total["lost_packets"])  # type: ignore[index]
+        elapsed = float(total["seconds"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if packets <= 0 or elapsed <= 0:
+        return None
+    return (packets - lost) / elapsed, 100.0 * lost / packets
+
+
+def udp_pps(c: Config, seconds: float, size: int, start_pps: float) -> float | None:
+    """The highest received packet rate seen with at most 1 % loss: a first probe at
+    ``start_pps``, then a bisection between the best offered rate that kept loss within 1 %
+    and the lowest that did not (six probes at most)."""
+    got = udp_run(c, seconds, start_pps, size)
+    if got is None:
+        return None
+    received, loss = got
+    if loss <= 1.0:
+        return received
+    good, bad = 0.0, start_pps
+    best = None
+    offered = received * 0.95
+    for _ in range(5):
+        got = udp_run(c, seconds, offered, size)
+        if got is None:
+            break
+        received, loss = got
+        if loss <= 1.0:
+            best = max(best or 0.0, received)
+            good = offered
+        else:
+            bad = offered
+        offered = (good + bad) / 2 if good else min(offered * 0.7, received * 0.9)
+    return best
+
+
+def ping_ms(tb: Testbed, ns: Namespace, addr: str, count: int) -> float | None:
+    """Average RTT of ``count`` pings 20 ms apart."""
+    cp = tb.run(
+        ns,
+        ["ping", "-n", "-q", "-c", str(count), "-i", "0.02", "-W", "2", addr],
+        timeout=count * 0.02 + 10,
+        check=False,
+    )
+    match = re.search(r"= [\d.]+/([\d.]+)/", cp.stdout)
+    return float(match.group(1)) if match else None
+
+
+def loaded_ping_ms(c: Config, seconds: float, count: int) -> float | None:
+    """RTT A -> B while a single TCP stream runs A -> B."""
+    tb = c.tb
+    server = tb.spawn(c.hosts.b, ["iperf3", "-s", "-1", "-p", "5202"])
+    client = None
+    try:
+        tb.wait_for(lambda: tb.listening(c.hosts.b, 5202), timeout=10, what="iperf3 server")
+        client = tb.spawn(
+            c.hosts.a, ["iperf3", "-c", c.dst, "-p", "5202", "-t", f"{seconds + 2:g}"]
+        )
+        time.sleep(1.0)  # let the stream fill the pipe
+        return ping_ms(tb, c.hosts.a, c.dst, count)
+    finally:
+        if client is not None:
+            tb.stop(client)
+        tb.stop(server)
+
+
+def measure_round(c: Config, args: argparse.Namespace, rep: int) -> None:
+    before = cpu(c)
+    tcp1 = tcp_mbits(c, args.seconds, 1)
+    spent = cpu(c) - before
+    c.add("tcp1", tcp1)
+    if c.procs and tcp1:
+        c.add("cpu_per_gb", spent / (tcp1 * args.seconds / 8 / 1000))
+    tcp4 = tcp_mbits(c, args.seconds, 4)
+    c.add("tcp4", tcp4)
+    udp = None
+    if tcp4:
+        start = tcp4 * 1e6 / 8 / max(args.udp_size, 1000) * 1.2
+        udp = udp_pps(c, args.udp_seconds, args.udp_size, start)
+        c.add("udp_pps", None if udp is None else udp / 1000)
+    idle = ping_ms(c.tb, c.hosts.a, c.dst, args.pings)
+    c.add("rtt_idle", idle)
+    loaded = loaded_ping_ms(c, args.pings * 0.02 + 1, args.pings)
+    c.add("rtt_loaded", loaded)
+
+    def show(value: float | None, unit: str) -> str:
+        return "-" if value is None else f"{number(value)} {unit}"
+
+    print(
+        f"  {c.name} rep {rep}: tcp1 {show(tcp1, 'Mbit/s')} (CPU {spent:.2f} s), "
+        f"tcp4 {show(tcp4, 'Mbit/s')}, udp {show(udp and udp / 1000, 'kpps')}, "
+        f"rtt idle {show(idle, 'ms')} loaded {show(loaded, 'ms')}, "
+        f"load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+
+
+# -- configurations ----------------------------------------------------------------------------
 
 
 def tunnel_up(tb: Testbed, hosts: TwoHosts, timeout: float, what: str) -> None:
@@ -114,27 +261,41 @@ def tunnel_up(tb: Testbed, hosts: TwoHosts, timeout: float, what: str) -> None:
     )
 
 
-def check_mtu(tb: Testbed, hosts: TwoHosts, ifname: str, want: int) -> None:
+def check_mtu(tb: Testbed, ns: Namespace, ifname: str, want: int) -> None:
     """Both tunnels must run at the same MTU, or the comparison says little."""
-    out = tb.ip(hosts.a, "-o", "link", "show", "dev", ifname)
+    out = tb.ip(ns, "-o", "link", "show", "dev", ifname)
     match = re.search(r"\bmtu (\d+)", out)
     got = int(match.group(1)) if match else None
-    print(f"  {ifname} mtu {got}")
     if got != want:
         raise UnavailableError(f"{ifname} has MTU {got}, not {want}")
 
 
-def run_plain(tb: Testbed, hosts: TwoHosts, args: argparse.Namespace) -> Result:
-    return measure(tb, hosts, hosts.b_addr, "plain", [], args.seconds, args.reps)
+def wireguard_go_version(binary: str) -> str:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=5
+        ).stdout
+    except OSError as e:
+        raise UnavailableError(f"cannot run {binary}: {e}") from None
+    match = re.search(r"v\d[\w.]*", out)
+    return match.group(0) if match else "unknown"
 
 
-def run_wireguard_go(tb: Testbed, hosts: TwoHosts, args: argparse.Namespace) -> Result:
-    pair = wireguard_go_pair(tb, hosts, port=PORT, mtu=args.mtu)
-    tunnel_up(tb, hosts, 15, "wireguard-go tunnel")
-    check_mtu(tb, hosts, pair.a_if, args.mtu)
-    return measure(
-        tb, hosts, pair.b_tun, "wireguard-go", [pair.a_proc, pair.b_proc], args.seconds, args.reps
-    )
+def bring_up_plain(tb: Testbed, args: argparse.Namespace) -> Config:
+    hosts = two_hosts(tb)
+    return Config("plain veth", tb, hosts, hosts.b_addr, hosts.a_addr)
+
+
+def bring_up_wireguard_go(binary: str) -> Callable[[Testbed, argparse.Namespace], Config]:
+    def bring_up(tb: Testbed, args: argparse.Namespace) -> Config:
+        name = f"wg-go {wireguard_go_version(binary)}"
+        hosts = two_hosts(tb)
+        pair = wireguard_go_pair(tb, hosts, port=PORT, mtu=args.mtu, wireguard_go=binary)
+        tunnel_up(tb, hosts, 15, f"{name} tunnel")
+        check_mtu(tb, hosts.a, pair.a_if, args.mtu)
+        return Config(name, tb, hosts, pair.b_tun, pair.a_tun, [pair.a_proc, pair.b_proc])
+
+    return bring_up
 
 
 def write_config(
@@ -155,7 +316,21 @@ def write_config(
     path.chmod(0o600)
 
 
-def run_meshguard(tb: Testbed, hosts: TwoHosts, args: argparse.Namespace) -> Result:
+def bring_up_meshguard_tree(
+    label: str, tree: str
+) -> Callable[[Testbed, argparse.Namespace], Config]:
+    """meshguard from another source tree (an older commit, for before/after figures)."""
+
+    def bring_up(tb: Testbed, args: argparse.Namespace) -> Config:
+        return bring_up_meshguard(tb, args, name=f"meshguard {label}", tree=tree)
+
+    return bring_up
+
+
+def bring_up_meshguard(
+    tb: Testbed, args: argparse.Namespace, name: str = "meshguard", tree: str | None = None
+) -> Config:
+    hosts = two_hosts(tb)
     a_key, b_key = wg_keypair(), wg_keypair()
     a_if, b_if = tb.ifname("mga"), tb.ifname("mgb")
     a_conf, b_conf = tb.log_dir / f"{a_if}.conf", tb.log_dir / f"{b_if}.conf"
@@ -164,7 +339,13 @@ def run_meshguard(tb: Testbed, hosts: TwoHosts, args: argparse.Namespace) -> Res
     procs: list[subprocess.Popen[bytes]] = []
     for ns, conf, ifname in ((hosts.a, a_conf, a_if), (hosts.b, b_conf, b_if)):
         argv = shlex.split(args.meshguard_cmd.format(config=conf, ifname=ifname))
-        procs.append(start(tb, ns, argv))
+        try:
+            # PYTHONPATH=REPO: twistd finds twisted/plugins/meshguard_plugin.py and this
+            # tree's code (twistd does not look in the working directory).
+            env = meshguard_env({"PYTHONPATH": tree} if tree else None)
+            procs.append(tb.spawn(ns, argv, env=env, cwd=tree or REPO))
+        except OSError as e:
+            raise UnavailableError(f"cannot start {argv[0]}: {e}") from None
     try:
         tunnel_up(tb, hosts, args.meshguard_timeout, "meshguard tunnel")
     except WaitTimeoutError:
@@ -175,116 +356,165 @@ def run_meshguard(tb: Testbed, hosts: TwoHosts, args: argparse.Namespace) -> Res
             f"meshguard did not come up within {args.meshguard_timeout:g} s "
             f"(command: {args.meshguard_cmd!r})\n{tails}"
         ) from None
-    check_mtu(tb, hosts, a_if, args.mtu)
-    result = measure(tb, hosts, TUNNEL_B, "meshguard", procs, args.seconds, args.reps)
-    for side, ifname in (("A (sender)", a_if), ("B (receiver)", b_if)):
-        print(f"  {side}: {offload_summary(ifname)}")
-    return result
+    check_mtu(tb, hosts.a, a_if, args.mtu)
+    return Config(name, tb, hosts, TUNNEL_B, TUNNEL_A, procs, (a_if, b_if))
 
 
 def offload_summary(ifname: str) -> str:
-    """How much the UDP offloads batched on one node, from its ``meshguard status`` document
-    (the status socket is a path, so it is reachable from outside the node's namespace)."""
+    """How much the UDP and TUN offloads batched on one node, from its ``meshguard status``
+    document (the status socket is a path, reachable from outside the node's namespace)."""
     try:
-        offload = read_status(ifname)["node"]["udp_offload"]
+        node = read_status(ifname)["node"]
+        udp = node["udp_offload"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"no UDP offload counters ({e.__class__.__name__}: {e})"
+        return f"no offload counters ({e.__class__.__name__}: {e})"
 
     def per(count: int, calls: int) -> str:
         return f"{count / calls:.1f}" if calls else "-"
 
-    received = offload["reads"] - offload["gro_reads"] + offload["gro_datagrams"]
-    return (
-        f"GSO {offload['gso']}: {offload['gso_sends']} sends, "
-        f"{per(offload['gso_datagrams'], offload['gso_sends'])} datagrams each, "
-        f"{per(100 * offload['gso_datagrams'], offload['held_datagrams'])} % of "
-        f"{offload['held_datagrams']} held; "
-        f"GRO {offload['gro']}: {offload['gro_reads']} of {offload['reads']} reads coalesced, "
-        f"{per(offload['gro_datagrams'], offload['gro_reads'])} datagrams each, "
-        f"{per(received, offload['reads'])} per read overall"
+    text = (
+        f"UDP GSO {udp['gso']}: {udp['gso_sends']} sends x "
+        f"{per(udp['gso_datagrams'], udp['gso_sends'])}; "
+        f"GRO {udp['gro']}: {udp['gro_reads']} of {udp['reads']} reads x "
+        f"{per(udp['gro_datagrams'], udp['gro_reads'])}"
     )
+    tun = node.get("tun_offload")
+    if isinstance(tun, dict):
+        text += (
+            f"; TUN {tun['offloads']}: {tun['gso_reads']} super-packet reads x "
+            f"{per(tun['gso_segments'], tun['gso_reads'])} segments, "
+            f"{tun['gro_writes']} coalesced writes x {per(tun['gro_packets'], tun['gro_writes'])}"
+        )
+    return text
 
 
-def start(tb: Testbed, ns: Namespace, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-    try:
-        # PYTHONPATH=REPO: twistd finds twisted/plugins/meshguard_plugin.py and this tree's code
-        # (twistd does not look in the working directory).
-        return tb.spawn(ns, argv, env=meshguard_env(), cwd=REPO)
-    except OSError as e:
-        raise UnavailableError(f"cannot start {argv[0]}: {e}") from None
+# -- report ------------------------------------------------------------------------------------
 
 
-RUNNERS: dict[str, Callable[[Testbed, TwoHosts, argparse.Namespace], Result]] = {
-    "plain": run_plain,
-    "wireguard-go": run_wireguard_go,
-    "meshguard": run_meshguard,
-}
+def number(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
-def report(results: list[Result], skipped: dict[str, str], args: argparse.Namespace) -> None:
+def summary(values: list[float] | None) -> str:
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return number(med)
+    return f"{number(med)} ({number(min(values))}-{number(max(values))})"
+
+
+def report(configs: list[Config], skipped: dict[str, str], args: argparse.Namespace) -> None:
     print()
     print(
-        f"iperf3 single-stream TCP A -> B, {args.seconds:g} s x {args.reps} reps, "
-        f"tunnel MTU {args.mtu}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
+        f"{args.seconds:g} s iperf3 runs x {args.reps} rounds, tunnel MTU {args.mtu}, "
+        f"UDP payload {args.udp_size} B, {args.pings} pings per RTT figure, "
+        f"{os.cpu_count()} CPUs, load average now {os.getloadavg()[0]:.2f}; "
+        "median (min-max)"
     )
-    header = ("median Mbit/s", 15), ("min", 10), ("max", 10), ("CPU s/rep", 11), ("CPU s/GB", 10)
-    print(f"{'config':<14}" + "".join(f"{title:>{width}}" for title, width in header))
-    for r in results:
-        cpu = statistics.median(r.cpu_seconds)
-        per_gb = r.cpu_per_gb
-        print(
-            f"{r.name:<14}{r.median:>15.1f}{min(r.mbits):>10.1f}{max(r.mbits):>10.1f}"
-            f"{cpu:>11.2f}{'-' if per_gb is None else f'{per_gb:.2f}':>10}"
-        )
+    width = max([len(c.name) for c in configs] + [10]) + 14
+    print(f"{'':<{width}}" + "".join(f"{TITLES[m][0]:>24}" for m in METRICS))
+    print(f"{'':<{width}}" + "".join(f"{TITLES[m][1]:>24}" for m in METRICS))
+    for c in configs:
+        print(f"{c.name:<{width}}" + "".join(f"{summary(c.values.get(m)):>24}" for m in METRICS))
     for name, why in skipped.items():
-        print(f"{name:<14}  skipped: {why.splitlines()[0]}")
-    by_name = {r.name: r for r in results}
-    mg, wg = by_name.get("meshguard"), by_name.get("wireguard-go")
-    if mg is not None and wg is not None:
-        print(f"meshguard / wireguard-go throughput: {mg.median / wg.median:.2f}")
-        if mg.cpu_per_gb is not None and wg.cpu_per_gb is not None:
-            print(f"meshguard / wireguard-go CPU per GB: {mg.cpu_per_gb / wg.cpu_per_gb:.2f}")
+        print(f"{name:<{width}}  skipped: {why.splitlines()[0]}")
+    mg = next((c for c in configs if c.name == "meshguard"), None)
+    if mg is None:
+        return
+    for other in configs:
+        if other is mg or not other.procs:
+            continue
+        cells = []
+        for m in METRICS:
+            a, b = mg.values.get(m), other.values.get(m)
+            if a and b and statistics.median(b):
+                cells.append(f"{statistics.median(a) / statistics.median(b):.2f}")
+            else:
+                cells.append("-")
+        label = f"meshguard / {other.name}"
+        print(f"{label:<{width}}" + "".join(f"{cell:>24}" for cell in cells))
+    print("(ratios of medians; for ping and CPU lower is better)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="iperf3 duration per rep")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per configuration")
+    parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 TCP duration")
+    parser.add_argument("--reps", type=int, default=3, help="rounds over all configurations")
     parser.add_argument(
-        "--only", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}"
+        "--wireguard-go",
+        action="append",
+        metavar="PATH",
+        help="a wireguard-go binary to compare with (repeatable; default: wireguard-go on PATH)",
     )
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain veth")
+    parser.add_argument("--no-meshguard", action="store_true", help="skip meshguard")
+    parser.add_argument("--udp-size", type=int, default=1000, help="UDP payload bytes")
+    parser.add_argument("--udp-seconds", type=float, default=3.0)
+    parser.add_argument("--pings", type=int, default=50)
     parser.add_argument(
         "--meshguard-cmd",
         default=DEFAULT_MESHGUARD_CMD,
         help="command run in each namespace; {config} is the wg-quick style config file "
         "(named IFNAME.conf), {ifname} the interface name (default: %(default)s)",
     )
+    parser.add_argument(
+        "--meshguard-tree",
+        action="append",
+        metavar="LABEL=PATH",
+        help="also run meshguard from another source tree (repeatable), e.g. "
+        "before=/tmp/old (make one with: git archive COMMIT | tar -x -C /tmp/old)",
+    )
     parser.add_argument("--meshguard-timeout", type=float, default=15.0)
-    parser.add_argument("--mtu", type=int, default=1420, help="tunnel MTU on both tunnels")
+    parser.add_argument("--mtu", type=int, default=1420, help="tunnel MTU on all tunnels")
     args = parser.parse_args(argv)
-    chosen = [c.strip() for c in args.only.split(",") if c.strip()]
-    unknown = set(chosen) - set(CONFIGS)
-    if unknown:
-        parser.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
     try:
-        require_root_netns(None, binaries=("ip", "wg", "wireguard-go", "iperf3", "ping", "ss"))
+        require_root_netns(None, binaries=("ip", "wg", "iperf3", "ping", "ss"))
     except Exception as e:
         print(f"cannot build the testbed: {e}", file=sys.stderr)
         return 2
 
-    results: list[Result] = []
+    wanted: list[tuple[str, Callable[[Testbed, argparse.Namespace], Config]]] = []
+    if not args.no_plain:
+        wanted.append(("plain", bring_up_plain))
+    for binary in args.wireguard_go or ["wireguard-go"]:
+        wanted.append((binary, bring_up_wireguard_go(binary)))
+    if not args.no_meshguard:
+        wanted.append(("meshguard", bring_up_meshguard))
+    for item in args.meshguard_tree or []:
+        label, _, tree = item.partition("=")
+        wanted.append((f"meshguard {label}", bring_up_meshguard_tree(label, tree)))
+
+    configs: list[Config] = []
     skipped: dict[str, str] = {}
-    for name in chosen:
-        print(f"== {name}")
-        with Testbed() as tb:
-            hosts = two_hosts(tb)
+    testbeds: list[Testbed] = []
+    try:
+        for label, bring_up in wanted:
+            tb = Testbed()
+            testbeds.append(tb)
             try:
-                results.append(RUNNERS[name](tb, hosts, args))
-            except UnavailableError as e:
-                skipped[name] = str(e)
-                print(f"  skipped: {e}")
-            print(f"  logs: {tb.log_dir}")
-    report(results, skipped, args)
+                config = bring_up(tb, args)
+            except (UnavailableError, WaitTimeoutError) as e:
+                skipped[label] = str(e)
+                print(f"== {label}: skipped: {e}")
+                continue
+            configs.append(config)
+            print(f"== {config.name} up (logs: {tb.log_dir})")
+        for rep in range(1, args.reps + 1):
+            for config in configs:
+                measure_round(config, args, rep)
+        for config in configs:
+            if config.ifnames is not None:
+                for side, ifname in zip(("A (sender)", "B (receiver)"), config.ifnames):
+                    print(f"  {config.name} {side}: {offload_summary(ifname)}")
+    finally:
+        for tb in testbeds:
+            tb.cleanup()
+    report(configs, skipped, args)
     return 0
 
 

@@ -59,9 +59,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class _DataPath:
     """The device's outputs bound straight to the adapters' methods (no forwarding call)."""
 
-    __slots__ = ("send_datagram", "send_probe", "write_packet")
+    __slots__ = ("send_datagram", "send_datagrams", "send_probe", "write_packet")
     #: Set when the adapter can send path MTU probes with Don't-Fragment (optional).
     send_probe: Callable[[bytes, Endpoint], bool]
+    #: Set when the adapter takes several datagrams to one endpoint at once (optional).
+    send_datagrams: Callable[[list[bytes], Endpoint], None]
 
     def __init__(
         self,
@@ -173,6 +175,8 @@ class Node:
             on_gone=self._tun_gone,
             on_batch_end=self._batch_end,
             on_batch_start=self._tun_batch_start,
+            offload=tun_system is None,
+            batch_receiver=self._packets_from_tun,
         )
         self.udp = UDPTransport(
             self._datagram_received,
@@ -180,6 +184,8 @@ class Node:
             listen_port,
             on_batch_end=self._batch_end,
             wireguard_filter=True,
+            on_batch_start=self.tun.hold,
+            batch_receiver=self._datagrams_received,
         )
         self.device.on_authenticated_source = self.udp.confirm_source
         #: Handshakes wait behind each read batch's transport data (Device.handshake_backlog).
@@ -263,6 +269,7 @@ class Node:
         """Start the data path: the engine's outputs go to the adapters and reading begins."""
         io = _DataPath(self.udp.send, self.tun.write)
         io.send_probe = self.udp.send_probe
+        io.send_datagrams = self.udp.send_datagrams
         self.device.io = io
         self.tun.start_reading()
         self.udp.start_reading()
@@ -331,6 +338,12 @@ class Node:
     def _packet_from_tun(self, packet: bytes) -> None:
         self.device.packet_from_tun(packet, self._seconds())
 
+    def _packets_from_tun(self, packets: list[bytes]) -> None:
+        self.device.packets_from_tun(packets, self._seconds())
+
+    def _datagrams_received(self, datagrams: list[bytes], source: Endpoint) -> None:
+        self.device.transport_batch_received(datagrams, source, self._seconds())
+
     def _datagram_received(self, data: bytes, source: Endpoint) -> None:
         self.device.datagram_received(data, source, self._seconds())
 
@@ -346,6 +359,7 @@ class Node:
             if self._backlog_call is None or not self._backlog_call.active():
                 self._backlog_call = self.reactor.callLater(0, self._backlog_turn)
         self.udp.flush()
+        self.tun.flush()
         if self.device.timers.dirty or self.mesh.dirty:
             self.reschedule()
 
@@ -442,6 +456,7 @@ class Node:
                     else {}
                 ),
                 "flood_guard": self.flood_guard.status(),
+                "tun_offload": self.tun.offload_status(),
             },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
             "peers": peers,

@@ -29,10 +29,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from meshguard.core.offload import PLAIN_HEADER, VNET_HDR_LEN, OffloadError, coalesce, split
+
 __all__ = [
     "IFF_NO_PI",
     "IFF_TUN",
+    "IFF_VNET_HDR",
     "TUNSETIFF",
+    "TUNSETOFFLOAD",
     "FDReactor",
     "TunDevice",
     "TunError",
@@ -45,6 +49,23 @@ log = Logger()
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+#: Every read and write starts with a ``virtio_net_hdr`` (meshguard.core.offload).
+IFF_VNET_HDR = 0x4000
+#: ``_IOW('T', 208, unsigned int)``: which offloads the kernel may hand us.
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+#: Offload sets tried in order (USO needs Linux 6.2); the first the kernel takes is kept.
+OFFLOAD_CHOICES = (
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+)
+#: Switch for the TUN offloads, on by default where the node asks for them: False opens the
+#: device without a virtio-net header, one packet per read and write, as before they existed.
+USE_TUN_OFFLOAD = True
 IFNAMSIZ = 16
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH")
 TUN_PATH = b"/dev/net/tun"
@@ -81,7 +102,7 @@ class TunSystem(Protocol):
 
     def open(self, name: bytes, flags: int, mode: int = ...) -> int: ...
 
-    def ioctl(self, fd: int, request: int, arg: bytes) -> bytes: ...
+    def ioctl(self, fd: int, request: int, arg: bytes | int) -> bytes: ...
 
     def read(self, fd: int, limit: int) -> bytes: ...
 
@@ -100,11 +121,15 @@ class _RealSystem:
     open = staticmethod(os.open)
     read = staticmethod(os.read)
     write = staticmethod(os.write)
+    readv = staticmethod(os.readv)
+    writev = staticmethod(os.writev)
     close = staticmethod(os.close)
 
     @staticmethod
-    def ioctl(fd: int, request: int, arg: bytes) -> bytes:
+    def ioctl(fd: int, request: int, arg: bytes | int) -> bytes:
         result = fcntl.ioctl(fd, request, arg)
+        if isinstance(arg, int):
+            return b""  # a by-value argument (TUNSETOFFLOAD): nothing to read back
         assert isinstance(result, bytes)
         return result
 
@@ -133,6 +158,8 @@ class TunDevice:
 
     #: Packets read per reactor event before yielding to other descriptors and timers.
     batch_packets = 256
+    #: Packets held for coalescing before they are written anyway.
+    hold_packets = 512
 
     def __init__(
         self,
@@ -144,6 +171,8 @@ class TunDevice:
         on_gone: Callable[[OSError], None] | None = None,
         on_batch_end: Callable[[], None] | None = None,
         on_batch_start: Callable[[], None] | None = None,
+        offload: bool = False,
+        batch_receiver: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise TunError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
@@ -157,6 +186,9 @@ class TunDevice:
         self.on_gone = on_gone
         self.on_batch_end = on_batch_end
         self.on_batch_start = on_batch_start
+        #: Called instead of ``receiver`` with the segments of one super-packet (all to the
+        #: same destination), so they can be routed once.
+        self.batch_receiver = batch_receiver
         self._fd = -1
         self._reading = False
         #: Packets dropped on write because the kernel queue was full (EAGAIN/ENOBUFS).
@@ -165,6 +197,27 @@ class TunDevice:
         self.write_errors = 0
         #: Exceptions raised by the receiver (each is logged, rate-limited).
         self.receiver_errors = 0
+        #: Whether to ask for the virtio-net header and TSO/USO (needs ``readv``/``writev``
+        #: on the system object; the in-memory fake has neither and stays on plain packets).
+        self.offload = offload and USE_TUN_OFFLOAD
+        #: Whether the open device carries a virtio-net header, and the ``TUN_F_*`` offloads
+        #: the kernel accepted (0: none, every read is one packet).
+        self.vnet = False
+        self.offloads = 0
+        #: Super-packets read and the segments cut from them; frames that could not be cut.
+        self.gso_reads = 0
+        self.gso_segments = 0
+        self.offload_errors = 0
+        #: Coalesced writes and the packets they carried.
+        self.gro_writes = 0
+        self.gro_packets = 0
+        #: Between ``hold()`` and ``flush()`` (a UDP read batch) written packets wait here to
+        #: be coalesced; with a virtio-net header only.
+        self._holding = False
+        self._held: list[bytes] = []
+        self._buffer = bytearray(0)
+        self._readv: Callable[[int, list[bytearray]], int] | None = None
+        self._writev: Callable[[int, list[Any]], int] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -178,9 +231,20 @@ class TunDevice:
             fd = system.open(TUN_PATH, flags)
         except OSError as e:
             raise TunError(f"cannot open /dev/net/tun: {e.strerror or e} ({_open_hint(e)})") from e
+        readv = getattr(system, "readv", None)
+        writev = getattr(system, "writev", None)
+        vnet = self.offload and readv is not None and writev is not None
         try:
-            request = _IFREQ.pack(self.name.encode(), IFF_TUN | IFF_NO_PI)
-            result = system.ioctl(fd, TUNSETIFF, request)
+            try:
+                flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+                result = system.ioctl(fd, TUNSETIFF, _IFREQ.pack(self.name.encode(), flags))
+            except OSError as e:
+                if not vnet or e.errno != errno.EINVAL:
+                    raise
+                # A kernel without the header: plain packets, as before.
+                vnet = False
+                flags = IFF_TUN | IFF_NO_PI
+                result = system.ioctl(fd, TUNSETIFF, _IFREQ.pack(self.name.encode(), flags))
         except OSError as e:
             system.close(fd)
             label = f"interface {self.name!r}" if self.name else "a new interface"
@@ -189,6 +253,18 @@ class TunDevice:
             ) from e
         self.name = result[:IFNAMSIZ].split(b"\x00", 1)[0].decode()
         self._fd = fd
+        self.vnet = vnet
+        self.offloads = 0
+        if vnet:
+            self._readv, self._writev = readv, writev
+            self._buffer = bytearray(VNET_HDR_LEN + 65535)
+            for choice in OFFLOAD_CHOICES:
+                try:
+                    system.ioctl(fd, TUNSETOFFLOAD, choice)
+                except OSError:
+                    continue
+                self.offloads = choice
+                break
         return self.name
 
     def start_reading(self) -> None:
@@ -207,6 +283,8 @@ class TunDevice:
     def close(self) -> None:
         """Stop reading and close the fd; the kernel deletes a non-persistent interface."""
         self.stop_reading()
+        self._holding = False
+        self._held = []
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             try:
@@ -221,14 +299,80 @@ class TunDevice:
     # -- data path ----------------------------------------------------------------------------
 
     def write(self, packet: bytes) -> None:
-        """Hand one IP packet to the kernel; a full queue or a refused packet drops it."""
+        """Hand one IP packet to the kernel; a full queue or a refused packet drops it.
+
+        With a virtio-net header and inside ``hold()``, the packet waits for ``flush()`` to be
+        coalesced with the rest of its TCP flow.
+        """
         try:
-            self._system.write(self._fd, packet)
+            if self.vnet:
+                if self._holding:
+                    held = self._held
+                    held.append(packet)
+                    if len(held) >= self.hold_packets:
+                        self._write_held()
+                    return
+                assert self._writev is not None
+                self._writev(self._fd, [PLAIN_HEADER, packet])
+            else:
+                self._system.write(self._fd, packet)
         except OSError as e:
             if e.errno in _WRITE_DROP_ERRNOS:
                 self.write_drops += 1
             else:
                 self.write_errors += 1
+
+    def hold(self) -> None:
+        """Keep written packets until :meth:`flush` (the node brackets each UDP read batch)."""
+        if self.vnet:
+            self._holding = True
+
+    def flush(self) -> None:
+        """Write the held packets, each TCP flow's consecutive segments as one super-packet."""
+        self._holding = False
+        if self._held:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        held, self._held = self._held, []
+        writev = self._writev
+        assert writev is not None
+        fd = self._fd
+        for bufs in coalesce(held):
+            count = len(bufs) - 2
+            try:
+                writev(fd, bufs)
+            except OSError as e:
+                if e.errno in _WRITE_DROP_ERRNOS:
+                    self.write_drops += max(1, count)
+                else:
+                    self.write_errors += max(1, count)
+                continue
+            if count > 1:
+                self.gro_writes += 1
+                self.gro_packets += count
+
+    def offload_status(self) -> dict[str, Any]:
+        """What the TUN offloads did, for ``meshguard status`` and the benchmarks."""
+        names = [
+            name
+            for bit, name in (
+                (TUN_F_TSO4, "tso4"),
+                (TUN_F_TSO6, "tso6"),
+                (TUN_F_USO4, "uso4"),
+                (TUN_F_USO6, "uso6"),
+            )
+            if self.offloads & bit
+        ]
+        return {
+            "vnet_header": self.vnet,
+            "offloads": ",".join(names) or "off",
+            "gso_reads": self.gso_reads,
+            "gso_segments": self.gso_segments,
+            "offload_errors": self.offload_errors,
+            "gro_writes": self.gro_writes,
+            "gro_packets": self.gro_packets,
+        }
 
     # Also satisfies meshguard.core.interfaces.DeviceIO.write_packet when bound directly.
     write_packet = write
@@ -239,6 +383,9 @@ class TunDevice:
         Locals instead of attribute lookups and a zero-cost ``try`` (3.11) keep the loop tight;
         EAGAIN ends the batch early, which costs one exception per batch, not per packet.
         """
+        if self.vnet:
+            self._read_frames()
+            return
         read = self._system.read
         fd = self._fd
         size = self.max_packet
@@ -258,6 +405,69 @@ class TunDevice:
                 receiver(packet)
             except Exception:
                 self._receiver_failed()
+        self._hook(self.on_batch_end)
+
+    def _read_frames(self) -> None:
+        """``doRead`` with a virtio-net header: one reused buffer, super-packets cut into
+        segments; the budget counts packets handed on, so a batch stays as long as without."""
+        readv = self._readv
+        assert readv is not None
+        fd = self._fd
+        buffer = self._buffer
+        bufs = [buffer]
+        view = memoryview(buffer)
+        receiver = self._receiver
+        budget = self.batch_packets
+        self._hook(self.on_batch_start)
+        try:
+            while budget > 0:
+                try:
+                    n = readv(fd, bufs)
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    self._gone(e)
+                    return
+                if n <= VNET_HDR_LEN:
+                    continue
+                if not buffer[1] and not buffer[0] & 1:
+                    budget -= 1
+                    try:
+                        receiver(view[VNET_HDR_LEN:n].tobytes())
+                    except Exception:
+                        self._receiver_failed()
+                    continue
+                else:
+                    try:
+                        packets = split(view[:n])
+                    except OffloadError:
+                        self.offload_errors += 1
+                        continue
+                    except Exception:
+                        # A bug in the cutter must not take the device off the reactor.
+                        self.offload_errors += 1
+                        self._receiver_failed()
+                        continue
+                    if buffer[1]:
+                        self.gso_reads += 1
+                        self.gso_segments += len(packets)
+                budget -= len(packets)
+                batch_receiver = self.batch_receiver
+                if batch_receiver is not None and len(packets) > 1:
+                    try:
+                        batch_receiver(packets)
+                    except Exception:
+                        self._receiver_failed()
+                    continue
+                for packet in packets:
+                    try:
+                        receiver(packet)
+                    except Exception:
+                        self._receiver_failed()
+        finally:
+            view.release()
         self._hook(self.on_batch_end)
 
     def _hook(self, hook: Callable[[], None] | None) -> None:

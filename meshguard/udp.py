@@ -247,7 +247,17 @@ class _Reader:
         bufsize = t.max_datagram
         v6 = self.v6
         reads = gro_reads = gro_datagrams = 0
-        for _ in range(t.batch_packets):
+        start = t.on_batch_start
+        if start is not None:
+            try:
+                start()
+            except Exception:
+                t._receiver_failed()
+        # The budget counts datagrams, not reads: a GRO read holds dozens, and one batch's
+        # worth of held TUN writes and replies should stay as long as without GRO.
+        budget = t.batch_packets
+        while budget > 0:
+            budget -= 1
             try:
                 data, anc, _flags, addr = recvmsg(bufsize, _ANC_SIZE)
             except BlockingIOError:
@@ -279,6 +289,15 @@ class _Reader:
                 parts = split_datagrams(data, segment)
                 gro_reads += 1
                 gro_datagrams += len(parts)
+                budget -= len(parts) - 1
+                batch_receiver = t.batch_receiver
+                if batch_receiver is not None:
+                    try:
+                        batch_receiver(parts, addr)
+                    except Exception:
+                        t._receiver_failed()
+                    t._pending_source = None
+                    continue
                 for part in parts:
                     if info is not None and t._pending_source is None:
                         entry = get(addr)
@@ -335,10 +354,14 @@ class UDPTransport:
         port: int,
         fwmark: int = 0,
         on_batch_end: Callable[[], None] | None = None,
+        on_batch_start: Callable[[], None] | None = None,
+        batch_receiver: Callable[[list[bytes], Endpoint], None] | None = None,
         *,
         wireguard_filter: bool = False,
     ) -> None:
         self._receiver = receiver
+        #: Called instead of ``receiver`` with the datagrams of one GRO read (one source).
+        self.batch_receiver = batch_receiver
         #: Whether the sockets carry the kernel filter for WireGuard's port (the node's do;
         #: a generic datagram transport does not).
         self._wireguard_filter = wireguard_filter
@@ -346,6 +369,8 @@ class UDPTransport:
         self._requested_port = port
         self._fwmark = fwmark
         self.on_batch_end = on_batch_end
+        #: Called before each read batch (the node holds TUN writes for coalescing).
+        self.on_batch_start = on_batch_start
         self._sock4: socket.socket | None = None
         self._sock6: socket.socket | None = None
         self._readers: list[_Reader] = []
@@ -559,6 +584,48 @@ class UDPTransport:
                 runs[endpoint] = _Run(data)
                 return
         self._send_now(data, endpoint)
+
+    def send_datagrams(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
+        """Send several datagrams to one endpoint, in order (the sealed segments of one TUN
+        super-packet). While held, runs of equal-size datagrams join the endpoint's GSO run
+        in bulk instead of one :meth:`send` each; the rules are :meth:`send`'s."""
+        if (
+            not self._holding
+            or not (self._gso6 if ":" in endpoint[0] else self._gso4)
+            or endpoint in self._gso_refused
+        ):
+            for data in datagrams:
+                self.send(data, endpoint)
+            return
+        runs = self._runs
+        i, n = 0, len(datagrams)
+        while i < n:
+            run = runs.get(endpoint)
+            if run is None:
+                runs[endpoint] = _Run(datagrams[i])
+                i += 1
+                continue
+            segment = run.segment
+            parts = run.parts
+            room = min(GSO_MAX_SEGMENTS - len(parts), (GSO_MAX_BYTES - run.total) // segment)
+            j = i
+            while j < n and j - i < room and len(datagrams[j]) == segment:
+                j += 1
+            taken = j - i
+            if taken:
+                parts.extend(datagrams[i:j])
+                run.total += taken * segment
+                i = j
+                if i == n:
+                    return
+            if taken < room and len(datagrams[i]) < segment:
+                # A shorter one may end the run.
+                parts.append(datagrams[i])
+                run.total += len(datagrams[i])
+                i += 1
+            # Full, ended by a shorter one, or the next is larger: it leaves now.
+            del runs[endpoint]
+            self._flush_run(endpoint, run)
 
     def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
         try:

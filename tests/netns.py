@@ -585,15 +585,16 @@ class Testbed:
     # -- stock WireGuard ---------------------------------------------------------------------
 
     def start_wireguard_go(
-        self, ns: Namespace, ifname: str, timeout: float = 10.0
+        self, ns: Namespace, ifname: str, timeout: float = 10.0, binary: str = "wireguard-go"
     ) -> subprocess.Popen[bytes]:
         """Run ``wireguard-go IFNAME`` in the foreground in ``ns``; return once its UAPI is up.
 
-        ``ifname`` should come from `ifname` so that its socket is unique and cleaned up.
+        ``ifname`` should come from `ifname` so that its socket is unique and cleaned up;
+        ``binary`` picks another build (a path) than the one on PATH.
         """
         if ifname not in self._ifnames:
             self._ifnames.append(ifname)
-        proc = self.spawn(ns, ["wireguard-go", ifname], env={"WG_PROCESS_FOREGROUND": "1"})
+        proc = self.spawn(ns, [binary, ifname], env={"WG_PROCESS_FOREGROUND": "1"})
         sock = self.uapi_socket(ifname)
         self.wait_for(
             lambda: proc.poll() is not None or sock.exists(),
@@ -601,7 +602,7 @@ class Testbed:
             what=f"UAPI socket {sock}",
         )
         if proc.poll() is not None:
-            raise CommandError(["wireguard-go", ifname], proc.returncode, self.log_tail(proc), "")
+            raise CommandError([binary, ifname], proc.returncode, self.log_tail(proc), "")
         return proc
 
     def wg(self, ns: Namespace, *args: str, input: str | None = None) -> str:
@@ -951,6 +952,7 @@ def wireguard_go_pair(
     port: int = 51820,
     outer_v6: bool = False,
     mtu: int | None = None,
+    wireguard_go: str = "wireguard-go",
 ) -> WireGuardPair:
     """Stock wireguard-go in A and B, peered over the veth; tunnel 10.99.0.1/2, fd99::1/2.
 
@@ -960,8 +962,8 @@ def wireguard_go_pair(
     if outer_v6 and (hosts.a_addr6 is None or hosts.b_addr6 is None):
         raise ValueError("outer_v6 needs two_hosts(v6=True)")
     a_if, b_if = testbed.ifname("wga"), testbed.ifname("wgb")
-    a_proc = testbed.start_wireguard_go(hosts.a, a_if)
-    b_proc = testbed.start_wireguard_go(hosts.b, b_if)
+    a_proc = testbed.start_wireguard_go(hosts.a, a_if, binary=wireguard_go)
+    b_proc = testbed.start_wireguard_go(hosts.b, b_if, binary=wireguard_go)
     a_key, b_key = wg_keypair(), wg_keypair()
     a_end = f"[{hosts.a_addr6}]:{port}" if outer_v6 else f"{hosts.a_addr}:{port}"
     b_end = f"[{hosts.b_addr6}]:{port}" if outer_v6 else f"{hosts.b_addr}:{port}"
@@ -1195,6 +1197,7 @@ def meshguard_go_pair(
     mtu: int | None = None,
     mg_port: int = 51820,
     go_port: int = 51821,
+    wireguard_go: str = "wireguard-go",
 ) -> MeshguardGoPair:
     """meshguard in A (``twistd``, from a config file) and wireguard-go in B, peered.
 
@@ -1211,7 +1214,7 @@ def meshguard_go_pair(
     mg_if, go_if = testbed.ifname("mg"), testbed.ifname("go")
     mg_key, go_key = wg_keypair(), wg_keypair()
     key = testbed.wg(hosts.b, "genpsk").strip() if psk else None
-    go_proc = testbed.start_wireguard_go(hosts.b, go_if)
+    go_proc = testbed.start_wireguard_go(hosts.b, go_if, binary=wireguard_go)
     testbed.wg_set_interface(hosts.b, go_if, go_key.private, go_port)
     testbed.wg_set_peer(
         hosts.b,

@@ -10,8 +10,11 @@ started through ``twistd``.
 
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+import os
 
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from meshguard.status_client import read_status
 from tests.netns import (
     MeshguardGoPair,
     MeshguardPeer,
@@ -28,6 +31,13 @@ from tests.netns import (
 )
 
 MB100 = 100 * 1000 * 1000
+
+#: Another wireguard-go build to test against besides the one on PATH (Debian's): the current
+#: upstream, with its TUN and UDP offloads. Set MESHGUARD_WIREGUARD_GO_CURRENT to its path; on
+#: the development machine the reference build's usual place is tried. Absent: those cases skip.
+CURRENT_WIREGUARD_GO = os.environ.get(
+    "MESHGUARD_WIREGUARD_GO_CURRENT", "/work/shared/bin/wireguard-go"
+)
 
 
 class InteropMixin:
@@ -50,6 +60,9 @@ class InteropMixin:
 
 class MeshguardWireGuardGoTests(InteropMixin, SynchronousTestCase):
     """meshguard in A (twistd, config file), wireguard-go in B."""
+
+    #: The wireguard-go command run in B.
+    wireguard_go = "wireguard-go"
 
     def setUp(self) -> None:
         require_root_netns(self)
@@ -76,29 +89,60 @@ class MeshguardWireGuardGoTests(InteropMixin, SynchronousTestCase):
         _, go_peers = wg_dump(self.tb, hosts.b, pair.go_if)
         self.assertGreater(int(go_peers[0][4]), 0, "wireguard-go saw no handshake")
 
+    def assert_offloads_used(self, pair: MeshguardGoPair) -> None:
+        """meshguard's TUN offloads carried the transfers: super-packets cut on the way out,
+        segments joined on the way in (on a kernel that takes TSO)."""
+        tun = read_status(pair.mg_if)["node"]["tun_offload"]
+        if "tso4" not in tun["offloads"]:
+            return
+        self.assertGreater(tun["gso_reads"], 0, "no super-packet read")
+        self.assertGreater(tun["gro_writes"], 0, "no coalesced write")
+        self.assertEqual(tun["offload_errors"], 0)
+
     def test_outer_v4_meshguard_initiates_with_psk(self) -> None:
         """Outer IPv4, only meshguard knows an endpoint, a preshared key: ping both families
         both ways, then 100 MB over inner IPv4 A -> B and over inner IPv6 B -> A."""
         hosts = two_hosts(self.tb, v6=True)
-        pair = meshguard_go_pair(self.tb, hosts, initiator="meshguard", psk=True)
+        pair = meshguard_go_pair(
+            self.tb, hosts, initiator="meshguard", psk=True, wireguard_go=self.wireguard_go
+        )
         self.check_pair(pair, first="meshguard")
         # meshguard reached wireguard-go at the configured IPv4 endpoint.
         _, go_peers = wg_dump(self.tb, hosts.b, pair.go_if)
         self.assertEqual(go_peers[0][2], f"{hosts.a_addr}:{pair.mg_port}")
         self.assert_transfer(hosts.b, hosts.a, pair.go_tun, seed=1)
         self.assert_transfer(hosts.a, hosts.b, pair.mg_tun6, seed=2)
+        self.assert_offloads_used(pair)
 
     def test_outer_v6_meshguard_responds_without_psk(self) -> None:
         """Outer IPv6, only wireguard-go knows an endpoint, no preshared key: meshguard learns
         wireguard-go's endpoint from its initiation; 100 MB over inner IPv6 A -> B and over
         inner IPv4 B -> A."""
         hosts = two_hosts(self.tb, v6=True)
-        pair = meshguard_go_pair(self.tb, hosts, initiator="wireguard-go", outer_v6=True)
+        pair = meshguard_go_pair(
+            self.tb, hosts, initiator="wireguard-go", outer_v6=True, wireguard_go=self.wireguard_go
+        )
         self.check_pair(pair, first="wireguard-go")
         _, mg_peers = wg_dump(self.tb, hosts.a, pair.mg_if)
         self.assertEqual(mg_peers[0][2], f"[{hosts.b_addr6}]:{pair.go_port}")
         self.assert_transfer(hosts.b, hosts.a, pair.go_tun6, seed=3)
         self.assert_transfer(hosts.a, hosts.b, pair.mg_tun, seed=4)
+        self.assert_offloads_used(pair)
+
+
+class CurrentWireGuardGoTests(MeshguardWireGuardGoTests):
+    """The same cases against the current wireguard-go (TSO/GRO on its TUN, UDP GSO/GRO), so
+    both ends of the pair cut and join super-packets."""
+
+    wireguard_go = CURRENT_WIREGUARD_GO
+
+    def setUp(self) -> None:
+        if not os.access(self.wireguard_go, os.X_OK):
+            raise SkipTest(
+                f"no current wireguard-go at {self.wireguard_go} "
+                "(set MESHGUARD_WIREGUARD_GO_CURRENT to test against one)"
+            )
+        super().setUp()
 
 
 class TwoMeshguardNodesTests(InteropMixin, SynchronousTestCase):

@@ -838,3 +838,41 @@ class NodeBatchTests(SynchronousTestCase):
         self.assertEqual([(k, a, p) for k, a, p, _c in log], [("gso", V4_PEER, packets)])
         wrapped(b"keepalive", V4_PEER)
         self.assertEqual(log[-1][:3], ("sendto", V4_PEER, [b"keepalive"]))
+
+
+class SendDatagramsTests(SynchronousTestCase):
+    """``send_datagrams`` (the sealed segments of one super-packet) sends exactly what as many
+    ``send`` calls would, in bulk."""
+
+    def run_both(self, before: list[int], sizes: list[int], held: bool) -> None:
+        logs: list[list[tuple[str, Any, list[bytes], Any]]] = []
+        for bulk in (False, True):
+            log: list[tuple[str, Any, list[bytes], Any]] = []
+            transport = UDPTransport(lambda d, s: None, FakeReactor(), 0)
+            transport._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
+            if held:
+                transport.hold()
+            for i, size in enumerate(before):
+                transport.send(bytes([i]) * size, V4_PEER)
+            datagrams = [bytes([100 + i]) * size for i, size in enumerate(sizes)]
+            if bulk:
+                transport.send_datagrams(datagrams, V4_PEER)
+            else:
+                for data in datagrams:
+                    transport.send(data, V4_PEER)
+            transport.send(b"z" * 1000, V4_PEER)
+            transport.flush()
+            logs.append(log)
+        self.assertEqual(logs[1], logs[0])
+
+    @given(
+        before=st.lists(st.sampled_from([500, 1000, 1440, 1500]), max_size=70),
+        count=st.integers(1, 150),
+        size=st.sampled_from([500, 1000, 1440, 1500]),
+        last=st.integers(1, 1500),
+        held=st.booleans(),
+    )
+    def test_same_sends_as_one_by_one(
+        self, before: list[int], count: int, size: int, last: int, held: bool
+    ) -> None:
+        self.run_both(before, [size] * (count - 1) + [min(last, size)], held)

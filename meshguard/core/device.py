@@ -13,6 +13,7 @@ loop of the whole node: it keeps to local variables, attribute slots and one AEA
 from __future__ import annotations
 
 import ipaddress
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -52,6 +53,8 @@ _INITIATION_TYPE = b"\x01\x00\x00\x00"
 _RESPONSE_TYPE = b"\x02\x00\x00\x00"
 _COOKIE_TYPE = b"\x03\x00\x00\x00"
 _ZEROS = bytes(16)
+#: A transport message's receiver index and counter (after the 4-byte type).
+_TRANSPORT_HEADER = struct.Struct("<4xIQ")
 #: The receive-side rekey age: REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT.
 _REKEY_ON_RECEIVE_AGE = C.REJECT_AFTER_TIME - C.KEEPALIVE_TIMEOUT - C.REKEY_TIMEOUT
 
@@ -171,6 +174,8 @@ class Device:
         self.handshake_budget = 32
         #: The relay the datagram being handled came through (see ``relayed_datagram_received``).
         self._via: Peer | None = None
+        #: The keypair the last transport message opened under (for transport_batch_received).
+        self._last_opened: Keypair | None = None
         self._load_window_start = 0.0
         self._load_window_count = 0
         self._under_load_until = -1.0
@@ -302,6 +307,85 @@ class Device:
         if mss_mtu:
             packet = clamp_if_syn(packet, mss_mtu)
         self.send_data(peer, packet, now)
+
+    def packets_from_tun(self, packets: list[bytes], now: float) -> None:
+        """The segments of one TUN super-packet: route, check and arm timers once, then seal
+        each in a tight loop (the per-packet path costs about a microsecond more a segment).
+
+        All segments of a super-packet share their addresses, so the first one routes them
+        all. Anything unusual (a smaller path MTU to enforce, MSS clamping, no session, the
+        counter limit in reach) takes the per-packet path, which handles it.
+        """
+        if not packets:
+            return
+        first = packets[0]
+        length = max(map(len, packets))
+        if len(first) < 20:
+            peer = None
+        elif first[0] >> 4 == 4:
+            peer = self.allowed_ips.lookup(first[16:20])
+        elif len(first) >= 40:
+            peer = self.allowed_ips.lookup(first[24:40])
+        else:
+            peer = None
+        keypair = peer.keypairs.current if peer is not None else None
+        endpoint = peer.endpoint if peer is not None else None
+        if (
+            peer is None
+            or keypair is None
+            or endpoint is None
+            or peer.relay is not None
+            or peer.mss_mtu
+            or length > peer.inner_mtu
+            or now - keypair.created >= C.REJECT_AFTER_TIME
+            or keypair.send_counter + len(packets) >= C.REKEY_AFTER_MESSAGES
+        ):
+            for packet in packets:
+                self.packet_from_tun(packet, now)
+            return
+        seal = keypair.sender.seal
+        header = keypair.header
+        mtu = self.mtu
+        counter = keypair.send_counter
+        sent = 0
+        join = b"".join
+        messages = []
+        for packet in packets:
+            size = len(packet)
+            padding = -size & 15
+            if padding:
+                if size + padding > mtu:
+                    padding = max(0, mtu - size)
+                packet = packet + _ZEROS[:padding]
+            message = join((header, counter.to_bytes(8, "little"), seal(counter, packet)))
+            counter += 1
+            sent += len(message)
+            messages.append(message)
+        keypair.send_counter = counter
+        send_datagrams = getattr(self.io, "send_datagrams", None)
+        if send_datagrams is not None:
+            send_datagrams(messages, endpoint)
+        else:
+            send = self.io.send_datagram
+            for message in messages:
+                send(message, endpoint)
+        peer.tx_bytes += sent
+        peer.data_packets += len(packets)
+        slots = peer.timers.deadlines
+        slots[SEND_KEEPALIVE] = None
+        if peer.persistent_keepalive:
+            self.timers.arm(
+                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
+            )
+        if slots[NEW_HANDSHAKE] is None:
+            self.timers.arm(
+                peer,
+                peer.timers,
+                NEW_HANDSHAKE,
+                now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
+            )
+        if keypair.is_initiator and now - keypair.created > C.REKEY_AFTER_TIME:
+            self.send_initiation(peer, now, retry=False)
 
     def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
         """Seal and send ``packet`` to ``peer``, staging it while no session can carry it."""
@@ -566,6 +650,8 @@ class Device:
             peer.endpoint = source
             if self.on_authenticated_source is not None:
                 self.on_authenticated_source(source)
+            # transport_batch_received may open the rest of its batch under this keypair.
+            self._last_opened = keypair
         else:
             self._relayed_from(peer)
         peer.rx_bytes += len(data)
@@ -598,6 +684,62 @@ class Device:
         ):
             peer.sent_lastminute_handshake = True
             self.send_initiation(peer, now, retry=False)
+        self._deliver(peer, plaintext, now)
+
+    def transport_batch_received(
+        self, datagrams: list[bytes], source: Endpoint, now: float
+    ) -> None:
+        """The datagrams of one UDP GRO read (one source, one time): as
+        :meth:`datagram_received` for each, with the per-session work done once.
+
+        The first datagram of a session in the batch takes the full path (index lookup, age,
+        roaming, key confirmation, timers); the following ones under the same receiver index
+        only decrypt, pass the replay window and are delivered, since everything else would
+        repeat with the same source and the same ``now``. Any other message resets that.
+        """
+        known = -1
+        keypair: Keypair | None = None
+        peer: Peer | None = None
+        for data in datagrams:
+            if (
+                keypair is not None
+                and len(data) >= C.TRANSPORT_MIN_SIZE
+                and data[:4] == _TRANSPORT_TYPE
+            ):
+                index, counter = _TRANSPORT_HEADER.unpack_from(data)
+                if index == known:
+                    assert peer is not None
+                    plaintext = keypair.receiver.open(counter, data[16:])
+                    if plaintext is None:
+                        self.counters.decrypt_failed += 1
+                        continue
+                    if not keypair.replay.check(counter):
+                        self.counters.replayed += 1
+                        continue
+                    peer.rx_bytes += len(data)
+                    if not plaintext:
+                        continue
+                    if plaintext[0] >> 4 == 15:
+                        self._receive_control(peer, plaintext, now)
+                        continue
+                    if peer.timers.deadlines[SEND_KEEPALIVE] is None:
+                        self.timers.arm(
+                            peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT
+                        )
+                    else:
+                        peer.need_another_keepalive = True
+                    self._deliver(peer, plaintext, now)
+                    continue
+            self._last_opened = None
+            self.datagram_received(data, source, now)
+            keypair = self._last_opened
+            if keypair is not None:
+                known = keypair.local_index
+                peer = keypair.peer
+        self._last_opened = None
+
+    def _deliver(self, peer: Peer, plaintext: bytes, now: float) -> None:
+        """Check an opened data packet against the peer's allowed IPs and write it out."""
         length = len(plaintext)
         version = plaintext[0] >> 4
         if version == 4:

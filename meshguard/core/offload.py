@@ -1,0 +1,392 @@
+"""TUN segmentation and coalescing offloads (virtio-net header), with no I/O.
+
+A TUN device opened with ``IFF_VNET_HDR`` and told ``TUNSETOFFLOAD`` hands us *super-packets*:
+one read returns a 10-byte ``virtio_net_hdr`` and up to 64 KiB of one TCP flow (TSO) or one UDP
+socket's send (USO), which we must cut into MTU-sized packets before sealing, because every
+WireGuard datagram on the wire carries one ordinary IP packet (stock peers and path MTU discovery
+never see a super-packet). The other way round, the opened segments of one TCP flow that arrive
+in one UDP read batch are joined into one super-packet and written with one ``writev``: the
+kernel then runs its TCP receive path once per 64 KiB instead of once per segment, which is the
+larger share of the receiving side's CPU. This module is the pure part of both directions
+(bytes in, bytes out); ``meshguard.tun`` does the reads and writes.
+
+Checksums: the kernel sends super-packets and small packets with ``NEEDS_CSUM`` (only the
+pseudo-header sum in the checksum field), so every segment we cut gets its full TCP/UDP checksum
+and, for IPv4, a new header checksum, identification and length. A coalesced write goes out
+with ``NEEDS_CSUM`` again (the kernel finishes the checksum). The segments joined that way are
+not verified first: they authenticated under the session's AEAD, so they are exactly what the
+peer sealed, and the kernel's own WireGuard marks every such packet ``CHECKSUM_UNNECESSARY``
+for the same reason.
+
+The one's complement sum is computed as ``int.from_bytes(data) % 0xFFFF``: every 16-bit word
+is a base-65536 digit and 65536 is 1 modulo 65535, so the big integer is congruent to the sum of
+its words. It is about 2.3 us for a 1,424-byte segment on the development machine, the fastest
+way found without a C extension (numpy 2.2 us with more overhead, folding by shifts 2.1-3.2 us).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any, Final
+
+_np: Any
+try:  # optional: sums all segments of a super-packet in one call
+    import numpy as _np
+except ImportError:  # pragma: no cover - the pure path is tested by forcing it
+    _np = None
+
+__all__ = [
+    "GSO_NONE",
+    "GSO_TCPV4",
+    "GSO_TCPV6",
+    "GSO_UDP_L4",
+    "NEEDS_CSUM",
+    "PLAIN_HEADER",
+    "VNET_HDR",
+    "VNET_HDR_LEN",
+    "OffloadError",
+    "checksum",
+    "coalesce",
+    "split",
+]
+
+#: ``struct virtio_net_hdr`` without ``num_buffers``: flags, gso_type, hdr_len, gso_size,
+#: csum_start, csum_offset, in the host's byte order (the TUN device's default, legacy virtio).
+VNET_HDR: Final = struct.Struct("=BBHHHH")
+VNET_HDR_LEN: Final = VNET_HDR.size
+#: ``VIRTIO_NET_HDR_F_NEEDS_CSUM``: the checksum at csum_start + csum_offset is only partial.
+NEEDS_CSUM: Final = 1
+GSO_NONE: Final = 0
+GSO_TCPV4: Final = 1
+GSO_TCPV6: Final = 4
+GSO_UDP_L4: Final = 5
+#: ``VIRTIO_NET_HDR_GSO_ECN``: never asked for (no ``TUN_F_TSO_ECN``), refused if seen.
+GSO_ECN: Final = 0x80
+#: The header of a write that is one ordinary packet.
+PLAIN_HEADER: Final = bytes(VNET_HDR_LEN)
+
+_TCP: Final = 6
+_UDP: Final = 17
+_FIN: Final = 0x01
+_PSH: Final = 0x08
+_ACK: Final = 0x10
+#: Most payload bytes in one coalesced write: its IP packet must stay within 64 KiB.
+_MAX_IP: Final = 65535
+_U16: Final = struct.Struct("!H")
+_U32: Final = struct.Struct("!I")
+_pack16 = _U16.pack_into
+_pack32 = _U32.pack_into
+_from = int.from_bytes
+
+
+class OffloadError(ValueError):
+    """A frame read from the TUN device that cannot be cut up (counted and dropped)."""
+
+
+def _sum(data: bytes | bytearray | memoryview) -> int:
+    """The one's complement sum of ``data`` as a big integer congruent to it modulo 65535
+    (an odd length is padded with a zero byte, as the checksum rules say)."""
+    value = _from(data, "big")
+    return value << 8 if len(data) & 1 else value
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The Internet checksum of ``data`` (RFC 1071) plus ``initial``: the value to store.
+
+    Never 0: a sum that is 0 modulo 65535 gives 0xFFFF, its equal in one's complement, which is
+    also what UDP must send instead of 0.
+    """
+    return 0xFFFF - (initial + _sum(data)) % 0xFFFF
+
+
+def _fold(value: int) -> int:
+    """A sum folded to 16 bits, not inverted (what ``NEEDS_CSUM`` wants in the field)."""
+    folded = value % 0xFFFF
+    return folded if folded or not value else 0xFFFF
+
+
+def split(frame: bytes | bytearray | memoryview) -> list[bytes]:
+    """The IP packets of one TUN read (virtio-net header first), checksums completed.
+
+    A frame without GSO gives one packet; a TSO/USO super-packet gives its segments, each of
+    ``gso_size`` payload bytes but the last, with the headers a sender's stack would have
+    written (IPv4 identification counting up, lengths, TCP sequence numbers, FIN and PSH only on
+    the last segment, full checksums). Raises :class:`OffloadError` for a frame that does not
+    hold what its header says.
+    """
+    view = memoryview(frame)
+    if len(view) < VNET_HDR_LEN:
+        raise OffloadError("frame shorter than its virtio-net header")
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(view)
+    packet = view[VNET_HDR_LEN:]
+    if gso_type == GSO_NONE:
+        if not flags & NEEDS_CSUM:
+            return [bytes(packet)]
+        at = csum_start + csum_offset
+        if csum_start >= len(packet) or at + 2 > len(packet):
+            raise OffloadError("checksum offset outside the packet")
+        # The field holds the pseudo-header sum; summing the packet with it in place gives the
+        # whole sum, and the result goes where it was (one copy of the packet).
+        value = _sum(packet[csum_start:]) if not (at - csum_start) & 1 else None
+        if value is None:
+            raise OffloadError("checksum field at an odd offset")
+        return [b"".join((packet[:at], _U16.pack(0xFFFF - value % 0xFFFF), packet[at + 2 :]))]
+    if gso_type == GSO_TCPV4 or gso_type == GSO_TCPV6:
+        return _segments(packet, gso_type == GSO_TCPV4, True, gso_size, csum_start)
+    if gso_type == GSO_UDP_L4:
+        if not len(packet):
+            raise OffloadError("empty UDP super-packet")
+        return _segments(packet, packet[0] >> 4 == 4, False, gso_size, csum_start)
+    raise OffloadError(f"GSO type {gso_type:#x} not asked for")
+
+
+def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int) -> list[bytes]:
+    """Cut one super-packet whose transport header starts at ``iphl`` (the kernel's
+    csum_start) into segments of ``gso_size`` payload bytes.
+
+    The headers' constant parts are summed once; per segment only the changed fields are added
+    to those sums, and each segment is one ``struct.pack`` of header pieces plus its payload.
+    """
+    total = len(packet)
+    if gso_size <= 0:
+        raise OffloadError("GSO frame with segment size 0")
+    version = 4 if v4 else 6
+    if total < (20 if v4 else 40) or packet[0] >> 4 != version:
+        raise OffloadError("GSO frame does not hold the IP version its type says")
+    if iphl < (20 if v4 else 40) or iphl + (20 if tcp else 8) > total:
+        raise OffloadError("GSO frame's transport header is outside the packet")
+    if v4 and iphl != (packet[0] & 15) * 4:
+        raise OffloadError("GSO frame's checksum start is not the IPv4 header's end")
+    if (packet[9] if v4 else packet[6]) != (_TCP if tcp else _UDP) and (v4 or iphl == 40):
+        raise OffloadError("GSO frame's protocol does not match its type")
+    l4hl = (packet[iphl + 12] >> 4) * 4 if tcp else 8
+    if l4hl < (20 if tcp else 8):
+        raise OffloadError("TCP data offset below 20 bytes")
+    hl = iphl + l4hl
+    if hl > total:
+        raise OffloadError("GSO frame's transport header is longer than the packet")
+    header = bytes(packet[:hl])
+    # The IP header without its length, identification and checksum fields.
+    if v4:
+        ip_a, ip_b, ip_c = header[0:2], header[6:10], header[12:iphl]
+        ip_sum = _sum(ip_a) + _sum(ip_b) + _sum(ip_c)
+        first_id = _from(header[4:6], "big")
+        pseudo = _sum(header[12:20])
+        ip_format = f"2sHH4sH{iphl - 12}s"
+    else:
+        ip_a, ip_c = header[0:4], header[6:iphl]
+        pseudo = _sum(header[8:40])
+        ip_format = f"4sH{iphl - 6}s"
+    ports = header[iphl : iphl + 4]
+    if tcp:
+        # Ports, acknowledgement and data offset, window, urgent pointer and options: the TCP
+        # header without sequence number, flags and checksum.
+        ack_offset = header[iphl + 8 : iphl + 13]
+        window = header[iphl + 14 : iphl + 16]
+        rest = header[iphl + 18 : hl]
+        l4_sum = pseudo + _TCP + _sum(ports) + _sum(ack_offset) + _sum(window) + _sum(rest)
+        first_seq = _from(header[iphl + 4 : iphl + 8], "big")
+        flags = header[iphl + 13]
+        l4_format = f"4sI5sB2sH{l4hl - 18}s"
+    else:
+        l4_sum = pseudo + _UDP + _sum(ports)
+        l4_format = "4sHH"
+    payload_bytes = total - hl
+    count = max(1, -(-payload_bytes // gso_size))
+    sums = _payload_sums(packet, hl, gso_size, count)
+    pack = struct.pack
+    fmt = f"!{ip_format}{l4_format}"
+    out: list[bytes] = []
+    start = hl
+    for index in range(count):
+        end = min(start + gso_size, total)
+        size = end - start
+        last = end == total
+        l4len = l4hl + size
+        payload = packet[start:end]
+        if tcp:
+            seq = (first_seq + index * gso_size) & 0xFFFFFFFF
+            seg_flags = flags if last else flags & ~(_FIN | _PSH)
+            value = l4_sum + l4len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + sums[index]
+            l4_fields: tuple[object, ...] = (
+                ports,
+                seq,
+                ack_offset,
+                seg_flags,
+                window,
+                0xFFFF - value % 0xFFFF,
+                rest,
+            )
+        else:
+            value = l4_sum + l4len + l4len + sums[index]
+            l4_fields = (ports, l4len, 0xFFFF - value % 0xFFFF)
+        if v4:
+            ident = (first_id + index) & 0xFFFF
+            length = hl + size
+            ip_check = 0xFFFF - (ip_sum + length + ident) % 0xFFFF
+            out.append(pack(fmt, ip_a, length, ident, ip_b, ip_check, ip_c, *l4_fields) + payload)
+        else:
+            out.append(pack(fmt, ip_a, hl - 40 + size, ip_c, *l4_fields) + payload)
+        start = end
+    return out
+
+
+def _payload_sums(packet: memoryview, hl: int, gso_size: int, count: int) -> list[int]:
+    """Each segment's payload sum (congruent modulo 65535). With numpy and an even segment
+    size, the full segments are summed in one vectorised call (about 0.4 us a segment against
+    2.3 us for ``int.from_bytes`` and ``%``); the rest one by one."""
+    total = len(packet)
+    full = (total - hl) // gso_size
+    sums: list[int] = []
+    if _np is not None and full > 1 and not gso_size & 1:
+        words = _np.frombuffer(packet, dtype=">u2", count=full * gso_size // 2, offset=hl)
+        sums = words.reshape(full, gso_size // 2).sum(axis=1, dtype=_np.uint64).tolist()
+    start = hl + len(sums) * gso_size
+    while len(sums) < count:
+        end = min(start + gso_size, total)
+        sums.append(_sum(packet[start:end]))
+        start = end
+    return sums
+
+
+#: The first 40 bytes of an IPv4 TCP packet without IP options, in the fields coalescing
+#: reads: version/IHL, TOS, total length, flags/fragment (2 bytes), TTL, protocol, addresses
+#: and ports, sequence number, acknowledgement and data offset, TCP flags, window, urgent.
+_V4_TCP: Final = struct.Struct("!BBHxxBBBBxx12sI5sBH2x2s")
+#: The same for IPv6 without extension headers (60 bytes): version/class/label, payload
+#: length, next header, hop limit, addresses and ports, then the TCP fields as above.
+_V6_TCP: Final = struct.Struct("!4sHBB36sI5sBH2x2s")
+
+
+class _Run:
+    """Segments of one TCP flow being joined: the write's buffers and what the next must be."""
+
+    __slots__ = ("bufs", "gso", "hl", "iphl", "last_flags", "length", "next_seq", "shape", "v4")
+
+    def __init__(
+        self,
+        bufs: list[bytes | memoryview],
+        iphl: int,
+        hl: int,
+        gso: int,
+        seq: int,
+        v4: bool,
+        shape: tuple[object, ...],
+    ) -> None:
+        self.bufs = bufs
+        self.iphl = iphl
+        self.hl = hl
+        self.gso = gso
+        self.length = gso
+        self.next_seq = (seq + gso) & 0xFFFFFFFF
+        self.last_flags = 0
+        self.v4 = v4
+        self.shape = shape
+
+
+def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
+    """Group ``packets`` into writes: each a list of buffers for one ``writev``, starting
+    with a virtio-net header.
+
+    Consecutive TCP segments of one flow (same addresses, ports, acknowledgement, window,
+    options and IP fields; in-sequence; all but the last of one size, the last not larger;
+    only ACK set, PSH allowed on the last) become one write of a GSO super-packet; every other
+    packet is written as it is, in order. Packets of one flow never change order; packets of
+    different flows may (as the kernel's GRO does).
+
+    Each packet's header is read with one ``struct`` call: this runs once per received packet.
+    """
+    writes: list[list[bytes | memoryview]] = []
+    runs: dict[bytes, _Run] = {}
+    joined: list[_Run] = []
+    unpack4 = _V4_TCP.unpack_from
+    unpack6 = _V6_TCP.unpack_from
+    for packet in packets:
+        n = len(packet)
+        first = packet[0] if n else 0
+        if first == 0x45 and n >= 40:
+            _vi, tos, total, frag, frag_low, ttl, proto, key, seq, ack, flags, window, urg = (
+                unpack4(packet)
+            )
+            if proto != _TCP or total != n or frag & 0x3F or frag_low:
+                writes.append([PLAIN_HEADER, packet])
+                continue
+            iphl = 20
+            v4 = True
+            hl = 20 + (ack[4] >> 4) * 4
+            shape: tuple[object, ...] = (tos, frag, ttl, window, urg, packet[40:hl])
+        elif first >> 4 == 6 and n >= 60:
+            vcl, length, proto, hop, key, seq, ack, flags, window, urg = unpack6(packet)
+            if proto != _TCP or length + 40 != n:
+                writes.append([PLAIN_HEADER, packet])
+                continue
+            iphl = 40
+            v4 = False
+            hl = 40 + (ack[4] >> 4) * 4
+            shape = (vcl, hop, window, urg, packet[60:hl])
+        else:
+            writes.append([PLAIN_HEADER, packet])
+            continue
+        key += ack
+        size = n - hl
+        if size <= 0 or (flags != _ACK and flags != _ACK | _PSH) or hl < iphl + 20:
+            # Not joinable; it also ends its flow's run so that nothing overtakes it.
+            runs.pop(key, None)
+            writes.append([PLAIN_HEADER, packet])
+            continue
+        run = runs.get(key)
+        if (
+            run is not None
+            and seq == run.next_seq
+            and size <= run.gso
+            and hl == run.hl
+            and run.length + size + (hl if v4 else hl - 40) <= _MAX_IP
+            and shape == run.shape
+        ):
+            bufs = run.bufs
+            if len(bufs) == 3:
+                joined.append(run)
+            bufs.append(memoryview(packet)[hl:])
+            run.length += size
+            run.next_seq = (seq + size) & 0xFFFFFFFF
+            run.last_flags = flags
+            if size < run.gso or flags & _PSH:
+                del runs[key]
+            continue
+        bufs = [PLAIN_HEADER, packet, memoryview(packet)[hl:]]
+        writes.append(bufs)
+        if flags & _PSH:
+            runs.pop(key, None)
+        else:
+            runs[key] = _Run(bufs, iphl, hl, size, seq, v4, shape)
+    for run in joined:
+        _finish(run)
+    for bufs in writes:
+        if len(bufs) == 3:
+            del bufs[2]  # a run of one: the packet alone
+    return writes
+
+
+def _finish(run: _Run) -> None:
+    """Turn a run's first buffers into the virtio-net header and the super-packet's headers."""
+    bufs = run.bufs
+    first = bufs[1]
+    iphl, hl = run.iphl, run.hl
+    head = bytearray(first[:hl])
+    if run.last_flags & _PSH:
+        head[iphl + 13] |= _PSH
+    l4len = hl - iphl + run.length
+    if run.v4:
+        _pack16(head, 2, hl + run.length)
+        head[10:12] = b"\0\0"
+        _pack16(head, 10, 0xFFFF - _from(head[:iphl], "big") % 0xFFFF)
+        pseudo = _sum(head[12:20])
+        gso_type = GSO_TCPV4
+    else:
+        _pack16(head, 4, l4len)
+        pseudo = _sum(head[8:40])
+        gso_type = GSO_TCPV6
+    _pack16(head, iphl + 16, _fold(pseudo + _TCP + l4len))
+    bufs[0] = VNET_HDR.pack(NEEDS_CSUM, gso_type, hl, run.gso, iphl, 16)
+    bufs[1] = bytes(head)

@@ -1,0 +1,230 @@
+"""The device's batch paths give exactly what the per-packet paths give.
+
+``Device.packets_from_tun`` seals the segments of one TUN super-packet with one route lookup
+and one round of timer work. Two pairs built from the same seed are driven alike, one packet
+by packet and one in batches; the datagrams on the wire (byte for byte), what arrives, the
+counters and the timers must be the same, in the fast case and in every case that falls back.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshguard.core import constants as C
+from meshguard.core.peer import Peer
+from tests.packets import ipv4, ipv6
+from tests.test_device import A_EP, B_EP, Pair
+
+
+def segments(count: int, size: int = 1400, v6: bool = False) -> list[bytes]:
+    """``count`` packets A -> B of one flow, the last one shorter (like a TSO split)."""
+    out = []
+    for i in range(count):
+        body = bytes([i & 0xFF]) * (size if i < count - 1 else size // 3)
+        out.append(
+            ipv6("fd00::1", "fd00::2", body, 6) if v6 else ipv4("10.0.0.1", "10.0.0.2", body, 6)
+        )
+    return out
+
+
+def state(peer: Peer) -> tuple[object, ...]:
+    keypair = peer.keypairs.current
+    return (
+        keypair.send_counter if keypair is not None else None,
+        peer.tx_bytes,
+        peer.data_packets,
+        list(peer.timers.deadlines),
+        len(peer.staged),
+    )
+
+
+class PacketsFromTunTests(SynchronousTestCase):
+    def run_both(self, batches: list[list[bytes]], prepare: object = None) -> tuple[Pair, Pair]:
+        """Drive one pair per packet and one per batch; compare everything."""
+        one, many = Pair(seed=7), Pair(seed=7)
+        for pair in (one, many):
+            if callable(prepare):
+                prepare(pair)
+        for batch in batches:
+            for packet in batch:
+                one.a.device.packet_from_tun(packet, one.net.now)
+            many.a.device.packets_from_tun(batch, many.net.now)
+            one.net.flush()
+            many.net.flush()
+        self.assertEqual(many.a.sent, one.a.sent, "datagrams on the wire")
+        self.assertEqual(many.b.written, one.b.written, "packets delivered")
+        self.assertEqual(state(many.peer_of_a), state(one.peer_of_a))
+        return one, many
+
+    def test_established_session_batches(self) -> None:
+        """With a session up: the fast path, byte for byte the per-packet result; v4 and v6."""
+        warm = [[ipv4("10.0.0.1", "10.0.0.2", b"warm")]]
+        batches = [*warm, segments(45), segments(3), segments(2, v6=True), segments(1)]
+
+        def ipv6_route(pair: Pair) -> None:
+            import ipaddress
+
+            pair.a.device.replace_allowed_ips(
+                pair.peer_of_a,
+                [ipaddress.ip_network("10.0.0.2/32"), ipaddress.ip_network("fd00::2/128")],
+            )
+            pair.b.device.replace_allowed_ips(
+                pair.peer_of_b,
+                [ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("fd00::1/128")],
+            )
+
+        per_packet: list[bytes] = []
+
+        def prepare(pair: Pair) -> None:
+            ipv6_route(pair)
+            device = pair.a.device
+            single = device.packet_from_tun
+
+            def counted(packet: bytes, now: float) -> None:
+                per_packet.append(packet)
+                single(packet, now)
+
+            device.packet_from_tun = counted  # type: ignore[method-assign]
+
+        _, many = self.run_both(batches, prepare)
+        self.assertEqual(len(many.b.written), 1 + 45 + 3 + 2 + 1)
+        # Both pairs count here: the per-packet pair 52 times, the batch pair only for the
+        # first (no session yet): every later batch took the fast path.
+        self.assertEqual(len(per_packet), 52 + 1)
+
+    def test_no_session_stages_like_single_packets(self) -> None:
+        """The first batch finds no session: staged and sent after the handshake, as before."""
+        self.run_both([segments(5), segments(4)])
+
+    def test_mss_clamping_and_small_path_mtu_fall_back(self) -> None:
+        """A peer with MSS clamping or a smaller path MTU takes the per-packet path."""
+
+        def clamp(pair: Pair) -> None:
+            pair.peer_of_a.mss_mtu = 1280
+
+        self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], segments(4)], clamp)
+
+        def small(pair: Pair) -> None:
+            pair.peer_of_a.inner_mtu = 1000
+            pair.a.device.on_too_big = lambda peer, packet, now: None
+
+        self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], segments(4)], small)
+
+    def test_counter_near_rekey_limit_falls_back(self) -> None:
+        """A batch that would pass REKEY_AFTER_MESSAGES goes packet by packet (rekey rules)."""
+        warm = [[ipv4("10.0.0.1", "10.0.0.2", b"warm")]]
+
+        def near(pair: Pair) -> None:
+            pair.a.device.packet_from_tun(ipv4("10.0.0.1", "10.0.0.2", b"x"), pair.net.now)
+            pair.net.flush()
+            keypair = pair.peer_of_a.keypairs.current
+            assert keypair is not None
+            keypair.send_counter = C.REKEY_AFTER_MESSAGES - 2
+
+        self.run_both([*warm, segments(5)], near)
+
+    def test_no_route_and_garbage(self) -> None:
+        """Unroutable or too short first packets are counted as the per-packet path counts."""
+        one, many = self.run_both([[ipv4("10.0.0.1", "10.9.9.9", b"x")] * 3, [b"\x45" * 10]])
+        self.assertEqual(many.a.device.counters, one.a.device.counters)
+        many.a.device.packets_from_tun([], many.net.now)
+
+
+def transports_a_to_b(pair: Pair, payloads: int) -> list[bytes]:
+    """Run a handshake and seal ``payloads`` packets A -> B, keeping every transport message
+    to B off the network (returned, in order), so B sees the first one in a batch."""
+    held: list[bytes] = []
+
+    def hold(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
+        if destination == B_EP and data[0] == 4:
+            held.append(data)
+            return False
+        return True
+
+    pair.net.filters.append(hold)
+    for i in range(payloads):
+        pair.a_to_b(bytes([i]) * (100 + i))
+    pair.a.device.send_keepalive(pair.peer_of_a, pair.net.now)
+    pair.a_to_b(b"after the keepalive")
+    pair.net.filters.remove(hold)
+    return held
+
+
+class TransportBatchTests(SynchronousTestCase):
+    def receive_both(self, mangle: object = None) -> tuple[Pair, Pair, int]:
+        """B receives A's held messages one by one (``one``) and as one batch (``many``)."""
+        one, many = Pair(seed=11), Pair(seed=11)
+        batches = [transports_a_to_b(pair, 8) for pair in (one, many)]
+        self.assertEqual(batches[0], batches[1])
+        batch = batches[0]
+        if callable(mangle):
+            batch = mangle(batch)
+        for data in batch:
+            one.b.device.datagram_received(data, A_EP, one.net.now)
+        slow: list[bytes] = []
+        device = many.b.device
+        single = device.datagram_received
+
+        def counted(data: bytes, source: tuple[str, int], now: float) -> None:
+            slow.append(data)
+            single(data, source, now)
+
+        device.datagram_received = counted  # type: ignore[method-assign]
+        device.transport_batch_received(batch, A_EP, many.net.now)
+        self.assertEqual(many.b.written, one.b.written, "packets delivered")
+        self.assertEqual(many.b.sent, one.b.sent, "what B sent (key confirmation, ...)")
+        self.assertEqual(many.b.device.counters, one.b.device.counters)
+        for pair in (one, many):
+            self.assertEqual(pair.peer_of_b.endpoint, A_EP)
+        self.assertEqual(
+            (state(many.peer_of_b), many.peer_of_b.rx_bytes, many.peer_of_b.need_another_keepalive),
+            (state(one.peer_of_b), one.peer_of_b.rx_bytes, one.peer_of_b.need_another_keepalive),
+        )
+        return one, many, len(slow)
+
+    def test_first_message_confirms_the_key_rest_fast(self) -> None:
+        """The batch starts with the session's first message (key confirmation on B's side);
+        it takes the full path, the other nine the fast one; a keepalive is not written."""
+        one, _, slow = self.receive_both()
+        self.assertEqual(len(one.b.written), 9)
+        self.assertEqual(slow, 1)
+
+    def test_replays_forgeries_and_strangers_in_the_batch(self) -> None:
+        """Replayed, forged and unknown-index messages and garbage inside a batch are
+        dropped and counted exactly as one by one."""
+
+        def mangle(batch: list[bytes]) -> list[bytes]:
+            forged = batch[3][:-1] + bytes([batch[3][-1] ^ 1])
+            stranger = batch[2][:4] + b"\x99\x99\x99\x99" + batch[2][8:]
+            return [*batch[:4], batch[1], forged, stranger, b"\x04junk", *batch[4:], batch[0]]
+
+        one, _, slow = self.receive_both(mangle)
+        counters = one.b.device.counters
+        self.assertEqual(counters.replayed, 2)
+        self.assertEqual(counters.decrypt_failed, 1)
+        self.assertEqual(counters.unknown_index, 1)
+        self.assertEqual(counters.malformed, 1)
+        self.assertLess(slow, 6)
+
+    def test_inner_packets_checked_in_the_fast_path(self) -> None:
+        """A packet whose inner source B does not allow from A is dropped on the fast path
+        too (the checks after decryption are shared with the full path)."""
+        pair = Pair(seed=3)
+        held: list[bytes] = []
+
+        def hold(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
+            if destination == B_EP and data[0] == 4:
+                held.append(data)
+                return False
+            return True
+
+        pair.a_to_b(b"first")  # the session, delivered
+        pair.net.filters.append(hold)
+        for source in ("10.0.0.1", "10.0.0.99", "10.0.0.1"):
+            pair.a.device.packet_from_tun(ipv4(source, "10.0.0.2", b"x"), pair.net.now)
+        pair.net.flush()
+        self.assertEqual(len(held), 3)
+        written = len(pair.b.written)
+        pair.b.device.transport_batch_received(held, A_EP, pair.net.now)
+        self.assertEqual(len(pair.b.written) - written, 2)
+        self.assertEqual(pair.b.device.counters.source_not_allowed, 1)

@@ -1,0 +1,319 @@
+"""meshguard.core.offload in memory: cutting super-packets and joining segments.
+
+The checks use a naive word-by-word checksum as the reference, build super-packets the way the
+kernel hands them over (virtio-net header, the pseudo-header sum in the checksum field), and
+check every segment on its own and the segments together against the original stream.
+Hypothesis varies sizes, segment sizes, TCP options and flags; garbage never raises anything
+but ``OffloadError``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshguard.core import offload
+from meshguard.core.offload import (
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP_L4,
+    NEEDS_CSUM,
+    PLAIN_HEADER,
+    VNET_HDR,
+    OffloadError,
+    checksum,
+    coalesce,
+    split,
+)
+
+SRC4, DST4 = ipaddress.IPv4Address("10.1.0.1").packed, ipaddress.IPv4Address("10.1.0.2").packed
+SRC6, DST6 = ipaddress.IPv6Address("fd00::1").packed, ipaddress.IPv6Address("fd00::2").packed
+FIN, PSH, ACK = 0x01, 0x08, 0x10
+
+
+def naive_sum(data: bytes) -> int:
+    """The RFC 1071 sum, word by word, folded (the reference for the fast one)."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def pseudo(v4: bool, proto: int, length: int, src: bytes, dst: bytes) -> bytes:
+    if v4:
+        return src + dst + bytes([0, proto]) + struct.pack("!H", length)
+    return src + dst + struct.pack("!I", length) + bytes([0, 0, 0, proto])
+
+
+def ip_header(v4: bool, proto: int, l4_length: int, ident: int = 0x1234) -> bytes:
+    if v4:
+        head = bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s", 0x45, 0, 20 + l4_length, ident, 0x4000, 64, proto, 0, SRC4, DST4
+            )
+        )
+        head[10:12] = struct.pack("!H", 0xFFFF - naive_sum(bytes(head)))
+        return bytes(head)
+    return struct.pack("!IHBB16s16s", 0x60000000, l4_length, proto, 64, SRC6, DST6)
+
+
+def tcp_header(seq: int, flags: int, options: bytes = b"", ack: int = 99) -> bytes:
+    offset = (20 + len(options)) // 4
+    return struct.pack("!HHIIBBHHH", 1000, 2000, seq, ack, offset << 4, flags, 512, 0, 0) + options
+
+
+def tcp_packet(v4: bool, seq: int, flags: int, payload: bytes, options: bytes = b"") -> bytes:
+    """One ordinary TCP packet with every checksum right."""
+    tcp = bytearray(tcp_header(seq, flags, options) + payload)
+    src, dst = (SRC4, DST4) if v4 else (SRC6, DST6)
+    tcp[16:18] = struct.pack("!H", 0xFFFF - naive_sum(pseudo(v4, 6, len(tcp), src, dst) + tcp))
+    return ip_header(v4, 6, len(tcp)) + bytes(tcp)
+
+
+def super_frame(
+    v4: bool, tcp: bool, payload: bytes, gso_size: int, flags: int = ACK, options: bytes = b""
+) -> bytes:
+    """What a TUN read with TSO/USO returns: header, then one packet whose transport
+    checksum field holds only the pseudo-header sum (NEEDS_CSUM)."""
+    src, dst = (SRC4, DST4) if v4 else (SRC6, DST6)
+    if tcp:
+        l4 = bytearray(tcp_header(1_000_000, flags, options) + payload)
+        at, proto = 16, 6
+    else:
+        l4 = bytearray(struct.pack("!HHHH", 1000, 2000, 8 + len(payload), 0) + payload)
+        at, proto = 6, 17
+    l4[at : at + 2] = struct.pack("!H", naive_sum(pseudo(v4, proto, len(l4), src, dst)))
+    iphl = 20 if v4 else 40
+    gso_type = (GSO_TCPV4 if v4 else GSO_TCPV6) if tcp else GSO_UDP_L4
+    header = VNET_HDR.pack(NEEDS_CSUM, gso_type, iphl + len(l4) - len(payload), gso_size, iphl, at)
+    return header + ip_header(v4, proto, len(l4)) + bytes(l4)
+
+
+def problem(packet: bytes) -> str | None:
+    """Why ``packet`` is not a well-formed packet with right checksums, or None."""
+    if packet[0] >> 4 == 4:
+        ihl = (packet[0] & 15) * 4
+        if struct.unpack_from("!H", packet, 2)[0] != len(packet):
+            return "IPv4 total length"
+        if naive_sum(packet[:ihl]) != 0xFFFF:
+            return "IPv4 header checksum"
+        proto, l4 = packet[9], packet[ihl:]
+        ph = pseudo(True, proto, len(l4), packet[12:16], packet[16:20])
+    else:
+        if struct.unpack_from("!H", packet, 4)[0] + 40 != len(packet):
+            return "IPv6 payload length"
+        proto, l4 = packet[6], packet[40:]
+        ph = pseudo(False, proto, len(l4), packet[8:24], packet[24:40])
+    if proto == 17 and struct.unpack_from("!H", l4, 4)[0] != len(l4):
+        return "UDP length"
+    if naive_sum(ph + l4) != 0xFFFF:
+        return "transport checksum"
+    return None
+
+
+def unwrap(write: list[bytes | memoryview]) -> tuple[tuple[int, ...], bytes]:
+    """A coalesced write as (virtio-net header fields, the packet)."""
+    return VNET_HDR.unpack(bytes(write[0])), b"".join(bytes(b) for b in write[1:])
+
+
+class ChecksumTests(SynchronousTestCase):
+    @given(st.binary(max_size=3000), st.integers(0, 0xFFFF))
+    def test_matches_naive_sum(self, data: bytes, initial: int) -> None:
+        """The big-integer checksum is the RFC 1071 one (0 and 0xFFFF are the same zero)."""
+        want = 0xFFFF - naive_sum(struct.pack("!H", initial) + data)
+        got = checksum(data, initial)
+        self.assertIn(got, (want, 0xFFFF) if want == 0 else (want,))
+        self.assertNotEqual(got, 0, "never the UDP 'no checksum' value")
+
+
+class SplitTests(SynchronousTestCase):
+    def test_plain_frame_is_the_packet(self) -> None:
+        packet = tcp_packet(True, 1, ACK, b"hello")
+        self.assertEqual(split(PLAIN_HEADER + packet), [packet])
+
+    def test_partial_checksum_completed(self) -> None:
+        """GSO_NONE with NEEDS_CSUM (a small packet): the checksum is finished."""
+        frame = bytearray(super_frame(True, True, b"abc", 1400))
+        frame[1] = GSO_NONE
+        (packet,) = split(bytes(frame))
+        self.assertIsNone(problem(packet))
+        self.assertEqual(packet[40:], b"abc")
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        v4=st.booleans(),
+        tcp=st.booleans(),
+        size=st.integers(1, 65535 - 60 - 40),
+        gso_size=st.integers(1, 1500),
+        flags=st.sampled_from([ACK, ACK | PSH, ACK | PSH | FIN, ACK | FIN]),
+        options=st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(8), bytes(40)]),
+        data=st.data(),
+    )
+    def test_segments(
+        self,
+        v4: bool,
+        tcp: bool,
+        size: int,
+        gso_size: int,
+        flags: int,
+        options: bytes,
+        data: st.DataObject,
+    ) -> None:
+        """Each segment is a well-formed packet of at most gso_size payload bytes; the payloads
+        in order are the original; sequence numbers follow, FIN/PSH only on the last, IPv4
+        identification counts up; the segments coalesce back into the original stream."""
+        if size // gso_size > 300:
+            gso_size = size // 300 + 1  # keep the example fast; the cut is the same code
+        payload = (
+            data.draw(st.binary(min_size=size, max_size=size))
+            if size < 64
+            else bytes((i * 31 + 7) & 0xFF for i in range(size))
+        )
+        frame = super_frame(v4, tcp, payload, gso_size, flags, options if tcp else b"")
+        segments = split(frame)
+        self.assertEqual(len(segments), -(-size // gso_size))
+        iphl = 20 if v4 else 40
+        hl = iphl + (20 + len(options) if tcp else 8)
+        joined = b""
+        for i, segment in enumerate(segments):
+            self.assertIsNone(problem(segment), f"segment {i}")
+            body = segment[hl:]
+            self.assertLessEqual(len(body), gso_size)
+            if i < len(segments) - 1:
+                self.assertEqual(len(body), gso_size)
+            joined += body
+            if v4:
+                self.assertEqual(struct.unpack_from("!H", segment, 4)[0], (0x1234 + i) & 0xFFFF)
+            if tcp:
+                seq = struct.unpack_from("!I", segment, iphl + 4)[0]
+                self.assertEqual(seq, 1_000_000 + i * gso_size)
+                seg_flags = segment[iphl + 13]
+                last = i == len(segments) - 1
+                self.assertEqual(seg_flags, flags if last else flags & ~(FIN | PSH))
+                self.assertEqual(segment[iphl + 20 : hl], options)
+        self.assertEqual(joined, payload)
+        if not tcp or flags & FIN:
+            return
+        writes = coalesce(segments)
+        for write in writes:
+            fields, packet = unwrap(write)
+            if fields[1] == GSO_NONE:
+                self.assertIsNone(problem(packet))
+        rebuilt = b"".join(unwrap(w)[1][hl:] for w in writes)
+        self.assertEqual(rebuilt, payload)
+        if len(segments) > 1 and size <= 60000:
+            self.assertEqual(len(writes), 1, "one flow in order coalesces into one write")
+            fields, packet = unwrap(writes[0])
+            self.assertEqual(
+                fields, (NEEDS_CSUM, GSO_TCPV4 if v4 else GSO_TCPV6, hl, gso_size, iphl, 16)
+            )
+            self.assertEqual(packet[iphl + 13], flags)
+            if v4:
+                self.assertEqual(naive_sum(packet[:20]), 0xFFFF, "IPv4 header checksum")
+                self.assertEqual(struct.unpack_from("!H", packet, 2)[0], len(packet))
+            else:
+                self.assertEqual(struct.unpack_from("!H", packet, 4)[0] + 40, len(packet))
+            src, dst = (SRC4, DST4) if v4 else (SRC6, DST6)
+            want = naive_sum(pseudo(v4, 6, len(packet) - iphl, src, dst))
+            self.assertEqual(struct.unpack_from("!H", packet, iphl + 16)[0], want)
+
+    @settings(max_examples=50, deadline=None)
+    @given(
+        v4=st.booleans(),
+        tcp=st.booleans(),
+        size=st.integers(1, 20000),
+        gso_size=st.integers(1, 1500),
+    )
+    def test_without_numpy_the_same(self, v4: bool, tcp: bool, size: int, gso_size: int) -> None:
+        """The pure-Python sums give byte for byte what the numpy path gives."""
+        payload = bytes((i * 13 + 5) & 0xFF for i in range(size))
+        frame = super_frame(v4, tcp, payload, gso_size)
+        fast = split(frame)
+        self.patch(offload, "_np", None)
+        self.assertEqual(split(frame), fast)
+
+    @given(st.binary(max_size=200))
+    def test_garbage_raises_only_offload_error(self, frame: bytes) -> None:
+        try:
+            split(frame)
+        except OffloadError:
+            pass
+
+    @given(
+        st.sampled_from([GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, 2, 3, 0x81]),
+        st.integers(0, 0xFFFF),
+        st.integers(0, 200),
+        st.binary(min_size=0, max_size=300),
+    )
+    def test_lying_headers_raise_only_offload_error(
+        self, gso_type: int, gso_size: int, csum_start: int, body: bytes
+    ) -> None:
+        """A header that does not fit its packet is refused, never an IndexError."""
+        real = tcp_packet(gso_type != GSO_TCPV6, 5, ACK, body)
+        frame = VNET_HDR.pack(NEEDS_CSUM, gso_type, 40, gso_size, csum_start, 16) + real
+        try:
+            for segment in split(frame):
+                self.assertLessEqual(len(segment), len(real) + 60 * 300)
+        except OffloadError:
+            pass
+
+
+class CoalesceTests(SynchronousTestCase):
+    def flow(self, v4: bool, n: int, size: int = 100, seq: int = 1, **kw: int) -> list[bytes]:
+        return [
+            tcp_packet(v4, seq + i * size, kw.get("flags", ACK), bytes([i]) * size)
+            for i in range(n)
+        ]
+
+    def test_interleaved_flows_keep_their_order(self) -> None:
+        """Two flows interleaved: each joins into one write; a non-TCP packet stays alone."""
+        a = self.flow(True, 5)
+        b = self.flow(False, 5)
+        other = ip_header(True, 17, 8) + struct.pack("!HHHH", 1, 2, 8, 0)
+        mixed = [p for pair in zip(a, b) for p in pair] + [other]
+        writes = coalesce(mixed)
+        self.assertEqual(len(writes), 3)
+        self.assertEqual(unwrap(writes[0])[1][40:], b"".join(p[40:] for p in a))
+        self.assertEqual(unwrap(writes[1])[1][60:], b"".join(p[60:] for p in b))
+        self.assertEqual(writes[2], [PLAIN_HEADER, other])
+
+    def test_gap_short_segment_and_pure_ack_end_a_run(self) -> None:
+        """A sequence gap starts a new run; a short segment is the last of its run; a packet
+        that cannot join (a pure ACK) ends the run so that nothing overtakes it."""
+        packets = self.flow(True, 3)
+        packets.append(tcp_packet(True, 1 + 5 * 100, ACK, b"x" * 100))  # gap
+        packets.append(tcp_packet(True, 1 + 6 * 100, ACK, b"y" * 50))  # short: ends
+        packets.append(tcp_packet(True, 1 + 6 * 100 + 50, ACK, b"z" * 100))
+        packets.append(tcp_packet(True, 1 + 7 * 100 + 50, ACK, b""))  # pure ACK
+        packets.append(tcp_packet(True, 1 + 7 * 100 + 50, ACK, b"w" * 100))
+        writes = coalesce(packets)
+        sizes = [len(unwrap(w)[1]) - 40 for w in writes]
+        self.assertEqual(sizes, [300, 150, 100, 0, 100])
+
+    def test_single_packets_are_plain(self) -> None:
+        packets = self.flow(True, 1) + self.flow(False, 1)
+        self.assertEqual(coalesce(packets), [[PLAIN_HEADER, p] for p in packets])
+
+    def test_64k_limit(self) -> None:
+        """A run stops before its IP packet would pass 65,535 bytes."""
+        packets = self.flow(True, 60, size=1400)
+        writes = coalesce(packets)
+        self.assertEqual(len(writes), 2)
+        for write in writes:
+            self.assertLessEqual(len(unwrap(write)[1]), 65535)
+
+    @given(st.lists(st.binary(min_size=1, max_size=120), max_size=30))
+    def test_garbage_never_raises_and_loses_nothing(self, packets: list[bytes]) -> None:
+        """Any list of byte strings: every byte is written exactly once (joined runs only
+        drop the repeated headers)."""
+        writes = coalesce(packets)
+        plain = [bytes(w[1]) for w in writes if w[0] is PLAIN_HEADER]
+        joined = sum(len(w) - 2 for w in writes if w[0] is not PLAIN_HEADER)
+        self.assertEqual(len(plain) + joined, len(packets))
