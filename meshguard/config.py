@@ -98,6 +98,9 @@ class InterfaceConfig:
     table: str = "auto"
     fwmark: int = 0
     forwarding: bool = True
+    #: Bytes per second a member relay forwards for one sending peer (``ForwardingRate``,
+    #: written in MiB/s); None: no limit.
+    forwarding_rate: float | None = 64 * 1024 * 1024
     #: TLS relay (docs/relay.md): serve on ``relay_listen`` with this certificate and key, and
     #: keep a connection to every ``relays`` entry, verified with ``relay_ca`` or ``relay_pins``.
     relay_listen: tuple[str, int] | None = None
@@ -399,6 +402,13 @@ def _persistent_keepalive(value: str, ctx: _Context) -> int:
     return _number(value, "PersistentKeepalive", 0, 65535)
 
 
+def _forwarding_rate(value: str, ctx: _Context) -> float | None:
+    """``ForwardingRate = 64`` (MiB/s per sending peer) or ``unlimited``."""
+    if value.lower() == "unlimited":
+        return None
+    return float(_number(value, "ForwardingRate (MiB/s, or unlimited)", 1, 100000) * 1024 * 1024)
+
+
 def _relay_listen(value: str, ctx: _Context) -> tuple[str, int]:
     host, port = _endpoint(value.replace("*:", "0.0.0.0:", 1), ctx)
     try:
@@ -468,6 +478,7 @@ INTERFACE_KEYS: Final[dict[str, _Key]] = _table_of(
     _Key("PostDown", "post_down", _shell, repeats=True, raw=True, empty_ok=True),
     # Mesh keys.
     _Key("Forwarding", "forwarding", _bool("Forwarding")),
+    _Key("ForwardingRate", "forwarding_rate", _forwarding_rate),
     # TLS relay keys (docs/relay.md).
     _Key("RelayListen", "relay_listen", _relay_listen),
     _Key("RelayCertificate", "relay_certificate", _path("RelayCertificate"), raw=True),

@@ -181,6 +181,13 @@ class TlsPaths:
         state = self.states.get(peer.public_key)
         return state is not None and state.tls is not None
 
+    def link_of(self, peer: Peer) -> str | None:
+        """The name of the relay carrying ``peer`` now, or None (the arbiter's status)."""
+        state = self.states.get(peer.public_key)
+        if state is None or state.tls is None:
+            return None
+        return self.link_name(state.tls)
+
     def direct_confirmed(self, peer: Peer, endpoint: Endpoint, now: float) -> None:
         """The mesh's path check got an answer over UDP at ``endpoint``: UDP works both ways.
 

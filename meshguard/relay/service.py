@@ -139,10 +139,11 @@ class TlsRelay:
         paths = TlsPaths(node.mesh, on_change=self._path_changed)
         self.paths = paths
         node.mesh.add_feature(paths)
-        node.members.paths.tls_relay_reaches = paths.reaches
-        node.members.paths.tls_relay_holds = paths.holds
+        # The path arbiter asks the TLS logic what it holds, and tells it of proven UDP paths.
+        arbiter = node.members.arbiter
+        arbiter.tls = paths
+        arbiter.udp_proven_listeners.append(paths.direct_confirmed)
         node.endpoint_view = paths.shown_endpoint
-        node.members.paths.direct_confirmed = paths.direct_confirmed
         node.members.membership.is_relay_endpoint = paths.is_relay_endpoint
         io = node.device.io
         io.send_datagram = paths.wrap(io.send_datagram)
