@@ -1348,7 +1348,7 @@ def address_filtered_ruleset(host: str, port: int) -> str:
 
 def nat_homes(
     testbed: Testbed,
-    layout: Sequence[tuple[int, bool] | tuple[int, str]],
+    layout: Sequence[tuple[int, bool] | tuple[int, str] | tuple[int, str, bool]],
     *,
     extra_public: int = 0,
     wan_filter: bool = True,
@@ -1362,7 +1362,8 @@ def nat_homes(
     random`` (a destination-dependent "hard" NAT), ``False`` for plain masquerade, or one of
     :data:`NAT_KINDS`. Home ``i`` (from 1) has the LAN 192.168.i.0/24 on a bridge in its router
     (hosts .2, .3, ...) and the public address 203.0.i.2 (on the link 203.0.i.0/24 to the
-    internet router); a ``cgnat`` home's router has 100.64.i.2 behind a carrier router that owns
+    internet router); a third element per home overrides ``wan_filter`` for it; a ``cgnat``
+    home's router has 100.64.i.2 behind a carrier router that owns
     203.0.i.2. ``wan_filter`` chooses the router flavour: drop unsolicited WAN input to the
     router itself (as many home routers do) or not (a Linux box or cloud NAT instance). The
     ``one-to-one`` kind forwards everything, so the flavour does not apply to it; ``port`` is
@@ -1382,7 +1383,9 @@ def nat_homes(
         testbed.addr(ns, "eth0", f"198.51.{101 + extra}.2/24")
         testbed.route(ns, "default", via=f"198.51.{101 + extra}.1")
     homes: list[MeshHome] = []
-    for index, (count, nat) in enumerate(layout, start=1):
+    for index, entry in enumerate(layout, start=1):
+        count, nat = entry[0], entry[1]
+        filtered = bool(entry[2]) if len(entry) > 2 else wan_filter  # type: ignore[misc]
         kind = nat if isinstance(nat, str) else ("hard" if nat else "easy")
         if kind not in NAT_KINDS:
             raise ValueError(f"unknown NAT kind {kind!r}")
@@ -1402,7 +1405,7 @@ def nat_homes(
             testbed.addr(router, "wan0", f"100.64.{index}.2/24")
             testbed.route(router, "default", via=f"100.64.{index}.1")
             carrier_rules = masquerade_ruleset(False)
-            testbed.nft(carrier, carrier_rules + (wan_filter_ruleset() if wan_filter else ""))
+            testbed.nft(carrier, carrier_rules + (wan_filter_ruleset() if filtered else ""))
         else:
             testbed.veth(router, "wan0", internet, f"h{index}")
             testbed.addr(internet, f"h{index}", f"203.0.{index}.1/24")
@@ -1427,11 +1430,11 @@ def nat_homes(
             ruleset = address_filtered_ruleset(first_host, port)
         else:
             ruleset = masquerade_ruleset(kind == "hard")
-        if wan_filter and kind != "one-to-one":
+        if filtered and kind != "one-to-one":
             ruleset += wan_filter_ruleset()
         testbed.nft(router, ruleset)
         homes.append(
-            MeshHome(router, public_address, hosts, kind == "hard", kind, wan_filter, carrier)
+            MeshHome(router, public_address, hosts, kind == "hard", kind, filtered, carrier)
         )
     return MeshInternet(internet, public, "198.51.100.2", homes)
 

@@ -1,0 +1,153 @@
+"""The NAT matrix over real nftables NATs: every pair of NAT kinds in one mesh, each cell's path
+asserted against the expected grid, "direct" proven by the introducer forwarding nothing for
+the pair during a transfer, and the grid written out (docs/nat-grid.md holds a copy).
+
+One internet holds one home per kind (two for ``hard``, so that hard meets hard), each with
+one member, and a public introducer; all pairs punch at once, so one setup covers every cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from tests.natmesh import start_mesh
+from tests.netns import Testbed, nat_homes, require_root_netns
+
+#: (label, NAT kind, WAN input filter) per home, in order.
+HOMES: list[tuple[str, str, bool]] = [
+    ("one-to-one", "one-to-one", False),
+    ("easy+filter", "easy", True),
+    ("easy", "easy", False),
+    ("easy-addr", "easy-addr", False),
+    ("cgnat", "cgnat", False),
+    ("hard", "hard", False),
+    ("hard2", "hard", False),
+]
+
+DIRECT = "direct"
+MEMBER = "member"
+
+
+def expected(x: str, y: str) -> str:
+    """The matrix we promise today. Direct: one side one-to-one, or both map endpoint-
+    independently, or a hard NAT facing address-only filtering (its random port is let in).
+    Relayed through a member: a hard NAT facing port-dependent filtering (the birthday
+    technique is not built yet) and hard against hard."""
+    kinds = {x.rstrip("2"), y.rstrip("2")}
+    if "one-to-one" in kinds:
+        return DIRECT
+    if "hard" not in kinds:
+        return DIRECT
+    if kinds == {"hard", "easy-addr"}:
+        return DIRECT
+    return MEMBER
+
+
+#: How long every pair gets to settle after the last node started.
+SETTLE = 90.0
+
+
+class NatGridTests(TestCase):
+    timeout = 600
+
+    def test_grid(self) -> None:
+        require_root_netns(self)
+        tb = Testbed(self)
+        self.addCleanup(tb.cleanup)
+        net = nat_homes(tb, [(1, kind, wan) for _, kind, wan in HOMES])
+        labels = [label for label, _, _ in HOMES]
+        mesh = start_mesh(tb, net)
+        started = time.monotonic()
+        pairs = list(itertools.combinations(range(len(HOMES)), 2))
+        first_direct: dict[tuple[int, int], float] = {}
+
+        def outcome(x: int, y: int) -> str:
+            a, b = mesh.peer(x, y), mesh.peer(y, x)
+            kinds = {str(a.get("path_kind")), str(b.get("path_kind"))}
+            if kinds <= {DIRECT, "lan"}:
+                return DIRECT
+            return MEMBER if MEMBER in kinds else "/".join(sorted(kinds))
+
+        def settled() -> bool:
+            done = True
+            for x, y in pairs:
+                got = outcome(x, y)
+                if got == DIRECT and (x, y) not in first_direct:
+                    first_direct[(x, y)] = time.monotonic() - started
+                if got != expected(labels[x], labels[y]):
+                    done = False
+            return done
+
+        try:
+            tb.wait_for(settled, timeout=SETTLE, interval=1.0, what="the expected grid")
+        except AssertionError:
+            pass  # the grid below says which cells differ
+        grid = {(x, y): outcome(x, y) for x, y in pairs}
+        reasons = {
+            (x, y): mesh.peer(x, y).get("not_direct_reason")
+            for x, y in pairs
+            if grid[(x, y)] != DIRECT
+        }
+        # Direct means direct: a transfer between the pair leaves the introducer's forwarded
+        # bytes for the pair unchanged.
+        flat: dict[tuple[int, int], bool] = {}
+        for x, y in pairs:
+            before = mesh.forwarded(x, y)
+            ok = tb.ping(mesh.namespaces[x], mesh.addresses[y], count=5, timeout=2) and tb.ping(
+                mesh.namespaces[y], mesh.addresses[x], count=5, timeout=2
+            )
+            self.assertTrue(ok, f"{labels[x]} and {labels[y]} cannot reach each other")
+            flat[(x, y)] = mesh.forwarded(x, y) == before
+        text = _render(labels, grid, first_direct, reasons, flat)
+        out = os.environ.get("MESHGUARD_NAT_GRID")
+        Path(out if out else Path(tb.log_dir) / "nat-grid.md").write_text(text)
+        wrong = [
+            f"{labels[x]} vs {labels[y]}: {grid[(x, y)]}, expected {expected(labels[x], labels[y])}"
+            for x, y in pairs
+            if grid[(x, y)] != expected(labels[x], labels[y])
+        ]
+        not_flat = [
+            f"{labels[x]} vs {labels[y]}"
+            for x, y in pairs
+            if grid[(x, y)] == DIRECT and not flat[(x, y)]
+        ]
+        self.assertEqual((wrong, not_flat), ([], []), text)
+
+
+def _render(
+    labels: list[str],
+    grid: dict[tuple[int, int], str],
+    first_direct: dict[tuple[int, int], float],
+    reasons: dict[tuple[int, int], object],
+    flat: dict[tuple[int, int], bool],
+) -> str:
+    def cell(x: int, y: int) -> str:
+        key = (min(x, y), max(x, y))
+        if x == y:
+            return "-"
+        got = grid[key]
+        if got == DIRECT:
+            seconds = first_direct.get(key)
+            mark = "" if flat[key] else " (relay used!)"
+            return f"direct {seconds:.0f} s{mark}" if seconds is not None else f"direct{mark}"
+        return "via member" if got == MEMBER else got
+
+    lines = [
+        "| | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for x, label in enumerate(labels):
+        lines.append(
+            f"| **{label}** | " + " | ".join(cell(x, y) for y in range(len(labels))) + " |"
+        )
+    lines.append("")
+    lines.append("Why the relayed pairs are not direct (status `not_direct_reason`):")
+    lines.append("")
+    for (x, y), reason in sorted(reasons.items()):
+        lines.append(f"- {labels[x]} vs {labels[y]}: {reason}")
+    return "\n".join(lines) + "\n"
