@@ -1280,6 +1280,8 @@ class MeshHome:
     wan_filter: bool = True
     #: The carrier router of a ``cgnat`` home (the outer NAT), else None.
     carrier: Namespace | None = None
+    #: With ``ipv6``: the hosts' global IPv6 addresses (2001:db8:i::2, ...), in host order.
+    v6: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1346,6 +1348,20 @@ def address_filtered_ruleset(host: str, port: int) -> str:
     )
 
 
+def v6_firewall_ruleset() -> str:
+    """A home router's stateful IPv6 firewall: nothing new comes in from the WAN, answers to
+    what the home sent do."""
+    return (
+        "table ip6 v6fw {\n"
+        "  chain forward6 {\n"
+        "    type filter hook forward priority 0\n"
+        '    iifname "wan0" ct state established,related accept\n'
+        '    iifname "wan0" counter drop\n'
+        "  }\n"
+        "}\n"
+    )
+
+
 def nat_homes(
     testbed: Testbed,
     layout: Sequence[tuple[int, bool] | tuple[int, str] | tuple[int, str, bool]],
@@ -1353,6 +1369,7 @@ def nat_homes(
     extra_public: int = 0,
     wan_filter: bool = True,
     port: int = 51820,
+    ipv6: bool = False,
 ) -> MeshInternet:
     """Several homes, each behind its own nftables NAT router, on a shared "internet" segment
     with a public node at 198.51.100.2 (``extra_public`` more public hosts get 198.51.101.2,
@@ -1367,10 +1384,14 @@ def nat_homes(
     203.0.i.2. ``wan_filter`` chooses the router flavour: drop unsolicited WAN input to the
     router itself (as many home routers do) or not (a Linux box or cloud NAT instance). The
     ``one-to-one`` kind forwards everything, so the flavour does not apply to it; ``port`` is
-    the UDP port the ``easy-addr`` filter admits.
+    the UDP port the ``easy-addr`` filter admits. ``ipv6`` also gives every home (not
+    ``cgnat``) global IPv6: LAN 2001:db8:i::/64 routed, not NATed, behind the router's stateful
+    firewall (:func:`v6_firewall_ruleset`), and the router 2001:db8:ff0i::2 on its WAN link.
     """
     internet = testbed.netns("inet")
     testbed.sysctl(internet, "net.ipv4.ip_forward", 1)
+    if ipv6:
+        testbed.sysctl(internet, "net.ipv6.conf.all.forwarding", 1)
     public = testbed.netns("pub")
     testbed.veth(internet, "p0", public, "eth0")
     testbed.addr(internet, "p0", "198.51.100.1/24")
@@ -1423,6 +1444,18 @@ def nat_homes(
             testbed.addr(ns, "eth0", f"{address}/24")
             testbed.route(ns, "default", via=f"192.168.{index}.1")
             hosts.append((ns, address))
+        v6: tuple[str, ...] = ()
+        if ipv6 and kind != "cgnat":
+            testbed.sysctl(router, "net.ipv6.conf.all.forwarding", 1)
+            testbed.addr(internet, f"h{index}", f"2001:db8:ff{index:02x}::1/64")
+            testbed.addr(router, "wan0", f"2001:db8:ff{index:02x}::2/64")
+            testbed.route(router, "default", via=f"2001:db8:ff{index:02x}::1")
+            testbed.route(internet, f"2001:db8:{index}::/64", via=f"2001:db8:ff{index:02x}::2")
+            testbed.addr(router, "br0", f"2001:db8:{index}::1/64")
+            v6 = tuple(f"2001:db8:{index}::{host + 2}" for host in range(count))
+            for (ns, _), address in zip(hosts, v6, strict=True):
+                testbed.addr(ns, "eth0", f"{address}/64")
+                testbed.route(ns, "default", via=f"2001:db8:{index}::1")
         first_host = f"192.168.{index}.2"
         if kind == "one-to-one":
             ruleset = one_to_one_ruleset(public_address, first_host)
@@ -1432,9 +1465,11 @@ def nat_homes(
             ruleset = masquerade_ruleset(kind == "hard")
         if filtered and kind != "one-to-one":
             ruleset += wan_filter_ruleset()
+        if v6:
+            ruleset += v6_firewall_ruleset()
         testbed.nft(router, ruleset)
         homes.append(
-            MeshHome(router, public_address, hosts, kind == "hard", kind, filtered, carrier)
+            MeshHome(router, public_address, hosts, kind == "hard", kind, filtered, carrier, v6)
         )
     return MeshInternet(internet, public, "198.51.100.2", homes)
 

@@ -14,20 +14,13 @@ A_V6 = ("2001:db8::7", 51820)
 
 
 class _Tls:
-    """The TLS relay logic as the arbiter sees it: it holds the peers in ``held``."""
+    """The TLS relay logic as the arbiter asks it: which peers a relay reaches."""
 
     def __init__(self) -> None:
-        self.held: set[bytes] = set()
         self.present: set[bytes] = set()
-
-    def holds(self, peer: Peer) -> bool:
-        return peer.public_key in self.held
 
     def reaches(self, peer: Peer) -> bool:
         return peer.public_key in self.present
-
-    def link_of(self, peer: Peer) -> str | None:
-        return "relay.example:443" if peer.public_key in self.held else None
 
 
 def _relay_member(key: int) -> Peer:
@@ -101,15 +94,18 @@ class ArbiterTests(SynchronousTestCase):
         a.offer_member(self.peer, [self.relay], 13.0 + arb.HOLD_DOWN["proven_for"] + 1)
         self.assertIs(self.peer.relay, self.relay)
 
-    def test_rtt_decides_within_a_kind(self) -> None:
-        """Two proven direct endpoints: the one with the lower round-trip time wins; IPv4 and
-        IPv6 rank alike."""
+    def test_rtt_decides_within_a_kind_and_ipv6_leads(self) -> None:
+        """Two proven IPv4 endpoints: the lower round-trip time wins; a proven global IPv6
+        endpoint wins over IPv4 (no NAT mapping to keep alive), whatever its RTT."""
         a = self.arbiter
+        other = ("198.51.100.9", 51820)
         a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.050, 1.0)
-        a.proven(self.peer, Path(arb.DIRECT_V6, A_V6), 0.010, 1.1)
-        self.assertEqual(self.peer.endpoint, A_V6)
+        a.proven(self.peer, Path(arb.DIRECT, other), 0.010, 1.1)
+        self.assertEqual(self.peer.endpoint, other)
         a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.005, 1.2)
         self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        a.proven(self.peer, Path(arb.DIRECT_V6, A_V6), 0.020, 1.3)
+        self.assertEqual(self.peer.endpoint, A_V6)
 
     def test_roaming_does_not_pull_a_chosen_path_down(self) -> None:
         """A datagram from another endpoint (roaming moved ``peer.endpoint``) does not move a
@@ -134,17 +130,22 @@ class ArbiterTests(SynchronousTestCase):
         tls.present.add(self.peer.public_key)
         a.offer_member(self.peer, [self.relay], 1.0)  # the TLS relay reaches it: no member
         self.assertIsNone(self.peer.relay)
-        tls.held.add(self.peer.public_key)
-        self.peer.endpoint = ("100::1", 1)  # the TLS logic's stand-in
+        a.tls_move(self.peer, ("100::1", 1), "relay.example:443", "UDP failed")
+        self.assertEqual(self.peer.endpoint, ("100::1", 1))  # the TLS logic's stand-in
+        self.peer.endpoint = A_LAN  # roaming
+        a.tls_keep(self.peer, ("100::1", 1))
         a.heard_from(self.peer, ("100::1", 1), 2.0)
         self.assertEqual(self.peer.endpoint, ("100::1", 1))
         status = a.status(self.peer)
         self.assertEqual(status["path_kind"], "tls-relay")
         self.assertEqual(status["path_via"], "relay.example:443")
         self.assertIsNotNone(status["not_direct_reason"])
+        a.udp_proven_listeners.append(
+            lambda peer, ep, now: a.tls_move(peer, ep, None, "the mesh path check was answered")
+        )
         a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.03, 3.0)
         self.assertEqual(told, [(self.peer.public_key, A_PUBLIC)])
-        tls.held.clear()  # the TLS logic left the relay on being told
+        self.assertFalse(a.holds_tls(self.peer))  # the TLS logic left the relay on being told
         self.assertEqual(self.peer.endpoint, A_PUBLIC)
         self.assertEqual(a.status(self.peer)["path_kind"], "direct")
         self.assertEqual(
@@ -152,7 +153,8 @@ class ArbiterTests(SynchronousTestCase):
             [
                 ("none", f"via member {self.relay.short_name}"),
                 (f"via member {self.relay.short_name}", "none"),
-                ("none", "direct 203.0.113.7:41641"),
+                ("none", "tls-relay via relay.example:443"),
+                ("tls-relay via relay.example:443", "direct 203.0.113.7:41641"),
             ],
         )
 

@@ -43,19 +43,13 @@ def home(sim: MeshSim, index: int, *, hard: bool = False, filtering: str = "port
 
 
 class _FakeTls:
-    """The TLS relay logic as the arbiter sees it, holding the peers in ``held``."""
+    """The TLS relay logic as the arbiter asks it: which peers a relay reaches."""
 
     def __init__(self) -> None:
         self.held: set[bytes] = set()
 
-    def holds(self, peer: Any) -> bool:
-        return peer.public_key in self.held
-
     def reaches(self, peer: Any) -> bool:
         return peer.public_key in self.held
-
-    def link_of(self, peer: Any) -> str | None:
-        return "relay.test:443" if peer.public_key in self.held else None
 
 
 def ping_retry(sim: MeshSim, a: SimMember, b: SimMember, tries: int = 5) -> bool:
@@ -110,6 +104,8 @@ class HolePunchingTests(SynchronousTestCase):
         self.assertEqual(confirmed, [])  # nothing held: nothing to tell
         peer = a.node.device.peers[b.public_key]
         tls.held.add(b.public_key)
+        direct = peer.endpoint
+        arbiter.tls_move(peer, ("100::5", 1), "relay.test:443", "UDP failed")
         sim.run(CHECK_INTERVAL * 2 + 1)
         self.assertIn((b.public_key, sim.endpoint_of(a, b)), confirmed)
         state = a.stack.paths.states[b.public_key]
@@ -118,7 +114,10 @@ class HolePunchingTests(SynchronousTestCase):
         a.stack.paths._keep_chosen(state, stand_in, sim.net.now)
         self.assertEqual(peer.endpoint, stand_in)
         self.assertEqual(arbiter.status(peer)["path_kind"], "tls-relay")
+        self.assertEqual(arbiter.status(peer)["path_via"], "relay.test:443")
         tls.held.clear()
+        arbiter.tls_move(peer, direct, None, "the relay let go")
+        peer.endpoint = stand_in
         a.stack.paths._keep_chosen(state, stand_in, sim.net.now)
         self.assertEqual(peer.endpoint, state.direct)
         self.assertEqual(arbiter.status(peer)["path_kind"], "direct")

@@ -24,6 +24,7 @@ HOMES: list[tuple[str, str, bool]] = [
     ("easy+filter", "easy", True),
     ("easy", "easy", False),
     ("easy-addr", "easy-addr", False),
+    ("cgnat+filter", "cgnat", True),
     ("cgnat", "cgnat", False),
     ("hard", "hard", False),
     ("hard2", "hard", False),
@@ -31,23 +32,36 @@ HOMES: list[tuple[str, str, bool]] = [
 
 DIRECT = "direct"
 MEMBER = "member"
+#: Either: the primers (hop limit 2) open only the inner NAT of a ``cgnat`` home, so when its
+#: carrier does not drop unsolicited input, a punch from a peer behind port-dependent filtering
+#: may reach the carrier first and clash (docs/nat-matrix.md). Racy, so both outcomes pass.
+DIRECT_OR_MEMBER = "direct or member"
+
+
+#: Labels of NATs that filter by address and port (Linux conntrack) and map endpoint-
+#: independently.
+PORT_FILTERED = {"easy+filter", "easy", "cgnat+filter", "cgnat"}
 
 
 def expected(x: str, y: str) -> str:
     """The matrix we promise today. Direct: one side one-to-one, or both map endpoint-
     independently, or a hard NAT facing address-only filtering (its random port is let in).
     Relayed through a member: a hard NAT facing port-dependent filtering (the birthday
-    technique is not built yet) and hard against hard."""
-    kinds = {x.rstrip("2"), y.rstrip("2")}
+    technique is not built yet) and hard against hard. Racy: the unfiltered ``cgnat`` home
+    against port-dependent filtering (DIRECT_OR_MEMBER)."""
+    pair = {x, y}
+    kinds = {label.rstrip("2") for label in pair}
     if "one-to-one" in kinds:
         return DIRECT
-    if "hard" not in kinds:
-        return DIRECT
-    if kinds == {"hard", "easy-addr"}:
-        return DIRECT
-    return MEMBER
+    if "hard" in kinds:
+        return DIRECT if "easy-addr" in kinds else MEMBER
+    if "cgnat" in pair and pair <= PORT_FILTERED:
+        return DIRECT_OR_MEMBER
+    return DIRECT
 
 
+#: Bytes each pair moves over TCP while the introducer's counter is watched.
+TRANSFER = 1024 * 1024
 #: How long every pair gets to settle after the last node started.
 SETTLE = 90.0
 
@@ -79,8 +93,9 @@ class NatGridTests(TestCase):
                 got = outcome(x, y)
                 if got == DIRECT and (x, y) not in first_direct:
                     first_direct[(x, y)] = time.monotonic() - started
-                if got != expected(labels[x], labels[y]):
-                    done = False
+                want = expected(labels[x], labels[y])
+                if got != (DIRECT if want == DIRECT_OR_MEMBER else want):
+                    done = False  # racy cells get the whole time to go direct
             return done
 
         try:
@@ -98,10 +113,10 @@ class NatGridTests(TestCase):
         flat: dict[tuple[int, int], bool] = {}
         for x, y in pairs:
             before = mesh.forwarded(x, y)
-            ok = tb.ping(mesh.namespaces[x], mesh.addresses[y], count=5, timeout=2) and tb.ping(
-                mesh.namespaces[y], mesh.addresses[x], count=5, timeout=2
+            ok = tb.tcp_transfer(
+                mesh.namespaces[y], mesh.namespaces[x], mesh.addresses[y], TRANSFER
             )
-            self.assertTrue(ok, f"{labels[x]} and {labels[y]} cannot reach each other")
+            self.assertTrue(ok, f"{labels[x]} cannot send {TRANSFER} bytes to {labels[y]}")
             flat[(x, y)] = mesh.forwarded(x, y) == before
         text = _render(labels, grid, first_direct, reasons, flat)
         out = os.environ.get("MESHGUARD_NAT_GRID")
@@ -109,7 +124,7 @@ class NatGridTests(TestCase):
         wrong = [
             f"{labels[x]} vs {labels[y]}: {grid[(x, y)]}, expected {expected(labels[x], labels[y])}"
             for x, y in pairs
-            if grid[(x, y)] != expected(labels[x], labels[y])
+            if not _matches(grid[(x, y)], expected(labels[x], labels[y]))
         ]
         not_flat = [
             f"{labels[x]} vs {labels[y]}"
@@ -117,6 +132,10 @@ class NatGridTests(TestCase):
             if grid[(x, y)] == DIRECT and not flat[(x, y)]
         ]
         self.assertEqual((wrong, not_flat), ([], []), text)
+
+
+def _matches(got: str, want: str) -> bool:
+    return got in (DIRECT, MEMBER) if want == DIRECT_OR_MEMBER else got == want
 
 
 def _render(

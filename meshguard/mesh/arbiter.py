@@ -8,10 +8,14 @@ alone writes ``peer.endpoint`` and ``peer.relay`` for learned members), logs eac
 its reason, and answers status: the path's kind, who carries it, and, while it is not direct,
 why not, in words a user can act on.
 
-Policy (:data:`RANK`): LAN > direct (IPv4 and IPv6 alike) > a mapped port > via a member > a
+Policy (:data:`RANK`): LAN > direct (IPv6 a notch above IPv4) > a mapped port > via a member > a
 TLS relay > none; within one kind the lower round-trip time wins. A path that failed is not
 chosen again before it is proven anew; after a move up, a datagram arriving over a worse path
 does not pull the peer down (:data:`HOLD_DOWN`).
+
+The TLS relay's logic (:mod:`meshguard.relay.paths`) moves any peer, configured ones too, onto
+or off a TLS relay through :meth:`PathArbiter.tls_move`, so those moves are written, logged and
+reported here as well; while it holds a peer, the arbiter leaves that peer's endpoint to it.
 
 Sans-I/O: it reads ``now`` from its callers and writes only peer fields.
 """
@@ -39,7 +43,8 @@ NONE = "none"
 RANK: dict[str, int] = {
     LAN: 60,
     DIRECT: 50,
-    DIRECT_V6: 50,
+    # IPv6 a notch above: no NAT mapping to keep alive or lose, only a firewall's state.
+    DIRECT_V6: 51,
     MAPPED: 45,
     MEMBER: 20,
     TLS_RELAY: 10,
@@ -79,8 +84,12 @@ class Path:
     kind: str
     endpoint: Endpoint | None = None
     via: Peer | None = None
+    #: The TLS relay's name (``host:port``) for a ``tls-relay`` path.
+    link: str | None = None
 
     def describe(self) -> str:
+        if self.kind == TLS_RELAY:
+            return f"tls-relay via {self.link}"
         if self.kind in UDP_KINDS and self.endpoint is not None:
             return f"{self.kind} {_endpoint_text(self.endpoint)}"
         if self.via is not None:
@@ -100,28 +109,14 @@ class MoveObserver(Protocol):
 class TlsView(Protocol):
     """What the arbiter asks of the TLS relay's path logic (``meshguard.relay.paths``)."""
 
-    def holds(self, peer: Peer) -> bool:
-        """Whether that logic has the peer on a TLS relay now."""
-        ...
-
     def reaches(self, peer: Peer) -> bool:
         """Whether a TLS relay reaches the peer (then no member need forward for it)."""
         ...
 
-    def link_of(self, peer: Peer) -> str | None:
-        """The name of the relay carrying the peer now, or None."""
-        ...
-
 
 class _NoTls:
-    def holds(self, peer: Peer) -> bool:
-        return False
-
     def reaches(self, peer: Peer) -> bool:
         return False
-
-    def link_of(self, peer: Peer) -> str | None:
-        return None
 
 
 @dataclass
@@ -148,6 +143,8 @@ class PathArbiter:
         self.peers: dict[bytes, PeerPath] = {}
         self.observers: list[MoveObserver] = [on_move] if on_move is not None else []
         self.tls: TlsView = _NoTls()
+        #: Peers the TLS relay's logic has on a relay now, and that path.
+        self.tls_held: dict[bytes, Path] = {}
         #: Told ``(peer, endpoint, now)`` when a UDP path is proven while a TLS relay holds the
         #: peer: the TLS logic leaves the relay and tells the peer (TLS_UDP_SWITCH).
         self.udp_proven_listeners: list[Callable[[Peer, Endpoint, float], None]] = []
@@ -182,7 +179,7 @@ class PathArbiter:
         record = self.track(peer)
         record.proven[path.endpoint] = (path, rtt, now)
         record.punch_note = None
-        if self.tls.holds(peer):
+        if self.holds_tls(peer):
             for listener in self.udp_proven_listeners:
                 listener(peer, path.endpoint, now)
         self._decide(record, now, f"a ping to {_endpoint_text(path.endpoint)} was answered")
@@ -197,7 +194,7 @@ class PathArbiter:
         """An authenticated datagram from ``peer`` came straight from ``source`` (the device
         roamed ``peer.endpoint`` to it). Keep the decided path unless this one is as good."""
         record = self.peers.get(peer.public_key)
-        if record is None or self.tls.holds(peer):
+        if record is None or self.holds_tls(peer):
             return
         current = record.current
         if current.kind not in UDP_KINDS or current.endpoint is None:
@@ -213,8 +210,48 @@ class PathArbiter:
         """Nobody forwards for ``peer`` and nothing is proven: let the handshake itself try
         ``endpoint`` (the punching source cycles through the candidates)."""
         record = self.track(peer)
-        if record.current.kind == NONE and peer.relay is None and not self.tls.holds(peer):
+        if record.current.kind == NONE and peer.relay is None and not self.holds_tls(peer):
             peer.endpoint = endpoint
+
+    def holds_tls(self, peer: Peer) -> bool:
+        """Whether the TLS relay's logic has ``peer`` on a relay now."""
+        return peer.public_key in self.tls_held
+
+    def tls_move(
+        self, peer: Peer, endpoint: Endpoint | None, link: str | None, reason: str
+    ) -> None:
+        """The TLS relay's logic moves ``peer`` onto the relay ``link`` (``endpoint``: the
+        stand-in address it sends to there) or, with ``link`` None, back to the UDP
+        ``endpoint``. Written, logged once and reported here."""
+        key = peer.public_key
+        old = self.tls_held.get(key)
+        if old is None:
+            old = Path(udp_kind(peer.endpoint, False), peer.endpoint) if peer.endpoint else NO_PATH
+        if link is not None:
+            new = Path(TLS_RELAY, endpoint, link=link)
+            self.tls_held[key] = new
+            peer.relay = None  # one layer of encryption: no member forwards inside it
+            record = self.peers.get(key)
+            if record is not None and record.current.kind == MEMBER:
+                record.current = NO_PATH
+        else:
+            self.tls_held.pop(key, None)
+            new = Path(udp_kind(endpoint, False), endpoint) if endpoint is not None else NO_PATH
+            record = self.peers.get(key)
+            if record is not None and endpoint is not None and endpoint in record.proven:
+                # The mesh proved this path: it is the member's decided path from now on (and
+                # the move is logged here, once).
+                new = record.current = record.proven[endpoint][0]
+                record.reason = reason
+        peer.endpoint = endpoint
+        if new != old:
+            self.moves += 1
+            self._notify(peer, old, new, reason)
+
+    def tls_keep(self, peer: Peer, endpoint: Endpoint | None) -> None:
+        """The TLS relay's logic keeps its choice against roaming (a datagram in flight over
+        the other path): the endpoint goes back, nothing moves."""
+        peer.endpoint = endpoint
 
     def explain(self, peer: Peer, note: str | None) -> None:
         """The punching source says why no direct path is found yet (None: nothing to say)."""
@@ -264,7 +301,7 @@ class PathArbiter:
             peer.relay = None
             peer.endpoint = new.endpoint
         elif new.kind == MEMBER:
-            if not self.tls.holds(peer):
+            if not self.holds_tls(peer):
                 peer.relay = new.via
         elif old.kind == MEMBER:
             peer.relay = None
@@ -288,7 +325,7 @@ class PathArbiter:
 
     def kind_of(self, peer: Peer) -> str:
         """What carries ``peer`` now, as status reports it (TLS first: it overrides)."""
-        if self.tls.holds(peer):
+        if self.holds_tls(peer):
             return TLS_RELAY
         record = self.peers.get(peer.public_key)
         return record.current.kind if record is not None else NONE
@@ -301,7 +338,7 @@ class PathArbiter:
             kind = udp_kind(peer.endpoint, False)  # a configured peer at its endpoint
         via: str | None = None
         if kind == TLS_RELAY:
-            via = self.tls.link_of(peer)
+            via = self.tls_held[peer.public_key].link
         elif kind == MEMBER and record is not None and record.current.via is not None:
             via = _b64(record.current.via.public_key)
         return {

@@ -351,9 +351,7 @@ class Paths:
             self._keep_chosen(state, source, now)
             return
         rtt = now - sent[1]
-        self.arbiter.proven(
-            peer, arb.Path(arb.udp_kind(source, source in state.lan), source), rtt, now
-        )
+        self.arbiter.proven(peer, arb.Path(_kind_of(source, state), source), rtt, now)
         if source == state.direct:
             state.rtt = rtt
             state.last_pong = now
@@ -557,6 +555,21 @@ class Paths:
         if self.plugin_errors:
             status["plugin_errors"] = self.plugin_errors
         return status
+
+
+_ULA = ipaddress.IPv6Network("fc00::/7")
+
+
+def _kind_of(endpoint: Endpoint, state: PathState) -> str:
+    """The arbiter's kind of a proven endpoint: a member's own global IPv6 address is a direct
+    path (``direct-v6``: no NAT on the way, only firewalls), its private addresses are LAN."""
+    try:
+        address = ipaddress.ip_address(endpoint[0].split("%", 1)[0])
+    except ValueError:
+        return arb.DIRECT
+    if address.version == 6 and not (address.is_link_local or address in _ULA):
+        return arb.DIRECT_V6
+    return arb.udp_kind(endpoint, endpoint in state.lan)
 
 
 def _clock(when: float) -> str:
