@@ -524,8 +524,8 @@ class PrimedPunchingTests(SynchronousTestCase):
     after it said it primed its own NAT toward us (docs/nat-matrix.md)."""
 
     def test_primed_members_go_direct_and_prime_before_pinging(self) -> None:
-        """Both sides prime, call, then ping: the pair goes direct, and each side primed its
-        NAT toward the other's public endpoint before its first ping to it."""
+        """Both sides prime, call, then ping: the pair goes direct; each side sent primers,
+        heard the other's call (``peer_primed``) and pinged."""
         sim = MeshSim(seed=21)
         a = sim.add_member(home(sim, 1), "192.168.1.2")
         b = sim.add_member(home(sim, 2), "192.168.2.2")
