@@ -102,6 +102,9 @@ class InterfaceConfig:
     #: ``PortMapping``: ``auto`` asks the gateway for a port mapping (PCP, NAT-PMP, UPnP-IGD;
     #: docs/portmapping.md), ``off`` never does.
     port_mapping: str = "auto"
+    #: Bytes per second a member relay forwards for one sending peer (``ForwardingRate``,
+    #: written in MiB/s); None: no limit.
+    forwarding_rate: float | None = 64 * 1024 * 1024
     #: TLS relay (docs/relay.md): serve on ``relay_listen`` with this certificate and key, and
     #: keep a connection to every ``relays`` entry, verified with ``relay_ca`` or ``relay_pins``.
     relay_listen: tuple[str, int] | None = None
@@ -426,6 +429,13 @@ def _persistent_keepalive(value: str, ctx: _Context) -> int:
     return _number(value, "PersistentKeepalive", 0, 65535)
 
 
+def _forwarding_rate(value: str, ctx: _Context) -> float | None:
+    """``ForwardingRate = 64`` (MiB/s per sending peer) or ``unlimited``."""
+    if value.lower() == "unlimited":
+        return None
+    return float(_number(value, "ForwardingRate (MiB/s, or unlimited)", 1, 100000) * 1024 * 1024)
+
+
 def _relay_listen(value: str, ctx: _Context) -> tuple[str, int]:
     host, port = _endpoint(value.replace("*:", "0.0.0.0:", 1), ctx)
     try:
@@ -557,6 +567,7 @@ INTERFACE_KEYS: Final[dict[str, _Key]] = _table_of(
     # Mesh keys.
     _Key("Forwarding", "forwarding", _bool("Forwarding")),
     _Key("PortMapping", "port_mapping", _port_mapping),
+    _Key("ForwardingRate", "forwarding_rate", _forwarding_rate),
     # TLS relay keys (docs/relay.md).
     _Key("RelayListen", "relay_listen", _relay_listen),
     _Key("RelayCertificate", "relay_certificate", _path("RelayCertificate"), raw=True),

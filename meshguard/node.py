@@ -29,6 +29,7 @@ from meshguard.flood_guard import FloodGuard
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.keepalive import KeepalivePolicy
+from meshguard.mesh.paths import PRIME_TTL
 from meshguard.mesh.ping import Pinger
 from meshguard.mesh.pmtu import PathMTU
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
@@ -221,6 +222,8 @@ class Node:
             self.members.paths.sources = sources or list(DEFAULT_SOURCES)
             self.members.paths.observers.extend(load_plugins(IPathObserver))
             self.keepalive.overrides.extend(load_plugins(IKeepalivePolicy))
+        self.members.paths.primer = self._send_primer
+        self.members.arbiter.observers.append(self._path_moved)
         #: ``Endpoint = name:port``: re-resolved when the peer goes quiet or the TTL runs out.
         self.names = EndpointNames(
             self.device, reactor, resolver=resolver, on_change=self.reschedule
@@ -297,6 +300,21 @@ class Node:
         self.device.io = _DataPath(_discard_datagram, _discard_packet)
         self.udp.close()
         self.tun.close()
+
+    def _path_moved(self, peer: Peer, old: Any, new: Any, reason: str) -> None:
+        """Every move the path arbiter makes, logged once with its reason."""
+        log.info(
+            "path to {peer}: {old} -> {new} ({reason})",
+            peer=peer.short_name,
+            old=old.describe(),
+            new=new.describe(),
+            reason=reason,
+        )
+
+    def _send_primer(self, endpoint: Endpoint) -> None:
+        """Hole punching's primer: an empty datagram that leaves our NAT and dies soon after."""
+        if self.running:
+            self.udp.send_primer(b"", endpoint, PRIME_TTL)
 
     def _mesh_dirty(self) -> None:
         self.mesh.dirty = True
@@ -441,6 +459,7 @@ class Node:
             if name is not None:
                 entry["endpoint_name"] = name
             entry.update(self.mesh.peer_status(peer))
+            entry.update(self.members.arbiter.status(peer))
             peers.append(entry)
         return {
             "interface": self.interface,
@@ -564,5 +583,6 @@ class Node:
             {peer.public_key for peer in config.peers if peer.introducer},
             config.interface.forwarding,
             self._seconds(),
+            config.interface.forwarding_rate,
         )
         self.reschedule()

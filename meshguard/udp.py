@@ -755,6 +755,40 @@ class UDPTransport:
                 pass
         return True
 
+    def send_primer(self, data: bytes, endpoint: Endpoint, ttl: int) -> None:
+        """Send one datagram with a small TTL (hop limit), for hole punching.
+
+        It opens our own NAT's mapping toward ``endpoint`` and dies a hop or two later,
+        before it reaches the peer's NAT: a punch that reached a NAT before its own home had
+        sent would become a conntrack entry that clashes with the home's mapping
+        (docs/nat-matrix.md). The TTL is set for this datagram only and restored at once.
+        """
+        if self._runs:
+            self._flush_runs()
+        v6 = ":" in endpoint[0]
+        sock = self._sock6 if v6 else self._sock4
+        if sock is None:
+            return
+        level = socket.IPPROTO_IPV6 if v6 else socket.IPPROTO_IP
+        option = socket.IPV6_UNICAST_HOPS if v6 else socket.IP_TTL
+        try:
+            previous = sock.getsockopt(level, option)
+            sock.setsockopt(level, option, ttl)
+        except OSError:
+            return
+        try:
+            if v6:
+                self._send6(data, endpoint)
+            else:
+                self._sendto4(data, endpoint)
+        except OSError:
+            self.send_drops += 1
+        finally:
+            try:
+                sock.setsockopt(level, option, previous)
+            except OSError:
+                pass
+
     def route_mtu(self, endpoint: Endpoint) -> int | None:
         """The MTU the local stack would use toward ``endpoint`` (route or cached path MTU),
         from a connected socket's ``IP_MTU``/``IPV6_MTU``, as tinc guesses its start; None

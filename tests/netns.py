@@ -29,11 +29,14 @@ from typing import IO, TypeVar
 
 __all__ = [
     "DEFAULT_BINARIES",
+    "NAT_KINDS",
     "REPO_ROOT",
     "WIREGUARD_RUN_DIR",
     "Blackhole",
     "CommandError",
     "Keypair",
+    "MeshHome",
+    "MeshInternet",
     "MeshguardGoPair",
     "MeshguardPeer",
     "Namespace",
@@ -44,11 +47,13 @@ __all__ = [
     "WireGuardPair",
     "blackhole_drops",
     "block_udp",
+    "conntrack_entries",
     "ip",
     "meshguard_config_text",
     "meshguard_env",
     "meshguard_go_pair",
     "nat_home",
+    "nat_homes",
     "pmtu_blackhole",
     "require_root",
     "require_root_netns",
@@ -1250,6 +1255,22 @@ def meshguard_go_pair(
     )
 
 
+#: NAT kinds of :func:`nat_homes`, modelled on Tailscale's natlab (see docs/nat-matrix.md):
+#:
+#: - ``one-to-one``: the home's host owns the router's public address (DNAT + SNAT, ports kept):
+#:   anything may reach it.
+#: - ``easy``: ``masquerade`` (endpoint-independent mapping, address-and-port-dependent
+#:   filtering); whether unsolicited WAN input to the router itself is dropped is the separate
+#:   ``wan_filter`` flavour.
+#: - ``easy-addr``: endpoint-independent mapping with address-dependent filtering: once the home
+#:   sent to an address, that address may reach the home's port from any port.
+#: - ``hard``: ``masquerade random`` (a new port per destination: endpoint-dependent mapping).
+#: - ``cgnat``: two layers, a home ``masquerade`` behind a carrier ``masquerade`` (both easy).
+#: - ``no-hairpin``: ``easy``, stated explicitly: a packet from the LAN to the router's own
+#:   public address is not looped back to the LAN (Linux masquerade never hairpins).
+NAT_KINDS: tuple[str, ...] = ("one-to-one", "easy", "easy-addr", "hard", "cgnat", "no-hairpin")
+
+
 @dataclass(frozen=True)
 class MeshHome:
     """One home of `nat_homes`: its router and its hosts (namespace, LAN address)."""
@@ -1258,6 +1279,12 @@ class MeshHome:
     public: str
     hosts: list[tuple[Namespace, str]]
     hard: bool
+    kind: str = "easy"
+    wan_filter: bool = True
+    #: The carrier router of a ``cgnat`` home (the outer NAT), else None.
+    carrier: Namespace | None = None
+    #: With ``ipv6``: the hosts' global IPv6 addresses (2001:db8:i::2, ...), in host order.
+    v6: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1269,20 +1296,105 @@ class MeshInternet:
     homes: list[MeshHome]
 
 
+def wan_filter_ruleset() -> str:
+    """As many home routers do: unsolicited packets from the WAN to the router itself are
+    dropped. It also hides a hole-punching hazard: without it, a peer's punch that reaches the
+    router before our own first packet left becomes a conntrack entry that clashes with our
+    mapping, and masquerade picks another port (docs/nat-matrix.md)."""
+    return (
+        "table ip filter {\n"
+        "  chain input {\n"
+        "    type filter hook input priority 0\n"
+        '    iifname "wan0" ct state new counter drop\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def one_to_one_ruleset(public: str, host: str) -> str:
+    """The host behind the router owns ``public``: ports and addresses map one to one."""
+    return (
+        "table ip nat {\n"
+        "  chain pre {\n"
+        "    type nat hook prerouting priority -100\n"
+        f'    iifname "wan0" ip daddr {public} counter dnat to {host}\n'
+        "  }\n"
+        "  chain post {\n"
+        "    type nat hook postrouting priority 100\n"
+        f'    oifname "wan0" ip saddr {host} counter snat to {public}\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def address_filtered_ruleset(host: str, port: int) -> str:
+    """``masquerade`` plus address-dependent filtering toward ``host:port``: addresses the home
+    sent to (a dynamic set) may reach that port from any of their ports."""
+    return masquerade_ruleset(False) + (
+        "table ip addrfilter {\n"
+        "  set contacted {\n"
+        "    type ipv4_addr\n"
+        "    flags dynamic,timeout\n"
+        "    timeout 30s\n"
+        "  }\n"
+        "  chain post {\n"
+        "    type filter hook postrouting priority 0\n"
+        f'    oifname "wan0" ip saddr {host} udp sport {port} '
+        "update @contacted { ip daddr }\n"
+        "  }\n"
+        "  chain pre {\n"
+        "    type nat hook prerouting priority -100\n"
+        f'    iifname "wan0" ct state new udp dport {port} ip saddr @contacted '
+        f"counter dnat to {host}:{port}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def v6_firewall_ruleset() -> str:
+    """A home router's stateful IPv6 firewall: nothing new comes in from the WAN, answers to
+    what the home sent do."""
+    return (
+        "table ip6 v6fw {\n"
+        "  chain forward6 {\n"
+        "    type filter hook forward priority 0\n"
+        '    iifname "wan0" ct state established,related accept\n'
+        '    iifname "wan0" counter drop\n'
+        "  }\n"
+        "}\n"
+    )
+
+
 def nat_homes(
-    testbed: Testbed, layout: Sequence[tuple[int, bool]], *, extra_public: int = 0
+    testbed: Testbed,
+    layout: Sequence[tuple[int, bool] | tuple[int, str] | tuple[int, str, bool]],
+    *,
+    extra_public: int = 0,
+    wan_filter: bool = True,
+    port: int = 51820,
+    ipv6: bool = False,
 ) -> MeshInternet:
     """Several homes, each behind its own nftables NAT router, on a shared "internet" segment
     with a public node at 198.51.100.2 (``extra_public`` more public hosts get 198.51.101.2,
     198.51.102.2, ...).
 
-    ``layout`` gives, per home, its number of hosts and whether its router uses ``masquerade
-    random`` (a destination-dependent "hard" NAT). Home ``i`` (from 1) has the LAN
-    192.168.i.0/24 on a bridge in its router (hosts .2, .3, ...) and the public address
-    203.0.i.2 (on the link 203.0.i.0/24 to the internet router).
+    ``layout`` gives, per home, its number of hosts and its NAT: ``True`` for ``masquerade
+    random`` (a destination-dependent "hard" NAT), ``False`` for plain masquerade, or one of
+    :data:`NAT_KINDS`. Home ``i`` (from 1) has the LAN 192.168.i.0/24 on a bridge in its router
+    (hosts .2, .3, ...) and the public address 203.0.i.2 (on the link 203.0.i.0/24 to the
+    internet router); a third element per home overrides ``wan_filter`` for it; a ``cgnat``
+    home's router has 100.64.i.2 behind a carrier router that owns
+    203.0.i.2. ``wan_filter`` chooses the router flavour: drop unsolicited WAN input to the
+    router itself (as many home routers do) or not (a Linux box or cloud NAT instance). The
+    ``one-to-one`` kind forwards everything, so the flavour does not apply to it; ``port`` is
+    the UDP port the ``easy-addr`` filter admits. ``ipv6`` also gives every home (not
+    ``cgnat``) global IPv6: LAN 2001:db8:i::/64 routed, not NATed, behind the router's stateful
+    firewall (:func:`v6_firewall_ruleset`), and the router 2001:db8:ff0i::2 on its WAN link.
     """
     internet = testbed.netns("inet")
     testbed.sysctl(internet, "net.ipv4.ip_forward", 1)
+    if ipv6:
+        testbed.sysctl(internet, "net.ipv6.conf.all.forwarding", 1)
     public = testbed.netns("pub")
     testbed.veth(internet, "p0", public, "eth0")
     testbed.addr(internet, "p0", "198.51.100.1/24")
@@ -1295,13 +1407,34 @@ def nat_homes(
         testbed.addr(ns, "eth0", f"198.51.{101 + extra}.2/24")
         testbed.route(ns, "default", via=f"198.51.{101 + extra}.1")
     homes: list[MeshHome] = []
-    for index, (count, hard) in enumerate(layout, start=1):
+    for index, entry in enumerate(layout, start=1):
+        count, nat = entry[0], entry[1]
+        filtered = bool(entry[2]) if len(entry) > 2 else wan_filter  # type: ignore[misc]
+        kind = nat if isinstance(nat, str) else ("hard" if nat else "easy")
+        if kind not in NAT_KINDS:
+            raise ValueError(f"unknown NAT kind {kind!r}")
         router = testbed.netns(f"r{index}")
         testbed.sysctl(router, "net.ipv4.ip_forward", 1)
-        testbed.veth(router, "wan0", internet, f"h{index}")
-        testbed.addr(internet, f"h{index}", f"203.0.{index}.1/24")
-        testbed.addr(router, "wan0", f"203.0.{index}.2/24")
-        testbed.route(router, "default", via=f"203.0.{index}.1")
+        public_address = f"203.0.{index}.2"
+        carrier: Namespace | None = None
+        if kind == "cgnat":
+            carrier = testbed.netns(f"c{index}")
+            testbed.sysctl(carrier, "net.ipv4.ip_forward", 1)
+            testbed.veth(carrier, "wan0", internet, f"h{index}")
+            testbed.addr(internet, f"h{index}", f"203.0.{index}.1/24")
+            testbed.addr(carrier, "wan0", f"{public_address}/24")
+            testbed.route(carrier, "default", via=f"203.0.{index}.1")
+            testbed.veth(router, "wan0", carrier, "cg0")
+            testbed.addr(carrier, "cg0", f"100.64.{index}.1/24")
+            testbed.addr(router, "wan0", f"100.64.{index}.2/24")
+            testbed.route(router, "default", via=f"100.64.{index}.1")
+            carrier_rules = masquerade_ruleset(False)
+            testbed.nft(carrier, carrier_rules + (wan_filter_ruleset() if filtered else ""))
+        else:
+            testbed.veth(router, "wan0", internet, f"h{index}")
+            testbed.addr(internet, f"h{index}", f"203.0.{index}.1/24")
+            testbed.addr(router, "wan0", f"{public_address}/24")
+            testbed.route(router, "default", via=f"203.0.{index}.1")
         testbed.ip(router, "link", "add", "br0", "type", "bridge")
         testbed.up(router, "br0")
         testbed.addr(router, "br0", f"192.168.{index}.1/24")
@@ -1314,21 +1447,41 @@ def nat_homes(
             testbed.addr(ns, "eth0", f"{address}/24")
             testbed.route(ns, "default", via=f"192.168.{index}.1")
             hosts.append((ns, address))
-        # As home routers do: unsolicited packets from the WAN to the router itself are dropped.
-        # Besides being realistic this matters for hole punching: a peer's punch that reaches
-        # the router before our own packet left would otherwise become a conntrack entry that
-        # clashes with our mapping and makes masquerade pick another port.
-        drop_unsolicited = (
-            "table ip filter {\n"
-            "  chain input {\n"
-            "    type filter hook input priority 0\n"
-            '    iifname "wan0" ct state new drop\n'
-            "  }\n"
-            "}\n"
+        v6: tuple[str, ...] = ()
+        if ipv6 and kind != "cgnat":
+            testbed.sysctl(router, "net.ipv6.conf.all.forwarding", 1)
+            testbed.addr(internet, f"h{index}", f"2001:db8:ff{index:02x}::1/64")
+            testbed.addr(router, "wan0", f"2001:db8:ff{index:02x}::2/64")
+            testbed.route(router, "default", via=f"2001:db8:ff{index:02x}::1")
+            testbed.route(internet, f"2001:db8:{index}::/64", via=f"2001:db8:ff{index:02x}::2")
+            testbed.addr(router, "br0", f"2001:db8:{index}::1/64")
+            v6 = tuple(f"2001:db8:{index}::{host + 2}" for host in range(count))
+            for (ns, _), address in zip(hosts, v6, strict=True):
+                testbed.addr(ns, "eth0", f"{address}/64")
+                testbed.route(ns, "default", via=f"2001:db8:{index}::1")
+        first_host = f"192.168.{index}.2"
+        if kind == "one-to-one":
+            ruleset = one_to_one_ruleset(public_address, first_host)
+        elif kind == "easy-addr":
+            ruleset = address_filtered_ruleset(first_host, port)
+        else:
+            ruleset = masquerade_ruleset(kind == "hard")
+        if filtered and kind != "one-to-one":
+            ruleset += wan_filter_ruleset()
+        if v6:
+            ruleset += v6_firewall_ruleset()
+        testbed.nft(router, ruleset)
+        homes.append(
+            MeshHome(router, public_address, hosts, kind == "hard", kind, filtered, carrier, v6)
         )
-        testbed.nft(router, masquerade_ruleset(hard) + drop_unsolicited)
-        homes.append(MeshHome(router, f"203.0.{index}.2", hosts, hard))
     return MeshInternet(internet, public, "198.51.100.2", homes)
+
+
+def conntrack_entries(testbed: Testbed, ns: Namespace, proto: str = "udp") -> list[str]:
+    """The namespace's conntrack table (``/proc/net/nf_conntrack``), ``proto`` lines only:
+    what a NAT has mapped, and which inbound packets it keeps entries for."""
+    text = testbed.run(ns, ["cat", "/proc/net/nf_conntrack"]).stdout
+    return [line for line in text.splitlines() if f" {proto} " in f" {line} "]
 
 
 def reboot_router(testbed: Testbed, home: MeshHome, new_public: str) -> None:

@@ -311,6 +311,14 @@ class InterfaceValueTests(SynchronousTestCase):
         self.assertTrue(self.parse_interface("Forwarding = Yes").forwarding)
         self.assertRejected("Forwarding = maybe", "Forwarding")
 
+    def test_forwarding_rate(self) -> None:
+        """ForwardingRate: MiB/s per sending peer (default 64), or unlimited."""
+        self.assertEqual(self.parse_interface().forwarding_rate, 64 * 1024 * 1024)
+        self.assertEqual(self.parse_interface("ForwardingRate = 8").forwarding_rate, 8 * 2**20)
+        self.assertIsNone(self.parse_interface("ForwardingRate = unlimited").forwarding_rate)
+        for bad in ("0", "-1", "fast", "100001"):
+            self.assertRejected(f"ForwardingRate = {bad}", "ForwardingRate")
+
     def test_empty_value(self) -> None:
         """A key that needs a value says so."""
         self.assertRejected("ListenPort =", "ListenPort in [Interface] has no value")

@@ -5,17 +5,25 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.crypto import generate_private_key, public_key
+from meshguard.core.interfaces import Endpoint
 from meshguard.memory import MemoryNAT, MemoryNode
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
 from meshguard.mesh.members import MemberInfo, parse_member, parse_page
-from meshguard.mesh.paths import CHECK_INTERVAL, DEAD_AFTER, RECOVERY_BOUND, RETRY_INTERVAL
+from meshguard.mesh.paths import (
+    CHECK_INTERVAL,
+    DEAD_AFTER,
+    QUIET_FOR,
+    RECOVERY_BOUND,
+    RETRY_INTERVAL,
+)
 from meshguard.mesh.relay import Relaying, parse_relay_body
 from meshguard.status import b64
 from tests.meshsim import PORT, MeshSim, SimMember
@@ -33,6 +41,16 @@ def home(sim: MeshSim, index: int, *, hard: bool = False, filtering: str = "port
             filtering=filtering,
         )
     )
+
+
+class _FakeTls:
+    """The TLS relay logic as the arbiter asks it: which peers a relay reaches."""
+
+    def __init__(self) -> None:
+        self.held: set[bytes] = set()
+
+    def reaches(self, peer: Any) -> bool:
+        return peer.public_key in self.held
 
 
 def ping_retry(sim: MeshSim, a: SimMember, b: SimMember, tries: int = 5) -> bool:
@@ -67,33 +85,44 @@ class HolePunchingTests(SynchronousTestCase):
         self.assertEqual(endpoint[0], "203.0.113.2")
 
     def test_answered_path_checks_are_reported_for_the_tls_relay(self) -> None:
-        """Every PATH_PONG that proves a UDP path is told to ``direct_confirmed`` (the TLS
-        relay's logic leaves the relay on it); while that logic holds a peer on a relay, a
-        datagram over another path does not make the mesh restore its direct endpoint."""
+        """While the TLS relay's logic holds a peer, every PATH_PONG that proves a UDP path is
+        told to the arbiter's listeners (that logic leaves the relay on it), and a datagram
+        over another path does not make the arbiter restore the direct endpoint; once the
+        relay lets go, the arbiter keeps the direct path it chose."""
         sim = MeshSim(seed=2)
         a = sim.add_member(home(sim, 1), "192.168.1.2")
         b = sim.add_member(home(sim, 2), "192.168.2.2")
         confirmed: list[tuple[bytes, tuple[str, int]]] = []
-        a.stack.paths.direct_confirmed = lambda peer, endpoint, now: confirmed.append(
-            (peer.public_key, endpoint)
+        arbiter = a.stack.arbiter
+        arbiter.udp_proven_listeners.append(
+            lambda peer, endpoint, now: confirmed.append((peer.public_key, endpoint))
         )
+        tls = _FakeTls()
+        arbiter.tls = tls
         sim.start()
         sim.run(20)
         self.assertEqual(sim.path(a, b), "direct")
-        self.assertIn((b.public_key, sim.endpoint_of(a, b)), confirmed)
-        count = len(confirmed)
-        sim.run(CHECK_INTERVAL * 2 + 1)
-        self.assertGreater(len(confirmed), count)  # each periodic check that is answered
+        self.assertEqual(confirmed, [])  # nothing held: nothing to tell
         peer = a.node.device.peers[b.public_key]
+        tls.held.add(b.public_key)
+        direct = peer.endpoint
+        arbiter.tls_move(peer, ("100::5", 1), "relay.test:443", "UDP failed")
+        sim.run(CHECK_INTERVAL * 2 + 1)
+        self.assertIn((b.public_key, sim.endpoint_of(a, b)), confirmed)
         state = a.stack.paths.states[b.public_key]
         stand_in = ("100::5", 1)
-        a.stack.paths.tls_relay_holds = lambda p: True
         peer.endpoint = stand_in
-        a.stack.paths._keep_chosen(state, stand_in)
+        a.stack.paths._keep_chosen(state, stand_in, sim.net.now)
         self.assertEqual(peer.endpoint, stand_in)
-        a.stack.paths.tls_relay_holds = lambda p: False
-        a.stack.paths._keep_chosen(state, stand_in)
+        self.assertEqual(arbiter.status(peer)["path_kind"], "tls-relay")
+        self.assertEqual(arbiter.status(peer)["path_via"], "relay.test:443")
+        tls.held.clear()
+        arbiter.tls_move(peer, direct, None, "the relay let go")
+        peer.endpoint = stand_in
+        a.stack.paths._keep_chosen(state, stand_in, sim.net.now)
         self.assertEqual(peer.endpoint, state.direct)
+        self.assertEqual(arbiter.status(peer)["path_kind"], "direct")
+        self.assertIsNone(arbiter.status(peer)["not_direct_reason"])
 
     def test_hard_nats_on_both_sides_are_relayed(self) -> None:
         """Two homes whose NATs map per destination cannot punch: their traffic is relayed
@@ -320,6 +349,25 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(len(sim.net.queue), 0)
 
 
+class ForwardingRateTests(SynchronousTestCase):
+    def test_rate_setting_bounds_each_sender(self) -> None:
+        """``ForwardingRate`` sets the bytes per second forwarded per sender (burst: an eighth
+        of a second of it); unlimited forwards everything."""
+        sim = MeshSim(seed=14)
+        a = sim.add_member(home(sim, 1, hard=True), "192.168.1.2")
+        b = sim.add_member(home(sim, 2, hard=True), "192.168.2.2")
+        sim.start()
+        sim.run(20)
+        stack = sim.introducer.stack
+        stack.configure(set(), True, sim.net.now, 1024 * 1024)
+        self.assertEqual(stack.relaying.rate, 1024 * 1024)
+        self.assertEqual(stack.relaying.burst, 512 * 1024)
+        stack.configure(set(), True, sim.net.now, None)
+        limited = stack.relaying.rate_limited
+        self.assertEqual(sum(sim.ping(a, b) for _ in range(50)), 50)
+        self.assertEqual(stack.relaying.rate_limited, limited)
+
+
 class HostileInputTests(SynchronousTestCase):
     def setUp(self) -> None:
         sim = MeshSim(seed=14)
@@ -508,3 +556,51 @@ class IdleMembershipTests(SynchronousTestCase):
         sim.run(30)
         self.assertIn(other.public_key, membership.learned)
         self.assertGreater(back.sent.total["control"], 0)
+
+
+class PrimedPunchingTests(SynchronousTestCase):
+    """With a primer (the node's TTL-limited datagram), pings go to a member's candidates only
+    after it said it primed its own NAT toward us (docs/nat-matrix.md)."""
+
+    def test_primed_members_go_direct_and_prime_before_pinging(self) -> None:
+        """Both sides prime, call, then ping: the pair goes direct; each side sent primers,
+        heard the other's call (``peer_primed``) and pinged."""
+        sim = MeshSim(seed=21)
+        a = sim.add_member(home(sim, 1), "192.168.1.2")
+        b = sim.add_member(home(sim, 2), "192.168.2.2")
+        first_primer: dict[str, float] = {}
+        for member in (a, b):
+
+            def primer(endpoint: Endpoint, name: str = member.name) -> None:
+                first_primer.setdefault(name, sim.net.now)
+
+            member.stack.paths.primer = primer
+        sim.start()
+        sim.run(20)
+        self.assertEqual(sim.path(a, b), "direct")
+        self.assertEqual(sim.path(b, a), "direct")
+        for member, other in ((a, b), (b, a)):
+            state = member.stack.paths.states[other.public_key]
+            self.assertGreater(state.pings_sent, 0)
+            self.assertIsNotNone(state.peer_primed)
+            self.assertIn(member.name, first_primer)
+
+    def test_unanswered_primed_rounds_go_quiet(self) -> None:
+        """Hard NATs on both sides: after QUIET_AFTER_ROUNDS pinged rounds without a pong the
+        member sends nothing to the other for QUIET_FOR seconds, then tries again."""
+        sim = MeshSim(seed=22)
+        a = sim.add_member(home(sim, 1, hard=True), "192.168.1.2")
+        b = sim.add_member(home(sim, 2, hard=True), "192.168.2.2")
+        primed: list[float] = []
+        a.stack.paths.primer = lambda endpoint: primed.append(sim.net.now)
+        b.stack.paths.primer = lambda endpoint: None
+        sim.start()
+        sim.run(15)
+        state = a.stack.paths.states[b.public_key]
+        self.assertIsNotNone(state.quiet_until)
+        assert state.quiet_until is not None
+        quiet_from = state.quiet_until - QUIET_FOR
+        self.assertFalse([t for t in primed if quiet_from < t < state.quiet_until - 0.5])
+        self.assertTrue(sim.path(a, b).startswith("relayed"))
+        sim.run(QUIET_FOR + 5)
+        self.assertTrue([t for t in primed if t >= state.quiet_until - 0.5])

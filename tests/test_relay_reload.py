@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.config import InterfaceConfig
+from meshguard.mesh.arbiter import PathArbiter
 from meshguard.relay.service import TlsRelay
 from tests.relaycerts import TestCA
 
@@ -38,7 +39,7 @@ def fake_node() -> Any:
         device=device,
         mesh=FakeAgent(device),
         members=SimpleNamespace(
-            paths=SimpleNamespace(tls_relay_reaches=None),
+            arbiter=PathArbiter(),
             membership=SimpleNamespace(is_relay_endpoint=None, learned=set()),
         ),
         reschedule=lambda: None,

@@ -16,6 +16,7 @@ from meshguard.config import parse_config
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
+from meshguard.mesh.arbiter import MEMBER, Path, udp_kind
 from meshguard.mesh.members import MemberInfo
 from meshguard.mesh.paths import DIRECT, RELAYED
 from meshguard.node import Node
@@ -78,9 +79,17 @@ class StatusDocumentTests(SynchronousTestCase):
         paths = self.node.members.paths
         direct = paths.states[DIRECT_MEMBER]
         direct.kind, direct.direct, direct.rtt = DIRECT, ("203.0.113.4", 4), 0.0123
-        direct.peer.endpoint = ("203.0.113.4", 4)
         relayed = paths.states[RELAYED_MEMBER]
         relayed.kind = RELAYED
+        # The path arbiter alone writes how a peer is reached.
+        arbiter = self.node.members.arbiter
+        now = self.clock.seconds()
+        arbiter.proven(
+            direct.peer, Path(udp_kind(("203.0.113.4", 4), False), ("203.0.113.4", 4)), 0.0123, now
+        )
+        # No session with the introducer here, so the relay path is recorded as the arbiter
+        # leaves it once a member relay carries the peer.
+        arbiter.track(relayed.peer).current = Path(MEMBER, via=introducer)
         relayed.peer.relay = introducer
 
     def document(self) -> dict[str, Any]:

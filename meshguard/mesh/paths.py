@@ -18,6 +18,7 @@ back on a direct path, where the NATs allow one, within about ``DEAD_AFTER + REC
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
+from meshguard.mesh import arbiter as arb
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import (
     MeshAgent,
@@ -52,6 +54,21 @@ MAX_REFLEXIVE = 4
 MAX_PENDING = 32
 #: A CALL_ME_MAYBE is relayed at most this often per (source, target) pair.
 CALL_ME_MAYBE_GAP = 1.0
+#: The hop limit of primers: enough to leave our own NAT, too little to reach the peer's.
+PRIME_TTL = 2
+#: With primers, full pings go to a member's candidates only this long after its last
+#: CALL_ME_MAYBE (which it sends right after priming): its NAT then has its own mapping
+#: toward us, so our ping cannot land first and clash with it (docs/nat-matrix.md).
+PEER_PRIMED_FOR = 10.0
+#: Rounds of pings to a primed member without a single pong before we go quiet toward it.
+QUIET_AFTER_ROUNDS = 4
+#: How long we then send it nothing over UDP (no primers, pings or calls): longer than a Linux
+#: NAT keeps an unanswered UDP entry (30 s), so a clashing entry its packets left on our NAT
+#: (after its router rebooted, say) and our own mismatched mapping both expire first.
+QUIET_FOR = 35.0
+#: A member's CALL_ME_MAYBE restarts our punch schedule at most this often (two sides
+#: answering each other's calls would otherwise restart each other for ever).
+CALL_RESTART_GAP = 60.0
 
 LAN, DIRECT, RELAYED, NONE = "lan", "direct", "relayed", "none"
 _RANK = {LAN: 3, DIRECT: 2, RELAYED: 1, NONE: 0}
@@ -92,6 +109,16 @@ class PathState:
     #: Nonce -> (endpoint, sent at).
     pending: dict[bytes, tuple[Endpoint, float]] = field(default_factory=dict)
     pings_sent: int = 0
+    #: When the member last told us (CALL_ME_MAYBE) that it primed its NAT toward us.
+    peer_primed: float | None = None
+    #: When a CALL_ME_MAYBE from it last restarted our punch schedule.
+    call_restart: float | None = None
+    #: Rounds since the last restart in which we pinged a primed member.
+    ready_rounds: int = 0
+    #: Until when we keep quiet toward it (see :data:`QUIET_FOR`).
+    quiet_until: float | None = None
+    #: Since when our pings to it have gone unanswered (for status).
+    unanswered_since: float | None = None
 
     def candidates(self) -> list[Endpoint]:
         seen: list[Endpoint] = []
@@ -115,8 +142,12 @@ class Paths:
         membership: Membership,
         *,
         sources: Sequence[EndpointSource] = DEFAULT_SOURCES,
+        arbiter: arb.PathArbiter | None = None,
     ) -> None:
         self.agent = agent
+        #: Decides and writes each member's path from what punching proves (mesh/arbiter.py).
+        self.arbiter = arbiter if arbiter is not None else arb.PathArbiter()
+        self.arbiter.observers.append(self._moved)
         self.device = agent.device
         self.membership = membership
         self.states: dict[bytes, PathState] = {}
@@ -124,19 +155,11 @@ class Paths:
         self.sources: list[EndpointSource] = list(sources)
         #: Told about members and path events (the node adds plugins and its route keeper).
         self.observers: list[PathObserver] = []
-        #: Whether a TLS relay reaches this peer itself (set by :mod:`meshguard.relay`): then no
-        #: member forwards for it, which would carry its traffic inside a second session.
-        self.tls_relay_reaches: Callable[[Peer], bool] = lambda peer: False
-        #: Whether the TLS relay's path logic has ``peer`` on a relay now: then a datagram that
-        #: came over another path does not make us restore our direct endpoint (that logic owns
-        #: the choice until it hears of a working UDP path, below).
-        self.tls_relay_holds: Callable[[Peer], bool] = lambda peer: False
-        #: Told ``(peer, endpoint, now)`` whenever a PATH_PONG proves a UDP path both ways, so
-        #: the TLS relay's path logic leaves the relay at once instead of pulling the peer back
-        #: with the next relayed datagram (two owners of one endpoint flap).
-        self.direct_confirmed: Callable[[Peer, Endpoint, float], None] = (
-            lambda peer, endpoint, now: None
-        )
+        #: Sends a primer (an empty datagram with hop limit :data:`PRIME_TTL`) toward an
+        #: endpoint, opening our NAT's mapping without reaching the peer's NAT; set by the node.
+        #: Without one, pings go out at once (the in-memory networks have no conntrack).
+        self.primer: Callable[[Endpoint], None] | None = None
+        self.primers_sent = 0
         #: Calls into sources and observers that raised (their bugs never break the paths).
         self.plugin_errors = 0
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
@@ -153,6 +176,7 @@ class Paths:
         if info is None:
             state = self.states.pop(key, None)
             if state is not None:
+                self.arbiter.forget(peer)
                 self._set_kind(state, NONE, None)
             self._notify(lambda observer: observer.member_changed(key, None))
             return
@@ -172,44 +196,70 @@ class Paths:
         new = [e for e in observed + lan if e not in state.candidates()]
         state.observed = observed
         state.lan = lan
-        if state.kind in (NONE, RELAYED):
-            relay = self._relay_for(peer)
-            if relay is not None and peer.relay is None:
-                peer.relay = relay
-                self._set_kind(state, RELAYED, _b64(relay.public_key))
+        self.arbiter.offer_member(peer, self._relays_for(peer), now)
         if created or (new and state.kind != LAN):
             self._restart_punching(state, now)
 
-    def _relay_for(self, peer: Peer) -> Peer | None:
-        """An introducer that lists ``peer``, offers to forward and has a session with us."""
-        if self.tls_relay_reaches(peer):
-            return None
-        sources = self.membership.learned.get(peer.public_key, set())
-        for key in sorted(sources):
+    def _relays_for(self, peer: Peer) -> list[Peer]:
+        """Introducers that list ``peer``, offer to forward and have a session with us."""
+        relays = []
+        for key in sorted(self.membership.learned.get(peer.public_key, set())):
             if key not in self.membership.relaying_introducers:
                 continue
             relay = self.device.peers.get(key)
             if relay is not None and relay.is_meshguard and relay.keypairs.current is not None:
-                return relay
-        return None
+                relays.append(relay)
+        return relays
 
     # ------------------------------------------------------------------ punching
 
     def _restart_punching(self, state: PathState, now: float) -> None:
         state.round = 0
-        state.next_punch = now
+        state.ready_rounds = 0
+        # A quiet period outlasts restarts (a rehandshake, a new candidate): cut short, the
+        # entries it waits out would still be there.
+        quiet = state.quiet_until
+        state.next_punch = now if quiet is None or quiet <= now else quiet
         self.agent.dirty = True
 
     def _punch(self, state: PathState, now: float) -> None:
-        """One round: ping every candidate, and on some rounds ask the other side to punch too."""
+        """One round: prime our NAT toward every candidate, tell the other side (CALL_ME_MAYBE
+        through the introducers), and ping the candidates once the other side has primed too.
+
+        Two Linux NATs that do not drop unsolicited input clash otherwise: a ping that reaches
+        the peer's NAT before the peer sent to us becomes a conntrack entry there, and the
+        peer's own packets to us then leave from another port, for as long as our pings keep
+        that entry alive. Primers die before they reach the peer's NAT.
+        """
         peer = state.peer
-        if state.round % 4 == 0:
-            self._call_me_maybe(peer, now)
         targets = state.candidates()
         if state.kind == DIRECT:
             targets = state.lan  # only an upgrade to LAN is left to find
-        for endpoint in targets:
-            self._ping(state, endpoint, now)
+        primer = self.primer
+        if primer is not None:
+            for endpoint in targets:
+                primer(endpoint)
+                self.primers_sent += 1
+            self._call_me_maybe(peer, now)
+            ready = state.peer_primed is not None and now - state.peer_primed <= PEER_PRIMED_FOR
+        else:
+            if state.round % 4 == 0:
+                self._call_me_maybe(peer, now)
+            ready = True
+        self._explain(state, targets, ready, now)
+        if ready:
+            if primer is not None and state.kind in (NONE, RELAYED):
+                if state.ready_rounds >= QUIET_AFTER_ROUNDS:
+                    # Both NATs were primed and no pong came: perhaps a clashing entry on a
+                    # NAT. Let every entry we and it made expire, then start afresh.
+                    state.ready_rounds = 0
+                    state.round = 0
+                    state.quiet_until = state.next_punch = now + QUIET_FOR
+                    self._explain(state, targets, ready, now)
+                    return
+                state.ready_rounds += 1
+            for endpoint in targets:
+                self._ping(state, endpoint, now)
         delay = (
             PUNCH_SCHEDULE[state.round + 1]
             if state.round + 1 < len(PUNCH_SCHEDULE)
@@ -220,6 +270,30 @@ class Paths:
             state.next_punch = None
         else:
             state.next_punch = now + delay * (0.9 + 0.2 * self._random_fraction())
+
+    def _explain(self, state: PathState, targets: list[Endpoint], ready: bool, now: float) -> None:
+        """Tell the arbiter, in words a user can act on, why this member is not direct."""
+        if state.kind in (LAN, DIRECT):
+            state.unanswered_since = None
+            return
+        if not targets:
+            note = "no endpoint of it is known yet: its introducers report none"
+        elif not ready:
+            note = (
+                "waiting for it to punch too: no CALL_ME_MAYBE from it through the introducers "
+                f"for {PEER_PRIMED_FOR:g} s"
+            )
+        else:
+            if state.unanswered_since is None:
+                state.unanswered_since = now
+            shown = ", ".join(_text(e) for e in targets[:4])
+            note = f"punches to {shown} unanswered since {_clock(state.unanswered_since)}"
+            if state.quiet_until is not None and state.quiet_until > now:
+                note += (
+                    f"; quiet until {_clock(state.quiet_until)} so that NAT entries expire "
+                    "(a NAT that maps per destination on either side stays relayed)"
+                )
+        self.arbiter.explain(state.peer, note)
 
     def _random_fraction(self) -> float:
         return int.from_bytes(self.device.random(2), "little") / 65536.0
@@ -267,42 +341,49 @@ class Paths:
                     state.reflexive = ([source, *state.reflexive])[:MAX_REFLEXIVE]
                     if state.kind in (NONE, RELAYED) and state.next_punch is None:
                         self._restart_punching(state, now)
-                self._keep_chosen(state, source)
+                self._keep_chosen(state, source, now)
             return
         if state is None:
             return
         sent = state.pending.pop(body, None)
         if sent is None:
             self.dropped += 1
-            self._keep_chosen(state, source)
+            self._keep_chosen(state, source, now)
             return
-        new_kind = state.classify(source)
-        if source == state.direct or _RANK[new_kind] > _RANK[state.kind]:
-            state.rtt = now - sent[1]
+        rtt = now - sent[1]
+        self.arbiter.proven(peer, arb.Path(_kind_of(source, state), source), rtt, now)
+        if source == state.direct:
+            state.rtt = rtt
             state.last_pong = now
-            rtt = state.rtt
             self._notify(lambda observer: observer.rtt_measured(peer.public_key, rtt))
-            if source != state.direct or state.kind != new_kind:
-                state.direct = source
-                peer.relay = None
-                self._set_kind(state, new_kind, f"{source[0]}:{source[1]}")
             if state.next_check is None:
                 state.next_check = now + CHECK_INTERVAL
                 self.agent.dirty = True
-            if new_kind == LAN or not state.lan:
+            if state.kind == LAN or not state.lan:
                 state.next_punch = None
-            self.direct_confirmed(peer, source, now)
         else:
-            self._keep_chosen(state, source)
+            self._keep_chosen(state, source, now)
 
-    def _keep_chosen(self, state: PathState, source: Endpoint) -> None:
-        """Roaming follows every authenticated datagram; keep the path we chose if it is better
-        than the one this message came over."""
-        if state.direct is not None and source != state.direct:
-            if self.tls_relay_holds(state.peer):
-                return
-            if _RANK[state.classify(source)] <= _RANK[state.kind]:
-                state.peer.endpoint = state.direct
+    def _keep_chosen(self, state: PathState, source: Endpoint, now: float) -> None:
+        """Roaming follows every authenticated datagram: the arbiter keeps the path it chose
+        if that is better than the one this message came over."""
+        self.arbiter.heard_from(state.peer, source, now)
+
+    def _moved(self, peer: Peer, old: arb.Path, new: arb.Path, reason: str) -> None:
+        """The arbiter moved a member: keep punching's view of it (kind, direct) in step."""
+        state = self.states.get(peer.public_key)
+        if state is None:
+            return
+        if new.kind in arb.UDP_KINDS and new.endpoint is not None:
+            state.direct = new.endpoint
+            state.last_pong = max(state.last_pong, 0.0)
+            self._set_kind(state, LAN if new.kind == arb.LAN else DIRECT, _text(new.endpoint))
+        elif new.kind == arb.MEMBER and new.via is not None:
+            state.direct = None
+            self._set_kind(state, RELAYED, _b64(new.via.public_key))
+        else:
+            state.direct = None
+            self._set_kind(state, NONE, None)
 
     def _call_me_maybe_received(self, peer: Peer, body: bytes, now: float) -> None:
         message = decode_json(body)
@@ -324,8 +405,24 @@ class Paths:
         observed = parse_endpoint(message.get("observed"))
         if observed is not None and observed not in state.observed:
             state.observed = ([observed, *state.observed])[:MAX_LOCAL]
-        if state.kind != LAN and (state.next_punch is None or state.round > 2):
+        was_primed = state.peer_primed is not None and now - state.peer_primed <= PEER_PRIMED_FOR
+        state.peer_primed = now
+        if state.kind == LAN or (state.quiet_until is not None and now < state.quiet_until):
+            return
+        if self.primer is None:
+            if state.next_punch is None or state.round > 2:
+                self._restart_punching(state, now)
+            return
+        if state.next_punch is None or (
+            state.round > 2
+            and (state.call_restart is None or now - state.call_restart >= CALL_RESTART_GAP)
+        ):
+            state.call_restart = now
             self._restart_punching(state, now)
+        elif not was_primed and state.next_punch > now:
+            # The other side just primed: ping now, while its mapping is fresh.
+            state.next_punch = now
+            self.agent.dirty = True
 
     def _forward_call_me_maybe(self, peer: Peer, message: dict[str, Any], now: float) -> None:
         """As an introducer: tell the target that ``peer`` wants to punch, with how we see it."""
@@ -379,23 +476,20 @@ class Paths:
             if state.next_punch is not None and state.next_punch <= now:
                 if state.peer.keypairs.current is None:
                     # No session yet: make one through the relay (or the best guess), then punch.
-                    self._ensure_route(state)
+                    self._ensure_route(state, now)
                     self.device.send_initiation(state.peer, now, retry=False)
                     state.next_punch = now + 1.0
                 else:
                     self._punch(state, now)
 
-    def _ensure_route(self, state: PathState) -> None:
+    def _ensure_route(self, state: PathState, now: float) -> None:
         peer = state.peer
         if peer.relay is None and state.direct is None:
-            relay = self._relay_for(peer)
-            if relay is not None:
-                peer.relay = relay
-                self._set_kind(state, RELAYED, _b64(relay.public_key))
-            elif peer.endpoint is None and state.candidates():
+            self.arbiter.offer_member(peer, self._relays_for(peer), now)
+            if peer.relay is None and peer.endpoint is None and state.candidates():
                 # Nobody forwards for us: the handshake itself has to punch.
                 candidates = state.candidates()
-                peer.endpoint = candidates[state.round % len(candidates)]
+                self.arbiter.try_endpoint(peer, candidates[state.round % len(candidates)], now)
                 state.round += 1
 
     def _check(self, state: PathState, now: float) -> None:
@@ -404,14 +498,13 @@ class Paths:
             return
         if now - state.last_pong > DEAD_AFTER:
             # Dead: fall back to the relay at once and look for a direct path again.
-            state.direct = None
+            dead = state.direct
             state.next_check = None
-            relay = self._relay_for(state.peer)
-            state.peer.relay = relay
-            if relay is not None:
-                self._set_kind(state, RELAYED, _b64(relay.public_key))
-            else:
-                self._set_kind(state, NONE, None)
+            self.arbiter.offer_member(state.peer, self._relays_for(state.peer), now)
+            self.arbiter.failed(
+                state.peer, dead, now, f"pings to {_text(dead)} unanswered for {DEAD_AFTER:g} s"
+            )
+            state.direct = None
             self._restart_punching(state, now)
             return
         self._ping(state, state.direct, now)
@@ -441,6 +534,9 @@ class Paths:
             "path": state.kind,
             "rtt_ms": round(state.rtt * 1000, 1) if state.rtt is not None else None,
             "candidates": [f"{h}:{p}" for h, p in state.candidates()],
+            "punch_round": state.round,
+            "peer_primed_at": state.peer_primed,
+            "punch_quiet_until": state.quiet_until,
         }
         if state.kind == RELAYED and peer.relay is not None:
             status["path"] = f"relayed via {_b64(peer.relay.public_key)}"
@@ -454,10 +550,35 @@ class Paths:
         status: dict[str, Any] = {
             "paths": counts,
             "endpoint_sources": [source.name for source in self.sources],
+            "primers_sent": self.primers_sent,
         }
         if self.plugin_errors:
             status["plugin_errors"] = self.plugin_errors
         return status
+
+
+_ULA = ipaddress.IPv6Network("fc00::/7")
+
+
+def _kind_of(endpoint: Endpoint, state: PathState) -> str:
+    """The arbiter's kind of a proven endpoint: a member's own global IPv6 address is a direct
+    path (``direct-v6``: no NAT on the way, only firewalls), its private addresses are LAN."""
+    try:
+        address = ipaddress.ip_address(endpoint[0].split("%", 1)[0])
+    except ValueError:
+        return arb.DIRECT
+    if address.version == 6 and not (address.is_link_local or address in _ULA):
+        return arb.DIRECT_V6
+    return arb.udp_kind(endpoint, endpoint in state.lan)
+
+
+def _clock(when: float) -> str:
+    """``HH:MM:SS UTC`` of a reactor timestamp (seconds since the epoch)."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%H:%M:%S UTC")
+
+
+def _text(endpoint: Endpoint) -> str:
+    return f"{endpoint[0]}:{endpoint[1]}"
 
 
 def _b64(key: bytes) -> str:

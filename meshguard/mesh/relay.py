@@ -5,7 +5,8 @@ Sender side: the device hands a datagram for a peer whose ``relay`` is set to
 session with the relay. Relay side: RELAY_FORWARD from one peer becomes RELAY_DELIVER ``{from (32
 bytes), datagram}`` inside the session with the target, at once or not at all: nothing is queued,
 and each sending peer has a token bucket of bytes (:data:`RATE` per second, :data:`BURST` at
-most), so no member can make the relay buffer or spend without bound. ``Forwarding = no``
+most; ``ForwardingRate`` in the config sets the rate), so no member can make the relay buffer
+or spend without bound. ``Forwarding = no``
 refuses. Receiver side: RELAY_DELIVER from a peer we configured goes to the device as a datagram
 received "via" that peer; it authenticates end to end, or is dropped, like any other.
 """
@@ -22,9 +23,14 @@ from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent
 
 KEY_SIZE = 32
-#: Bytes per second and burst a relay forwards for one sending peer.
-RATE = 4 * 1024 * 1024
-BURST = 512 * 1024
+#: Bytes per second a relay forwards for one sending peer unless ``ForwardingRate`` says
+#: otherwise: about what one busy home link carries, so a relayed pair is not throttled far below
+#: its direct speed, while one member still cannot take a relay's whole CPU for itself.
+RATE = 64 * 1024 * 1024
+#: The bucket holds this many seconds of the rate, at least :data:`MIN_BURST` bytes.
+BURST_SECONDS = 0.125
+MIN_BURST = 512 * 1024
+BURST = max(MIN_BURST, int(RATE * BURST_SECONDS))
 #: Largest datagram carried: a WireGuard transport message of a 65535-byte MTU never appears in
 #: practice; this bounds the control body well inside the 16-bit control length.
 MAX_DATAGRAM = 65535 - KEY_SIZE - 16
@@ -78,6 +84,15 @@ class Relaying:
 
     # ------------------------------------------------------------------ sender side
 
+    def set_rate(self, rate: float | None) -> None:
+        """Apply ``ForwardingRate`` (bytes per second per sender; None: unlimited)."""
+        if rate is None:
+            self.rate = self.burst = float("inf")
+        else:
+            self.rate = rate
+            self.burst = max(MIN_BURST, rate * BURST_SECONDS)
+        self._buckets.clear()
+
     def send(self, peer: Peer, relay: Peer, datagram: bytes, now: float) -> None:
         if self.device.send_control(relay, kinds.RELAY_FORWARD, peer.public_key + datagram, now):
             self.sent_via_relay += 1
@@ -111,7 +126,9 @@ class Relaying:
         bucket = self._buckets.get(source.public_key)
         if bucket is None:
             bucket = self._buckets[source.public_key] = _Bucket(self.burst, now)
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        elapsed = now - bucket.updated
+        if elapsed > 0:
+            bucket.tokens = min(self.burst, bucket.tokens + elapsed * self.rate)
         bucket.updated = now
         if bucket.tokens < len(datagram):
             self.rate_limited += 1
@@ -143,6 +160,7 @@ class Relaying:
             "relay_forwarded_packets": self.forwarded_packets,
             "relay_refused": self.refused,
             "relay_rate_limited": self.rate_limited,
+            "relay_forwarding_rate": None if self.rate == float("inf") else self.rate,
             "relay_forwarded_by_pair": {
                 f"{_b64(source)}>{_b64(target)}": count
                 for (source, target), count in sorted(self.pairs.items())

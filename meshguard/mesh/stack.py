@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from meshguard.core.peer import Peer
 from meshguard.mesh.agent import MeshAgent
+from meshguard.mesh.arbiter import PathArbiter
 from meshguard.mesh.members import Membership
 from meshguard.mesh.paths import Paths
-from meshguard.mesh.relay import Relaying
+from meshguard.mesh.relay import RATE, Relaying
 
 
 class MeshStack:
@@ -15,7 +16,9 @@ class MeshStack:
     def __init__(self, agent: MeshAgent, *, forwarding: bool = True) -> None:
         self.agent = agent
         self.membership = Membership(agent, forwarding=forwarding)
-        self.paths = Paths(agent, self.membership)
+        #: The one owner of every learned member's path (mesh/arbiter.py).
+        self.arbiter = PathArbiter()
+        self.paths = Paths(agent, self.membership, arbiter=self.arbiter)
         self.relaying = Relaying(agent, forwarding=forwarding, trusted=self._trusted_relay)
         agent.add_feature(self.membership)
         agent.add_feature(self.paths)
@@ -26,15 +29,25 @@ class MeshStack:
         # configured keeps a learned member from feeding us traffic under another's name.
         return not self.membership.is_learned(peer)
 
-    def configure(self, introducers: set[bytes], forwarding: bool, now: float) -> None:
-        """Apply the config's mesh settings (``Introducer = yes`` peers, ``Forwarding``)."""
+    def configure(
+        self,
+        introducers: set[bytes],
+        forwarding: bool,
+        now: float,
+        forwarding_rate: float | None = RATE,
+    ) -> None:
+        """Apply the config's mesh settings (``Introducer = yes`` peers, ``Forwarding``,
+        ``ForwardingRate``)."""
         self.membership.configure(introducers, forwarding, now)
         self.relaying.forwarding = forwarding
+        if forwarding_rate != self.relaying.rate:
+            self.relaying.set_rate(forwarding_rate)
 
     def user_configured(self, key: bytes) -> None:
         """The user configured this peer by hand: learned information no longer applies."""
         if key in self.membership.learned:
             self.membership.user_configured(key)
             self.paths.states.pop(key, None)
+            self.arbiter.peers.pop(key, None)
         elif key in self.membership.enrolled:
             self.membership.user_configured(key)

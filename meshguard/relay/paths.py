@@ -43,6 +43,7 @@ from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent
+from meshguard.mesh.arbiter import PathArbiter
 
 #: Relay endpoints live in the discard-only prefix 100::/64: never a real peer address.
 PREFIX = "100::"
@@ -124,8 +125,11 @@ class TlsPaths:
         agent: MeshAgent,
         *,
         on_change: Callable[[Peer, str], None] | None = None,
+        arbiter: PathArbiter | None = None,
     ) -> None:
         self.agent = agent
+        #: Writes, logs and reports every move onto or off a relay (mesh/arbiter.py).
+        self.arbiter = arbiter if arbiter is not None else PathArbiter()
         self.device = agent.device
         self.links: list[RelayLink] = []
         self.states: dict[bytes, _PeerPath] = {}
@@ -266,7 +270,7 @@ class TlsPaths:
             return
         if state.tls is None:
             if state.udp is not None and now - state.switched < UDP_HOLD:
-                peer.endpoint = state.udp  # just moved to UDP; this was still in flight
+                self.arbiter.tls_keep(peer, state.udp)  # just moved to UDP; still in flight
                 return
             self._move_to_relay(peer, state, endpoint, now, "the peer reached us through it")
         else:
@@ -289,11 +293,12 @@ class TlsPaths:
         if kind == kinds.TLS_UDP_PROBE:
             self.device.send_control_to(peer, source, kinds.TLS_UDP_ACK, body, now)
             if state.tls is not None:
-                peer.endpoint = state.tls  # the prober decides, once it knows both ways work
+                # The prober decides, once it knows both ways work.
+                self.arbiter.tls_keep(peer, state.tls)
         elif kind == kinds.TLS_UDP_ACK:
             if state.pending.pop(body, None) is None:
                 if state.tls is not None:
-                    peer.endpoint = state.tls
+                    self.arbiter.tls_keep(peer, state.tls)
                 return
             if state.tls is None:
                 return  # a stall probe answered: UDP still works, nothing to switch
@@ -350,7 +355,6 @@ class TlsPaths:
             if link_id is not None and peer.relay is not None and not on_relay:
                 # A member forwards for it inside our session with that member (a second layer
                 # of encryption, and that member's rate limit): the TLS relay reaches it itself.
-                peer.relay = None
                 self._move_to_relay(
                     peer,
                     state,
@@ -402,14 +406,17 @@ class TlsPaths:
         if link_id is None:
             # Gone from every relay: back to UDP, where the usual rules (and we) try again.
             state.tls = None
-            if on_relay:
-                peer.endpoint = state.udp
+            self.arbiter.tls_move(
+                peer, state.udp if on_relay else peer.endpoint, None, "no relay reaches it"
+            )
             self._changed(peer, "back to UDP (no relay reaches it)")
             return
         if current is not None and current[0] != link_id:
             state.tls = self.endpoint_for(link_id, peer.public_key)
             if on_relay:
-                peer.endpoint = state.tls
+                self.arbiter.tls_move(
+                    peer, state.tls, self.link_name(state.tls), "its relay changed"
+                )
         if now >= state.next_probe:
             state.next_probe = now + PROBE_INTERVAL
             self._probe(peer, state, now)
@@ -428,14 +435,17 @@ class TlsPaths:
     ) -> None:
         state.tls = endpoint
         state.next_probe = now + PROBE_INTERVAL
-        peer.endpoint = endpoint
+        self.arbiter.tls_move(peer, endpoint, self.link_name(endpoint), why)
         self._changed(peer, f"tls-relay via {self.link_name(endpoint)} ({why})")
 
     def _move_to_udp(
         self, peer: Peer, state: _PeerPath, source: Endpoint, now: float, why: str
     ) -> None:
         state.udp_seen = now
-        peer.endpoint = source
+        if state.tls is not None:
+            self.arbiter.tls_move(peer, source, None, why)
+        else:
+            self.arbiter.tls_keep(peer, source)
         if state.tls is not None:
             state.tls = None
             state.switched = now

@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from meshguard.config import InterfaceConfig
-from meshguard.core.peer import Peer
 from meshguard.relay.client import RelayClientLink, relay_client_service, tls_creator
 from meshguard.relay.paths import TlsPaths
 from meshguard.relay.server import RelayHub, RelayServerFactory
@@ -136,13 +135,15 @@ class TlsRelay:
             return
         self.node = node
         now = self.reactor.seconds()
-        paths = TlsPaths(node.mesh, on_change=self._path_changed)
+        # Moves onto and off the relay go through the node's path arbiter, which logs them.
+        paths = TlsPaths(node.mesh, arbiter=node.members.arbiter)
         self.paths = paths
         node.mesh.add_feature(paths)
-        node.members.paths.tls_relay_reaches = paths.reaches
-        node.members.paths.tls_relay_holds = paths.holds
+        # The path arbiter asks the TLS logic what it holds, and tells it of proven UDP paths.
+        arbiter = node.members.arbiter
+        arbiter.tls = paths
+        arbiter.udp_proven_listeners.append(paths.direct_confirmed)
         node.endpoint_view = paths.shown_endpoint
-        node.members.paths.direct_confirmed = paths.direct_confirmed
         node.members.membership.is_relay_endpoint = paths.is_relay_endpoint
         io = node.device.io
         io.send_datagram = paths.wrap(io.send_datagram)
@@ -296,9 +297,6 @@ class TlsRelay:
     def _deliver_from_hub(self, source: bytes, datagram: bytes) -> None:
         if self.hub_link_id is not None:
             self._deliver(self.hub_link_id, source, datagram)
-
-    def _path_changed(self, peer: Peer, description: str) -> None:
-        log.info("path to {peer}: {path}", peer=peer.short_name, path=description)
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {}

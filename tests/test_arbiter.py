@@ -1,0 +1,190 @@
+"""The path arbiter in memory: lists of events in, lists of moves (and peer fields) out."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshguard.core.peer import Peer
+from meshguard.mesh import arbiter as arb
+from meshguard.mesh.arbiter import Path, PathArbiter
+
+A_LAN = ("192.168.1.7", 51820)
+A_PUBLIC = ("203.0.113.7", 41641)
+A_V6 = ("2001:db8::7", 51820)
+
+
+class _Tls:
+    """The TLS relay logic as the arbiter asks it: which peers a relay reaches."""
+
+    def __init__(self) -> None:
+        self.present: set[bytes] = set()
+
+    def reaches(self, peer: Peer) -> bool:
+        return peer.public_key in self.present
+
+
+def _relay_member(key: int) -> Peer:
+    relay = Peer(bytes([key]) * 32)
+    relay.keypairs.current = object()  # type: ignore[assignment]
+    return relay
+
+
+class ArbiterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.moves: list[tuple[str, str, str]] = []
+        self.arbiter = PathArbiter(
+            on_move=lambda peer, old, new, reason: self.moves.append(
+                (old.describe(), new.describe(), reason)
+            )
+        )
+        self.peer = Peer(b"\x07" * 32)
+        self.relay = _relay_member(1)
+
+    def test_relay_first_then_direct_then_lan(self) -> None:
+        """Member relay at once; a proven public endpoint beats it; a proven LAN endpoint beats
+        that; each move is told once with its reason, and the peer's fields follow."""
+        a = self.arbiter
+        a.offer_member(self.peer, [self.relay], 0.0)
+        self.assertIs(self.peer.relay, self.relay)
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.030, 1.0)
+        self.assertIsNone(self.peer.relay)
+        self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        a.proven(self.peer, Path(arb.LAN, A_LAN), 0.002, 2.0)
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.030, 2.5)  # no move: LAN stays
+        self.assertEqual(self.peer.endpoint, A_LAN)
+        self.assertEqual(
+            self.moves,
+            [
+                ("none", f"via member {self.relay.short_name}", "a member offers to forward"),
+                (
+                    f"via member {self.relay.short_name}",
+                    "direct 203.0.113.7:41641",
+                    "a ping to 203.0.113.7:41641 was answered",
+                ),
+                (
+                    "direct 203.0.113.7:41641",
+                    "lan 192.168.1.7:51820",
+                    "a ping to 192.168.1.7:51820 was answered",
+                ),
+            ],
+        )
+        self.assertEqual(
+            a.status(self.peer),
+            {
+                "path_kind": "lan",
+                "path_via": None,
+                "not_direct_reason": None,
+                "path_reason": "a ping to 192.168.1.7:51820 was answered",
+            },
+        )
+
+    def test_failed_path_falls_back_and_is_not_chosen_again_unproven(self) -> None:
+        """A direct path that failed goes back to the member relay at once; stale proofs do
+        not count after ``proven_for``."""
+        a = self.arbiter
+        a.offer_member(self.peer, [self.relay], 0.0)
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.03, 1.0)
+        a.failed(self.peer, A_PUBLIC, 12.0, "pings to 203.0.113.7:41641 unanswered for 10 s")
+        self.assertIs(self.peer.relay, self.relay)
+        self.assertEqual(self.moves[-1][2], "pings to 203.0.113.7:41641 unanswered for 10 s")
+        a.proven(self.peer, Path(arb.DIRECT_V6, A_V6), 0.02, 13.0)
+        self.assertEqual(self.peer.endpoint, A_V6)
+        self.assertEqual(a.status(self.peer)["path_kind"], "direct-v6")
+        # Much later, with nothing proven lately, a relay offer moves it back to the relay.
+        a.offer_member(self.peer, [self.relay], 13.0 + arb.HOLD_DOWN["proven_for"] + 1)
+        self.assertIs(self.peer.relay, self.relay)
+
+    def test_rtt_decides_within_a_kind_and_ipv6_leads(self) -> None:
+        """Two proven IPv4 endpoints: the lower round-trip time wins; a proven global IPv6
+        endpoint wins over IPv4 (no NAT mapping to keep alive), whatever its RTT."""
+        a = self.arbiter
+        other = ("198.51.100.9", 51820)
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.050, 1.0)
+        a.proven(self.peer, Path(arb.DIRECT, other), 0.010, 1.1)
+        self.assertEqual(self.peer.endpoint, other)
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.005, 1.2)
+        self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        a.proven(self.peer, Path(arb.DIRECT_V6, A_V6), 0.020, 1.3)
+        self.assertEqual(self.peer.endpoint, A_V6)
+
+    def test_roaming_does_not_pull_a_chosen_path_down(self) -> None:
+        """A datagram from another endpoint (roaming moved ``peer.endpoint``) does not move a
+        peer off its chosen path."""
+        a = self.arbiter
+        a.proven(self.peer, Path(arb.LAN, A_LAN), 0.002, 1.0)
+        self.peer.endpoint = A_PUBLIC  # what the device's roaming did
+        a.heard_from(self.peer, A_PUBLIC, 1.5)
+        self.assertEqual(self.peer.endpoint, A_LAN)
+
+    def test_mesh_and_tls_relay_together(self) -> None:
+        """A TLS relay that reaches the peer replaces the forwarding member; while it holds the
+        peer the arbiter leaves the endpoint to it and status says so; a proven UDP path is told
+        to the TLS logic and wins."""
+        tls = _Tls()
+        told: list[tuple[bytes, tuple[str, int]]] = []
+        a = self.arbiter
+        a.tls = tls
+        a.udp_proven_listeners.append(lambda peer, ep, now: told.append((peer.public_key, ep)))
+        a.offer_member(self.peer, [self.relay], 0.0)
+        self.assertIs(self.peer.relay, self.relay)
+        tls.present.add(self.peer.public_key)
+        a.offer_member(self.peer, [self.relay], 1.0)  # the TLS relay reaches it: no member
+        self.assertIsNone(self.peer.relay)
+        a.tls_move(self.peer, ("100::1", 1), "relay.example:443", "UDP failed")
+        self.assertEqual(self.peer.endpoint, ("100::1", 1))  # the TLS logic's stand-in
+        self.peer.endpoint = A_LAN  # roaming
+        a.tls_keep(self.peer, ("100::1", 1))
+        a.heard_from(self.peer, ("100::1", 1), 2.0)
+        self.assertEqual(self.peer.endpoint, ("100::1", 1))
+        status = a.status(self.peer)
+        self.assertEqual(status["path_kind"], "tls-relay")
+        self.assertEqual(status["path_via"], "relay.example:443")
+        self.assertIsNotNone(status["not_direct_reason"])
+        a.udp_proven_listeners.append(
+            lambda peer, ep, now: a.tls_move(peer, ep, None, "the mesh path check was answered")
+        )
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.03, 3.0)
+        self.assertEqual(told, [(self.peer.public_key, A_PUBLIC)])
+        self.assertFalse(a.holds_tls(self.peer))  # the TLS logic left the relay on being told
+        self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        self.assertEqual(a.status(self.peer)["path_kind"], "direct")
+        self.assertEqual(
+            [(old, new) for old, new, _ in self.moves],
+            [
+                ("none", f"via member {self.relay.short_name}"),
+                (f"via member {self.relay.short_name}", "none"),
+                ("none", "tls-relay via relay.example:443"),
+                ("tls-relay via relay.example:443", "direct 203.0.113.7:41641"),
+            ],
+        )
+
+    def test_not_direct_reason_comes_from_the_punching_source(self) -> None:
+        """Status says why a relayed member is not direct, in the punching source's words."""
+        a = self.arbiter
+        a.offer_member(self.peer, [self.relay], 0.0)
+        self.assertEqual(
+            a.status(self.peer)["not_direct_reason"],
+            "no direct path proven yet; hole punching is under way",
+        )
+        a.explain(self.peer, "punches to 203.0.113.7:41641 unanswered since 12:03:10 UTC")
+        self.assertEqual(
+            a.status(self.peer)["not_direct_reason"],
+            "punches to 203.0.113.7:41641 unanswered since 12:03:10 UTC",
+        )
+        self.assertEqual(a.status(self.peer)["path_via"], _b64(self.relay.public_key))
+
+    def test_configured_peer_status(self) -> None:
+        """A peer the arbiter does not track (configured, or stock WireGuard) is direct at its
+        endpoint, or has none and status says what to do."""
+        stock = Peer(b"\x09" * 32)
+        self.assertEqual(self.arbiter.status(stock)["path_kind"], "none")
+        self.assertIn("Endpoint", str(self.arbiter.status(stock)["not_direct_reason"]))
+        stock.endpoint = A_PUBLIC
+        self.assertEqual(self.arbiter.status(stock)["path_kind"], "direct")
+        self.assertIsNone(self.arbiter.status(stock)["not_direct_reason"])
+
+
+def _b64(key: bytes) -> str:
+    import base64
+
+    return base64.b64encode(key).decode()

@@ -1,0 +1,230 @@
+"""The NAT matrix over real nftables NATs: every pair of NAT kinds in one mesh, each cell's path
+asserted against the expected grid, "direct" proven by the introducer forwarding nothing for
+the pair during a transfer, and the grid written out (docs/nat-grid.md holds a copy).
+
+One internet holds one home per kind (two for ``hard``, so that hard meets hard), each with
+one member, and a public introducer; all pairs punch at once, so one setup covers every cell.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from tests.natmesh import start_mesh
+from tests.netns import Testbed, nat_homes, reboot_router, require_root_netns
+
+#: (label, NAT kind, WAN input filter) per home, in order.
+HOMES: list[tuple[str, str, bool]] = [
+    ("one-to-one", "one-to-one", False),
+    ("easy+filter", "easy", True),
+    ("easy", "easy", False),
+    ("easy-addr", "easy-addr", False),
+    ("cgnat+filter", "cgnat", True),
+    ("cgnat", "cgnat", False),
+    ("hard", "hard", False),
+    ("hard2", "hard", False),
+]
+
+DIRECT = "direct"
+MEMBER = "member"
+#: Either: the primers (hop limit 2) open only the inner NAT of a ``cgnat`` home, so when its
+#: carrier does not drop unsolicited input, a punch from a peer behind port-dependent filtering
+#: may reach the carrier first and clash (docs/nat-matrix.md). Racy, so both outcomes pass.
+DIRECT_OR_MEMBER = "direct or member"
+
+
+#: Labels of NATs that filter by address and port (Linux conntrack) and map endpoint-
+#: independently.
+PORT_FILTERED = {"easy+filter", "easy", "cgnat+filter", "cgnat"}
+
+
+def expected(x: str, y: str) -> str:
+    """The matrix we promise today. Direct: one side one-to-one, or both map endpoint-
+    independently, or a hard NAT facing address-only filtering (its random port is let in).
+    Relayed through a member: a hard NAT facing port-dependent filtering (the birthday
+    technique is not built yet) and hard against hard. Racy: the unfiltered ``cgnat`` home
+    against port-dependent filtering (DIRECT_OR_MEMBER)."""
+    pair = {x, y}
+    kinds = {label.rstrip("2") for label in pair}
+    if "one-to-one" in kinds:
+        return DIRECT
+    if "hard" in kinds:
+        return DIRECT if "easy-addr" in kinds else MEMBER
+    if "cgnat" in pair and pair <= PORT_FILTERED:
+        return DIRECT_OR_MEMBER
+    return DIRECT
+
+
+#: Bytes each pair moves over TCP while the introducer's counter is watched.
+TRANSFER = 1024 * 1024
+#: How long every pair gets to settle after the last node started.
+SETTLE = 90.0
+#: Homes whose routers reboot (change public address) after the grid, all at once. Not
+#: ``easy-addr``: after its reboot it stayed relayed even with the one-to-one home for 150 s
+#: in the one run that tried (cause not found yet; docs/nat-grid.md).
+REBOOTED = ("easy+filter", "easy", "hard")
+#: How long they get to be back: dead-path detection (10 s), punching, and without a WAN filter
+#: a quiet period (35 s) while clashing entries expire, with margin.
+REBOOT_BOUND = 150.0
+
+
+class NatGridTests(TestCase):
+    timeout = 600
+
+    def test_grid(self) -> None:
+        require_root_netns(self)
+        tb = Testbed(self)
+        self.addCleanup(tb.cleanup)
+        net = nat_homes(tb, [(1, kind, wan) for _, kind, wan in HOMES])
+        labels = [label for label, _, _ in HOMES]
+        mesh = start_mesh(tb, net)
+        started = time.monotonic()
+        pairs = list(itertools.combinations(range(len(HOMES)), 2))
+        first_direct: dict[tuple[int, int], float] = {}
+
+        def outcome(x: int, y: int) -> str:
+            a, b = mesh.peer(x, y), mesh.peer(y, x)
+            kinds = {str(a.get("path_kind")), str(b.get("path_kind"))}
+            if kinds <= {DIRECT, "lan"}:
+                return DIRECT
+            return MEMBER if MEMBER in kinds else "/".join(sorted(kinds))
+
+        def settled() -> bool:
+            done = True
+            for x, y in pairs:
+                got = outcome(x, y)
+                if got == DIRECT and (x, y) not in first_direct:
+                    first_direct[(x, y)] = time.monotonic() - started
+                want = expected(labels[x], labels[y])
+                if got != (DIRECT if want == DIRECT_OR_MEMBER else want):
+                    done = False  # racy cells get the whole time to go direct
+            return done
+
+        try:
+            tb.wait_for(settled, timeout=SETTLE, interval=1.0, what="the expected grid")
+        except AssertionError:
+            pass  # the grid below says which cells differ
+        grid = {(x, y): outcome(x, y) for x, y in pairs}
+        reasons = {
+            (x, y): mesh.peer(x, y).get("not_direct_reason")
+            for x, y in pairs
+            if grid[(x, y)] != DIRECT
+        }
+        # Direct means direct: a transfer between the pair leaves the introducer's forwarded
+        # bytes for the pair unchanged.
+        flat: dict[tuple[int, int], bool] = {}
+        for x, y in pairs:
+            before = mesh.forwarded(x, y)
+            ok = tb.tcp_transfer(
+                mesh.namespaces[y], mesh.namespaces[x], mesh.addresses[y], TRANSFER
+            )
+            self.assertTrue(ok, f"{labels[x]} cannot send {TRANSFER} bytes to {labels[y]}")
+            flat[(x, y)] = mesh.forwarded(x, y) == before
+        text = _render(labels, grid, first_direct, reasons, flat)
+        out = os.environ.get("MESHGUARD_NAT_GRID")
+        Path(out if out else Path(tb.log_dir) / "nat-grid.md").write_text(text)
+        wrong = [
+            f"{labels[x]} vs {labels[y]}: {grid[(x, y)]}, expected {expected(labels[x], labels[y])}"
+            for x, y in pairs
+            if not _matches(grid[(x, y)], expected(labels[x], labels[y]))
+        ]
+        not_flat = [
+            f"{labels[x]} vs {labels[y]}"
+            for x, y in pairs
+            if grid[(x, y)] == DIRECT and not flat[(x, y)]
+        ]
+        self.assertEqual((wrong, not_flat), ([], []), text)
+
+        # Router reboots: the routers of these kinds all come back at once with a new public
+        # address (every mapping new); each home's time until all its pairs are as expected
+        # again, direct ones at its new address.
+        rebooted = [i for i, label in enumerate(labels) if label in REBOOTED]
+        new_public = {i: f"203.0.{i + 1}.3" for i in rebooted}
+        for i in rebooted:
+            reboot_router(tb, net.homes[i], new_public[i])
+        rebooted_at = time.monotonic()
+        recovered: dict[int, float] = {}
+
+        def home_back(r: int) -> bool:
+            return not home_missing(r)
+
+        def home_missing(r: int) -> str:
+            """The first pair of home ``r`` that is not back yet, with what it shows."""
+            for y in range(len(labels)):
+                if y == r:
+                    continue
+                x, z = min(r, y), max(r, y)
+                got = outcome(x, z)
+                if not _matches(got, expected(labels[x], labels[z])):
+                    return f"vs {labels[y]}: {got}"
+                if got == DIRECT:
+                    seen = mesh.peer(y, r).get("endpoint") or [""]
+                    if seen[0] != new_public[r]:
+                        return f"vs {labels[y]}: direct at {seen[0]}"
+            return ""
+
+        def all_back() -> bool:
+            for r in rebooted:
+                if r not in recovered and home_back(r):
+                    recovered[r] = time.monotonic() - rebooted_at
+            return len(recovered) == len(rebooted)
+
+        try:
+            tb.wait_for(all_back, timeout=REBOOT_BOUND, interval=1.0, what="homes back")
+        except AssertionError:
+            pass
+        lines = ["", "Time until every pair of a home is as above again after its router reboot:"]
+        lines.append("")
+        for r in rebooted:
+            took = recovered.get(r)
+            lines.append(
+                f"- {labels[r]}: {took:.0f} s"
+                if took is not None
+                else f"- {labels[r]}: not back ({home_missing(r)})"
+            )
+        with Path(out if out else Path(tb.log_dir) / "nat-grid.md").open("a") as f:
+            f.write("\n".join(lines) + "\n")
+        self.assertEqual(sorted(recovered), rebooted, "\n".join(lines))
+
+
+def _matches(got: str, want: str) -> bool:
+    return got in (DIRECT, MEMBER) if want == DIRECT_OR_MEMBER else got == want
+
+
+def _render(
+    labels: list[str],
+    grid: dict[tuple[int, int], str],
+    first_direct: dict[tuple[int, int], float],
+    reasons: dict[tuple[int, int], object],
+    flat: dict[tuple[int, int], bool],
+) -> str:
+    def cell(x: int, y: int) -> str:
+        key = (min(x, y), max(x, y))
+        if x == y:
+            return "-"
+        got = grid[key]
+        if got == DIRECT:
+            seconds = first_direct.get(key)
+            mark = "" if flat[key] else " (relay used!)"
+            return f"direct {seconds:.0f} s{mark}" if seconds is not None else f"direct{mark}"
+        return "via member" if got == MEMBER else got
+
+    lines = [
+        "| | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for x, label in enumerate(labels):
+        lines.append(
+            f"| **{label}** | " + " | ".join(cell(x, y) for y in range(len(labels))) + " |"
+        )
+    lines.append("")
+    lines.append("Why the relayed pairs are not direct (status `not_direct_reason`):")
+    lines.append("")
+    for (x, y), reason in sorted(reasons.items()):
+        lines.append(f"- {labels[x]} vs {labels[y]}: {reason}")
+    return "\n".join(lines) + "\n"
