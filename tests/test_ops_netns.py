@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
 
 from meshguard.status_client import read_status
+from tests.miniupnpd import start_miniupnpd
 from tests.netns import (
     DEFAULT_BINARIES,
     REPO_ROOT,
@@ -564,31 +565,6 @@ class TlsRelayOperationsTests(TestCase):
         self.assertTrue(all(len(r) <= 80 for r in rows), table.stdout)
 
 
-_UPNP_TABLES = """table inet mgupnpf {
-  chain forward {
-    type filter hook forward priority 0; policy accept;
-    jump miniupnpd
-  }
-  chain miniupnpd {
-  }
-}
-table inet mgupnpn {
-  chain prerouting {
-    type nat hook prerouting priority -100; policy accept;
-    jump prerouting_miniupnpd
-  }
-  chain postrouting {
-    type nat hook postrouting priority 90; policy accept;
-    jump postrouting_miniupnpd
-  }
-  chain prerouting_miniupnpd {
-  }
-  chain postrouting_miniupnpd {
-  }
-}
-"""
-
-
 class PortMappingNetnsTests(TestCase):
     timeout = 120
 
@@ -601,22 +577,7 @@ class PortMappingNetnsTests(TestCase):
         self.addCleanup(tb.cleanup)
         net = nat_homes(tb, [(1, False), (1, False)])
         logdir = Path(tb.log_dir)
-        router = net.homes[0].router
-        tb.nft(router, _UPNP_TABLES)
-        conf = logdir / "miniupnpd.conf"
-        conf.write_text(
-            "ext_ifname=wan0\nlistening_ip=br0\nhttp_port=5000\nenable_upnp=yes\n"
-            "enable_natpmp=yes\nupnp_table_name=mgupnpf\nupnp_nat_table_name=mgupnpn\n"
-            "upnp_forward_chain=miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n"
-            "upnp_nat_postrouting_chain=postrouting_miniupnpd\nsecure_mode=yes\n"
-            f"lease_file={logdir / 'upnp.leases'}\n"
-            "uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n"
-            "allow 1024-65535 192.168.1.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
-        )
-        miniupnpd = shutil.which("miniupnpd")
-        assert miniupnpd is not None
-        tb.spawn(router, [miniupnpd, "-d", "-f", str(conf), "-P", str(logdir / "mu.pid")])
-        tb.wait_for(lambda: tb.listening(router, 5351, "udp"), timeout=20, what="miniupnpd")
+        start_miniupnpd(tb, net.homes[0].router, "192.168.1.0/24")
         reports = {}
         for index, home in enumerate(net.homes):
             config = write_meshguard_config(
