@@ -561,7 +561,8 @@ class TlsRelayOperationsTests(TestCase):
         rows = table.stdout.splitlines()
         (index,) = [i for i, r in enumerate(rows) if r.startswith(hub.public[:8])]
         self.assertIn("tls-relay relay.te", rows[index])
-        self.assertIn("not direct: UDP probes go unanswered", rows[index + 1])
+        # The path arbiter says why in its own words.
+        self.assertIn("not direct: UDP to its endpoint failed", rows[index + 1])
         self.assertTrue(all(len(r) <= 80 for r in rows), table.stdout)
 
 

@@ -213,10 +213,13 @@ class HardNatMappingTests(TestCase):
         self.assertEqual(after, before)
         self.assertGreater(forwarded(b, c), relayed_before)
         # The peers' packets arrived on the mapped port: home 2's whole 4 MiB upload to home 1,
-        # and home 3's side (the acknowledgements) of home 1's 1 MiB upload to it.
+        # and home 3's side (the acknowledgements) of home 1's 1 MiB upload to it. With TUN
+        # offloads the receiver's kernel sees coalesced segments and acknowledges each super-
+        # packet once, so the acknowledgements are a few dozen datagrams (a few KiB), not
+        # hundreds.
         grown = {k: v - mapped_before.get(k, 0) for k, v in mapped_bytes().items()}
         self.assertGreater(grown[net.homes[b].public], 4 << 20, grown)
-        self.assertGreater(grown[net.homes[c].public], 10000, grown)
+        self.assertGreater(grown[net.homes[c].public], 1000, grown)
 
 
 class NodeLifecycleTests(TestCase):
