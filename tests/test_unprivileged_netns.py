@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -38,6 +42,34 @@ from tests.netns import (
 NOBODY = 65534
 PORT = 51820
 CAP_NET_ADMIN_MASK = 1 << 12
+
+
+def exposing_mounts(paths: Iterable[Path], stage: Path) -> list[str]:
+    """Shell commands (run as root in a private mount namespace) that let any user reach
+    ``paths`` without changing a file of the host: a directory above them that others may not
+    search (``/root`` holding a pyenv interpreter or a checkout) is covered by an empty tmpfs
+    (0755) on which only ``paths`` are bound back, at their own paths. Each path is bound to a
+    directory under ``stage`` first, while it can still be reached."""
+    wanted = sorted({p.resolve() for p in paths if p.exists()})
+    wanted = [p for p in wanted if not any(q in p.parents for q in wanted)]
+    hidden: dict[Path, list[Path]] = {}
+    for path in wanted:
+        closed = [d for d in reversed(path.parents) if not os.stat(d).st_mode & 0o001]
+        if closed:
+            hidden.setdefault(closed[0], []).append(path)
+    commands: list[str] = []
+    for i, (closed_dir, inside) in enumerate(sorted(hidden.items())):
+        staged = [stage / f"{i}.{j}" for j in range(len(inside))]
+        for path, spare in zip(inside, staged, strict=True):
+            commands += [f"mkdir -p {_q(spare)}", f"mount --bind {_q(path)} {_q(spare)}"]
+        commands.append(f"mount -t tmpfs -o mode=0755 meshguard-test {_q(closed_dir)}")
+        for path, spare in zip(inside, staged, strict=True):
+            commands += [f"mkdir -p {_q(path)}", f"mount --bind {_q(spare)} {_q(path)}"]
+    return commands
+
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))
 
 
 class UnprivilegedNodeTests(TestCase):
@@ -192,13 +224,59 @@ class UnprivilegedNodeTests(TestCase):
         )
         self.assertIsNone(proc.poll())
 
-    def test_setpriv_ambient_net_admin(self) -> None:
-        """As systemd's User= + AmbientCapabilities=CAP_NET_ADMIN would start it: the process
-        begins as nobody holding the capability (ambient).
+    def check_interface_move(self, wrap: list[str], *, unprivileged: bool = True) -> None:
+        """The interface moves to another namespace while the node runs, as for root
+        (docs/running.md): it keeps carrying traffic there through the TUN descriptor and the
+        UDP socket left behind; deleting it there ends the node, which removes its sockets and
+        leaves no interface anywhere."""
+        proc, a_if, _ = self.start_a(wrap)
+        a, b = self.hosts.a, self.hosts.b
+        self.tb.wait_for(
+            lambda: self.tb.ping(a, "10.99.0.2", timeout=1),
+            timeout=20,
+            what="ping through the node's tunnel before the move",
+        )
+        if unprivileged:
+            self.assertEqual(int(self.status_of(proc.pid)["CapEff"], 16), CAP_NET_ADMIN_MASK)
+        # The administrator (root) moves it: the node itself holds no capability in the target.
+        m = self.tb.netns("m")
+        self.tb.ip(a, "link", "set", "dev", a_if, "netns", m.name)
+        self.assertNotIn(a_if, self.tb.ip(a, "-o", "link", "show"))
+        self.tb.addr(m, a_if, "10.99.0.1/24")
+        self.tb.up(m, a_if)
+        self.tb.wait_for(
+            lambda: self.tb.ping(m, "10.99.0.2", timeout=1),
+            timeout=15,
+            what="ping from the namespace the interface moved to",
+        )
+        self.assertTrue(self.tb.ping(b, "10.99.0.1", timeout=2), "peer cannot reach the moved side")
+        self.assertTrue(self.tb.tcp_transfer(b, m, "10.99.0.2", 2_000_000, timeout=30))
+        self.assertIsNone(proc.poll(), self.tb.log_tail(proc))
+        uapi = self.home / "uapi" / f"{a_if}.sock"
+        status = self.home / "status" / f"{a_if}.sock"
+        self.assertTrue(uapi.exists())
+        self.tb.ip(m, "link", "del", "dev", a_if)
+        self.tb.wait_for(lambda: proc.poll() is not None, timeout=15, what="node exit")
+        log = self.tb.log_tail(proc, 20000)
+        self.assertEqual(proc.returncode, 0, log[-3000:])
+        self.assertIn("is gone", log)
+        self.assertNotIn("Traceback", log)
+        self.assertFalse(uapi.exists(), "UAPI socket left behind")
+        self.assertFalse(status.exists(), "status socket left behind")
+        for ns in (a, m):
+            self.assertNotIn(a_if, self.tb.ip(ns, "-o", "link", "show"))
 
-        ``setpriv`` execs the interpreter as nobody, which needs an interpreter and packages
-        nobody can read (a system install, as on CI; otherwise the test is skipped, failed on
-        CI), and a ``/dev/net/tun`` others may open, as a stock host has (0666)."""
+    def setpriv_wrap(self) -> list[str]:
+        """``setpriv`` to nobody with ``CAP_NET_ADMIN`` ambient, wrapped (when the host needs
+        it) in a private mount namespace that lets nobody reach the interpreter, the packages,
+        the repository and ``/dev/net/tun`` without changing any file of the host.
+
+        Opening ``/dev/net/tun`` is a file permission check (0666 on a stock host), not a
+        capability: where the host has it 0600 (some containers), the node gets the same device
+        with mode 0666 bound over it. An interpreter or checkout under a directory others may
+        not search (``/root``) is reached through an empty tmpfs over that directory with only
+        the needed directories bound back. Fails on CI (CI=true) when nobody still cannot run
+        the node; skips elsewhere."""
         setpriv = [
             "setpriv",
             f"--reuid={NOBODY}",
@@ -208,35 +286,60 @@ class UnprivilegedNodeTests(TestCase):
             "--ambient-caps=+net_admin",
             "--",
         ]
+        mounts: list[str] = []
+        if not os.stat("/dev/net/tun").st_mode & 0o006:
+            device = shlex.quote(str(self.home / "tun"))
+            mounts += [f"rm -f {device}", f"mknod -m 666 {device} c 10 200"]
+            mounts.append(f"mount --bind {device} /dev/net/tun")
+        needed = [Path(sys.prefix), Path(sys.base_prefix), REPO_ROOT]
+        needed += [Path(p) for p in site.getsitepackages()]
+        mounts += exposing_mounts(needed, self.home / "stage")
+        wrap = setpriv
+        if mounts:
+            if shutil.which("unshare") is None:
+                self.unrunnable("unshare (util-linux) is needed to give nobody a stock host")
+            script = " && ".join([*mounts, 'exec "$@"'])
+            wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+            wrap += setpriv
         probe = subprocess.run(
-            [*setpriv, sys.executable, "-c", "import twisted.scripts.twistd, meshguard.tap"],
+            [*wrap, sys.executable, "-c", "import twisted.scripts.twistd, meshguard.tap"],
             capture_output=True,
             env={**os.environ, **meshguard_env()},
             cwd=REPO_ROOT,
             check=False,
+            timeout=60,
         )
         if probe.returncode != 0:
-            reason = f"nobody cannot run {sys.executable} with twisted: {probe.stderr[-300:]!r}"
-            if os.environ.get("CI") == "true":
-                self.fail(reason)
-            raise SkipTest(reason)
-        if not os.stat("/dev/net/tun").st_mode & 0o006 and shutil.which("unshare"):
-            # Opening it is a file permission check (0666 on a stock host), not a capability.
-            # Where the host has it 0600 (some containers), the node gets a stock one: the same
-            # device, 0666, bound over /dev/net/tun in a private mount namespace of its own.
-            device = str(self.home / "tun")
-            setpriv = [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                'mknod -m 666 "$0" c 10 200 && mount --bind "$0" /dev/net/tun && exec "$@"',
-                device,
-                *setpriv,
-            ]
-        self.check_node(setpriv)
+            self.unrunnable(
+                f"nobody cannot run {sys.executable} with twisted: {probe.stderr[-300:]!r}"
+            )
+        return wrap
+
+    def unrunnable(self, reason: str) -> NoReturn:
+        if os.environ.get("CI") == "true":
+            self.fail(reason)
+        raise SkipTest(reason)
+
+    def test_setpriv_ambient_net_admin(self) -> None:
+        """As systemd's User= + AmbientCapabilities=CAP_NET_ADMIN would start it: the process
+        begins as nobody holding the capability (ambient).
+
+        ``setpriv`` execs the interpreter as nobody, which needs an interpreter and packages
+        nobody can read (a system install, as on CI; otherwise the test is skipped, failed on
+        CI), and a ``/dev/net/tun`` others may open, as a stock host has (0666)."""
+        self.check_node(self.setpriv_wrap())
+
+    def test_setpriv_interface_moved(self) -> None:
+        """The setpriv-started node (as systemd's unit) follows its interface's move."""
+        self.check_interface_move(self.setpriv_wrap())
+
+    def test_twistd_uid_interface_moved(self) -> None:
+        """The ``twistd --uid/--gid`` node follows its interface's move."""
+        self.check_interface_move(["--uid", "--uid", str(NOBODY), "--gid", str(NOBODY)])
+
+    def test_root_interface_moved(self) -> None:
+        """The same move with the node running as root: the reference the others match."""
+        self.check_interface_move([], unprivileged=False)
 
     def test_twistd_uid_switch(self) -> None:
         """Started as root with ``twistd --uid/--gid``: the capability survives the switch."""
