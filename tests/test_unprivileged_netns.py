@@ -229,7 +229,7 @@ class UnprivilegedNodeTests(TestCase):
         (docs/running.md): it keeps carrying traffic there through the TUN descriptor and the
         UDP socket left behind; deleting it there ends the node, which removes its sockets and
         leaves no interface anywhere."""
-        proc, a_if, _ = self.start_a(wrap)
+        proc, a_if, conf = self.start_a(wrap)
         a, b = self.hosts.a, self.hosts.b
         self.tb.wait_for(
             lambda: self.tb.ping(a, "10.99.0.2", timeout=1),
@@ -251,6 +251,24 @@ class UnprivilegedNodeTests(TestCase):
         )
         self.assertTrue(self.tb.ping(b, "10.99.0.1", timeout=2), "peer cannot reach the moved side")
         self.assertTrue(self.tb.tcp_transfer(b, m, "10.99.0.2", 2_000_000, timeout=30))
+        self.assertIsNone(proc.poll(), self.tb.log_tail(proc))
+        # A reload after the move: the peers part (B's new AllowedIPs) is applied; the link part
+        # (address, MTU, route) cannot be, since the interface is no longer in the node's
+        # namespace: that is said once and the node keeps running. Routes there are the
+        # administrator's, as for root.
+        self.write_a_config(conf, reloaded=True)
+        os.kill(proc.pid, signal.SIGHUP)
+        self.tb.wait_for(
+            lambda: "reload partly applied" in self.tb.log_tail(proc, 20000),
+            timeout=10,
+            what="reload after the move",
+        )
+        self.tb.ip(m, "route", "add", "10.99.5.0/24", "dev", a_if)
+        self.tb.wait_for(
+            lambda: self.tb.ping(m, "10.99.5.1", timeout=1),
+            timeout=10,
+            what="ping over the AllowedIPs the reload added",
+        )
         self.assertIsNone(proc.poll(), self.tb.log_tail(proc))
         uapi = self.home / "uapi" / f"{a_if}.sock"
         status = self.home / "status" / f"{a_if}.sock"
