@@ -33,7 +33,6 @@ from tests.netns import (
     meshguard_env,
     require_root_netns,
     start_meshguard,
-    twistd_argv,
     two_hosts,
     wg_keypair,
     write_meshguard_config,
@@ -42,6 +41,7 @@ from tests.netns import (
 NOBODY = 65534
 PORT = 51820
 CAP_NET_ADMIN_MASK = 1 << 12
+UID_SWITCH = ("--uid", str(NOBODY), "--gid", str(NOBODY))
 
 
 def exposing_mounts(paths: Iterable[Path], stage: Path) -> list[str]:
@@ -151,20 +151,19 @@ class UnprivilegedNodeTests(TestCase):
         path.chmod(0o600)
         os.chown(path, NOBODY, NOBODY)
 
-    def start_a(self, wrap: list[str]) -> tuple[subprocess.Popen[bytes], str, Path]:
+    def start_a(
+        self, prefix: list[str], twistd_options: tuple[str, ...] = ()
+    ) -> tuple[subprocess.Popen[bytes], str, Path]:
+        """Node A: ``prefix`` (setpriv, a private mount namespace) then this interpreter with
+        twistd's entry point (its script may be unreadable to nobody), ``twistd_options``
+        (``--uid``/``--gid``) and ``meshguard``."""
         a_if = self.tb.ifname("ua")
         conf = self.home / f"{a_if}.conf"
         self.write_a_config(conf, reloaded=False)
-        dirs = ["--uapi-dir", str(self.home / "uapi"), "--status-dir", str(self.home / "status")]
-        argv = [*twistd_argv(conf, a_if), *dirs]
-        if wrap and wrap[0] == "--uid":
-            argv = [argv[0], *wrap[1:], *argv[1:]]
-        else:
-            # The interpreter with twistd's entry point (its script may be unreadable to nobody).
-            run = (
-                "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-            )
-            argv = [*wrap, sys.executable, "-c", run, *argv[1:]]
+        run = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+        argv = [*prefix, sys.executable, "-c", run, *twistd_options, "-n", "--pidfile="]
+        argv += ["meshguard", "--config", str(conf), "--interface", a_if]
+        argv += ["--uapi-dir", str(self.home / "uapi"), "--status-dir", str(self.home / "status")]
         proc = self.tb.spawn(self.hosts.a, argv, env=meshguard_env(), cwd=REPO_ROOT)
         self.tb.wait_for(
             lambda: proc.poll() is not None or (self.home / "uapi" / f"{a_if}.sock").exists(),
@@ -181,8 +180,8 @@ class UnprivilegedNodeTests(TestCase):
             fields[key] = value.strip()
         return fields
 
-    def check_node(self, wrap: list[str]) -> None:
-        proc, a_if, conf = self.start_a(wrap)
+    def check_node(self, prefix: list[str], twistd_options: tuple[str, ...] = ()) -> None:
+        proc, a_if, conf = self.start_a(prefix, twistd_options)
         a, b = self.hosts.a, self.hosts.b
         self.tb.wait_for(
             lambda: self.tb.ping(a, "10.99.0.2", timeout=1),
@@ -217,6 +216,8 @@ class UnprivilegedNodeTests(TestCase):
         self.tb.wait_for(applied, timeout=10, what="reload applied by the unprivileged node")
         log = self.tb.log_tail(proc, 20000)
         self.assertNotIn("partly applied", log)
+        # Modules imported only when needed (miniupnpc for UPnP) load after the user switch.
+        self.assertNotIn("No module named", log)
         self.assertIsNone(re.search(r"without CAP_NET_ADMIN", log), log[-2000:])
         self.assertTrue(self.tb.ping(a, "10.99.5.1", timeout=2), "new route does not carry")
         self.assertTrue(
@@ -224,12 +225,18 @@ class UnprivilegedNodeTests(TestCase):
         )
         self.assertIsNone(proc.poll())
 
-    def check_interface_move(self, wrap: list[str], *, unprivileged: bool = True) -> None:
+    def check_interface_move(
+        self,
+        prefix: list[str],
+        twistd_options: tuple[str, ...] = (),
+        *,
+        unprivileged: bool = True,
+    ) -> None:
         """The interface moves to another namespace while the node runs, as for root
         (docs/running.md): it keeps carrying traffic there through the TUN descriptor and the
         UDP socket left behind; deleting it there ends the node, which removes its sockets and
         leaves no interface anywhere."""
-        proc, a_if, conf = self.start_a(wrap)
+        proc, a_if, conf = self.start_a(prefix, twistd_options)
         a, b = self.hosts.a, self.hosts.b
         self.tb.wait_for(
             lambda: self.tb.ping(a, "10.99.0.2", timeout=1),
@@ -279,23 +286,27 @@ class UnprivilegedNodeTests(TestCase):
         self.assertEqual(proc.returncode, 0, log[-3000:])
         self.assertIn("is gone", log)
         self.assertNotIn("Traceback", log)
+        self.assertNotIn("No module named", log)
         self.assertFalse(uapi.exists(), "UAPI socket left behind")
         self.assertFalse(status.exists(), "status socket left behind")
         for ns in (a, m):
             self.assertNotIn(a_if, self.tb.ip(ns, "-o", "link", "show"))
 
-    def setpriv_wrap(self) -> list[str]:
-        """``setpriv`` to nobody with ``CAP_NET_ADMIN`` ambient, wrapped (when the host needs
-        it) in a private mount namespace that lets nobody reach the interpreter, the packages,
-        the repository and ``/dev/net/tun`` without changing any file of the host.
+    def for_nobody(self, *, setpriv: bool) -> list[str]:
+        """The command prefix that runs the node as nobody on this host: ``setpriv`` to nobody
+        with ``CAP_NET_ADMIN`` ambient (when ``setpriv``; else twistd switches user itself),
+        wrapped, when the host needs it, in a private mount namespace that lets nobody reach
+        the interpreter, the packages, the repository and ``/dev/net/tun`` without changing
+        any file of the host.
 
         Opening ``/dev/net/tun`` is a file permission check (0666 on a stock host), not a
-        capability: where the host has it 0600 (some containers), the node gets the same device
-        with mode 0666 bound over it. An interpreter or checkout under a directory others may
-        not search (``/root``) is reached through an empty tmpfs over that directory with only
-        the needed directories bound back. Fails on CI (CI=true) when nobody still cannot run
-        the node; skips elsewhere."""
-        setpriv = [
+        capability: where the host has it 0600 (some containers), a setpriv-started node gets
+        the same device with mode 0666 bound over it (twistd ``--uid`` opens it as root). An
+        interpreter or checkout under a directory others may not search (``/root``) is reached
+        through an empty tmpfs over that directory with only the needed directories bound back
+        (the node imports some modules only when it needs them, after becoming nobody). Fails
+        on CI (CI=true) when nobody still cannot import the node; skips elsewhere."""
+        to_nobody = [
             "setpriv",
             f"--reuid={NOBODY}",
             f"--regid={NOBODY}",
@@ -305,22 +316,27 @@ class UnprivilegedNodeTests(TestCase):
             "--",
         ]
         mounts: list[str] = []
-        if not os.stat("/dev/net/tun").st_mode & 0o006:
+        if setpriv and not os.stat("/dev/net/tun").st_mode & 0o006:
             device = shlex.quote(str(self.home / "tun"))
             mounts += [f"rm -f {device}", f"mknod -m 666 {device} c 10 200"]
             mounts.append(f"mount --bind {device} /dev/net/tun")
         needed = [Path(sys.prefix), Path(sys.base_prefix), REPO_ROOT]
         needed += [Path(p) for p in site.getsitepackages()]
         mounts += exposing_mounts(needed, self.home / "stage")
-        wrap = setpriv
+        prefix: list[str] = []
         if mounts:
             if shutil.which("unshare") is None:
                 self.unrunnable("unshare (util-linux) is needed to give nobody a stock host")
             script = " && ".join([*mounts, 'exec "$@"'])
-            wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
-            wrap += setpriv
+            prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
         probe = subprocess.run(
-            [*wrap, sys.executable, "-c", "import twisted.scripts.twistd, meshguard.tap"],
+            [
+                *prefix,
+                *to_nobody,
+                sys.executable,
+                "-c",
+                "import twisted.scripts.twistd, meshguard.tap, miniupnpc",
+            ],
             capture_output=True,
             env={**os.environ, **meshguard_env()},
             cwd=REPO_ROOT,
@@ -331,7 +347,7 @@ class UnprivilegedNodeTests(TestCase):
             self.unrunnable(
                 f"nobody cannot run {sys.executable} with twisted: {probe.stderr[-300:]!r}"
             )
-        return wrap
+        return [*prefix, *to_nobody] if setpriv else prefix
 
     def unrunnable(self, reason: str) -> NoReturn:
         if os.environ.get("CI") == "true":
@@ -345,15 +361,15 @@ class UnprivilegedNodeTests(TestCase):
         ``setpriv`` execs the interpreter as nobody, which needs an interpreter and packages
         nobody can read (a system install, as on CI; otherwise the test is skipped, failed on
         CI), and a ``/dev/net/tun`` others may open, as a stock host has (0666)."""
-        self.check_node(self.setpriv_wrap())
+        self.check_node(self.for_nobody(setpriv=True))
 
     def test_setpriv_interface_moved(self) -> None:
         """The setpriv-started node (as systemd's unit) follows its interface's move."""
-        self.check_interface_move(self.setpriv_wrap())
+        self.check_interface_move(self.for_nobody(setpriv=True))
 
     def test_twistd_uid_interface_moved(self) -> None:
         """The ``twistd --uid/--gid`` node follows its interface's move."""
-        self.check_interface_move(["--uid", "--uid", str(NOBODY), "--gid", str(NOBODY)])
+        self.check_interface_move(self.for_nobody(setpriv=False), UID_SWITCH)
 
     def test_root_interface_moved(self) -> None:
         """The same move with the node running as root: the reference the others match."""
@@ -361,4 +377,4 @@ class UnprivilegedNodeTests(TestCase):
 
     def test_twistd_uid_switch(self) -> None:
         """Started as root with ``twistd --uid/--gid``: the capability survives the switch."""
-        self.check_node(["--uid", "--uid", str(NOBODY), "--gid", str(NOBODY)])
+        self.check_node(self.for_nobody(setpriv=False), UID_SWITCH)
