@@ -5,7 +5,14 @@ ambient (what systemd's ``AmbientCapabilities=`` does, examples/meshguard@.servi
 ``twistd --uid/--gid`` started as root (meshguard/capabilities.py keeps the capability across
 twistd's user switch). Each node is checked to run as ``nobody`` with no capability but
 ``CAP_NET_ADMIN``, to route a member its introducer told it about, and then to apply a reload
-(SIGHUP): a new route, a new address and a new MTU.
+(SIGHUP): a new route, a new address and a new MTU. And each, beside the same node run as root
+for reference, has its interface moved to another namespace: traffic flows there, a reload
+applies its peers (the link part fails, said once), and deleting the interface there ends the
+node with nothing left behind.
+
+Where the interpreter or the checkout lies under a directory nobody may search (``/root``),
+the node runs in a private mount namespace that binds just those directories back over an
+empty tmpfs, so these cases run (and fail, on CI) instead of skipping.
 """
 
 from __future__ import annotations
