@@ -366,8 +366,8 @@ class UnprivilegedNodeTests(TestCase):
         begins as nobody holding the capability (ambient).
 
         ``setpriv`` execs the interpreter as nobody, which needs an interpreter and packages
-        nobody can read (a system install, as on CI; otherwise the test is skipped, failed on
-        CI), and a ``/dev/net/tun`` others may open, as a stock host has (0666)."""
+        nobody can read and a ``/dev/net/tun`` others may open, as a stock host has (0666):
+        :meth:`for_nobody` provides both where this host lacks them."""
         self.check_node(self.for_nobody(setpriv=True))
 
     def test_setpriv_interface_moved(self) -> None:
