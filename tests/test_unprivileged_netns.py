@@ -5,19 +5,30 @@ ambient (what systemd's ``AmbientCapabilities=`` does, examples/meshguard@.servi
 ``twistd --uid/--gid`` started as root (meshguard/capabilities.py keeps the capability across
 twistd's user switch). Each node is checked to run as ``nobody`` with no capability but
 ``CAP_NET_ADMIN``, to route a member its introducer told it about, and then to apply a reload
-(SIGHUP): a new route, a new address and a new MTU.
+(SIGHUP): a new route, a new address and a new MTU. And each, beside the same node run as root
+for reference, has its interface moved to another namespace: traffic flows there, a reload
+applies its peers (the link part fails, said once), and deleting the interface there ends the
+node with nothing left behind.
+
+Where the interpreter or the checkout lies under a directory nobody may search (``/root``),
+the node runs in a private mount namespace that binds just those directories back over an
+empty tmpfs, so these cases run (and fail, on CI) instead of skipping.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -29,7 +40,6 @@ from tests.netns import (
     meshguard_env,
     require_root_netns,
     start_meshguard,
-    twistd_argv,
     two_hosts,
     wg_keypair,
     write_meshguard_config,
@@ -38,6 +48,35 @@ from tests.netns import (
 NOBODY = 65534
 PORT = 51820
 CAP_NET_ADMIN_MASK = 1 << 12
+UID_SWITCH = ("--uid", str(NOBODY), "--gid", str(NOBODY))
+
+
+def exposing_mounts(paths: Iterable[Path], stage: Path) -> list[str]:
+    """Shell commands (run as root in a private mount namespace) that let any user reach
+    ``paths`` without changing a file of the host: a directory above them that others may not
+    search (``/root`` holding a pyenv interpreter or a checkout) is covered by an empty tmpfs
+    (0755) on which only ``paths`` are bound back, at their own paths. Each path is bound to a
+    directory under ``stage`` first, while it can still be reached."""
+    wanted = sorted({p.resolve() for p in paths if p.exists()})
+    wanted = [p for p in wanted if not any(q in p.parents for q in wanted)]
+    hidden: dict[Path, list[Path]] = {}
+    for path in wanted:
+        closed = [d for d in reversed(path.parents) if not os.stat(d).st_mode & 0o001]
+        if closed:
+            hidden.setdefault(closed[0], []).append(path)
+    commands: list[str] = []
+    for i, (closed_dir, inside) in enumerate(sorted(hidden.items())):
+        staged = [stage / f"{i}.{j}" for j in range(len(inside))]
+        for path, spare in zip(inside, staged, strict=True):
+            commands += [f"mkdir -p {_q(spare)}", f"mount --bind {_q(path)} {_q(spare)}"]
+        commands.append(f"mount -t tmpfs -o mode=0755 meshguard-test {_q(closed_dir)}")
+        for path, spare in zip(inside, staged, strict=True):
+            commands += [f"mkdir -p {_q(path)}", f"mount --bind {_q(spare)} {_q(path)}"]
+    return commands
+
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))
 
 
 class UnprivilegedNodeTests(TestCase):
@@ -119,20 +158,19 @@ class UnprivilegedNodeTests(TestCase):
         path.chmod(0o600)
         os.chown(path, NOBODY, NOBODY)
 
-    def start_a(self, wrap: list[str]) -> tuple[subprocess.Popen[bytes], str, Path]:
+    def start_a(
+        self, prefix: list[str], twistd_options: tuple[str, ...] = ()
+    ) -> tuple[subprocess.Popen[bytes], str, Path]:
+        """Node A: ``prefix`` (setpriv, a private mount namespace) then this interpreter with
+        twistd's entry point (its script may be unreadable to nobody), ``twistd_options``
+        (``--uid``/``--gid``) and ``meshguard``."""
         a_if = self.tb.ifname("ua")
         conf = self.home / f"{a_if}.conf"
         self.write_a_config(conf, reloaded=False)
-        dirs = ["--uapi-dir", str(self.home / "uapi"), "--status-dir", str(self.home / "status")]
-        argv = [*twistd_argv(conf, a_if), *dirs]
-        if wrap and wrap[0] == "--uid":
-            argv = [argv[0], *wrap[1:], *argv[1:]]
-        else:
-            # The interpreter with twistd's entry point (its script may be unreadable to nobody).
-            run = (
-                "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-            )
-            argv = [*wrap, sys.executable, "-c", run, *argv[1:]]
+        run = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+        argv = [*prefix, sys.executable, "-c", run, *twistd_options, "-n", "--pidfile="]
+        argv += ["meshguard", "--config", str(conf), "--interface", a_if]
+        argv += ["--uapi-dir", str(self.home / "uapi"), "--status-dir", str(self.home / "status")]
         proc = self.tb.spawn(self.hosts.a, argv, env=meshguard_env(), cwd=REPO_ROOT)
         self.tb.wait_for(
             lambda: proc.poll() is not None or (self.home / "uapi" / f"{a_if}.sock").exists(),
@@ -149,8 +187,8 @@ class UnprivilegedNodeTests(TestCase):
             fields[key] = value.strip()
         return fields
 
-    def check_node(self, wrap: list[str]) -> None:
-        proc, a_if, conf = self.start_a(wrap)
+    def check_node(self, prefix: list[str], twistd_options: tuple[str, ...] = ()) -> None:
+        proc, a_if, conf = self.start_a(prefix, twistd_options)
         a, b = self.hosts.a, self.hosts.b
         self.tb.wait_for(
             lambda: self.tb.ping(a, "10.99.0.2", timeout=1),
@@ -185,6 +223,8 @@ class UnprivilegedNodeTests(TestCase):
         self.tb.wait_for(applied, timeout=10, what="reload applied by the unprivileged node")
         log = self.tb.log_tail(proc, 20000)
         self.assertNotIn("partly applied", log)
+        # Modules imported only when needed (miniupnpc for UPnP) load after the user switch.
+        self.assertNotIn("No module named", log)
         self.assertIsNone(re.search(r"without CAP_NET_ADMIN", log), log[-2000:])
         self.assertTrue(self.tb.ping(a, "10.99.5.1", timeout=2), "new route does not carry")
         self.assertTrue(
@@ -192,14 +232,88 @@ class UnprivilegedNodeTests(TestCase):
         )
         self.assertIsNone(proc.poll())
 
-    def test_setpriv_ambient_net_admin(self) -> None:
-        """As systemd's User= + AmbientCapabilities=CAP_NET_ADMIN would start it: the process
-        begins as nobody holding the capability (ambient).
+    def check_interface_move(
+        self,
+        prefix: list[str],
+        twistd_options: tuple[str, ...] = (),
+        *,
+        unprivileged: bool = True,
+    ) -> None:
+        """The interface moves to another namespace while the node runs, as for root
+        (docs/running.md): it keeps carrying traffic there through the TUN descriptor and the
+        UDP socket left behind; deleting it there ends the node, which removes its sockets and
+        leaves no interface anywhere."""
+        proc, a_if, conf = self.start_a(prefix, twistd_options)
+        a, b = self.hosts.a, self.hosts.b
+        self.tb.wait_for(
+            lambda: self.tb.ping(a, "10.99.0.2", timeout=1),
+            timeout=20,
+            what="ping through the node's tunnel before the move",
+        )
+        if unprivileged:
+            self.assertEqual(int(self.status_of(proc.pid)["CapEff"], 16), CAP_NET_ADMIN_MASK)
+        # The administrator (root) moves it: the node itself holds no capability in the target.
+        m = self.tb.netns("m")
+        self.tb.ip(a, "link", "set", "dev", a_if, "netns", m.name)
+        self.assertNotIn(a_if, self.tb.ip(a, "-o", "link", "show"))
+        self.tb.addr(m, a_if, "10.99.0.1/24")
+        self.tb.up(m, a_if)
+        self.tb.wait_for(
+            lambda: self.tb.ping(m, "10.99.0.2", timeout=1),
+            timeout=15,
+            what="ping from the namespace the interface moved to",
+        )
+        self.assertTrue(self.tb.ping(b, "10.99.0.1", timeout=2), "peer cannot reach the moved side")
+        self.assertTrue(self.tb.tcp_transfer(b, m, "10.99.0.2", 2_000_000, timeout=30))
+        self.assertIsNone(proc.poll(), self.tb.log_tail(proc))
+        # A reload after the move: the peers part (B's new AllowedIPs) is applied; the link part
+        # (address, MTU, route) cannot be, since the interface is no longer in the node's
+        # namespace: that is said once and the node keeps running. Routes there are the
+        # administrator's, as for root.
+        self.write_a_config(conf, reloaded=True)
+        os.kill(proc.pid, signal.SIGHUP)
+        self.tb.wait_for(
+            lambda: "reload partly applied" in self.tb.log_tail(proc, 20000),
+            timeout=10,
+            what="reload after the move",
+        )
+        self.tb.ip(m, "route", "add", "10.99.5.0/24", "dev", a_if)
+        self.tb.wait_for(
+            lambda: self.tb.ping(m, "10.99.5.1", timeout=1),
+            timeout=10,
+            what="ping over the AllowedIPs the reload added",
+        )
+        self.assertIsNone(proc.poll(), self.tb.log_tail(proc))
+        uapi = self.home / "uapi" / f"{a_if}.sock"
+        status = self.home / "status" / f"{a_if}.sock"
+        self.assertTrue(uapi.exists())
+        self.tb.ip(m, "link", "del", "dev", a_if)
+        self.tb.wait_for(lambda: proc.poll() is not None, timeout=15, what="node exit")
+        log = self.tb.log_tail(proc, 20000)
+        self.assertEqual(proc.returncode, 0, log[-3000:])
+        self.assertIn("is gone", log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("No module named", log)
+        self.assertFalse(uapi.exists(), "UAPI socket left behind")
+        self.assertFalse(status.exists(), "status socket left behind")
+        for ns in (a, m):
+            self.assertNotIn(a_if, self.tb.ip(ns, "-o", "link", "show"))
 
-        ``setpriv`` execs the interpreter as nobody, which needs an interpreter and packages
-        nobody can read (a system install, as on CI; otherwise the test is skipped, failed on
-        CI), and a ``/dev/net/tun`` others may open, as a stock host has (0666)."""
-        setpriv = [
+    def for_nobody(self, *, setpriv: bool) -> list[str]:
+        """The command prefix that runs the node as nobody on this host: ``setpriv`` to nobody
+        with ``CAP_NET_ADMIN`` ambient (when ``setpriv``; else twistd switches user itself),
+        wrapped, when the host needs it, in a private mount namespace that lets nobody reach
+        the interpreter, the packages, the repository and ``/dev/net/tun`` without changing
+        any file of the host.
+
+        Opening ``/dev/net/tun`` is a file permission check (0666 on a stock host), not a
+        capability: where the host has it 0600 (some containers), a setpriv-started node gets
+        the same device with mode 0666 bound over it (twistd ``--uid`` opens it as root). An
+        interpreter or checkout under a directory others may not search (``/root``) is reached
+        through an empty tmpfs over that directory with only the needed directories bound back
+        (the node imports some modules only when it needs them, after becoming nobody). Fails
+        on CI (CI=true) when nobody still cannot import the node; skips elsewhere."""
+        to_nobody = [
             "setpriv",
             f"--reuid={NOBODY}",
             f"--regid={NOBODY}",
@@ -208,36 +322,66 @@ class UnprivilegedNodeTests(TestCase):
             "--ambient-caps=+net_admin",
             "--",
         ]
+        mounts: list[str] = []
+        if setpriv and not os.stat("/dev/net/tun").st_mode & 0o006:
+            device = shlex.quote(str(self.home / "tun"))
+            mounts += [f"rm -f {device}", f"mknod -m 666 {device} c 10 200"]
+            mounts.append(f"mount --bind {device} /dev/net/tun")
+        needed = [Path(sys.prefix), Path(sys.base_prefix), REPO_ROOT]
+        needed += [Path(p) for p in site.getsitepackages()]
+        mounts += exposing_mounts(needed, self.home / "stage")
+        prefix: list[str] = []
+        if mounts:
+            if shutil.which("unshare") is None:
+                self.unrunnable("unshare (util-linux) is needed to give nobody a stock host")
+            script = " && ".join([*mounts, 'exec "$@"'])
+            prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
         probe = subprocess.run(
-            [*setpriv, sys.executable, "-c", "import twisted.scripts.twistd, meshguard.tap"],
+            [
+                *prefix,
+                *to_nobody,
+                sys.executable,
+                "-c",
+                "import twisted.scripts.twistd, meshguard.tap, miniupnpc",
+            ],
             capture_output=True,
             env={**os.environ, **meshguard_env()},
             cwd=REPO_ROOT,
             check=False,
+            timeout=60,
         )
         if probe.returncode != 0:
-            reason = f"nobody cannot run {sys.executable} with twisted: {probe.stderr[-300:]!r}"
-            if os.environ.get("CI") == "true":
-                self.fail(reason)
-            raise SkipTest(reason)
-        if not os.stat("/dev/net/tun").st_mode & 0o006 and shutil.which("unshare"):
-            # Opening it is a file permission check (0666 on a stock host), not a capability.
-            # Where the host has it 0600 (some containers), the node gets a stock one: the same
-            # device, 0666, bound over /dev/net/tun in a private mount namespace of its own.
-            device = str(self.home / "tun")
-            setpriv = [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                'mknod -m 666 "$0" c 10 200 && mount --bind "$0" /dev/net/tun && exec "$@"',
-                device,
-                *setpriv,
-            ]
-        self.check_node(setpriv)
+            self.unrunnable(
+                f"nobody cannot run {sys.executable} with twisted: {probe.stderr[-300:]!r}"
+            )
+        return [*prefix, *to_nobody] if setpriv else prefix
+
+    def unrunnable(self, reason: str) -> NoReturn:
+        if os.environ.get("CI") == "true":
+            self.fail(reason)
+        raise SkipTest(reason)
+
+    def test_setpriv_ambient_net_admin(self) -> None:
+        """As systemd's User= + AmbientCapabilities=CAP_NET_ADMIN would start it: the process
+        begins as nobody holding the capability (ambient).
+
+        ``setpriv`` execs the interpreter as nobody, which needs an interpreter and packages
+        nobody can read and a ``/dev/net/tun`` others may open, as a stock host has (0666):
+        :meth:`for_nobody` provides both where this host lacks them."""
+        self.check_node(self.for_nobody(setpriv=True))
+
+    def test_setpriv_interface_moved(self) -> None:
+        """The setpriv-started node (as systemd's unit) follows its interface's move."""
+        self.check_interface_move(self.for_nobody(setpriv=True))
+
+    def test_twistd_uid_interface_moved(self) -> None:
+        """The ``twistd --uid/--gid`` node follows its interface's move."""
+        self.check_interface_move(self.for_nobody(setpriv=False), UID_SWITCH)
+
+    def test_root_interface_moved(self) -> None:
+        """The same move with the node running as root: the reference the others match."""
+        self.check_interface_move([], unprivileged=False)
 
     def test_twistd_uid_switch(self) -> None:
         """Started as root with ``twistd --uid/--gid``: the capability survives the switch."""
-        self.check_node(["--uid", "--uid", str(NOBODY), "--gid", str(NOBODY)])
+        self.check_node(self.for_nobody(setpriv=False), UID_SWITCH)
