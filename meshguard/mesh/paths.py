@@ -36,7 +36,7 @@ from meshguard.mesh.agent import (
     parse_endpoint,
 )
 from meshguard.mesh.members import MAX_LOCAL, MemberInfo, Membership, parse_key
-from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource, gather
+from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource, gather_kinds
 
 #: Seconds between punch rounds after a (re)start: quick at first, then backing off.
 PUNCH_SCHEDULE = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
@@ -98,6 +98,9 @@ class PathState:
     lan: list[Endpoint] = field(default_factory=list)
     observed: list[Endpoint] = field(default_factory=list)
     reflexive: list[Endpoint] = field(default_factory=list)
+    #: The kind a source named for a candidate (``mapped``), told to the arbiter when a ping
+    #: to that endpoint is answered.
+    named: dict[Endpoint, str] = field(default_factory=dict)
     kind: str = NONE
     #: The confirmed direct endpoint (LAN or public) while ``kind`` is LAN or DIRECT.
     direct: Endpoint | None = None
@@ -191,11 +194,12 @@ class Paths:
             for introducer, view in self.membership.views.items()
             if key in view
         }
-        lan, observed, failures = gather(self.sources, key, reports)
+        lan, observed, named, failures = gather_kinds(self.sources, key, reports)
         self.plugin_errors += failures
         new = [e for e in observed + lan if e not in state.candidates()]
         state.observed = observed
         state.lan = lan
+        state.named = named
         self.arbiter.offer_member(peer, self._relays_for(peer), now)
         if created or (new and state.kind != LAN):
             self._restart_punching(state, now)
@@ -561,8 +565,13 @@ _ULA = ipaddress.IPv6Network("fc00::/7")
 
 
 def _kind_of(endpoint: Endpoint, state: PathState) -> str:
-    """The arbiter's kind of a proven endpoint: a member's own global IPv6 address is a direct
-    path (``direct-v6``: no NAT on the way, only firewalls), its private addresses are LAN."""
+    """The arbiter's kind of a proven endpoint: LAN if a LAN source named it, else the kind a
+    source named for it (``mapped``: the member's gateway maps it), else a member's own global
+    IPv6 address is a direct path (``direct-v6``: no NAT on the way, only firewalls), its
+    private addresses are LAN."""
+    named = state.named.get(endpoint)
+    if named is not None and named in arb.UDP_KINDS and endpoint not in state.lan:
+        return named
     try:
         address = ipaddress.ip_address(endpoint[0].split("%", 1)[0])
     except ValueError:
