@@ -11,11 +11,14 @@ from twisted.trial.unittest import TestCase
 
 from meshguard.status_client import read_status
 from tests.natmesh import start_mesh
-from tests.netns import Testbed, nat_homes, require_root_netns
+from tests.netns import Testbed, nat_homes, reboot_router, require_root_netns
 
 #: Within this long after the last node started: punching goes quiet after about 10 s of
 #: unanswered rounds, then the spray takes at most ~11 s.
 BOUND = 90.0
+#: After a router reboot: 10 s until the dead path is noticed, punching until it goes quiet,
+#: the spray, and up to one more attempt (ATTEMPT_GAP), with margin.
+REBOOT_BOUND = 150.0
 
 
 class BirthdayTests(TestCase):
@@ -74,3 +77,32 @@ class BirthdayTests(TestCase):
                 )  # fmt: skip
                 self.assertEqual(mesh.forwarded(a, b), before, (a, b))
         print(f"direct after {took:.0f} s")
+
+    def test_hard_router_reboot_goes_direct_again(self) -> None:
+        """A ``cgnat`` home (carrier without a WAN filter) and a ``hard`` home go direct; the
+        hard home's router reboots with a new public address (its mappings and the winning
+        socket's gone); within REBOOT_BOUND the pair is direct again, the cgnat side at the new
+        address."""
+        require_root_netns(self)
+        tb = Testbed(self)
+        self.addCleanup(tb.cleanup)
+        net = nat_homes(tb, [(1, "cgnat", False), (1, "hard", False)])
+        mesh = start_mesh(tb, net)
+        cgnat, hard = 0, 1
+
+        def direct_at(address: str) -> bool:
+            peer = mesh.peer(cgnat, hard)
+            return (
+                peer.get("path_kind") == "direct"
+                and mesh.peer(hard, cgnat).get("path_kind") == "direct"
+                and (peer.get("endpoint") or [""])[0] == address
+            )
+
+        tb.wait_for(lambda: direct_at(net.homes[hard].public), BOUND, interval=1.0, what="direct")
+        reboot_router(tb, net.homes[hard], "203.0.2.3")
+        rebooted = time.monotonic()
+        try:
+            tb.wait_for(lambda: direct_at("203.0.2.3"), REBOOT_BOUND, interval=1.0, what="back")
+        except AssertionError:
+            self.fail(f"not back: {mesh.peer(cgnat, hard)} / {mesh.peer(hard, cgnat)}")
+        print(f"back after {time.monotonic() - rebooted:.0f} s")

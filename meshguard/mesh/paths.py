@@ -131,6 +131,14 @@ class PathState:
     birthday_toward: Endpoint | None = None
     spray: bd.Spray | None = None
     spray_at: float | None = None
+    #: Its endpoint as an introducer saw it when it last sent us a CALL_ME_MAYBE: the freshest
+    #: view after its router changed address (member lists follow later).
+    called_from: Endpoint | None = None
+
+    def public_endpoint(self) -> Endpoint | None:
+        """Its public IPv4 endpoint, freshest first (for the birthday technique)."""
+        seen = [self.called_from] if self.called_from is not None else []
+        return next((e for e in seen + self.observed if _public_v4(e)), None)
 
     def candidates(self) -> list[Endpoint]:
         seen: list[Endpoint] = []
@@ -356,7 +364,7 @@ class Paths:
             or (state.birthday_at is not None and now - state.birthday_at < bd.ATTEMPT_GAP)
         ):
             return
-        toward = next((e for e in state.observed if _public_v4(e)), None)
+        toward = state.public_endpoint()
         if toward is None:
             return
         keypair = state.peer.keypairs.current
@@ -377,9 +385,8 @@ class Paths:
     def _birthday_received(self, peer: Peer, now: float) -> None:
         """A member opened many mappings toward us: spray its public address, within bounds."""
         state = self.states.get(peer.public_key)
-        host = None
-        if state is not None:
-            host = next((e[0] for e in state.observed if _public_v4(e)), None)
+        public = state.public_endpoint() if state is not None else None
+        host = public[0] if public is not None else None
         if (
             state is None
             or host is None
@@ -518,6 +525,8 @@ class Paths:
         observed = parse_endpoint(message.get("observed"))
         if observed is not None and observed not in state.observed:
             state.observed = ([observed, *state.observed])[:MAX_LOCAL]
+        if observed is not None:
+            state.called_from = observed
         was_primed = state.peer_primed is not None and now - state.peer_primed <= PEER_PRIMED_FOR
         state.peer_primed = now
         if state.kind == LAN or (state.quiet_until is not None and now < state.quiet_until):
