@@ -263,6 +263,14 @@ class MemoryNAT:
         self._next_port = first_port
         self.expired_drops = 0
         self.created = 0
+        #: Port mappings the gateway granted (PCP, NAT-PMP, UPnP-IGD): public port -> private
+        #: endpoint, open to anyone, as miniupnpd's DNAT rule is.
+        self.forwards: dict[int, Endpoint] = {}
+
+    def forward(self, public_port: int, private: Endpoint) -> None:
+        """Map ``public_port`` to ``private`` (a granted port mapping): inbound from anyone
+        passes, and the replies leave from that port (conntrack's entry of the inbound flow)."""
+        self.forwards[public_port] = private
 
     def _alive(self, flow: _Flow, now: float) -> bool:
         if flow.replied and self.replied_lifetime is not None:
@@ -313,6 +321,11 @@ class MemoryNAT:
                 if self.inbound_refreshes:
                     flow.last_used = now
                 return private
+        forwarded = self.forwards.get(destination[1])
+        if forwarded is not None:
+            self._flows[(forwarded, remote)] = _Flow(destination[1], now, replied=True)
+            self.created += 1
+            return forwarded
         self.expired_drops += 1
         return None
 

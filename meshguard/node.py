@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from meshguard.birthday_sockets import BirthdaySockets
 from meshguard.config import KEEPALIVE_AUTO, Config, IPInterface
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
@@ -223,6 +224,15 @@ class Node:
             self.members.paths.observers.extend(load_plugins(IPathObserver))
             self.keepalive.overrides.extend(load_plugins(IKeepalivePolicy))
         self.members.paths.primer = self._send_primer
+        #: The birthday technique's extra sockets (mesh/birthday.py).
+        self.birthday = BirthdaySockets(
+            reactor,
+            steer=self.udp.steer,
+            deliver=self._birthday_deliver,
+            on_hit=self._birthday_hit,
+            fwmark=lambda: self.fwmark,
+        )
+        self.members.paths.birthday = self.birthday
         self.members.arbiter.observers.append(self._path_moved)
         #: ``Endpoint = name:port``: re-resolved when the peer goes quiet or the TTL runs out.
         self.names = EndpointNames(
@@ -298,6 +308,7 @@ class Node:
             self.device.handshake_backlog.clear()
         self.device.down()
         self.device.io = _DataPath(_discard_datagram, _discard_packet)
+        self.birthday.close()
         self.udp.close()
         self.tun.close()
 
@@ -315,6 +326,15 @@ class Node:
         """Hole punching's primer: an empty datagram that leaves our NAT and dies soon after."""
         if self.running:
             self.udp.send_primer(b"", endpoint, PRIME_TTL)
+
+    def _birthday_deliver(self, data: bytes, source: Endpoint) -> None:
+        """A datagram on the birthday technique's winning socket: as if it came on ours."""
+        if self.running:
+            self._datagram_received(data, source)
+            self._batch_end()
+
+    def _birthday_hit(self, toward: Endpoint) -> None:
+        self.members.paths.birthday_hit(toward, self._seconds())
 
     def _mesh_dirty(self) -> None:
         self.mesh.dirty = True

@@ -377,6 +377,9 @@ class UDPTransport:
         self._reading = False
         self._port = 0
         self._sources: dict[Endpoint, _Source] = {}
+        #: Endpoints another socket carries (the birthday technique's winning socket,
+        #: meshguard/birthday_sockets.py): everything to them goes out there.
+        self._steered: dict[Endpoint, Callable[[bytes, Endpoint], None]] = {}
         #: (endpoint, packet info) of the datagram being handed to the receiver when that info
         #: is new for the endpoint; installed by :meth:`confirm_source` if it authenticates.
         self._pending_source: tuple[Endpoint, bytes] | None = None
@@ -552,9 +555,22 @@ class UDPTransport:
         if self._runs:
             self._flush_runs()
 
+    def steer(self, endpoint: Endpoint, send: Callable[[bytes, Endpoint], None] | None) -> None:
+        """From now on send everything to ``endpoint`` through ``send`` (another socket, whose
+        NAT mapping is the one the peer lets in), or again through ours (None)."""
+        if send is None:
+            self._steered.pop(endpoint, None)
+        else:
+            self._steered[endpoint] = send
+
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         """Send one datagram, or while held queue it in its endpoint's run; never raises for
         network conditions (they are counted)."""
+        if self._steered:
+            steered = self._steered.get(endpoint)
+            if steered is not None:
+                steered(data, endpoint)
+                return
         if self._holding:
             runs = self._runs
             run = runs.get(endpoint)
@@ -593,6 +609,7 @@ class UDPTransport:
             not self._holding
             or not (self._gso6 if ":" in endpoint[0] else self._gso4)
             or endpoint in self._gso_refused
+            or endpoint in self._steered
         ):
             for data in datagrams:
                 self.send(data, endpoint)
@@ -725,6 +742,10 @@ class UDPTransport:
         """
         if self._runs:
             self._flush_runs()  # held datagrams first: the probe must not overtake them
+        steered = self._steered.get(endpoint)
+        if steered is not None:
+            steered(data, endpoint)  # that socket's own path MTU discovery applies
+            return True
         v6 = ":" in endpoint[0]
         sock = self._sock6 if v6 else self._sock4
         if sock is None:

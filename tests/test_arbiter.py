@@ -107,6 +107,38 @@ class ArbiterTests(SynchronousTestCase):
         a.proven(self.peer, Path(arb.DIRECT_V6, A_V6), 0.020, 1.3)
         self.assertEqual(self.peer.endpoint, A_V6)
 
+    def test_mapped_path_is_reported_and_ranked_just_below_direct(self) -> None:
+        """A path proven to a port-mapped endpoint is ``mapped`` (status, the logged move) and
+        beats a member relay; a proven direct path wins over it, whatever the RTTs; when the
+        direct one fails the peer moves back to the mapped one, not to the relay."""
+        a = self.arbiter
+        mapped = ("203.0.113.7", 51820)
+        a.offer_member(self.peer, [self.relay], 0.0)
+        a.proven(self.peer, Path(arb.MAPPED, mapped), 0.010, 1.0)
+        self.assertIsNone(self.peer.relay)
+        self.assertEqual(self.peer.endpoint, mapped)
+        status = a.status(self.peer)
+        self.assertEqual(status["path_kind"], "mapped")
+        self.assertIsNone(status["path_via"])
+        self.assertIsNone(status["not_direct_reason"])
+        self.assertEqual(
+            self.moves[-1],
+            (
+                f"via member {self.relay.short_name}",
+                "mapped 203.0.113.7:51820",
+                "a ping to 203.0.113.7:51820 was answered",
+            ),
+        )
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.050, 2.0)
+        self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        self.assertEqual(a.status(self.peer)["path_kind"], "direct")
+        a.proven(self.peer, Path(arb.MAPPED, mapped), 0.010, 3.0)  # no move back
+        self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        a.failed(self.peer, A_PUBLIC, 4.0, "pings to 203.0.113.7:41641 unanswered for 10 s")
+        self.assertEqual(self.peer.endpoint, mapped)
+        self.assertIsNone(self.peer.relay)
+        self.assertEqual(a.status(self.peer)["path_kind"], "mapped")
+
     def test_roaming_does_not_pull_a_chosen_path_down(self) -> None:
         """A datagram from another endpoint (roaming moved ``peer.endpoint``) does not move a
         peer off its chosen path."""

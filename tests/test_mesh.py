@@ -385,6 +385,7 @@ class HostileInputTests(SynchronousTestCase):
                 kinds.CALL_ME_MAYBE,
                 kinds.PATH_PING,
                 kinds.PATH_PONG,
+                kinds.BIRTHDAY,
                 kinds.RELAY_FORWARD,
                 kinds.RELAY_DELIVER,
             ]

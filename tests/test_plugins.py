@@ -21,7 +21,7 @@ from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
 from meshguard.mesh.members import MemberInfo, Network
-from meshguard.mesh.sources import DEFAULT_SOURCES, Candidate, gather
+from meshguard.mesh.sources import DEFAULT_SOURCES, Candidate, gather, gather_kinds
 from meshguard.node import Node
 from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver, load
 from meshguard.plugins.standard import PathLog
@@ -127,6 +127,25 @@ class BuiltinPluginTests(SynchronousTestCase):
         lan, direct, failures = gather(DEFAULT_SOURCES, k, reports)
         self.assertEqual(lan, [("10.0.0.5", 51820), ("192.168.1.5", 51820)])
         self.assertEqual(direct, [("203.0.113.5", 4000)])
+        self.assertEqual(failures, 0)
+
+    def test_sources_name_kinds(self) -> None:
+        """``gather_kinds`` keeps the kind a source names for an endpoint (``mapped`` from the
+        port-mapping source), also for an endpoint another source observes first; endpoints
+        nobody names have no kind."""
+        k = key(1)
+        reports = {
+            b"\x01" * 32: MemberInfo(
+                k, (), ("203.0.113.5", 51820), (), (("203.0.113.5", 51820), ("203.0.113.5", 7))
+            ),
+            b"\x02" * 32: MemberInfo(k, (), ("203.0.113.5", 4000)),
+        }
+        lan, direct, kinds, failures = gather_kinds(DEFAULT_SOURCES, k, reports)
+        self.assertEqual(lan, [])
+        self.assertEqual(
+            direct, [("203.0.113.5", 51820), ("203.0.113.5", 4000), ("203.0.113.5", 7)]
+        )
+        self.assertEqual(kinds, {("203.0.113.5", 51820): "mapped", ("203.0.113.5", 7): "mapped"})
         self.assertEqual(failures, 0)
 
     def test_a_broken_or_lying_source_is_skipped_and_counted(self) -> None:

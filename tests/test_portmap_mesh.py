@@ -60,6 +60,41 @@ class MappedCandidateTests(SynchronousTestCase):
         sim.run(4)
         self.assertIn(("203.0.113.1", 40001), b.stack.paths.states[a.public_key].candidates())
 
+    def test_path_through_a_mapping_is_mapped(self) -> None:
+        """Three members behind NATs that map per destination; only A's gateway maps a port
+        (A advertises it). B and C each go direct to A through that mapping, and the arbiter
+        calls those paths ``mapped`` (status ``path_kind``, the logged move), while A reaches
+        them at the endpoints their pings came from (``direct``) and B and C, with no mapping
+        between them, stay relayed."""
+        sim = MeshSim(seed=5)
+        nat_a = hard_home(sim, 1)
+        nat_a.forward(MAPPED[1], ("192.168.1.2", 51820))
+        a = sim.add_member(nat_a, "192.168.1.2")
+        b = sim.add_member(hard_home(sim, 2), "192.168.2.2")
+        c = sim.add_member(hard_home(sim, 3), "192.168.3.2")
+        a.agent.mapped_endpoints = lambda: [MAPPED]
+        moves: list[str] = []
+        b.stack.arbiter.observers.append(
+            lambda peer, old, new, reason: moves.append(new.describe())
+        )
+        sim.start()
+        sim.run(40)
+        for other in (b, c):
+            peer_a = other.node.device.peers[a.public_key]
+            self.assertEqual(other.node.device.peers[a.public_key].endpoint, MAPPED)
+            status = other.stack.arbiter.status(peer_a)
+            self.assertEqual(status["path_kind"], "mapped", other.name)
+            self.assertIsNone(status["not_direct_reason"])
+            # Hole punching's own view (status ``path``) stays ``direct``.
+            self.assertEqual(sim.path(other, a), "direct")
+            self.assertTrue(sim.ping(other, a))
+            self.assertTrue(sim.ping(a, other))
+            peer_other = a.node.device.peers[other.public_key]
+            self.assertEqual(a.stack.arbiter.status(peer_other)["path_kind"], "direct")
+        self.assertIn("mapped 203.0.113.1:51820", moves)
+        peer_c = b.node.device.peers[c.public_key]
+        self.assertEqual(b.stack.arbiter.status(peer_c)["path_kind"], "member")
+
     def test_hello_mapped_is_bounded_and_checked(self) -> None:
         """A peer's HELLO ``mapped`` list keeps at most MAX_MAPPED numeric endpoints and drops
         names, bad ports and relay stand-ins; a non-list is ignored."""

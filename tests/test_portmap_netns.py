@@ -2,8 +2,8 @@
 
 Each protocol (PCP, NAT-PMP, UPnP-IGD) obtains a mapping that really forwards a datagram from the
 "internet" to the home and is removed again; and a home behind a hard NAT (``masquerade
-random``) whose router offers mapping goes direct with other hard-NAT homes, while two hard-NAT
-homes without mapping stay relayed.
+random``) whose router offers mapping goes direct with other hard-NAT homes (path kind
+``mapped`` on their side), while two hard-NAT homes without mapping stay relayed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.status_client import format_status, read_status
+from meshguard.status_client import format_status, format_table, read_status
 from tests.miniupnpd import MINIUPNPD, start_miniupnpd
 from tests.netns import (
     DEFAULT_BINARIES,
@@ -107,7 +107,8 @@ class HardNatMappingTests(TestCase):
     def test_hard_nat_with_mapping_goes_direct(self) -> None:
         """Three homes behind ``masquerade random``; only home 1's router runs miniupnpd. Home 1
         maps its WireGuard port (status shows it), advertises it, and goes direct with homes 2
-        and 3: their packets arrive on the mapped port, and the introducer forwards nothing for
+        and 3: their packets arrive on the mapped port, their status calls that path ``mapped``
+        (home 1's calls its paths to them ``direct``), and the introducer forwards nothing for
         those pairs during a transfer. Homes 2 and 3 (no mapping) stay relayed."""
         _require(self)
         tb = Testbed(self)
@@ -176,10 +177,20 @@ class HardNatMappingTests(TestCase):
             }
             self.fail(f"paths did not settle: {summary} keys {[k.public[:6] for k in keys]}")
         for other in (b, c):
-            peer = _peer(read_status(ifnames[other]), keys[a].public)
-            # The other home sends to home 1's mapped port, and hears it from there.
+            status = read_status(ifnames[other])
+            peer = _peer(status, keys[a].public)
+            # The other home sends to home 1's mapped port, and hears it from there; the path
+            # arbiter calls that path "mapped" (status and the table), home 1's own paths to
+            # them (to where their pings came from) are "direct".
             self.assertEqual(peer["endpoint"], mapped)
             self.assertIn(f"{mapped[0]}:{PORT}", peer["candidates"])
+            self.assertEqual(peer["path_kind"], "mapped")
+            self.assertIsNone(peer["not_direct_reason"])
+            row = [line for line in format_table(status).splitlines() if " mapped" in line]
+            self.assertEqual(len(row), 1, format_table(status))
+            self.assertEqual(
+                _peer(read_status(ifnames[a]), keys[other].public)["path_kind"], "direct"
+            )
 
         def forwarded(x: int, y: int) -> int:
             counts = read_status(intro_if)["node"].get("relay_forwarded_by_pair", {})
@@ -213,13 +224,13 @@ class HardNatMappingTests(TestCase):
         self.assertEqual(after, before)
         self.assertGreater(forwarded(b, c), relayed_before)
         # The peers' packets arrived on the mapped port: home 2's whole 4 MiB upload to home 1,
-        # and home 3's side (the acknowledgements) of home 1's 1 MiB upload to it. With TUN
-        # offloads the receiver's kernel sees coalesced segments and acknowledges each super-
-        # packet once, so the acknowledgements are a few dozen datagrams (a few KiB), not
-        # hundreds.
+        # and home 3's side (the acknowledgements) of home 1's 1 MiB upload to it. With the
+        # TUN offloads (docs/datapath.md) home 3's kernel sees coalesced segments and sends
+        # only a few dozen acknowledgements (3.0-3.9 kB measured), still many times the path
+        # checks (a ~100-byte PATH_PING every 4 s) the counter also sees.
         grown = {k: v - mapped_before.get(k, 0) for k, v in mapped_bytes().items()}
         self.assertGreater(grown[net.homes[b].public], 4 << 20, grown)
-        self.assertGreater(grown[net.homes[c].public], 1000, grown)
+        self.assertGreater(grown[net.homes[c].public], 1500, grown)
 
 
 class NodeLifecycleTests(TestCase):

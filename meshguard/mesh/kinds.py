@@ -21,6 +21,8 @@ MEMBERS: Final = 30
 CALL_ME_MAYBE: Final = 31
 PATH_PING: Final = 32
 PATH_PONG: Final = 33
+#: "My NAT holds many mappings toward you: ping random ports of my address" (mesh/birthday.py).
+BIRTHDAY: Final = 34
 
 # Relaying through members (50-59).
 RELAY_FORWARD: Final = 50

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
 from meshguard.mesh import arbiter as arb
+from meshguard.mesh import birthday as bd
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import (
     MeshAgent,
@@ -36,7 +37,7 @@ from meshguard.mesh.agent import (
     parse_endpoint,
 )
 from meshguard.mesh.members import MAX_LOCAL, MemberInfo, Membership, parse_key
-from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource, gather
+from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource, gather_kinds
 
 #: Seconds between punch rounds after a (re)start: quick at first, then backing off.
 PUNCH_SCHEDULE = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
@@ -98,6 +99,9 @@ class PathState:
     lan: list[Endpoint] = field(default_factory=list)
     observed: list[Endpoint] = field(default_factory=list)
     reflexive: list[Endpoint] = field(default_factory=list)
+    #: The kind a source named for a candidate (``mapped``), told to the arbiter when a ping
+    #: to that endpoint is answered.
+    named: dict[Endpoint, str] = field(default_factory=dict)
     kind: str = NONE
     #: The confirmed direct endpoint (LAN or public) while ``kind`` is LAN or DIRECT.
     direct: Endpoint | None = None
@@ -119,6 +123,22 @@ class PathState:
     quiet_until: float | None = None
     #: Since when our pings to it have gone unanswered (for status).
     unanswered_since: float | None = None
+    #: The birthday technique (mesh/birthday.py): our attempts (extra sockets opened toward
+    #: it), when the last began and toward which endpoint; our spray toward it, and when the
+    #: last spray began.
+    birthday_attempts: int = 0
+    birthday_at: float | None = None
+    birthday_toward: Endpoint | None = None
+    spray: bd.Spray | None = None
+    spray_at: float | None = None
+    #: Its endpoint as an introducer saw it when it last sent us a CALL_ME_MAYBE: the freshest
+    #: view after its router changed address (member lists follow later).
+    called_from: Endpoint | None = None
+
+    def public_endpoint(self) -> Endpoint | None:
+        """Its public IPv4 endpoint, freshest first (for the birthday technique)."""
+        seen = [self.called_from] if self.called_from is not None else []
+        return next((e for e in seen + self.observed if _public_v4(e)), None)
 
     def candidates(self) -> list[Endpoint]:
         seen: list[Endpoint] = []
@@ -134,7 +154,12 @@ class PathState:
 class Paths:
     """PATH_PING / PATH_PONG / CALL_ME_MAYBE, and the choice of path for each learned member."""
 
-    kinds: tuple[int, ...] = (kinds.CALL_ME_MAYBE, kinds.PATH_PING, kinds.PATH_PONG)
+    kinds: tuple[int, ...] = (
+        kinds.CALL_ME_MAYBE,
+        kinds.PATH_PING,
+        kinds.PATH_PONG,
+        kinds.BIRTHDAY,
+    )
 
     def __init__(
         self,
@@ -160,6 +185,11 @@ class Paths:
         #: Without one, pings go out at once (the in-memory networks have no conntrack).
         self.primer: Callable[[Endpoint], None] | None = None
         self.primers_sent = 0
+        #: The hard side's extra sockets for the birthday technique; set by the node. Without
+        #: it (in memory) neither side of the technique runs.
+        self.birthday: bd.BirthdayIO | None = None
+        self.birthday_probes_sent = 0
+        self.birthday_hits = 0
         #: Calls into sources and observers that raised (their bugs never break the paths).
         self.plugin_errors = 0
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
@@ -177,6 +207,8 @@ class Paths:
             state = self.states.pop(key, None)
             if state is not None:
                 self.arbiter.forget(peer)
+                if self.birthday is not None and state.birthday_toward is not None:
+                    self.birthday.release(state.birthday_toward)
                 self._set_kind(state, NONE, None)
             self._notify(lambda observer: observer.member_changed(key, None))
             return
@@ -191,11 +223,12 @@ class Paths:
             for introducer, view in self.membership.views.items()
             if key in view
         }
-        lan, observed, failures = gather(self.sources, key, reports)
+        lan, observed, named, failures = gather_kinds(self.sources, key, reports)
         self.plugin_errors += failures
         new = [e for e in observed + lan if e not in state.candidates()]
         state.observed = observed
         state.lan = lan
+        state.named = named
         self.arbiter.offer_member(peer, self._relays_for(peer), now)
         if created or (new and state.kind != LAN):
             self._restart_punching(state, now)
@@ -256,6 +289,7 @@ class Paths:
                     state.round = 0
                     state.quiet_until = state.next_punch = now + QUIET_FOR
                     self._explain(state, targets, ready, now)
+                    self._birthday_start(state, now)
                     return
                 state.ready_rounds += 1
             for endpoint in targets:
@@ -317,11 +351,89 @@ class Paths:
             ):
                 self.control_sent += 1
 
+    # ------------------------------------------------------------------ the birthday technique
+
+    def _birthday_start(self, state: PathState, now: float) -> None:
+        """Punching went quiet: open many mappings toward the member's endpoint and ask it to
+        spray our public address (mesh/birthday.py), within the attempt bounds."""
+        io = self.birthday
+        if (
+            io is None
+            or state.kind == DIRECT
+            or state.birthday_attempts >= bd.MAX_ATTEMPTS
+            or (state.birthday_at is not None and now - state.birthday_at < bd.ATTEMPT_GAP)
+        ):
+            return
+        toward = state.public_endpoint()
+        if toward is None:
+            return
+        keypair = state.peer.keypairs.current
+        if keypair is None or not keypair.can_send(now):
+            # The BIRTHDAY message needs a session: make one; the next quiet period tries.
+            self.device.send_initiation(state.peer, now, retry=False)
+            return
+        if state.birthday_toward is not None and state.birthday_toward != toward:
+            io.release(state.birthday_toward)
+        if not io.open(toward, bd.SOCKETS, bd.HOLD):
+            return
+        state.birthday_attempts += 1
+        state.birthday_at = now
+        state.birthday_toward = toward
+        if self.device.send_control(state.peer, kinds.BIRTHDAY, b"", now):
+            self.control_sent += 1
+
+    def _birthday_received(self, peer: Peer, now: float) -> None:
+        """A member opened many mappings toward us: spray its public address, within bounds."""
+        state = self.states.get(peer.public_key)
+        public = state.public_endpoint() if state is not None else None
+        host = public[0] if public is not None else None
+        if (
+            state is None
+            or host is None
+            or state.kind in (LAN, DIRECT)
+            or state.spray is not None
+            or (state.spray_at is not None and now - state.spray_at < bd.SPRAY_GAP)
+        ):
+            self.dropped += 1
+            return
+        state.spray_at = now
+        ports = bd.random_ports(self.device.random)
+        state.spray = bd.Spray(host, self.device.random(8), ports, now, next_at=now)
+        self.agent.dirty = True
+
+    def _spray(self, state: PathState, now: float) -> None:
+        spray = state.spray
+        assert spray is not None
+        if spray.done:
+            state.spray = None  # the last answers had their time: a miss
+            return
+        for port in spray.due(now):
+            if self.device.send_control_to(
+                state.peer, (spray.host, port), kinds.PATH_PING, spray.nonce, now
+            ):
+                self.birthday_probes_sent += 1
+        if spray.done:
+            spray.next_at = now + bd.LINGER
+
+    def birthday_hit(self, toward: Endpoint, now: float) -> None:
+        """The adapter: a datagram from ``toward`` arrived on one of our extra sockets, which
+        now carries everything to it. Ping it at once (through that socket) instead of waiting
+        out the quiet period."""
+        for state in self.states.values():
+            if state.birthday_toward == toward:
+                self.birthday_hits += 1
+                state.quiet_until = None
+                state.next_punch = now
+                self.agent.dirty = True
+
     # ------------------------------------------------------------------ control messages
 
     def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
         if kind == kinds.CALL_ME_MAYBE:
             self._call_me_maybe_received(peer, body, now)
+            return
+        if kind == kinds.BIRTHDAY:
+            self._birthday_received(peer, now)
             return
         if (
             len(body) != 8
@@ -346,6 +458,13 @@ class Paths:
         if state is None:
             return
         sent = state.pending.pop(body, None)
+        spray = state.spray
+        if sent is None and spray is not None and body == spray.nonce:
+            at = spray.sent_at.get(source[1]) if source[0] == spray.host else None
+            if at is not None:
+                sent = (source, at)
+                state.spray = None  # a hit: the rest of the spray is not needed
+                self.birthday_hits += 1
         if sent is None:
             self.dropped += 1
             self._keep_chosen(state, source, now)
@@ -376,6 +495,7 @@ class Paths:
             return
         if new.kind in arb.UDP_KINDS and new.endpoint is not None:
             state.direct = new.endpoint
+            state.birthday_attempts = 0  # a new set of attempts once this path is lost
             state.last_pong = max(state.last_pong, 0.0)
             self._set_kind(state, LAN if new.kind == arb.LAN else DIRECT, _text(new.endpoint))
         elif new.kind == arb.MEMBER and new.via is not None:
@@ -405,6 +525,8 @@ class Paths:
         observed = parse_endpoint(message.get("observed"))
         if observed is not None and observed not in state.observed:
             state.observed = ([observed, *state.observed])[:MAX_LOCAL]
+        if observed is not None:
+            state.called_from = observed
         was_primed = state.peer_primed is not None and now - state.peer_primed <= PEER_PRIMED_FOR
         state.peer_primed = now
         if state.kind == LAN or (state.quiet_until is not None and now < state.quiet_until):
@@ -464,7 +586,8 @@ class Paths:
     def next_deadline(self) -> float | None:
         best: float | None = None
         for state in self.states.values():
-            for deadline in (state.next_punch, state.next_check):
+            spray = state.spray.next_at if state.spray is not None else None
+            for deadline in (state.next_punch, state.next_check, spray):
                 if deadline is not None and (best is None or deadline < best):
                     best = deadline
         return best
@@ -473,6 +596,8 @@ class Paths:
         for state in list(self.states.values()):
             if state.next_check is not None and state.next_check <= now:
                 self._check(state, now)
+            if state.spray is not None and state.spray.next_at <= now:
+                self._spray(state, now)
             if state.next_punch is not None and state.next_punch <= now:
                 if state.peer.keypairs.current is None:
                     # No session yet: make one through the relay (or the best guess), then punch.
@@ -500,6 +625,9 @@ class Paths:
             # Dead: fall back to the relay at once and look for a direct path again.
             dead = state.direct
             state.next_check = None
+            if self.birthday is not None and dead == state.birthday_toward:
+                self.birthday.release(dead)
+                state.birthday_toward = None
             self.arbiter.offer_member(state.peer, self._relays_for(state.peer), now)
             self.arbiter.failed(
                 state.peer, dead, now, f"pings to {_text(dead)} unanswered for {DEAD_AFTER:g} s"
@@ -538,6 +666,12 @@ class Paths:
             "peer_primed_at": state.peer_primed,
             "punch_quiet_until": state.quiet_until,
         }
+        if state.birthday_attempts or state.spray_at is not None:
+            status["birthday"] = {
+                "attempts": state.birthday_attempts,
+                "toward": _text(state.birthday_toward) if state.birthday_toward else None,
+                "spraying": state.spray is not None,
+            }
         if state.kind == RELAYED and peer.relay is not None:
             status["path"] = f"relayed via {_b64(peer.relay.public_key)}"
             status["relay"] = _b64(peer.relay.public_key)
@@ -552,6 +686,9 @@ class Paths:
             "endpoint_sources": [source.name for source in self.sources],
             "primers_sent": self.primers_sent,
         }
+        if self.birthday_probes_sent or self.birthday_hits:
+            status["birthday_probes_sent"] = self.birthday_probes_sent
+            status["birthday_hits"] = self.birthday_hits
         if self.plugin_errors:
             status["plugin_errors"] = self.plugin_errors
         return status
@@ -561,8 +698,13 @@ _ULA = ipaddress.IPv6Network("fc00::/7")
 
 
 def _kind_of(endpoint: Endpoint, state: PathState) -> str:
-    """The arbiter's kind of a proven endpoint: a member's own global IPv6 address is a direct
-    path (``direct-v6``: no NAT on the way, only firewalls), its private addresses are LAN."""
+    """The arbiter's kind of a proven endpoint: LAN if a LAN source named it, else the kind a
+    source named for it (``mapped``: the member's gateway maps it), else a member's own global
+    IPv6 address is a direct path (``direct-v6``: no NAT on the way, only firewalls), its
+    private addresses are LAN."""
+    named = state.named.get(endpoint)
+    if named is not None and named in arb.UDP_KINDS and endpoint not in state.lan:
+        return named
     try:
         address = ipaddress.ip_address(endpoint[0].split("%", 1)[0])
     except ValueError:
@@ -570,6 +712,23 @@ def _kind_of(endpoint: Endpoint, state: PathState) -> str:
     if address.version == 6 and not (address.is_link_local or address in _ULA):
         return arb.DIRECT_V6
     return arb.udp_kind(endpoint, endpoint in state.lan)
+
+
+_NOT_PUBLIC = tuple(
+    ipaddress.IPv4Network(n)
+    for n in ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+              "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3")
+)  # fmt: skip
+
+
+def _public_v4(endpoint: Endpoint) -> bool:
+    """An IPv4 endpoint outside private, carrier-grade NAT, loopback, link-local and multicast
+    space: what a NAT's mapping looks like from outside."""
+    try:
+        address = ipaddress.ip_address(endpoint[0])
+    except ValueError:
+        return False
+    return address.version == 4 and not any(address in n for n in _NOT_PUBLIC)
 
 
 def _clock(when: float) -> str:

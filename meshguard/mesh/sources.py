@@ -28,8 +28,10 @@ MAX_CANDIDATES = 16
 class Candidate:
     """An endpoint worth a PATH_PING; ``lan`` ranks a path found through it above a direct one.
 
-    ``kind`` names where it came from (``"mapped"``: the member's gateway maps it by PCP,
-    NAT-PMP or UPnP) for whoever ranks paths; :class:`~meshguard.mesh.paths.Paths` treats every
+    ``kind`` names what kind of path it gives (``"mapped"``: the member's gateway maps it by
+    PCP, NAT-PMP or UPnP): a path proven to it is reported to the path arbiter as that kind, so
+    status says ``mapped`` rather than ``direct``. None: the arbiter's plain kind (``direct``,
+    ``direct-v6`` or, with ``lan``, ``lan``). :class:`~meshguard.mesh.paths.Paths` pings every
     non-LAN candidate alike."""
 
     endpoint: Endpoint
@@ -91,13 +93,25 @@ DEFAULT_SOURCES: tuple[EndpointSource, ...] = (LanAddresses(), IntroducerObserve
 def gather(
     sources: Sequence[EndpointSource], key: bytes, reports: Mapping[bytes, MemberInfo]
 ) -> tuple[list[Endpoint], list[Endpoint], int]:
-    """``(lan, direct, failures)``: every source's candidates, deduplicated in source order.
+    """``(lan, direct, failures)``: every source's candidates, deduplicated in source order."""
+    lan, direct, _kinds, failures = gather_kinds(sources, key, reports)
+    return lan, direct, failures
+
+
+def gather_kinds(
+    sources: Sequence[EndpointSource], key: bytes, reports: Mapping[bytes, MemberInfo]
+) -> tuple[list[Endpoint], list[Endpoint], dict[Endpoint, str], int]:
+    """``(lan, direct, kinds, failures)``: every source's candidates, deduplicated in source
+    order, and the kind a source named for each endpoint (the first source to name one wins;
+    an endpoint one source observes and another maps is ``mapped``, since the mapping is what
+    lets anyone reach it).
 
     A source that raises or answers garbage is skipped and counted: a plugin's bug never stops
     the path logic.
     """
     lan: list[Endpoint] = []
     direct: list[Endpoint] = []
+    kinds: dict[Endpoint, str] = {}
     failures = 0
     for source in sources:
         try:
@@ -111,9 +125,13 @@ def gather(
                 continue
             endpoint = candidate.endpoint
             bucket, limit = (lan, MAX_LOCAL) if candidate.lan else (direct, MAX_CANDIDATES)
-            if endpoint not in lan and endpoint not in direct and len(bucket) < limit:
+            if endpoint not in lan and endpoint not in direct:
+                if len(bucket) >= limit:
+                    continue
                 bucket.append(endpoint)
-    return lan, direct, failures
+            if isinstance(candidate.kind, str) and endpoint not in kinds:
+                kinds[endpoint] = candidate.kind
+    return lan, direct, kinds, failures
 
 
 def _is_endpoint(value: object) -> bool:

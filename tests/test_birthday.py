@@ -1,0 +1,152 @@
+"""The birthday technique's core (mesh/birthday.py and its part of mesh/paths.py), in memory:
+when it starts, what it sends, how fast, and when it gives up. (That it makes an easy and a hard
+NAT go direct is proven over real NATs in tests/test_birthday_netns.py: the in-memory NAT picks
+ports in sequence, not at random.)"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from meshguard.core.interfaces import Endpoint
+from meshguard.memory import MemoryNAT
+from meshguard.mesh import birthday as bd
+from meshguard.mesh import kinds
+from tests.meshsim import MeshSim, SimMember
+
+
+class _Sockets:
+    """The adapter's extra sockets, recorded."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[Endpoint, int, float, float]] = []
+        self.released: list[Endpoint] = []
+        self.now = lambda: 0.0
+
+    def open(self, toward: Endpoint, count: int, hold: float) -> bool:
+        self.opened.append((toward, count, hold, self.now()))
+        return True
+
+    def release(self, toward: Endpoint) -> None:
+        self.released.append(toward)
+
+
+def _hard(sim: MeshSim, index: int) -> MemoryNAT:
+    return sim.net.add_nat(
+        MemoryNAT(f"203.0.{index}.2", {f"192.168.{index}.2"}, 30, endpoint_dependent=True)
+    )
+
+
+class SprayTests(SynchronousTestCase):
+    def test_random_ports_are_distinct_and_in_range(self) -> None:
+        """1,024 distinct ports from Linux's range for the NAT's pick (1024-65535)."""
+        rng = random.Random(1)
+        ports = bd.random_ports(rng.randbytes)
+        self.assertEqual(len(ports), bd.PROBES)
+        self.assertEqual(len(set(ports)), bd.PROBES)
+        self.assertTrue(all(bd.LOW_PORT <= p <= bd.HIGH_PORT for p in ports))
+
+    def test_spray_is_paced(self) -> None:
+        """A spray hands out at most PROBES_PER_TICK ports per TICK, each once, and is done
+        after all of them: 1,024 pings over ~10 s."""
+        spray = bd.Spray("203.0.2.2", b"n" * 8, list(range(2000, 2000 + bd.PROBES)), 0.0)
+        now, sent = 0.0, []
+        while not spray.done:
+            batch = spray.due(now)
+            self.assertLessEqual(len(batch), bd.PROBES_PER_TICK)
+            self.assertEqual(spray.due(now), [])  # nothing more in the same tick
+            sent += batch
+            now += 0.01
+        self.assertEqual(sorted(sent), list(range(2000, 2000 + bd.PROBES)))
+        self.assertLess(abs(now - bd.PROBES / bd.PROBES_PER_TICK * bd.TICK), 1.0)
+
+
+class PathsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        sim = MeshSim(seed=11)
+        self.a = sim.add_member(_hard(sim, 1), "192.168.1.2")
+        self.b = sim.add_member(_hard(sim, 2), "192.168.2.2")
+        self.sockets: dict[str, _Sockets] = {}
+        for member in (self.a, self.b):
+            member.stack.paths.primer = lambda endpoint: None
+            sockets = _Sockets()
+            sockets.now = lambda: sim.net.now
+            member.stack.paths.birthday = sockets
+            self.sockets[member.name] = sockets
+        self.sim = sim
+
+    def _sent(self, member: SimMember) -> int:
+        return member.stack.paths.birthday_probes_sent
+
+    def test_quiet_punching_starts_it_both_ways_and_it_gives_up(self) -> None:
+        """Two NATs that map per destination: punching goes quiet, and then each side opens
+        SOCKETS extra sockets toward the other's observed endpoint and asks it (BIRTHDAY,
+        over the relay) to spray; each sprays the other's public address with PROBES pings
+        at 100 a second, to distinct ports. Nothing hits here (hard against hard), so after
+        MAX_ATTEMPTS attempts, ATTEMPT_GAP apart, both give up and stay relayed."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        sim.run(40)
+        opened = self.sockets[a.name].opened
+        self.assertGreaterEqual(len(opened), 1)
+        toward, count, hold, _ = opened[0]
+        self.assertEqual(toward[0], "203.0.2.2")  # b's NAT, as the introducer sees it
+        self.assertEqual((count, hold), (bd.SOCKETS, bd.HOLD))
+        self.assertIn(self._sent(a), range(1, bd.PROBES + 1))
+        # Pace: at most 100 pings a second.
+        before = self._sent(b)
+        sim.run(1.0)
+        self.assertLessEqual(self._sent(b) - before, 110)
+        sim.run(1800)
+        for member in (a, b):
+            attempts = self.sockets[member.name].opened
+            self.assertEqual(len(attempts), bd.MAX_ATTEMPTS, member.name)
+            times = [at for *_, at in attempts]
+            self.assertTrue(all(t2 - t1 >= bd.ATTEMPT_GAP for t1, t2 in itertools.pairwise(times)))
+            # Each side sprayed once per attempt of the other, never more than PROBES each.
+            self.assertEqual(self._sent(member), bd.MAX_ATTEMPTS * bd.PROBES, member.name)
+            self.assertEqual(sim.path(member, b if member is a else a), "relayed")
+        status = a.stack.paths.peer_status(a.node.device.peers[b.public_key])
+        self.assertEqual(status["birthday"]["attempts"], bd.MAX_ATTEMPTS)
+        self.assertFalse(status["birthday"]["spraying"])
+
+    def test_birthday_message_is_bounded(self) -> None:
+        """A BIRTHDAY message starts at most one spray per SPRAY_GAP; one from a peer we have
+        no path state for (the introducer), or while we are direct, starts none."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        sim.run(5)
+        paths = a.stack.paths
+        peer_b = a.node.device.peers[b.public_key]
+        now = sim.net.now
+        paths.control_received(peer_b, kinds.BIRTHDAY, b"", now)
+        spray = paths.states[b.public_key].spray
+        self.assertIsNotNone(spray)
+        assert spray is not None
+        self.assertEqual(spray.host, "203.0.2.2")
+        dropped = paths.dropped
+        paths.control_received(peer_b, kinds.BIRTHDAY, b"junk", now + 1)
+        self.assertIs(paths.states[b.public_key].spray, spray)
+        self.assertEqual(paths.dropped, dropped + 1)
+        intro = a.node.device.peers[sim.introducer.public_key]
+        paths.control_received(intro, kinds.BIRTHDAY, b"", now + 1)
+        self.assertEqual(paths.dropped, dropped + 2)
+
+    def test_a_hit_ends_the_quiet_period(self) -> None:
+        """The adapter reports a hit on the extra sockets toward a member: punching toward it
+        resumes at once (through the winning socket) instead of after the quiet period; a
+        dead path through it releases the socket."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        sim.run(40)
+        state = a.stack.paths.states[b.public_key]
+        toward = state.birthday_toward
+        self.assertIsNotNone(toward)
+        assert toward is not None
+        state.quiet_until = state.next_punch = sim.net.now + 30
+        a.stack.paths.birthday_hit(toward, sim.net.now)
+        self.assertIsNone(state.quiet_until)
+        self.assertEqual(state.next_punch, sim.net.now)
+        self.assertGreaterEqual(a.stack.paths.node_status()["birthday_hits"], 1)
