@@ -79,6 +79,10 @@ class _Group:
         if source != self.toward:
             return
         if self.winner is None:
+            # The NAT should let only the peer in, but nothing unauthenticated may change
+            # state: the socket wins only once a datagram through it authenticates.
+            if not self.owner.deliver(datagram, source):
+                return
             self.winner = extra
             for other in self.sockets:
                 if other is not extra:
@@ -89,9 +93,9 @@ class _Group:
             self.expiry = None
             self.owner.steer(self.toward, extra.send)
             self.owner.on_hit(self.toward)
-        elif extra is not self.winner:
             return
-        self.owner.deliver(datagram, source)
+        if extra is self.winner:
+            self.owner.deliver(datagram, source)
 
     def expire(self) -> None:
         self.expiry = None
@@ -115,7 +119,7 @@ class BirthdaySockets:
         reactor: Any,
         *,
         steer: Callable[[Endpoint, Callable[[bytes, Endpoint], None] | None], None],
-        deliver: Callable[[bytes, Endpoint], None],
+        deliver: Callable[[bytes, Endpoint], bool],
         on_hit: Callable[[Endpoint], None],
         fwmark: Callable[[], int] = lambda: 0,
     ) -> None:

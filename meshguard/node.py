@@ -189,7 +189,9 @@ class Node:
             on_batch_start=self.tun.hold,
             batch_receiver=self._datagrams_received,
         )
-        self.device.on_authenticated_source = self.udp.confirm_source
+        #: The source of the latest authenticated datagram (the birthday sockets ask).
+        self._authenticated: Endpoint | None = None
+        self.device.on_authenticated_source = self._authenticated_source
         #: Handshakes wait behind each read batch's transport data (Device.handshake_backlog).
         self.device.handshake_backlog = deque()
         self._backlog_call: IDelayedCall | None = None
@@ -327,11 +329,20 @@ class Node:
         if self.running:
             self.udp.send_primer(b"", endpoint, PRIME_TTL)
 
-    def _birthday_deliver(self, data: bytes, source: Endpoint) -> None:
-        """A datagram on the birthday technique's winning socket: as if it came on ours."""
-        if self.running:
-            self._datagram_received(data, source)
-            self._batch_end()
+    def _birthday_deliver(self, data: bytes, source: Endpoint) -> bool:
+        """A datagram on one of the birthday technique's sockets: as if it came on ours.
+        True when it authenticated (only then may that socket win)."""
+        if not self.running:
+            return False
+        self._authenticated = None
+        self._datagram_received(data, source)
+        self._batch_end()
+        return self._authenticated == source
+
+    def _authenticated_source(self, source: Endpoint) -> None:
+        """The device authenticated a datagram from ``source`` (WireGuard's roaming moment)."""
+        self._authenticated = source
+        self.udp.confirm_source(source)
 
     def _birthday_hit(self, toward: Endpoint) -> None:
         self.members.paths.birthday_hit(toward, self._seconds())

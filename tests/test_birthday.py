@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -150,3 +151,54 @@ class PathsTests(SynchronousTestCase):
         self.assertIsNone(state.quiet_until)
         self.assertEqual(state.next_punch, sim.net.now)
         self.assertGreaterEqual(a.stack.paths.node_status()["birthday_hits"], 1)
+
+
+class BirthdaySocketTests(SynchronousTestCase):
+    """The adapter's groups of extra sockets (meshguard/birthday_sockets.py)."""
+
+    def group(self, authentic: set[bytes], count: int) -> tuple[Any, list[Any], list[bytes]]:
+        from meshguard.birthday_sockets import BirthdaySockets, _Extra, _Group
+
+        steered: list[Any] = []
+        delivered: list[bytes] = []
+
+        def deliver(data: bytes, source: Endpoint) -> bool:
+            delivered.append(data)
+            return data in authentic
+
+        owner = BirthdaySockets(
+            None,
+            steer=lambda endpoint, send: steered.append(endpoint),
+            deliver=deliver,
+            on_hit=lambda endpoint: None,
+        )
+        group = _Group(owner, TOWARD)
+        group.sockets = [_Extra(group) for _ in range(count)]
+        return group, steered, delivered
+
+    def test_only_an_authenticated_datagram_makes_a_socket_win(self) -> None:
+        """A datagram from the right endpoint that does not authenticate is handed to the
+        device but steers nothing and closes no socket; the first one that authenticates
+        wins, and then only the winner's datagrams are delivered."""
+        group, steered, delivered = self.group({b"good"}, 4)
+        first, second = group.sockets[0], group.sockets[1]
+        group.received(first, b"forged", TOWARD)
+        self.assertEqual(steered, [])
+        self.assertIsNone(group.winner)
+        self.assertEqual(len(group.sockets), 4)
+        group.received(second, b"good", TOWARD)
+        self.assertIs(group.winner, second)
+        self.assertEqual(steered, [TOWARD])
+        self.assertEqual(group.sockets, [second])
+        group.received(first, b"late", TOWARD)
+        group.received(second, b"more", TOWARD)
+        self.assertEqual(delivered, [b"forged", b"good", b"more"])
+
+    def test_other_sources_are_ignored(self) -> None:
+        """Nothing from another address reaches the device or wins."""
+        group, steered, delivered = self.group({b"good"}, 2)
+        group.received(group.sockets[0], b"good", ("203.0.113.8", 41641))
+        self.assertEqual((steered, delivered), ([], []))
+
+
+TOWARD: Endpoint = ("203.0.113.7", 41641)
