@@ -29,7 +29,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from meshguard.core.offload import PLAIN_HEADER, VNET_HDR_LEN, OffloadError, coalesce, split
+from meshguard.core.offload import (
+    NEEDS_CSUM,
+    PLAIN_HEADER,
+    VNET_HDR,
+    VNET_HDR_LEN,
+    OffloadError,
+    coalesce,
+    finish_checksums,
+    split,
+)
 
 __all__ = [
     "IFF_NO_PI",
@@ -66,6 +75,11 @@ OFFLOAD_CHOICES = (
 #: Switch for the TUN offloads, on by default where the node asks for them: False opens the
 #: device without a virtio-net header, one packet per read and write, as before they existed.
 USE_TUN_OFFLOAD = True
+#: Bytes of single packets read one after another before they are handed on together (their
+#: partial checksums finished in one call); the read buffer is this plus one largest frame.
+_SPAN = 1 << 18
+#: The largest TUN read: a virtio-net header and a 64 KiB super-packet.
+_FRAME_MAX = VNET_HDR_LEN + 65535
 IFNAMSIZ = 16
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH")
 TUN_PATH = b"/dev/net/tun"
@@ -216,7 +230,16 @@ class TunDevice:
         self._holding = False
         self._held: list[bytes] = []
         self._buffer = bytearray(0)
-        self._readv: Callable[[int, list[bytearray]], int] | None = None
+        self._view = memoryview(self._buffer)
+        #: The first read of a batch goes to the buffer's start (a ready ``readv`` list).
+        self._at_start: list[memoryview] = []
+        #: Single packets read and not yet handed on: [start, end) in the buffer, and the
+        #: checksums to finish (sum from, field, packet end). Empty between batches.
+        self._bounds: list[tuple[int, int]] = []
+        self._starts: list[int] = []
+        self._fields: list[int] = []
+        self._ends: list[int] = []
+        self._readv: Callable[[int, list[memoryview]], int] | None = None
         self._writev: Callable[[int, list[Any]], int] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -257,7 +280,9 @@ class TunDevice:
         self.offloads = 0
         if vnet:
             self._readv, self._writev = readv, writev
-            self._buffer = bytearray(VNET_HDR_LEN + 65535)
+            self._buffer = bytearray(_SPAN + _FRAME_MAX + 2)
+            self._view = memoryview(self._buffer)
+            self._at_start = [self._view[:_FRAME_MAX]]
             for choice in OFFLOAD_CHOICES:
                 try:
                     system.ioctl(fd, TUNSETOFFLOAD, choice)
@@ -408,67 +433,134 @@ class TunDevice:
         self._hook(self.on_batch_end)
 
     def _read_frames(self) -> None:
-        """``doRead`` with a virtio-net header: one reused buffer, super-packets cut into
-        segments; the budget counts packets handed on, so a batch stays as long as without."""
+        """``doRead`` with a virtio-net header: super-packets cut into segments; the budget
+        counts packets handed on, so a batch stays as long as without.
+
+        Single packets are read one after another into one buffer (``_SPAN`` bytes, each read
+        at the next even offset) and handed on together when the span is full, a super-packet
+        comes or the batch ends: with ``TUN_F_CSUM`` on nearly every one carries a partial
+        checksum, and :func:`finish_checksums` completes them all in one numpy call instead of
+        one big-integer sum each (the UDP packet rate fell to about half without this).
+        """
         readv = self._readv
         assert readv is not None
         fd = self._fd
         buffer = self._buffer
-        bufs = [buffer]
-        view = memoryview(buffer)
+        view = self._view
         receiver = self._receiver
         budget = self.batch_packets
+        frame_max = _FRAME_MAX
+        span = len(buffer) - frame_max - 2
+        unpack = VNET_HDR.unpack_from
+        at_start = self._at_start
+        bounds, starts, fields, ends = self._bounds, self._starts, self._fields, self._ends
+        offset = 0
         self._hook(self.on_batch_start)
-        try:
-            while budget > 0:
-                try:
-                    n = readv(fd, bufs)
-                except BlockingIOError:
-                    break
-                except InterruptedError:
-                    continue
-                except OSError as e:
-                    self._gone(e)
-                    return
-                if n <= VNET_HDR_LEN:
-                    continue
-                if not buffer[1] and not buffer[0] & 1:
+        while budget > 0:
+            if offset > span:
+                self._hand_on(buffer, view, bounds, starts, ends, fields)
+                offset = 0
+            try:
+                n = readv(fd, at_start if not offset else [view[offset : offset + frame_max]])
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self._hand_on(buffer, view, bounds, starts, ends, fields)
+                self._gone(e)
+                return
+            if n <= VNET_HDR_LEN:
+                continue
+            flags, gso_type, _h, _g, csum_start, csum_offset = unpack(buffer, offset)
+            packet = offset + VNET_HDR_LEN
+            length = n - VNET_HDR_LEN
+            if not gso_type:
+                if not flags & NEEDS_CSUM:
+                    bounds.append((packet, offset + n))
+                    offset = (offset + n + 1) & ~1
                     budget -= 1
-                    try:
-                        receiver(view[VNET_HDR_LEN:n].tobytes())
-                    except Exception:
-                        self._receiver_failed()
                     continue
-                else:
-                    try:
-                        packets = split(view[:n])
-                    except OffloadError:
-                        self.offload_errors += 1
-                        continue
-                    except Exception:
-                        # A bug in the cutter must not take the device off the reactor.
-                        self.offload_errors += 1
-                        self._receiver_failed()
-                        continue
-                    if buffer[1]:
-                        self.gso_reads += 1
-                        self.gso_segments += len(packets)
-                budget -= len(packets)
-                batch_receiver = self.batch_receiver
-                if batch_receiver is not None and len(packets) > 1:
-                    try:
-                        batch_receiver(packets)
-                    except Exception:
-                        self._receiver_failed()
+                field = csum_start + csum_offset
+                if (
+                    csum_start < length
+                    and field + 2 <= length
+                    and not (csum_start | csum_offset) & 1
+                ):
+                    bounds.append((packet, offset + n))
+                    starts.append(packet + csum_start)
+                    fields.append(packet + field)
+                    ends.append(offset + n)
+                    offset = (offset + n + 1) & ~1
+                    budget -= 1
                     continue
-                for packet in packets:
-                    try:
-                        receiver(packet)
-                    except Exception:
-                        self._receiver_failed()
-        finally:
-            view.release()
+            # A super-packet (or a checksum this path does not take): what is pending
+            # goes first, so that the order of packets stays as read.
+            self._hand_on(buffer, view, bounds, starts, ends, fields)
+            frame = view[offset : offset + n]
+            offset = 0
+            try:
+                packets = split(frame)
+            except OffloadError:
+                self.offload_errors += 1
+                continue
+            except Exception:
+                # A bug in the cutter must not take the device off the reactor.
+                self.offload_errors += 1
+                self._receiver_failed()
+                continue
+            finally:
+                frame.release()
+            if gso_type:
+                self.gso_reads += 1
+                self.gso_segments += len(packets)
+            budget -= len(packets)
+            batch_receiver = self.batch_receiver
+            if batch_receiver is not None and len(packets) > 1:
+                try:
+                    batch_receiver(packets)
+                except Exception:
+                    self._receiver_failed()
+                continue
+            for one in packets:
+                try:
+                    receiver(one)
+                except Exception:
+                    self._receiver_failed()
+        self._hand_on(buffer, view, bounds, starts, ends, fields)
         self._hook(self.on_batch_end)
+
+    def _hand_on(
+        self,
+        buffer: bytearray,
+        view: memoryview,
+        bounds: list[tuple[int, int]],
+        starts: list[int],
+        ends: list[int],
+        fields: list[int],
+    ) -> None:
+        """Finish the pending packets' checksums and hand each on as its own bytes; empties
+        the lists."""
+        if not bounds:
+            return
+        if starts:
+            try:
+                finish_checksums(view, starts, ends, fields)
+            except Exception:
+                # Never seen; the packets would go out with wrong checksums, so drop them.
+                self.offload_errors += len(bounds)
+                self._receiver_failed()
+                bounds.clear()
+            starts.clear()
+            ends.clear()
+            fields.clear()
+        receiver = self._receiver
+        for start, end in bounds:
+            try:
+                receiver(view[start:end].tobytes())
+            except Exception:
+                self._receiver_failed()
+        bounds.clear()
 
     def _hook(self, hook: Callable[[], None] | None) -> None:
         """Run a batch hook; its bug is counted like a receiver's, never raised."""
