@@ -135,7 +135,8 @@ def _short_bytes(count: object) -> str:
 
 def _words(value: Any, now: float, key: str = "") -> str:
     """A value as a person reads it: no Python spellings (None, True, ['a'])."""
-    if key.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool):
+    timestamp = key.endswith(("_at", "_until"))
+    if timestamp and isinstance(value, int | float) and not isinstance(value, bool):
         delta = int(value - now)
         return f"in {delta} s" if delta > 0 else f"{-delta} s ago"
     if value is None:
@@ -350,8 +351,6 @@ def format_status(
             *_KEEPALIVE_KEYS,
         }
         for key, value in sorted(peer.items()):
-            if isinstance(value, dict):  # a group of counts (sent by kind): one line
-                value = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in value.items())
             if key not in skip:
                 lines.append(f"  {key.replace('_', ' ')}: {_words(value, now, key)}")
     return "\n".join(lines)
