@@ -191,7 +191,7 @@ class Node:
         )
         #: The source of the latest authenticated datagram (the birthday sockets ask).
         self._authenticated: Endpoint | None = None
-        self.device.on_authenticated_source = self._authenticated_source
+        self.device.add_source_listener(self._authenticated_source)
         #: Handshakes wait behind each read batch's transport data (Device.handshake_backlog).
         self.device.handshake_backlog = deque()
         self._backlog_call: IDelayedCall | None = None
@@ -285,7 +285,7 @@ class Node:
         io = _DataPath(self.udp.send, self.tun.write)
         io.send_probe = self.udp.send_probe
         io.send_datagrams = self.udp.send_datagrams
-        self.device.io = io
+        self.device.attach_io(io)
         self.tun.start_reading()
         self.udp.start_reading()
         self.running = True
@@ -309,7 +309,7 @@ class Node:
         if self.device.handshake_backlog:
             self.device.handshake_backlog.clear()
         self.device.down()
-        self.device.io = _DataPath(_discard_datagram, _discard_packet)
+        self.device.attach_io(_DataPath(_discard_datagram, _discard_packet))
         self.birthday.close()
         self.udp.close()
         self.tun.close()
@@ -339,7 +339,7 @@ class Node:
         self._batch_end()
         return self._authenticated == source
 
-    def _authenticated_source(self, source: Endpoint) -> None:
+    def _authenticated_source(self, peer: Peer, source: Endpoint, now: float) -> None:
         """The device authenticated a datagram from ``source`` (WireGuard's roaming moment)."""
         self._authenticated = source
         self.udp.confirm_source(source)

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, gatherResults
@@ -33,6 +33,21 @@ from meshguard.status import listen_status
 from meshguard.tun import TunError
 from meshguard.uapi_server import InterfaceInUseError, listen_uapi
 from meshguard.udp import UDPBindError
+
+if TYPE_CHECKING:
+    from meshguard.relay.service import TlsRelay
+
+
+class MembershipService(Protocol):
+    """What the service asks of signed membership (``meshguard.enrollment.Enrollment``,
+    imported only when ``MeshName`` is set): open its ports while privileged, then run."""
+
+    def open(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
 
 log = Logger()
 
@@ -137,7 +152,7 @@ class NodeService(service.Service):
         self.node: Node | None = None
         self.uapi: IListeningPort | None = None
         #: The TLS relay server and clients (``meshguard.relay.service.TlsRelay``), if configured.
-        self.tls_relay: Any = None
+        self.tls_relay: TlsRelay | None = None
         self.routes: list[Network] = []
         self._learned_sync: IDelayedCall | None = None
         self._previous_hup: Any = None
@@ -149,7 +164,7 @@ class NodeService(service.Service):
         self.port_mapping: PortMapping | None = None
         self._mapped_port = 0
         #: Signed membership, store, joins and names (``MeshName``; docs/invitations.md).
-        self.enrollment: Any = None
+        self.enrollment: MembershipService | None = None
 
     # ------------------------------------------------------------------ start
 

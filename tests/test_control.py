@@ -44,8 +44,8 @@ class ChannelTests(SynchronousTestCase):
         for node, mesh in ((pair.a, a_mesh), (pair.b, b_mesh)):
             node.device.mesh = mesh
             name = "a" if node is pair.a else "b"
-            node.device.on_control = lambda peer, kind, body, now, name=name: received.append(
-                (name, kind, body)
+            node.device.set_control_handler(
+                lambda peer, kind, body, now, name=name: received.append((name, kind, body))
             )
         return pair, received
 

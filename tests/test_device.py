@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshguard.core import constants as C
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.device import Device
+from meshguard.core.interfaces import AlreadyRegisteredError
 from meshguard.core.peer import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, SEND_KEEPALIVE
 from meshguard.memory import MemoryNetwork, MemoryNode
 from tests.packets import ipv4, ipv6
@@ -67,13 +68,17 @@ class Pair:
 
 class HandshakeAndDataTests(SynchronousTestCase):
     def test_authenticated_sources_reported_before_any_reply(self) -> None:
-        """Initiation, response and data that authenticate tell ``on_authenticated_source``
+        """Initiation, response and data that authenticate tell the source listeners
         their source (before the handshake response goes out, so the UDP layer can answer from
         the right local address); garbage and forged datagrams tell nothing."""
         pair = Pair()
         told: list[tuple[str, tuple[str, int], int]] = []
-        pair.a.device.on_authenticated_source = lambda s: told.append(("a", s, len(pair.a.sent)))
-        pair.b.device.on_authenticated_source = lambda s: told.append(("b", s, len(pair.b.sent)))
+        pair.a.device.add_source_listener(
+            lambda peer, s, now: told.append(("a", s, len(pair.a.sent)))
+        )
+        pair.b.device.add_source_listener(
+            lambda peer, s, now: told.append(("b", s, len(pair.b.sent)))
+        )
         pair.a_to_b(b"x")
         # B: the initiation (before its response), then the data; A: the response.
         self.assertEqual(told, [("b", A_EP, 0), ("a", B_EP, 1), ("b", A_EP, 1)])
@@ -640,3 +645,41 @@ class ConfigurationTests(SynchronousTestCase):
 
     def test_device_class_is_sans_io(self) -> None:
         self.assertTrue(Device.__module__.startswith("meshguard.core"))
+
+
+class EventRegistrationTests(SynchronousTestCase):
+    """The device's events are wired through typed registration: owners once, listeners many."""
+
+    def test_second_owner_fails_loudly(self) -> None:
+        """Registering a second owner raises instead of silently replacing the first."""
+        device = Pair().a.device
+
+        def control(peer: object, kind: int, body: bytes, now: float) -> None:
+            pass
+
+        device.set_control_handler(control)
+        with self.assertRaises(AlreadyRegisteredError):
+            device.set_control_handler(control)
+        device.set_too_big_handler(lambda peer, packet, now: None)
+        with self.assertRaises(AlreadyRegisteredError):
+            device.set_too_big_handler(lambda peer, packet, now: None)
+        device.set_echo_handler(b"\x01\x02", lambda peer, packet, now: True)
+        with self.assertRaises(AlreadyRegisteredError):
+            device.set_echo_handler(b"\x03\x04", lambda peer, packet, now: True)
+        self.assertEqual(device.echo_marker, b"\x01\x02")
+        device.set_unknown_datagram_handler(lambda data, source, now: None)
+        with self.assertRaises(AlreadyRegisteredError):
+            device.set_unknown_datagram_handler(lambda data, source, now: None)
+
+    def test_every_source_listener_is_told(self) -> None:
+        """Several parties may listen to authenticated sources; each is told, with the peer."""
+        pair = Pair()
+        first: list[tuple[bytes, tuple[str, int]]] = []
+        second: list[tuple[str, int]] = []
+        pair.b.device.add_source_listener(lambda peer, s, now: first.append((peer.public_key, s)))
+        pair.b.device.add_source_listener(lambda peer, s, now: second.append(s))
+        pair.a_to_b(b"x")
+        key = pair.peer_of_b.public_key
+        self.assertEqual(first, [(key, A_EP), (key, A_EP)])
+        self.assertEqual(second, [A_EP, A_EP])
+        self.assertIsNone(pair.peer_of_b.arrived_via)

@@ -106,7 +106,7 @@ class PacketsFromTunTests(SynchronousTestCase):
 
         def small(pair: Pair) -> None:
             pair.peer_of_a.inner_mtu = 1000
-            pair.a.device.on_too_big = lambda peer, packet, now: None
+            pair.a.device.set_too_big_handler(lambda peer, packet, now: None)
 
         self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], segments(4)], small)
 

@@ -73,7 +73,7 @@ class EndpointNamesTests(SynchronousTestCase):
         self.patch(meshguard.node, "resolve_endpoint", self._resolve_at_load)
         self.node = Node("mgdns0", self.clock, resolver=self.resolver, plugins=False)
         self.sent = Sent()
-        self.node.device.io = self.sent
+        self.node.device.attach_io(self.sent)
         self.peer_key = public_key(private(2))
         config = parse_config(
             f"[Interface]\nPrivateKey = {base64.b64encode(private(1)).decode()}\n\n"

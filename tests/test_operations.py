@@ -159,8 +159,6 @@ class MeshPingTests(SynchronousTestCase):
 
 
 class _FakeDevice:
-    relayed_by = None
-
     def __init__(self) -> None:
         self.sent: list[tuple[int, bytes]] = []
 

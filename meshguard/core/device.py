@@ -24,7 +24,18 @@ from meshguard.core.allowedips import AllowedIPs
 from meshguard.core.cookie import CookieChecker
 from meshguard.core.crypto import CryptoError, clamp, dh, generate_private_key, public_key, tai64n
 from meshguard.core.indextable import IndexTable
-from meshguard.core.interfaces import DeviceIO, Endpoint, RandomBytes
+from meshguard.core.interfaces import (
+    AlreadyRegisteredError,
+    ControlHandler,
+    DatagramHandler,
+    DeviceIO,
+    EchoReplyHandler,
+    Endpoint,
+    PathTransport,
+    RandomBytes,
+    SourceListener,
+    TooBigHandler,
+)
 from meshguard.core.keypair import Keypair
 from meshguard.core.mss import clamp_if_syn
 from meshguard.core.noise import (
@@ -89,6 +100,9 @@ class DropCounters:
 #: Handshake messages waiting behind transport data at most (see ``Device.handshake_backlog``).
 HANDSHAKE_BACKLOG = 1024
 
+#: The path kind of a peer reached through a forwarding member (``Peer.relay``).
+PATH_MEMBER = "member"
+
 #: Stands in for the endpoint of a peer reached through a relay (never sent to).
 _RELAYED: Endpoint = ("0.0.0.0", 0)
 
@@ -141,28 +155,18 @@ class Device:
         )
         #: Whether this device speaks the mesh control channel (marks its initiations).
         self.mesh = mesh
-        #: Called with ``(peer, kind, body, now)`` for each authenticated control message.
-        self.on_control: Callable[[Peer, int, bytes, float], None] | None = None
-        #: Called with ``(data, source, now)`` for a datagram that is no WireGuard message
-        #: (mesh probes such as the NAT lifetime probe); without it such a datagram is counted
-        #: as malformed. The hook counts what it does not recognise.
-        self.on_unknown_datagram: Callable[[bytes, Endpoint, float], None] | None = None
-        #: Told the source of every datagram that authenticated (roaming's moment), before any
-        #: reply to it is sent: the UDP layer learns which local address to answer from only
-        #: then, so spoofed datagrams cannot change it.
-        self.on_authenticated_source: Callable[[Endpoint], None] | None = None
-        #: Called with ``(peer, packet, now)`` for a TUN packet larger than the peer's
-        #: ``inner_mtu`` (path MTU enforcement); the packet is not sent.
-        self.on_too_big: Callable[[Peer, bytes, float], None] | None = None
+        # The events below are wired through the registration methods ("Events" section):
+        # owners are taken once (a second one raises), listeners add up.
+        self._control_handler: ControlHandler | None = None
+        self._unknown_datagram_handler: DatagramHandler | None = None
+        self._source_listeners: list[SourceListener] = []
+        self._too_big_handler: TooBigHandler | None = None
         #: The ICMP echo identifier (2 bytes) of path MTU probes toward stock peers: received
-        #: echo replies carrying it go to ``on_echo_reply`` (True: consumed, not written to
-        #: the TUN device). None: no check in the receive path.
+        #: echo replies carrying it go to the echo handler. None: no check in the receive path.
         self.echo_marker: bytes | None = None
-        self.on_echo_reply: Callable[[Peer, bytes, float], bool] | None = None
-        #: Called with ``(peer, relay, datagram, now)`` to send a datagram for ``peer`` through
-        #: the member ``peer.relay`` (the mesh layer wraps it in a RELAY_FORWARD); unset, the
-        #: datagram is dropped.
-        self.on_relay_send: Callable[[Peer, Peer, bytes, float], None] | None = None
+        self._echo_handler: EchoReplyHandler | None = None
+        #: The transports of paths that are not plain UDP, by path kind (``PATH_*``).
+        self._transports: dict[str, PathTransport] = {}
         #: When not None, initiations and responses that arrive directly while the device is
         #: under load wait here and are handled by :meth:`run_handshake_backlog`, at most
         #: ``handshake_budget`` per call. The adapter calls it after each read batch, so
@@ -172,13 +176,57 @@ class Device:
         #: UDP layer still learns the local address a peer reached from them.)
         self.handshake_backlog: deque[tuple[bytes, Endpoint]] | None = None
         self.handshake_budget = 32
-        #: The relay the datagram being handled came through (see ``relayed_datagram_received``).
-        self._via: Peer | None = None
         #: The keypair the last transport message opened under (for transport_batch_received).
         self._last_opened: Keypair | None = None
         self._load_window_start = 0.0
         self._load_window_count = 0
         self._under_load_until = -1.0
+
+    # ------------------------------------------------------------------ events
+
+    def _claim(self, slot: str, owner: object, event: str) -> None:
+        if getattr(self, slot) is not None:
+            raise AlreadyRegisteredError(f"the device's {event} already has an owner")
+        setattr(self, slot, owner)
+
+    def attach_io(self, io: DeviceIO) -> None:
+        """Where sealed datagrams and opened packets go from now on (the node's adapters once
+        they run, a discarding sink before and after)."""
+        self.io = io
+
+    def set_control_handler(self, handler: ControlHandler) -> None:
+        """The owner of authenticated control messages (the mesh agent)."""
+        self._claim("_control_handler", handler, "control messages")
+
+    def set_unknown_datagram_handler(self, handler: DatagramHandler) -> None:
+        """The owner of datagrams that are no WireGuard message; without one they are
+        counted as malformed."""
+        self._claim("_unknown_datagram_handler", handler, "non-WireGuard datagrams")
+
+    def add_source_listener(self, listener: SourceListener) -> None:
+        """Told the source of every authenticated datagram that came straight over UDP."""
+        self._source_listeners.append(listener)
+
+    def add_handshake_listener(self, listener: Callable[[Peer], None]) -> None:
+        """Told each peer whose handshake completed."""
+        self.handshake_listeners.append(listener)
+
+    def set_too_big_handler(self, handler: TooBigHandler) -> None:
+        """The owner of TUN packets larger than the peer's ``inner_mtu``."""
+        self._claim("_too_big_handler", handler, "oversize packets")
+
+    def set_echo_handler(self, marker: bytes, handler: EchoReplyHandler) -> None:
+        """The owner of echo replies whose identifier is ``marker`` (2 bytes)."""
+        if len(marker) != 2:
+            raise ValueError("an echo marker is 2 bytes")
+        self._claim("_echo_handler", handler, "marked echo replies")
+        self.echo_marker = marker
+
+    def set_transport(self, kind: str, transport: PathTransport) -> None:
+        """The transport that carries datagrams of peers on a path of ``kind``."""
+        if kind in self._transports:
+            raise AlreadyRegisteredError(f"the device's {kind} path already has a transport")
+        self._transports[kind] = transport
 
     # ------------------------------------------------------------------ configuration
 
@@ -300,8 +348,8 @@ class Device:
         if peer is None:
             self.counters.no_route += 1
             return
-        if length > peer.inner_mtu and self.on_too_big is not None:
-            self.on_too_big(peer, packet, now)
+        if length > peer.inner_mtu and self._too_big_handler is not None:
+            self._too_big_handler(peer, packet, now)
             return
         mss_mtu = peer.mss_mtu
         if mss_mtu:
@@ -575,11 +623,7 @@ class Device:
             if len(data) != C.INITIATION_SIZE:
                 self.counters.malformed += 1
                 return
-            if (
-                self.handshake_backlog is not None
-                and now < self._under_load_until
-                and self._via is None
-            ):
+            if self.handshake_backlog is not None and now < self._under_load_until:
                 self._defer_handshake(self.handshake_backlog, data, source)
                 return
             self._receive_initiation(data, source, now)
@@ -587,11 +631,7 @@ class Device:
             if len(data) != C.RESPONSE_SIZE:
                 self.counters.malformed += 1
                 return
-            if (
-                self.handshake_backlog is not None
-                and now < self._under_load_until
-                and self._via is None
-            ):
+            if self.handshake_backlog is not None and now < self._under_load_until:
                 self._defer_handshake(self.handshake_backlog, data, source)
                 return
             self._receive_response(data, source, now)
@@ -600,8 +640,8 @@ class Device:
                 self.counters.malformed += 1
                 return
             self._receive_cookie_reply(data, now)
-        elif self.on_unknown_datagram is not None:
-            self.on_unknown_datagram(data, source, now)
+        elif self._unknown_datagram_handler is not None:
+            self._unknown_datagram_handler(data, source, now)
         else:
             self.counters.malformed += 1
 
@@ -627,7 +667,9 @@ class Device:
                 self._receive_response(data, source, now)
         return bool(backlog)
 
-    def _receive_transport(self, data: bytes, source: Endpoint, now: float) -> None:
+    def _receive_transport(
+        self, data: bytes, source: Endpoint, now: float, via: Peer | None = None
+    ) -> None:
         keypair = self.indices.get(int.from_bytes(data[4:8], "little"))
         if keypair.__class__ is not Keypair:
             self.counters.unknown_index += 1
@@ -646,14 +688,15 @@ class Device:
             return
         peer = keypair.peer
         # Authenticated: roaming, counters, key confirmation, timers.
-        if self._via is None:
+        if via is None:
             peer.endpoint = source
-            if self.on_authenticated_source is not None:
-                self.on_authenticated_source(source)
+            for listener in self._source_listeners:
+                listener(peer, source, now)
             # transport_batch_received may open the rest of its batch under this keypair.
             self._last_opened = keypair
         else:
-            self._relayed_from(peer)
+            self._relayed_from(peer, via)
+        peer.arrived_via = via
         peer.rx_bytes += len(data)
         if keypair is peer.keypairs.next:
             for dropped in peer.keypairs.promote_next(keypair):
@@ -773,7 +816,7 @@ class Device:
             (version == 4 and plaintext[9] == 1 and plaintext[24:26] == marker)
             or (version == 6 and plaintext[6] == 58 and plaintext[44:46] == marker)
         ):
-            on_echo_reply = self.on_echo_reply
+            on_echo_reply = self._echo_handler
             if on_echo_reply is not None and on_echo_reply(peer, plaintext, now):
                 return
         mss_mtu = peer.mss_mtu
@@ -784,12 +827,13 @@ class Device:
 
     def _receive_control(self, peer: Peer, plaintext: bytes, now: float) -> None:
         decoded = control.decode(plaintext)
-        if decoded is None or not self.mesh or self.on_control is None:
+        handler = self._control_handler
+        if decoded is None or not self.mesh or handler is None:
             self.counters.bad_inner_packet += 1
             return
         peer.is_meshguard = True
         kind, body = decoded
-        self.on_control(peer, kind, body, now)
+        handler(peer, kind, body, now)
 
     def send_control(self, peer: Peer, kind: int, body: bytes, now: float) -> bool:
         """Send a control message to a meshguard peer over its current session.
@@ -872,32 +916,38 @@ class Device:
         return True
 
     def _send_relayed(self, peer: Peer, relay: Peer, message: bytes, now: float) -> None:
-        if self.on_relay_send is None or relay.removed:
+        transport = self._transports.get(PATH_MEMBER)
+        if transport is None or relay.removed:
             self.counters.no_endpoint += 1
             return
-        self.on_relay_send(peer, relay, message, now)
+        transport.send(peer, message, now)
 
     def relayed_datagram_received(self, data: bytes, relay: Peer, now: float) -> None:
         """A datagram another member forwarded to us (RELAY_DELIVER): handled as if received,
-        except that roaming records "via ``relay``" instead of a source endpoint."""
+        except that roaming records "via ``relay``" (``peer.arrived_via``) instead of a source
+        endpoint. Handshakes through a relay never wait in the backlog (the relay's session
+        already authenticated them once), and only WireGuard messages come this way."""
         if relay.removed:
             return
-        self._via = relay
-        try:
-            self.datagram_received(data, relay.endpoint or _RELAYED, now)
-        finally:
-            self._via = None
+        head = data[:4]
+        source = relay.endpoint or _RELAYED
+        if head == _TRANSPORT_TYPE and len(data) >= C.TRANSPORT_MIN_SIZE:
+            self._receive_transport(data, source, now, relay)
+        elif head == _INITIATION_TYPE and len(data) == C.INITIATION_SIZE:
+            self._receive_initiation(data, source, now, relay)
+        elif head == _RESPONSE_TYPE and len(data) == C.RESPONSE_SIZE:
+            self._receive_response(data, source, now, relay)
+        elif head == _COOKIE_TYPE and len(data) == C.COOKIE_REPLY_SIZE:
+            self._receive_cookie_reply(data, now)
+        else:
+            self.counters.malformed += 1
 
-    @property
-    def relayed_by(self) -> Peer | None:
-        """While a relayed datagram is being handled, the member that forwarded it."""
-        return self._via
-
-    def _relayed_from(self, peer: Peer) -> None:
-        """An authenticated datagram came through a relay: a peer we have no way to reach yet
-        answers through the same relay; otherwise the mesh layer's path choice stands."""
-        if peer.relay is None and peer.endpoint is None and self._via is not peer:
-            peer.relay = self._via
+    def _relayed_from(self, peer: Peer, via: Peer) -> None:
+        """An authenticated datagram came through the member ``via``: a peer we have no way to
+        reach yet answers through the same relay; otherwise the mesh layer's path choice
+        stands."""
+        if peer.relay is None and peer.endpoint is None and via is not peer:
+            peer.relay = via
 
     def _under_load(self, now: float) -> bool:
         """Count handshake messages per second; past the threshold, demand cookies for 1 s."""
@@ -936,7 +986,9 @@ class Device:
                 return False
         return True
 
-    def _receive_initiation(self, data: bytes, source: Endpoint, now: float) -> None:
+    def _receive_initiation(
+        self, data: bytes, source: Endpoint, now: float, via: Peer | None = None
+    ) -> None:
         sender_index = int.from_bytes(data[4:8], "little")
         if not self._admit_handshake(data, sender_index, source, now):
             return
@@ -969,12 +1021,13 @@ class Device:
         peer.last_initiation_consumed = now
         if control.is_marked(consumed.timestamp):
             peer.is_meshguard = True
-        if self._via is None:
+        if via is None:
             peer.endpoint = source
-            if self.on_authenticated_source is not None:
-                self.on_authenticated_source(source)
+            for listener in self._source_listeners:
+                listener(peer, source, now)
         else:
-            self._relayed_from(peer)
+            self._relayed_from(peer, via)
+        peer.arrived_via = via
         # A consumed initiation replaces any handshake we had in flight with this peer.
         self._free_handshake_index(peer)
         peer.handshake = None
@@ -1003,7 +1056,9 @@ class Device:
         self._send_handshake_message(peer, message, now)
         self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)
 
-    def _receive_response(self, data: bytes, source: Endpoint, now: float) -> None:
+    def _receive_response(
+        self, data: bytes, source: Endpoint, now: float, via: Peer | None = None
+    ) -> None:
         sender_index = int.from_bytes(data[4:8], "little")
         if not self._admit_handshake(data, sender_index, source, now):
             return
@@ -1039,12 +1094,13 @@ class Device:
         self.indices.replace(receiver_index, keypair)
         for dropped in peer.keypairs.install(keypair):
             self._drop_keypair(dropped)
-        if self._via is None:
+        if via is None:
             peer.endpoint = source
-            if self.on_authenticated_source is not None:
-                self.on_authenticated_source(source)
+            for listener in self._source_listeners:
+                listener(peer, source, now)
         else:
-            self._relayed_from(peer)
+            self._relayed_from(peer, via)
+        peer.arrived_via = via
         self._authenticated_received(peer, now)
         self._handshake_complete(peer, now)
         self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)

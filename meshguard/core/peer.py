@@ -78,6 +78,11 @@ class Peer:
         #: The member that forwards our datagrams to this peer, or None to send them straight
         #: to ``endpoint``. Only the mesh layer sets it (see :meth:`Device.send_via_relay`).
         self.relay: Peer | None = None
+        #: How the latest authenticated datagram from this peer arrived: None straight over UDP
+        #: (from ``endpoint``, which roaming just set), else the member that forwarded it. Mesh
+        #: features read it while handling a control message: only what came straight over UDP
+        #: says anything about a UDP path.
+        self.arrived_via: Peer | None = None
 
     def __repr__(self) -> str:
         # The public key is public, but a short form keeps log lines readable.

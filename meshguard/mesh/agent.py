@@ -177,8 +177,8 @@ class MeshAgent:
         #: Set when a deadline may have moved earlier (see ``TimerQueue.dirty``).
         self.dirty = False
         device.mesh = True
-        device.on_control = self.control_received
-        device.handshake_listeners.append(self._handshake)
+        device.set_control_handler(self.control_received)
+        device.add_handshake_listener(self._handshake)
 
     def add_feature(self, feature: MeshFeature) -> None:
         for kind in feature.kinds:

@@ -404,7 +404,7 @@ class KeepalivePolicy:
             count=self._count,
         )
         agent.observed_listeners.append(self._observed)
-        device.on_unknown_datagram = self.datagram_received
+        device.set_unknown_datagram_handler(self.datagram_received)
 
     # ------------------------------------------------------------------ configuration
 

@@ -437,7 +437,7 @@ class Paths:
             return
         if (
             len(body) != 8
-            or self.device.relayed_by is not None
+            or peer.arrived_via is not None
             or peer.endpoint is None
             or self.membership.is_relay_endpoint(peer.endpoint)
         ):

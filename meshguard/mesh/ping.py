@@ -79,7 +79,7 @@ class Pinger:
             self.dropped += 1  # late, unknown, or another peer's nonce
             return
         del self.pending[body]
-        via = self.device.relayed_by
+        via = peer.arrived_via
         answer = PingAnswer(
             rtt=max(0.0, now - pending.sent),
             relay=via.public_key if via is not None else None,

@@ -178,12 +178,11 @@ class PathMTU:
         self.icmp_sent = 0
         self.fragmented = 0
         self.too_big_dropped = 0
-        device.on_too_big = self.too_big
+        device.set_too_big_handler(self.too_big)
         #: Echo probes carry this identifier; the device hands replies with it to us.
         self.echo_ident = device.random(2)
-        device.echo_marker = self.echo_ident
-        device.on_echo_reply = self.echo_reply
-        device.handshake_listeners.append(self._handshake)
+        device.set_echo_handler(self.echo_ident, self.echo_reply)
+        device.add_handshake_listener(self._handshake)
 
     # ------------------------------------------------------------------ enforcement
 

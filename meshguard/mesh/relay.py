@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from meshguard.core.device import PATH_MEMBER
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent
@@ -80,7 +81,7 @@ class Relaying:
         self.received_via_relay = 0
         #: Bytes forwarded per (from, to) pair, for status and tests.
         self.pairs: dict[tuple[bytes, bytes], int] = {}
-        self.device.on_relay_send = self.send
+        self.device.set_transport(PATH_MEMBER, self)
 
     # ------------------------------------------------------------------ sender side
 
@@ -93,11 +94,17 @@ class Relaying:
             self.burst = max(MIN_BURST, rate * BURST_SECONDS)
         self._buckets.clear()
 
-    def send(self, peer: Peer, relay: Peer, datagram: bytes, now: float) -> None:
-        if self.device.send_control(relay, kinds.RELAY_FORWARD, peer.public_key + datagram, now):
+    def send(self, peer: Peer, datagram: bytes, now: float) -> bool:
+        """The device's transport for peers on a member path: wrap ``datagram`` in a
+        RELAY_FORWARD to the member ``peer.relay``."""
+        relay = peer.relay
+        if relay is not None and self.device.send_control(
+            relay, kinds.RELAY_FORWARD, peer.public_key + datagram, now
+        ):
             self.sent_via_relay += 1
-        else:
-            self.dropped += 1
+            return True
+        self.dropped += 1
+        return False
 
     # ------------------------------------------------------------------ MeshFeature
 

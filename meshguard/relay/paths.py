@@ -282,7 +282,7 @@ class TlsPaths:
         source = peer.endpoint
         if (
             len(body) != 8
-            or self.device.relayed_by is not None
+            or peer.arrived_via is not None
             or source is None
             or source in self._by_endpoint
         ):

@@ -47,7 +47,8 @@ def seeds() -> list[bytes]:
             captured.append(bytes([kind]) + body)
             original(peer, kind, body, now)
 
-        node.node.device.on_control = record
+        node.node.device._control_handler = None  # replace the agent's dispatch with a recorder
+        node.node.device.set_control_handler(record)
     sim.start()
     sim.run(30)
     return sorted(set(captured))[:40]
