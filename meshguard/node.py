@@ -200,9 +200,6 @@ class Node:
         self._flood_tick = LoopingCall(lambda: self.flood_guard.tick(self._seconds()))
         self._flood_tick.clock = reactor
         self.link = link if link is not None else Link(interface)
-        #: The endpoint UAPI ``get`` reports for a peer (the TLS relay shows the last UDP one
-        #: instead of its stand-in addresses).
-        self.endpoint_view: Callable[[Peer], Endpoint | None] = lambda peer: peer.endpoint
         #: The mesh layer; it marks our handshakes and talks only to meshguard peers.
         self.mesh = MeshAgent(
             self.device,
@@ -235,7 +232,7 @@ class Node:
             fwmark=lambda: self.fwmark,
         )
         self.members.paths.birthday = self.birthday
-        self.members.arbiter.observers.append(self._path_moved)
+        self.members.arbiter.add_observer(self._path_moved)
         #: ``Endpoint = name:port``: re-resolved when the peer goes quiet or the TTL runs out.
         self.names = EndpointNames(
             self.device, reactor, resolver=resolver, on_change=self.reschedule
@@ -520,7 +517,7 @@ class Node:
             PeerStatus(
                 public_key=peer.public_key,
                 preshared_key=peer.preshared_key if any(peer.preshared_key) else None,
-                endpoint=self.endpoint_view(peer),
+                endpoint=peer.endpoint,
                 last_handshake_time=peer.last_handshake_time,
                 rx_bytes=peer.rx_bytes,
                 tx_bytes=peer.tx_bytes,

@@ -19,7 +19,6 @@ from twisted.internet.interfaces import IDelayedCall
 
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
-from meshguard.mesh.agent import is_discard_only
 from meshguard.mesh.ping import PingAnswer, Pinger
 from meshguard.path_view import Network, path_view
 from meshguard.status import Reply
@@ -46,14 +45,12 @@ class PingRequests:
         node: Any,
         reactor: Any,
         *,
-        tls_relay_name: Callable[[Endpoint], str | None] = lambda endpoint: None,
         local_networks: Callable[[], Iterable[Network]] = list,
         pinger: Pinger | None = None,
     ) -> None:
         self.node = node
         self.reactor = reactor
         self.pinger: Pinger = pinger if pinger is not None else node.pinger
-        self.tls_relay_name = tls_relay_name
         self.local_networks = local_networks
 
     # ------------------------------------------------------------------ finding the peer
@@ -159,8 +156,8 @@ class PingRequests:
         entry: dict[str, Any]
         if answer.relay is not None:
             entry = {"path": f"relayed via {_b64(answer.relay)}"}
-        elif answer.endpoint is not None and is_discard_only(answer.endpoint):
-            entry = {"path": f"tls-relay via {self.tls_relay_name(answer.endpoint) or '?'}"}
+        elif answer.tls_relay is not None:
+            entry = {"path": f"tls-relay via {answer.tls_relay}"}
         else:
             entry = {
                 "path": "direct",

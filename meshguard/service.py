@@ -256,13 +256,7 @@ class NodeService(service.Service):
         """Requests on the control socket besides ``status`` (docs/operations.md)."""
         from meshguard.pinging import PingRequests
 
-        def tls_relay_name(endpoint: Any) -> str | None:
-            paths = getattr(self.tls_relay, "paths", None)
-            return paths.link_name(endpoint) if paths is not None else None
-
-        ping = PingRequests(
-            node, self.reactor, tls_relay_name=tls_relay_name, local_networks=self._host_networks
-        )
+        ping = PingRequests(node, self.reactor, local_networks=self._host_networks)
         return {"ping": ping}
 
     def _route_mtu_guess(self, node: Node) -> int:

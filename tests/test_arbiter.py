@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.core.peer import Peer
+from meshguard.core.interfaces import AlreadyRegisteredError
+from meshguard.core.peer import PATH_MEMBER, PATH_TLS, PATH_UDP, Peer
 from meshguard.mesh import arbiter as arb
 from meshguard.mesh.arbiter import Path, PathArbiter
 
@@ -149,46 +150,75 @@ class ArbiterTests(SynchronousTestCase):
         self.assertEqual(self.peer.endpoint, A_LAN)
 
     def test_mesh_and_tls_relay_together(self) -> None:
-        """A TLS relay that reaches the peer replaces the forwarding member; while it holds the
-        peer the arbiter leaves the endpoint to it and status says so; a proven UDP path is told
-        to the TLS logic and wins."""
+        """A TLS relay that reaches the peer replaces the forwarding member; on the relay the
+        path is explicit (``path_kind``), the endpoint stays the last UDP one and status never
+        calls it direct; a proven UDP path is told to the TLS logic and wins."""
         tls = _Tls()
         told: list[tuple[bytes, tuple[str, int]]] = []
         a = self.arbiter
-        a.tls = tls
-        a.udp_proven_listeners.append(lambda peer, ep, now: told.append((peer.public_key, ep)))
+        a.set_tls(tls)
+        a.add_udp_proven_listener(lambda peer, ep, now: told.append((peer.public_key, ep)))
+        self.peer.endpoint = A_PUBLIC  # where the punching source last tried
         a.offer_member(self.peer, [self.relay], 0.0)
-        self.assertIs(self.peer.relay, self.relay)
+        self.assertEqual((self.peer.path_kind, self.peer.relay), (PATH_MEMBER, self.relay))
         tls.present.add(self.peer.public_key)
         a.offer_member(self.peer, [self.relay], 1.0)  # the TLS relay reaches it: no member
-        self.assertIsNone(self.peer.relay)
-        a.tls_move(self.peer, ("100::1", 1), "relay.example:443", "UDP failed")
-        self.assertEqual(self.peer.endpoint, ("100::1", 1))  # the TLS logic's stand-in
-        self.peer.endpoint = A_LAN  # roaming
-        a.tls_keep(self.peer, ("100::1", 1))
-        a.heard_from(self.peer, ("100::1", 1), 2.0)
-        self.assertEqual(self.peer.endpoint, ("100::1", 1))
+        self.assertEqual((self.peer.path_kind, self.peer.relay), (PATH_UDP, None))
+        self.assertTrue(a.tls_take(self.peer, "relay.example:443", 1.5, "UDP failed"))
+        self.assertIs(self.peer.path_kind, PATH_TLS)
+        self.assertEqual(self.peer.endpoint, A_PUBLIC)  # no stand-in: wg show keeps this
+        a.offer_member(self.peer, [self.relay], 2.0)  # the member again: the relay stays
+        self.assertIs(self.peer.path_kind, PATH_TLS)
         status = a.status(self.peer)
         self.assertEqual(status["path_kind"], "tls-relay")
         self.assertEqual(status["path_via"], "relay.example:443")
         self.assertIsNotNone(status["not_direct_reason"])
-        a.udp_proven_listeners.append(
-            lambda peer, ep, now: a.tls_move(peer, ep, None, "the mesh path check was answered")
+        a.add_udp_proven_listener(
+            lambda peer, ep, now: a.tls_release(peer, ep, "the mesh path check was answered", now)
         )
         a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.03, 3.0)
         self.assertEqual(told, [(self.peer.public_key, A_PUBLIC)])
         self.assertFalse(a.holds_tls(self.peer))  # the TLS logic left the relay on being told
-        self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        self.assertEqual((self.peer.path_kind, self.peer.endpoint), (PATH_UDP, A_PUBLIC))
         self.assertEqual(a.status(self.peer)["path_kind"], "direct")
         self.assertEqual(
             [(old, new) for old, new, _ in self.moves],
             [
                 ("none", f"via member {self.relay.short_name}"),
                 (f"via member {self.relay.short_name}", "none"),
-                ("none", "tls-relay via relay.example:443"),
+                ("direct 203.0.113.7:41641", "tls-relay via relay.example:443"),
                 ("tls-relay via relay.example:443", "direct 203.0.113.7:41641"),
             ],
         )
+
+    def test_proof_after_the_relay_took_the_peer_wins_without_the_tls_logic(self) -> None:
+        """Proofs from before a TLS fallback no longer count (UDP failed since); a UDP path
+        proven afterwards beats the relay even if the TLS logic does not let go: the arbiter
+        moves the peer, once, and the TLS logic follows (``holds_tls`` turns False)."""
+        a = self.arbiter
+        tls = _Tls()
+        a.set_tls(tls)
+        tls.present.add(self.peer.public_key)
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.03, 1.0)
+        self.assertTrue(a.tls_take(self.peer, "r:443", 2.0, "UDP stopped answering"))
+        self.assertIsNone(a.best_udp(self.peer, 2.5))
+        a.offer_member(self.peer, [self.relay], 3.0)  # no stale proof pulls it back
+        self.assertIs(self.peer.path_kind, PATH_TLS)
+        a.proven(self.peer, Path(arb.LAN, A_LAN), 0.002, 4.0)
+        self.assertEqual((self.peer.path_kind, self.peer.endpoint), (PATH_UDP, A_LAN))
+        self.assertFalse(a.holds_tls(self.peer))
+        self.assertEqual(
+            [(old, new) for old, new, _ in self.moves][-2:],
+            [
+                ("direct 203.0.113.7:41641", "tls-relay via r:443"),
+                ("tls-relay via r:443", "lan 192.168.1.7:51820"),
+            ],
+        )
+
+    def test_a_second_tls_logic_fails_loudly(self) -> None:
+        self.arbiter.set_tls(_Tls())
+        with self.assertRaises(AlreadyRegisteredError):
+            self.arbiter.set_tls(_Tls())
 
     def test_not_direct_reason_comes_from_the_punching_source(self) -> None:
         """Status says why a relayed member is not direct, in the punching source's words."""

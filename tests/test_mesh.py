@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
+from meshguard.core.peer import PATH_TLS, PATH_UDP
 from meshguard.memory import MemoryNAT, MemoryNode
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
@@ -94,11 +95,11 @@ class HolePunchingTests(SynchronousTestCase):
         b = sim.add_member(home(sim, 2), "192.168.2.2")
         confirmed: list[tuple[bytes, tuple[str, int]]] = []
         arbiter = a.stack.arbiter
-        arbiter.udp_proven_listeners.append(
+        arbiter.add_udp_proven_listener(
             lambda peer, endpoint, now: confirmed.append((peer.public_key, endpoint))
         )
         tls = _FakeTls()
-        arbiter.tls = tls
+        arbiter.set_tls(tls)
         sim.start()
         sim.run(20)
         self.assertEqual(sim.path(a, b), "direct")
@@ -106,20 +107,21 @@ class HolePunchingTests(SynchronousTestCase):
         peer = a.node.device.peers[b.public_key]
         tls.held.add(b.public_key)
         direct = peer.endpoint
-        arbiter.tls_move(peer, ("100::5", 1), "relay.test:443", "UDP failed")
-        sim.run(CHECK_INTERVAL * 2 + 1)
-        self.assertIn((b.public_key, sim.endpoint_of(a, b)), confirmed)
-        state = a.stack.paths.states[b.public_key]
-        stand_in = ("100::5", 1)
-        peer.endpoint = stand_in
-        a.stack.paths._keep_chosen(state, stand_in, sim.net.now)
-        self.assertEqual(peer.endpoint, stand_in)
+        self.assertTrue(arbiter.tls_take(peer, "relay.test:443", sim.net.now, "UDP failed"))
+        self.assertIs(peer.path_kind, PATH_TLS)
+        self.assertEqual(peer.endpoint, direct)  # no stand-in: the last UDP endpoint stays
         self.assertEqual(arbiter.status(peer)["path_kind"], "tls-relay")
         self.assertEqual(arbiter.status(peer)["path_via"], "relay.test:443")
+        sim.run(CHECK_INTERVAL * 2 + 1)
+        self.assertIn((b.public_key, sim.endpoint_of(a, b)), confirmed)
+        # The fake TLS logic did not let go, but a newly proven UDP path beats the relay.
+        self.assertIs(peer.path_kind, PATH_UDP)
+        self.assertFalse(arbiter.holds_tls(peer))
         tls.held.clear()
-        arbiter.tls_move(peer, direct, None, "the relay let go")
-        peer.endpoint = stand_in
-        a.stack.paths._keep_chosen(state, stand_in, sim.net.now)
+        state = a.stack.paths.states[b.public_key]
+        elsewhere = ("198.51.100.9", 4000)
+        peer.endpoint = elsewhere  # roaming
+        a.stack.paths._keep_chosen(state, elsewhere, sim.net.now)
         self.assertEqual(peer.endpoint, state.direct)
         self.assertEqual(arbiter.status(peer)["path_kind"], "direct")
         self.assertIsNone(arbiter.status(peer)["not_direct_reason"])

@@ -7,8 +7,9 @@ from collections.abc import Collection
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshguard.core.peer import PATH_MEMBER, PATH_TLS, PATH_UDP
 from meshguard.mesh.agent import MeshAgent
-from meshguard.relay.paths import PREFIX, TlsPaths
+from meshguard.relay.paths import TlsPaths
 from tests.test_device import A_EP, B_EP, Pair
 
 
@@ -56,10 +57,9 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.agents = [MeshAgent(self.pair.a.device), MeshAgent(self.pair.b.device)]
         self.paths: list[TlsPaths] = []
         ends = [self.relay.end(a_key, b_key, "relay.test:443"), self.relay.end(b_key, a_key, "b")]
-        for node, agent, end in zip((self.pair.a, self.pair.b), self.agents, ends, strict=True):
-            paths = TlsPaths(agent)
+        for agent, end in zip(self.agents, ends, strict=True):
+            paths = TlsPaths(agent)  # registers itself as the device's PATH_TLS transport
             agent.add_feature(paths)
-            node.send_datagram = paths.wrap(node.send_datagram)  # type: ignore[method-assign]
             link_id = paths.add_link(end, net.now)
             self.paths.append(paths)
             net.timed.append(agent)
@@ -86,11 +86,14 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.assertEqual(self.pair.b.written, [])
         self.advance(7)
         self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
-        self.assertTrue(self.pair.peer_of_a.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+        # The path is explicit; the endpoint stays the last UDP one (no stand-in address).
+        self.assertIs(self.pair.peer_of_a.path_kind, PATH_TLS)
+        self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
         packet = self.pair.a_to_b(b"through the relay")
         self.relay.flush(self.pair.net.now)
         self.assertIn(packet, self.pair.b.written)
-        self.assertTrue(self.pair.peer_of_b.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+        self.assertIs(self.pair.peer_of_b.path_kind, PATH_TLS)
+        self.assertEqual(getattr(self.pair.peer_of_b.arrived_via, "name", None), "b")
         reply = self.pair.b_to_a(b"back")
         self.relay.flush(self.pair.net.now)
         self.assertIn(reply, self.pair.a.written)
@@ -99,6 +102,8 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.advance(7)
         self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
         self.assertEqual(self.pair.peer_of_b.endpoint, A_EP)
+        self.assertIs(self.pair.peer_of_a.path_kind, PATH_UDP)
+        self.assertIs(self.pair.peer_of_b.path_kind, PATH_UDP)
         self.assertEqual(self.path_of_a(), "udp")
         self.assertEqual(self.paths[0].returns, 1)
         self.assertEqual(self.paths[1].returns, 1)
@@ -110,36 +115,40 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.relay.up = False
         self.advance(2)
         self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+        self.assertIs(self.pair.peer_of_a.path_kind, PATH_UDP)
 
     def test_removed_link_returns_its_peers_to_udp_at_once(self) -> None:
         """A relay removed on reload: its peers are back on their UDP endpoint right away, the
-        link no longer reaches anyone, and its stand-in endpoints send nothing."""
+        link no longer reaches anyone, and the transport sends nothing more for them."""
         self.pair.a_to_b(b"first")
         self.advance(7)
         self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
-        stand_in = self.pair.peer_of_a.endpoint
-        assert stand_in is not None
         self.paths[0].remove_link(0, self.pair.net.now)
         self.assertEqual(self.pair.peer_of_a.endpoint, B_EP)
+        self.assertIs(self.pair.peer_of_a.path_kind, PATH_UDP)
         self.assertFalse(self.paths[0].reaches(self.pair.peer_of_a))
         self.assertEqual(self.paths[0].node_status()["tls_relays"], {})
         dropped = self.paths[0].dropped
-        self.paths[0].send_datagram(b"x", stand_in)
+        self.assertFalse(self.paths[0].send(self.pair.peer_of_a, b"x", self.pair.net.now))
         self.assertEqual(self.paths[0].dropped, dropped + 1)
 
-    def test_wg_show_gets_the_udp_endpoint_not_the_stand_in(self) -> None:
-        """UAPI get (``wg show``/``wg showconf``) reports the last UDP endpoint of a peer on a
-        relay; a peer never seen over UDP has none."""
+    def test_endpoint_stays_the_last_udp_one_on_the_relay(self) -> None:
+        """A peer on a relay keeps its last UDP endpoint (what ``wg show``/``wg showconf``
+        report): datagrams through the relay never change it, and the arbiter reports the
+        relay, never "direct"."""
         self.pair.a_to_b(b"first")
         self.advance(7)
         peer = self.pair.peer_of_a
         self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
-        self.assertEqual(self.paths[0].shown_endpoint(peer), B_EP)
+        self.assertEqual(peer.endpoint, B_EP)
         self.pair.b_to_a(b"back")
         self.relay.flush(self.pair.net.now)
-        self.assertTrue(self.paths[1].is_relay_endpoint(self.pair.peer_of_b.endpoint))
-        self.paths[1].states[self.pair.peer_of_b.public_key].udp = None
-        self.assertIsNone(self.paths[1].shown_endpoint(self.pair.peer_of_b))
+        # B never heard from A over UDP: no endpoint to show, however much came via the relay.
+        self.assertIsNone(self.pair.peer_of_b.endpoint)
+        self.assertIs(self.pair.peer_of_b.path_kind, PATH_TLS)
+        self.assertEqual(peer.endpoint, B_EP)
+        status = self.paths[0].arbiter.status(peer)
+        self.assertEqual((status["path_kind"], status["path_via"]), ("tls-relay", "relay.test:443"))
 
     def test_junk_from_the_relay_is_dropped(self) -> None:
         """A datagram that does not authenticate moves nothing."""
@@ -154,8 +163,10 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.assertTrue(self.paths[0].reaches(peer))
         self.pair.a_to_b(b"first")
         peer.relay = self.pair.peer_of_b  # stands for a forwarding member
+        peer.path_kind = PATH_MEMBER
         self.advance(1.5)
         self.assertIsNone(peer.relay)
+        self.assertIs(peer.path_kind, PATH_TLS)
         self.assertEqual(self.path_of_a(), "tls-relay via relay.test:443")
         self.advance(0.5)  # the handshake it started through the relay
         packet = self.pair.a_to_b(b"through the relay")
@@ -193,7 +204,7 @@ class TlsPathRulesTests(SynchronousTestCase):
         packet = self.pair.a_to_b(b"through the relay")
         self.relay.flush(net.now)
         self.assertIn(packet, self.pair.b.written)
-        self.assertTrue(self.pair.peer_of_b.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+        self.assertEqual(getattr(self.pair.peer_of_b.arrived_via, "name", None), "b")
 
     def test_mesh_path_check_answered_leaves_the_relay_for_good(self) -> None:
         """The mesh's own path check (PATH_PONG) proving UDP both ways moves the pair off the
@@ -207,7 +218,7 @@ class TlsPathRulesTests(SynchronousTestCase):
         self.pair.b_to_a(b"on the relay")
         self.relay.flush(net.now)
         self.assertTrue(self.paths[0].holds(self.pair.peer_of_a))
-        self.assertTrue(self.pair.peer_of_b.endpoint[0].startswith(PREFIX))  # type: ignore[index]
+        self.assertIs(self.pair.peer_of_b.path_kind, PATH_TLS)
         net.filters.remove(self.filter)
         in_flight = self.pair.b_to_a(b"in flight through the relay")  # queued, not yet delivered
         self.paths[0].direct_confirmed(self.pair.peer_of_a, B_EP, net.now)

@@ -34,13 +34,15 @@ def fake_node() -> Any:
         public_key=b"\x02" * 32,
         peers={},
         io=SimpleNamespace(send_datagram=lambda data, endpoint: None),
+        set_transport=lambda kind, transport: None,
+        add_relayed_listener=lambda listener: None,
     )
     return SimpleNamespace(
         device=device,
         mesh=FakeAgent(device),
         members=SimpleNamespace(
             arbiter=PathArbiter(),
-            membership=SimpleNamespace(is_relay_endpoint=None, learned=set()),
+            membership=SimpleNamespace(learned=set()),
         ),
         reschedule=lambda: None,
         running=True,

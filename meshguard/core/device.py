@@ -26,6 +26,7 @@ from meshguard.core.crypto import CryptoError, clamp, dh, generate_private_key, 
 from meshguard.core.indextable import IndexTable
 from meshguard.core.interfaces import (
     AlreadyRegisteredError,
+    Carrier,
     ControlHandler,
     DatagramHandler,
     DeviceIO,
@@ -33,6 +34,7 @@ from meshguard.core.interfaces import (
     Endpoint,
     PathTransport,
     RandomBytes,
+    RelayedListener,
     SourceListener,
     TooBigHandler,
 )
@@ -46,6 +48,8 @@ from meshguard.core.noise import (
 )
 from meshguard.core.peer import (
     NEW_HANDSHAKE,
+    PATH_MEMBER,
+    PATH_UDP,
     PERSISTENT_KEEPALIVE,
     RETRANSMIT_HANDSHAKE,
     SEND_KEEPALIVE,
@@ -100,10 +104,8 @@ class DropCounters:
 #: Handshake messages waiting behind transport data at most (see ``Device.handshake_backlog``).
 HANDSHAKE_BACKLOG = 1024
 
-#: The path kind of a peer reached through a forwarding member (``Peer.relay``).
-PATH_MEMBER = "member"
-
-#: Stands in for the endpoint of a peer reached through a relay (never sent to).
+#: The source of a datagram that came through a relay (a member or a TLS relay), and the
+#: endpoint argument while sealing for a peer on a relayed path: never sent to.
 _RELAYED: Endpoint = ("0.0.0.0", 0)
 
 
@@ -160,6 +162,7 @@ class Device:
         self._control_handler: ControlHandler | None = None
         self._unknown_datagram_handler: DatagramHandler | None = None
         self._source_listeners: list[SourceListener] = []
+        self._relayed_listeners: list[RelayedListener] = []
         self._too_big_handler: TooBigHandler | None = None
         #: The ICMP echo identifier (2 bytes) of path MTU probes toward stock peers: received
         #: echo replies carrying it go to the echo handler. None: no check in the receive path.
@@ -206,6 +209,10 @@ class Device:
     def add_source_listener(self, listener: SourceListener) -> None:
         """Told the source of every authenticated datagram that came straight over UDP."""
         self._source_listeners.append(listener)
+
+    def add_relayed_listener(self, listener: RelayedListener) -> None:
+        """Told of every authenticated datagram that came through a relay."""
+        self._relayed_listeners.append(listener)
 
     def add_handshake_listener(self, listener: Callable[[Peer], None]) -> None:
         """Told each peer whose handshake completed."""
@@ -382,7 +389,7 @@ class Device:
             peer is None
             or keypair is None
             or endpoint is None
-            or peer.relay is not None
+            or peer.path_kind is not PATH_UDP
             or peer.mss_mtu
             or length > peer.inner_mtu
             or now - keypair.created >= C.REJECT_AFTER_TIME
@@ -438,9 +445,7 @@ class Device:
     def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
         """Seal and send ``packet`` to ``peer``, staging it while no session can carry it."""
         keypair = peer.keypairs.current
-        endpoint = peer.endpoint
-        if endpoint is None and peer.relay is not None:
-            endpoint = _RELAYED
+        endpoint = peer.endpoint if peer.path_kind is PATH_UDP else _RELAYED
         if (
             keypair is None
             or now - keypair.created >= C.REJECT_AFTER_TIME
@@ -483,11 +488,10 @@ class Device:
         message = (
             keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
         )
-        relay = peer.relay
-        if relay is None:
+        if peer.path_kind is PATH_UDP:
             self.io.send_datagram(message, endpoint)
         else:
-            self._send_relayed(peer, relay, message, now)
+            self._send_by_path(peer, message, now)
         peer.tx_bytes += len(message)
         # Any authenticated packet sent: no passive keepalive needed; persistent one re-armed.
         peer.timers.deadlines[SEND_KEEPALIVE] = None
@@ -504,9 +508,7 @@ class Device:
 
     def _send_staged(self, peer: Peer, now: float) -> None:
         keypair = peer.keypairs.current
-        endpoint = peer.endpoint
-        if endpoint is None and peer.relay is not None:
-            endpoint = _RELAYED
+        endpoint = peer.endpoint if peer.path_kind is PATH_UDP else _RELAYED
         if endpoint is None:
             if peer.staged:
                 self.counters.no_endpoint += 1
@@ -582,8 +584,8 @@ class Device:
         )
 
     def _send_handshake_message(self, peer: Peer, message: bytes, now: float) -> None:
-        if peer.relay is not None:
-            self._send_relayed(peer, peer.relay, message, now)
+        if peer.path_kind is not PATH_UDP:
+            self._send_by_path(peer, message, now)
             peer.tx_bytes += len(message)
             peer.sent.add(HANDSHAKE, peer.data_packets, now)
         elif peer.endpoint is not None:
@@ -668,7 +670,7 @@ class Device:
         return bool(backlog)
 
     def _receive_transport(
-        self, data: bytes, source: Endpoint, now: float, via: Peer | None = None
+        self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
     ) -> None:
         keypair = self.indices.get(int.from_bytes(data[4:8], "little"))
         if keypair.__class__ is not Keypair:
@@ -695,7 +697,7 @@ class Device:
             # transport_batch_received may open the rest of its batch under this keypair.
             self._last_opened = keypair
         else:
-            self._relayed_from(peer, via)
+            self._relayed_from(peer, via, now)
         peer.arrived_via = via
         peer.rx_bytes += len(data)
         if keypair is peer.keypairs.next:
@@ -845,9 +847,7 @@ class Device:
         if not self.mesh or not peer.is_meshguard:
             return False
         keypair = peer.keypairs.current
-        endpoint = peer.endpoint
-        if endpoint is None and peer.relay is not None:
-            endpoint = _RELAYED
+        endpoint = peer.endpoint if peer.path_kind is PATH_UDP else _RELAYED
         if keypair is None or endpoint is None or not keypair.can_send(now):
             return False
         self._seal_and_send(peer, keypair, endpoint, control.encode(kind, body), now)
@@ -870,10 +870,11 @@ class Device:
         """Seal ``packet`` (an inner packet, any peer) and send it as a path MTU probe, with
         Don't-Fragment; see :meth:`send_probe` for the result. Toward a stock WireGuard peer the
         probe is an ordinary data packet (an ICMP echo request its host answers)."""
-        if peer.relay is not None:
+        relayed = peer.path_kind is not PATH_UDP
+        if peer.path_kind is PATH_MEMBER:
             return None
         keypair = peer.keypairs.current
-        endpoint = peer.endpoint
+        endpoint = peer.endpoint if not relayed else _RELAYED
         if keypair is None or endpoint is None or not keypair.can_send(now):
             return None
         counter = keypair.send_counter
@@ -884,6 +885,10 @@ class Device:
         )
         peer.tx_bytes += len(message)
         peer.sent.add(CONTROL, peer.data_packets, now)
+        if relayed:
+            # A relay's stream carries any size: the probe goes, and says nothing of UDP.
+            self._send_by_path(peer, message, now)
+            return True
         send_probe = getattr(self.io, "send_probe", None)
         if send_probe is None:
             self.io.send_datagram(message, endpoint)
@@ -915,39 +920,48 @@ class Device:
         peer.sent.add(CONTROL, peer.data_packets, now)
         return True
 
-    def _send_relayed(self, peer: Peer, relay: Peer, message: bytes, now: float) -> None:
-        transport = self._transports.get(PATH_MEMBER)
-        if transport is None or relay.removed:
+    def _send_by_path(self, peer: Peer, message: bytes, now: float) -> None:
+        """Hand ``message`` to the transport of the peer's decided path (not plain UDP)."""
+        transport = self._transports.get(peer.path_kind)
+        if transport is None or not transport.send(peer, message, now):
             self.counters.no_endpoint += 1
-            return
-        transport.send(peer, message, now)
 
-    def relayed_datagram_received(self, data: bytes, relay: Peer, now: float) -> None:
-        """A datagram another member forwarded to us (RELAY_DELIVER): handled as if received,
-        except that roaming records "via ``relay``" (``peer.arrived_via``) instead of a source
-        endpoint. Handshakes through a relay never wait in the backlog (the relay's session
-        already authenticated them once), and only WireGuard messages come this way."""
-        if relay.removed:
+    def relayed_datagram_received(self, data: bytes, via: Peer | Carrier, now: float) -> None:
+        """A datagram a relay carried to us: from another member (``via`` that member,
+        RELAY_DELIVER) or through a TLS relay (``via`` its link). Handled as if received,
+        except that roaming records ``via`` (``peer.arrived_via``) instead of a source
+        endpoint: the path stays the arbiter's to decide. Handshakes through a relay never wait
+        in the backlog and never get a cookie reply (the carrier authenticated and rate-limits
+        its sender already; an answer to ``_RELAYED`` would go nowhere), and only WireGuard
+        messages come this way."""
+        if isinstance(via, Peer) and via.removed:
             return
         head = data[:4]
-        source = relay.endpoint or _RELAYED
         if head == _TRANSPORT_TYPE and len(data) >= C.TRANSPORT_MIN_SIZE:
-            self._receive_transport(data, source, now, relay)
+            self._receive_transport(data, _RELAYED, now, via)
         elif head == _INITIATION_TYPE and len(data) == C.INITIATION_SIZE:
-            self._receive_initiation(data, source, now, relay)
+            self._receive_initiation(data, _RELAYED, now, via)
         elif head == _RESPONSE_TYPE and len(data) == C.RESPONSE_SIZE:
-            self._receive_response(data, source, now, relay)
+            self._receive_response(data, _RELAYED, now, via)
         elif head == _COOKIE_TYPE and len(data) == C.COOKIE_REPLY_SIZE:
             self._receive_cookie_reply(data, now)
         else:
             self.counters.malformed += 1
 
-    def _relayed_from(self, peer: Peer, via: Peer) -> None:
-        """An authenticated datagram came through the member ``via``: a peer we have no way to
-        reach yet answers through the same relay; otherwise the mesh layer's path choice
-        stands."""
-        if peer.relay is None and peer.endpoint is None and via is not peer:
+    def _relayed_from(self, peer: Peer, via: Peer | Carrier, now: float) -> None:
+        """An authenticated datagram came through ``via``: the listeners hear of it (before any
+        reply), and a peer we have no way to reach yet answers through the same member;
+        otherwise the path stays as decided."""
+        for listener in self._relayed_listeners:
+            listener(peer, via, now)
+        if (
+            isinstance(via, Peer)
+            and peer.path_kind is PATH_UDP
+            and peer.endpoint is None
+            and via is not peer
+        ):
             peer.relay = via
+            peer.path_kind = PATH_MEMBER
 
     def _under_load(self, now: float) -> bool:
         """Count handshake messages per second; past the threshold, demand cookies for 1 s."""
@@ -970,7 +984,7 @@ class Device:
         if not checker.check_mac1(data):
             self.counters.bad_mac1 += 1
             return False
-        if self._under_load(now):
+        if source is not _RELAYED and self._under_load(now):
             try:
                 source_bytes = endpoint_bytes(source)
             except ValueError:
@@ -987,7 +1001,7 @@ class Device:
         return True
 
     def _receive_initiation(
-        self, data: bytes, source: Endpoint, now: float, via: Peer | None = None
+        self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
     ) -> None:
         sender_index = int.from_bytes(data[4:8], "little")
         if not self._admit_handshake(data, sender_index, source, now):
@@ -1026,7 +1040,7 @@ class Device:
             for listener in self._source_listeners:
                 listener(peer, source, now)
         else:
-            self._relayed_from(peer, via)
+            self._relayed_from(peer, via, now)
         peer.arrived_via = via
         # A consumed initiation replaces any handshake we had in flight with this peer.
         self._free_handshake_index(peer)
@@ -1057,7 +1071,7 @@ class Device:
         self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)
 
     def _receive_response(
-        self, data: bytes, source: Endpoint, now: float, via: Peer | None = None
+        self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
     ) -> None:
         sender_index = int.from_bytes(data[4:8], "little")
         if not self._admit_handshake(data, sender_index, source, now):
@@ -1099,7 +1113,7 @@ class Device:
             for listener in self._source_listeners:
                 listener(peer, source, now)
         else:
-            self._relayed_from(peer, via)
+            self._relayed_from(peer, via, now)
         peer.arrived_via = via
         self._authenticated_received(peer, now)
         self._handshake_complete(peer, now)

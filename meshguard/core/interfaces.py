@@ -64,6 +64,22 @@ class SourceListener(Protocol):
     def __call__(self, peer: Peer, source: Endpoint, now: float) -> None: ...
 
 
+class Carrier(Protocol):
+    """A relay that is no peer (a TLS relay link), as the device records where a datagram
+    came through (``Peer.arrived_via``)."""
+
+    #: Shown in status and logs: the relay's ``host:port``.
+    name: str
+
+
+class RelayedListener(Protocol):
+    """Told of every datagram from ``peer`` that authenticated and came through a relay
+    (``via``: the forwarding member or the carrier), before any reply to it is sent: the path
+    logic may put the peer on that relay first, so the reply takes the same way."""
+
+    def __call__(self, peer: Peer, via: Peer | Carrier, now: float) -> None: ...
+
+
 class TooBigHandler(Protocol):
     """The owner of TUN packets larger than the peer's ``inner_mtu`` (path MTU enforcement):
     the device does not send them."""

@@ -11,7 +11,7 @@ from collections import deque
 
 from meshguard.core.constants import MAX_STAGED_PACKETS
 from meshguard.core.cookie import CookieGenerator
-from meshguard.core.interfaces import Endpoint
+from meshguard.core.interfaces import Carrier, Endpoint
 from meshguard.core.keypair import Keypairs
 from meshguard.core.noise import InitiatorHandshake
 from meshguard.core.sent import SentCounts
@@ -32,6 +32,16 @@ TIMER_NAMES = (
 )
 
 ZERO_KEY = bytes(32)
+
+#: Path kinds (``Peer.path_kind``): how the device sends to a peer. Only the path arbiter
+#: (``meshguard.mesh.arbiter``) moves a peer between them; the device sends plain UDP to
+#: ``endpoint`` on ``PATH_UDP`` and hands the datagram to the transport registered for the
+#: kind otherwise (``Device.set_transport``). Compared by identity on the hot path.
+PATH_UDP = "udp"
+#: Through another member that forwards (``Peer.relay``), inside our session with it.
+PATH_MEMBER = "member"
+#: Through a TLS relay connection (``meshguard.relay.paths``).
+PATH_TLS = "tls-relay"
 
 
 class Peer:
@@ -78,15 +88,23 @@ class Peer:
         #: The member that forwards our datagrams to this peer, or None to send them straight
         #: to ``endpoint``. Only the mesh layer sets it (see :meth:`Device.send_via_relay`).
         self.relay: Peer | None = None
+        #: How the device sends to this peer now (``PATH_*``); ``endpoint`` stays the peer's
+        #: last UDP endpoint whatever the path (what ``wg show`` reports, where UDP probes go).
+        self.path_kind = PATH_UDP
         #: How the latest authenticated datagram from this peer arrived: None straight over UDP
-        #: (from ``endpoint``, which roaming just set), else the member that forwarded it. Mesh
-        #: features read it while handling a control message: only what came straight over UDP
-        #: says anything about a UDP path.
-        self.arrived_via: Peer | None = None
+        #: (from ``endpoint``, which roaming just set), the member that forwarded it, or the TLS
+        #: relay link that carried it. Mesh features read it while handling a control message:
+        #: only what came straight over UDP says anything about a UDP path.
+        self.arrived_via: Peer | Carrier | None = None
 
     def __repr__(self) -> str:
         # The public key is public, but a short form keeps log lines readable.
         return f"<Peer {self.short_name}>"
+
+    @property
+    def sends_over_udp(self) -> bool:
+        """Whether datagrams to this peer go straight over UDP to ``endpoint`` (not relayed)."""
+        return self.path_kind is PATH_UDP and self.endpoint is not None
 
     @property
     def short_name(self) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint
-from meshguard.core.peer import PERSISTENT_KEEPALIVE, Peer
+from meshguard.core.peer import PATH_TLS, PERSISTENT_KEEPALIVE, Peer
 from meshguard.mesh import kinds
 
 #: Largest JSON control body accepted; anything larger is dropped unread.
@@ -211,7 +211,7 @@ class MeshAgent:
         return encode_json(
             {
                 "observed": list(peer.endpoint)
-                if peer.endpoint is not None and not is_discard_only(peer.endpoint)
+                if peer.endpoint is not None and peer.path_kind is not PATH_TLS
                 else None,
                 "local": [list(e) for e in self.local_endpoints()],
                 "mapped": [list(e) for e in self.mapped_endpoints()[:MAX_MAPPED]],

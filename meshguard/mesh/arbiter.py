@@ -13,9 +13,17 @@ TLS relay > none; within one kind the lower round-trip time wins. A path that fa
 chosen again before it is proven anew; after a move up, a datagram arriving over a worse path
 does not pull the peer down (:data:`HOLD_DOWN`).
 
-The TLS relay's logic (:mod:`meshguard.relay.paths`) moves any peer, configured ones too, onto
-or off a TLS relay through :meth:`PathArbiter.tls_move`, so those moves are written, logged and
-reported here as well; while it holds a peer, the arbiter leaves that peer's endpoint to it.
+The TLS relay's logic (:mod:`meshguard.relay.paths`) detects when UDP fails for any peer,
+configured ones too, and asks to carry it (:meth:`PathArbiter.tls_take`), or gives it back
+(:meth:`PathArbiter.tls_release`); the arbiter accepts by its ranking (a proven UDP path beats
+the relay), then writes the decision as ``peer.path_kind`` (``PATH_TLS``), which the device
+sends by through the relay's registered transport: no stand-in endpoints, no send wrappers.
+``peer.endpoint`` stays the last UDP endpoint, which is what ``wg show`` reports.
+
+One explicit exception to the ranking, :data:`TLS_REPLACES_MEMBER`: a peer a TLS relay reaches
+is not forwarded by a member (docs/relay.md): forwarding inside our session with that member
+encrypts twice and is capped at its forwarding rate, and when our own session with the member
+runs over the same TLS relay, forwarding only adds a hop.
 
 Sans-I/O: it reads ``now`` from its callers and writes only peer fields.
 """
@@ -28,8 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshguard.core.interfaces import Endpoint
-from meshguard.core.peer import Peer
+from meshguard.core.interfaces import AlreadyRegisteredError, Endpoint
+from meshguard.core.peer import PATH_MEMBER, PATH_TLS, PATH_UDP, Peer
 
 LAN = "lan"
 DIRECT = "direct"
@@ -60,6 +68,10 @@ HOLD_DOWN: dict[str, float] = {
     # chosen one every 4 s and calls it failed after 10 s without an answer).
     "proven_for": 14.0,
 }
+
+#: A peer a TLS relay reaches goes through the relay rather than a forwarding member (see the
+#: module docstring); False would apply :data:`RANK` (member above TLS relay) as it stands.
+TLS_REPLACES_MEMBER = True
 
 #: Kinds whose path is a UDP endpoint of the peer itself.
 UDP_KINDS = frozenset({LAN, DIRECT, DIRECT_V6, MAPPED})
@@ -143,12 +155,27 @@ class PathArbiter:
         self.peers: dict[bytes, PeerPath] = {}
         self.observers: list[MoveObserver] = [on_move] if on_move is not None else []
         self.tls: TlsView = _NoTls()
-        #: Peers the TLS relay's logic has on a relay now, and that path.
+        #: Peers the arbiter put on a TLS relay (``tls_take``), and that path.
         self.tls_held: dict[bytes, Path] = {}
         #: Told ``(peer, endpoint, now)`` when a UDP path is proven while a TLS relay holds the
         #: peer: the TLS logic leaves the relay and tells the peer (TLS_UDP_SWITCH).
         self.udp_proven_listeners: list[Callable[[Peer, Endpoint, float], None]] = []
         self.moves = 0
+
+    # ------------------------------------------------------------------ wiring
+
+    def add_observer(self, observer: MoveObserver) -> None:
+        """Told of every move once, with its reason."""
+        self.observers.append(observer)
+
+    def set_tls(self, view: TlsView) -> None:
+        """The TLS relay's path logic (one per node): asked what it reaches."""
+        if not isinstance(self.tls, _NoTls):
+            raise AlreadyRegisteredError("the path arbiter already has a TLS relay logic")
+        self.tls = view
+
+    def add_udp_proven_listener(self, listener: Callable[[Peer, Endpoint, float], None]) -> None:
+        self.udp_proven_listeners.append(listener)
 
     # ------------------------------------------------------------------ records
 
@@ -217,41 +244,68 @@ class PathArbiter:
         """Whether the TLS relay's logic has ``peer`` on a relay now."""
         return peer.public_key in self.tls_held
 
-    def tls_move(
-        self, peer: Peer, endpoint: Endpoint | None, link: str | None, reason: str
-    ) -> None:
-        """The TLS relay's logic moves ``peer`` onto the relay ``link`` (``endpoint``: the
-        stand-in address it sends to there) or, with ``link`` None, back to the UDP
-        ``endpoint``. Written, logged once and reported here."""
+    def current_path(self, peer: Peer) -> Path:
+        """The path the peer is on now, as moves are logged."""
+        held = self.tls_held.get(peer.public_key)
+        if held is not None:
+            return held
+        record = self.peers.get(peer.public_key)
+        if record is not None and record.current != NO_PATH:
+            return record.current
+        if peer.endpoint is not None:
+            return Path(udp_kind(peer.endpoint, False), peer.endpoint)
+        return NO_PATH
+
+    def tls_take(self, peer: Peer, link: str, now: float, reason: str) -> bool:
+        """The TLS relay's logic would carry ``peer`` over the relay ``link``: UDP failed (its
+        evidence, a handshake or data unanswered for seconds, is fresher than any proof), or the
+        peer reached us only through it. Earlier UDP proofs no longer count: a UDP path proven
+        from now on beats the relay again (ranking). Accepted over a member path by
+        :data:`TLS_REPLACES_MEMBER`. Written (``peer.path_kind``), logged once and reported
+        here; False when refused."""
         key = peer.public_key
-        old = self.tls_held.get(key)
-        if old is None:
-            old = Path(udp_kind(peer.endpoint, False), peer.endpoint) if peer.endpoint else NO_PATH
-        if link is not None:
-            new = Path(TLS_RELAY, endpoint, link=link)
-            self.tls_held[key] = new
-            peer.relay = None  # one layer of encryption: no member forwards inside it
-            record = self.peers.get(key)
-            if record is not None and record.current.kind == MEMBER:
-                record.current = NO_PATH
-        else:
-            self.tls_held.pop(key, None)
-            new = Path(udp_kind(endpoint, False), endpoint) if endpoint is not None else NO_PATH
-            record = self.peers.get(key)
-            if record is not None and endpoint is not None and endpoint in record.proven:
-                # The mesh proved this path: it is the member's decided path from now on (and
-                # the move is logged here, once).
-                new = record.current = record.proven[endpoint][0]
-                record.reason = reason
-        peer.endpoint = endpoint
+        record = self.peers.get(key)
+        if (
+            not TLS_REPLACES_MEMBER
+            and record is not None
+            and record.current.kind == MEMBER
+            and peer.path_kind is PATH_MEMBER
+        ):
+            return False
+        old = self.current_path(peer)
+        new = Path(TLS_RELAY, link=link)
+        self.tls_held[key] = new
+        peer.relay = None  # one layer of encryption: no member forwards inside it
+        peer.path_kind = PATH_TLS
+        if record is not None:
+            record.current = NO_PATH  # the relay holds it; the mesh's next proof decides anew
+            record.proven.clear()
         if new != old:
             self.moves += 1
             self._notify(peer, old, new, reason)
+        return True
 
-    def tls_keep(self, peer: Peer, endpoint: Endpoint | None) -> None:
-        """The TLS relay's logic keeps its choice against roaming (a datagram in flight over
-        the other path): the endpoint goes back, nothing moves."""
-        peer.endpoint = endpoint
+    def tls_release(self, peer: Peer, endpoint: Endpoint | None, reason: str, now: float) -> None:
+        """The TLS relay's logic lets ``peer`` go: back to UDP at ``endpoint`` (the one it
+        found working, or the last one), where the usual rules try again; a learned member's
+        next decision may pick a member relay instead."""
+        key = peer.public_key
+        old = self.tls_held.pop(key, None)
+        if old is None:
+            return
+        peer.path_kind = PATH_UDP
+        if endpoint is not None:
+            peer.endpoint = endpoint
+        new = Path(udp_kind(endpoint, False), endpoint) if endpoint is not None else NO_PATH
+        record = self.peers.get(key)
+        if record is not None and endpoint is not None and endpoint in record.proven:
+            # The mesh proved this path: it is the member's decided path from now on (and
+            # the move is logged here, once).
+            new = record.current = record.proven[endpoint][0]
+            record.reason = reason
+        if new != old:
+            self.moves += 1
+            self._notify(peer, old, new, reason)
 
     def explain(self, peer: Peer, note: str | None) -> None:
         """The punching source says why no direct path is found yet (None: nothing to say)."""
@@ -281,30 +335,39 @@ class PathArbiter:
         elif record.current.kind in UDP_KINDS:
             new = self._relay_path(record)
         elif record.current.kind == MEMBER and record.current.via in record.members:
-            new = record.current if not self.tls.reaches(peer) else NO_PATH
+            new = record.current if not self._tls_replaces_member(peer) else NO_PATH
         else:
             new = self._relay_path(record)
         self._move(record, new, now, reason)
 
     def _relay_path(self, record: PeerPath) -> Path:
-        if self.tls.reaches(record.peer):
+        if self._tls_replaces_member(record.peer):
             return NO_PATH  # the TLS relay's logic moves it there itself
         for relay in record.members:
             if not relay.removed and relay.keypairs.current is not None:
                 return Path(MEMBER, via=relay)
         return NO_PATH
 
+    def _tls_replaces_member(self, peer: Peer) -> bool:
+        return TLS_REPLACES_MEMBER and self.tls.reaches(peer)
+
     def _move(self, record: PeerPath, new: Path, now: float, reason: str) -> None:
         old = record.current
         peer = record.peer
         if new.kind in UDP_KINDS:
+            held = self.tls_held.pop(peer.public_key, None)
+            if held is not None:
+                old = held  # a proven UDP path beats the relay (ranking)
             peer.relay = None
+            peer.path_kind = PATH_UDP
             peer.endpoint = new.endpoint
         elif new.kind == MEMBER:
             if not self.holds_tls(peer):
                 peer.relay = new.via
-        elif old.kind == MEMBER:
+                peer.path_kind = PATH_MEMBER
+        elif old.kind == MEMBER and peer.path_kind is PATH_MEMBER:
             peer.relay = None
+            peer.path_kind = PATH_UDP
         if new == old:
             return
         if RANK[new.kind] > RANK[old.kind]:

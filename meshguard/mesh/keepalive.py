@@ -1044,7 +1044,7 @@ class KeepalivePolicy:
                 and key in self.observations
                 and self._path_natted(key) is True
                 and peer.endpoint is not None
-                and peer.relay is None
+                and peer.sends_over_udp
                 and not is_discard_only(peer.endpoint)
             ):
                 return peer
@@ -1240,7 +1240,7 @@ class KeepalivePolicy:
                 or key not in self.observations
                 or self._path_natted(key) is not True
                 or peer.endpoint is None
-                or peer.relay is not None
+                or not peer.sends_over_udp
                 or is_discard_only(peer.endpoint)
             ):
                 continue

@@ -207,9 +207,6 @@ class Membership:
         #: Told ``(peer, info, introducers, now)`` when a learned member is added or changes,
         #: and ``(peer, None, set(), now)`` when it goes away.
         self.listeners: list[Callable[[Peer, MemberInfo | None, set[bytes], float], None]] = []
-        #: Whether an endpoint stands for "through a TLS relay" (set by :mod:`meshguard.relay`):
-        #: such an address means something only to this node, so it is never advertised.
-        self.is_relay_endpoint: Callable[[Endpoint | None], bool] = lambda endpoint: False
         self.dropped = 0
         self.lists_sent = 0
         self.lists_received = 0
@@ -439,9 +436,7 @@ class Membership:
             members[key] = MemberInfo(
                 key,
                 tuple(self.device.allowed_ips.networks(peer)),
-                peer.endpoint
-                if peer.relay is None and not self.is_relay_endpoint(peer.endpoint)
-                else None,
+                peer.endpoint if peer.sends_over_udp else None,
                 tuple(state.local_endpoints[:MAX_LOCAL]) if state is not None else (),
                 tuple(state.mapped_endpoints[:MAX_MAPPED]) if state is not None else (),
                 known.text if known is not None else None,

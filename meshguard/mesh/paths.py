@@ -435,12 +435,7 @@ class Paths:
         if kind == kinds.BIRTHDAY:
             self._birthday_received(peer, now)
             return
-        if (
-            len(body) != 8
-            or peer.arrived_via is not None
-            or peer.endpoint is None
-            or self.membership.is_relay_endpoint(peer.endpoint)
-        ):
+        if len(body) != 8 or peer.arrived_via is not None or peer.endpoint is None:
             self.dropped += 1  # only what came straight over UDP tells of a UDP path
             return
         source = peer.endpoint  # roaming just set it to where this message came from
@@ -569,7 +564,7 @@ class Paths:
             {
                 "from": _b64(peer.public_key),
                 "observed": list(peer.endpoint)
-                if peer.endpoint and not peer.relay and not is_discard_only(peer.endpoint)
+                if peer.endpoint and peer.sends_over_udp and not is_discard_only(peer.endpoint)
                 else None,
             }
         )

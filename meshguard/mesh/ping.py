@@ -30,8 +30,10 @@ class PingAnswer:
     rtt: float
     #: The member that forwarded the answer to us, if a member relayed it.
     relay: bytes | None
-    #: Where the answer came from (``None`` when relayed by a member).
+    #: Where the answer came from (``None`` when relayed).
     endpoint: Endpoint | None
+    #: The TLS relay that carried the answer, if one did.
+    tls_relay: str | None = None
 
 
 @dataclass
@@ -82,8 +84,9 @@ class Pinger:
         via = peer.arrived_via
         answer = PingAnswer(
             rtt=max(0.0, now - pending.sent),
-            relay=via.public_key if via is not None else None,
+            relay=via.public_key if isinstance(via, Peer) else None,
             endpoint=peer.endpoint if via is None else None,
+            tls_relay=via.name if via is not None and not isinstance(via, Peer) else None,
         )
         pending.on_answer(answer)
 

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meshguard.core.device import PATH_MEMBER
-from meshguard.core.peer import Peer
+from meshguard.core.peer import PATH_MEMBER, Peer
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent
 
@@ -98,8 +97,12 @@ class Relaying:
         """The device's transport for peers on a member path: wrap ``datagram`` in a
         RELAY_FORWARD to the member ``peer.relay``."""
         relay = peer.relay
-        if relay is not None and self.device.send_control(
-            relay, kinds.RELAY_FORWARD, peer.public_key + datagram, now
+        if (
+            relay is not None
+            and not relay.removed
+            and self.device.send_control(
+                relay, kinds.RELAY_FORWARD, peer.public_key + datagram, now
+            )
         ):
             self.sent_via_relay += 1
             return True

@@ -504,7 +504,7 @@ class SelfCheck:
         if (
             peer is None
             or peer.endpoint is None
-            or peer.relay is not None
+            or not peer.sends_over_udp
             or is_discard_only(peer.endpoint)
         ):
             self._count("check_help_no_endpoint")

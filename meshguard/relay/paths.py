@@ -1,11 +1,13 @@
 """The "via TLS relay" path: one more way to reach a peer, used only while no UDP path works.
 
-A peer reached through a TLS relay gets a *relay endpoint*: an address in the discard-only
-prefix ``100::/64`` (RFC 6666) that stands for "link L, member K". The device sends to it like
-any endpoint and the node hands such datagrams to the relay link instead of the UDP socket;
-datagrams the relay delivers from K come in "from" that endpoint, so WireGuard's own roaming
-keeps the session on whichever path last carried an authenticated datagram. The session never
-changes when the path does.
+This logic detects when UDP fails (or works again) and asks the path arbiter
+(:mod:`meshguard.mesh.arbiter`) to put a peer on a relay link or to let it go; the arbiter
+decides by its ranking and writes ``peer.path_kind``. The device then sends such a peer's
+datagrams through :meth:`TlsPaths.send`, the transport registered for ``PATH_TLS``, which puts
+them on the link that carries the peer. Datagrams the relay delivers go into the device as
+relayed (``Device.relayed_datagram_received``): roaming records "through relay NAME" on the
+peer and never touches its UDP endpoint, which stays what ``wg show`` reports. The session
+never changes when the path does.
 
 Rules, per peer present at a connected relay (the relay tells who is):
 
@@ -24,9 +26,10 @@ Rules, per peer present at a connected relay (the relay tells who is):
   (TLS_UDP_SWITCH), and the other side follows. Authenticated UDP traffic from a peer we still
   send to through the relay moves us too (a lost SWITCH).
 - A peer that leaves the relay (or a relay link that goes down) goes back to its UDP endpoint.
-- A peer another member forwards for (the mesh's ``peer.relay``) while a relay reaches it moves
-  to the relay at once: no second layer of encryption, no forwarding member's rate limit. The
-  mesh asks :meth:`TlsPaths.reaches` before choosing a forwarding member at all.
+- A peer another member forwards for (``PATH_MEMBER``) while a relay reaches it moves to the
+  relay at once: no second layer of encryption, no forwarding member's rate limit (the arbiter's
+  ``TLS_REPLACES_MEMBER``). The arbiter asks :meth:`TlsPaths.reaches` before choosing a
+  forwarding member at all.
 
 This module is sans-I/O: links are objects with ``present()`` and ``send()``.
 """
@@ -34,20 +37,16 @@ This module is sans-I/O: links are objects with ``present()`` and ``send()``.
 from __future__ import annotations
 
 import base64
-import ipaddress
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshguard.core.interfaces import Endpoint
-from meshguard.core.peer import Peer
+from meshguard.core.interfaces import Carrier, Endpoint
+from meshguard.core.peer import PATH_MEMBER, PATH_TLS, Peer
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.arbiter import PathArbiter
 
-#: Relay endpoints live in the discard-only prefix 100::/64: never a real peer address.
-PREFIX = "100::"
-_BASE = 0x0100 << 112
 #: How often the path rules run while any relay link exists.
 TICK = 1.0
 #: While on a relay, UDP is probed this often.
@@ -81,7 +80,7 @@ class RelayLink(Protocol):
 
 class _Removed:
     """What is left of a link removed on reload: reaches nobody, shown nowhere; its id is not
-    reused, so relay endpoints made for it can never name another link."""
+    reused, so a peer's link id can never name another link."""
 
     name = "(removed)"
 
@@ -94,10 +93,9 @@ class _Removed:
 
 @dataclass
 class _PeerPath:
-    #: The relay endpoint we send to while the peer is on a relay, else None.
-    tls: Endpoint | None = None
-    #: The last UDP endpoint the peer had: where probes go and where we return to.
-    udp: Endpoint | None = None
+    #: The link carrying the peer while the arbiter has it on a relay, else None. The peer's
+    #: UDP endpoint (``peer.endpoint``) stays its last one: where probes go, where we return.
+    link: int | None = None
     udp_seen: float = float("-inf")
     #: When we last moved from the relay to UDP.
     switched: float = float("-inf")
@@ -116,7 +114,7 @@ class _PeerPath:
 
 
 class TlsPaths:
-    """The path rules above, as a mesh feature, and the relay endpoints' registry."""
+    """The path rules above, as a mesh feature, and the device's transport for ``PATH_TLS``."""
 
     kinds: tuple[int, ...] = (kinds.TLS_UDP_PROBE, kinds.TLS_UDP_ACK, kinds.TLS_UDP_SWITCH)
 
@@ -128,13 +126,11 @@ class TlsPaths:
         arbiter: PathArbiter | None = None,
     ) -> None:
         self.agent = agent
-        #: Writes, logs and reports every move onto or off a relay (mesh/arbiter.py).
+        #: Decides, writes, logs and reports every move onto or off a relay (mesh/arbiter.py).
         self.arbiter = arbiter if arbiter is not None else PathArbiter()
         self.device = agent.device
         self.links: list[RelayLink] = []
         self.states: dict[bytes, _PeerPath] = {}
-        self._endpoints: dict[tuple[int, bytes], Endpoint] = {}
-        self._by_endpoint: dict[Endpoint, tuple[int, bytes]] = {}
         self._next_tick: float | None = None
         #: Told ``(peer, description)`` when a peer moves onto or off a relay (for logs).
         self.on_change = on_change
@@ -143,8 +139,12 @@ class TlsPaths:
         self.dropped = 0
         self.fallbacks = 0
         self.returns = 0
+        self.device.set_transport(PATH_TLS, self)
+        self.device.add_relayed_listener(self.relayed_arrival)
+        self.arbiter.set_tls(self)
+        self.arbiter.add_udp_proven_listener(self.direct_confirmed)
 
-    # ------------------------------------------------------------------ links and endpoints
+    # ------------------------------------------------------------------ links
 
     def add_link(self, link: RelayLink, now: float) -> int:
         self.links.append(link)
@@ -166,16 +166,6 @@ class TlsPaths:
         self._next_tick = now
         self.run_timers(now)
 
-    def endpoint_for(self, link_id: int, key: bytes) -> Endpoint:
-        endpoint = self._endpoints.get((link_id, key))
-        if endpoint is None:
-            slot = len(self._endpoints) + 1
-            address = str(ipaddress.IPv6Address(_BASE | (link_id << 32) | slot))
-            endpoint = (address, 1)
-            self._endpoints[(link_id, key)] = endpoint
-            self._by_endpoint[endpoint] = (link_id, key)
-        return endpoint
-
     def reaches(self, peer: Peer) -> bool:
         """Whether a relay link reaches ``peer`` now (then no member need forward for it)."""
         return any(peer.public_key in link.present() for link in self.links)
@@ -183,125 +173,79 @@ class TlsPaths:
     def holds(self, peer: Peer) -> bool:
         """Whether we have ``peer`` on a relay now (the mesh's direct paths defer to us)."""
         state = self.states.get(peer.public_key)
-        return state is not None and state.tls is not None
+        return state is not None and state.link is not None
 
     def direct_confirmed(self, peer: Peer, endpoint: Endpoint, now: float) -> None:
         """The mesh's path check got an answer over UDP at ``endpoint``: UDP works both ways.
 
         Leave the relay now and tell the peer (TLS_UDP_SWITCH) so it follows; otherwise the
-        next datagram it still sends through the relay would roam us back onto it.
+        next datagram it still sends through the relay would take us back onto it.
         """
         state = self.states.get(peer.public_key)
-        if state is None or state.tls is None or endpoint in self._by_endpoint:
+        if state is None or state.link is None:
             return
         self.device.send_control_to(
             peer, endpoint, kinds.TLS_UDP_SWITCH, self.device.random(8), now
         )
         self._move_to_udp(peer, state, endpoint, now, "the mesh path check was answered")
 
-    def shown_endpoint(self, peer: Peer) -> Endpoint | None:
-        """The endpoint ``wg show`` (UAPI get) reports: while the peer is on a relay, its last
-        UDP endpoint (or none), never the stand-in, which means nothing outside this node and
-        would be written into a saved configuration by ``wg showconf``."""
-        endpoint = peer.endpoint
-        if endpoint is None or endpoint not in self._by_endpoint:
-            return endpoint
+    # ------------------------------------------------------------------ PathTransport
+
+    def send(self, peer: Peer, datagram: bytes, now: float) -> bool:
+        """The device's transport for peers on ``PATH_TLS``: onto the link that carries it."""
         state = self.states.get(peer.public_key)
-        return state.udp if state is not None else None
-
-    def is_relay_endpoint(self, endpoint: Endpoint | None) -> bool:
-        return endpoint is not None and endpoint in self._by_endpoint
-
-    def send_datagram(self, data: bytes, endpoint: Endpoint) -> None:
-        """The node's outgoing hook for relay endpoints."""
-        target = self._by_endpoint.get(endpoint)
-        if target is None:
+        link_id = state.link if state is not None else None
+        if link_id is None or not self.links[link_id].send(peer.public_key, datagram):
             self.dropped += 1
-            return
-        link_id, key = target
-        if self.links[link_id].send(key, data):
-            self.sent += 1
-        else:
-            self.dropped += 1
-
-    def wrap(
-        self, udp_send: Callable[[bytes, Endpoint], None]
-    ) -> Callable[[bytes, Endpoint], None]:
-        """The device's ``send_datagram``: relay endpoints to the relay, the rest to UDP."""
-        by_endpoint = self._by_endpoint
-        send_relayed = self.send_datagram
-
-        def send(data: bytes, endpoint: Endpoint) -> None:
-            if endpoint in by_endpoint:
-                send_relayed(data, endpoint)
-            else:
-                udp_send(data, endpoint)
-
-        return send
-
-    def wrap_probe(
-        self, send_probe: Callable[[bytes, Endpoint], bool]
-    ) -> Callable[[bytes, Endpoint], bool]:
-        """Path MTU probes toward a relay endpoint go through the relay (TCP carries any size)."""
-
-        def probe(data: bytes, endpoint: Endpoint) -> bool:
-            if endpoint in self._by_endpoint:
-                self.send_datagram(data, endpoint)
-                return True
-            return send_probe(data, endpoint)
-
-        return probe
+            return False
+        self.sent += 1
+        return True
 
     def delivered(self, link_id: int, source: bytes, datagram: bytes, now: float) -> None:
-        """A datagram the relay says ``source`` sent us: into the device, from its endpoint."""
+        """A datagram the relay says ``source`` sent us: into the device, as relayed."""
         peer = self.device.peers.get(source)
         if peer is None:
             self.dropped += 1
             return
-        endpoint = self.endpoint_for(link_id, source)
         before = peer.rx_bytes
-        self.device.datagram_received(datagram, endpoint, now)
+        # An authenticated one reaches ``relayed_arrival`` before any reply goes out.
+        self.device.relayed_datagram_received(datagram, self.links[link_id], now)
         if peer.rx_bytes == before:
             return  # did not authenticate as this peer: dropped and counted by the device
         self.delivered_count += 1
-        state = self._state(source)
-        state.tls_rx += peer.rx_bytes - before
-        if peer.endpoint != endpoint:
+        self._state(source).tls_rx += peer.rx_bytes - before
+
+    def relayed_arrival(self, peer: Peer, via: Peer | Carrier, now: float) -> None:
+        """The device's relayed listener: a datagram from ``peer`` authenticated after coming
+        through ``via``. One of our links: the peer reached us only through it, so we answer
+        (and send) there too, unless we moved to UDP just now (still in flight)."""
+        if isinstance(via, Peer):
             return
-        if state.tls is None:
-            if state.udp is not None and now - state.switched < UDP_HOLD:
-                self.arbiter.tls_keep(peer, state.udp)  # just moved to UDP; still in flight
-                return
-            self._move_to_relay(peer, state, endpoint, now, "the peer reached us through it")
-        else:
-            state.tls = endpoint
+        link_id = next((i for i, link in enumerate(self.links) if link is via), None)
+        if link_id is None:
+            return
+        state = self._state(peer.public_key)
+        if state.link == link_id:
+            return
+        if state.link is None and peer.endpoint is not None and now - state.switched < UDP_HOLD:
+            return  # just moved to UDP: still in flight through the relay
+        why = "the peer reached us through it" if state.link is None else "its relay changed"
+        self._move_to_relay(peer, state, link_id, now, why)
 
     # ------------------------------------------------------------------ MeshFeature
 
     def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
         source = peer.endpoint
-        if (
-            len(body) != 8
-            or peer.arrived_via is not None
-            or source is None
-            or source in self._by_endpoint
-        ):
+        if len(body) != 8 or peer.arrived_via is not None or source is None:
             self.dropped += 1  # only what came straight over UDP says anything about UDP
             return
         state = self._state(peer.public_key)
-        state.udp = source
         if kind == kinds.TLS_UDP_PROBE:
+            # Answer; the prober decides, once it knows both ways work.
             self.device.send_control_to(peer, source, kinds.TLS_UDP_ACK, body, now)
-            if state.tls is not None:
-                # The prober decides, once it knows both ways work.
-                self.arbiter.tls_keep(peer, state.tls)
         elif kind == kinds.TLS_UDP_ACK:
-            if state.pending.pop(body, None) is None:
-                if state.tls is not None:
-                    self.arbiter.tls_keep(peer, state.tls)
-                return
-            if state.tls is None:
-                return  # a stall probe answered: UDP still works, nothing to switch
+            if state.pending.pop(body, None) is None or state.link is None:
+                return  # unknown, or a stall probe answered: UDP still works, nothing to move
             self.device.send_control_to(peer, source, kinds.TLS_UDP_SWITCH, body, now)
             self._move_to_udp(peer, state, source, now, "our probe was answered")
         else:
@@ -330,10 +274,9 @@ class TlsPaths:
             del self.states[key]
 
     def _tick_peer(self, peer: Peer, state: _PeerPath, link_id: int | None, now: float) -> None:
-        endpoint = peer.endpoint
-        on_relay = endpoint is not None and endpoint in self._by_endpoint
-        if endpoint is not None and not on_relay:
-            state.udp = endpoint
+        if state.link is not None and not self.arbiter.holds_tls(peer):
+            state.link = None  # the arbiter moved it to a better path
+        on_relay = state.link is not None
         rx = peer.rx_bytes - state.rx_mark
         udp_rx = rx - (state.tls_rx - state.tls_rx_mark)
         tx = peer.tx_bytes - state.tx_mark
@@ -346,112 +289,98 @@ class TlsPaths:
             state.waiting_since = None
         elif state.waiting_since is None:
             state.waiting_since = now
-        if udp_rx > 0 and not on_relay:
+        if udp_rx > 0 and peer.arrived_via is None:
             state.udp_seen = now
-            if state.tls is not None and endpoint is not None:
-                self._move_to_udp(peer, state, endpoint, now, "UDP traffic from the peer")
+            if on_relay and peer.endpoint is not None:
+                self._move_to_udp(peer, state, peer.endpoint, now, "UDP traffic from the peer")
                 return
-        if state.tls is None:
-            if link_id is not None and peer.relay is not None and not on_relay:
+        if not on_relay:
+            if link_id is not None and peer.path_kind is PATH_MEMBER:
                 # A member forwards for it inside our session with that member (a second layer
                 # of encryption, and that member's rate limit): the TLS relay reaches it itself.
-                self._move_to_relay(
-                    peer,
-                    state,
-                    self.endpoint_for(link_id, peer.public_key),
-                    now,
-                    "reached without a forwarding member",
-                )
-                if peer.keypairs.current is None:
+                if self._move_to_relay(
+                    peer, state, link_id, now, "reached without a forwarding member"
+                ) and (peer.keypairs.current is None):
                     peer.last_sent_handshake = None
                     self.device.send_initiation(peer, now, retry=True)
                 return
             if (
                 link_id is not None
-                and not on_relay
                 and state.waiting_since is not None
                 and now - state.waiting_since >= FALLBACK_AFTER
             ):
                 state.waiting_since = None
-                self.fallbacks += 1
-                self._move_to_relay(
-                    peer, state, self.endpoint_for(link_id, peer.public_key), now, "UDP failed"
-                )
-                # Handshake through the relay now rather than at the next retransmission.
-                peer.last_sent_handshake = None
-                self.device.send_initiation(peer, now, retry=True)
+                if self._move_to_relay(peer, state, link_id, now, "UDP failed"):
+                    self.fallbacks += 1
+                    # Handshake through the relay now rather than at the next retransmission.
+                    peer.last_sent_handshake = None
+                    self.device.send_initiation(peer, now, retry=True)
                 return
             stalled = state.stalled_since
-            if link_id is None or peer.relay is not None or stalled is None:
+            if link_id is None or peer.path_kind is PATH_MEMBER or stalled is None:
                 return
             if now - stalled >= FALLBACK_AFTER:
                 # An established session's UDP path went dead: the peer answered neither our
                 # data nor a probe that asks for an answer. Move now rather than wait for
                 # WireGuard's own timers (about 20 s); the session stays.
                 state.stalled_since, state.stall_probed = None, False
-                self.fallbacks += 1
-                self._move_to_relay(
-                    peer,
-                    state,
-                    self.endpoint_for(link_id, peer.public_key),
-                    now,
-                    "UDP stopped answering",
-                )
-                self.device.send_keepalive(peer, now)
+                if self._move_to_relay(peer, state, link_id, now, "UDP stopped answering"):
+                    self.fallbacks += 1
+                    self.device.send_keepalive(peer, now)
             elif now - stalled >= STALL_PROBE_AFTER and not state.stall_probed:
                 state.stall_probed = True
                 self._probe(peer, state, now)
             return
-        current = self._by_endpoint.get(state.tls)
         if link_id is None:
             # Gone from every relay: back to UDP, where the usual rules (and we) try again.
-            state.tls = None
-            self.arbiter.tls_move(
-                peer, state.udp if on_relay else peer.endpoint, None, "no relay reaches it"
-            )
+            self._release(peer, state, peer.endpoint, now, "no relay reaches it")
             self._changed(peer, "back to UDP (no relay reaches it)")
             return
-        if current is not None and current[0] != link_id:
-            state.tls = self.endpoint_for(link_id, peer.public_key)
-            if on_relay:
-                self.arbiter.tls_move(
-                    peer, state.tls, self.link_name(state.tls), "its relay changed"
-                )
+        if state.link != link_id:
+            self._move_to_relay(peer, state, link_id, now, "its relay changed")
         if now >= state.next_probe:
             state.next_probe = now + PROBE_INTERVAL
             self._probe(peer, state, now)
 
     def _probe(self, peer: Peer, state: _PeerPath, now: float) -> None:
-        if state.udp is None:
+        if peer.endpoint is None:
             return
         nonce = self.device.random(8)
         if len(state.pending) >= MAX_PENDING:
             del state.pending[min(state.pending, key=lambda n: state.pending[n])]
-        if self.device.send_control_to(peer, state.udp, kinds.TLS_UDP_PROBE, nonce, now):
+        if self.device.send_control_to(peer, peer.endpoint, kinds.TLS_UDP_PROBE, nonce, now):
             state.pending[nonce] = now
 
     def _move_to_relay(
-        self, peer: Peer, state: _PeerPath, endpoint: Endpoint, now: float, why: str
-    ) -> None:
-        state.tls = endpoint
+        self, peer: Peer, state: _PeerPath, link_id: int, now: float, why: str
+    ) -> bool:
+        """Ask the arbiter to carry ``peer`` over ``link_id``; False when it refused (a better
+        path is proven)."""
+        name = self.links[link_id].name
+        if not self.arbiter.tls_take(peer, name, now, why):
+            return False
+        state.link = link_id
         state.next_probe = now + PROBE_INTERVAL
-        self.arbiter.tls_move(peer, endpoint, self.link_name(endpoint), why)
-        self._changed(peer, f"tls-relay via {self.link_name(endpoint)} ({why})")
+        self._changed(peer, f"tls-relay via {name} ({why})")
+        return True
 
     def _move_to_udp(
         self, peer: Peer, state: _PeerPath, source: Endpoint, now: float, why: str
     ) -> None:
         state.udp_seen = now
-        if state.tls is not None:
-            self.arbiter.tls_move(peer, source, None, why)
-        else:
-            self.arbiter.tls_keep(peer, source)
-        if state.tls is not None:
-            state.tls = None
-            state.switched = now
-            state.pending.clear()
-            self.returns += 1
-            self._changed(peer, f"UDP {source[0]}:{source[1]} ({why})")
+        if state.link is None:
+            return
+        self._release(peer, state, source, now, why)
+        state.switched = now
+        state.pending.clear()
+        self.returns += 1
+        self._changed(peer, f"UDP {source[0]}:{source[1]} ({why})")
+
+    def _release(
+        self, peer: Peer, state: _PeerPath, endpoint: Endpoint | None, now: float, why: str
+    ) -> None:
+        state.link = None
+        self.arbiter.tls_release(peer, endpoint, why, now)
 
     def _changed(self, peer: Peer, description: str) -> None:
         self.agent.dirty = True
@@ -467,16 +396,16 @@ class TlsPaths:
             state = self.states[key] = _PeerPath()
         return state
 
-    def link_name(self, endpoint: Endpoint) -> str:
-        target = self._by_endpoint.get(endpoint)
-        return self.links[target[0]].name if target is not None else "?"
+    def link_name(self, link_id: int) -> str:
+        return self.links[link_id].name
 
     # ------------------------------------------------------------------ status
 
     def peer_status(self, peer: Peer) -> dict[str, Any]:
-        if peer.endpoint is None or peer.endpoint not in self._by_endpoint:
+        state = self.states.get(peer.public_key)
+        if state is None or state.link is None:
             return {}
-        name = self.link_name(peer.endpoint)
+        name = self.link_name(state.link)
         return {"path": f"tls-relay via {name}", "endpoint": None, "tls_relay": name}
 
     def node_status(self) -> dict[str, Any]:

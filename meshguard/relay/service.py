@@ -135,21 +135,12 @@ class TlsRelay:
             return
         self.node = node
         now = self.reactor.seconds()
-        # Moves onto and off the relay go through the node's path arbiter, which logs them.
+        # Moves onto and off the relay go through the node's path arbiter, which decides and
+        # logs them; the paths register themselves as the device's PATH_TLS transport and as
+        # the arbiter's TLS view (explicit registration: a second one fails loudly).
         paths = TlsPaths(node.mesh, arbiter=node.members.arbiter)
         self.paths = paths
         node.mesh.add_feature(paths)
-        # The path arbiter asks the TLS logic what it holds, and tells it of proven UDP paths.
-        arbiter = node.members.arbiter
-        arbiter.tls = paths
-        arbiter.udp_proven_listeners.append(paths.direct_confirmed)
-        node.endpoint_view = paths.shown_endpoint
-        node.members.membership.is_relay_endpoint = paths.is_relay_endpoint
-        io = node.device.io
-        io.send_datagram = paths.wrap(io.send_datagram)
-        send_probe = getattr(io, "send_probe", None)
-        if send_probe is not None:
-            io.send_probe = paths.wrap_probe(send_probe)
         if self.hub is not None:
             self.hub_link_id = paths.add_link(self.hub, now)
         for relay in self.config.relays:
