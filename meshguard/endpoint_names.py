@@ -107,6 +107,17 @@ class _Name:
     seen_handshake: float = 0.0
 
 
+class EndpointOffer(Protocol):
+    """Where a freshly resolved endpoint goes: the path arbiter, which writes it and logs the
+    move once with ``reason`` (``PathArbiter.configured``)."""
+
+    def __call__(self, peer: Peer, endpoint: Endpoint | None, reason: str) -> None: ...
+
+
+def _set_endpoint(peer: Peer, endpoint: Endpoint | None, reason: str) -> None:
+    peer.endpoint = endpoint  # no arbiter (a bare device in tests or tools)
+
+
 class EndpointNames:
     """The DNS-named endpoints of one device's configured peers, kept fresh."""
 
@@ -117,8 +128,11 @@ class EndpointNames:
         *,
         resolver: Resolver | None = None,
         on_change: Callable[[], None] | None = None,
+        offer: EndpointOffer = _set_endpoint,
     ) -> None:
         self.device = device
+        #: Writes a re-resolved endpoint (the node passes its path arbiter's).
+        self.offer = offer
         self.reactor = reactor
         self.resolver: Resolver = resolver if resolver is not None else SystemResolver(reactor)
         #: Called after an endpoint changed (the node moves its timer).
@@ -288,7 +302,7 @@ class EndpointNames:
             endpoint=_text(new),
             peer=peer.short_name,
         )
-        self.device.set_endpoint(peer, new)
+        self.offer(peer, new, f"{entry.host} now resolves to {_text(new)}")
         self.changes += 1
         entry.outstanding = 0
         if quiet and self.device.is_up:

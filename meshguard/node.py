@@ -235,7 +235,11 @@ class Node:
         self.members.arbiter.add_observer(self._path_moved)
         #: ``Endpoint = name:port``: re-resolved when the peer goes quiet or the TTL runs out.
         self.names = EndpointNames(
-            self.device, reactor, resolver=resolver, on_change=self.reschedule
+            self.device,
+            reactor,
+            resolver=resolver,
+            on_change=self.reschedule,
+            offer=self.members.arbiter.configured,
         )
         #: Path MTU discovery per peer; with ``mtu_auto`` it also drives the interface MTU.
         self.pmtu = PathMTU(
@@ -576,7 +580,7 @@ class Node:
         if op.preshared_key is not UNSET:
             device.set_preshared_key(peer, op.preshared_key)
         if op.endpoint is not UNSET:
-            device.set_endpoint(peer, op.endpoint)
+            self.members.arbiter.configured(peer, op.endpoint, "configured")
             # An endpoint set by hand (or by a config load, which re-adds the name) wins over DNS.
             self.names.forget(op.public_key)
         if op.replace_allowed_ips:

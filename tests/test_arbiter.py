@@ -149,6 +149,39 @@ class ArbiterTests(SynchronousTestCase):
         a.heard_from(self.peer, A_PUBLIC, 1.5)
         self.assertEqual(self.peer.endpoint, A_LAN)
 
+    def test_roaming_is_the_arbiters(self) -> None:
+        """The arbiter owns roaming: a stock (or configured) peer follows its datagrams as in
+        WireGuard, each move logged once; a learned member keeps the path proofs chose; a
+        configured or resolved endpoint is written and logged with its reason."""
+        a = self.arbiter
+        stock = Peer(b"\x09" * 32)
+        a.configured(stock, A_PUBLIC, "configured")
+        a.roamed(stock, A_LAN, 1.0)
+        a.roamed(stock, A_LAN, 1.1)  # the same source again: nothing new
+        self.assertEqual(stock.endpoint, A_LAN)
+        a.configured(stock, A_V6, "peer.example now resolves to [2001:db8::7]:51820")
+        self.assertEqual(
+            self.moves,
+            [
+                ("none", "direct 203.0.113.7:41641", "configured"),
+                (
+                    "direct 203.0.113.7:41641",
+                    "direct 192.168.1.7:51820",
+                    "roaming: an authenticated datagram came from there",
+                ),
+                (
+                    "direct 192.168.1.7:51820",
+                    "direct-v6 [2001:db8::7]:51820",
+                    "peer.example now resolves to [2001:db8::7]:51820",
+                ),
+            ],
+        )
+        a.proven(self.peer, Path(arb.LAN, A_LAN), 0.002, 2.0)
+        del self.moves[:]
+        a.roamed(self.peer, A_PUBLIC, 2.5)
+        self.assertEqual(self.peer.endpoint, A_LAN)
+        self.assertEqual(self.moves, [])
+
     def test_mesh_and_tls_relay_together(self) -> None:
         """A TLS relay that reaches the peer replaces the forwarding member; on the relay the
         path is explicit (``path_kind``), the endpoint stays the last UDP one and status never

@@ -12,7 +12,7 @@ from meshguard.core import constants as C
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.device import Device
 from meshguard.core.interfaces import AlreadyRegisteredError
-from meshguard.core.peer import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, SEND_KEEPALIVE
+from meshguard.core.peer import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, SEND_KEEPALIVE, Peer
 from meshguard.memory import MemoryNetwork, MemoryNode
 from tests.packets import ipv4, ipv6
 
@@ -683,3 +683,27 @@ class EventRegistrationTests(SynchronousTestCase):
         self.assertEqual(first, [(key, A_EP), (key, A_EP)])
         self.assertEqual(second, [A_EP, A_EP])
         self.assertIsNone(pair.peer_of_b.arrived_via)
+
+    def test_roaming_goes_to_its_owner(self) -> None:
+        """With a roaming owner the device records where a datagram came from
+        (``arrived_from``) and asks the owner, only when that differs from the endpoint, instead
+        of moving the endpoint itself; a second owner fails loudly."""
+        pair = Pair()
+        asked: list[tuple[str, int]] = []
+
+        def owner(peer: Peer, source: tuple[str, int], now: float) -> None:
+            asked.append(source)
+            peer.endpoint = source
+
+        pair.b.device.set_roaming_handler(owner)
+        with self.assertRaises(AlreadyRegisteredError):
+            pair.b.device.set_roaming_handler(owner)
+        packet = pair.a_to_b(b"x")
+        self.assertEqual(pair.b.written, [packet])
+        self.assertEqual(pair.peer_of_b.arrived_from, A_EP)
+        self.assertEqual(asked, [A_EP])  # the initiation; the data came from the endpoint
+
+    def test_without_a_roaming_owner_the_device_roams(self) -> None:
+        pair = Pair()
+        pair.a_to_b(b"x")
+        self.assertEqual(pair.peer_of_b.endpoint, A_EP)

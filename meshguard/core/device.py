@@ -35,6 +35,7 @@ from meshguard.core.interfaces import (
     PathTransport,
     RandomBytes,
     RelayedListener,
+    RoamingHandler,
     SourceListener,
     TooBigHandler,
 )
@@ -163,6 +164,7 @@ class Device:
         self._unknown_datagram_handler: DatagramHandler | None = None
         self._source_listeners: list[SourceListener] = []
         self._relayed_listeners: list[RelayedListener] = []
+        self._roaming_handler: RoamingHandler | None = None
         self._too_big_handler: TooBigHandler | None = None
         #: The ICMP echo identifier (2 bytes) of path MTU probes toward stock peers: received
         #: echo replies carrying it go to the echo handler. None: no check in the receive path.
@@ -209,6 +211,18 @@ class Device:
     def add_source_listener(self, listener: SourceListener) -> None:
         """Told the source of every authenticated datagram that came straight over UDP."""
         self._source_listeners.append(listener)
+
+    def set_roaming_handler(self, handler: RoamingHandler) -> None:
+        """The owner of roaming (the path arbiter); without one the device roams itself, as
+        WireGuard does."""
+        self._claim("_roaming_handler", handler, "roaming")
+
+    def _roam(self, peer: Peer, source: Endpoint, now: float) -> None:
+        handler = self._roaming_handler
+        if handler is None:
+            peer.endpoint = source
+        else:
+            handler(peer, source, now)
 
     def add_relayed_listener(self, listener: RelayedListener) -> None:
         """Told of every authenticated datagram that came through a relay."""
@@ -691,7 +705,9 @@ class Device:
         peer = keypair.peer
         # Authenticated: roaming, counters, key confirmation, timers.
         if via is None:
-            peer.endpoint = source
+            peer.arrived_from = source
+            if source != peer.endpoint:
+                self._roam(peer, source, now)
             for listener in self._source_listeners:
                 listener(peer, source, now)
             # transport_batch_received may open the rest of its batch under this keypair.
@@ -1036,7 +1052,9 @@ class Device:
         if control.is_marked(consumed.timestamp):
             peer.is_meshguard = True
         if via is None:
-            peer.endpoint = source
+            peer.arrived_from = source
+            if source != peer.endpoint:
+                self._roam(peer, source, now)
             for listener in self._source_listeners:
                 listener(peer, source, now)
         else:
@@ -1109,7 +1127,9 @@ class Device:
         for dropped in peer.keypairs.install(keypair):
             self._drop_keypair(dropped)
         if via is None:
-            peer.endpoint = source
+            peer.arrived_from = source
+            if source != peer.endpoint:
+                self._roam(peer, source, now)
             for listener in self._source_listeners:
                 listener(peer, source, now)
         else:

@@ -72,6 +72,14 @@ class Carrier(Protocol):
     name: str
 
 
+class RoamingHandler(Protocol):
+    """The owner of a peer's endpoint when an authenticated datagram came straight over UDP
+    from ``source`` other than ``peer.endpoint`` (WireGuard's roaming): the path arbiter moves
+    the endpoint, or keeps the path it decided. Without an owner the device roams itself."""
+
+    def __call__(self, peer: Peer, source: Endpoint, now: float) -> None: ...
+
+
 class RelayedListener(Protocol):
     """Told of every datagram from ``peer`` that authenticated and came through a relay
     (``via``: the forwarding member or the carrier), before any reply to it is sent: the path

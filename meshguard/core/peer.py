@@ -96,6 +96,10 @@ class Peer:
         #: relay link that carried it. Mesh features read it while handling a control message:
         #: only what came straight over UDP says anything about a UDP path.
         self.arrived_via: Peer | Carrier | None = None
+        #: Where the latest authenticated datagram that came straight over UDP came from.
+        #: Roaming may or may not have moved ``endpoint`` there (the path arbiter decides);
+        #: a PATH_PING is answered here either way.
+        self.arrived_from: Endpoint | None = None
 
     def __repr__(self) -> str:
         # The public key is public, but a short form keeps log lines readable.

@@ -218,20 +218,52 @@ class PathArbiter:
         self._decide(record, now, reason)
 
     def heard_from(self, peer: Peer, source: Endpoint, now: float) -> None:
-        """An authenticated datagram from ``peer`` came straight from ``source`` (the device
-        roamed ``peer.endpoint`` to it). Keep the decided path unless this one is as good."""
-        record = self.peers.get(peer.public_key)
-        if record is None or self.holds_tls(peer):
+        """An authenticated datagram from ``peer`` came straight from ``source``: the device's
+        roaming, which the arbiter owns (``Device.set_roaming_handler``).
+
+        A learned member whose UDP path the mesh decided from proofs stays on it (a better
+        proven one is taken at the next decision; datagrams in flight over another path do
+        not pull it). Any other peer roams as WireGuard does: its endpoint follows, and for a
+        configured or stock WireGuard peer that is a move, logged once. While a TLS relay
+        carries the peer, the endpoint follows silently (it is where UDP probes go)."""
+        key = peer.public_key
+        record = self.peers.get(key)
+        held = key in self.tls_held
+        if record is not None and not held:
+            current = record.current
+            if current.kind in UDP_KINDS and current.endpoint is not None:
+                peer.endpoint = current.endpoint
+                return
+            peer.endpoint = source  # a candidate: where the handshake found it
             return
-        current = record.current
-        if current.kind not in UDP_KINDS or current.endpoint is None:
+        if source == peer.endpoint:
             return
-        if source == current.endpoint:
+        old = peer.endpoint
+        peer.endpoint = source
+        if not held:
+            self.moves += 1
+            self._notify(
+                peer,
+                Path(udp_kind(old, False), old) if old is not None else NO_PATH,
+                Path(udp_kind(source, False), source),
+                "roaming: an authenticated datagram came from there",
+            )
+
+    #: The device's roaming owner.
+    roamed = heard_from
+
+    def configured(self, peer: Peer, endpoint: Endpoint | None, reason: str) -> None:
+        """An endpoint the user set (``Endpoint =`` in the file, UAPI ``endpoint=``) or that a
+        name resolved to (``reason`` says which): the user's word, applied at once and logged
+        once. A TLS relay that carries the peer keeps it (the endpoint is where it probes)."""
+        old = self.current_path(peer)
+        peer.endpoint = endpoint
+        if self.holds_tls(peer) or endpoint is None:
             return
-        known = record.proven.get(source)
-        if known is not None and RANK[known[0].kind] > RANK[current.kind]:
-            return  # a better proven path: the next decision takes it
-        peer.endpoint = current.endpoint
+        new = Path(udp_kind(endpoint, False), endpoint)
+        if new != old:
+            self.moves += 1
+            self._notify(peer, old, new, reason)
 
     def try_endpoint(self, peer: Peer, endpoint: Endpoint, now: float) -> None:
         """Nobody forwards for ``peer`` and nothing is proven: let the handshake itself try

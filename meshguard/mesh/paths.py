@@ -435,10 +435,10 @@ class Paths:
         if kind == kinds.BIRTHDAY:
             self._birthday_received(peer, now)
             return
-        if len(body) != 8 or peer.arrived_via is not None or peer.endpoint is None:
+        source = peer.arrived_from  # where this message came from (roaming or not)
+        if len(body) != 8 or peer.arrived_via is not None or source is None:
             self.dropped += 1  # only what came straight over UDP tells of a UDP path
             return
-        source = peer.endpoint  # roaming just set it to where this message came from
         state = self.states.get(peer.public_key)
         if kind == kinds.PATH_PING:
             self.device.send_control_to(peer, source, kinds.PATH_PONG, body, now)

@@ -18,6 +18,8 @@ class MeshStack:
         self.membership = Membership(agent, forwarding=forwarding)
         #: The one owner of every learned member's path (mesh/arbiter.py).
         self.arbiter = PathArbiter()
+        # WireGuard's roaming moves a peer's endpoint: the arbiter decides it.
+        agent.device.set_roaming_handler(self.arbiter.roamed)
         self.paths = Paths(agent, self.membership, arbiter=self.arbiter)
         self.relaying = Relaying(agent, forwarding=forwarding, trusted=self._trusted_relay)
         agent.add_feature(self.membership)

@@ -235,7 +235,7 @@ class TlsPaths:
     # ------------------------------------------------------------------ MeshFeature
 
     def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
-        source = peer.endpoint
+        source = peer.arrived_from
         if len(body) != 8 or peer.arrived_via is not None or source is None:
             self.dropped += 1  # only what came straight over UDP says anything about UDP
             return
