@@ -219,7 +219,7 @@ class ArbiterTests(SynchronousTestCase):
             [
                 ("none", f"via member {self.relay.short_name}"),
                 (f"via member {self.relay.short_name}", "none"),
-                ("direct 203.0.113.7:41641", "tls-relay via relay.example:443"),
+                ("none", "tls-relay via relay.example:443"),
                 ("tls-relay via relay.example:443", "direct 203.0.113.7:41641"),
             ],
         )
@@ -247,6 +247,29 @@ class ArbiterTests(SynchronousTestCase):
                 ("tls-relay via r:443", "lan 192.168.1.7:51820"),
             ],
         )
+
+    def test_one_state_per_peer_moved_only_by_the_table(self) -> None:
+        """Each peer has one state; events move it only along the transition table (a move
+        the policy does not name is refused and counted, nothing changes)."""
+        a = self.arbiter
+        self.assertIs(a.state_of(self.peer), arb.State.UNREACHED)
+        a.offer_member(self.peer, [self.relay], 0.0)
+        self.assertIs(a.state_of(self.peer), arb.State.MEMBER)
+        # Roaming is not a way off a member path (nor onto a relay): refused by the table.
+        self.assertFalse(a._enter(self.peer, Path(arb.DIRECT, A_PUBLIC), "roam", "x", 1.0))
+        self.assertEqual(a.refused, 1)
+        self.assertEqual((self.peer.path_kind, self.peer.relay), (PATH_MEMBER, self.relay))
+        self.assertTrue(a.tls_take(self.peer, "r:443", 1.0, "UDP failed"))
+        self.assertIs(a.state_of(self.peer), arb.State.TLS_RELAY)
+        a.roamed(self.peer, A_PUBLIC, 1.5)  # the endpoint follows; the state does not
+        self.assertEqual((self.peer.endpoint, self.peer.path_kind), (A_PUBLIC, PATH_TLS))
+        a.tls_release(self.peer, A_PUBLIC, "our probe was answered", 2.0)
+        self.assertIs(a.state_of(self.peer), arb.State.UDP)
+        a.tls_release(self.peer, A_LAN, "late", 2.5)  # not held: nothing to release
+        self.assertEqual(self.peer.endpoint, A_PUBLIC)
+        for event, pairs in arb.TRANSITIONS.items():
+            if event != "tls-take":
+                self.assertNotIn((arb.State.UDP, arb.State.TLS_RELAY), pairs, event)
 
     def test_a_second_tls_logic_fails_loudly(self) -> None:
         self.arbiter.set_tls(_Tls())

@@ -89,8 +89,10 @@ class StatusDocumentTests(SynchronousTestCase):
         )
         # No session with the introducer here, so the relay path is recorded as the arbiter
         # leaves it once a member relay carries the peer.
-        arbiter.track(relayed.peer).current = Path(MEMBER, via=introducer)
-        relayed.peer.relay = introducer
+        arbiter.track(relayed.peer)
+        arbiter._enter(
+            relayed.peer, Path(MEMBER, via=introducer), "decide", "a member offers to forward", now
+        )
 
     def document(self) -> dict[str, Any]:
         document = self.node.status_document()

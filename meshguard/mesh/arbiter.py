@@ -31,6 +31,7 @@ Sans-I/O: it reads ``now`` from its callers and writes only peer fields.
 from __future__ import annotations
 
 import base64
+import enum
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,12 +132,58 @@ class _NoTls:
         return False
 
 
+class State(enum.Enum):
+    """The one state of a peer's path (``PathArbiter.state_of``)."""
+
+    #: No way to reach it: no endpoint, nothing proven, nobody forwards.
+    UNREACHED = "unreached"
+    #: Straight over UDP to ``peer.endpoint`` (kind lan, direct, direct-v6 or mapped).
+    UDP = "udp"
+    #: Forwarded by the member ``peer.relay``.
+    MEMBER = "member"
+    #: Carried by a TLS relay link.
+    TLS_RELAY = "tls-relay"
+
+
+def state_of_kind(kind: str) -> State:
+    if kind in UDP_KINDS:
+        return State.UDP
+    if kind == MEMBER:
+        return State.MEMBER
+    if kind == TLS_RELAY:
+        return State.TLS_RELAY
+    return State.UNREACHED
+
+
+_U, _D, _M, _T = State.UNREACHED, State.UDP, State.MEMBER, State.TLS_RELAY
+_ALL = frozenset({_U, _D, _M, _T})
+
+#: The transition table: for each event, the (from, to) state pairs it may cause. Which target
+#: an event picks comes from the ranking (:data:`RANK`, :data:`TLS_REPLACES_MEMBER`); a pair not
+#: listed is refused (counted in ``PathArbiter.refused``, nothing moves), so no source can
+#: move a peer in a way the policy does not name. UDP -> UDP is a move to another endpoint.
+TRANSITIONS: dict[str, frozenset[tuple[State, State]]] = {
+    # The mesh's reports (offer_member, proven, failed): the ranking's decision, any move but
+    # onto a TLS relay, which only the TLS logic asks for.
+    "decide": frozenset((a, b) for a in _ALL for b in (_U, _D, _M)),
+    # The TLS logic: UDP failed or the peer came through the relay (or its relay changed).
+    "tls-take": frozenset({(_U, _T), (_D, _T), (_M, _T), (_T, _T)}),
+    # The TLS logic lets go: back to the UDP endpoint, or none known.
+    "tls-release": frozenset({(_T, _D), (_T, _U)}),
+    # WireGuard roaming of a peer no proof decides for: its endpoint follows.
+    "roam": frozenset({(_U, _D), (_D, _D)}),
+    # The user's endpoint (configuration, UAPI) or a name's new address.
+    "configure": frozenset({(_U, _D), (_D, _D)}),
+    # A learned member that left the mesh.
+    "forget": frozenset((a, _U) for a in _ALL),
+}
+
+
 @dataclass
 class PeerPath:
-    """The arbiter's record of one learned member: one state (``current``) and its reasons."""
+    """What the arbiter knows of one learned member beside its state: proofs, offers, notes."""
 
     peer: Peer
-    current: Path = NO_PATH
     #: Proven UDP paths: (path, round-trip time, when last proven).
     proven: dict[Endpoint, tuple[Path, float, float]] = field(default_factory=dict)
     #: Member relays that offered to forward, best first.
@@ -149,18 +196,30 @@ class PeerPath:
 
 
 class PathArbiter:
-    """Decides and records every learned member's path (see the module docstring)."""
+    """Decides and records every peer's path (see the module docstring): one explicit state
+    per peer (:class:`State`, in ``paths``), moved only through :meth:`_enter` by the events
+    of :data:`TRANSITIONS`.
+
+    Why not Automat: its transitions are fixed per (state, input), while the target here is
+    computed from data at each event (proofs and their age, round-trip times, which members
+    offer, whether a TLS relay reaches the peer), and status reads the state directly. An
+    enum with one table of allowed transitions keeps both explicit and testable.
+    """
 
     def __init__(self, *, on_move: MoveObserver | None = None) -> None:
+        #: Learned members' proofs and offers (configured peers have none).
         self.peers: dict[bytes, PeerPath] = {}
+        #: Every peer's current path, the state machine's state (absent: not reached, or a
+        #: configured peer at ``peer.endpoint`` that never moved).
+        self.paths: dict[bytes, Path] = {}
         self.observers: list[MoveObserver] = [on_move] if on_move is not None else []
         self.tls: TlsView = _NoTls()
-        #: Peers the arbiter put on a TLS relay (``tls_take``), and that path.
-        self.tls_held: dict[bytes, Path] = {}
         #: Told ``(peer, endpoint, now)`` when a UDP path is proven while a TLS relay holds the
         #: peer: the TLS logic leaves the relay and tells the peer (TLS_UDP_SWITCH).
         self.udp_proven_listeners: list[Callable[[Peer, Endpoint, float], None]] = []
         self.moves = 0
+        #: Moves the transition table refused (a source asked for what the policy does not name).
+        self.refused = 0
 
     # ------------------------------------------------------------------ wiring
 
@@ -177,6 +236,61 @@ class PathArbiter:
     def add_udp_proven_listener(self, listener: Callable[[Peer, Endpoint, float], None]) -> None:
         self.udp_proven_listeners.append(listener)
 
+    # ------------------------------------------------------------------ the state machine
+
+    def current_path(self, peer: Peer) -> Path:
+        """The path the peer is on now."""
+        path = self.paths.get(peer.public_key)
+        if path is not None:
+            return path
+        if peer.endpoint is not None and peer.public_key not in self.peers:
+            return Path(udp_kind(peer.endpoint, False), peer.endpoint)  # configured
+        return NO_PATH
+
+    def state_of(self, peer: Peer) -> State:
+        return state_of_kind(self.current_path(peer).kind)
+
+    def _enter(self, peer: Peer, new: Path, event: str, reason: str, now: float) -> bool:
+        """The one writer of a peer's path: checks the transition against the table, writes
+        the peer's fields the device sends by, records the state and tells the observers once.
+        False when the table refused it (nothing changed)."""
+        old = self.current_path(peer)
+        old_state, new_state = state_of_kind(old.kind), state_of_kind(new.kind)
+        if (old_state, new_state) not in TRANSITIONS[event]:
+            self.refused += 1
+            return False
+        if new_state is State.UDP:
+            peer.relay = None
+            peer.path_kind = PATH_UDP
+            peer.endpoint = new.endpoint
+        elif new_state is State.MEMBER:
+            peer.relay = new.via
+            peer.path_kind = PATH_MEMBER
+        elif new_state is State.TLS_RELAY:
+            peer.relay = None  # one layer of encryption: no member forwards inside it
+            peer.path_kind = PATH_TLS
+        elif old_state is not State.UDP:
+            # Unreached: a relay path we decided ends (the device's own answer-through-the-
+            # same-member rule for a peer we never moved stands until we decide).
+            if old_state is not State.UNREACHED:
+                peer.relay = None
+                peer.path_kind = PATH_UDP
+        if new == old:
+            return True
+        key = peer.public_key
+        if new == NO_PATH:
+            self.paths.pop(key, None)
+        else:
+            self.paths[key] = new
+        record = self.peers.get(key)
+        if record is not None:
+            if RANK[new.kind] > RANK[old.kind]:
+                record.moved_up_at = now
+            record.reason = reason
+        self.moves += 1
+        self._notify(peer, old, new, reason)
+        return True
+
     # ------------------------------------------------------------------ records
 
     def track(self, peer: Peer) -> PeerPath:
@@ -187,8 +301,8 @@ class PathArbiter:
 
     def forget(self, peer: Peer) -> None:
         record = self.peers.pop(peer.public_key, None)
-        if record is not None and record.current != NO_PATH:
-            self._notify(peer, record.current, NO_PATH, "no longer a member")
+        if record is not None and peer.public_key in self.paths:
+            self._enter(peer, NO_PATH, "forget", "no longer a member", 0.0)
 
     # ------------------------------------------------------------------ reports from sources
 
@@ -223,30 +337,25 @@ class PathArbiter:
 
         A learned member whose UDP path the mesh decided from proofs stays on it (a better
         proven one is taken at the next decision; datagrams in flight over another path do
-        not pull it). Any other peer roams as WireGuard does: its endpoint follows, and for a
-        configured or stock WireGuard peer that is a move, logged once. While a TLS relay
-        carries the peer, the endpoint follows silently (it is where UDP probes go)."""
-        key = peer.public_key
-        record = self.peers.get(key)
-        held = key in self.tls_held
-        if record is not None and not held:
-            current = record.current
-            if current.kind in UDP_KINDS and current.endpoint is not None:
-                peer.endpoint = current.endpoint
-                return
-            peer.endpoint = source  # a candidate: where the handshake found it
+        not pull it); one that is not on UDP notes the source as its endpoint (a candidate,
+        where the handshake found it). While a TLS relay carries a peer, the endpoint follows
+        silently (it is where UDP probes go). Any other peer roams as WireGuard does: the
+        endpoint follows, a move logged once."""
+        path = self.current_path(peer)
+        learned = peer.public_key in self.peers
+        if path.kind in UDP_KINDS and learned and path.endpoint is not None:
+            peer.endpoint = path.endpoint
             return
-        if source == peer.endpoint:
+        if learned or path.kind == TLS_RELAY or path.kind == MEMBER:
+            peer.endpoint = source
             return
-        old = peer.endpoint
-        peer.endpoint = source
-        if not held:
-            self.moves += 1
-            self._notify(
+        if source != peer.endpoint:
+            self._enter(
                 peer,
-                Path(udp_kind(old, False), old) if old is not None else NO_PATH,
                 Path(udp_kind(source, False), source),
+                "roam",
                 "roaming: an authenticated datagram came from there",
+                now,
             )
 
     #: The device's roaming owner.
@@ -255,89 +364,51 @@ class PathArbiter:
     def configured(self, peer: Peer, endpoint: Endpoint | None, reason: str) -> None:
         """An endpoint the user set (``Endpoint =`` in the file, UAPI ``endpoint=``) or that a
         name resolved to (``reason`` says which): the user's word, applied at once and logged
-        once. A TLS relay that carries the peer keeps it (the endpoint is where it probes)."""
-        old = self.current_path(peer)
-        peer.endpoint = endpoint
-        if self.holds_tls(peer) or endpoint is None:
+        once. A relay that carries the peer keeps it (the endpoint is where it probes)."""
+        if endpoint is None or self.state_of(peer) in (State.TLS_RELAY, State.MEMBER):
+            peer.endpoint = endpoint
             return
-        new = Path(udp_kind(endpoint, False), endpoint)
-        if new != old:
-            self.moves += 1
-            self._notify(peer, old, new, reason)
+        self._enter(peer, Path(udp_kind(endpoint, False), endpoint), "configure", reason, 0.0)
 
     def try_endpoint(self, peer: Peer, endpoint: Endpoint, now: float) -> None:
         """Nobody forwards for ``peer`` and nothing is proven: let the handshake itself try
-        ``endpoint`` (the punching source cycles through the candidates)."""
-        record = self.track(peer)
-        if record.current.kind == NONE and peer.relay is None and not self.holds_tls(peer):
+        ``endpoint`` (the punching source cycles through the candidates). Not a move: the
+        peer stays unreached until a proof."""
+        self.track(peer)
+        if self.state_of(peer) is State.UNREACHED:
             peer.endpoint = endpoint
 
     def holds_tls(self, peer: Peer) -> bool:
-        """Whether the TLS relay's logic has ``peer`` on a relay now."""
-        return peer.public_key in self.tls_held
-
-    def current_path(self, peer: Peer) -> Path:
-        """The path the peer is on now, as moves are logged."""
-        held = self.tls_held.get(peer.public_key)
-        if held is not None:
-            return held
-        record = self.peers.get(peer.public_key)
-        if record is not None and record.current != NO_PATH:
-            return record.current
-        if peer.endpoint is not None:
-            return Path(udp_kind(peer.endpoint, False), peer.endpoint)
-        return NO_PATH
+        """Whether the peer is on a TLS relay now."""
+        return self.current_path(peer).kind == TLS_RELAY
 
     def tls_take(self, peer: Peer, link: str, now: float, reason: str) -> bool:
         """The TLS relay's logic would carry ``peer`` over the relay ``link``: UDP failed (its
         evidence, a handshake or data unanswered for seconds, is fresher than any proof), or the
         peer reached us only through it. Earlier UDP proofs no longer count: a UDP path proven
         from now on beats the relay again (ranking). Accepted over a member path by
-        :data:`TLS_REPLACES_MEMBER`. Written (``peer.path_kind``), logged once and reported
-        here; False when refused."""
-        key = peer.public_key
-        record = self.peers.get(key)
-        if (
-            not TLS_REPLACES_MEMBER
-            and record is not None
-            and record.current.kind == MEMBER
-            and peer.path_kind is PATH_MEMBER
-        ):
+        :data:`TLS_REPLACES_MEMBER`. False when refused."""
+        if not TLS_REPLACES_MEMBER and self.state_of(peer) is State.MEMBER:
+            self.refused += 1
             return False
-        old = self.current_path(peer)
-        new = Path(TLS_RELAY, link=link)
-        self.tls_held[key] = new
-        peer.relay = None  # one layer of encryption: no member forwards inside it
-        peer.path_kind = PATH_TLS
+        if not self._enter(peer, Path(TLS_RELAY, link=link), "tls-take", reason, now):
+            return False
+        record = self.peers.get(peer.public_key)
         if record is not None:
-            record.current = NO_PATH  # the relay holds it; the mesh's next proof decides anew
             record.proven.clear()
-        if new != old:
-            self.moves += 1
-            self._notify(peer, old, new, reason)
         return True
 
     def tls_release(self, peer: Peer, endpoint: Endpoint | None, reason: str, now: float) -> None:
         """The TLS relay's logic lets ``peer`` go: back to UDP at ``endpoint`` (the one it
         found working, or the last one), where the usual rules try again; a learned member's
         next decision may pick a member relay instead."""
-        key = peer.public_key
-        old = self.tls_held.pop(key, None)
-        if old is None:
+        if not self.holds_tls(peer):
             return
-        peer.path_kind = PATH_UDP
-        if endpoint is not None:
-            peer.endpoint = endpoint
         new = Path(udp_kind(endpoint, False), endpoint) if endpoint is not None else NO_PATH
-        record = self.peers.get(key)
+        record = self.peers.get(peer.public_key)
         if record is not None and endpoint is not None and endpoint in record.proven:
-            # The mesh proved this path: it is the member's decided path from now on (and
-            # the move is logged here, once).
-            new = record.current = record.proven[endpoint][0]
-            record.reason = reason
-        if new != old:
-            self.moves += 1
-            self._notify(peer, old, new, reason)
+            new = record.proven[endpoint][0]  # the mesh proved it: its kind (LAN, ...) stands
+        self._enter(peer, new, "tls-release", reason, now)
 
     def explain(self, peer: Peer, note: str | None) -> None:
         """The punching source says why no direct path is found yet (None: nothing to say)."""
@@ -360,17 +431,22 @@ class PathArbiter:
         return max(fresh, key=lambda item: (RANK[item[0].kind], -item[1]))
 
     def _decide(self, record: PeerPath, now: float, reason: str) -> None:
+        """The ranking: a fresh proof beats any relay; without one, a member that forwards
+        (unless a TLS relay reaches the peer: :data:`TLS_REPLACES_MEMBER`), else none. A TLS
+        relay's hold is left only for a proof or a member when no TLS relay reaches it."""
         peer = record.peer
+        current = self.current_path(peer)
         best = self.best_udp(peer, now)
         if best is not None:
             new = best[0]
-        elif record.current.kind in UDP_KINDS:
-            new = self._relay_path(record)
-        elif record.current.kind == MEMBER and record.current.via in record.members:
-            new = record.current if not self._tls_replaces_member(peer) else NO_PATH
+        elif current.kind == TLS_RELAY:
+            relay = self._relay_path(record)
+            new = relay if relay.kind == MEMBER else current
+        elif current.kind == MEMBER and current.via in record.members:
+            new = current if not self._tls_replaces_member(peer) else NO_PATH
         else:
             new = self._relay_path(record)
-        self._move(record, new, now, reason)
+        self._enter(peer, new, "decide", reason, now)
 
     def _relay_path(self, record: PeerPath) -> Path:
         if self._tls_replaces_member(record.peer):
@@ -383,32 +459,6 @@ class PathArbiter:
     def _tls_replaces_member(self, peer: Peer) -> bool:
         return TLS_REPLACES_MEMBER and self.tls.reaches(peer)
 
-    def _move(self, record: PeerPath, new: Path, now: float, reason: str) -> None:
-        old = record.current
-        peer = record.peer
-        if new.kind in UDP_KINDS:
-            held = self.tls_held.pop(peer.public_key, None)
-            if held is not None:
-                old = held  # a proven UDP path beats the relay (ranking)
-            peer.relay = None
-            peer.path_kind = PATH_UDP
-            peer.endpoint = new.endpoint
-        elif new.kind == MEMBER:
-            if not self.holds_tls(peer):
-                peer.relay = new.via
-                peer.path_kind = PATH_MEMBER
-        elif old.kind == MEMBER and peer.path_kind is PATH_MEMBER:
-            peer.relay = None
-            peer.path_kind = PATH_UDP
-        if new == old:
-            return
-        if RANK[new.kind] > RANK[old.kind]:
-            record.moved_up_at = now
-        record.current = new
-        record.reason = reason
-        self.moves += 1
-        self._notify(peer, old, new, reason)
-
     def _notify(self, peer: Peer, old: Path, new: Path, reason: str) -> None:
         for observer in self.observers:
             try:
@@ -419,23 +469,19 @@ class PathArbiter:
     # ------------------------------------------------------------------ status
 
     def kind_of(self, peer: Peer) -> str:
-        """What carries ``peer`` now, as status reports it (TLS first: it overrides)."""
-        if self.holds_tls(peer):
-            return TLS_RELAY
-        record = self.peers.get(peer.public_key)
-        return record.current.kind if record is not None else NONE
+        """What carries ``peer`` now, as status reports it."""
+        return self.current_path(peer).kind
 
     def status(self, peer: Peer) -> dict[str, Any]:
         """The status contract: ``path_kind``, ``path_via`` and ``not_direct_reason``."""
-        kind = self.kind_of(peer)
+        path = self.current_path(peer)
+        kind = path.kind
         record = self.peers.get(peer.public_key)
-        if record is None and kind == NONE and peer.endpoint is not None:
-            kind = udp_kind(peer.endpoint, False)  # a configured peer at its endpoint
         via: str | None = None
         if kind == TLS_RELAY:
-            via = self.tls_held[peer.public_key].link
-        elif kind == MEMBER and record is not None and record.current.via is not None:
-            via = _b64(record.current.via.public_key)
+            via = path.link
+        elif kind == MEMBER and path.via is not None:
+            via = _b64(path.via.public_key)
         return {
             "path_kind": kind,
             "path_via": via,
