@@ -29,6 +29,7 @@ from meshguard.flood_guard import TICK as FLOOD_TICK
 from meshguard.flood_guard import FloodGuard
 from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
+from meshguard.mesh.arbiter import Path
 from meshguard.mesh.keepalive import KeepalivePolicy
 from meshguard.mesh.paths import PRIME_TTL
 from meshguard.mesh.ping import Pinger
@@ -315,7 +316,7 @@ class Node:
         self.udp.close()
         self.tun.close()
 
-    def _path_moved(self, peer: Peer, old: Any, new: Any, reason: str) -> None:
+    def _path_moved(self, peer: Peer, old: Path, new: Path, reason: str) -> None:
         """Every move the path arbiter makes, logged once with its reason."""
         log.info(
             "path to {peer}: {old} -> {new} ({reason})",

@@ -10,7 +10,7 @@ keeps the running relay setup whole.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService
 from twisted.application.service import MultiService
@@ -22,6 +22,9 @@ from meshguard.config import InterfaceConfig
 from meshguard.relay.client import RelayClientLink, relay_client_service, tls_creator
 from meshguard.relay.paths import TlsPaths
 from meshguard.relay.server import RelayHub, RelayServerFactory
+
+if TYPE_CHECKING:
+    from meshguard.node import Node
 
 log = Logger()
 
@@ -78,7 +81,7 @@ class TlsRelay:
     def __init__(self, config: InterfaceConfig, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
-        self.node: Any = None
+        self.node: Node | None = None
         self.paths: TlsPaths | None = None
         self.hub: RelayHub | None = None
         self.port: IListeningPort | None = None
@@ -95,7 +98,7 @@ class TlsRelay:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def listen(self, node: Any) -> None:
+    def listen(self, node: Node) -> None:
         """Bind the relay's TLS port (privileged start)."""
         self.node = node
         listen = self.config.relay_listen
@@ -108,6 +111,7 @@ class TlsRelay:
 
     def _hub(self) -> RelayHub:
         if self.hub is None:
+            assert self.node is not None
             device = self.node.device
             self.hub = RelayHub(
                 self.reactor,
@@ -129,7 +133,7 @@ class TlsRelay:
         log.info("TLS relay listening on {host}:{port}", host=host, port=port)
         return listening
 
-    def attach(self, node: Any) -> None:
+    def attach(self, node: Node) -> None:
         """Start the path logic and the client connections (the node's data path is running)."""
         if not self.enabled:
             return
@@ -152,7 +156,7 @@ class TlsRelay:
         return tls_creator(host, ca_path=config.relay_ca, pins=config.relay_pins)
 
     def _add_client(self, relay: tuple[str, int], creator: Any) -> None:
-        assert self.paths is not None
+        assert self.paths is not None and self.node is not None
         device = self.node.device
         link = RelayClientLink(
             relay[0],
