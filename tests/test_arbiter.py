@@ -271,6 +271,21 @@ class ArbiterTests(SynchronousTestCase):
             if event != "tls-take":
                 self.assertNotIn((arb.State.UDP, arb.State.TLS_RELAY), pairs, event)
 
+    def test_a_peer_that_reached_us_through_a_member_is_answered_that_way(self) -> None:
+        """Unreached and no endpoint: a datagram through a member puts the peer on that member
+        (logged); a peer with an endpoint, or already on a path, stays as it is."""
+        a = self.arbiter
+        a.relayed(self.peer, self.relay, 1.0)
+        self.assertEqual((self.peer.path_kind, self.peer.relay), (PATH_MEMBER, self.relay))
+        self.assertEqual(
+            self.moves,
+            [("none", f"via member {self.relay.short_name}", "it reached us through this member")],
+        )
+        other = Peer(b"\x0a" * 32)
+        other.endpoint = A_PUBLIC
+        a.relayed(other, self.relay, 1.0)
+        self.assertEqual((other.path_kind, other.relay), (PATH_UDP, None))
+
     def test_a_second_tls_logic_fails_loudly(self) -> None:
         self.arbiter.set_tls(_Tls())
         with self.assertRaises(AlreadyRegisteredError):

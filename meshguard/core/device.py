@@ -966,12 +966,13 @@ class Device:
 
     def _relayed_from(self, peer: Peer, via: Peer | Carrier, now: float) -> None:
         """An authenticated datagram came through ``via``: the listeners hear of it (before any
-        reply), and a peer we have no way to reach yet answers through the same member;
-        otherwise the path stays as decided."""
+        reply). Without a roaming owner (a bare device) a peer we have no way to reach yet
+        answers through the same member, as the path arbiter would decide."""
         for listener in self._relayed_listeners:
             listener(peer, via, now)
         if (
-            isinstance(via, Peer)
+            self._roaming_handler is None
+            and isinstance(via, Peer)
             and peer.path_kind is PATH_UDP
             and peer.endpoint is None
             and via is not peer

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshguard.core.interfaces import AlreadyRegisteredError, Endpoint
+from meshguard.core.interfaces import AlreadyRegisteredError, Carrier, Endpoint
 from meshguard.core.peer import PATH_MEMBER, PATH_TLS, PATH_UDP, Peer
 
 LAN = "lan"
@@ -174,6 +174,8 @@ TRANSITIONS: dict[str, frozenset[tuple[State, State]]] = {
     "roam": frozenset({(_U, _D), (_D, _D)}),
     # The user's endpoint (configuration, UAPI) or a name's new address.
     "configure": frozenset({(_U, _D), (_D, _D)}),
+    # A peer we cannot reach otherwise reached us through a member: answer the same way.
+    "relayed": frozenset({(_U, _M)}),
     # A learned member that left the mesh.
     "forget": frozenset((a, _U) for a in _ALL),
 }
@@ -360,6 +362,20 @@ class PathArbiter:
 
     #: The device's roaming owner.
     roamed = heard_from
+
+    def relayed(self, peer: Peer, via: Peer | Carrier, now: float) -> None:
+        """An authenticated datagram from ``peer`` came through ``via`` (the device's relayed
+        listener): a peer we have no way to reach yet answers through the same member."""
+        if (
+            isinstance(via, Peer)
+            and via is not peer
+            and peer.endpoint is None
+            and self.state_of(peer) is State.UNREACHED
+            and peer.path_kind is PATH_UDP
+        ):
+            self._enter(
+                peer, Path(MEMBER, via=via), "relayed", "it reached us through this member", now
+            )
 
     def configured(self, peer: Peer, endpoint: Endpoint | None, reason: str) -> None:
         """An endpoint the user set (``Endpoint =`` in the file, UAPI ``endpoint=``) or that a

@@ -20,6 +20,7 @@ class MeshStack:
         self.arbiter = PathArbiter()
         # WireGuard's roaming moves a peer's endpoint: the arbiter decides it.
         agent.device.set_roaming_handler(self.arbiter.roamed)
+        agent.device.add_relayed_listener(self.arbiter.relayed)
         self.paths = Paths(agent, self.membership, arbiter=self.arbiter)
         self.relaying = Relaying(agent, forwarding=forwarding, trusted=self._trusted_relay)
         agent.add_feature(self.membership)
