@@ -172,7 +172,7 @@ class Paths:
         self.agent = agent
         #: Decides and writes each member's path from what punching proves (mesh/arbiter.py).
         self.arbiter = arbiter if arbiter is not None else arb.PathArbiter()
-        self.arbiter.observers.append(self._moved)
+        self.arbiter.add_observer(self._moved)
         self.device = agent.device
         self.membership = membership
         self.states: dict[bytes, PathState] = {}

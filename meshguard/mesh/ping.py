@@ -2,9 +2,9 @@
 
 Unlike hole punching's PATH_PING (sent to one candidate endpoint, answered only over straight
 UDP), an operator ping goes and comes back over whatever path the pair uses now, relays
-included, so it measures what the user's traffic gets. The answer records how it arrived: the
-member that forwarded it, or the endpoint it came from (a UDP address, or a TLS relay's
-stand-in), from which the adapter names the path.
+included, so it measures what the user's traffic gets. The answer records how it arrived
+(``Peer.arrived_via``): the member that forwarded it, the TLS relay that carried it, or the UDP
+endpoint it came from, from which the adapter names the path.
 """
 
 from __future__ import annotations

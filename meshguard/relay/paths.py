@@ -14,10 +14,10 @@ Rules, per peer present at a connected relay (the relay tells who is):
 - Fall back: a handshake initiation stayed unanswered for :data:`FALLBACK_AFTER` seconds with
   nothing received from the peer meanwhile (so about 6 s after the first attempt, or about 20 s
   after traffic stops being answered, when WireGuard starts a new handshake) -> the relay
-  endpoint, and a new initiation through it at once.
+  (asked of the arbiter), and a new initiation through it at once.
 - An established session on UDP: data sent and nothing received for :data:`STALL_PROBE_AFTER`
   seconds sends one TLS_UDP_PROBE over UDP (a working peer answers at once); still nothing
-  received :data:`FALLBACK_AFTER` seconds after the stall began -> the relay endpoint, without
+  received :data:`FALLBACK_AFTER` seconds after the stall began -> the relay, without
   waiting for WireGuard's own ~20 s of timers. The session stays; the peer follows when our
   datagrams reach it through the relay.
 - While on the relay, every :data:`PROBE_INTERVAL` seconds send a TLS_UDP_PROBE straight over UDP
