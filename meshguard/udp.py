@@ -247,12 +247,9 @@ class _Reader:
         bufsize = t.max_datagram
         v6 = self.v6
         reads = gro_reads = gro_datagrams = 0
+        # The batch hook (the node holds TUN writes for coalescing) runs after the first
+        # datagram unless that is a GRO buffer: a lone datagram is written out at once.
         start = t.on_batch_start
-        if start is not None:
-            try:
-                start()
-            except Exception:
-                t._receiver_failed()
         # The budget counts datagrams, not reads: a GRO read holds dozens, and one batch's
         # worth of held TUN writes and replies should stay as long as without GRO.
         budget = t.batch_packets
@@ -286,6 +283,9 @@ class _Reader:
                         # New or changed: remembered only if the datagram authenticates.
                         t._pending_source = (addr, info)
             if segment and len(data) > segment:
+                if start is not None:
+                    t._hook(start)
+                    start = None
                 parts = split_datagrams(data, segment)
                 gro_reads += 1
                 gro_datagrams += len(parts)
@@ -314,16 +314,16 @@ class _Reader:
             except Exception:
                 t._receiver_failed()
             t._pending_source = None
+            if start is not None:
+                t._hook(start)
+                start = None
         t.reads += reads
         if gro_reads:
             t.gro_reads += gro_reads
             t.gro_datagrams += gro_datagrams
         end = t.on_batch_end
         if end is not None:
-            try:
-                end()
-            except Exception:
-                t._receiver_failed()
+            t._hook(end)
 
 
 def _no_socket(data: bytes, address: Any) -> int:
@@ -635,10 +635,16 @@ class UDPTransport:
                 i = j
                 if i == n:
                     return
-            if taken < room and len(datagrams[i]) < segment:
-                # A shorter one may end the run.
+            size = len(datagrams[i])
+            if (
+                size < segment
+                and len(parts) < GSO_MAX_SEGMENTS
+                and run.total + size <= GSO_MAX_BYTES
+            ):
+                # A shorter one may end the run (the byte limit can leave room for it when
+                # there is none for another full segment, as in ``send``).
                 parts.append(datagrams[i])
-                run.total += len(datagrams[i])
+                run.total += size
                 i += 1
             # Full, ended by a shorter one, or the next is larger: it leaves now.
             del runs[endpoint]
@@ -905,6 +911,13 @@ class UDPTransport:
         except OSError:
             return [control]
         return None if default == local else [control]
+
+    def _hook(self, hook: Callable[[], None]) -> None:
+        """Run a batch hook; its bug is counted like a receiver's, never raised."""
+        try:
+            hook()
+        except Exception:
+            self._receiver_failed()
 
     def _receiver_failed(self) -> None:
         """Log a receiver bug without letting one datagram stall the port or flood logs."""
