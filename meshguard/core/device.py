@@ -316,7 +316,7 @@ class Device:
         them in one loop (the per-packet path costs about a microsecond more a segment).
 
         All segments of a super-packet share their addresses, so the first one routes them
-        all. Anything unusual (a smaller path MTU to enforce, MSS clamping, no session, the
+        all. Anything unusual (a smaller path MTU to enforce, a SYN to clamp, no session, the
         counter limit in reach) takes the per-packet path, which handles it.
         """
         if not packets:
@@ -338,11 +338,18 @@ class Device:
             or keypair is None
             or endpoint is None
             or peer.relay is not None
-            or peer.mss_mtu
             or length > peer.inner_mtu
             or now - keypair.created >= C.REJECT_AFTER_TIME
             or keypair.send_counter + len(packets) >= C.REKEY_AFTER_MESSAGES
         ):
+            for packet in packets:
+                self.packet_from_tun(packet, now)
+            return
+        mss_mtu = peer.mss_mtu
+        if mss_mtu and any(clamp_if_syn(packet, mss_mtu) is not packet for packet in packets):
+            # A SYN to clamp (never in a real TSO frame): the per-packet path clamps it. Path
+            # MTU discovery sets ``mss_mtu`` for every meshguard peer, so only a SYN may
+            # send a batch down the slow path.
             for packet in packets:
                 self.packet_from_tun(packet, now)
             return
