@@ -177,6 +177,8 @@ class TunDevice:
     batch_packets = 256
     #: Packets held for coalescing before they are written anyway.
     hold_packets = 512
+    #: ``read_replies`` reads only after at most this many packets were written.
+    reply_read_max = 4
 
     def __init__(
         self,
@@ -232,8 +234,8 @@ class TunDevice:
         #: be coalesced; with a virtio-net header only.
         self._holding = False
         self._held: list[bytes] = []
-        #: Whether a packet was written since the last read (see :meth:`read_replies`).
-        self._wrote = False
+        #: Packets written since the last read (see :meth:`read_replies`).
+        self._wrote = 0
         self._buffer = bytearray(0)
         self._view = memoryview(self._buffer)
         #: The first read of a batch goes to the buffer's start (a ready ``readv`` list).
@@ -334,7 +336,7 @@ class TunDevice:
         With a virtio-net header and inside ``hold()``, the packet waits for ``flush()`` to be
         coalesced with the rest of its TCP flow.
         """
-        self._wrote = True
+        self._wrote += 1
         try:
             if self.vnet:
                 if self._holding:
@@ -354,15 +356,17 @@ class TunDevice:
                 self.write_errors += 1
 
     def read_replies(self) -> None:
-        """Read now what the kernel queued since the last write, without waiting for the reactor.
+        """Read now what the kernel queued since a lone write, without waiting for the reactor.
 
         The kernel handles a packet written to the TUN device inside the write call, so an
         echo reply or a TCP acknowledgement it provokes is usually queued for reading before
-        the call returns. The node calls this after a UDP read batch that wrote packets: the
-        reply leaves without a trip through the reactor (its timers, the poll and its
-        dispatch, tens of microseconds per round trip). Nothing queued costs one read.
+        the call returns. The node calls this after each UDP read batch: after one that wrote
+        a few packets (an idle ping, an interactive flow) the reply leaves without a trip
+        through the reactor (its timers, the poll and its dispatch). After a bulk batch it does
+        nothing: the replies (ACKs) are left to accumulate and leave together, in fewer sends.
+        Nothing queued costs one read.
         """
-        if self._wrote and self._reading:
+        if 0 < self._wrote <= self.reply_read_max and self._reading:
             self.doRead()
 
     def hold(self) -> None:
@@ -426,7 +430,7 @@ class TunDevice:
         Locals instead of attribute lookups and a zero-cost ``try`` (3.11) keep the loop tight;
         EAGAIN ends the batch early, which costs one exception per batch, not per packet.
         """
-        self._wrote = False
+        self._wrote = 0
         if self.vnet:
             self._read_frames()
             return

@@ -5,21 +5,18 @@ One IPv4 socket and one IPv6-only socket share the port, as wireguard-go does. B
 reached; replies to that peer leave from the same address ("sticky sockets"), which keeps a
 multi-homed node answering from the address its peer knows.
 
-Per-packet cost decides the shape (measured on this machine, 1420-byte datagrams):
+Per-packet cost decides the shape (the figures are in docs/datapath.md):
 
-- ``recvmsg`` with packet info costs about 0.2-0.35 us more than ``recvfrom`` (~2.1 vs ~1.8 us
-  on loopback). We pay it on every read: it is the only way to learn the local address.
-- ``sendmsg`` with an ``IP_PKTINFO`` control message costs about 0.5 us more than ``sendto``
-  (3.87 vs 3.35 us to a veth, ~16 %). So the source learned for an endpoint is compared, once,
-  with the source the kernel's route would pick anyway (a connected probe socket, carrying the
-  fwmark); only when they differ does that endpoint's traffic use ``sendmsg``. On a single-homed
-  host every send is a plain ``sendto``.
+- ``recvmsg`` with packet info costs a little more than ``recvfrom``. We pay it on every read:
+  it is the only way to learn the local address.
+- ``sendmsg`` with an ``IP_PKTINFO`` control message costs more than ``sendto``. So the source
+  learned for an endpoint is compared, once, with the source the kernel's route would pick
+  anyway (a connected probe socket, carrying the fwmark); only when they differ does that
+  endpoint's traffic use ``sendmsg``. On a single-homed host every send is a plain ``sendto``.
 
 Even so, the per-call cost dominates, so the sockets use the kernel's UDP offloads (Linux 4.18+
-for GSO, 5.0+ for GRO; both probed per socket and each off where missing). One GSO ``sendmsg``
-of 40 1452-byte datagrams to a veth costs about 0.5 us per datagram against 4.0 us for 40
-``sendto`` calls; in an iperf3 run between two nodes throughput rose by about half and CPU per
-byte fell by a third (benchmarks/README.md).
+for GSO, 5.0+ for GRO; both probed per socket and each off where missing): one GSO ``sendmsg``
+of a few dozen datagrams costs a fraction of as many ``sendto`` calls per datagram.
 
 - Send (UDP GSO, ``UDP_SEGMENT``): between ``hold()`` and ``flush()`` (the node brackets each TUN
   read batch) datagrams to one endpoint are queued as a *run* and leave as one ``sendmsg`` whose

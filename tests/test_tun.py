@@ -345,8 +345,9 @@ class VnetReadTests(SynchronousTestCase):
         self.assertEqual(self.events, [packets[0], "start", packets[1], packets[2], "end"])
 
     def test_read_replies_only_after_a_write(self) -> None:
-        """``read_replies`` reads at once what a write provoked, and does nothing without a
-        write since the last read or while the device is not reading."""
+        """``read_replies`` reads at once what a lone write provoked, and does nothing without
+        a write since the last read, after a bulk of writes, or while the device is not
+        reading."""
         self.tun.start_reading()
         reply = bytes([0x45, 9]) * 20
         self.tun.read_replies()
@@ -358,6 +359,12 @@ class VnetReadTests(SynchronousTestCase):
         reads = self.system.reads
         self.tun.read_replies()
         self.assertEqual(self.system.reads, reads)
+        for _ in range(self.tun.reply_read_max + 1):
+            self.tun.write(bytes([0x45, 1]) * 20)
+        self.tun.read_replies()
+        self.assertEqual(self.system.reads, reads, "a bulk batch leaves its replies to batch")
+        self.tun.doRead()
+        reads = self.system.reads
         self.tun.write(bytes([0x45, 1]) * 20)
         self.tun.stop_reading()
         self.tun.read_replies()
