@@ -185,7 +185,7 @@ class Node:
             self._datagram_received,
             reactor,
             listen_port,
-            on_batch_end=self._batch_end,
+            on_batch_end=self._udp_batch_end,
             wireguard_filter=True,
             on_batch_start=self.tun.hold,
             batch_receiver=self._datagrams_received,
@@ -413,6 +413,12 @@ class Node:
         self.tun.flush()
         if self.device.timers.dirty or self.mesh.dirty:
             self.reschedule()
+
+    def _udp_batch_end(self) -> None:
+        """After a UDP read batch: as any batch, then read what the TUN writes provoked (an
+        echo reply, TCP acknowledgements) at once instead of after a reactor turn."""
+        self._batch_end()
+        self.tun.read_replies()
 
     def _backlog_turn(self) -> None:
         self._backlog_call = None

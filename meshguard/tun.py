@@ -162,10 +162,13 @@ def _open_hint(err: OSError) -> str:
 class TunDevice:
     """A Linux TUN interface in IFF_TUN | IFF_NO_PI mode: raw IP packets in and out.
 
-    ``receiver(packet)`` is called for every packet read; before each batch the optional
-    ``on_batch_start()`` and after it the optional ``on_batch_end()`` are called once, so the
-    node can hold the datagrams a batch produces for one GSO send, flush queued work and
-    reschedule its single timer per batch instead of per packet. When the interface disappears
+    ``receiver(packet)`` is called for every packet read; after a batch's first packet the
+    optional ``on_batch_start()`` and after its last the optional ``on_batch_end()`` are called
+    once, so the node can hold the datagrams the rest of a batch produces for one GSO send,
+    flush queued work and reschedule its single timer per batch instead of per packet. The
+    first packet is handed on before the hook: a lone packet is sent at once rather than after
+    the read that finds the queue empty and the flush (see docs/datapath.md, "Latency"). A
+    super-packet read first is held as a whole. When the interface disappears
     (``ip link del``) reading stops and ``on_gone(error)`` is called, so the node can exit the way
     wireguard-go does.
     """
@@ -174,6 +177,8 @@ class TunDevice:
     batch_packets = 256
     #: Packets held for coalescing before they are written anyway.
     hold_packets = 512
+    #: ``read_replies`` reads only after at most this many packets were written.
+    reply_read_max = 4
 
     def __init__(
         self,
@@ -229,6 +234,8 @@ class TunDevice:
         #: be coalesced; with a virtio-net header only.
         self._holding = False
         self._held: list[bytes] = []
+        #: Packets written since the last read (see :meth:`read_replies`).
+        self._wrote = 0
         self._buffer = bytearray(0)
         self._view = memoryview(self._buffer)
         #: The first read of a batch goes to the buffer's start (a ready ``readv`` list).
@@ -329,6 +336,7 @@ class TunDevice:
         With a virtio-net header and inside ``hold()``, the packet waits for ``flush()`` to be
         coalesced with the rest of its TCP flow.
         """
+        self._wrote += 1
         try:
             if self.vnet:
                 if self._holding:
@@ -346,6 +354,20 @@ class TunDevice:
                 self.write_drops += 1
             else:
                 self.write_errors += 1
+
+    def read_replies(self) -> None:
+        """Read now what the kernel queued since a lone write, without waiting for the reactor.
+
+        The kernel handles a packet written to the TUN device inside the write call, so an
+        echo reply or a TCP acknowledgement it provokes is usually queued for reading before
+        the call returns. The node calls this after each UDP read batch: after one that wrote
+        a few packets (an idle ping, an interactive flow) the reply leaves without a trip
+        through the reactor (its timers, the poll and its dispatch). After a bulk batch it does
+        nothing: the replies (ACKs) are left to accumulate and leave together, in fewer sends.
+        Nothing queued costs one read.
+        """
+        if 0 < self._wrote <= self.reply_read_max and self._reading:
+            self.doRead()
 
     def hold(self) -> None:
         """Keep written packets until :meth:`flush` (the node brackets each UDP read batch)."""
@@ -408,6 +430,7 @@ class TunDevice:
         Locals instead of attribute lookups and a zero-cost ``try`` (3.11) keep the loop tight;
         EAGAIN ends the batch early, which costs one exception per batch, not per packet.
         """
+        self._wrote = 0
         if self.vnet:
             self._read_frames()
             return
@@ -415,7 +438,7 @@ class TunDevice:
         fd = self._fd
         size = self.max_packet
         receiver = self._receiver
-        self._hook(self.on_batch_start)
+        started = False
         for _ in range(self.batch_packets):
             try:
                 packet = read(fd, size)
@@ -430,6 +453,9 @@ class TunDevice:
                 receiver(packet)
             except Exception:
                 self._receiver_failed()
+            if not started:
+                started = True
+                self._hook(self.on_batch_start)
         self._hook(self.on_batch_end)
 
     def _read_frames(self) -> None:
@@ -455,7 +481,7 @@ class TunDevice:
         at_start = self._at_start
         bounds, starts, fields, ends = self._bounds, self._starts, self._fields, self._ends
         offset = 0
-        self._hook(self.on_batch_start)
+        started = False
         while budget > 0:
             if offset > span:
                 self._hand_on(buffer, view, bounds, starts, ends, fields)
@@ -476,27 +502,41 @@ class TunDevice:
             packet = offset + VNET_HDR_LEN
             length = n - VNET_HDR_LEN
             if not gso_type:
+                single = True
                 if not flags & NEEDS_CSUM:
                     bounds.append((packet, offset + n))
-                    offset = (offset + n + 1) & ~1
+                else:
+                    field = csum_start + csum_offset
+                    if (
+                        csum_start < length
+                        and field + 2 <= length
+                        and not (csum_start | csum_offset) & 1
+                    ):
+                        bounds.append((packet, offset + n))
+                        starts.append(packet + csum_start)
+                        fields.append(packet + field)
+                        ends.append(offset + n)
+                    else:
+                        single = False
+                if single:
                     budget -= 1
-                    continue
-                field = csum_start + csum_offset
-                if (
-                    csum_start < length
-                    and field + 2 <= length
-                    and not (csum_start | csum_offset) & 1
-                ):
-                    bounds.append((packet, offset + n))
-                    starts.append(packet + csum_start)
-                    fields.append(packet + field)
-                    ends.append(offset + n)
-                    offset = (offset + n + 1) & ~1
-                    budget -= 1
+                    if started:
+                        offset = (offset + n + 1) & ~1
+                        continue
+                    # The batch's first packet goes on at once, before the batch hook holds
+                    # the sends: a lone packet (an idle ping, an ACK) then leaves without
+                    # waiting for the read that ends its batch or for a flush.
+                    self._hand_on(buffer, view, bounds, starts, ends, fields)
+                    offset = 0
+                    started = True
+                    self._hook(self.on_batch_start)
                     continue
             # A super-packet (or a checksum this path does not take): what is pending
             # goes first, so that the order of packets stays as read.
             self._hand_on(buffer, view, bounds, starts, ends, fields)
+            if not started:
+                started = True
+                self._hook(self.on_batch_start)
             frame = view[offset : offset + n]
             offset = 0
             try:

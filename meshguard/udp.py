@@ -5,21 +5,18 @@ One IPv4 socket and one IPv6-only socket share the port, as wireguard-go does. B
 reached; replies to that peer leave from the same address ("sticky sockets"), which keeps a
 multi-homed node answering from the address its peer knows.
 
-Per-packet cost decides the shape (measured on this machine, 1420-byte datagrams):
+Per-packet cost decides the shape (the figures are in docs/datapath.md):
 
-- ``recvmsg`` with packet info costs about 0.2-0.35 us more than ``recvfrom`` (~2.1 vs ~1.8 us
-  on loopback). We pay it on every read: it is the only way to learn the local address.
-- ``sendmsg`` with an ``IP_PKTINFO`` control message costs about 0.5 us more than ``sendto``
-  (3.87 vs 3.35 us to a veth, ~16 %). So the source learned for an endpoint is compared, once,
-  with the source the kernel's route would pick anyway (a connected probe socket, carrying the
-  fwmark); only when they differ does that endpoint's traffic use ``sendmsg``. On a single-homed
-  host every send is a plain ``sendto``.
+- ``recvmsg`` with packet info costs a little more than ``recvfrom``. We pay it on every read:
+  it is the only way to learn the local address.
+- ``sendmsg`` with an ``IP_PKTINFO`` control message costs more than ``sendto``. So the source
+  learned for an endpoint is compared, once, with the source the kernel's route would pick
+  anyway (a connected probe socket, carrying the fwmark); only when they differ does that
+  endpoint's traffic use ``sendmsg``. On a single-homed host every send is a plain ``sendto``.
 
 Even so, the per-call cost dominates, so the sockets use the kernel's UDP offloads (Linux 4.18+
-for GSO, 5.0+ for GRO; both probed per socket and each off where missing). One GSO ``sendmsg``
-of 40 1452-byte datagrams to a veth costs about 0.5 us per datagram against 4.0 us for 40
-``sendto`` calls; in an iperf3 run between two nodes throughput rose by about half and CPU per
-byte fell by a third (benchmarks/README.md).
+for GSO, 5.0+ for GRO; both probed per socket and each off where missing): one GSO ``sendmsg``
+of a few dozen datagrams costs a fraction of as many ``sendto`` calls per datagram.
 
 - Send (UDP GSO, ``UDP_SEGMENT``): between ``hold()`` and ``flush()`` (the node brackets each TUN
   read batch) datagrams to one endpoint are queued as a *run* and leave as one ``sendmsg`` whose
@@ -247,12 +244,9 @@ class _Reader:
         bufsize = t.max_datagram
         v6 = self.v6
         reads = gro_reads = gro_datagrams = 0
+        # The batch hook (the node holds TUN writes for coalescing) runs after the first
+        # datagram unless that is a GRO buffer: a lone datagram is written out at once.
         start = t.on_batch_start
-        if start is not None:
-            try:
-                start()
-            except Exception:
-                t._receiver_failed()
         # The budget counts datagrams, not reads: a GRO read holds dozens, and one batch's
         # worth of held TUN writes and replies should stay as long as without GRO.
         budget = t.batch_packets
@@ -286,6 +280,9 @@ class _Reader:
                         # New or changed: remembered only if the datagram authenticates.
                         t._pending_source = (addr, info)
             if segment and len(data) > segment:
+                if start is not None:
+                    t._hook(start)
+                    start = None
                 parts = split_datagrams(data, segment)
                 gro_reads += 1
                 gro_datagrams += len(parts)
@@ -314,16 +311,16 @@ class _Reader:
             except Exception:
                 t._receiver_failed()
             t._pending_source = None
+            if start is not None:
+                t._hook(start)
+                start = None
         t.reads += reads
         if gro_reads:
             t.gro_reads += gro_reads
             t.gro_datagrams += gro_datagrams
         end = t.on_batch_end
         if end is not None:
-            try:
-                end()
-            except Exception:
-                t._receiver_failed()
+            t._hook(end)
 
 
 def _no_socket(data: bytes, address: Any) -> int:
@@ -635,10 +632,16 @@ class UDPTransport:
                 i = j
                 if i == n:
                     return
-            if taken < room and len(datagrams[i]) < segment:
-                # A shorter one may end the run.
+            size = len(datagrams[i])
+            if (
+                size < segment
+                and len(parts) < GSO_MAX_SEGMENTS
+                and run.total + size <= GSO_MAX_BYTES
+            ):
+                # A shorter one may end the run (the byte limit can leave room for it when
+                # there is none for another full segment, as in ``send``).
                 parts.append(datagrams[i])
-                run.total += len(datagrams[i])
+                run.total += size
                 i += 1
             # Full, ended by a shorter one, or the next is larger: it leaves now.
             del runs[endpoint]
@@ -905,6 +908,13 @@ class UDPTransport:
         except OSError:
             return [control]
         return None if default == local else [control]
+
+    def _hook(self, hook: Callable[[], None]) -> None:
+        """Run a batch hook; its bug is counted like a receiver's, never raised."""
+        try:
+            hook()
+        except Exception:
+            self._receiver_failed()
 
     def _receiver_failed(self) -> None:
         """Log a receiver bug without letting one datagram stall the port or flood logs."""

@@ -97,12 +97,35 @@ class PacketsFromTunTests(SynchronousTestCase):
         self.run_both([segments(5), segments(4)])
 
     def test_mss_clamping_and_small_path_mtu_fall_back(self) -> None:
-        """A peer with MSS clamping or a smaller path MTU takes the per-packet path."""
+        """A peer with MSS clamping (path MTU discovery sets it for every meshguard peer)
+        keeps the batch path for segments that are no SYN; a SYN whose MSS must be clamped
+        takes the per-packet path, which clamps it; a smaller path MTU takes it too."""
+        per_packet: list[bytes] = []
 
         def clamp(pair: Pair) -> None:
             pair.peer_of_a.mss_mtu = 1280
+            single = pair.a.device.packet_from_tun
 
-        self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], segments(4)], clamp)
+            def counted(packet: bytes, now: float) -> None:
+                per_packet.append(packet)
+                single(packet, now)
+
+            pair.a.device.packet_from_tun = counted  # type: ignore[method-assign]
+
+        def tcp(flags: int, options: bytes = b"") -> bytes:
+            offset = (20 + len(options)) // 4 << 4
+            header = bytes(12) + bytes([offset, flags]) + bytes([0xFF, 0xFF, 0, 0, 0, 0])
+            return ipv4("10.0.0.1", "10.0.0.2", header + options + bytes(100), 6)
+
+        plain = [tcp(0x10), tcp(0x10), tcp(0x18)]
+        self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], plain], clamp)
+        # Per-packet pair: 1 + 3; batch pair: only the warm-up (no session yet).
+        self.assertEqual(len(per_packet), 4 + 1)
+        per_packet.clear()
+        syn = [tcp(0x02, b"\x02\x04\x05\xb4"), tcp(0x10)]
+        _, many = self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], syn], clamp)
+        self.assertEqual(len(per_packet), 3 + 3)
+        self.assertNotEqual(many.b.written[1], syn[0], "the SYN's MSS was clamped")
 
         def small(pair: Pair) -> None:
             pair.peer_of_a.inner_mtu = 1000

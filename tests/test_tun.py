@@ -15,6 +15,7 @@ from twisted.pair.tuntap import _TUNSETIFF
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from meshguard.core.offload import PLAIN_HEADER
 from meshguard.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
 
 
@@ -143,8 +144,9 @@ class MemoryTunTests(SynchronousTestCase):
         self.assertEqual(self.batches, 1)
 
     def test_batch_is_bracketed(self) -> None:
-        """``on_batch_start`` runs once before a batch's first packet and ``on_batch_end`` once
-        after its last, so the node can hold the datagrams a batch produces (UDP GSO)."""
+        """``on_batch_start`` runs once after a batch's first packet (which goes on at once, so
+        a lone packet is never held) and ``on_batch_end`` once after its last, so the node can
+        hold the datagrams the rest of a batch produces (UDP GSO)."""
         events: list[object] = []
         self.tun.on_batch_start = lambda: events.append("start")
         self.tun.on_batch_end = lambda: events.append("end")
@@ -153,7 +155,7 @@ class MemoryTunTests(SynchronousTestCase):
         for i in range(2):
             self.tunnel().addToReadBuffer(bytes([0x45, i]))
         self.tun.doRead()
-        self.assertEqual(events, ["start", b"\x45\x00", b"\x45\x01", "end"])
+        self.assertEqual(events, [b"\x45\x00", "start", b"\x45\x01", "end"])
 
     def test_read_budget(self) -> None:
         """A batch stops at batch_packets so other descriptors get a turn; the rest follow on
@@ -264,6 +266,109 @@ def _checksum(data: bytes) -> int:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+class _VnetSystem:
+    """A TUN device with a virtio-net header in memory: ``readv`` hands out queued frames
+    (header + packet), ``writev`` records what is written."""
+
+    O_RDWR = os.O_RDWR
+    O_NONBLOCK = os.O_NONBLOCK
+    O_CLOEXEC = os.O_CLOEXEC
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.written: list[bytes] = []
+        self.reads = 0
+
+    def open(self, name: bytes, flags: int, mode: int = 0) -> int:
+        return 7
+
+    def ioctl(self, fd: int, request: int, arg: bytes | int) -> bytes:
+        return arg if isinstance(arg, bytes) else b""
+
+    def readv(self, fd: int, bufs: list[Any]) -> int:
+        self.reads += 1
+        if not self.frames:
+            raise BlockingIOError(errno.EAGAIN, "again")
+        frame = self.frames.pop(0)
+        bufs[0][: len(frame)] = frame
+        return len(frame)
+
+    def writev(self, fd: int, bufs: list[Any]) -> int:
+        self.written.append(b"".join(bytes(b) for b in bufs))
+        return len(self.written[-1])
+
+    def read(self, fd: int, limit: int) -> bytes:
+        raise BlockingIOError(errno.EAGAIN, "again")
+
+    def write(self, fd: int, data: bytes) -> int:
+        return len(data)
+
+    def close(self, fd: int) -> None:
+        pass
+
+
+class VnetReadTests(SynchronousTestCase):
+    """The read path with a virtio-net header: when the batch hooks run, and reading the
+    replies a write provoked."""
+
+    def setUp(self) -> None:
+        self.system = _VnetSystem()
+        self.events: list[object] = []
+        self.reactor = FakeReactor()
+        self.tun = TunDevice(
+            "mg0",
+            self.events.append,
+            self.reactor,
+            system=self.system,  # type: ignore[arg-type]
+            on_batch_start=lambda: self.events.append("start"),
+            on_batch_end=lambda: self.events.append("end"),
+            offload=True,
+        )
+        self.tun.open()
+        self.assertTrue(self.tun.vnet)
+
+    def queue(self, *packets: bytes) -> None:
+        self.system.frames.extend(PLAIN_HEADER + p for p in packets)
+
+    def test_lone_packet_goes_before_the_batch_hook(self) -> None:
+        """The first packet of a batch is handed on before ``on_batch_start`` (so the node
+        sends it at once, unheld); the rest follow the hook, in order."""
+        packets = [bytes([0x45, i]) * 20 for i in range(3)]
+        self.queue(packets[0])
+        self.tun.doRead()
+        self.assertEqual(self.events, [packets[0], "start", "end"])
+        self.events.clear()
+        self.queue(*packets)
+        self.tun.doRead()
+        self.assertEqual(self.events, [packets[0], "start", packets[1], packets[2], "end"])
+
+    def test_read_replies_only_after_a_write(self) -> None:
+        """``read_replies`` reads at once what a lone write provoked, and does nothing without
+        a write since the last read, after a bulk of writes, or while the device is not
+        reading."""
+        self.tun.start_reading()
+        reply = bytes([0x45, 9]) * 20
+        self.tun.read_replies()
+        self.assertEqual(self.system.reads, 0)
+        self.tun.write(bytes([0x45, 1]) * 20)
+        self.queue(reply)
+        self.tun.read_replies()
+        self.assertEqual(self.events, [reply, "start", "end"])
+        reads = self.system.reads
+        self.tun.read_replies()
+        self.assertEqual(self.system.reads, reads)
+        for _ in range(self.tun.reply_read_max + 1):
+            self.tun.write(bytes([0x45, 1]) * 20)
+        self.tun.read_replies()
+        self.assertEqual(self.system.reads, reads, "a bulk batch leaves its replies to batch")
+        self.tun.doRead()
+        reads = self.system.reads
+        self.tun.write(bytes([0x45, 1]) * 20)
+        self.tun.stop_reading()
+        self.tun.read_replies()
+        self.assertEqual(self.system.reads, reads)
 
 
 class RealTunTests(TestCase):

@@ -695,6 +695,42 @@ class GRODeliveryTests(SynchronousTestCase):
         self.assertEqual(transport.receiver_errors, 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
+    def hook_order(self, first: Any) -> list[object]:
+        """What a read batch of ``first`` and one plain datagram hands out, hooks included."""
+        events: list[object] = []
+        queue: list[Any] = [first, (b"two", [], 0, V4_PEER)]
+
+        class Sock:
+            def fileno(self) -> int:
+                return 99
+
+            def recvmsg(self, size: int, ancsize: int) -> Any:
+                if not queue:
+                    raise BlockingIOError(errno.EAGAIN, "again")
+                return queue.pop(0)
+
+        transport = UDPTransport(
+            lambda data, source: events.append(data),
+            FakeReactor(),
+            0,
+            on_batch_start=lambda: events.append("start"),
+            on_batch_end=lambda: events.append("end"),
+        )
+        udp._Reader(transport, Sock(), False).doRead()  # type: ignore[arg-type]
+        return events
+
+    def test_batch_hook_after_a_lone_datagram(self) -> None:
+        """The batch start hook (the node holds TUN writes) runs after the first datagram of a
+        read batch, so a lone datagram is handled unheld; a GRO buffer read first is held as a
+        whole (the hook runs before it); the end hook runs once."""
+        self.assertEqual(
+            self.hook_order((b"one", [], 0, V4_PEER)), [b"one", "start", b"two", "end"]
+        )
+        gro = (udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))
+        self.assertEqual(
+            self.hook_order((b"aabb", [gro], 0, V4_PEER)), ["start", b"aa", b"bb", b"two", "end"]
+        )
+
     @settings(max_examples=500, deadline=None)
     @given(st.binary(max_size=3000), st.integers(min_value=-5, max_value=4000))
     def test_split_never_raises_or_loses_bytes(self, data: bytes, segment: int) -> None:
@@ -809,8 +845,9 @@ class NodeBatchTests(SynchronousTestCase):
 
     def test_tun_batch_leaves_in_one_gso_send(self) -> None:
         """Packets drained from the TUN in one read event, sealed toward one peer through the
-        device's (possibly wrapped) send_datagram, leave in one GSO send at the batch end;
-        a send from a timer afterwards is not held."""
+        device's (possibly wrapped) send_datagram: the first leaves at once (a lone packet
+        must not wait for the read that ends its batch), the rest in one GSO send at the
+        batch end; a send from a timer afterwards is not held."""
         from twisted.internet.task import Clock
         from twisted.pair.testing import MemoryIOSystem, Tunnel
 
@@ -835,7 +872,10 @@ class NodeBatchTests(SynchronousTestCase):
         for packet in packets:
             tunnel.addToReadBuffer(packet)
         node.tun.doRead()
-        self.assertEqual([(k, a, p) for k, a, p, _c in log], [("gso", V4_PEER, packets)])
+        self.assertEqual(
+            [(k, a, p) for k, a, p, _c in log],
+            [("sendto", V4_PEER, packets[:1]), ("gso", V4_PEER, packets[1:])],
+        )
         wrapped(b"keepalive", V4_PEER)
         self.assertEqual(log[-1][:3], ("sendto", V4_PEER, [b"keepalive"]))
 

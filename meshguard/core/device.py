@@ -69,6 +69,9 @@ _INITIATION_TYPE = b"\x01\x00\x00\x00"
 _RESPONSE_TYPE = b"\x02\x00\x00\x00"
 _COOKIE_TYPE = b"\x03\x00\x00\x00"
 _ZEROS = bytes(16)
+#: A padding limit no packet reaches: probes are padded to 16 whatever the MTU (their size is
+#: the point), as stock WireGuard pads.
+_NO_LIMIT = 1 << 20
 #: A transport message's receiver index and counter (after the 4-byte type).
 _TRANSPORT_HEADER = struct.Struct("<4xIQ")
 #: The receive-side rekey age: REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT.
@@ -379,10 +382,10 @@ class Device:
 
     def packets_from_tun(self, packets: list[bytes], now: float) -> None:
         """The segments of one TUN super-packet: route, check and arm timers once, then seal
-        each in a tight loop (the per-packet path costs about a microsecond more a segment).
+        them in one loop (the per-packet path costs about a microsecond more a segment).
 
         All segments of a super-packet share their addresses, so the first one routes them
-        all. Anything unusual (a smaller path MTU to enforce, MSS clamping, no session, the
+        all. Anything unusual (a smaller path MTU to enforce, a SYN to clamp, no session, the
         counter limit in reach) takes the per-packet path, which handles it.
         """
         if not packets:
@@ -404,7 +407,6 @@ class Device:
             or keypair is None
             or endpoint is None
             or peer.path_kind is not PATH_UDP
-            or peer.mss_mtu
             or length > peer.inner_mtu
             or now - keypair.created >= C.REJECT_AFTER_TIME
             or keypair.send_counter + len(packets) >= C.REKEY_AFTER_MESSAGES
@@ -412,49 +414,16 @@ class Device:
             for packet in packets:
                 self.packet_from_tun(packet, now)
             return
-        seal = keypair.sender.seal
-        header = keypair.header
-        mtu = self.mtu
-        counter = keypair.send_counter
-        sent = 0
-        join = b"".join
-        messages = []
-        for packet in packets:
-            size = len(packet)
-            padding = -size & 15
-            if padding:
-                if size + padding > mtu:
-                    padding = max(0, mtu - size)
-                packet = packet + _ZEROS[:padding]
-            message = join((header, counter.to_bytes(8, "little"), seal(counter, packet)))
-            counter += 1
-            sent += len(message)
-            messages.append(message)
-        keypair.send_counter = counter
-        send_datagrams = getattr(self.io, "send_datagrams", None)
-        if send_datagrams is not None:
-            send_datagrams(messages, endpoint)
-        else:
-            send = self.io.send_datagram
-            for message in messages:
-                send(message, endpoint)
-        peer.tx_bytes += sent
-        peer.data_packets += len(packets)
-        slots = peer.timers.deadlines
-        slots[SEND_KEEPALIVE] = None
-        if peer.persistent_keepalive:
-            self.timers.arm(
-                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
-            )
-        if slots[NEW_HANDSHAKE] is None:
-            self.timers.arm(
-                peer,
-                peer.timers,
-                NEW_HANDSHAKE,
-                now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
-            )
-        if keypair.is_initiator and now - keypair.created > C.REKEY_AFTER_TIME:
-            self.send_initiation(peer, now, retry=False)
+        mss_mtu = peer.mss_mtu
+        if mss_mtu and any(clamp_if_syn(packet, mss_mtu) is not packet for packet in packets):
+            # A SYN to clamp (never in a real TSO frame): the per-packet path clamps it. Path
+            # MTU discovery sets ``mss_mtu`` for every meshguard peer, so only a SYN may
+            # send a batch down the slow path.
+            for packet in packets:
+                self.packet_from_tun(packet, now)
+            return
+        self._transmit(peer, self._seal(keypair, packets, self.mtu), endpoint, now)
+        self._data_sent(peer, keypair, len(packets), now)
 
     def send_data(self, peer: Peer, packet: bytes, now: float) -> None:
         """Seal and send ``packet`` to ``peer``, staging it while no session can carry it."""
@@ -472,11 +441,61 @@ class Device:
             peer.staged.append(packet)
             self.send_initiation(peer, now, retry=False)
             return
-        self._seal_and_send(peer, keypair, endpoint, packet, now)
-        peer.data_packets += 1
-        slots = peer.timers.deadlines
-        # Data sent: expect an answer, or start a new handshake (KEEPALIVE + REKEY timeouts).
-        if slots[NEW_HANDSHAKE] is None:
+        self._transmit(peer, self._seal(keypair, (packet,), self.mtu), endpoint, now)
+        self._data_sent(peer, keypair, 1, now)
+
+    def _seal(self, keypair: Keypair, packets: Iterable[bytes], limit: int) -> list[bytes]:
+        """The one place transport messages are built: each packet padded to a multiple of 16
+        (but not beyond ``limit``, the MTU, unless already there), sealed under the next
+        counter, behind the message header. Checks (session age, counter limits) are the
+        caller's; this only builds."""
+        seal = keypair.sender.seal
+        header = keypair.header
+        counter = keypair.send_counter
+        join = b"".join
+        messages = []
+        for packet in packets:
+            size = len(packet)
+            padding = -size & 15
+            if padding:
+                if size + padding > limit:
+                    padding = max(0, limit - size)
+                packet = packet + _ZEROS[:padding]
+            messages.append(join((header, counter.to_bytes(8, "little"), seal(counter, packet))))
+            counter += 1
+        keypair.send_counter = counter
+        return messages
+
+    def _transmit(self, peer: Peer, messages: list[bytes], endpoint: Endpoint, now: float) -> None:
+        """Send sealed messages to ``peer`` (directly, in bulk where the adapter can, or through
+        its relay) and do what any authenticated send does: count the bytes, drop the passive
+        keepalive, re-arm the persistent one."""
+        if peer.path_kind is not PATH_UDP:
+            for message in messages:
+                self._send_by_path(peer, message, now)
+        elif len(messages) == 1:
+            self.io.send_datagram(messages[0], endpoint)
+        else:
+            send_datagrams = getattr(self.io, "send_datagrams", None)
+            if send_datagrams is not None:
+                send_datagrams(messages, endpoint)
+            else:
+                send = self.io.send_datagram
+                for message in messages:
+                    send(message, endpoint)
+        peer.tx_bytes += sum(map(len, messages))
+        # Any authenticated packet sent: no passive keepalive needed; persistent one re-armed.
+        peer.timers.deadlines[SEND_KEEPALIVE] = None
+        if peer.persistent_keepalive:
+            self.timers.arm(
+                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
+            )
+
+    def _data_sent(self, peer: Peer, keypair: Keypair, count: int, now: float) -> None:
+        """After ``count`` data packets went out: expect an answer (or start a new handshake
+        after KEEPALIVE + REKEY timeouts), and rekey on the counter or the session's age."""
+        peer.data_packets += count
+        if peer.timers.deadlines[NEW_HANDSHAKE] is None:
             self.timers.arm(
                 peer,
                 peer.timers,
@@ -487,32 +506,6 @@ class Device:
             keypair.is_initiator and now - keypair.created > C.REKEY_AFTER_TIME
         ):
             self.send_initiation(peer, now, retry=False)
-
-    def _seal_and_send(
-        self, peer: Peer, keypair: Keypair, endpoint: Endpoint, packet: bytes, now: float
-    ) -> None:
-        counter = keypair.send_counter
-        keypair.send_counter = counter + 1
-        length = len(packet)
-        padding = -length & 15
-        if padding and length + padding > self.mtu:
-            padding = max(0, self.mtu - length)
-        if padding:
-            packet = packet + _ZEROS[:padding]
-        message = (
-            keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
-        )
-        if peer.path_kind is PATH_UDP:
-            self.io.send_datagram(message, endpoint)
-        else:
-            self._send_by_path(peer, message, now)
-        peer.tx_bytes += len(message)
-        # Any authenticated packet sent: no passive keepalive needed; persistent one re-armed.
-        peer.timers.deadlines[SEND_KEEPALIVE] = None
-        if peer.persistent_keepalive:
-            self.timers.arm(
-                peer, peer.timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive
-            )
 
     def send_keepalive(self, peer: Peer, now: float) -> None:
         """Send an encrypted empty packet (or the staged ones), handshaking first if needed."""
@@ -531,22 +524,19 @@ class Device:
         if keypair is None or not keypair.can_send(now):
             self.send_initiation(peer, now, retry=False)
             return
-        sent_data = False
-        while peer.staged:
-            packet = peer.staged.popleft()
-            self._seal_and_send(peer, keypair, endpoint, packet, now)
+        staged = list(peer.staged)
+        peer.staged.clear()
+        if not staged:
+            return
+        self._transmit(peer, self._seal(keypair, staged, self.mtu), endpoint, now)
+        data = 0
+        for packet in staged:
             if packet:
-                sent_data = True
-                peer.data_packets += 1
+                data += 1
             else:
-                peer.sent.add(KEEPALIVE, peer.data_packets, now)
-        if sent_data and not self.timers.pending(peer.timers, NEW_HANDSHAKE):
-            self.timers.arm(
-                peer,
-                peer.timers,
-                NEW_HANDSHAKE,
-                now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
-            )
+                peer.sent.add(KEEPALIVE, peer.data_packets + data, now)
+        if data:
+            self._data_sent(peer, keypair, data, now)
 
     # ------------------------------------------------------------------ handshakes out
 
@@ -635,22 +625,20 @@ class Device:
                 self.counters.malformed += 1
                 return
             self._receive_transport(data, source, now)
-        elif head == _INITIATION_TYPE:
-            if len(data) != C.INITIATION_SIZE:
+        elif head == _INITIATION_TYPE or head == _RESPONSE_TYPE:
+            initiation = head == _INITIATION_TYPE
+            if len(data) != (C.INITIATION_SIZE if initiation else C.RESPONSE_SIZE):
                 self.counters.malformed += 1
                 return
-            if self.handshake_backlog is not None and now < self._under_load_until:
-                self._defer_handshake(self.handshake_backlog, data, source)
+            backlog = self.handshake_backlog
+            if backlog is not None and now < self._under_load_until:
+                # Under load: after the transport data of this read batch.
+                if len(backlog) >= HANDSHAKE_BACKLOG:
+                    self.counters.handshake_backlog_full += 1
+                else:
+                    backlog.append((data, source))
                 return
-            self._receive_initiation(data, source, now)
-        elif head == _RESPONSE_TYPE:
-            if len(data) != C.RESPONSE_SIZE:
-                self.counters.malformed += 1
-                return
-            if self.handshake_backlog is not None and now < self._under_load_until:
-                self._defer_handshake(self.handshake_backlog, data, source)
-                return
-            self._receive_response(data, source, now)
+            self._receive_handshake(data, source, now)
         elif head == _COOKIE_TYPE:
             if len(data) != C.COOKIE_REPLY_SIZE:
                 self.counters.malformed += 1
@@ -661,14 +649,6 @@ class Device:
         else:
             self.counters.malformed += 1
 
-    def _defer_handshake(
-        self, backlog: deque[tuple[bytes, Endpoint]], data: bytes, source: Endpoint
-    ) -> None:
-        if len(backlog) >= HANDSHAKE_BACKLOG:
-            self.counters.handshake_backlog_full += 1
-            return
-        backlog.append((data, source))
-
     def run_handshake_backlog(self, now: float) -> bool:
         """Handle up to ``handshake_budget`` waiting handshake messages, oldest first; True
         when more are still waiting (the adapter comes back for them after other I/O)."""
@@ -677,11 +657,20 @@ class Device:
             return False
         for _ in range(min(self.handshake_budget, len(backlog))):
             data, source = backlog.popleft()
-            if data[:4] == _INITIATION_TYPE:
-                self._receive_initiation(data, source, now)
-            else:
-                self._receive_response(data, source, now)
+            self._receive_handshake(data, source, now)
         return bool(backlog)
+
+    def _receive_handshake(
+        self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
+    ) -> None:
+        """An initiation or a response of the right size, now or from the backlog: admitted
+        (mac1, and under load the cookie and the rate limit) before any public-key work."""
+        if not self._admit_handshake(data, int.from_bytes(data[4:8], "little"), source, now):
+            return
+        if data[:4] == _INITIATION_TYPE:
+            self._receive_initiation(data, source, now, via)
+        else:
+            self._receive_response(data, source, now, via)
 
     def _receive_transport(
         self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
@@ -866,7 +855,9 @@ class Device:
         endpoint = peer.endpoint if peer.path_kind is PATH_UDP else _RELAYED
         if keypair is None or endpoint is None or not keypair.can_send(now):
             return False
-        self._seal_and_send(peer, keypair, endpoint, control.encode(kind, body), now)
+        self._transmit(
+            peer, self._seal(keypair, (control.encode(kind, body),), self.mtu), endpoint, now
+        )
         peer.sent.add(CONTROL, peer.data_packets, now)
         return True
 
@@ -893,12 +884,7 @@ class Device:
         endpoint = peer.endpoint if not relayed else _RELAYED
         if keypair is None or endpoint is None or not keypair.can_send(now):
             return None
-        counter = keypair.send_counter
-        keypair.send_counter = counter + 1
-        packet = packet + _ZEROS[: -len(packet) & 15]
-        message = (
-            keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
-        )
+        (message,) = self._seal(keypair, (packet,), _NO_LIMIT)
         peer.tx_bytes += len(message)
         peer.sent.add(CONTROL, peer.data_packets, now)
         if relayed:
@@ -924,13 +910,7 @@ class Device:
         keypair = peer.keypairs.current
         if keypair is None or not keypair.can_send(now):
             return False
-        counter = keypair.send_counter
-        keypair.send_counter = counter + 1
-        packet = control.encode(kind, body)
-        packet = packet + _ZEROS[: -len(packet) & 15]
-        message = (
-            keypair.header + counter.to_bytes(8, "little") + keypair.sender.seal(counter, packet)
-        )
+        (message,) = self._seal(keypair, (control.encode(kind, body),), _NO_LIMIT)
         self.io.send_datagram(message, endpoint)
         peer.tx_bytes += len(message)
         peer.sent.add(CONTROL, peer.data_packets, now)
@@ -955,10 +935,10 @@ class Device:
         head = data[:4]
         if head == _TRANSPORT_TYPE and len(data) >= C.TRANSPORT_MIN_SIZE:
             self._receive_transport(data, _RELAYED, now, via)
-        elif head == _INITIATION_TYPE and len(data) == C.INITIATION_SIZE:
-            self._receive_initiation(data, _RELAYED, now, via)
-        elif head == _RESPONSE_TYPE and len(data) == C.RESPONSE_SIZE:
-            self._receive_response(data, _RELAYED, now, via)
+        elif (head == _INITIATION_TYPE and len(data) == C.INITIATION_SIZE) or (
+            head == _RESPONSE_TYPE and len(data) == C.RESPONSE_SIZE
+        ):
+            self._receive_handshake(data, _RELAYED, now, via)
         elif head == _COOKIE_TYPE and len(data) == C.COOKIE_REPLY_SIZE:
             self._receive_cookie_reply(data, now)
         else:
@@ -1020,9 +1000,6 @@ class Device:
     def _receive_initiation(
         self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
     ) -> None:
-        sender_index = int.from_bytes(data[4:8], "little")
-        if not self._admit_handshake(data, sender_index, source, now):
-            return
         assert self.private_key is not None and self.public_key is not None
 
         def static_shared_for(remote_static: bytes) -> bytes | None:
@@ -1092,9 +1069,6 @@ class Device:
     def _receive_response(
         self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
     ) -> None:
-        sender_index = int.from_bytes(data[4:8], "little")
-        if not self._admit_handshake(data, sender_index, source, now):
-            return
         assert self.private_key is not None
         receiver_index = int.from_bytes(data[8:12], "little")
         peer = self.indices.get(receiver_index)

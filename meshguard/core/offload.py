@@ -20,8 +20,8 @@ for the same reason.
 
 The one's complement sum is computed as ``int.from_bytes(data) % 0xFFFF``: every 16-bit word
 is a base-65536 digit and 65536 is 1 modulo 65535, so the big integer is congruent to the sum of
-its words. It is about 2.3 us for a 1,424-byte segment on the development machine, the fastest
-way found without a C extension (numpy 2.2 us with more overhead, folding by shifts 2.1-3.2 us).
+its words: the fastest way found without a C extension for one packet (numpy has more fixed
+cost, folding by shifts is slower; figures in docs/datapath.md).
 """
 
 from __future__ import annotations
@@ -236,8 +236,8 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
 
 def _payload_sums(packet: memoryview, hl: int, gso_size: int, count: int) -> list[int]:
     """Each segment's payload sum (congruent modulo 65535). With numpy and an even segment
-    size, the full segments are summed in one vectorised call (about 0.4 us a segment against
-    2.3 us for ``int.from_bytes`` and ``%``); the rest one by one."""
+    size, the full segments are summed in one vectorised call (several times cheaper per
+    segment than ``int.from_bytes`` and ``%``, docs/datapath.md); the rest one by one."""
     total = len(packet)
     full = (total - hl) // gso_size
     sums: list[int] = []
@@ -271,10 +271,10 @@ def finish_checksums(
     which holds the pseudo-header sum, as :func:`split` does for one.
 
     Why: with ``TUN_F_CSUM`` on (TSO needs it) the kernel hands over every small UDP and TCP
-    packet with its checksum left to us, and one ``int.from_bytes`` sum costs about 2 us for a
-    1,000-byte packet, more than the rest of the send path's Python besides the AEAD. A TUN
-    read batch summed in one numpy call (``add.reduceat`` over the buffer read as 16-bit words)
-    costs about 0.25 us a packet; small batches, where numpy's fixed cost would dominate, are
+    packet with its checksum left to us, and one ``int.from_bytes`` sum per packet costs more
+    than the rest of the send path's Python besides the AEAD. A TUN read batch is summed in one
+    numpy call (``add.reduceat`` over the buffer read as 16-bit words), a fraction of that per
+    packet (docs/datapath.md); small batches, where numpy's fixed cost would dominate, are
     summed one by one.
 
     The caller guarantees (``TunDevice`` checks it per read): every start and field even (the

@@ -1,0 +1,292 @@
+"""Where a ping's round trip goes through a tunnel: the time each tunnel end holds a packet.
+
+Brings up the same pairs as ``throughput.py`` (wireguard-go builds, meshguard, meshguard from
+other trees) and pings through each, idle and optionally under a single TCP stream. Packet
+sockets (``AF_PACKET`` with kernel timestamps) in both namespaces see every echo request and
+reply on the TUN interface and the matching WireGuard datagram on the veth, so the round trip
+splits into four hops, each one tunnel process's work plus the wake-up that starts it:
+
+- A send: the echo request queued to A's TUN -> its datagram leaves A's veth;
+- B receive: the datagram reaches B's veth -> the request enters B's stack from its TUN;
+- B send: the echo reply queued to B's TUN -> its datagram leaves B's veth;
+- A receive: the datagram reaches A's veth -> the reply enters A's stack from its TUN.
+
+The sockets are read only after the pings, so they add no wake-ups while they capture (a
+classic BPF filter keeps only ICMP on the TUN side and 156-byte IPv4 packets, an 84-byte ping
+sealed, on the veth). Each hop is matched to the first datagram of that size in its direction
+after the inner packet, so under load a hop can be matched with another small datagram now and
+then; the medians stand.
+
+    python3 benchmarks/hops.py [--pings 200] [--loaded] [--wireguard-go PATH ...] \\
+        [--meshguard-tree LABEL=PATH ...] [--no-meshguard]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import socket
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import throughput as tp
+
+from tests.netns import Namespace, Testbed, WaitTimeoutError, require_root_netns
+
+ETH_P_ALL = 0x0003
+CLONE_NEWNET = 0x40000000
+PACKET_OUTGOING = 4
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+SO_TIMESTAMPNS = 35  # and SCM_TIMESTAMPNS (asm-generic)
+#: The outer IPv4 length of a sealed 84-byte echo: 20 + 8 + 32 + 96 (padded to 16).
+OUTER_LENGTH = 156
+HOPS = ("A send", "B receive", "B send", "A receive")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(code: list[tuple[int, int, int, int]]) -> bytes:
+    insns = b"".join(struct.pack("HBBI", *c) for c in code)
+    buf = ctypes.create_string_buffer(insns)
+    addr = ctypes.addressof(buf)
+    _bpf.keep.append(buf)  # type: ignore[attr-defined]
+    return struct.pack("HL", len(code), addr)
+
+
+_bpf.keep = []  # type: ignore[attr-defined]
+
+#: ldb [9]; jeq #1 (ICMP) -> accept; drop.
+ICMP_ONLY = [(0x30, 0, 0, 9), (0x15, 0, 1, 1), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0)]
+#: ldh [2]; jeq #OUTER_LENGTH -> accept; drop.
+SEALED_PING = [(0x28, 0, 0, 2), (0x15, 0, 1, OUTER_LENGTH), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0)]
+
+
+def packet_socket(
+    ns: Namespace, ifname: str, program: list[tuple[int, int, int, int]]
+) -> socket.socket:
+    """An AF_PACKET socket on ``ifname`` inside ``ns`` (it stays in that namespace)."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _bpf(program))
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.bind((ifname, 0))
+            sock.setblocking(False)
+        finally:
+            _libc.setns(home, CLONE_NEWNET)
+    finally:
+        os.close(home)
+        os.close(target)
+    return sock
+
+
+def drain(sock: socket.socket) -> list[tuple[float, bool, bytes]]:
+    """(kernel time in s, outgoing, first bytes) of every packet captured, in order."""
+    out: list[tuple[float, bool, bytes]] = []
+    while True:
+        try:
+            data, anc, _flags, addr = sock.recvmsg(128, socket.CMSG_SPACE(16))
+        except BlockingIOError:
+            return out
+        stamp = 0.0
+        for level, kind, value in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = struct.unpack("qq", value[:16])
+                stamp = sec + nsec / 1e9
+        out.append((stamp, addr[2] == PACKET_OUTGOING, data))
+
+
+def tunnel_ifname(tb: Testbed, ns: Namespace, address: str) -> str:
+    for line in tb.ip(ns, "-o", "-4", "addr", "show").splitlines():
+        parts = line.split()
+        if f"{address}/" in line:
+            return parts[1]
+    raise RuntimeError(f"no interface with {address} in {ns}")
+
+
+def icmp_events(
+    packets: list[tuple[float, bool, bytes]], want_type: int, outgoing: bool
+) -> dict[int, float]:
+    """seq -> time of the first ICMP echo (request 8 / reply 0) seen in that direction."""
+    events: dict[int, float] = {}
+    for stamp, out, data in packets:
+        if out != outgoing or len(data) < 28:
+            continue
+        header = (data[0] & 15) * 4
+        if data[header] != want_type:
+            continue
+        seq = int.from_bytes(data[header + 6 : header + 8], "big")
+        events.setdefault(seq, stamp)
+    return events
+
+
+def first_after(times: list[float], t: float) -> float | None:
+    for x in times:
+        if x >= t:
+            return x
+    return None
+
+
+def measure(
+    c: tp.Config, pings: int, loaded: bool
+) -> tuple[list[float], dict[str, list[float]], list[list[float]]]:
+    """RTTs from ping, the four hops per matched echo in ms, and each matched echo's eight
+    kernel times (s)."""
+    tb = c.tb
+    tun_a = tunnel_ifname(tb, c.hosts.a, c.dst_a)
+    tun_b = tunnel_ifname(tb, c.hosts.b, c.dst)
+    socks = {
+        "tun_a": packet_socket(c.hosts.a, tun_a, ICMP_ONLY),
+        "tun_b": packet_socket(c.hosts.b, tun_b, ICMP_ONLY),
+        "eth_a": packet_socket(c.hosts.a, c.hosts.a_dev, SEALED_PING),
+        "eth_b": packet_socket(c.hosts.b, c.hosts.b_dev, SEALED_PING),
+    }
+    server = client = None
+    try:
+        for sock in socks.values():
+            drain(sock)
+        if loaded:
+            server = tb.spawn(c.hosts.b, ["iperf3", "-s", "-1", "-p", "5203"])
+            tb.wait_for(lambda: tb.listening(c.hosts.b, 5203), timeout=10, what="iperf3")
+            client = tb.spawn(
+                c.hosts.a, ["iperf3", "-c", c.dst, "-p", "5203", "-t", f"{pings * 0.02 + 3:g}"]
+            )
+            time.sleep(1.0)
+            for sock in socks.values():
+                drain(sock)
+        cp = tb.run(
+            c.hosts.a,
+            ["ping", "-n", "-c", str(pings), "-i", "0.02", "-W", "2", c.dst],
+            timeout=pings * 0.05 + 10,
+            check=False,
+        )
+        captured = {name: drain(sock) for name, sock in socks.items()}
+    finally:
+        for sock in socks.values():
+            sock.close()
+        if client is not None:
+            tb.stop(client)
+        if server is not None:
+            tb.stop(server)
+    rtts = [float(m) for m in re.findall(r"time=([\d.]+) ms", cp.stdout)]
+    req_a = icmp_events(captured["tun_a"], 8, True)
+    rep_a = icmp_events(captured["tun_a"], 0, False)
+    req_b = icmp_events(captured["tun_b"], 8, False)
+    rep_b = icmp_events(captured["tun_b"], 0, True)
+    out_a = [t for t, out, _ in captured["eth_a"] if out]
+    in_a = [t for t, out, _ in captured["eth_a"] if not out]
+    out_b = [t for t, out, _ in captured["eth_b"] if out]
+    in_b = [t for t, out, _ in captured["eth_b"] if not out]
+    hops: dict[str, list[float]] = {h: [] for h in HOPS}
+    hops["B stack"] = []
+    raw: list[list[float]] = []
+    for seq, t1 in req_a.items():
+        t8 = rep_a.get(seq)
+        t4, t5 = req_b.get(seq), rep_b.get(seq)
+        if t8 is None or t4 is None or t5 is None:
+            continue
+        t2 = first_after(out_a, t1)
+        t3 = first_after(in_b, t1)
+        t6 = first_after(out_b, t5)
+        t7 = first_after(in_a, t5)
+        if None in (t2, t3, t6, t7):
+            continue
+        assert t2 is not None and t3 is not None and t6 is not None and t7 is not None
+        if not (t1 <= t2 <= t3 <= t4 <= t5 <= t6 <= t7 <= t8):
+            continue
+        for name, value in zip((*HOPS, "B stack"), (t2 - t1, t4 - t3, t6 - t5, t8 - t7, t5 - t4)):
+            hops[name].append(value * 1000)
+        raw.append([t1, t2, t3, t4, t5, t6, t7, t8])
+    return rtts, hops, raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pings", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--loaded", action="store_true", help="also ping under one TCP stream")
+    parser.add_argument("--wireguard-go", action="append", metavar="PATH")
+    parser.add_argument("--no-meshguard", action="store_true")
+    parser.add_argument("--meshguard-tree", action="append", metavar="LABEL=PATH")
+    parser.add_argument("--meshguard-cmd", default=tp.DEFAULT_MESHGUARD_CMD)
+    parser.add_argument("--meshguard-timeout", type=float, default=15.0)
+    parser.add_argument("--mtu", type=int, default=1420)
+    parser.add_argument("--dump", metavar="FILE", help="write every matched ping's 8 times (JSON)")
+    args = parser.parse_args(argv)
+    try:
+        require_root_netns(None, binaries=("ip", "wg", "iperf3", "ping", "ss"))
+    except Exception as e:
+        print(f"cannot build the testbed: {e}", file=sys.stderr)
+        return 2
+    wanted: list[tuple[str, Callable[[Testbed, argparse.Namespace], tp.Config]]] = []
+    for binary in args.wireguard_go or []:
+        wanted.append((binary, tp.bring_up_wireguard_go(binary)))
+    if not args.no_meshguard:
+        wanted.append(("meshguard", tp.bring_up_meshguard))
+    for item in args.meshguard_tree or []:
+        label, _, tree = item.partition("=")
+        wanted.append((f"meshguard {label}", tp.bring_up_meshguard_tree(label, tree)))
+    configs: list[tp.Config] = []
+    testbeds: list[Testbed] = []
+    results: dict[tuple[str, str], tuple[list[float], dict[str, list[float]]]] = {}
+    raws: dict[str, list[list[float]]] = {}
+    modes = ["idle", "loaded"] if args.loaded else ["idle"]
+    try:
+        for label, bring_up in wanted:
+            tb = Testbed()
+            testbeds.append(tb)
+            try:
+                configs.append(bring_up(tb, args))
+            except (tp.UnavailableError, WaitTimeoutError) as e:
+                print(f"== {label}: skipped: {e}")
+        for _rep in range(args.reps):
+            for c in configs:
+                for mode in modes:
+                    rtts, hops, times = measure(c, args.pings, mode == "loaded")
+                    raws.setdefault(f"{c.name} {mode}", []).extend(times)
+                    old = results.setdefault((c.name, mode), ([], {}))
+                    old[0].extend(rtts)
+                    for k, v in hops.items():
+                        old[1].setdefault(k, []).extend(v)
+                    print(f"  {c.name} {mode}: load {os.getloadavg()[0]:.2f}", flush=True)
+    finally:
+        for tb in testbeds:
+            tb.cleanup()
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(raws))
+    print(f"\nmedians in ms (p90 in brackets), load average now {os.getloadavg()[0]:.2f}")
+    columns = ("ping RTT", *HOPS, "B stack", "matched")
+    print(f"{'':<34}" + "".join(f"{c:>16}" for c in columns))
+    for (name, mode), (rtts, hops) in results.items():
+
+        def cell(values: list[float]) -> str:
+            if not values:
+                return "-"
+            values = sorted(values)
+            p90 = values[int(len(values) * 0.9)]
+            return f"{statistics.median(values):.3f} [{p90:.2f}]"
+
+        cells = [cell(rtts)] + [cell(hops[h]) for h in (*HOPS, "B stack")]
+        cells.append(f"{len(hops['A send'])}/{len(rtts)}")
+        print(f"{name + ' ' + mode:<34}" + "".join(f"{x:>16}" for x in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
