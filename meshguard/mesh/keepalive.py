@@ -70,6 +70,8 @@ from meshguard.mesh.agent import (
     keepalive_slot,
     same_host,
 )
+from meshguard.mesh.keepalive_acks import ACK_RESENDS, ACK_WAIT, KeepaliveAcks
+from meshguard.mesh.keepalive_acks import CAPABILITY as ACK_CAPABILITY
 from meshguard.mesh.selfcheck import (
     CHECK_DELAY_MAX,
     CHECK_MAGIC,
@@ -100,6 +102,11 @@ INTERVAL_MIN: Final = 2
 INTERVAL_MAX: Final = 300
 #: Interval = this fraction of the lifetime known alive (one lost keepalive is survived).
 SAFETY_FRACTION: Final = 0.5
+#: With a peer that answers keepalives (mesh/keepalive_acks.py) a lost one is resent within
+#: seconds, so the interval is this fraction of the lifetime, and leaves room for the resends
+#: and ACK_MARGIN (timer jitter, the round trip) before the lifetime ends.
+ACKED_FRACTION: Final = 0.7
+ACK_MARGIN: Final = 2.0
 #: Stop when known-alive and known-dead are within this fraction of known-alive (or 1 s).
 PRECISION: Final = 0.15
 LIFETIME_MIN: Final = 4.0
@@ -165,6 +172,10 @@ FILTER_UNKNOWN: Final = "unknown"
 FILTER_OPEN: Final = "endpoint-independent"
 FILTER_CLOSED: Final = "address-or-port-dependent"
 
+#: A pair with no data either way this long is idle: its direct path is checked only once per
+#: keepalive interval (``KeepalivePolicy.path_check_interval``).
+PATH_IDLE_AFTER: Final = 30.0
+
 #: Tokens per cancel message (a finished measurement tells its helper which probes are over).
 CANCEL_BATCH: Final = 24
 
@@ -196,9 +207,14 @@ def _precision(alive: float) -> float:
     return max(1.0, PRECISION * alive)
 
 
-def interval_for(lifetime: float) -> int:
-    """The keepalive interval for a mapping known to survive ``lifetime`` idle seconds."""
-    return max(INTERVAL_MIN, min(INTERVAL_MAX, int(lifetime * SAFETY_FRACTION)))
+def interval_for(lifetime: float, *, acked: bool = False) -> int:
+    """The keepalive interval for a mapping known to survive ``lifetime`` idle seconds;
+    ``acked``: the peer answers keepalives, so a lost one is resent (never less than half)."""
+    chosen = lifetime * SAFETY_FRACTION
+    if acked:
+        resends = ACK_WAIT * ACK_RESENDS + ACK_MARGIN
+        chosen = max(chosen, min(lifetime * ACKED_FRACTION, lifetime - resends))
+    return max(INTERVAL_MIN, min(INTERVAL_MAX, int(chosen)))
 
 
 @dataclass
@@ -344,7 +360,10 @@ class KeepalivePolicy:
         kinds.NAT_PROBE_RESULT,
         kinds.NAT_SELF_CHECK,
         kinds.NAT_SELF_CHECK_ACK,
+        kinds.KEEPALIVE_REQUEST,
     )
+    #: Told to peers in HELLO: we answer keepalive requests.
+    capabilities: tuple[str, ...] = (ACK_CAPABILITY,)
 
     def __init__(
         self,
@@ -369,6 +388,8 @@ class KeepalivePolicy:
         self.nat = NatState()
         self.decisions: dict[bytes, _Decision] = {}
         self.observations: dict[bytes, Endpoint] = {}
+        #: Per member: ``data_packets`` at the latest path check, and since when unchanged.
+        self._path_marks: dict[bytes, tuple[int, float]] = {}
         self.counters: dict[str, int] = {}
         self.carrier: bytes | None = None
         self.helper: bytes | None = None
@@ -386,8 +407,9 @@ class KeepalivePolicy:
         self._relaunch_tries = 0
         self._answer_window = 0.0
         self._answers = 0
-        #: Until then the helper may still report on probe tokens of ours over the tunnel.
-        self._helper_busy_until = 0.0
+        #: Per probe token: until when the helper may still report on it over the tunnel (a
+        #: token leaves once its report came, or once the helper was told it is cancelled).
+        self._reports_due: dict[bytes, float] = {}
         #: The filtering check in flight, and when to try the next one.
         self._filter: _FilterCheck | None = None
         self._filter_late = LateReplyJudge(device, self._count, "filter", FILTER_VOID_TEXT, "")
@@ -403,6 +425,12 @@ class KeepalivePolicy:
             answer_allowed=self._answer_allowed,
             count=self._count,
         )
+        #: Acknowledged keepalives (both sides). Its timers run after the self-check's, which
+        #: may take the same keepalive slot first.
+        self.acks = KeepaliveAcks(
+            device, agent, managed=lambda: sorted(self.auto), changed=self.update, count=self._count
+        )
+        agent.slot_listeners.append(self.acks.watch)
         agent.observed_listeners.append(self._observed)
         device.on_unknown_datagram = self.datagram_received
 
@@ -420,6 +448,7 @@ class KeepalivePolicy:
         """An operator set this peer's interval by number (UAPI): stop managing it."""
         self.auto.discard(key)
         self.decisions.pop(key, None)
+        self.acks.forget(key)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -473,7 +502,7 @@ class KeepalivePolicy:
 
     def _evidence_of_expiry(self, now: float, why: str) -> None:
         """A mapping of ours expired: halve the interval now, and measure again."""
-        current = self.node_interval().interval
+        current = self.node_interval(acked=self._any_acked()).interval
         shrunk = max(INTERVAL_MIN, current // 2)
         self.nat.shrunk = shrunk if self.nat.shrunk is None else min(self.nat.shrunk, shrunk)
         self.nat.shrink_reason = f"mapping expired ({why})"
@@ -496,8 +525,9 @@ class KeepalivePolicy:
 
     # ------------------------------------------------------------------ decisions
 
-    def node_interval(self) -> _Decision:
-        """The interval a NATed path needs, with its reason."""
+    def node_interval(self, *, acked: bool = False) -> _Decision:
+        """The interval a NATed path needs, with its reason (``acked``: toward a peer that
+        answers keepalives)."""
         nat = self.nat
         if nat.lifetime is None:
             interval = DEFAULT_INTERVAL
@@ -506,9 +536,14 @@ class KeepalivePolicy:
             interval = INTERVAL_MIN
             reason = f"NAT lifetime below {LIFETIME_LADDER[0]:g} s: minimum interval"
         else:
-            interval = interval_for(nat.lifetime)
+            interval = interval_for(nat.lifetime, acked=acked)
             bound = "at least " if nat.lifetime_at_least else ""
-            reason = f"half the measured NAT lifetime ({bound}{nat.lifetime:g} s)"
+            measured = f"the measured NAT lifetime ({bound}{nat.lifetime:g} s)"
+            if interval > interval_for(nat.lifetime):
+                fraction = f"{interval / nat.lifetime:.2f}".rstrip("0")
+                reason = f"{fraction} of {measured}, keepalives acknowledged"
+            else:
+                reason = f"half {measured}"
             if interval == INTERVAL_MAX:
                 reason += f", capped at {INTERVAL_MAX} s"
         if nat.shrunk is not None and nat.shrunk < interval:
@@ -570,13 +605,39 @@ class KeepalivePolicy:
                     f"filtering check in progress: no keepalive until it ends ({short} keeps"
                     " the mapping)",
                 )
-            own = self.node_interval()
+            own = self.node_interval(acked=self.acks.capable(peer))
             if nat.filtering == FILTER_CLOSED:
                 why = "filtering admits only peers we sent to"
             else:
                 why = "filtering not known to admit other peers"
             return _Decision(own.interval, f"own keepalive: {why}; {own.reason}")
-        return self.node_interval()
+        return self.node_interval(acked=self.acks.capable(peer))
+
+    def path_check_interval(self, peer: Peer, now: float) -> float | None:
+        """How often an idle pair's direct path is checked (mesh/paths.py pings it), or None
+        while it is not idle: the keepalive interval a path through our NAT needs (its ping
+        is answered, like an acknowledged keepalive), so the pings keep the punched mapping
+        open and cost no more than a keepalive would. Idle: no data either way for
+        PATH_IDLE_AFTER seconds."""
+        key = peer.public_key
+        if len(self._path_marks) > 2 * len(self.device.peers) + 16:
+            self._path_marks = {k: m for k, m in self._path_marks.items() if k in self.device.peers}
+        mark = self._path_marks.get(key)
+        if mark is None or mark[0] != peer.data_packets:
+            self._path_marks[key] = (peer.data_packets, now)
+            return None
+        if now - mark[1] < PATH_IDLE_AFTER:
+            return None
+        if self.nat.natted is False:
+            return float(INTERVAL_MAX)
+        return float(self.node_interval(acked=True).interval)
+
+    def _any_acked(self) -> bool:
+        """Whether some auto peer answers keepalives (its interval is the longer one)."""
+        return any(
+            (peer := self.device.peers.get(key)) is not None and self.acks.capable(peer)
+            for key in self.auto
+        )
 
     def _decide_all(self) -> dict[bytes, _Decision]:
         """Every auto peer's interval, plugins consulted, and the carrier they rely on.
@@ -732,7 +793,7 @@ class KeepalivePolicy:
         self._probes[token] = _Probe(token, delay, helper.public_key, now + REQUEST_TIMEOUT)
         # The helper reports on this token over the tunnel even after we cancelled the probe.
         late = now + REQUEST_TIMEOUT + PRIME_GAP * MAX_PROBE_SENDS + delay + ECHO_GRACE
-        self._helper_busy_until = max(self._helper_busy_until, late)
+        self._reports_due[token] = late
         self.agent.dirty = True
 
     def _relaunch(self, now: float) -> None:
@@ -785,6 +846,10 @@ class KeepalivePolicy:
             body = encode_json({"t": batch[0].hex(), "x": [t.hex() for t in batch]})
             if self.device.send_control(helper, kinds.NAT_PROBE_REQUEST, body, now):
                 self._count("probes_cancel_sent")
+                # No report will come for these (unless this message is lost: then a late
+                # report may void a self-check, which is tried again).
+                for token in batch:
+                    self._reports_due.pop(token, None)
 
     def _ready(self, probe: _Probe, now: float) -> None:
         """The helper holds our token: open the secondary socket and prime the mapping."""
@@ -850,6 +915,8 @@ class KeepalivePolicy:
         if alive is None:
             self._count("probes_inconclusive")
         else:
+            # Its report came (alive), or its echo was due and judged (dead): nothing follows.
+            self._reports_due.pop(probe.token, None)
             self._count("probes_alive" if alive else "probes_dead")
             self.results.append((probe.delay, alive))
             self._round_learned += 1
@@ -902,6 +969,9 @@ class KeepalivePolicy:
     # ------------------------------------------------------------------ control messages
 
     def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
+        if kind == kinds.KEEPALIVE_REQUEST:
+            self.acks.control_received(peer, kind, body, now)
+            return
         message = decode_json(body)
         token_hex = message.get("t") if message is not None else None
         if message is None or not isinstance(token_hex, str) or len(token_hex) != 2 * TOKEN_SIZE:
@@ -1256,10 +1326,18 @@ class KeepalivePolicy:
         when to look again (None: it does not)."""
         if self._busy():
             return "waiting for the NAT measurement to end", now + CHECK_RETRY
-        if peer.public_key == self.helper and now < self._helper_busy_until:
+        busy_until = self._helper_busy_until(now)
+        if peer.public_key == self.helper and now < busy_until:
             # Its reports on our probe tokens would cross the tunnel in the middle.
-            return "waiting for the last probe reports", self._helper_busy_until
+            return "waiting for the last probe reports", busy_until
         return None
+
+    def _helper_busy_until(self, now: float) -> float:
+        """Until when the helper may still report on a probe token of ours (0: it will not)."""
+        for token, due in list(self._reports_due.items()):
+            if due <= now:
+                del self._reports_due[token]
+        return max(self._reports_due.values(), default=0.0)
 
     def _self_check_expired(self, now: float, why: str) -> None:
         """Self-checks missed in a row: evidence of expiry, like a peer seeing our port change."""
@@ -1282,6 +1360,8 @@ class KeepalivePolicy:
             deadlines.append(self._relaunch_at)
         if (check := self.self_check.next_deadline()) is not None:
             deadlines.append(check)
+        if (ack := self.acks.next_deadline()) is not None:
+            deadlines.append(ack)
         if self._filter is not None:
             deadlines.append(self._filter.deadline)
         elif self._filter_due is not None:
@@ -1323,6 +1403,7 @@ class KeepalivePolicy:
         elif self._filter is None and self._filter_due is not None and self._filter_due <= now:
             self._filter_try(now)
         self.self_check.run_timers(now)
+        self.acks.run_timers(now)
 
     # ------------------------------------------------------------------ mesh feature hooks
 
@@ -1346,6 +1427,7 @@ class KeepalivePolicy:
                 status["keepalive_auto_interval"] = decision.auto.interval
                 status["keepalive_auto_reason"] = decision.auto.reason
             status.update(self.self_check.peer_status(key))
+            status.update(self.acks.peer_status(peer))
             return status
         interval = peer.persistent_keepalive
         reason = "configured" if interval else "off (not configured)"
@@ -1367,7 +1449,11 @@ class KeepalivePolicy:
             "nat_measurement": nat.measurement,
         }
         if self.auto:
-            decision = self.node_interval() if nat.natted else _Decision(0, "not behind a NAT")
+            decision = (
+                self.node_interval(acked=self._any_acked())
+                if nat.natted
+                else _Decision(0, "not behind a NAT")
+            )
             if nat.natted is None:
                 decision = _Decision(DEFAULT_INTERVAL, "NAT unknown: conservative default")
             status["keepalive_interval"] = decision.interval
