@@ -35,8 +35,10 @@ Four questions, answered with the help of meshguard peers:
   :mod:`meshguard.mesh.selfcheck` (both sides). This module chooses that peer, keeps the check
   out of a measurement's way, and acts on its evidence of expiry.
 
-The interval is half the lifetime known to be alive: then even one lost keepalive leaves the
-mapping idle for at most the measured lifetime. Until measured, the conservative default (25 s,
+The interval is half the lifetime known to be alive toward a peer whose keepalives nobody
+answers (one lost keepalive then leaves the mapping idle for at most the measured lifetime), and
+0.7 of it toward a meshguard peer that answers them (:mod:`meshguard.mesh.keepalive_acks`: a lost
+one is resent within seconds). Until measured, the conservative default (25 s,
 WireGuard's documented value) applies. Evidence that a mapping expired (a peer sees our port
 change while the address stays, or two self-checks in a row miss their reply) halves the
 interval at once and starts a new measurement; a new public address (roaming) starts one too.
@@ -45,6 +47,11 @@ Keepalive plugins (:class:`IntervalOverride`, injected by the node from
 :class:`meshguard.plugins.IKeepalivePolicy`) may override each choice: they are asked every time
 auto decides, and the first answer that is not ``None`` wins, within the same bounds.
 
+The parts, one job each: the probe's wire format (:mod:`meshguard.mesh.lifetime_probe`), the
+helper side answering other nodes' probes (:mod:`meshguard.mesh.probe_helper`), the self-check
+(:mod:`meshguard.mesh.selfcheck`), acknowledged keepalives (:mod:`meshguard.mesh.keepalive_acks`);
+this module measures, classifies, runs the filtering check and decides the intervals.
+
 Unauthenticated datagrams (probe tokens, acks, echoes, late replies) only ever act on a token
 learned over the authenticated channel; anything else is dropped and counted. Nothing here does
 I/O: secondary sockets come from an injected :class:`ProbePaths`.
@@ -52,7 +59,6 @@ I/O: secondary sockets come from an injected :class:`ProbePaths`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -72,6 +78,24 @@ from meshguard.mesh.agent import (
 )
 from meshguard.mesh.keepalive_acks import ACK_RESENDS, ACK_WAIT, KeepaliveAcks
 from meshguard.mesh.keepalive_acks import CAPABILITY as ACK_CAPABILITY
+from meshguard.mesh.lifetime_probe import (
+    ACK_MAGIC,
+    CANCEL_BATCH,
+    DATAGRAM_SIZE,
+    ECHO_GRACE,
+    ECHO_MAGIC,
+    ECHO_WAIT,
+    LIFETIME_LADDER,
+    LIFETIME_MAX,
+    MAX_PROBE_SENDS,
+    PRECISION,
+    PRIME_GAP,
+    PRIMES,
+    PROBE_MAGIC,
+    REQUEST_TIMEOUT,
+    TOKEN_SIZE,
+)
+from meshguard.mesh.probe_helper import ProbeHelper
 from meshguard.mesh.selfcheck import (
     CHECK_DELAY_MAX,
     CHECK_MAGIC,
@@ -88,13 +112,6 @@ from meshguard.mesh.selfcheck import (
 #: Why a filtering check proves nothing: traffic either way may have refreshed our flow.
 FILTER_VOID_TEXT: Final = "void: traffic with the peer meanwhile"
 
-#: Datagram magics: never a WireGuard message type (1..4 then three zero bytes).
-PROBE_MAGIC: Final = b"MGn\x01"
-ACK_MAGIC: Final = b"MGn\x02"
-ECHO_MAGIC: Final = b"MGn\x03"
-TOKEN_SIZE: Final = 16
-DATAGRAM_SIZE: Final = 4 + TOKEN_SIZE
-
 #: WireGuard's documented example interval: what auto uses until it knows better.
 DEFAULT_INTERVAL: Final = 25
 #: Bounds on the interval auto chooses.
@@ -107,45 +124,9 @@ SAFETY_FRACTION: Final = 0.5
 #: and ACK_MARGIN (timer jitter, the round trip) before the lifetime ends.
 ACKED_FRACTION: Final = 0.7
 ACK_MARGIN: Final = 2.0
-#: Stop when known-alive and known-dead are within this fraction of known-alive (or 1 s).
-PRECISION: Final = 0.15
-LIFETIME_MIN: Final = 4.0
-#: The longest lifetime we measure.
-LIFETIME_MAX: Final = 600.0
-
-
-def _ladder() -> tuple[float, ...]:
-    """4 s to 600 s, each rung at most the precision above the previous one (37 rungs).
-
-    All rungs are probed at once, so one round usually ends the measurement as soon as the
-    first rung above the lifetime fails (about 1.15 times the lifetime, plus the echo wait),
-    instead of a doubling ladder followed by a bisection round of another full lifetime.
-    """
-    rungs = [LIFETIME_MIN]
-    while rungs[-1] < LIFETIME_MAX:
-        step = max(1.0, PRECISION * rungs[-1])
-        rungs.append(min(LIFETIME_MAX, math.floor((rungs[-1] + step) * 10) / 10))
-    return tuple(rungs)
-
-
-#: Probe delays tried first, all in parallel, each on its own socket.
-LIFETIME_LADDER: Final = _ladder()
 #: Probes per bisection round between known-alive and known-dead (needed only when the
 #: ladder's answers were incomplete or inconsistent).
 BISECT_POINTS: Final = 3
-#: Priming: token datagrams sent from the secondary socket, this far apart.
-PRIMES: Final = 2
-PRIME_GAP: Final = 2.5
-#: At most this many token datagrams per probe (priming plus resends while unacknowledged).
-MAX_PROBE_SENDS: Final = 4
-#: How long to wait for the helper's answer to a request.
-REQUEST_TIMEOUT: Final = 10.0
-#: The echo is due ``delay`` after our last token datagram; it is called lost (the mapping
-#: expired) this much later. The helper's "echoed" report over the tunnel, when it gets
-#: through, shortens the wait to ECHO_GRACE. A probe the helper never acknowledged is
-#: inconclusive, never "dead".
-ECHO_WAIT: Final = 3.0
-ECHO_GRACE: Final = 2.0
 #: A request the session could not carry is sent again this much later (after the handshake
 #: we start for it), at most RELAUNCH_TRIES times.
 RELAUNCH_AFTER: Final = 6.0
@@ -175,15 +156,6 @@ FILTER_CLOSED: Final = "address-or-port-dependent"
 #: A pair with no data either way this long is idle: its direct path is checked only once per
 #: keepalive interval (``KeepalivePolicy.path_check_interval``).
 PATH_IDLE_AFTER: Final = 30.0
-
-#: Tokens per cancel message (a finished measurement tells its helper which probes are over).
-CANCEL_BATCH: Final = 24
-
-#: Helper-side limits: outstanding tokens per peer and in total, datagrams answered per second.
-#: (Room for two campaigns: a cancelled probe's token stays with the helper until its delay.)
-MAX_HELP_PER_PEER: Final = 2 * len(LIFETIME_LADDER)
-MAX_HELP_TOTAL: Final = 512
-MAX_ANSWERS_PER_SECOND: Final = 64
 
 
 class ProbePath(Protocol):
@@ -231,18 +203,6 @@ class _Probe:
     next_send: float | None = None
     acked: bool = False
     echoed_at: float | None = None
-
-
-@dataclass
-class _Help:
-    """A probe we answer for a peer: where its token came from and when to echo."""
-
-    peer: bytes
-    delay: float
-    expires: float
-    observed: Endpoint | None = None
-    datagrams: int = 0
-    echo_at: float | None = None
 
 
 @dataclass
@@ -350,7 +310,8 @@ class NatState:
 
 
 class KeepalivePolicy:
-    """The mesh feature behind ``PersistentKeepalive = auto`` (and the helper side of probes).
+    """The mesh feature behind ``PersistentKeepalive = auto`` (it hosts the helper side of
+    probes, :attr:`probe_helper`, and routes its messages).
 
     It owns the self-check (:attr:`self_check`) and routes the self-check's control messages
     and late replies to it."""
@@ -396,7 +357,8 @@ class KeepalivePolicy:
         #: Completed probes as (delay, alive), newest last (for status and tests).
         self.results: list[tuple[float, bool]] = []
         self._probes: dict[bytes, _Probe] = {}
-        self._help: dict[bytes, _Help] = {}
+        #: The helper side: answering other nodes' probes.
+        self.probe_helper = ProbeHelper(device, agent, self._count)
         self._alive = 0.0
         self._dead: float | None = None
         self._round_learned = 0
@@ -405,8 +367,6 @@ class KeepalivePolicy:
         self._pending: list[float] = []
         self._relaunch_at: float | None = None
         self._relaunch_tries = 0
-        self._answer_window = 0.0
-        self._answers = 0
         #: Per probe token: until when the helper may still report on it over the tunnel (a
         #: token leaves once its report came, or once the helper was told it is cancelled).
         self._reports_due: dict[bytes, float] = {}
@@ -422,7 +382,7 @@ class KeepalivePolicy:
             keepalive_peer=self._self_check_peer,
             measurement_blocks=self._measurement_blocks,
             evidence_of_expiry=self._self_check_expired,
-            answer_allowed=self._answer_allowed,
+            answer_allowed=self.probe_helper.answer_allowed,
             count=self._count,
         )
         #: Acknowledged keepalives (both sides). Its timers run after the self-check's, which
@@ -983,9 +943,9 @@ class KeepalivePolicy:
             self._count("bad_control")
             return
         if kind == kinds.NAT_PROBE_REQUEST and "x" in message:
-            self._help_cancelled(peer, message.get("x"))
+            self.probe_helper.cancelled(peer, message.get("x"))
         elif kind == kinds.NAT_PROBE_REQUEST:
-            self._help_requested(peer, token, message.get("d"), now)
+            self.probe_helper.requested(peer, token, message.get("d"), now)
         elif kind == kinds.NAT_PROBE_RESULT:
             self._result(peer, token, message, now)
         elif kind == kinds.NAT_SELF_CHECK:
@@ -1015,59 +975,6 @@ class KeepalivePolicy:
             self._count("probe_refused")
             self._finish_probe(probe, None, now)
 
-    # ------------------------------------------------------------------ helping a peer
-
-    def _help_requested(self, peer: Peer, token: bytes, delay: object, now: float) -> None:
-        def refuse(why: str) -> None:
-            self._count(f"help_refused_{why}")
-            body = encode_json({"t": token.hex(), "s": "refused", "why": why})
-            self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
-
-        if not isinstance(delay, int | float) or isinstance(delay, bool):
-            refuse("bad_delay")
-            return
-        if not 1.0 <= delay <= LIFETIME_MAX:
-            refuse("bad_delay")
-            return
-        if token in self._help:
-            refuse("duplicate")
-            return
-        mine = sum(1 for h in self._help.values() if h.peer == peer.public_key)
-        if mine >= MAX_HELP_PER_PEER or len(self._help) >= MAX_HELP_TOTAL:
-            refuse("busy")
-            return
-        window = PRIME_GAP * MAX_PROBE_SENDS + REQUEST_TIMEOUT
-        self._help[token] = _Help(peer.public_key, float(delay), now + window)
-        self.agent.dirty = True
-        body = encode_json({"t": token.hex(), "s": "ready"})
-        self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
-
-    def _help_cancelled(self, peer: Peer, tokens: object) -> None:
-        """The requester is done with these probes: no echo, no report (its own tokens only)."""
-        if not isinstance(tokens, list) or len(tokens) > CANCEL_BATCH:
-            self._count("bad_control")
-            return
-        for value in tokens:
-            if not isinstance(value, str) or len(value) != 2 * TOKEN_SIZE:
-                self._count("bad_control")
-                return
-            try:
-                token = bytes.fromhex(value)
-            except ValueError:
-                self._count("bad_control")
-                return
-            help = self._help.get(token)
-            if help is not None and help.peer == peer.public_key:
-                del self._help[token]
-                self._count("help_cancelled")
-
-    def _answer_allowed(self, now: float) -> bool:
-        if now - self._answer_window >= 1.0:
-            self._answer_window = now
-            self._answers = 0
-        self._answers += 1
-        return self._answers <= MAX_ANSWERS_PER_SECOND
-
     def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
         """A non-WireGuard datagram on our port: a token a peer told us about, or garbage."""
         if len(data) == DATAGRAM_SIZE and data[:4] == CHECK_MAGIC:
@@ -1076,29 +983,7 @@ class KeepalivePolicy:
             else:
                 self.self_check.reply_received(data[4:], source, now)
             return
-        if len(data) != DATAGRAM_SIZE or data[:4] != PROBE_MAGIC:
-            self.device.counters.malformed += 1
-            self._count("not_a_probe")
-            return
-        token = data[4:]
-        help = self._help.get(token)
-        if help is None:
-            self._count("unknown_token")
-            return
-        peer = self.device.peers.get(help.peer)
-        if peer is None or peer.endpoint is None or not same_host(peer.endpoint, source):
-            self._count("token_source_mismatch")
-            return
-        if help.datagrams >= MAX_PROBE_SENDS or not self._answer_allowed(now):
-            self._count("probe_rate_limited")
-            return
-        help.datagrams += 1
-        help.observed = source
-        help.echo_at = now + help.delay
-        help.expires = help.echo_at + ECHO_GRACE
-        self.device.io.send_datagram(ACK_MAGIC + token, source)
-        peer.sent.add(PROBE, peer.data_packets, now)
-        self.agent.dirty = True
+        self.probe_helper.datagram_received(data, source, now)
 
     # ------------------------------------------------------------------ filtering check
 
@@ -1354,8 +1239,8 @@ class KeepalivePolicy:
             deadlines.append(probe.deadline)
             if probe.next_send is not None:
                 deadlines.append(probe.next_send)
-        for help in self._help.values():
-            deadlines.append(help.echo_at if help.echo_at is not None else help.expires)
+        if (help := self.probe_helper.next_deadline()) is not None:
+            deadlines.append(help)
         if self._relaunch_at is not None:
             deadlines.append(self._relaunch_at)
         if (check := self.self_check.next_deadline()) is not None:
@@ -1369,21 +1254,7 @@ class KeepalivePolicy:
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
-        for token, help in list(self._help.items()):
-            if help.echo_at is not None and help.echo_at <= now:
-                del self._help[token]
-                peer = self.device.peers.get(help.peer)
-                if peer is None or help.observed is None:
-                    continue
-                if self._answer_allowed(now):
-                    self.device.io.send_datagram(ECHO_MAGIC + token, help.observed)
-                    peer.sent.add(PROBE, peer.data_packets, now)
-                body = encode_json({"t": token.hex(), "s": "echoed", "o": list(help.observed)})
-                self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
-                self._count("echoes_sent")
-            elif help.echo_at is None and help.expires <= now:
-                del self._help[token]
-                self._count("help_expired")
+        self.probe_helper.run_timers(now)
         for probe in list(self._probes.values()):
             if probe.token not in self._probes:
                 continue  # cancelled by an earlier probe's result
