@@ -27,7 +27,7 @@ Four questions, answered with the help of meshguard peers:
   the carrier kept awake, a second configured hub could not reach an idle node. So other
   meshguard peers go without their own keepalive only after the *filtering check* proved that
   this NAT admits a remote we have not sent to for longer than the measured lifetime (see
-  :meth:`KeepalivePolicy._filter_try`); until then, and when it is disproven, every auto peer
+  :mod:`meshguard.mesh.filtering_check`); until then, and when it is disproven, every auto peer
   keeps its own keepalive.
 - **Is the interval still short enough?** A NAT may start forgetting sooner than it did when
   measured. Now and then the node asks the peer its keepalive goes to for a late reply through
@@ -73,8 +73,13 @@ from meshguard.mesh.agent import (
     decode_json,
     encode_json,
     is_discard_only,
-    keepalive_slot,
     same_host,
+)
+from meshguard.mesh.filtering_check import (
+    FILTER_CLOSED,
+    FILTER_OPEN,
+    FILTER_UNKNOWN,
+    FilteringCheck,
 )
 from meshguard.mesh.keepalive_acks import ACK_RESENDS, ACK_WAIT, KeepaliveAcks
 from meshguard.mesh.keepalive_acks import CAPABILITY as ACK_CAPABILITY
@@ -97,20 +102,10 @@ from meshguard.mesh.lifetime_probe import (
 )
 from meshguard.mesh.probe_helper import ProbeHelper
 from meshguard.mesh.selfcheck import (
-    CHECK_DELAY_MAX,
     CHECK_MAGIC,
-    CHECK_QUIET,
     CHECK_RETRY,
-    CHECK_RTT_MAX,
-    CHECK_SESSION_SLACK,
-    CHECK_SLOT_SLACK,
-    LateReplyJudge,
     SelfCheck,
-    send_request,
 )
-
-#: Why a filtering check proves nothing: traffic either way may have refreshed our flow.
-FILTER_VOID_TEXT: Final = "void: traffic with the peer meanwhile"
 
 #: WireGuard's documented example interval: what auto uses until it knows better.
 DEFAULT_INTERVAL: Final = 25
@@ -134,25 +129,6 @@ RELAUNCH_TRIES: Final = 5
 #: A failed measurement is retried after this; a good one is repeated after REMEASURE_AFTER.
 RETRY_AFTER: Final = 60.0
 REMEASURE_AFTER: Final = 6 * 3600.0
-#: The filtering check: the late reply comes this long after the request (longer than the
-#: lifetime, so our own flow to the checked peer has expired): lifetime * FILTER_FACTOR +
-#: FILTER_MARGIN, within the helper's CHECK_DELAY_MAX. A lifetime above FILTER_LIFETIME_MAX
-#: (or unknown) is not checked: every peer keeps its own keepalive.
-FILTER_FACTOR: Final = 1.2
-FILTER_MARGIN: Final = 5.0
-FILTER_LIFETIME_MAX: Final = 250.0
-#: Misses in a row that prove address/port-dependent filtering (one lost reply must not).
-FILTER_MISSES: Final = 2
-#: The next check after a verdict (either way; with the lifetime re-measurement's rhythm),
-#: after a miss, and after a void, unanswered or blocked attempt.
-FILTER_RECHECK: Final = REMEASURE_AFTER
-FILTER_AFTER_MISS: Final = 10.0
-FILTER_AFTER_VOID: Final = 600.0
-FILTER_FIRST: Final = 10.0
-FILTER_UNKNOWN: Final = "unknown"
-FILTER_OPEN: Final = "endpoint-independent"
-FILTER_CLOSED: Final = "address-or-port-dependent"
-
 #: A pair with no data either way this long is idle: its direct path is checked only once per
 #: keepalive interval (``KeepalivePolicy.path_check_interval``).
 PATH_IDLE_AFTER: Final = 30.0
@@ -203,28 +179,6 @@ class _Probe:
     next_send: float | None = None
     acked: bool = False
     echoed_at: float | None = None
-
-
-@dataclass
-class _FilterCheck:
-    """The filtering check in flight: a late reply asked of a peer that is not the carrier."""
-
-    token: bytes
-    peer: bytes
-    delay: float
-    sent_at: float
-    deadline: float
-    #: ``peer.tx_bytes`` after the request; ``peer.rx_bytes`` once acknowledged: anything we
-    #: sent since (or got from the peer after its ack) may have refreshed our flow to it.
-    tx_mark: int
-    rx_mark: int | None = None
-    acked_at: float | None = None
-
-    def void(self, peer: Peer) -> bool:
-        """We sent to the peer, or it sent to us after its ack: our flow may be fresh."""
-        return peer.tx_bytes != self.tx_mark or (
-            self.rx_mark is not None and peer.rx_bytes != self.rx_mark
-        )
 
 
 @dataclass
@@ -370,10 +324,19 @@ class KeepalivePolicy:
         #: Per probe token: until when the helper may still report on it over the tunnel (a
         #: token leaves once its report came, or once the helper was told it is cancelled).
         self._reports_due: dict[bytes, float] = {}
-        #: The filtering check in flight, and when to try the next one.
-        self._filter: _FilterCheck | None = None
-        self._filter_late = LateReplyJudge(device, self._count, "filter", FILTER_VOID_TEXT, "")
-        self._filter_due: float | None = None
+        #: The filtering check (whether other peers may go without their own keepalive).
+        self.filtering = FilteringCheck(
+            device,
+            agent,
+            self.nat,
+            new_token=lambda: self.random(TOKEN_SIZE),
+            candidate=self._filter_peer,
+            wanted=self._filter_wanted,
+            measurement_blocks=self._measurement_blocks,
+            changed=self.update,
+            count=self._count,
+            event=self._event,
+        )
         #: The self-check of the tunnel's own mapping, both sides (``self_check.enabled``).
         self.self_check = SelfCheck(
             device,
@@ -475,7 +438,7 @@ class KeepalivePolicy:
     def _restart_measurement(self, now: float, why: str) -> None:
         self._cancel_probes(now)
         # Another NAT (or router): its filtering is not known either.
-        self._filter_forget(f"pending ({why})")
+        self.filtering.forget(f"pending ({why})")
         self.nat.lifetime = None
         self.nat.lifetime_at_least = False
         self.nat.shrunk = None
@@ -559,7 +522,7 @@ class KeepalivePolicy:
                     f"endpoint-independent NAT: the keepalive to {short} keeps it"
                     f" (filtering checked with {nat.filtering_peer})",
                 )
-            if self._filter is not None and self._filter.peer == key:
+            if self.filtering.checking(key):
                 return _Decision(
                     0,
                     f"filtering check in progress: no keepalive until it ends ({short} keeps"
@@ -637,7 +600,7 @@ class KeepalivePolicy:
                     # Shrinking: refresh the mapping now, the timer follows the new interval.
                     self.device.send_keepalive(peer, now)
         self._maybe_start(now)
-        self._filter_schedule(now)
+        self.filtering.schedule(now)
         self.self_check.schedule(now)
 
     def _facts(self, peer: Peer, chosen: _Decision) -> KeepaliveFacts:
@@ -921,8 +884,7 @@ class KeepalivePolicy:
         nat.shrunk = None
         self._event(f"measured NAT lifetime {'>= ' if at_least else ''}{lifetime:g} s")
         self._next_campaign = now + REMEASURE_AFTER
-        if self._filter is None and nat.filtering == FILTER_UNKNOWN:
-            self._filter_due = None  # the check's delay is known now: check soon
+        self.filtering.measured()  # the check's delay is known now: check soon if unknown
         self.agent.dirty = True
         self.update(now)
 
@@ -950,8 +912,8 @@ class KeepalivePolicy:
             self._result(peer, token, message, now)
         elif kind == kinds.NAT_SELF_CHECK:
             self.self_check.request_received(peer, token, message.get("d"), now)
-        elif self._filter is not None and token == self._filter.token:
-            self._filter_ack(peer, message, now)
+        elif self.filtering.owns(token):
+            self.filtering.ack(peer, message, now)
         else:
             self.self_check.ack_received(peer, token, message, now)
 
@@ -978,8 +940,8 @@ class KeepalivePolicy:
     def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
         """A non-WireGuard datagram on our port: a token a peer told us about, or garbage."""
         if len(data) == DATAGRAM_SIZE and data[:4] == CHECK_MAGIC:
-            if self._filter is not None and data[4:] == self._filter.token:
-                self._filter_reply(source, now)
+            if self.filtering.owns(data[4:]):
+                self.filtering.reply(source, now)
             else:
                 self.self_check.reply_received(data[4:], source, now)
             return
@@ -1015,169 +977,6 @@ class KeepalivePolicy:
             and carrier.persistent_keepalive > 0
             and self._filter_peer() is not None
         )
-
-    def _filter_delay(self) -> float | None:
-        """How long the late reply waits: past the lifetime, so our flow to the peer is gone."""
-        lifetime = self.nat.lifetime
-        if lifetime is None or lifetime > FILTER_LIFETIME_MAX:
-            return None
-        return round(min(CHECK_DELAY_MAX, max(0.0, lifetime) * FILTER_FACTOR + FILTER_MARGIN), 1)
-
-    def _filter_forget(self, state: str) -> None:
-        """Another NAT (new public address): its filtering is unknown until checked again."""
-        nat = self.nat
-        self._filter = None
-        self._filter_due = None
-        nat.filtering = FILTER_UNKNOWN
-        nat.filtering_peer = None
-        nat.filtering_at = None
-        nat.filtering_misses = 0
-        nat.filtering_state = state
-
-    def _filter_schedule(self, now: float) -> None:
-        """Auto decided again: when wanted and not yet planned, plan the next check."""
-        if self._filter is not None:
-            return
-        if not self._filter_wanted():
-            self._filter_due = None
-            self.nat.filtering_state = "not needed: no carrier question"
-            return
-        if self._filter_due is None:
-            unknown = self.nat.filtering == FILTER_UNKNOWN
-            self._filter_due = now + (FILTER_FIRST if unknown else FILTER_RECHECK)
-            self.nat.filtering_state = "scheduled"
-            self.agent.dirty = True
-
-    def _filter_try(self, now: float) -> None:
-        """The filtering check: does the NAT let in a peer we have not sent to for a while?
-
-        We ask a non-carrier meshguard peer P2 (``NAT_SELF_CHECK``, the self-check's request,
-        which P2 answers as it answers any self-check) for a late reply after ``delay``, longer
-        than the measured lifetime: by then our own flow to P2 has expired in the NAT, while
-        the carrier's keepalives keep the public port. The reply arrives only if the filtering
-        admits a remote we have not talked to lately; then the carrier alone may keep the node
-        reachable. Anything we send P2 in between (or get from it after its ack) may refresh our
-        flow to it and voids the check, so P2's keepalive is suspended while the check is in
-        flight. That is safe and bounded: the suspension lasts one ``delay`` (at most
-        CHECK_DELAY_MAX) and the carrier keeps the port meanwhile. If the filtering admits P2
-        (what the check hopes to show) P2 reaches us through that port all along; if it does
-        not, P2 loses at most that one window of inbound reachability (the same it would lose
-        under carrier-only mode for good), and its keepalive resumes as soon as the check ends.
-        Our own traffic to P2 still flows (it only voids the check). Two misses in a row prove
-        address/port-dependent filtering; a lifetime unknown or too long to outwait within the
-        helper's cap is not checked, and every peer keeps its own keepalive.
-        """
-        self._filter_due = None
-        nat = self.nat
-        if not self._filter_wanted():
-            nat.filtering_state = "not needed: no carrier question"
-            return
-        peer = self._filter_peer()
-        assert peer is not None
-        delay = self._filter_delay()
-        if delay is None:
-            nat.filtering_state = (
-                f"not checked: NAT lifetime unknown or above {FILTER_LIFETIME_MAX:g} s"
-            )
-            self._filter_due = now + FILTER_AFTER_VOID
-            return
-        blocked = self._measurement_blocks(peer, now)
-        if blocked is not None:
-            nat.filtering_state, self._filter_due = blocked
-            return
-        keypair = peer.keypairs.current
-        state = self.agent.peers.get(peer.public_key)
-        if keypair is None or not keypair.can_send(now + CHECK_SESSION_SLACK):
-            nat.filtering_state = f"waiting for a session with {peer.short_name}"
-            self._filter_due = now + CHECK_RETRY
-            return
-        if state is None or not state.hello_acked:
-            nat.filtering_state = f"waiting for the HELLO exchange with {peer.short_name}"
-            self._filter_due = now + CHECK_RETRY
-            return
-        slot = keepalive_slot(peer)
-        if (
-            slot is not None
-            and slot > now + CHECK_SLOT_SLACK
-            and keypair.can_send(slot + CHECK_SESSION_SLACK)
-        ):
-            # The request goes in the place of P2's next keepalive, not beside it.
-            nat.filtering_state = f"waiting for the next keepalive to {peer.short_name}"
-            self._filter_due = slot
-            return
-        token = self.random(TOKEN_SIZE)
-        if not send_request(self.device, peer, token, delay, now):
-            self._count("filter_request_not_sent")
-            self._filter_due = now + CHECK_RETRY
-            return
-        self._count("filter_requests")
-        deadline = now + delay + ECHO_WAIT
-        self.agent.hold_hello(peer, deadline + CHECK_QUIET)
-        self._filter = _FilterCheck(token, peer.public_key, delay, now, deadline, peer.tx_bytes)
-        nat.filtering_state = f"pending: reply due after {delay:g} s idle ({peer.short_name})"
-        self.agent.dirty = True
-        self.update(now)  # suspends P2's keepalive (see ``_decide``)
-
-    def _filter_ack(self, peer: Peer, message: dict[str, Any], now: float) -> None:
-        check = self._filter
-        assert check is not None
-        if check.peer != peer.public_key:
-            self._count("filter_stale_ack")
-            return
-        state = message.get("s")
-        if state == "ok" and check.acked_at is None:
-            check.acked_at = now
-            check.rx_mark = peer.rx_bytes
-            rtt = min(now - check.sent_at, CHECK_RTT_MAX)
-            check.deadline = max(check.deadline, check.sent_at + check.delay + 2 * rtt + ECHO_GRACE)
-            self.agent.hold_hello(peer, check.deadline + CHECK_QUIET)
-        elif state == "refused":
-            self._filter_finish(check, "inconclusive", "refused by the peer", now)
-        else:
-            self._count("filter_stale_ack")
-
-    def _filter_reply(self, source: Endpoint, now: float) -> None:
-        check = self._filter
-        assert check is not None
-        verdict = self._filter_late.reply(check, source, now)
-        if verdict is not None:
-            self._filter_finish(check, *verdict, now)
-
-    def _filter_finish(self, check: _FilterCheck, result: str, text: str, now: float) -> None:
-        self._filter = None
-        nat = self.nat
-        peer = self.device.peers.get(check.peer)
-        short = peer.short_name if peer is not None else "a removed peer"
-        self._count(f"filter_{result}")
-        verdict: str | None = None
-        if result == "ok":
-            verdict = FILTER_OPEN
-        elif result == "missed":
-            nat.filtering_misses += 1
-            text = f"missed {nat.filtering_misses}: {text}"
-            if nat.filtering_misses >= FILTER_MISSES:
-                verdict = FILTER_CLOSED
-        if verdict is not None:
-            if verdict != nat.filtering:
-                self._event(f"filtering {verdict} (checked with {short})")
-            nat.filtering = verdict
-            nat.filtering_peer = short
-            nat.filtering_at = now
-            nat.filtering_misses = 0
-            self._filter_due = now + FILTER_RECHECK
-        elif result == "missed":
-            self._filter_due = now + FILTER_AFTER_MISS
-        else:
-            self._filter_due = now + FILTER_AFTER_VOID
-        nat.filtering_state = f"{text} ({short})"
-        self.agent.dirty = True
-        self.update(now)  # resumes P2's keepalive unless the check passed
-
-    def _filtering_text(self) -> str:
-        nat = self.nat
-        if nat.filtering == FILTER_UNKNOWN or nat.filtering_at is None:
-            return FILTER_UNKNOWN
-        return f"{nat.filtering} (checked with {nat.filtering_peer})"
 
     # ------------------------------------------------------------------ self-check seam
 
@@ -1247,10 +1046,8 @@ class KeepalivePolicy:
             deadlines.append(check)
         if (ack := self.acks.next_deadline()) is not None:
             deadlines.append(ack)
-        if self._filter is not None:
-            deadlines.append(self._filter.deadline)
-        elif self._filter_due is not None:
-            deadlines.append(self._filter_due)
+        if (filtering := self.filtering.next_deadline()) is not None:
+            deadlines.append(filtering)
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
@@ -1268,11 +1065,7 @@ class KeepalivePolicy:
             self._relaunch(now)
         if self._next_campaign is not None and self._next_campaign <= now:
             self._maybe_start(now)
-        if self._filter is not None and self._filter.deadline <= now:
-            # No late reply by the deadline.
-            self._filter_finish(self._filter, *self._filter_late.deadline(self._filter), now)
-        elif self._filter is None and self._filter_due is not None and self._filter_due <= now:
-            self._filter_try(now)
+        self.filtering.run_timers(now)
         self.self_check.run_timers(now)
         self.acks.run_timers(now)
 
@@ -1331,7 +1124,7 @@ class KeepalivePolicy:
             status["keepalive_reason"] = decision.reason
             if self.carrier is not None and self.carrier in self.device.peers:
                 status["keepalive_carrier"] = self.device.peers[self.carrier].short_name
-            status["nat_filtering"] = self._filtering_text()
+            status["nat_filtering"] = self.filtering.text()
             if nat.filtering_at is not None:
                 status["nat_filtering_at"] = nat.filtering_at
             status["nat_filtering_check"] = nat.filtering_state
