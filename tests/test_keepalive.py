@@ -16,6 +16,8 @@ from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import PERSISTENT_KEEPALIVE, Peer
 from meshguard.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
 from meshguard.mesh import keepalive as K
+from meshguard.mesh import lifetime_measurement as M
+from meshguard.mesh import lifetime_probe as P
 from meshguard.mesh.agent import MeshAgent
 from tests.packets import ipv4
 
@@ -143,7 +145,7 @@ class MeasurementTests(SynchronousTestCase):
         assert nat.lifetime is not None
         # Known alive below the lifetime, and within the bisection's precision of it.
         self.assertLess(nat.lifetime, lifetime)
-        self.assertGreaterEqual(nat.lifetime, lifetime - K._precision(lifetime) - 1)
+        self.assertGreaterEqual(nat.lifetime, lifetime - M._precision(lifetime) - 1)
         decision = mesh.policy.decisions[mesh.hubs[0].public]
         self.assertEqual(decision.interval, K.interval_for(nat.lifetime, acked=True))
         self.assertLess(decision.interval, lifetime)
@@ -168,7 +170,7 @@ class MeasurementTests(SynchronousTestCase):
         mesh = Mesh(3600.0)
         mesh.net.advance(40 * 60)
         self.assertTrue(mesh.policy.nat.lifetime_at_least)
-        self.assertEqual(mesh.policy.nat.lifetime, K.LIFETIME_MAX)
+        self.assertEqual(mesh.policy.nat.lifetime, P.LIFETIME_MAX)
         self.assertEqual(mesh.home.peer(mesh.hubs[0]).persistent_keepalive, K.INTERVAL_MAX)
 
     def test_idle_hour_reachable_with_fewer_keepalives(self) -> None:
@@ -232,8 +234,8 @@ class MeasurementTests(SynchronousTestCase):
         mesh = self.assert_measured(30.0)
         paths = mesh.home.policy.paths
         assert isinstance(paths, MemoryProbePaths)
-        self.assertGreaterEqual(paths.opened, len([d for d in K.LIFETIME_LADDER if d < 30.0]))
-        probe_datagrams = [d for d, _ in mesh.home.node.sent if d[:4] == K.PROBE_MAGIC]
+        self.assertGreaterEqual(paths.opened, len([d for d in P.LIFETIME_LADDER if d < 30.0]))
+        probe_datagrams = [d for d, _ in mesh.home.node.sent if d[:4] == P.PROBE_MAGIC]
         self.assertEqual(probe_datagrams, [])
         self.assertEqual(mesh.net.sockets, {})  # every secondary socket closed again
 
@@ -358,7 +360,7 @@ class HostileInputTests(SynchronousTestCase):
         """Whatever reaches a secondary socket, only our helper's ack/echo of our token counts."""
         policy = self.mesh.policy
         before = list(policy.results)
-        for token in list(policy._probes):
+        for token in list(policy.measurement._probes):
             policy.path_datagram_received(token, data, ("192.0.2.9", 1), self.mesh.net.now)
         policy.path_datagram_received(b"x" * 16, data, HUB, self.mesh.net.now)
         self.assertEqual(policy.results, before)

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from meshguard.mesh import keepalive as K
+from meshguard.mesh import lifetime_probe as P
 from meshguard.status_client import read_status
 from tests.netns import (
     Namespace,
@@ -328,7 +329,7 @@ class KeepaliveDefaultConntrackTests(TestCase):
         # The tunnel is a two-way flow: conntrack's stream timeout applies, not the 30 s.
         self.assertGreater(lifetime, unreplied)
         self.assertLess(lifetime, stream)
-        self.assertGreaterEqual(lifetime, stream / (1 + K.PRECISION) - 5)
+        self.assertGreaterEqual(lifetime, stream / (1 + P.PRECISION) - 5)
         # The hub (meshguard) answers keepalives: 0.7 of the lifetime.
         self.assertEqual(interval, K.interval_for(lifetime, acked=True))
         self.assertIn(

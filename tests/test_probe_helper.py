@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.mesh import keepalive as K
+from meshguard.mesh import lifetime_probe as P
 from meshguard.mesh import probe_helper as H
+from meshguard.mesh.agent import encode_json
 from tests.test_keepalive import Mesh
 
 
@@ -36,7 +38,7 @@ class HostileInputTests(SynchronousTestCase):
     def test_unknown_token_counted(self) -> None:
         policy = self.hub.policy
         self.device.datagram_received(
-            K.PROBE_MAGIC + bytes(16), ("203.0.113.2", 9), self.mesh.net.now
+            P.PROBE_MAGIC + bytes(16), ("203.0.113.2", 9), self.mesh.net.now
         )
         self.assertEqual(policy.counters["unknown_token"], 1)
 
@@ -50,16 +52,16 @@ class HostileInputTests(SynchronousTestCase):
             peer, K.kinds.NAT_PROBE_REQUEST, b'{"t":"%s","d":30}' % token.hex().encode(), now
         )
         self.assertIn(token, policy.probe_helper._help)
-        self.device.datagram_received(K.PROBE_MAGIC + token, ("192.0.2.66", 5), now)
+        self.device.datagram_received(P.PROBE_MAGIC + token, ("192.0.2.66", 5), now)
         self.assertEqual(policy.counters["token_source_mismatch"], 1)
         assert peer.endpoint is not None
         source = (peer.endpoint[0], 40001)
         sent = len(self.hub.node.sent)
         for _ in range(10):
-            self.device.datagram_received(K.PROBE_MAGIC + token, source, now)
-        acks = [d for d, _ in self.hub.node.sent[sent:] if d[:4] == K.ACK_MAGIC]
-        self.assertEqual(len(acks), K.MAX_PROBE_SENDS)
-        self.assertEqual(policy.counters["probe_rate_limited"], 10 - K.MAX_PROBE_SENDS)
+            self.device.datagram_received(P.PROBE_MAGIC + token, source, now)
+        acks = [d for d, _ in self.hub.node.sent[sent:] if d[:4] == P.ACK_MAGIC]
+        self.assertEqual(len(acks), P.MAX_PROBE_SENDS)
+        self.assertEqual(policy.counters["probe_rate_limited"], 10 - P.MAX_PROBE_SENDS)
 
     def test_bad_requests_refused(self) -> None:
         policy = self.hub.policy
@@ -95,9 +97,9 @@ class CancelTests(SynchronousTestCase):
         policy = hub.policy
         now = mesh.net.now
         policy.probe_helper._help.clear()
-        token = b"\x07" * K.TOKEN_SIZE
+        token = b"\x07" * P.TOKEN_SIZE
         policy.probe_helper._help[token] = H._Help(mesh.home.public, 30.0, now + 60)
-        body = K.encode_json({"t": token.hex(), "x": [token.hex(), "11" * K.TOKEN_SIZE]})
+        body = encode_json({"t": token.hex(), "x": [token.hex(), "11" * P.TOKEN_SIZE]})
         policy.control_received(hub.peer(mesh.home), K.kinds.NAT_PROBE_REQUEST, body, now)
         self.assertEqual(policy.probe_helper._help, {})
         policy.probe_helper._help[token] = H._Help(mesh.home.public, 30.0, now + 60)
@@ -122,8 +124,8 @@ class CancelTests(SynchronousTestCase):
         hub = mesh.hubs[0]
         policy = hub.policy
         now = mesh.net.now
-        token = b"\x05" * K.TOKEN_SIZE
+        token = b"\x05" * P.TOKEN_SIZE
         policy.probe_helper._help[token] = H._Help(b"\x01" * 32, 30.0, now + 60)  # another peer's
-        body = K.encode_json({"t": "00" * K.TOKEN_SIZE, "x": value})
+        body = encode_json({"t": "00" * P.TOKEN_SIZE, "x": value})
         policy.control_received(hub.peer(mesh.home), K.kinds.NAT_PROBE_REQUEST, body, now)
         self.assertIn(token, policy.probe_helper._help)
