@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
@@ -79,6 +79,12 @@ from meshguard.mesh.filtering_check import (
     FILTER_UNKNOWN,
     FilteringCheck,
 )
+from meshguard.mesh.interval_plugins import Decision, IntervalPlugins
+
+# Where plugins (meshguard.plugins) and the node have always imported them from.
+from meshguard.mesh.interval_plugins import IntervalOverride as IntervalOverride
+from meshguard.mesh.interval_plugins import KeepaliveFacts as KeepaliveFacts
+from meshguard.mesh.interval_plugins import override_name as override_name
 from meshguard.mesh.keepalive_acks import ACK_RESENDS, ACK_WAIT, KeepaliveAcks
 from meshguard.mesh.keepalive_acks import CAPABILITY as ACK_CAPABILITY
 from meshguard.mesh.lifetime_measurement import (
@@ -114,6 +120,10 @@ ACK_MARGIN: Final = 2.0
 PATH_IDLE_AFTER: Final = 30.0
 
 
+#: Auto's choice for a peer (the name the policy used before the plugins' part moved out).
+_Decision = Decision
+
+
 def interval_for(lifetime: float, *, acked: bool = False) -> int:
     """The keepalive interval for a mapping known to survive ``lifetime`` idle seconds;
     ``acked``: the peer answers keepalives, so a lost one is resent (never less than half)."""
@@ -122,64 +132,6 @@ def interval_for(lifetime: float, *, acked: bool = False) -> int:
         resends = ACK_WAIT * ACK_RESENDS + ACK_MARGIN
         chosen = max(chosen, min(lifetime * ACKED_FRACTION, lifetime - resends))
     return max(INTERVAL_MIN, min(INTERVAL_MAX, int(chosen)))
-
-
-@dataclass
-class _Decision:
-    interval: int
-    reason: str
-    #: The plugin that overrode auto's choice, and that choice.
-    plugin: str | None = None
-    auto: _Decision | None = None
-
-
-@dataclass(frozen=True)
-class KeepaliveFacts:
-    """What auto knows when it chooses a peer's interval, for keepalive plugins to read."""
-
-    #: Whether the path to this peer is translated (``None``: no meshguard peer said yet).
-    natted: bool | None
-    #: ``endpoint-independent``, ``endpoint-dependent``, ``none`` or ``unknown``.
-    mapping: str
-    #: Seconds an idle mapping is known to survive; ``None`` until measured.
-    lifetime: float | None
-    #: The NAT kept the longest probe: the lifetime may be longer still.
-    lifetime_at_least: bool
-    #: Why auto chose its interval (the text ``meshguard status`` shows).
-    reason: str
-    #: This peer carries the keepalive that keeps an endpoint-independent mapping for all.
-    carrier: bool
-    #: The interval in force for this peer before this decision (0: off).
-    current: int
-    #: Auto halved its interval after a mapping expired (until the lifetime is re-measured).
-    expired: bool
-    #: The peer runs meshguard (otherwise it is a stock WireGuard peer).
-    meshguard: bool
-
-
-class IntervalOverride(Protocol):
-    """The shape :class:`meshguard.plugins.IKeepalivePolicy` gives inside the mesh core."""
-
-    name: str
-
-    def interval(self, public_key: bytes, chosen: int, facts: KeepaliveFacts) -> int | None: ...
-
-
-def _describe(value: object) -> str:
-    """``repr(value)`` for status, short, even when the plugin's object cannot give one."""
-    try:
-        return repr(value)[:100]
-    except Exception:
-        return f"a {type(value).__name__}"
-
-
-def override_name(override: object) -> str:
-    """A plugin's ``name`` for status, or its class's name when it has no usable one."""
-    try:
-        name = getattr(override, "name", None)
-    except Exception:
-        name = None
-    return name if isinstance(name, str) and name else type(override).__name__
 
 
 @dataclass
@@ -238,9 +190,7 @@ class KeepalivePolicy:
         #: Keepalive plugins, asked in this order each time auto chooses an interval (the node
         #: puts the ``IKeepalivePolicy`` plugins here, built-in ones first).
         self.overrides: list[IntervalOverride] = list(overrides)
-        #: Plugin calls that raised or answered garbage (ignored), and the latest such call.
-        self.plugin_errors = 0
-        self.plugin_error = ""
+        self.plugins = IntervalPlugins(self.overrides, (INTERVAL_MIN, INTERVAL_MAX))
         #: Peers (public keys) whose keepalive interval this policy chooses.
         self.auto: set[bytes] = set()
         self.nat = NatState()
@@ -561,38 +511,18 @@ class KeepalivePolicy:
         )
 
     def _overridden(self, peer: Peer, chosen: _Decision) -> _Decision:
-        """Auto's choice, or the first plugin answer that is not ``None``, within the bounds.
+        """Auto's choice, or a keepalive plugin's (see :class:`IntervalPlugins`)."""
+        return self.plugins.consult(peer.public_key, chosen, lambda: self._facts(peer, chosen))
 
-        0 (off) is taken as given: an operator may turn a peer's keepalive off in the config
-        too. Any other number is clamped to auto's own bounds. A plugin that raises or answers
-        anything but ``None`` or an ``int`` >= 0 is counted and skipped.
-        """
-        if not self.overrides:
-            return chosen
-        facts = self._facts(peer, chosen)
-        for override in self.overrides:
-            name = override_name(override)
-            try:
-                answer = override.interval(peer.public_key, chosen.interval, facts)
-            except Exception as e:
-                self._plugin_failed(name, f"raised {_describe(e)}")
-                continue
-            if answer is None:
-                continue
-            if type(answer) is not int or answer < 0:  # not bool, nor a subclass's surprises
-                self._plugin_failed(name, f"answered {_describe(answer)}")
-                continue
-            interval = 0 if answer == 0 else max(INTERVAL_MIN, min(INTERVAL_MAX, answer))
-            source = f"plugin {name}"
-            if interval != answer:
-                source += f", {answer} clamped to {interval}"
-            reason = f"{source}; auto: {chosen.interval or 'off'}, {chosen.reason}"
-            return _Decision(interval, reason, plugin=name, auto=chosen)
-        return chosen
+    @property
+    def plugin_errors(self) -> int:
+        """Plugin calls that raised or answered garbage (ignored)."""
+        return self.plugins.errors
 
-    def _plugin_failed(self, name: str, what: str) -> None:
-        self.plugin_errors += 1
-        self.plugin_error = f"{name} {what}"[:200]
+    @property
+    def plugin_error(self) -> str:
+        """The latest such call."""
+        return self.plugins.error
 
     # ------------------------------------------------------------ measuring: whether, with whom
 
@@ -823,7 +753,7 @@ class KeepalivePolicy:
                 status["nat_filtering_at"] = nat.filtering_at
             status["nat_filtering_check"] = nat.filtering_state
         if self.overrides:
-            status["keepalive_plugins"] = [override_name(o) for o in self.overrides]
+            status["keepalive_plugins"] = self.plugins.names()
         if self.plugin_errors:
             status["keepalive_plugin_errors"] = self.plugin_errors
             status["keepalive_plugin_error"] = self.plugin_error
