@@ -1,60 +1,40 @@
-"""``PersistentKeepalive = auto``: find out whether we are behind a NAT, measure how long it keeps
-an idle UDP mapping, and keep it open just often enough (docs/keepalive.md has the figures).
+"""``PersistentKeepalive = auto``: how often each peer gets a keepalive, and why.
 
-Four questions, answered with the help of meshguard peers:
+The policy answers four questions with the help of meshguard peers, and decides the interval of
+every ``auto`` peer from the answers (docs/keepalive.md explains them and has the figures):
 
 - **NATed at all?** A meshguard peer's HELLO says how it sees our endpoint. If that is one of our
   local endpoints, the path to that peer is not translated and auto peers get no keepalive.
-- **How long does the NAT keep an idle mapping?** In the spirit of RFC 5780's binding-lifetime
-  discovery, but between two meshguard nodes: we open a *secondary* UDP socket (so the measured
-  mapping is not the one our tunnel uses, and the probe does not refresh the tunnel's mapping),
-  agree a random token with a helper peer over the authenticated control channel
-  (``NAT_PROBE_REQUEST``), send the token from the secondary socket twice 2.5 s apart (the helper
-  acks each, so the mapping looks like an established two-way flow, as the tunnel's does: Linux
-  conntrack gives such flows its longer "stream" timeout), then stay silent. After ``delay``
-  seconds the helper echoes the token toward the source it saw and reports ``echoed`` over the
-  tunnel (``NAT_PROBE_RESULT``). The echo arrives only if the mapping survived ``delay``. Probes
-  at every delay of a 15 % ladder (4 s to 600 s) run in parallel, each on its own socket; the
-  first failure cancels the longer ones. Bisection between the longest delay known alive and
-  the shortest known dead follows only if the ladder's answers left a wider gap.
+- **How long does the NAT keep an idle mapping?** Measured with a helper peer from a secondary
+  socket (:mod:`meshguard.mesh.lifetime_measurement`); this module decides whether a measurement
+  is wanted and with whom, and what a new lifetime means.
 - **Does the mapping depend on the destination?** Two meshguard peers behind the same NAT path
   that see the same public endpoint mean an endpoint-independent mapping: one keepalive stream
   (to one "carrier" peer) keeps the public *port* for all destinations.
-- **Does the filtering depend on the remote?** A kept port is not enough: Linux masquerade and
-  most home routers map endpoint-independently yet admit inbound packets only from a remote the
-  node itself sent to lately (a per-destination conntrack flow). Configured peers are not
-  learned mesh members, so the mesh's hole punching never opens such a flow for them: with only
-  the carrier kept awake, a second configured hub could not reach an idle node. So other
-  meshguard peers go without their own keepalive only after the *filtering check* proved that
-  this NAT admits a remote we have not sent to for longer than the measured lifetime (see
-  :mod:`meshguard.mesh.filtering_check`); until then, and when it is disproven, every auto peer
-  keeps its own keepalive.
-- **Is the interval still short enough?** A NAT may start forgetting sooner than it did when
-  measured. Now and then the node asks the peer its keepalive goes to for a late reply through
-  the tunnel's own mapping, just before the next keepalive would refresh it: the self-check, in
-  :mod:`meshguard.mesh.selfcheck` (both sides). This module chooses that peer, keeps the check
-  out of a measurement's way, and acts on its evidence of expiry.
+- **Does the filtering depend on the remote?** A kept port is not enough: many NATs admit inbound
+  packets only from a remote the node itself sent to lately. Configured peers get no hole
+  punching from the mesh, so other meshguard peers go without their own keepalive only after the
+  filtering check (:mod:`meshguard.mesh.filtering_check`) proved this NAT admits a remote we
+  have not sent to for longer than the lifetime; until then, and when it is disproven, every
+  auto peer keeps its own keepalive. This module chooses whom to check with.
 
 The interval is half the lifetime known to be alive toward a peer whose keepalives nobody
 answers (one lost keepalive then leaves the mapping idle for at most the measured lifetime), and
 0.7 of it toward a meshguard peer that answers them (:mod:`meshguard.mesh.keepalive_acks`: a lost
-one is resent within seconds). Until measured, the conservative default (25 s,
-WireGuard's documented value) applies. Evidence that a mapping expired (a peer sees our port
-change while the address stays, or two self-checks in a row miss their reply) halves the
-interval at once and starts a new measurement; a new public address (roaming) starts one too.
+one is resent within seconds). Until measured, the conservative default (WireGuard's documented
+value) applies. Evidence that a mapping expired (a peer sees our port change while the address
+stays, or two self-checks in a row miss their reply: :mod:`meshguard.mesh.selfcheck`, which
+checks with the peer this module chooses) halves the interval at once and starts a new
+measurement; a new public address (roaming) starts one too. Keepalive plugins
+(:mod:`meshguard.mesh.interval_plugins`) may override each choice. Idle learned members' path
+checks take their pace from here too (:meth:`KeepalivePolicy.path_check_interval`).
 
-Keepalive plugins (:class:`IntervalOverride`, injected by the node from
-:class:`meshguard.plugins.IKeepalivePolicy`) may override each choice: they are asked every time
-auto decides, and the first answer that is not ``None`` wins, within the same bounds.
-
-The parts, one job each: the probe's wire format (:mod:`meshguard.mesh.lifetime_probe`), the
-helper side answering other nodes' probes (:mod:`meshguard.mesh.probe_helper`), the self-check
-(:mod:`meshguard.mesh.selfcheck`), acknowledged keepalives (:mod:`meshguard.mesh.keepalive_acks`);
-this module measures, classifies, runs the filtering check and decides the intervals.
-
+The other parts: the probe's wire format (:mod:`meshguard.mesh.lifetime_probe`) and the helper
+side answering other nodes' probes (:mod:`meshguard.mesh.probe_helper`). The policy owns one of
+each machine, routes their control messages and datagrams, and keeps one deadline for all.
 Unauthenticated datagrams (probe tokens, acks, echoes, late replies) only ever act on a token
 learned over the authenticated channel; anything else is dropped and counted. Nothing here does
-I/O: secondary sockets come from an injected :class:`ProbePaths`.
+I/O.
 """
 
 from __future__ import annotations
