@@ -224,6 +224,8 @@ class Node:
             self.members.paths.observers.extend(load_plugins(IPathObserver))
             self.keepalive.overrides.extend(load_plugins(IKeepalivePolicy))
         self.members.paths.primer = self._send_primer
+        # Idle pairs' path checks at the keepalive interval (issue 17; mesh/paths.py).
+        self.members.paths.idle_check_interval = self.keepalive.path_check_interval
         #: The birthday technique's extra sockets (mesh/birthday.py).
         self.birthday = BirthdaySockets(
             reactor,

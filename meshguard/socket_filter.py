@@ -46,7 +46,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshguard.mesh.keepalive import ACK_MAGIC, DATAGRAM_SIZE, ECHO_MAGIC, PROBE_MAGIC
+from meshguard.mesh.lifetime_probe import ACK_MAGIC, DATAGRAM_SIZE, ECHO_MAGIC, PROBE_MAGIC
 from meshguard.mesh.selfcheck import CHECK_MAGIC
 
 __all__ = [

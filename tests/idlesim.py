@@ -34,8 +34,10 @@ def kind_of(data: bytes) -> str:
     if head in (b"\x01\x00\x00\x00", b"\x02\x00\x00\x00", b"\x03\x00\x00\x00"):
         return "handshake"
     if head == b"\x04\x00\x00\x00":
-        # An idle tunnel carries no data: any other transport message is mesh control.
-        return "keepalive" if len(data) == 32 else "control"
+        # An idle tunnel carries no data: an empty one is a keepalive, one of 48 bytes a
+        # keepalive request (an empty control message, mesh/keepalive_acks.py), any other
+        # mesh control.
+        return "keepalive" if len(data) in (32, 48) else "control"
     return "probe"
 
 
@@ -53,6 +55,7 @@ class Node:
         )
         self.agent.add_feature(self.policy)
         self.stack = MeshStack(self.agent)
+        self.stack.paths.idle_check_interval = self.policy.path_check_interval
         self.pmtu = PathMTU(self.node.device, mark_dirty=lambda: None)
         self.agent.add_feature(self.pmtu)
         net.timed.append(self.agent)

@@ -49,10 +49,12 @@ class OverrideTests(SynchronousTestCase):
         self.assertEqual(decision.interval, 7)
         self.assertEqual(decision.plugin, "fixed")
         assert decision.auto is not None and mesh.policy.nat.lifetime is not None
-        self.assertEqual(decision.auto.interval, K.interval_for(mesh.policy.nat.lifetime))
+        self.assertEqual(
+            decision.auto.interval, K.interval_for(mesh.policy.nat.lifetime, acked=True)
+        )
         start = len(mesh.home.node.sent)
         mesh.net.advance(HOUR)
-        # Idle: about one keepalive per 7 s (auto would have sent one per 13 s).
+        # Idle: about one keepalive per 7 s (auto would have sent one per 19 s).
         self.assertGreater(mesh.keepalives_from_home(start), HOUR / 7 * 0.9)
         self.assertTrue(mesh.hub_reaches_home())
 
@@ -69,7 +71,7 @@ class OverrideTests(SynchronousTestCase):
         )
         decision = mesh.policy.decisions[hub.public]
         self.assertIsNone(decision.plugin)
-        self.assertIn("half the measured NAT lifetime", decision.reason)
+        self.assertIn("of the measured NAT lifetime", decision.reason)
         self.assertTrue(silent.calls)
         key, chosen, facts = silent.calls[-1]
         self.assertEqual(key, hub.public)
@@ -158,7 +160,7 @@ class OverrideTests(SynchronousTestCase):
         mesh.net.advance(30 * 60)
         policy = mesh.policy
         assert policy.nat.lifetime is not None
-        first = K.interval_for(policy.nat.lifetime)
+        first = K.interval_for(policy.nat.lifetime, acked=True)
         self.assertEqual(peer.persistent_keepalive, first + 1)
         self.assertTrue(any(f.lifetime is None and c == 25 for _, c, f in plus_one.calls))
 
@@ -173,7 +175,9 @@ class OverrideTests(SynchronousTestCase):
         self.assertEqual(policy.nat.measurement, "measured")
         assert policy.nat.lifetime is not None
         self.assertLess(policy.nat.lifetime, 20.0)
-        self.assertEqual(peer.persistent_keepalive, K.interval_for(policy.nat.lifetime) + 1)
+        self.assertEqual(
+            peer.persistent_keepalive, K.interval_for(policy.nat.lifetime, acked=True) + 1
+        )
         self.assertTrue(mesh.hub_reaches_home())
 
     def test_switching_the_carrier_off_moves_the_carrier(self) -> None:
@@ -190,7 +194,7 @@ class OverrideTests(SynchronousTestCase):
         self.assertEqual(mesh.home.peer(off).persistent_keepalive, 0)
         assert policy.nat.lifetime is not None
         self.assertEqual(
-            mesh.home.peer(on).persistent_keepalive, K.interval_for(policy.nat.lifetime)
+            mesh.home.peer(on).persistent_keepalive, K.interval_for(policy.nat.lifetime, acked=True)
         )
         self.assertIn("plugin quiet", policy.decisions[off.public].reason)
         mesh.net.advance(HOUR)
@@ -218,9 +222,13 @@ class StatusTests(SynchronousTestCase):
         mesh = settled(Mesh(30.0, overrides=[Recording("fixed", 7)]))
         policy = mesh.policy
         assert policy.nat.lifetime is not None
-        auto = K.interval_for(policy.nat.lifetime)
+        auto = K.interval_for(policy.nat.lifetime, acked=True)
         status = policy.peer_status(mesh.home.peer(mesh.hubs[0]))
-        auto_reason = f"half the measured NAT lifetime ({policy.nat.lifetime:g} s)"
+        fraction = f"{auto / policy.nat.lifetime:.2f}".rstrip("0")
+        auto_reason = (
+            f"{fraction} of the measured NAT lifetime ({policy.nat.lifetime:g} s),"
+            " keepalives acknowledged"
+        )
         self.assertEqual(status["keepalive_interval"], 7)
         self.assertEqual(status["keepalive_reason"], f"plugin fixed; auto: {auto}, {auto_reason}")
         self.assertEqual(status["keepalive"], f"7 (plugin fixed; auto: {auto}, {auto_reason})")

@@ -24,11 +24,11 @@ from meshguard.mesh.agent import encode_json
 from tests.packets import ipv4
 from tests.test_keepalive import HOME, HOUR, HUB, PUBLIC, Member, Mesh
 
-#: The NAT the home is measured behind: 110 s known alive, so a 55 s interval and a late
-#: reply asked for after 55 - 5.5 = 49.5 s of idle.
+#: The NAT the home is measured behind: 110 s known alive, so (keepalives acknowledged by the
+#: meshguard hub) a 77 s interval and a late reply asked for after 77 - 7.7 = 69.3 s of idle.
 LIFETIME = 120.0
-INTERVAL = 55
-DELAY = 49.5
+INTERVAL = 77
+DELAY = 69.3
 
 
 def settled(lifetime: float = LIFETIME) -> Mesh:
@@ -120,23 +120,23 @@ class CheckTests(SynchronousTestCase):
         self.assertLessEqual(len(times), math.ceil(2 * HOUR / INTERVAL) + 1)
 
     def test_short_interval_checks_pass(self) -> None:
-        """A 30 s NAT (13 s interval): the reply is asked for after 13 - 1.3 s and arrives."""
+        """A 30 s NAT (19 s interval): the reply is asked for after 19 - 1.9 s and arrives."""
         mesh = settled(30.0)
         mesh.net.advance(HOUR)
         peer = mesh.home.peer(mesh.hubs[0])
-        self.assertEqual(peer.persistent_keepalive, 13)
+        self.assertEqual(peer.persistent_keepalive, 19)
         self.assertGreaterEqual(mesh.policy.self_check.checks.counts["ok"], 3)
         self.assertEqual(mesh.policy.self_check.checks.counts["missed"], 0)
         self.assertEqual(
-            mesh.policy.self_check.checks.last[peer.public_key][0], "ok: reply after 11.7 s idle"
+            mesh.policy.self_check.checks.last[peer.public_key][0], "ok: reply after 17.1 s idle"
         )
 
     def test_silent_lifetime_drop_halves_and_remeasures(self) -> None:
         """The NAT starts forgetting after 40 s and re-creates the mapping on the same port, so
         no peer sees a change. The next self-check and its confirmation miss: the interval is
         halved, the lifetime measured again (below 40 s), and the hub reaches the home through a
-        whole idle hour again. Without self-checks the home stays unreachable 15 s in every
-        55 (the control)."""
+        whole idle hour again. Without self-checks the home stays unreachable 37 s in every
+        77 (the control)."""
         mesh = settled()
         control = settled()
         control.policy.self_check.enabled = False
@@ -161,8 +161,8 @@ class CheckTests(SynchronousTestCase):
         assert policy.nat.lifetime is not None
         self.assertLess(policy.nat.lifetime, 40.0)
         interval = mesh.home.peer(mesh.hubs[0]).persistent_keepalive
-        self.assertEqual(interval, K.interval_for(policy.nat.lifetime))
-        self.assertLess(interval, 20)
+        self.assertEqual(interval, K.interval_for(policy.nat.lifetime, acked=True))
+        self.assertLess(interval, 40 * K.ACKED_FRACTION)
         self.assertLess(took, S.CHECK_EVERY)
         # Corrected: a whole idle hour without a gap, and the new interval checks out.
         ok = policy.self_check.checks.counts["ok"]

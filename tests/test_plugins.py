@@ -250,7 +250,7 @@ class ThirdPartyPluginTests(SynchronousTestCase):
     def test_keepalive_policy_from_a_temporary_package(self) -> None:
         """The keepalive policies of docs/plugins.md, put in a ``meshguard/plugins`` directory on
         sys.path, are found by getPlugins in the module's order and consulted by auto: the
-        metered floor while the flag file exists (20 s where auto chose 13 s behind a 30 s NAT),
+        metered floor while the flag file exists (20 s where auto chose 19 s behind a 30 s NAT),
         the fixed interval for its peer over the floor, and auto's own choice without either."""
         policies = load(IKeepalivePolicy)
         self.assertEqual([p.name for p in policies], ["fixed", "metered-floor"])
@@ -266,7 +266,8 @@ class ThirdPartyPluginTests(SynchronousTestCase):
         self.assertEqual(peer.persistent_keepalive, 20)
         self.assertEqual(
             policy.peer_status(peer)["keepalive"],
-            f"20 (plugin metered-floor; auto: 13, half the measured NAT lifetime ({lifetime:g} s))",
+            "20 (plugin metered-floor; auto: 19, 0.69 of the measured NAT lifetime"
+            f" ({lifetime:g} s), keepalives acknowledged)",
         )
 
         self.patch(module, "FIXED", {base64.b64encode(hub.public).decode(): 15})
@@ -277,7 +278,7 @@ class ThirdPartyPluginTests(SynchronousTestCase):
         self.patch(module, "FIXED", {})
         self.metered.unlink()
         policy.update(mesh.net.now)
-        self.assertEqual(peer.persistent_keepalive, 13)
+        self.assertEqual(peer.persistent_keepalive, 19)
         self.assertNotIn("keepalive_plugin", policy.peer_status(peer))
         self.assertEqual(policy.plugin_errors, 0)
 

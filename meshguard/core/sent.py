@@ -45,3 +45,12 @@ class SentCounts:
             self.idle_since = now
         self.idle[kind] += 1
         self.latest = now
+
+    def relabel(self, was: str, kind: str) -> None:
+        """The datagram just counted as ``was`` is better called ``kind`` (a keepalive sent as a
+        control message asking for an answer is still the keepalive)."""
+        if self.total[was] and self.idle[was]:
+            self.total[was] -= 1
+            self.idle[was] -= 1
+            self.total[kind] += 1
+            self.idle[kind] += 1

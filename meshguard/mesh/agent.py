@@ -173,6 +173,10 @@ class MeshAgent:
         self.peers: dict[bytes, PeerMeshState] = {}
         #: Observers told ``(peer, observed_endpoint)`` when a peer reports how it sees us.
         self.observed_listeners: list[Callable[[Peer, Endpoint, float], None]] = []
+        #: Told ``(peer, now)`` when a feature sent a control message in the place of the
+        #: peer's keepalive (:func:`keepalive_slot`): acknowledged keepalives watch for its
+        #: answer and resend a keepalive if none comes (mesh/keepalive_acks.py).
+        self.slot_listeners: list[Callable[[Peer, float], None]] = []
         self.dropped = 0
         #: Set when a deadline may have moved earlier (see ``TimerQueue.dirty``).
         self.dirty = False
@@ -215,9 +219,17 @@ class MeshAgent:
                 else None,
                 "local": [list(e) for e in self.local_endpoints()],
                 "mapped": [list(e) for e in self.mapped_endpoints()[:MAX_MAPPED]],
-                "features": sorted({type(f).__name__ for f in self.features}),
+                "features": sorted(self._feature_names()),
             }
         )
+
+    def _feature_names(self) -> set[str]:
+        """What HELLO tells peers we can do: every feature's class name, and the names a
+        feature lists in its optional ``capabilities`` (protocol extensions it answers)."""
+        names = {type(f).__name__ for f in self.features}
+        for feature in self.features:
+            names.update(getattr(feature, "capabilities", ()))
+        return names
 
     def hold_hello(self, peer: Peer, until: float) -> None:
         """Move the next HELLO refresh with ``peer`` to ``until`` if it is due sooner: a feature
@@ -231,6 +243,11 @@ class MeshAgent:
             and state.next_hello < until
         ):
             state.next_hello = until
+
+    def sent_in_slot(self, peer: Peer, now: float) -> None:
+        """A feature's message to ``peer`` went instead of its keepalive (and is answered)."""
+        for listener in self.slot_listeners:
+            listener(peer, now)
 
     def advertise(self, now: float) -> None:
         """Our own endpoints changed (a port mapping came or went): say HELLO to every peer

@@ -1,97 +1,87 @@
-"""``PersistentKeepalive = auto``: find out whether we are behind a NAT, measure how long it keeps
-an idle UDP mapping, and keep it open just often enough (docs/keepalive.md has the figures).
+"""``PersistentKeepalive = auto``: how often each peer gets a keepalive, and why.
 
-Four questions, answered with the help of meshguard peers:
+The policy answers four questions with the help of meshguard peers, and decides the interval of
+every ``auto`` peer from the answers (docs/keepalive.md explains them and has the figures):
 
 - **NATed at all?** A meshguard peer's HELLO says how it sees our endpoint. If that is one of our
   local endpoints, the path to that peer is not translated and auto peers get no keepalive.
-- **How long does the NAT keep an idle mapping?** In the spirit of RFC 5780's binding-lifetime
-  discovery, but between two meshguard nodes: we open a *secondary* UDP socket (so the measured
-  mapping is not the one our tunnel uses, and the probe does not refresh the tunnel's mapping),
-  agree a random token with a helper peer over the authenticated control channel
-  (``NAT_PROBE_REQUEST``), send the token from the secondary socket twice 2.5 s apart (the helper
-  acks each, so the mapping looks like an established two-way flow, as the tunnel's does: Linux
-  conntrack gives such flows its longer "stream" timeout), then stay silent. After ``delay``
-  seconds the helper echoes the token toward the source it saw and reports ``echoed`` over the
-  tunnel (``NAT_PROBE_RESULT``). The echo arrives only if the mapping survived ``delay``. Probes
-  at every delay of a 15 % ladder (4 s to 600 s) run in parallel, each on its own socket; the
-  first failure cancels the longer ones. Bisection between the longest delay known alive and
-  the shortest known dead follows only if the ladder's answers left a wider gap.
+- **How long does the NAT keep an idle mapping?** Measured with a helper peer from a secondary
+  socket (:mod:`meshguard.mesh.lifetime_measurement`); this module decides whether a measurement
+  is wanted and with whom, and what a new lifetime means.
 - **Does the mapping depend on the destination?** Two meshguard peers behind the same NAT path
   that see the same public endpoint mean an endpoint-independent mapping: one keepalive stream
   (to one "carrier" peer) keeps the public *port* for all destinations.
-- **Does the filtering depend on the remote?** A kept port is not enough: Linux masquerade and
-  most home routers map endpoint-independently yet admit inbound packets only from a remote the
-  node itself sent to lately (a per-destination conntrack flow). Configured peers are not
-  learned mesh members, so the mesh's hole punching never opens such a flow for them: with only
-  the carrier kept awake, a second configured hub could not reach an idle node. So other
-  meshguard peers go without their own keepalive only after the *filtering check* proved that
-  this NAT admits a remote we have not sent to for longer than the measured lifetime (see
-  :meth:`KeepalivePolicy._filter_try`); until then, and when it is disproven, every auto peer
-  keeps its own keepalive.
-- **Is the interval still short enough?** A NAT may start forgetting sooner than it did when
-  measured. Now and then the node asks the peer its keepalive goes to for a late reply through
-  the tunnel's own mapping, just before the next keepalive would refresh it: the self-check, in
-  :mod:`meshguard.mesh.selfcheck` (both sides). This module chooses that peer, keeps the check
-  out of a measurement's way, and acts on its evidence of expiry.
+- **Does the filtering depend on the remote?** A kept port is not enough: many NATs admit inbound
+  packets only from a remote the node itself sent to lately. Configured peers get no hole
+  punching from the mesh, so other meshguard peers go without their own keepalive only after the
+  filtering check (:mod:`meshguard.mesh.filtering_check`) proved this NAT admits a remote we
+  have not sent to for longer than the lifetime; until then, and when it is disproven, every
+  auto peer keeps its own keepalive. This module chooses whom to check with.
 
-The interval is half the lifetime known to be alive: then even one lost keepalive leaves the
-mapping idle for at most the measured lifetime. Until measured, the conservative default (25 s,
-WireGuard's documented value) applies. Evidence that a mapping expired (a peer sees our port
-change while the address stays, or two self-checks in a row miss their reply) halves the
-interval at once and starts a new measurement; a new public address (roaming) starts one too.
+The interval is half the lifetime known to be alive toward a peer whose keepalives nobody
+answers (one lost keepalive then leaves the mapping idle for at most the measured lifetime), and
+0.7 of it toward a meshguard peer that answers them (:mod:`meshguard.mesh.keepalive_acks`: a lost
+one is resent within seconds). Until measured, the conservative default (WireGuard's documented
+value) applies. Evidence that a mapping expired (a peer sees our port change while the address
+stays, or two self-checks in a row miss their reply: :mod:`meshguard.mesh.selfcheck`, which
+checks with the peer this module chooses) halves the interval at once and starts a new
+measurement; a new public address (roaming) starts one too. Keepalive plugins
+(:mod:`meshguard.mesh.interval_plugins`) may override each choice. Idle learned members' path
+checks take their pace from here too (:meth:`KeepalivePolicy.path_check_interval`).
 
-Keepalive plugins (:class:`IntervalOverride`, injected by the node from
-:class:`meshguard.plugins.IKeepalivePolicy`) may override each choice: they are asked every time
-auto decides, and the first answer that is not ``None`` wins, within the same bounds.
-
+The other parts: the probe's wire format (:mod:`meshguard.mesh.lifetime_probe`) and the helper
+side answering other nodes' probes (:mod:`meshguard.mesh.probe_helper`). The policy owns one of
+each machine, routes their control messages and datagrams, and keeps one deadline for all.
 Unauthenticated datagrams (probe tokens, acks, echoes, late replies) only ever act on a token
 learned over the authenticated channel; anything else is dropped and counted. Nothing here does
-I/O: secondary sockets come from an injected :class:`ProbePaths`.
+I/O.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint, RandomBytes
 from meshguard.core.peer import Peer
-from meshguard.core.sent import PROBE
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import (
     MeshAgent,
     decode_json,
-    encode_json,
     is_discard_only,
-    keepalive_slot,
     same_host,
 )
-from meshguard.mesh.selfcheck import (
-    CHECK_DELAY_MAX,
-    CHECK_MAGIC,
-    CHECK_QUIET,
-    CHECK_RETRY,
-    CHECK_RTT_MAX,
-    CHECK_SESSION_SLACK,
-    CHECK_SLOT_SLACK,
-    LateReplyJudge,
-    SelfCheck,
-    send_request,
+from meshguard.mesh.filtering_check import (
+    FILTER_CLOSED,
+    FILTER_OPEN,
+    FILTER_UNKNOWN,
+    FilteringCheck,
 )
+from meshguard.mesh.interval_plugins import Decision, IntervalPlugins
 
-#: Why a filtering check proves nothing: traffic either way may have refreshed our flow.
-FILTER_VOID_TEXT: Final = "void: traffic with the peer meanwhile"
-
-#: Datagram magics: never a WireGuard message type (1..4 then three zero bytes).
-PROBE_MAGIC: Final = b"MGn\x01"
-ACK_MAGIC: Final = b"MGn\x02"
-ECHO_MAGIC: Final = b"MGn\x03"
-TOKEN_SIZE: Final = 16
-DATAGRAM_SIZE: Final = 4 + TOKEN_SIZE
+# Where plugins (meshguard.plugins) and the node have always imported them from.
+from meshguard.mesh.interval_plugins import IntervalOverride as IntervalOverride
+from meshguard.mesh.interval_plugins import KeepaliveFacts as KeepaliveFacts
+from meshguard.mesh.interval_plugins import override_name as override_name
+from meshguard.mesh.keepalive_acks import ACK_RESENDS, ACK_WAIT, KeepaliveAcks
+from meshguard.mesh.keepalive_acks import CAPABILITY as ACK_CAPABILITY
+from meshguard.mesh.lifetime_measurement import (
+    LifetimeMeasurement,
+    ProbePaths,
+)
+from meshguard.mesh.lifetime_probe import (
+    DATAGRAM_SIZE,
+    LIFETIME_LADDER,
+    TOKEN_SIZE,
+)
+from meshguard.mesh.probe_helper import ProbeHelper
+from meshguard.mesh.selfcheck import (
+    CHECK_MAGIC,
+    CHECK_RETRY,
+    SelfCheck,
+)
 
 #: WireGuard's documented example interval: what auto uses until it knows better.
 DEFAULT_INTERVAL: Final = 25
@@ -100,213 +90,28 @@ INTERVAL_MIN: Final = 2
 INTERVAL_MAX: Final = 300
 #: Interval = this fraction of the lifetime known alive (one lost keepalive is survived).
 SAFETY_FRACTION: Final = 0.5
-#: Stop when known-alive and known-dead are within this fraction of known-alive (or 1 s).
-PRECISION: Final = 0.15
-LIFETIME_MIN: Final = 4.0
-#: The longest lifetime we measure.
-LIFETIME_MAX: Final = 600.0
+#: With a peer that answers keepalives (mesh/keepalive_acks.py) a lost one is resent within
+#: seconds, so the interval is this fraction of the lifetime, and leaves room for the resends
+#: and ACK_MARGIN (timer jitter, the round trip) before the lifetime ends.
+ACKED_FRACTION: Final = 0.7
+ACK_MARGIN: Final = 2.0
+#: A pair with no data either way this long is idle: its direct path is checked only once per
+#: keepalive interval (``KeepalivePolicy.path_check_interval``).
+PATH_IDLE_AFTER: Final = 30.0
 
 
-def _ladder() -> tuple[float, ...]:
-    """4 s to 600 s, each rung at most the precision above the previous one (37 rungs).
-
-    All rungs are probed at once, so one round usually ends the measurement as soon as the
-    first rung above the lifetime fails (about 1.15 times the lifetime, plus the echo wait),
-    instead of a doubling ladder followed by a bisection round of another full lifetime.
-    """
-    rungs = [LIFETIME_MIN]
-    while rungs[-1] < LIFETIME_MAX:
-        step = max(1.0, PRECISION * rungs[-1])
-        rungs.append(min(LIFETIME_MAX, math.floor((rungs[-1] + step) * 10) / 10))
-    return tuple(rungs)
+#: Auto's choice for a peer (the name the policy used before the plugins' part moved out).
+_Decision = Decision
 
 
-#: Probe delays tried first, all in parallel, each on its own socket.
-LIFETIME_LADDER: Final = _ladder()
-#: Probes per bisection round between known-alive and known-dead (needed only when the
-#: ladder's answers were incomplete or inconsistent).
-BISECT_POINTS: Final = 3
-#: Priming: token datagrams sent from the secondary socket, this far apart.
-PRIMES: Final = 2
-PRIME_GAP: Final = 2.5
-#: At most this many token datagrams per probe (priming plus resends while unacknowledged).
-MAX_PROBE_SENDS: Final = 4
-#: How long to wait for the helper's answer to a request.
-REQUEST_TIMEOUT: Final = 10.0
-#: The echo is due ``delay`` after our last token datagram; it is called lost (the mapping
-#: expired) this much later. The helper's "echoed" report over the tunnel, when it gets
-#: through, shortens the wait to ECHO_GRACE. A probe the helper never acknowledged is
-#: inconclusive, never "dead".
-ECHO_WAIT: Final = 3.0
-ECHO_GRACE: Final = 2.0
-#: A request the session could not carry is sent again this much later (after the handshake
-#: we start for it), at most RELAUNCH_TRIES times.
-RELAUNCH_AFTER: Final = 6.0
-RELAUNCH_TRIES: Final = 5
-#: A failed measurement is retried after this; a good one is repeated after REMEASURE_AFTER.
-RETRY_AFTER: Final = 60.0
-REMEASURE_AFTER: Final = 6 * 3600.0
-#: The filtering check: the late reply comes this long after the request (longer than the
-#: lifetime, so our own flow to the checked peer has expired): lifetime * FILTER_FACTOR +
-#: FILTER_MARGIN, within the helper's CHECK_DELAY_MAX. A lifetime above FILTER_LIFETIME_MAX
-#: (or unknown) is not checked: every peer keeps its own keepalive.
-FILTER_FACTOR: Final = 1.2
-FILTER_MARGIN: Final = 5.0
-FILTER_LIFETIME_MAX: Final = 250.0
-#: Misses in a row that prove address/port-dependent filtering (one lost reply must not).
-FILTER_MISSES: Final = 2
-#: The next check after a verdict (either way; with the lifetime re-measurement's rhythm),
-#: after a miss, and after a void, unanswered or blocked attempt.
-FILTER_RECHECK: Final = REMEASURE_AFTER
-FILTER_AFTER_MISS: Final = 10.0
-FILTER_AFTER_VOID: Final = 600.0
-FILTER_FIRST: Final = 10.0
-FILTER_UNKNOWN: Final = "unknown"
-FILTER_OPEN: Final = "endpoint-independent"
-FILTER_CLOSED: Final = "address-or-port-dependent"
-
-#: Tokens per cancel message (a finished measurement tells its helper which probes are over).
-CANCEL_BATCH: Final = 24
-
-#: Helper-side limits: outstanding tokens per peer and in total, datagrams answered per second.
-#: (Room for two campaigns: a cancelled probe's token stays with the helper until its delay.)
-MAX_HELP_PER_PEER: Final = 2 * len(LIFETIME_LADDER)
-MAX_HELP_TOTAL: Final = 512
-MAX_ANSWERS_PER_SECOND: Final = 64
-
-
-class ProbePath(Protocol):
-    """A secondary UDP socket (its own NAT mapping)."""
-
-    def send(self, data: bytes, endpoint: Endpoint) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class ProbePaths(Protocol):
-    """Opens secondary sockets; ``receive(data, source, now)`` gets what arrives on one."""
-
-    def open(
-        self, toward: Endpoint, receive: Callable[[bytes, Endpoint, float], None]
-    ) -> ProbePath | None: ...
-
-
-def _precision(alive: float) -> float:
-    """Stop bisecting when known-alive and known-dead are this close."""
-    return max(1.0, PRECISION * alive)
-
-
-def interval_for(lifetime: float) -> int:
-    """The keepalive interval for a mapping known to survive ``lifetime`` idle seconds."""
-    return max(INTERVAL_MIN, min(INTERVAL_MAX, int(lifetime * SAFETY_FRACTION)))
-
-
-@dataclass
-class _Probe:
-    """One lifetime probe of ours: a token, a delay and a secondary socket."""
-
-    token: bytes
-    delay: float
-    helper: bytes
-    deadline: float
-    path: ProbePath | None = None
-    target: Endpoint | None = None
-    sends: int = 0
-    next_send: float | None = None
-    acked: bool = False
-    echoed_at: float | None = None
-
-
-@dataclass
-class _Help:
-    """A probe we answer for a peer: where its token came from and when to echo."""
-
-    peer: bytes
-    delay: float
-    expires: float
-    observed: Endpoint | None = None
-    datagrams: int = 0
-    echo_at: float | None = None
-
-
-@dataclass
-class _FilterCheck:
-    """The filtering check in flight: a late reply asked of a peer that is not the carrier."""
-
-    token: bytes
-    peer: bytes
-    delay: float
-    sent_at: float
-    deadline: float
-    #: ``peer.tx_bytes`` after the request; ``peer.rx_bytes`` once acknowledged: anything we
-    #: sent since (or got from the peer after its ack) may have refreshed our flow to it.
-    tx_mark: int
-    rx_mark: int | None = None
-    acked_at: float | None = None
-
-    def void(self, peer: Peer) -> bool:
-        """We sent to the peer, or it sent to us after its ack: our flow may be fresh."""
-        return peer.tx_bytes != self.tx_mark or (
-            self.rx_mark is not None and peer.rx_bytes != self.rx_mark
-        )
-
-
-@dataclass
-class _Decision:
-    interval: int
-    reason: str
-    #: The plugin that overrode auto's choice, and that choice.
-    plugin: str | None = None
-    auto: _Decision | None = None
-
-
-@dataclass(frozen=True)
-class KeepaliveFacts:
-    """What auto knows when it chooses a peer's interval, for keepalive plugins to read."""
-
-    #: Whether the path to this peer is translated (``None``: no meshguard peer said yet).
-    natted: bool | None
-    #: ``endpoint-independent``, ``endpoint-dependent``, ``none`` or ``unknown``.
-    mapping: str
-    #: Seconds an idle mapping is known to survive; ``None`` until measured.
-    lifetime: float | None
-    #: The NAT kept the longest probe: the lifetime may be longer still.
-    lifetime_at_least: bool
-    #: Why auto chose its interval (the text ``meshguard status`` shows).
-    reason: str
-    #: This peer carries the keepalive that keeps an endpoint-independent mapping for all.
-    carrier: bool
-    #: The interval in force for this peer before this decision (0: off).
-    current: int
-    #: Auto halved its interval after a mapping expired (until the lifetime is re-measured).
-    expired: bool
-    #: The peer runs meshguard (otherwise it is a stock WireGuard peer).
-    meshguard: bool
-
-
-class IntervalOverride(Protocol):
-    """The shape :class:`meshguard.plugins.IKeepalivePolicy` gives inside the mesh core."""
-
-    name: str
-
-    def interval(self, public_key: bytes, chosen: int, facts: KeepaliveFacts) -> int | None: ...
-
-
-def _describe(value: object) -> str:
-    """``repr(value)`` for status, short, even when the plugin's object cannot give one."""
-    try:
-        return repr(value)[:100]
-    except Exception:
-        return f"a {type(value).__name__}"
-
-
-def override_name(override: object) -> str:
-    """A plugin's ``name`` for status, or its class's name when it has no usable one."""
-    try:
-        name = getattr(override, "name", None)
-    except Exception:
-        name = None
-    return name if isinstance(name, str) and name else type(override).__name__
+def interval_for(lifetime: float, *, acked: bool = False) -> int:
+    """The keepalive interval for a mapping known to survive ``lifetime`` idle seconds;
+    ``acked``: the peer answers keepalives, so a lost one is resent (never less than half)."""
+    chosen = lifetime * SAFETY_FRACTION
+    if acked:
+        resends = ACK_WAIT * ACK_RESENDS + ACK_MARGIN
+        chosen = max(chosen, min(lifetime * ACKED_FRACTION, lifetime - resends))
+    return max(INTERVAL_MIN, min(INTERVAL_MAX, int(chosen)))
 
 
 @dataclass
@@ -334,7 +139,8 @@ class NatState:
 
 
 class KeepalivePolicy:
-    """The mesh feature behind ``PersistentKeepalive = auto`` (and the helper side of probes).
+    """The mesh feature behind ``PersistentKeepalive = auto`` (it hosts the helper side of
+    probes, :attr:`probe_helper`, and routes its messages).
 
     It owns the self-check (:attr:`self_check`) and routes the self-check's control messages
     and late replies to it."""
@@ -344,7 +150,10 @@ class KeepalivePolicy:
         kinds.NAT_PROBE_RESULT,
         kinds.NAT_SELF_CHECK,
         kinds.NAT_SELF_CHECK_ACK,
+        kinds.KEEPALIVE_REQUEST,
     )
+    #: Told to peers in HELLO: we answer keepalive requests.
+    capabilities: tuple[str, ...] = (ACK_CAPABILITY,)
 
     def __init__(
         self,
@@ -361,37 +170,44 @@ class KeepalivePolicy:
         #: Keepalive plugins, asked in this order each time auto chooses an interval (the node
         #: puts the ``IKeepalivePolicy`` plugins here, built-in ones first).
         self.overrides: list[IntervalOverride] = list(overrides)
-        #: Plugin calls that raised or answered garbage (ignored), and the latest such call.
-        self.plugin_errors = 0
-        self.plugin_error = ""
+        self.plugins = IntervalPlugins(self.overrides, (INTERVAL_MIN, INTERVAL_MAX))
         #: Peers (public keys) whose keepalive interval this policy chooses.
         self.auto: set[bytes] = set()
         self.nat = NatState()
         self.decisions: dict[bytes, _Decision] = {}
         self.observations: dict[bytes, Endpoint] = {}
+        #: Per member: ``data_packets`` at the latest path check, and since when unchanged.
+        self._path_marks: dict[bytes, tuple[int, float]] = {}
         self.counters: dict[str, int] = {}
         self.carrier: bytes | None = None
-        self.helper: bytes | None = None
-        #: Completed probes as (delay, alive), newest last (for status and tests).
-        self.results: list[tuple[float, bool]] = []
-        self._probes: dict[bytes, _Probe] = {}
-        self._help: dict[bytes, _Help] = {}
-        self._alive = 0.0
-        self._dead: float | None = None
-        self._round_learned = 0
-        self._next_campaign: float | None = None
-        #: Delays whose request waits for a session, retried at ``_relaunch_at``.
-        self._pending: list[float] = []
-        self._relaunch_at: float | None = None
-        self._relaunch_tries = 0
-        self._answer_window = 0.0
-        self._answers = 0
-        #: Until then the helper may still report on probe tokens of ours over the tunnel.
-        self._helper_busy_until = 0.0
-        #: The filtering check in flight, and when to try the next one.
-        self._filter: _FilterCheck | None = None
-        self._filter_late = LateReplyJudge(device, self._count, "filter", FILTER_VOID_TEXT, "")
-        self._filter_due: float | None = None
+        #: Measuring our NAT's lifetime with a helper peer.
+        self.measurement = LifetimeMeasurement(
+            device,
+            agent,
+            self.nat,
+            paths,
+            new_token=lambda: self.random(TOKEN_SIZE),
+            wanted=self._wants_measurement,
+            pick_helper=self._pick_helper,
+            measured=self._measured,
+            count=self._count,
+            event=self._event,
+        )
+        #: The helper side: answering other nodes' probes.
+        self.probe_helper = ProbeHelper(device, agent, self._count)
+        #: The filtering check (whether other peers may go without their own keepalive).
+        self.filtering = FilteringCheck(
+            device,
+            agent,
+            self.nat,
+            new_token=lambda: self.random(TOKEN_SIZE),
+            candidate=self._filter_peer,
+            wanted=self._filter_wanted,
+            measurement_blocks=self._measurement_blocks,
+            changed=self.update,
+            count=self._count,
+            event=self._event,
+        )
         #: The self-check of the tunnel's own mapping, both sides (``self_check.enabled``).
         self.self_check = SelfCheck(
             device,
@@ -400,9 +216,15 @@ class KeepalivePolicy:
             keepalive_peer=self._self_check_peer,
             measurement_blocks=self._measurement_blocks,
             evidence_of_expiry=self._self_check_expired,
-            answer_allowed=self._answer_allowed,
+            answer_allowed=self.probe_helper.answer_allowed,
             count=self._count,
         )
+        #: Acknowledged keepalives (both sides). Its timers run after the self-check's, which
+        #: may take the same keepalive slot first.
+        self.acks = KeepaliveAcks(
+            device, agent, managed=lambda: sorted(self.auto), changed=self.update, count=self._count
+        )
+        agent.slot_listeners.append(self.acks.watch)
         agent.observed_listeners.append(self._observed)
         device.set_unknown_datagram_handler(self.datagram_received)
 
@@ -420,6 +242,7 @@ class KeepalivePolicy:
         """An operator set this peer's interval by number (UAPI): stop managing it."""
         self.auto.discard(key)
         self.decisions.pop(key, None)
+        self.acks.forget(key)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -473,31 +296,34 @@ class KeepalivePolicy:
 
     def _evidence_of_expiry(self, now: float, why: str) -> None:
         """A mapping of ours expired: halve the interval now, and measure again."""
-        current = self.node_interval().interval
+        current = self.node_interval(acked=self._any_acked()).interval
         shrunk = max(INTERVAL_MIN, current // 2)
         self.nat.shrunk = shrunk if self.nat.shrunk is None else min(self.nat.shrunk, shrunk)
         self.nat.shrink_reason = f"mapping expired ({why})"
         self._count("expiry_evidence")
         self._event(f"mapping expired ({why}): interval {current} -> {self.nat.shrunk} s")
-        if not self._busy():
-            self._next_campaign = now
-            self.agent.dirty = True
+        self.measurement.measure_soon(now)
 
     def _restart_measurement(self, now: float, why: str) -> None:
-        self._cancel_probes(now)
+        self.measurement.restart(now, why)
         # Another NAT (or router): its filtering is not known either.
-        self._filter_forget(f"pending ({why})")
-        self.nat.lifetime = None
-        self.nat.lifetime_at_least = False
-        self.nat.shrunk = None
-        self.nat.measurement = f"pending ({why})"
-        self._next_campaign = now
-        self.agent.dirty = True
+        self.filtering.forget(f"pending ({why})")
+
+    @property
+    def helper(self) -> bytes | None:
+        """The peer our latest lifetime measurement ran with."""
+        return self.measurement.helper
+
+    @property
+    def results(self) -> list[tuple[float, bool]]:
+        """Completed probes as (delay, alive), newest last."""
+        return self.measurement.results
 
     # ------------------------------------------------------------------ decisions
 
-    def node_interval(self) -> _Decision:
-        """The interval a NATed path needs, with its reason."""
+    def node_interval(self, *, acked: bool = False) -> _Decision:
+        """The interval a NATed path needs, with its reason (``acked``: toward a peer that
+        answers keepalives)."""
         nat = self.nat
         if nat.lifetime is None:
             interval = DEFAULT_INTERVAL
@@ -506,9 +332,14 @@ class KeepalivePolicy:
             interval = INTERVAL_MIN
             reason = f"NAT lifetime below {LIFETIME_LADDER[0]:g} s: minimum interval"
         else:
-            interval = interval_for(nat.lifetime)
+            interval = interval_for(nat.lifetime, acked=acked)
             bound = "at least " if nat.lifetime_at_least else ""
-            reason = f"half the measured NAT lifetime ({bound}{nat.lifetime:g} s)"
+            measured = f"the measured NAT lifetime ({bound}{nat.lifetime:g} s)"
+            if interval > interval_for(nat.lifetime):
+                fraction = f"{interval / nat.lifetime:.2f}".rstrip("0")
+                reason = f"{fraction} of {measured}, keepalives acknowledged"
+            else:
+                reason = f"half {measured}"
             if interval == INTERVAL_MAX:
                 reason += f", capped at {INTERVAL_MAX} s"
         if nat.shrunk is not None and nat.shrunk < interval:
@@ -564,19 +395,45 @@ class KeepalivePolicy:
                     f"endpoint-independent NAT: the keepalive to {short} keeps it"
                     f" (filtering checked with {nat.filtering_peer})",
                 )
-            if self._filter is not None and self._filter.peer == key:
+            if self.filtering.checking(key):
                 return _Decision(
                     0,
                     f"filtering check in progress: no keepalive until it ends ({short} keeps"
                     " the mapping)",
                 )
-            own = self.node_interval()
+            own = self.node_interval(acked=self.acks.capable(peer))
             if nat.filtering == FILTER_CLOSED:
                 why = "filtering admits only peers we sent to"
             else:
                 why = "filtering not known to admit other peers"
             return _Decision(own.interval, f"own keepalive: {why}; {own.reason}")
-        return self.node_interval()
+        return self.node_interval(acked=self.acks.capable(peer))
+
+    def path_check_interval(self, peer: Peer, now: float) -> float | None:
+        """How often an idle pair's direct path is checked (mesh/paths.py pings it), or None
+        while it is not idle: the keepalive interval a path through our NAT needs (its ping
+        is answered, like an acknowledged keepalive), so the pings keep the punched mapping
+        open and cost no more than a keepalive would. Idle: no data either way for
+        PATH_IDLE_AFTER seconds."""
+        key = peer.public_key
+        if len(self._path_marks) > 2 * len(self.device.peers) + 16:
+            self._path_marks = {k: m for k, m in self._path_marks.items() if k in self.device.peers}
+        mark = self._path_marks.get(key)
+        if mark is None or mark[0] != peer.data_packets:
+            self._path_marks[key] = (peer.data_packets, now)
+            return None
+        if now - mark[1] < PATH_IDLE_AFTER:
+            return None
+        if self.nat.natted is False:
+            return float(INTERVAL_MAX)
+        return float(self.node_interval(acked=True).interval)
+
+    def _any_acked(self) -> bool:
+        """Whether some auto peer answers keepalives (its interval is the longer one)."""
+        return any(
+            (peer := self.device.peers.get(key)) is not None and self.acks.capable(peer)
+            for key in self.auto
+        )
 
     def _decide_all(self) -> dict[bytes, _Decision]:
         """Every auto peer's interval, plugins consulted, and the carrier they rely on.
@@ -615,8 +472,8 @@ class KeepalivePolicy:
                 if 0 < decision.interval < was and self.device.is_up and peer.endpoint:
                     # Shrinking: refresh the mapping now, the timer follows the new interval.
                     self.device.send_keepalive(peer, now)
-        self._maybe_start(now)
-        self._filter_schedule(now)
+        self.measurement.maybe_start(now)
+        self.filtering.schedule(now)
         self.self_check.schedule(now)
 
     def _facts(self, peer: Peer, chosen: _Decision) -> KeepaliveFacts:
@@ -634,40 +491,20 @@ class KeepalivePolicy:
         )
 
     def _overridden(self, peer: Peer, chosen: _Decision) -> _Decision:
-        """Auto's choice, or the first plugin answer that is not ``None``, within the bounds.
+        """Auto's choice, or a keepalive plugin's (see :class:`IntervalPlugins`)."""
+        return self.plugins.consult(peer.public_key, chosen, lambda: self._facts(peer, chosen))
 
-        0 (off) is taken as given: an operator may turn a peer's keepalive off in the config
-        too. Any other number is clamped to auto's own bounds. A plugin that raises or answers
-        anything but ``None`` or an ``int`` >= 0 is counted and skipped.
-        """
-        if not self.overrides:
-            return chosen
-        facts = self._facts(peer, chosen)
-        for override in self.overrides:
-            name = override_name(override)
-            try:
-                answer = override.interval(peer.public_key, chosen.interval, facts)
-            except Exception as e:
-                self._plugin_failed(name, f"raised {_describe(e)}")
-                continue
-            if answer is None:
-                continue
-            if type(answer) is not int or answer < 0:  # not bool, nor a subclass's surprises
-                self._plugin_failed(name, f"answered {_describe(answer)}")
-                continue
-            interval = 0 if answer == 0 else max(INTERVAL_MIN, min(INTERVAL_MAX, answer))
-            source = f"plugin {name}"
-            if interval != answer:
-                source += f", {answer} clamped to {interval}"
-            reason = f"{source}; auto: {chosen.interval or 'off'}, {chosen.reason}"
-            return _Decision(interval, reason, plugin=name, auto=chosen)
-        return chosen
+    @property
+    def plugin_errors(self) -> int:
+        """Plugin calls that raised or answered garbage (ignored)."""
+        return self.plugins.errors
 
-    def _plugin_failed(self, name: str, what: str) -> None:
-        self.plugin_errors += 1
-        self.plugin_error = f"{name} {what}"[:200]
+    @property
+    def plugin_error(self) -> str:
+        """The latest such call."""
+        return self.plugins.error
 
-    # ------------------------------------------------------------------ measuring (our side)
+    # ------------------------------------------------------------ measuring: whether, with whom
 
     def _wants_measurement(self) -> bool:
         if self.nat.natted is not True or self.paths is None:
@@ -689,219 +526,23 @@ class KeepalivePolicy:
             return peer
         return None
 
-    def _busy(self) -> bool:
-        return bool(self._probes or self._pending)
-
-    def _maybe_start(self, now: float) -> None:
-        if self._busy() or not self._wants_measurement():
-            return
-        due = self._next_campaign
-        if due is None:
-            if self.nat.lifetime is not None and self.nat.shrunk is None:
-                return
-        elif due > now:
-            return
-        helper = self._pick_helper(now)
-        if helper is None:
-            # No deadline: the next session or observation calls us again.
-            self._next_campaign = None
-            self.nat.measurement = "waiting for a meshguard peer with a session"
-            return
-        self.helper = helper.public_key
-        self._alive = 0.0
-        self._dead = None
-        self._round_learned = 0
-        self._next_campaign = None
-        self.nat.measurement = f"measuring with {helper.short_name}"
-        self._count("campaigns")
-        for delay in LIFETIME_LADDER:
-            self._launch(helper, delay, now)
-
-    def _launch(self, helper: Peer, delay: float, now: float) -> None:
-        token = self.random(TOKEN_SIZE)
-        body = encode_json({"t": token.hex(), "d": delay})
-        if not self.device.send_control(helper, kinds.NAT_PROBE_REQUEST, body, now):
-            # The session went stale while idle: start a handshake, send the request after it.
-            self._count("request_not_sent")
-            if not self._pending:
-                self.device.send_keepalive(helper, now)
-                self._relaunch_at = now + RELAUNCH_AFTER
-            self._pending.append(delay)
-            self.agent.dirty = True
-            return
-        self._probes[token] = _Probe(token, delay, helper.public_key, now + REQUEST_TIMEOUT)
-        # The helper reports on this token over the tunnel even after we cancelled the probe.
-        late = now + REQUEST_TIMEOUT + PRIME_GAP * MAX_PROBE_SENDS + delay + ECHO_GRACE
-        self._helper_busy_until = max(self._helper_busy_until, late)
-        self.agent.dirty = True
-
-    def _relaunch(self, now: float) -> None:
-        delays, self._pending = self._pending, []
-        self._relaunch_at = None
-        helper = self.device.peers.get(self.helper) if self.helper is not None else None
-        self._relaunch_tries += 1
-        if helper is None or self._relaunch_tries > RELAUNCH_TRIES:
-            self._relaunch_tries = 0
-            self._schedule_retry(now, "helper session unavailable")
-            return
-        for delay in delays:
-            self._launch(helper, delay, now)
-        if not self._pending:
-            self._relaunch_tries = 0
-
-    def _schedule_retry(self, now: float, why: str) -> None:
-        if not self._busy():
-            self.nat.measurement = f"retrying in {RETRY_AFTER:g} s ({why})"
-            self._next_campaign = now + RETRY_AFTER
-            self.agent.dirty = True
-
-    def _cancel_probes(self, now: float, at_least: float | None = None) -> None:
-        if at_least is None:
-            self._pending = []
-            self._relaunch_at = None
-        else:
-            self._pending = [d for d in self._pending if d < at_least]
-        cancelled: dict[bytes, list[bytes]] = {}
-        for token, probe in list(self._probes.items()):
-            if at_least is None or probe.delay >= at_least:
-                if probe.path is not None:
-                    probe.path.close()
-                del self._probes[token]
-                cancelled.setdefault(probe.helper, []).append(token)
-        for key, tokens in cancelled.items():
-            self._tell_cancelled(key, tokens, now)
-
-    def _tell_cancelled(self, key: bytes, tokens: list[bytes], now: float) -> None:
-        """Tell the helper once that these probes are over: otherwise it still echoes each one
-        and reports it over the tunnel at its delay (up to 600 s after the start), a stream of
-        control messages into the idle tunnel that the measurement was meant to leave quiet.
-        A helper that does not know cancelling refuses it (we ignore the refusal); a lost
-        message only lets those late reports come, as before."""
-        helper = self.device.peers.get(key)
-        if helper is None:
-            return
-        for start in range(0, len(tokens), CANCEL_BATCH):
-            batch = tokens[start : start + CANCEL_BATCH]
-            body = encode_json({"t": batch[0].hex(), "x": [t.hex() for t in batch]})
-            if self.device.send_control(helper, kinds.NAT_PROBE_REQUEST, body, now):
-                self._count("probes_cancel_sent")
-
-    def _ready(self, probe: _Probe, now: float) -> None:
-        """The helper holds our token: open the secondary socket and prime the mapping."""
-        helper = self.device.peers.get(probe.helper)
-        if helper is None or helper.endpoint is None or self.paths is None:
-            self._finish_probe(probe, None, now)
-            return
-        token = probe.token
-
-        def receive(data: bytes, source: Endpoint, when: float) -> None:
-            self.path_datagram_received(token, data, source, when)
-
-        path = self.paths.open(helper.endpoint, receive)
-        if path is None:
-            self._count("no_secondary_socket")
-            self._finish_probe(probe, None, now)
-            return
-        probe.path = path
-        probe.target = helper.endpoint
-        self._send_probe(probe, now)
-
-    def _send_probe(self, probe: _Probe, now: float) -> None:
-        assert probe.path is not None and probe.target is not None
-        probe.path.send(PROBE_MAGIC + probe.token, probe.target)
-        probe.sends += 1
-        helper = self.device.peers.get(probe.helper)
-        if helper is not None:
-            helper.sent.add(PROBE, helper.data_packets, now)
-        more = probe.sends < PRIMES or (not probe.acked and probe.sends < MAX_PROBE_SENDS)
-        probe.next_send = now + PRIME_GAP if more else None
-        probe.deadline = now + probe.delay + ECHO_WAIT
-        if more:
-            probe.deadline += PRIME_GAP * (MAX_PROBE_SENDS - probe.sends)
-        self.agent.dirty = True
+    def _measured(self, now: float) -> None:
+        """A new lifetime: the filtering check's delay is known now, the intervals follow."""
+        self.filtering.measured()
+        self.update(now)
 
     def path_datagram_received(
         self, token: bytes, data: bytes, source: Endpoint, now: float
     ) -> None:
-        """A datagram on a secondary socket: only our helper's ack or echo of its token counts."""
-        probe = self._probes.get(token)
-        if (
-            probe is None
-            or len(data) != DATAGRAM_SIZE
-            or data[4:] != token
-            or probe.target is None
-            or source != probe.target
-        ):
-            self._count("path_garbage")
-            return
-        head = data[:4]
-        if head == ACK_MAGIC:
-            probe.acked = True
-        elif head == ECHO_MAGIC:
-            self._finish_probe(probe, True, now)
-        else:
-            self._count("path_garbage")
-
-    def _finish_probe(self, probe: _Probe, alive: bool | None, now: float) -> None:
-        if self._probes.pop(probe.token, None) is None:
-            return
-        if probe.path is not None:
-            probe.path.close()
-        if alive is None:
-            self._count("probes_inconclusive")
-        else:
-            self._count("probes_alive" if alive else "probes_dead")
-            self.results.append((probe.delay, alive))
-            self._round_learned += 1
-            if alive:
-                self._alive = max(self._alive, probe.delay)
-                if self._dead is not None and self._alive >= self._dead:
-                    self._dead = None  # inconsistent: the NAT kept a longer one; search upward
-            else:
-                self._dead = probe.delay if self._dead is None else min(self._dead, probe.delay)
-                # Longer delays would die too: do not wait for them.
-                self._cancel_probes(now, at_least=self._dead)
-        if not self._busy():
-            self._next_round(now)
-
-    def _next_round(self, now: float) -> None:
-        helper = self.device.peers.get(self.helper) if self.helper is not None else None
-        if self._round_learned == 0 or helper is None:
-            self._schedule_retry(now, "no probe answered")
-            return
-        self._round_learned = 0
-        alive, dead = self._alive, self._dead
-        if dead is None:
-            if alive >= LIFETIME_MAX:
-                self._measured(alive, now, at_least=True)
-                return
-            delays = [d for d in LIFETIME_LADDER if d > alive]
-        elif dead - alive <= _precision(alive) + 0.05:  # + rounding of the rungs
-            self._measured(alive, now)
-            return
-        else:
-            step = (dead - alive) / (BISECT_POINTS + 1)
-            delays = [round(alive + step * i, 1) for i in range(1, BISECT_POINTS + 1)]
-        for delay in delays:
-            self._launch(helper, delay, now)
-
-    def _measured(self, lifetime: float, now: float, *, at_least: bool = False) -> None:
-        nat = self.nat
-        nat.lifetime = lifetime
-        nat.lifetime_at_least = at_least
-        nat.measured_at = now
-        nat.measurement = "measured"
-        nat.shrunk = None
-        self._event(f"measured NAT lifetime {'>= ' if at_least else ''}{lifetime:g} s")
-        self._next_campaign = now + REMEASURE_AFTER
-        if self._filter is None and nat.filtering == FILTER_UNKNOWN:
-            self._filter_due = None  # the check's delay is known now: check soon
-        self.agent.dirty = True
-        self.update(now)
+        """A datagram on a secondary socket (see :class:`LifetimeMeasurement`)."""
+        self.measurement.path_datagram_received(token, data, source, now)
 
     # ------------------------------------------------------------------ control messages
 
     def control_received(self, peer: Peer, kind: int, body: bytes, now: float) -> None:
+        if kind == kinds.KEEPALIVE_REQUEST:
+            self.acks.control_received(peer, kind, body, now)
+            return
         message = decode_json(body)
         token_hex = message.get("t") if message is not None else None
         if message is None or not isinstance(token_hex, str) or len(token_hex) != 2 * TOKEN_SIZE:
@@ -913,122 +554,27 @@ class KeepalivePolicy:
             self._count("bad_control")
             return
         if kind == kinds.NAT_PROBE_REQUEST and "x" in message:
-            self._help_cancelled(peer, message.get("x"))
+            self.probe_helper.cancelled(peer, message.get("x"))
         elif kind == kinds.NAT_PROBE_REQUEST:
-            self._help_requested(peer, token, message.get("d"), now)
+            self.probe_helper.requested(peer, token, message.get("d"), now)
         elif kind == kinds.NAT_PROBE_RESULT:
-            self._result(peer, token, message, now)
+            self.measurement.result(peer, token, message, now)
         elif kind == kinds.NAT_SELF_CHECK:
             self.self_check.request_received(peer, token, message.get("d"), now)
-        elif self._filter is not None and token == self._filter.token:
-            self._filter_ack(peer, message, now)
+        elif self.filtering.owns(token):
+            self.filtering.ack(peer, message, now)
         else:
             self.self_check.ack_received(peer, token, message, now)
-
-    def _result(self, peer: Peer, token: bytes, message: dict[str, Any], now: float) -> None:
-        probe = self._probes.get(token)
-        if probe is None or probe.helper != peer.public_key:
-            self._count("stale_result")
-            return
-        state = message.get("s")
-        if state == "ready" and probe.path is None:
-            self._ready(probe, now)
-        elif state == "echoed" and probe.path is not None:
-            if not probe.acked or probe.next_send is not None:
-                self._finish_probe(probe, None, now)
-                return
-            probe.echoed_at = now
-            probe.deadline = min(probe.deadline, now + ECHO_GRACE)
-            self.agent.dirty = True
-        else:
-            # "refused" (helper limits) or out of order.
-            self._count("probe_refused")
-            self._finish_probe(probe, None, now)
-
-    # ------------------------------------------------------------------ helping a peer
-
-    def _help_requested(self, peer: Peer, token: bytes, delay: object, now: float) -> None:
-        def refuse(why: str) -> None:
-            self._count(f"help_refused_{why}")
-            body = encode_json({"t": token.hex(), "s": "refused", "why": why})
-            self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
-
-        if not isinstance(delay, int | float) or isinstance(delay, bool):
-            refuse("bad_delay")
-            return
-        if not 1.0 <= delay <= LIFETIME_MAX:
-            refuse("bad_delay")
-            return
-        if token in self._help:
-            refuse("duplicate")
-            return
-        mine = sum(1 for h in self._help.values() if h.peer == peer.public_key)
-        if mine >= MAX_HELP_PER_PEER or len(self._help) >= MAX_HELP_TOTAL:
-            refuse("busy")
-            return
-        window = PRIME_GAP * MAX_PROBE_SENDS + REQUEST_TIMEOUT
-        self._help[token] = _Help(peer.public_key, float(delay), now + window)
-        self.agent.dirty = True
-        body = encode_json({"t": token.hex(), "s": "ready"})
-        self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
-
-    def _help_cancelled(self, peer: Peer, tokens: object) -> None:
-        """The requester is done with these probes: no echo, no report (its own tokens only)."""
-        if not isinstance(tokens, list) or len(tokens) > CANCEL_BATCH:
-            self._count("bad_control")
-            return
-        for value in tokens:
-            if not isinstance(value, str) or len(value) != 2 * TOKEN_SIZE:
-                self._count("bad_control")
-                return
-            try:
-                token = bytes.fromhex(value)
-            except ValueError:
-                self._count("bad_control")
-                return
-            help = self._help.get(token)
-            if help is not None and help.peer == peer.public_key:
-                del self._help[token]
-                self._count("help_cancelled")
-
-    def _answer_allowed(self, now: float) -> bool:
-        if now - self._answer_window >= 1.0:
-            self._answer_window = now
-            self._answers = 0
-        self._answers += 1
-        return self._answers <= MAX_ANSWERS_PER_SECOND
 
     def datagram_received(self, data: bytes, source: Endpoint, now: float) -> None:
         """A non-WireGuard datagram on our port: a token a peer told us about, or garbage."""
         if len(data) == DATAGRAM_SIZE and data[:4] == CHECK_MAGIC:
-            if self._filter is not None and data[4:] == self._filter.token:
-                self._filter_reply(source, now)
+            if self.filtering.owns(data[4:]):
+                self.filtering.reply(source, now)
             else:
                 self.self_check.reply_received(data[4:], source, now)
             return
-        if len(data) != DATAGRAM_SIZE or data[:4] != PROBE_MAGIC:
-            self.device.counters.malformed += 1
-            self._count("not_a_probe")
-            return
-        token = data[4:]
-        help = self._help.get(token)
-        if help is None:
-            self._count("unknown_token")
-            return
-        peer = self.device.peers.get(help.peer)
-        if peer is None or peer.endpoint is None or not same_host(peer.endpoint, source):
-            self._count("token_source_mismatch")
-            return
-        if help.datagrams >= MAX_PROBE_SENDS or not self._answer_allowed(now):
-            self._count("probe_rate_limited")
-            return
-        help.datagrams += 1
-        help.observed = source
-        help.echo_at = now + help.delay
-        help.expires = help.echo_at + ECHO_GRACE
-        self.device.io.send_datagram(ACK_MAGIC + token, source)
-        peer.sent.add(PROBE, peer.data_packets, now)
-        self.agent.dirty = True
+        self.probe_helper.datagram_received(data, source, now)
 
     # ------------------------------------------------------------------ filtering check
 
@@ -1061,169 +607,6 @@ class KeepalivePolicy:
             and self._filter_peer() is not None
         )
 
-    def _filter_delay(self) -> float | None:
-        """How long the late reply waits: past the lifetime, so our flow to the peer is gone."""
-        lifetime = self.nat.lifetime
-        if lifetime is None or lifetime > FILTER_LIFETIME_MAX:
-            return None
-        return round(min(CHECK_DELAY_MAX, max(0.0, lifetime) * FILTER_FACTOR + FILTER_MARGIN), 1)
-
-    def _filter_forget(self, state: str) -> None:
-        """Another NAT (new public address): its filtering is unknown until checked again."""
-        nat = self.nat
-        self._filter = None
-        self._filter_due = None
-        nat.filtering = FILTER_UNKNOWN
-        nat.filtering_peer = None
-        nat.filtering_at = None
-        nat.filtering_misses = 0
-        nat.filtering_state = state
-
-    def _filter_schedule(self, now: float) -> None:
-        """Auto decided again: when wanted and not yet planned, plan the next check."""
-        if self._filter is not None:
-            return
-        if not self._filter_wanted():
-            self._filter_due = None
-            self.nat.filtering_state = "not needed: no carrier question"
-            return
-        if self._filter_due is None:
-            unknown = self.nat.filtering == FILTER_UNKNOWN
-            self._filter_due = now + (FILTER_FIRST if unknown else FILTER_RECHECK)
-            self.nat.filtering_state = "scheduled"
-            self.agent.dirty = True
-
-    def _filter_try(self, now: float) -> None:
-        """The filtering check: does the NAT let in a peer we have not sent to for a while?
-
-        We ask a non-carrier meshguard peer P2 (``NAT_SELF_CHECK``, the self-check's request,
-        which P2 answers as it answers any self-check) for a late reply after ``delay``, longer
-        than the measured lifetime: by then our own flow to P2 has expired in the NAT, while
-        the carrier's keepalives keep the public port. The reply arrives only if the filtering
-        admits a remote we have not talked to lately; then the carrier alone may keep the node
-        reachable. Anything we send P2 in between (or get from it after its ack) may refresh our
-        flow to it and voids the check, so P2's keepalive is suspended while the check is in
-        flight. That is safe and bounded: the suspension lasts one ``delay`` (at most
-        CHECK_DELAY_MAX) and the carrier keeps the port meanwhile. If the filtering admits P2
-        (what the check hopes to show) P2 reaches us through that port all along; if it does
-        not, P2 loses at most that one window of inbound reachability (the same it would lose
-        under carrier-only mode for good), and its keepalive resumes as soon as the check ends.
-        Our own traffic to P2 still flows (it only voids the check). Two misses in a row prove
-        address/port-dependent filtering; a lifetime unknown or too long to outwait within the
-        helper's cap is not checked, and every peer keeps its own keepalive.
-        """
-        self._filter_due = None
-        nat = self.nat
-        if not self._filter_wanted():
-            nat.filtering_state = "not needed: no carrier question"
-            return
-        peer = self._filter_peer()
-        assert peer is not None
-        delay = self._filter_delay()
-        if delay is None:
-            nat.filtering_state = (
-                f"not checked: NAT lifetime unknown or above {FILTER_LIFETIME_MAX:g} s"
-            )
-            self._filter_due = now + FILTER_AFTER_VOID
-            return
-        blocked = self._measurement_blocks(peer, now)
-        if blocked is not None:
-            nat.filtering_state, self._filter_due = blocked
-            return
-        keypair = peer.keypairs.current
-        state = self.agent.peers.get(peer.public_key)
-        if keypair is None or not keypair.can_send(now + CHECK_SESSION_SLACK):
-            nat.filtering_state = f"waiting for a session with {peer.short_name}"
-            self._filter_due = now + CHECK_RETRY
-            return
-        if state is None or not state.hello_acked:
-            nat.filtering_state = f"waiting for the HELLO exchange with {peer.short_name}"
-            self._filter_due = now + CHECK_RETRY
-            return
-        slot = keepalive_slot(peer)
-        if (
-            slot is not None
-            and slot > now + CHECK_SLOT_SLACK
-            and keypair.can_send(slot + CHECK_SESSION_SLACK)
-        ):
-            # The request goes in the place of P2's next keepalive, not beside it.
-            nat.filtering_state = f"waiting for the next keepalive to {peer.short_name}"
-            self._filter_due = slot
-            return
-        token = self.random(TOKEN_SIZE)
-        if not send_request(self.device, peer, token, delay, now):
-            self._count("filter_request_not_sent")
-            self._filter_due = now + CHECK_RETRY
-            return
-        self._count("filter_requests")
-        deadline = now + delay + ECHO_WAIT
-        self.agent.hold_hello(peer, deadline + CHECK_QUIET)
-        self._filter = _FilterCheck(token, peer.public_key, delay, now, deadline, peer.tx_bytes)
-        nat.filtering_state = f"pending: reply due after {delay:g} s idle ({peer.short_name})"
-        self.agent.dirty = True
-        self.update(now)  # suspends P2's keepalive (see ``_decide``)
-
-    def _filter_ack(self, peer: Peer, message: dict[str, Any], now: float) -> None:
-        check = self._filter
-        assert check is not None
-        if check.peer != peer.public_key:
-            self._count("filter_stale_ack")
-            return
-        state = message.get("s")
-        if state == "ok" and check.acked_at is None:
-            check.acked_at = now
-            check.rx_mark = peer.rx_bytes
-            rtt = min(now - check.sent_at, CHECK_RTT_MAX)
-            check.deadline = max(check.deadline, check.sent_at + check.delay + 2 * rtt + ECHO_GRACE)
-            self.agent.hold_hello(peer, check.deadline + CHECK_QUIET)
-        elif state == "refused":
-            self._filter_finish(check, "inconclusive", "refused by the peer", now)
-        else:
-            self._count("filter_stale_ack")
-
-    def _filter_reply(self, source: Endpoint, now: float) -> None:
-        check = self._filter
-        assert check is not None
-        verdict = self._filter_late.reply(check, source, now)
-        if verdict is not None:
-            self._filter_finish(check, *verdict, now)
-
-    def _filter_finish(self, check: _FilterCheck, result: str, text: str, now: float) -> None:
-        self._filter = None
-        nat = self.nat
-        peer = self.device.peers.get(check.peer)
-        short = peer.short_name if peer is not None else "a removed peer"
-        self._count(f"filter_{result}")
-        verdict: str | None = None
-        if result == "ok":
-            verdict = FILTER_OPEN
-        elif result == "missed":
-            nat.filtering_misses += 1
-            text = f"missed {nat.filtering_misses}: {text}"
-            if nat.filtering_misses >= FILTER_MISSES:
-                verdict = FILTER_CLOSED
-        if verdict is not None:
-            if verdict != nat.filtering:
-                self._event(f"filtering {verdict} (checked with {short})")
-            nat.filtering = verdict
-            nat.filtering_peer = short
-            nat.filtering_at = now
-            nat.filtering_misses = 0
-            self._filter_due = now + FILTER_RECHECK
-        elif result == "missed":
-            self._filter_due = now + FILTER_AFTER_MISS
-        else:
-            self._filter_due = now + FILTER_AFTER_VOID
-        nat.filtering_state = f"{text} ({short})"
-        self.agent.dirty = True
-        self.update(now)  # resumes P2's keepalive unless the check passed
-
-    def _filtering_text(self) -> str:
-        nat = self.nat
-        if nat.filtering == FILTER_UNKNOWN or nat.filtering_at is None:
-            return FILTER_UNKNOWN
-        return f"{nat.filtering} (checked with {nat.filtering_peer})"
-
     # ------------------------------------------------------------------ self-check seam
 
     def _self_check_peer(self) -> Peer | None:
@@ -1254,11 +637,12 @@ class KeepalivePolicy:
     def _measurement_blocks(self, peer: Peer, now: float) -> tuple[str, float] | None:
         """Why our lifetime measurement keeps a self-check with ``peer`` from starting now, and
         when to look again (None: it does not)."""
-        if self._busy():
+        if self.measurement.busy():
             return "waiting for the NAT measurement to end", now + CHECK_RETRY
-        if peer.public_key == self.helper and now < self._helper_busy_until:
+        busy_until = self.measurement.helper_busy_until(now)
+        if peer.public_key == self.helper and now < busy_until:
             # Its reports on our probe tokens would cross the tunnel in the middle.
-            return "waiting for the last probe reports", self._helper_busy_until
+            return "waiting for the last probe reports", busy_until
         return None
 
     def _self_check_expired(self, now: float, why: str) -> None:
@@ -1270,59 +654,24 @@ class KeepalivePolicy:
 
     def next_deadline(self) -> float | None:
         deadlines: list[float] = []
-        if self._next_campaign is not None and self._wants_measurement():
-            deadlines.append(self._next_campaign)
-        for probe in self._probes.values():
-            deadlines.append(probe.deadline)
-            if probe.next_send is not None:
-                deadlines.append(probe.next_send)
-        for help in self._help.values():
-            deadlines.append(help.echo_at if help.echo_at is not None else help.expires)
-        if self._relaunch_at is not None:
-            deadlines.append(self._relaunch_at)
+        if (measuring := self.measurement.next_deadline()) is not None:
+            deadlines.append(measuring)
+        if (help := self.probe_helper.next_deadline()) is not None:
+            deadlines.append(help)
         if (check := self.self_check.next_deadline()) is not None:
             deadlines.append(check)
-        if self._filter is not None:
-            deadlines.append(self._filter.deadline)
-        elif self._filter_due is not None:
-            deadlines.append(self._filter_due)
+        if (ack := self.acks.next_deadline()) is not None:
+            deadlines.append(ack)
+        if (filtering := self.filtering.next_deadline()) is not None:
+            deadlines.append(filtering)
         return min(deadlines) if deadlines else None
 
     def run_timers(self, now: float) -> None:
-        for token, help in list(self._help.items()):
-            if help.echo_at is not None and help.echo_at <= now:
-                del self._help[token]
-                peer = self.device.peers.get(help.peer)
-                if peer is None or help.observed is None:
-                    continue
-                if self._answer_allowed(now):
-                    self.device.io.send_datagram(ECHO_MAGIC + token, help.observed)
-                    peer.sent.add(PROBE, peer.data_packets, now)
-                body = encode_json({"t": token.hex(), "s": "echoed", "o": list(help.observed)})
-                self.device.send_control(peer, kinds.NAT_PROBE_RESULT, body, now)
-                self._count("echoes_sent")
-            elif help.echo_at is None and help.expires <= now:
-                del self._help[token]
-                self._count("help_expired")
-        for probe in list(self._probes.values()):
-            if probe.token not in self._probes:
-                continue  # cancelled by an earlier probe's result
-            if probe.deadline <= now:
-                # Acknowledged and primed, yet no echo by its time: the mapping expired.
-                done = probe.acked and probe.next_send is None
-                self._finish_probe(probe, False if done else None, now)
-            elif probe.next_send is not None and probe.next_send <= now:
-                self._send_probe(probe, now)
-        if self._relaunch_at is not None and self._relaunch_at <= now:
-            self._relaunch(now)
-        if self._next_campaign is not None and self._next_campaign <= now:
-            self._maybe_start(now)
-        if self._filter is not None and self._filter.deadline <= now:
-            # No late reply by the deadline.
-            self._filter_finish(self._filter, *self._filter_late.deadline(self._filter), now)
-        elif self._filter is None and self._filter_due is not None and self._filter_due <= now:
-            self._filter_try(now)
+        self.probe_helper.run_timers(now)
+        self.measurement.run_timers(now)
+        self.filtering.run_timers(now)
         self.self_check.run_timers(now)
+        self.acks.run_timers(now)
 
     # ------------------------------------------------------------------ mesh feature hooks
 
@@ -1346,6 +695,7 @@ class KeepalivePolicy:
                 status["keepalive_auto_interval"] = decision.auto.interval
                 status["keepalive_auto_reason"] = decision.auto.reason
             status.update(self.self_check.peer_status(key))
+            status.update(self.acks.peer_status(peer))
             return status
         interval = peer.persistent_keepalive
         reason = "configured" if interval else "off (not configured)"
@@ -1367,19 +717,23 @@ class KeepalivePolicy:
             "nat_measurement": nat.measurement,
         }
         if self.auto:
-            decision = self.node_interval() if nat.natted else _Decision(0, "not behind a NAT")
+            decision = (
+                self.node_interval(acked=self._any_acked())
+                if nat.natted
+                else _Decision(0, "not behind a NAT")
+            )
             if nat.natted is None:
                 decision = _Decision(DEFAULT_INTERVAL, "NAT unknown: conservative default")
             status["keepalive_interval"] = decision.interval
             status["keepalive_reason"] = decision.reason
             if self.carrier is not None and self.carrier in self.device.peers:
                 status["keepalive_carrier"] = self.device.peers[self.carrier].short_name
-            status["nat_filtering"] = self._filtering_text()
+            status["nat_filtering"] = self.filtering.text()
             if nat.filtering_at is not None:
                 status["nat_filtering_at"] = nat.filtering_at
             status["nat_filtering_check"] = nat.filtering_state
         if self.overrides:
-            status["keepalive_plugins"] = [override_name(o) for o in self.overrides]
+            status["keepalive_plugins"] = self.plugins.names()
         if self.plugin_errors:
             status["keepalive_plugin_errors"] = self.plugin_errors
             status["keepalive_plugin_error"] = self.plugin_error

@@ -11,6 +11,8 @@ NAT_PROBE_RESULT: Final = 11
 #: The self-check of the tunnel's own mapping: "send me a late reply", and its acknowledgement.
 NAT_SELF_CHECK: Final = 12
 NAT_SELF_CHECK_ACK: Final = 13
+#: "Answer this keepalive": the peer sends back an empty keepalive (mesh/keepalive_acks.py).
+KEEPALIVE_REQUEST: Final = 14
 
 # Path MTU discovery (20-29).
 PMTU_PROBE: Final = 20

@@ -13,6 +13,16 @@ The re-subscription is a heartbeat (the introducer forgets a subscriber after
 to the introducer is due and goes instead of it, when that comes soon enough (issue 17: an idle
 home sends its keepalives and nothing else).
 
+An introducer that says so in HELLO (:data:`HEARTBEAT_CAPABILITY`) takes any authenticated
+datagram from a subscriber as a heartbeat, and forgets a subscriber only after three of the
+heartbeat periods it said it keeps (``"every"`` in its subscription, at most
+:data:`EVERY_MAX`), and answers a heartbeat that carries ``"every"`` with an empty keepalive (so
+a heartbeat in a keepalive's place is answered as a keepalive request would be). A member with a
+keepalive to such an introducer then re-subscribes only every :data:`HEARTBEAT_LONG` seconds (to
+find a lost list) or when its keepalive interval grew past what it told, in a keepalive's place
+(or, when every slot carries a handshake, right after one): its keepalives are the heartbeat.
+Toward an introducer without it, nothing changes.
+
 A member trusts lists only from its introducers, merges several introducers' lists, never touches a
 peer the user configured (nor AllowedIPs that overlap a configured peer's), and removes a learned
 peer when no introducer lists it any more.
@@ -64,10 +74,18 @@ SUBSCRIBER_TIMEOUT = 3 * RESUBSCRIBE
 #: A heartbeat waits for the keepalive's slot only if it then comes at most this long after the
 #: previous one (a lost one still leaves the next before the introducer forgets us).
 RESUBSCRIBE_LATEST = SUBSCRIBER_TIMEOUT - RESUBSCRIBE
+#: Introducers listing this in HELLO keep subscribers alive by their traffic and honour
+#: ``"every"``; the longest heartbeat period they accept, and how often a member with a
+#: keepalive re-subscribes to one anyway (a list lost on the way shows in the generation).
+HEARTBEAT_CAPABILITY = "MembersByTraffic"
+EVERY_MAX = 600
+HEARTBEAT_LONG = 1800.0
 #: How often an introducer compares its members' endpoints with what it last announced, and how
 #: long it lets changes gather before sending a new list.
 CHANGE_CHECK = 1.0
 DEBOUNCE = 1.0
+#: A list no session could carry is tried again this much later (after a handshake for it).
+LIST_RETRY = 6.0
 
 
 @dataclass(frozen=True)
@@ -174,12 +192,22 @@ class _Subscriber:
     last_subscribed: float
     #: The generation this subscriber last received in full, or -1.
     sent_gen: int = -1
+    #: The heartbeat period it said it keeps (0: the default), and what we last saw of its
+    #: traffic (``peer.rx_bytes``, the time of its latest initiation): anything authenticated
+    #: from it counts as a heartbeat, a keepalive's handshake initiation too.
+    every: int = 0
+    rx_mark: tuple[int, float | None] = (-1, None)
+
+    def timeout(self) -> float:
+        return max(SUBSCRIBER_TIMEOUT, 3.0 * self.every)
 
 
 class Membership:
     """The MEMBERS control message, both the introducer's side and the member's side."""
 
     kinds: tuple[int, ...] = (kinds.MEMBERS,)
+    #: Told to peers in HELLO (see the module's docstring).
+    capabilities: tuple[str, ...] = (HEARTBEAT_CAPABILITY,)
 
     def __init__(self, agent: MeshAgent, *, forwarding: bool = True) -> None:
         self.agent = agent
@@ -198,6 +226,8 @@ class Membership:
         #: Per introducer: when we last subscribed, and the generation of its latest list.
         self._subscribed_at: dict[bytes, float] = {}
         self._view_gen: dict[bytes, int] = {}
+        #: Per introducer: the heartbeat period we last told it (``"every"``).
+        self._told_every: dict[bytes, int] = {}
         # Introducer side.
         self.subscribers: dict[bytes, _Subscriber] = {}
         self.generation = 0
@@ -333,11 +363,17 @@ class Membership:
             slot = keepalive_slot(peer)
             last = self._subscribed_at.get(key)
             keypair = peer.keypairs.current
+            by_traffic = have and self._by_traffic(peer)
+            if by_traffic and last is not None and not self._heartbeat_due(peer, last, now):
+                # Our keepalives keep the subscription: look again later, send nothing.
+                self._next_subscribe[key] = now + RESUBSCRIBE
+                continue
             if (
                 have
                 and slot is not None
                 and last is not None
-                and now < slot <= last + RESUBSCRIBE_LATEST
+                and now < slot
+                and (by_traffic or slot <= last + RESUBSCRIBE_LATEST)
                 and keypair is not None
                 and keypair.can_send(slot)
             ):
@@ -350,8 +386,15 @@ class Membership:
                 body["record"] = self.own_record
             if have and key in self._view_gen:
                 body["gen"] = self._view_gen[key]
+            if by_traffic:
+                body["every"] = self._every(peer)
             if self.device.send_control(peer, kinds.MEMBERS, encode_json(body), now):
                 self._subscribed_at[key] = now
+                if by_traffic:
+                    self._told_every[key] = body["every"]
+                    if slot is not None and now >= slot:
+                        # In the keepalive's place, and answered: watched like a keepalive.
+                        self.agent.sent_in_slot(peer, now)
             self._next_subscribe[key] = now + (RESUBSCRIBE if have else SUBSCRIBE_RETRY)
         if self.subscribers and self._next_check is not None and self._next_check <= now:
             self._next_check = now + CHANGE_CHECK
@@ -362,6 +405,27 @@ class Membership:
         if self.roster is not None and (expiry := self.roster.next_expiry()) is not None:
             if expiry <= now:
                 self.forget_members(self.roster.expire(now), now)
+
+    def _by_traffic(self, peer: Peer) -> bool:
+        """The introducer counts our keepalives as heartbeats, and we send keepalives to it."""
+        state = self.agent.peers.get(peer.public_key)
+        return (
+            peer.persistent_keepalive > 0
+            and state is not None
+            and HEARTBEAT_CAPABILITY in state.features
+        )
+
+    @staticmethod
+    def _every(peer: Peer) -> int:
+        """The heartbeat period we tell the introducer: our keepalive interval (at least
+        RESUBSCRIBE, at most EVERY_MAX)."""
+        return max(int(RESUBSCRIBE), min(EVERY_MAX, peer.persistent_keepalive))
+
+    def _heartbeat_due(self, peer: Peer, last: float, now: float) -> bool:
+        """Whether a subscription must go now although keepalives keep us alive: the long
+        period passed, or our interval grew past what the introducer was told."""
+        told = self._told_every.get(peer.public_key, 0)
+        return now - last >= HEARTBEAT_LONG or self._every(peer) > told
 
     def peer_status(self, peer: Peer) -> dict[str, Any]:
         name = self.name_of(peer.public_key)
@@ -413,9 +477,17 @@ class Membership:
         if subscriber is None:
             subscriber = self.subscribers[peer.public_key] = _Subscriber(now)
         subscriber.last_subscribed = now
+        every = message.get("every")
+        if type(every) is int and every > 0:
+            subscriber.every = min(every, EVERY_MAX)
         gen = message.get("gen")
         if gen == self.generation == subscriber.sent_gen and type(gen) is int:
-            # A heartbeat from a member that has our current list: nothing to send.
+            # A heartbeat from a member that has our current list: nothing to send, but a
+            # member that said "every" sent it in a keepalive's place: answer as a keepalive
+            # request is answered (an empty keepalive, never answered itself).
+            keypair = peer.keypairs.current
+            if subscriber.every and keypair is not None and keypair.can_send(now):
+                self.device.send_keepalive(peer, now)
             return
         subscriber.sent_gen = -1
         if self._next_check is None:
@@ -445,10 +517,13 @@ class Membership:
 
     def _check_changes(self, now: float) -> None:
         for key, subscriber in list(self.subscribers.items()):
-            if (
-                now - subscriber.last_subscribed > SUBSCRIBER_TIMEOUT
-                or key not in self.device.peers
-            ):
+            peer = self.device.peers.get(key)
+            mark = (peer.rx_bytes, peer.last_initiation_consumed) if peer is not None else None
+            if mark is not None and mark != subscriber.rx_mark:
+                # Anything authenticated from it: it is alive (its keepalives are heartbeats).
+                subscriber.rx_mark = mark
+                subscriber.last_subscribed = now
+            if peer is None or now - subscriber.last_subscribed > subscriber.timeout():
                 del self.subscribers[key]
         current = self._current_members()
         if current != self._announced:
@@ -491,6 +566,16 @@ class Membership:
             if sent:
                 subscriber.sent_gen = self.generation
                 self.lists_sent += 1
+                continue
+            keypair = peer.keypairs.current
+            if (
+                keypair is None or not keypair.can_send(now)
+            ) and now - subscriber.last_subscribed < SUBSCRIBER_TIMEOUT:
+                # No session can carry it (an idle member's keepalive handshake leaves ours
+                # unconfirmed, and its keepalives may be minutes apart): start one, try again.
+                self.device.send_keepalive(peer, now)
+                self._send_at = now + LIST_RETRY
+                self.agent.dirty = True
 
     # ------------------------------------------------------------------ member side
 
@@ -569,6 +654,7 @@ class Membership:
         self.views.pop(key, None)
         self._view_gen.pop(key, None)
         self._subscribed_at.pop(key, None)
+        self._told_every.pop(key, None)
         self._assembly.pop(key, None)
         self._next_subscribe.pop(key, None)
         self.relaying_introducers.discard(key)

@@ -134,6 +134,10 @@ class PathState:
     #: Its endpoint as an introducer saw it when it last sent us a CALL_ME_MAYBE: the freshest
     #: view after its router changed address (member lists follow later).
     called_from: Endpoint | None = None
+    #: Idle path checks (``Paths.idle_check_interval``, issue 17): when the current idle
+    #: cycle's ping went, and until when an answered one lets the path rest.
+    idle_ping_at: float | None = None
+    idle_until: float | None = None
 
     def public_endpoint(self) -> Endpoint | None:
         """Its public IPv4 endpoint, freshest first (for the birthday technique)."""
@@ -190,6 +194,10 @@ class Paths:
         self.birthday: bd.BirthdayIO | None = None
         self.birthday_probes_sent = 0
         self.birthday_hits = 0
+        #: While a pair is idle, the time between its direct path's checks (a ping each), or
+        #: None for CHECK_INTERVAL; set by the node to the keepalive policy's
+        #: ``path_check_interval``, so an idle path's ping is that path's keepalive.
+        self.idle_check_interval: Callable[[Peer, float], float | None] | None = None
         #: Calls into sources and observers that raised (their bugs never break the paths).
         self.plugin_errors = 0
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
@@ -612,14 +620,47 @@ class Paths:
                 self.arbiter.try_endpoint(peer, candidates[state.round % len(candidates)], now)
                 state.round += 1
 
+    def _idle_gap(self, state: PathState, now: float) -> float | None:
+        """The idle check interval for this pair now (None: not idle, or no policy)."""
+        if self.idle_check_interval is None:
+            return None
+        gap = self.idle_check_interval(state.peer, now)
+        return gap if gap is not None and gap > CHECK_INTERVAL else None
+
     def _check(self, state: PathState, now: float) -> None:
         if state.kind not in (LAN, DIRECT) or state.direct is None:
             state.next_check = None
             return
-        if now - state.last_pong > DEAD_AFTER:
+        # Idle pairs (issue 17): one ping per idle interval instead of every CHECK_INTERVAL.
+        # An answered idle ping lets the path rest (looked at every CHECK_INTERVAL, sending
+        # nothing, so data brings the usual pace back at once); an unanswered one is followed
+        # by pings at the usual pace and judged dead as if the pong before it had come one
+        # CHECK_INTERVAL earlier: the same DEAD_AFTER as on a busy path.
+        gap = self._idle_gap(state, now)
+        after_wait = False
+        if state.idle_until is not None:
+            if gap is not None and now < state.idle_until:
+                state.next_check = min(state.idle_until, now + CHECK_INTERVAL)
+                return
+            state.idle_until = None
+            after_wait = True
+        reference = state.last_pong
+        if state.idle_ping_at is not None:
+            reference = max(reference, state.idle_ping_at - CHECK_INTERVAL)
+        if (
+            not after_wait
+            and gap is not None
+            and state.idle_ping_at is not None
+            and state.last_pong >= state.idle_ping_at
+        ):
+            state.idle_until = state.idle_ping_at + gap
+            state.next_check = min(state.idle_until, now + CHECK_INTERVAL)
+            return
+        if not after_wait and now - reference > DEAD_AFTER:
             # Dead: fall back to the relay at once and look for a direct path again.
             dead = state.direct
             state.next_check = None
+            state.idle_ping_at = state.idle_until = None
             if self.birthday is not None and dead == state.birthday_toward:
                 self.birthday.release(dead)
                 state.birthday_toward = None
@@ -631,6 +672,10 @@ class Paths:
             self._restart_punching(state, now)
             return
         self._ping(state, state.direct, now)
+        if after_wait or (gap is not None and state.idle_ping_at is None):
+            state.idle_ping_at = now
+        elif gap is None:
+            state.idle_ping_at = None
         state.next_check = now + CHECK_INTERVAL
 
     def _set_kind(self, state: PathState, kind: str, detail: str | None) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from meshguard.core.constants import REJECT_AFTER_TIME
 from meshguard.core.device import Device
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
@@ -332,8 +333,14 @@ class SelfCheck:
         if slot is not None and (
             keypair is None or not keypair.can_send(slot + CHECK_SESSION_SLACK)
         ):
-            # The session will have expired by then (the slot will carry a handshake): ask
-            # now, on the session we have, at the cost of one datagram.
+            if interval + CHECK_SESSION_SLACK < REJECT_AFTER_TIME:
+                # The slot will carry a handshake; the one after it a keepalive on the new
+                # session: ask then, in its place, rather than beside this one.
+                self.checks.state = "waiting for the keepalive after the next handshake"
+                self._check_due = slot + CHECK_QUIET + CHECK_SLOT_SLACK
+                return
+            # Every slot carries a handshake (the interval outlasts a session): ask now, on
+            # the session we have, at the cost of one datagram.
             slot = None
         if marks != self._quiet:
             # Something crossed the tunnel since we last looked (or we never looked): look
@@ -361,6 +368,9 @@ class SelfCheck:
             self._check_due = now + CHECK_RETRY
             return
         self._count("check_requests")
+        # It went in the keepalive's place: a lost one is resent as a keepalive request would
+        # be (its acknowledgement answers it).
+        self.agent.sent_in_slot(peer, now)
         deadline = now + delay + self._margin(interval) / 2
         # Our HELLO refresh would refresh the mapping in the middle of the idle: hold it back.
         self.agent.hold_hello(peer, deadline + CHECK_QUIET)
