@@ -124,7 +124,7 @@ class KeepaliveAcks:
                 peer is not None
                 and peer.persistent_keepalive > 0
                 and peer.endpoint is not None
-                and peer.relay is None
+                and peer.sends_over_udp
                 and not is_discard_only(peer.endpoint)
                 and self.speaks(peer)
             ):
