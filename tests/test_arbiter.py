@@ -271,6 +271,29 @@ class ArbiterTests(SynchronousTestCase):
             if event != "tls-take":
                 self.assertNotIn((arb.State.UDP, arb.State.TLS_RELAY), pairs, event)
 
+    def test_a_udp_path_the_tls_logic_found_answering_survives_a_member_offer(self) -> None:
+        """The TLS logic moves a learned member back to UDP because UDP answered its probe:
+        that counts as a proof, so the member list's next offer does not drop the peer to no
+        path (it did: "direct -> none (a member offers to forward)") while the TLS relay still
+        reaches it. A release for any other reason proves nothing."""
+        tls = _Tls()
+        a = self.arbiter
+        a.set_tls(tls)
+        tls.present.add(self.peer.public_key)
+        a.offer_member(self.peer, [self.relay], 0.0)
+        self.assertTrue(a.tls_take(self.peer, "r:443", 1.0, "UDP failed"))
+        a.tls_release(self.peer, A_PUBLIC, "our probe was answered", 2.0, answered=True)
+        a.offer_member(self.peer, [self.relay], 3.0)
+        self.assertEqual((self.peer.path_kind, self.peer.endpoint), (PATH_UDP, A_PUBLIC))
+        self.assertEqual(a.status(self.peer)["path_kind"], "direct")
+        # A measured proof of the same endpoint replaces the unmeasured one.
+        a.proven(self.peer, Path(arb.DIRECT, A_PUBLIC), 0.02, 4.0)
+        self.assertEqual(a.best_udp(self.peer, 4.0), (Path(arb.DIRECT, A_PUBLIC), 0.02))
+        # Without ``answered`` (the relay link went down) the last endpoint is no proof.
+        self.assertTrue(a.tls_take(self.peer, "r:443", 5.0, "UDP failed"))
+        a.tls_release(self.peer, A_PUBLIC, "the relay link went down", 6.0)
+        self.assertIsNone(a.best_udp(self.peer, 6.0))
+
     def test_a_peer_that_reached_us_through_a_member_is_answered_that_way(self) -> None:
         """Unreached and no endpoint: a datagram through a member puts the peer on that member
         (logged); a peer with an endpoint, or already on a path, stays as it is."""

@@ -74,6 +74,9 @@ HOLD_DOWN: dict[str, float] = {
 #: module docstring); False would apply :data:`RANK` (member above TLS relay) as it stands.
 TLS_REPLACES_MEMBER = True
 
+#: The round-trip time recorded for a proof that measured none (the TLS logic's UDP answer).
+UNMEASURED_RTT = 1.0
+
 #: Kinds whose path is a UDP endpoint of the peer itself.
 UDP_KINDS = frozenset({LAN, DIRECT, DIRECT_V6, MAPPED})
 
@@ -414,16 +417,30 @@ class PathArbiter:
             record.proven.clear()
         return True
 
-    def tls_release(self, peer: Peer, endpoint: Endpoint | None, reason: str, now: float) -> None:
+    def tls_release(
+        self,
+        peer: Peer,
+        endpoint: Endpoint | None,
+        reason: str,
+        now: float,
+        *,
+        answered: bool = False,
+    ) -> None:
         """The TLS relay's logic lets ``peer`` go: back to UDP at ``endpoint`` (the one it
         found working, or the last one), where the usual rules try again; a learned member's
-        next decision may pick a member relay instead."""
+        next decision may pick a member relay instead. ``answered``: UDP at ``endpoint`` just
+        answered the TLS logic's probe (or the peer's): that counts as a proof, so the next
+        decision (a member's offer) does not drop the path it found working."""
         if not self.holds_tls(peer):
             return
         new = Path(udp_kind(endpoint, False), endpoint) if endpoint is not None else NO_PATH
         record = self.peers.get(peer.public_key)
         if record is not None and endpoint is not None and endpoint in record.proven:
             new = record.proven[endpoint][0]  # the mesh proved it: its kind (LAN, ...) stands
+        if answered and endpoint is not None:
+            # No round-trip time measured: ranked last within its kind until the mesh's own
+            # check measures one (or the proof ages out after HOLD_DOWN["proven_for"]).
+            self.track(peer).proven[endpoint] = (new, UNMEASURED_RTT, now)
         self._enter(peer, new, "tls-release", reason, now)
 
     def explain(self, peer: Peer, note: str | None) -> None:

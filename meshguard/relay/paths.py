@@ -370,17 +370,24 @@ class TlsPaths:
         state.udp_seen = now
         if state.link is None:
             return
-        self._release(peer, state, source, now, why)
+        self._release(peer, state, source, now, why, answered=True)
         state.switched = now
         state.pending.clear()
         self.returns += 1
         self._changed(peer, f"UDP {source[0]}:{source[1]} ({why})")
 
     def _release(
-        self, peer: Peer, state: _PeerPath, endpoint: Endpoint | None, now: float, why: str
+        self,
+        peer: Peer,
+        state: _PeerPath,
+        endpoint: Endpoint | None,
+        now: float,
+        why: str,
+        *,
+        answered: bool = False,
     ) -> None:
         state.link = None
-        self.arbiter.tls_release(peer, endpoint, why, now)
+        self.arbiter.tls_release(peer, endpoint, why, now, answered=answered)
 
     def _changed(self, peer: Peer, description: str) -> None:
         self.agent.dirty = True
