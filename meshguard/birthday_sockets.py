@@ -80,8 +80,13 @@ class _Group:
             return
         if self.winner is None:
             # The NAT should let only the peer in, but nothing unauthenticated may change
-            # state: the socket wins only once a datagram through it authenticates.
+            # state: the socket wins only once a datagram through it authenticates. While the
+            # device handles this datagram, what it sends to ``toward`` (the PATH_PONG to a
+            # spray's ping) leaves through this socket, the one mapping the peer's NAT lets
+            # in; if it does not authenticate, the steer is undone and nothing else changed.
+            self.owner.steer(self.toward, extra.send)
             if not self.owner.deliver(datagram, source):
+                self.owner.steer(self.toward, None)
                 return
             self.winner = extra
             for other in self.sockets:
