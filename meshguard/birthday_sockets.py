@@ -2,10 +2,11 @@
 :class:`meshguard.mesh.birthday.BirthdayIO`).
 
 Each socket gets its own NAT mapping toward the easy side's endpoint (a NAT that maps per
-destination gives each flow a new port); a primer with hop limit 2 opens it. The first datagram
-from that endpoint on one of them is a hit: that socket then carries everything the node sends
-to the endpoint (:meth:`meshguard.udp.UDPTransport.steer`), the others close. Only the endpoint
-a socket primed toward can pass our NAT to it, so nothing else is taken as a hit.
+destination gives each flow a new port); a primer (with the hop limit meshguard/primer.py
+traced) opens it. The first datagram from that endpoint on one of them is a hit: that socket
+then carries everything the node sends to the endpoint
+(:meth:`meshguard.udp.UDPTransport.steer`), the others close. Only the endpoint a socket
+primed toward can pass our NAT to it, so nothing else is taken as a hit.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ class _Extra(DatagramProtocol):
         except OSError:
             pass
 
-    def prime(self, toward: Endpoint) -> None:
+    def prime(self, toward: Endpoint, ttl: int = PRIME_TTL) -> None:
         transport = self.transport
         sock = getattr(transport, "socket", None)
         if sock is None:
             return
         try:
             previous = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, PRIME_TTL)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
             try:
                 sock.sendto(b"", toward)
             finally:
@@ -127,8 +128,11 @@ class BirthdaySockets:
         deliver: Callable[[bytes, Endpoint], bool],
         on_hit: Callable[[Endpoint], None],
         fwmark: Callable[[], int] = lambda: 0,
+        ttl: Callable[[], int] = lambda: PRIME_TTL,
     ) -> None:
         self.reactor = reactor
+        #: The primers' hop limit (meshguard/primer.py traces it to leave all our NATs).
+        self.ttl = ttl
         self.steer = steer
         self.deliver = deliver
         self.on_hit = on_hit
@@ -157,8 +161,9 @@ class BirthdaySockets:
             group.sockets.append(extra)
         if not group.sockets:
             return False
+        ttl = self.ttl()
         for extra in group.sockets:
-            extra.prime(toward)
+            extra.prime(toward, ttl)
         self.opened += len(group.sockets)
         self.groups[toward] = group
         group.expiry = self.reactor.callLater(hold, group.expire)

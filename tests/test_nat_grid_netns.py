@@ -32,35 +32,19 @@ HOMES: list[tuple[str, str, bool]] = [
 
 DIRECT = "direct"
 MEMBER = "member"
-#: Either: the primers (hop limit 2) open only the inner NAT of a ``cgnat`` home, so when its
-#: carrier does not drop unsolicited input, a punch from a peer behind port-dependent filtering
-#: may reach the carrier first and clash (docs/nat-matrix.md). Racy, so both outcomes pass.
-DIRECT_OR_MEMBER = "direct or member"
-
-
-#: Labels of NATs that filter by address and port (Linux conntrack) and map endpoint-
-#: independently.
-PORT_FILTERED = {"easy+filter", "easy", "cgnat+filter", "cgnat"}
 
 
 def expected(x: str, y: str) -> str:
-    """The matrix we promise today. Direct: one side one-to-one, or both map endpoint-
-    independently, or a hard NAT facing address-only filtering (its random port is let in), or
-    a hard NAT facing port-dependent filtering (the birthday technique, docs/nat-matrix.md).
-    Relayed through a member: hard against hard. Racy: the unfiltered ``cgnat`` home against
-    port-dependent filtering or a hard NAT (DIRECT_OR_MEMBER)."""
-    pair = {x, y}
-    kinds = {label.rstrip("2") for label in pair}
+    """The matrix we promise. Direct: one side one-to-one, or both map endpoint-independently
+    (``cgnat`` too, with or without its carrier's WAN filter: its primers' hop limit is traced
+    to pass the carrier, meshguard/primer.py), or a hard NAT facing address-only filtering
+    (its random port is let in), or a hard NAT facing port-dependent filtering (the birthday
+    technique, docs/nat-matrix.md). Relayed through a member: hard against hard."""
+    kinds = {label.rstrip("2") for label in (x, y)}
     if "one-to-one" in kinds:
         return DIRECT
-    if "hard" in kinds:
-        if len(kinds) == 1:
-            return MEMBER
-        # The unfiltered carrier: direct in one grid run (birthday, 15-18 s), relayed for the
-        # whole 90 s in the next; the cause is not found yet (docs/nat-matrix.md).
-        return DIRECT_OR_MEMBER if "cgnat" in pair else DIRECT
-    if "cgnat" in pair and pair <= PORT_FILTERED:
-        return DIRECT_OR_MEMBER
+    if kinds == {"hard"}:
+        return MEMBER
     return DIRECT
 
 
@@ -104,9 +88,8 @@ class NatGridTests(TestCase):
                 got = outcome(x, y)
                 if got == DIRECT and (x, y) not in first_direct:
                     first_direct[(x, y)] = time.monotonic() - started
-                want = expected(labels[x], labels[y])
-                if got != (DIRECT if want == DIRECT_OR_MEMBER else want):
-                    done = False  # racy cells get the whole time to go direct
+                if got != expected(labels[x], labels[y]):
+                    done = False
             return done
 
         try:
@@ -135,7 +118,7 @@ class NatGridTests(TestCase):
         wrong = [
             f"{labels[x]} vs {labels[y]}: {grid[(x, y)]}, expected {expected(labels[x], labels[y])}"
             for x, y in pairs
-            if not _matches(grid[(x, y)], expected(labels[x], labels[y]))
+            if grid[(x, y)] != expected(labels[x], labels[y])
         ]
         not_flat = [
             f"{labels[x]} vs {labels[y]}"
@@ -164,7 +147,7 @@ class NatGridTests(TestCase):
                     continue
                 x, z = min(r, y), max(r, y)
                 got = outcome(x, z)
-                if not _matches(got, expected(labels[x], labels[z])):
+                if got != expected(labels[x], labels[z]):
                     return f"vs {labels[y]}: {got}"
                 if got == DIRECT:
                     seen = mesh.peer(y, r).get("endpoint") or [""]
@@ -194,10 +177,6 @@ class NatGridTests(TestCase):
         with Path(out if out else Path(tb.log_dir) / "nat-grid.md").open("a") as f:
             f.write("\n".join(lines) + "\n")
         self.assertEqual(sorted(recovered), rebooted, "\n".join(lines))
-
-
-def _matches(got: str, want: str) -> bool:
-    return got in (DIRECT, MEMBER) if want == DIRECT_OR_MEMBER else got == want
 
 
 def _render(
