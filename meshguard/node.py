@@ -295,7 +295,8 @@ class Node:
         self.running = True
         self.device.up(self._seconds())
         self.names.start()
-        self.primer.prepare(peer.endpoint for peer in self.device.peers.values())
+        introducers = self.members.membership.introducers
+        self.primer.prepare(p.endpoint for k, p in self.device.peers.items() if k in introducers)
         self._flood_tick.start(FLOOD_TICK, now=False)
         self.reschedule()
 

@@ -171,8 +171,8 @@ class Primer:
         self._tracing = False
 
     def prepare(self, endpoints: Iterable[Endpoint | None]) -> None:
-        """Trace now toward the first public IPv4 endpoint (the node's configured peers at
-        start), so the first punch round already has the right hop limit."""
+        """Trace now toward the first public IPv4 endpoint (the node's introducers at start),
+        so the first punch round already has the right hop limit."""
         for endpoint in endpoints:
             if endpoint is not None and is_public(endpoint[0]):
                 self._maybe_trace(endpoint)
