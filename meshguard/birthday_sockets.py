@@ -19,9 +19,11 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from meshguard import socket_filter
 from meshguard.core.interfaces import Endpoint
 from meshguard.mesh.paths import PRIME_TTL
 from meshguard.probe_sockets import SO_MARK
+from meshguard.udp import USE_SOCKET_FILTER
 
 log = Logger()
 
@@ -139,6 +141,8 @@ class BirthdaySockets:
         self.fwmark = fwmark
         self.groups: dict[Endpoint, _Group] = {}
         self.opened = 0
+        #: Sockets the kernel filter could not be attached to (they stay unfiltered).
+        self.filter_errors = 0
 
     def open(self, toward: Endpoint, count: int, hold: float) -> bool:
         if ":" in toward[0]:
@@ -146,6 +150,9 @@ class BirthdaySockets:
         self.release(toward)
         group = _Group(self, toward)
         mark = self.fwmark()
+        # The node's own port filter (meshguard/socket_filter.py): whatever cannot be a
+        # WireGuard or mesh datagram is dropped in the kernel, as on the WireGuard socket.
+        program = socket_filter.port_filter(v6=False) if USE_SOCKET_FILTER else None
         for _ in range(count):
             extra = _Extra(group)
             try:
@@ -153,11 +160,19 @@ class BirthdaySockets:
             except Exception as e:
                 log.warn("cannot open a birthday socket: {error}", error=str(e))
                 break
-            if mark:
+            sock = getattr(extra.port, "socket", None)
+            if mark and sock is not None:
                 try:
-                    extra.port.socket.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)  # type: ignore[union-attr]
-                except (AttributeError, OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                except OSError:
                     pass
+            if program is not None and sock is not None:
+                try:
+                    socket_filter.attach(sock, program)
+                except (OSError, ValueError) as e:
+                    self.filter_errors += 1
+                    if self.filter_errors == 1:
+                        log.warn("cannot attach the filter to a birthday socket: {e}", e=str(e))
             group.sockets.append(extra)
         if not group.sockets:
             return False

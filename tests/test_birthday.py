@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import socket
+import struct
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.interfaces import Endpoint
@@ -219,3 +222,59 @@ class BirthdaySocketTests(SynchronousTestCase):
 
 
 TOWARD: Endpoint = ("203.0.113.7", 41641)
+
+
+class _Port:
+    """What ``listenUDP`` returns, over a real socket on loopback."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.setblocking(False)
+
+    def stopListening(self) -> None:
+        self.socket.close()
+
+
+class _Reactor:
+    def __init__(self) -> None:
+        self.ports: list[_Port] = []
+        self.clock = Clock()
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> _Port:
+        opened = _Port()
+        self.ports.append(opened)
+        return opened
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> Any:
+        return self.clock.callLater(delay, f, *args)
+
+
+class BirthdaySocketFilterTests(SynchronousTestCase):
+    def test_extra_sockets_carry_the_port_filter(self) -> None:
+        """Each extra socket gets the WireGuard port's kernel filter: junk sent to it over
+        loopback never reaches it, a well-formed transport message does."""
+        from meshguard.birthday_sockets import BirthdaySockets
+
+        reactor = _Reactor()
+        sockets = BirthdaySockets(
+            reactor, steer=lambda e, s: None, deliver=lambda d, s: False, on_hit=lambda e: None
+        )
+        self.assertTrue(sockets.open(("127.0.0.1", 9), 3, bd.HOLD))
+        self.addCleanup(sockets.close)
+        self.assertEqual(sockets.filter_errors, 0)
+        transport = struct.pack("<I", 4) + bytes(28)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for port in reactor.ports:
+                target = port.socket.getsockname()
+                sender.sendto(b"junk" * 5, target)
+                sender.sendto(struct.pack("<I", 9) + bytes(60), target)
+                sender.sendto(transport, target)
+        for port in reactor.ports:
+            received = []
+            while True:
+                try:
+                    received.append(port.socket.recv(2048))
+                except BlockingIOError:
+                    break
+            self.assertEqual(received, [transport])
