@@ -408,6 +408,11 @@ class Paths:
         ports = bd.random_ports(self.device.random)
         state.spray = bd.Spray(host, self.device.random(8), ports, now, next_at=now)
         self.agent.dirty = True
+        # Neither side knows which NAT is the hard one: take the other role too (our own
+        # sockets toward it, and it sprays us), within our own attempt bounds. Otherwise the
+        # hard side's role waits until its own punching goes quiet, which needs the other
+        # side's calls, which its quiet period holds back.
+        self._birthday_start(state, now)
 
     def _spray(self, state: PathState, now: float) -> None:
         spray = state.spray
@@ -518,7 +523,10 @@ class Paths:
             return
         if new.kind in arb.UDP_KINDS and new.endpoint is not None:
             state.direct = new.endpoint
-            state.birthday_attempts = 0  # a new set of attempts once this path is lost
+            # A new set of attempts once this path is lost, the first without waiting out
+            # ATTEMPT_GAP from the attempt that found it.
+            state.birthday_attempts = 0
+            state.birthday_at = None
             state.last_pong = max(state.last_pong, 0.0)
             self._set_kind(state, LAN if new.kind == arb.LAN else DIRECT, _text(new.endpoint))
         elif new.kind == arb.MEMBER and new.via is not None:
