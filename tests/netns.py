@@ -1488,8 +1488,9 @@ def reboot_router(testbed: Testbed, home: MeshHome, new_public: str) -> None:
     """A home router "reboots" with a new public address: the old address goes (masquerade
     drops its conntrack entries with it), the new one comes, so every mapping is new. For a
     ``cgnat`` home it is the carrier that owns the public address and reboots (the home's
-    inner NAT keeps its mappings). Not for ``one-to-one``: its SNAT entries are not dropped
-    with the address (a real reboot empties conntrack; no tool here does)."""
+    inner NAT keeps its mappings). Not for ``one-to-one`` (and not meaningful for
+    ``easy-addr``): entries of their SNAT/DNAT rules are not dropped with the address and keep
+    rewriting replies to the old one (a real reboot empties conntrack; no tool here does)."""
     if home.kind == "one-to-one":
         raise ValueError("reboot_router does not model a one-to-one router's reboot")
     router = home.carrier if home.carrier is not None else home.router
