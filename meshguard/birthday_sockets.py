@@ -2,10 +2,11 @@
 :class:`meshguard.mesh.birthday.BirthdayIO`).
 
 Each socket gets its own NAT mapping toward the easy side's endpoint (a NAT that maps per
-destination gives each flow a new port); a primer with hop limit 2 opens it. The first datagram
-from that endpoint on one of them is a hit: that socket then carries everything the node sends
-to the endpoint (:meth:`meshguard.udp.UDPTransport.steer`), the others close. Only the endpoint
-a socket primed toward can pass our NAT to it, so nothing else is taken as a hit.
+destination gives each flow a new port); a primer (with the hop limit meshguard/primer.py
+traced) opens it. The first datagram from that endpoint on one of them is a hit: that socket
+then carries everything the node sends to the endpoint
+(:meth:`meshguard.udp.UDPTransport.steer`), the others close. Only the endpoint a socket
+primed toward can pass our NAT to it, so nothing else is taken as a hit.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from meshguard import socket_filter
 from meshguard.core.interfaces import Endpoint
 from meshguard.mesh.paths import PRIME_TTL
 from meshguard.probe_sockets import SO_MARK
+from meshguard.udp import USE_SOCKET_FILTER
 
 log = Logger()
 
@@ -44,14 +47,14 @@ class _Extra(DatagramProtocol):
         except OSError:
             pass
 
-    def prime(self, toward: Endpoint) -> None:
+    def prime(self, toward: Endpoint, ttl: int = PRIME_TTL) -> None:
         transport = self.transport
         sock = getattr(transport, "socket", None)
         if sock is None:
             return
         try:
             previous = sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, PRIME_TTL)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
             try:
                 sock.sendto(b"", toward)
             finally:
@@ -80,8 +83,13 @@ class _Group:
             return
         if self.winner is None:
             # The NAT should let only the peer in, but nothing unauthenticated may change
-            # state: the socket wins only once a datagram through it authenticates.
+            # state: the socket wins only once a datagram through it authenticates. While the
+            # device handles this datagram, what it sends to ``toward`` (the PATH_PONG to a
+            # spray's ping) leaves through this socket, the one mapping the peer's NAT lets
+            # in; if it does not authenticate, the steer is undone and nothing else changed.
+            self.owner.steer(self.toward, extra.send)
             if not self.owner.deliver(datagram, source):
+                self.owner.steer(self.toward, None)
                 return
             self.winner = extra
             for other in self.sockets:
@@ -122,14 +130,19 @@ class BirthdaySockets:
         deliver: Callable[[bytes, Endpoint], bool],
         on_hit: Callable[[Endpoint], None],
         fwmark: Callable[[], int] = lambda: 0,
+        ttl: Callable[[], int] = lambda: PRIME_TTL,
     ) -> None:
         self.reactor = reactor
+        #: The primers' hop limit (meshguard/primer.py traces it to leave all our NATs).
+        self.ttl = ttl
         self.steer = steer
         self.deliver = deliver
         self.on_hit = on_hit
         self.fwmark = fwmark
         self.groups: dict[Endpoint, _Group] = {}
         self.opened = 0
+        #: Sockets the kernel filter could not be attached to (they stay unfiltered).
+        self.filter_errors = 0
 
     def open(self, toward: Endpoint, count: int, hold: float) -> bool:
         if ":" in toward[0]:
@@ -137,6 +150,9 @@ class BirthdaySockets:
         self.release(toward)
         group = _Group(self, toward)
         mark = self.fwmark()
+        # The node's own port filter (meshguard/socket_filter.py): whatever cannot be a
+        # WireGuard or mesh datagram is dropped in the kernel, as on the WireGuard socket.
+        program = socket_filter.port_filter(v6=False) if USE_SOCKET_FILTER else None
         for _ in range(count):
             extra = _Extra(group)
             try:
@@ -144,16 +160,25 @@ class BirthdaySockets:
             except Exception as e:
                 log.warn("cannot open a birthday socket: {error}", error=str(e))
                 break
-            if mark:
+            sock = getattr(extra.port, "socket", None)
+            if mark and sock is not None:
                 try:
-                    extra.port.socket.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)  # type: ignore[union-attr]
-                except (AttributeError, OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                except OSError:
                     pass
+            if program is not None and sock is not None:
+                try:
+                    socket_filter.attach(sock, program)
+                except (OSError, ValueError) as e:
+                    self.filter_errors += 1
+                    if self.filter_errors == 1:
+                        log.warn("cannot attach the filter to a birthday socket: {e}", e=str(e))
             group.sockets.append(extra)
         if not group.sockets:
             return False
+        ttl = self.ttl()
         for extra in group.sockets:
-            extra.prime(toward)
+            extra.prime(toward, ttl)
         self.opened += len(group.sockets)
         self.groups[toward] = group
         group.expiry = self.reactor.callLater(hold, group.expire)

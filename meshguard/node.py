@@ -31,13 +31,13 @@ from meshguard.link import Link
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.arbiter import Path
 from meshguard.mesh.keepalive import KeepalivePolicy
-from meshguard.mesh.paths import PRIME_TTL
 from meshguard.mesh.ping import Pinger
 from meshguard.mesh.pmtu import PathMTU
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
 from meshguard.mesh.stack import MeshStack
 from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver
 from meshguard.plugins import load as load_plugins
+from meshguard.primer import Primer
 from meshguard.probe_sockets import ProbeSockets
 from meshguard.tun import TunDevice
 from meshguard.uapi import (
@@ -223,7 +223,10 @@ class Node:
             self.members.paths.sources = sources or list(DEFAULT_SOURCES)
             self.members.paths.observers.extend(load_plugins(IPathObserver))
             self.keepalive.overrides.extend(load_plugins(IKeepalivePolicy))
-        self.members.paths.primer = self._send_primer
+        #: Hole punching's primers, with a hop limit traced to leave all our NATs
+        #: (meshguard/primer.py).
+        self.primer = Primer(reactor, self._send_primer, fwmark=lambda: self.fwmark)
+        self.members.paths.primer = self.primer
         # Idle pairs' path checks at the keepalive interval (issue 17; mesh/paths.py).
         self.members.paths.idle_check_interval = self.keepalive.path_check_interval
         #: The birthday technique's extra sockets (mesh/birthday.py).
@@ -233,6 +236,7 @@ class Node:
             deliver=self._birthday_deliver,
             on_hit=self._birthday_hit,
             fwmark=lambda: self.fwmark,
+            ttl=lambda: self.primer.ttl,
         )
         self.members.paths.birthday = self.birthday
         self.members.arbiter.add_observer(self._path_moved)
@@ -295,6 +299,8 @@ class Node:
         self.running = True
         self.device.up(self._seconds())
         self.names.start()
+        introducers = self.members.membership.introducers
+        self.primer.prepare(p.endpoint for k, p in self.device.peers.items() if k in introducers)
         self._flood_tick.start(FLOOD_TICK, now=False)
         self.reschedule()
 
@@ -328,10 +334,10 @@ class Node:
             reason=reason,
         )
 
-    def _send_primer(self, endpoint: Endpoint) -> None:
-        """Hole punching's primer: an empty datagram that leaves our NAT and dies soon after."""
+    def _send_primer(self, data: bytes, endpoint: Endpoint, ttl: int) -> None:
+        """Hole punching's primer: an empty datagram that leaves our NATs and dies soon after."""
         if self.running:
-            self.udp.send_primer(b"", endpoint, PRIME_TTL)
+            self.udp.send_primer(data, endpoint, ttl)
 
     def _birthday_deliver(self, data: bytes, source: Endpoint) -> bool:
         """A datagram on one of the birthday technique's sockets: as if it came on ours.
@@ -517,6 +523,7 @@ class Node:
                 ),
                 "flood_guard": self.flood_guard.status(),
                 "tun_offload": self.tun.offload_status(),
+                **self.primer.status(),
             },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
             "peers": peers,

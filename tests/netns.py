@@ -1486,8 +1486,15 @@ def conntrack_entries(testbed: Testbed, ns: Namespace, proto: str = "udp") -> li
 
 def reboot_router(testbed: Testbed, home: MeshHome, new_public: str) -> None:
     """A home router "reboots" with a new public address: the old address goes (masquerade
-    drops its conntrack entries with it), the new one comes, so every mapping is new."""
-    testbed.ip(home.router, "addr", "flush", "dev", "wan0")
+    drops its conntrack entries with it), the new one comes, so every mapping is new. For a
+    ``cgnat`` home it is the carrier that owns the public address and reboots (the home's
+    inner NAT keeps its mappings). Not for ``one-to-one`` (and not meaningful for
+    ``easy-addr``): entries of their SNAT/DNAT rules are not dropped with the address and keep
+    rewriting replies to the old one (a real reboot empties conntrack; no tool here does)."""
+    if home.kind == "one-to-one":
+        raise ValueError("reboot_router does not model a one-to-one router's reboot")
+    router = home.carrier if home.carrier is not None else home.router
+    testbed.ip(router, "addr", "flush", "dev", "wan0")
     prefix = new_public.rsplit(".", 1)[0]
-    testbed.addr(home.router, "wan0", f"{new_public}/24")
-    testbed.route(home.router, "default", via=f"{prefix}.1")
+    testbed.addr(router, "wan0", f"{new_public}/24")
+    testbed.route(router, "default", via=f"{prefix}.1")

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import socket
+import struct
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.interfaces import Endpoint
@@ -147,28 +150,43 @@ class PathsTests(SynchronousTestCase):
         self.assertIsNotNone(toward)
         assert toward is not None
         state.quiet_until = state.next_punch = sim.net.now + 30
+        pending = set(state.pending)
         a.stack.paths.birthday_hit(toward, sim.net.now)
         self.assertIsNone(state.quiet_until)
         self.assertEqual(state.next_punch, sim.net.now)
+        # The ping goes at once, not at the next round (which waits for b's CALL_ME_MAYBE).
+        sent = [state.pending[n] for n in set(state.pending) - pending]
+        self.assertEqual(sent, [(toward, sim.net.now)])
         self.assertGreaterEqual(a.stack.paths.node_status()["birthday_hits"], 1)
 
 
 class BirthdaySocketTests(SynchronousTestCase):
     """The adapter's groups of extra sockets (meshguard/birthday_sockets.py)."""
 
-    def group(self, authentic: set[bytes], count: int) -> tuple[Any, list[Any], list[bytes]]:
+    def group(
+        self, authentic: set[bytes], count: int
+    ) -> tuple[Any, dict[Endpoint, Any], list[bytes]]:
         from meshguard.birthday_sockets import BirthdaySockets, _Extra, _Group
 
-        steered: list[Any] = []
+        steered: dict[Endpoint, Any] = {}
         delivered: list[bytes] = []
+        #: Whether ``TOWARD`` was steered while each datagram was delivered.
+        self.steered_during: list[bool] = []
 
         def deliver(data: bytes, source: Endpoint) -> bool:
             delivered.append(data)
+            self.steered_during.append(TOWARD in steered)
             return data in authentic
+
+        def steer(endpoint: Endpoint, send: Any) -> None:
+            if send is None:
+                steered.pop(endpoint, None)
+            else:
+                steered[endpoint] = send
 
         owner = BirthdaySockets(
             None,
-            steer=lambda endpoint, send: steered.append(endpoint),
+            steer=steer,
             deliver=deliver,
             on_hit=lambda endpoint: None,
         )
@@ -178,27 +196,85 @@ class BirthdaySocketTests(SynchronousTestCase):
 
     def test_only_an_authenticated_datagram_makes_a_socket_win(self) -> None:
         """A datagram from the right endpoint that does not authenticate is handed to the
-        device but steers nothing and closes no socket; the first one that authenticates
-        wins, and then only the winner's datagrams are delivered."""
+        device but leaves nothing steered and closes no socket; the first one that
+        authenticates wins, and then only the winner's datagrams are delivered. While the
+        device handles a datagram, answers to the endpoint leave through its socket."""
         group, steered, delivered = self.group({b"good"}, 4)
         first, second = group.sockets[0], group.sockets[1]
         group.received(first, b"forged", TOWARD)
-        self.assertEqual(steered, [])
+        self.assertEqual(steered, {})
         self.assertIsNone(group.winner)
         self.assertEqual(len(group.sockets), 4)
         group.received(second, b"good", TOWARD)
         self.assertIs(group.winner, second)
-        self.assertEqual(steered, [TOWARD])
+        self.assertEqual(steered, {TOWARD: second.send})
         self.assertEqual(group.sockets, [second])
         group.received(first, b"late", TOWARD)
         group.received(second, b"more", TOWARD)
         self.assertEqual(delivered, [b"forged", b"good", b"more"])
+        self.assertEqual(self.steered_during, [True, True, True])
 
     def test_other_sources_are_ignored(self) -> None:
         """Nothing from another address reaches the device or wins."""
         group, steered, delivered = self.group({b"good"}, 2)
         group.received(group.sockets[0], b"good", ("203.0.113.8", 41641))
-        self.assertEqual((steered, delivered), ([], []))
+        self.assertEqual((steered, delivered), ({}, []))
 
 
 TOWARD: Endpoint = ("203.0.113.7", 41641)
+
+
+class _Port:
+    """What ``listenUDP`` returns, over a real socket on loopback."""
+
+    def __init__(self) -> None:
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.setblocking(False)
+
+    def stopListening(self) -> None:
+        self.socket.close()
+
+
+class _Reactor:
+    def __init__(self) -> None:
+        self.ports: list[_Port] = []
+        self.clock = Clock()
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> _Port:
+        opened = _Port()
+        self.ports.append(opened)
+        return opened
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> Any:
+        return self.clock.callLater(delay, f, *args)
+
+
+class BirthdaySocketFilterTests(SynchronousTestCase):
+    def test_extra_sockets_carry_the_port_filter(self) -> None:
+        """Each extra socket gets the WireGuard port's kernel filter: junk sent to it over
+        loopback never reaches it, a well-formed transport message does."""
+        from meshguard.birthday_sockets import BirthdaySockets
+
+        reactor = _Reactor()
+        sockets = BirthdaySockets(
+            reactor, steer=lambda e, s: None, deliver=lambda d, s: False, on_hit=lambda e: None
+        )
+        self.assertTrue(sockets.open(("127.0.0.1", 9), 3, bd.HOLD))
+        self.addCleanup(sockets.close)
+        self.assertEqual(sockets.filter_errors, 0)
+        transport = struct.pack("<I", 4) + bytes(28)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for port in reactor.ports:
+                target = port.socket.getsockname()
+                sender.sendto(b"junk" * 5, target)
+                sender.sendto(struct.pack("<I", 9) + bytes(60), target)
+                sender.sendto(transport, target)
+        for port in reactor.ports:
+            received = []
+            while True:
+                try:
+                    received.append(port.socket.recv(2048))
+                except BlockingIOError:
+                    break
+            self.assertEqual(received, [transport])

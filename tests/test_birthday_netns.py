@@ -106,3 +106,52 @@ class BirthdayTests(TestCase):
         except AssertionError:
             self.fail(f"not back: {mesh.peer(cgnat, hard)} / {mesh.peer(hard, cgnat)}")
         print(f"back after {time.monotonic() - rebooted:.0f} s")
+
+    def test_cgnat_without_carrier_filter_goes_direct_with_easy_and_hard(self) -> None:
+        """A ``cgnat`` home whose carrier does not drop unsolicited input, beside ``easy``
+        homes (with and without the WAN filter) and a ``hard`` one: the cgnat member traces
+        its NAT depth (primers with hop limit 3 pass its carrier too, the others' 2), so no
+        peer's ping reaches the carrier before the home's own packets and clashes there;
+        every pair is direct (the hard one by the birthday technique) and a 1 MiB transfer
+        each way between the cgnat and the hard home leaves the introducer's counter flat.
+        Before the trace these pairs were racy in the NAT grid (docs/nat-grid.md)."""
+        require_root_netns(self)
+        tb = Testbed(self)
+        self.addCleanup(tb.cleanup)
+        net = nat_homes(
+            tb, [(1, "cgnat", False), (1, "easy", False), (1, "easy", True), (1, "hard", False)]
+        )
+        mesh = start_mesh(tb, net)
+        cgnat, hard = 0, 3
+        pairs = [(x, y) for x in range(4) for y in range(x + 1, 4)]
+
+        def direct(x: int, y: int) -> bool:
+            return mesh.peer(x, y).get("path_kind") == "direct" and (
+                mesh.peer(y, x).get("path_kind") == "direct"
+            )
+
+        started = time.monotonic()
+        try:
+            tb.wait_for(
+                lambda: all(direct(x, y) for x, y in pairs),
+                BOUND,
+                interval=1.0,
+                what="every pair direct",
+            )
+        except AssertionError:
+            summary = {
+                (x, y): (mesh.peer(x, y).get("path_kind"), mesh.peer(x, y).get("birthday"),
+                         mesh.peer(x, y).get("not_direct_reason"))
+                for x in range(4) for y in range(4) if x != y
+            }  # fmt: skip
+            self.fail(f"not direct: {summary}")
+        took = time.monotonic() - started
+        ttls = [read_status(name)["node"]["primer_ttl"] for name in mesh.ifnames]
+        self.assertEqual(ttls, [3, 2, 2, 2])
+        for a, b in ((cgnat, hard), (hard, cgnat)):
+            before = mesh.forwarded(a, b)
+            self.assertTrue(
+                tb.tcp_transfer(mesh.namespaces[b], mesh.namespaces[a], mesh.addresses[b], 1 << 20)
+            )
+            self.assertEqual(mesh.forwarded(a, b), before, (a, b))
+        print(f"direct after {took:.0f} s")

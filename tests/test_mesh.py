@@ -21,6 +21,7 @@ from meshguard.mesh.members import MemberInfo, parse_member, parse_page
 from meshguard.mesh.paths import (
     CHECK_INTERVAL,
     DEAD_AFTER,
+    PING_BACK_GAP,
     QUIET_FOR,
     RECOVERY_BOUND,
     RETRY_INTERVAL,
@@ -609,3 +610,32 @@ class PrimedPunchingTests(SynchronousTestCase):
         self.assertTrue(sim.path(a, b).startswith("relayed"))
         sim.run(QUIET_FOR + 5)
         self.assertTrue([t for t in primed if t >= state.quiet_until - 0.5])
+
+    def test_a_ping_straight_from_the_member_is_pinged_back_while_quiet(self) -> None:
+        """A PATH_PING that came straight from a member (through its NAT, so its NAT maps that
+        source toward us) is pinged back at once although we are quiet toward it, at most
+        once per PING_BACK_GAP: the side whose NAT let the ping in proves the path without
+        waiting out its quiet period."""
+        sim = MeshSim(seed=23)
+        a = sim.add_member(home(sim, 1, hard=True), "192.168.1.2")
+        b = sim.add_member(home(sim, 2, hard=True), "192.168.2.2")
+        for member in (a, b):
+            member.stack.paths.primer = lambda endpoint: None
+        sim.start()
+        sim.run(15)
+        paths = a.stack.paths
+        state = paths.states[b.public_key]
+        self.assertIsNotNone(state.quiet_until)
+        peer = a.node.device.peers[b.public_key]
+        now = sim.net.now
+        source = ("203.0.113.2", 40000)
+        before = set(state.pending)
+        peer.endpoint = source  # roaming: where the authenticated ping came from
+        paths.control_received(peer, kinds.PATH_PING, b"12345678", now)
+        self.assertEqual([state.pending[n] for n in set(state.pending) - before], [(source, now)])
+        other = ("203.0.113.2", 40001)
+        peer.endpoint = other
+        paths.control_received(peer, kinds.PATH_PING, b"87654321", now + PING_BACK_GAP / 2)
+        self.assertFalse([n for n in state.pending if state.pending[n][0] == other])
+        paths.control_received(peer, kinds.PATH_PING, b"87654321", now + PING_BACK_GAP)
+        self.assertTrue([n for n in state.pending if state.pending[n][0] == other])

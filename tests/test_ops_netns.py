@@ -118,11 +118,13 @@ class OperationsMeshTests(TestCase):
     timeout = 300
 
     def test_metrics_ping_and_status_table_on_a_mesh(self) -> None:
-        """Home 1 and home 2 behind plain masquerade (punchable), home 3 behind ``masquerade
-        random`` (relayed by the introducer), a stock wireguard-go peer of the introducer.
-        Home 1 serves metrics; its scrape matches ``wg show dump`` and status; ``meshguard
-        ping`` answers direct to home 2, via the introducer to home 3, and by ICMP to the stock
-        peer; the status table fits 80 columns and says why home 3 is not direct."""
+        """Home 1 and home 2 behind plain masquerade (punchable), homes 3 and 4 behind
+        ``masquerade random`` (direct with the easy homes by the birthday technique, relayed by
+        the introducer with each other), a stock wireguard-go peer of the introducer. Homes 1
+        and 3 serve metrics; home 1's scrape matches ``wg show dump`` and status; ``meshguard
+        ping`` answers direct from home 1 to home 2, via the introducer from home 3 to home 4,
+        and by ICMP to the stock peer; the status table fits 80 columns and home 3's says why
+        home 4 is not direct."""
         require_root_netns(self, binaries=(*DEFAULT_BINARIES, "tmux"))
         tb = Testbed(self)
         self.addCleanup(tb.cleanup)
@@ -171,7 +173,7 @@ class OperationsMeshTests(TestCase):
             text = (
                 f"[Interface]\nPrivateKey = {k.private}\nListenPort = {PORT}\n"
                 f"Address = {address}/24\n"
-                + (f"MetricsListen = 127.0.0.1:{METRICS}\n" if index == 0 else "")
+                + (f"MetricsListen = 127.0.0.1:{METRICS}\n" if index in (0, 2) else "")
                 + f"\n[Peer]\nPublicKey = {intro.public}\n"
                 f"AllowedIPs = 10.99.0.1/32\nEndpoint = {net.public_address}:{PORT}\n"
                 "PersistentKeepalive = 25\nIntroducer = yes\n"
@@ -185,17 +187,25 @@ class OperationsMeshTests(TestCase):
         ns_of = [ns for ns, _ in hosts]
         key_of = [k.public for k in keys]
 
+        # The relayed example is the hard-vs-hard pair: an easy home against a hard one goes
+        # direct by the birthday technique after ~10-25 s, so every such pair is awaited first
+        # and nothing below races it.
         def settled() -> bool:
-            sa, sc = read_status(ifnames[a]), read_status(ifnames[c])
+            status = [read_status(name) for name in ifnames]
             return (
-                _peer(sa, key_of[b]).get("path") == "direct"
-                and str(_peer(sa, key_of[c]).get("path")).startswith("relayed via")
-                and str(_peer(sc, key_of[d]).get("path")).startswith("relayed via")
+                all(
+                    _peer(status[x], key_of[y]).get("path") == "direct"
+                    for x in range(4)
+                    for y in range(4)
+                    if x != y and {x, y} != {c, d}
+                )
+                and str(_peer(status[c], key_of[d]).get("path")).startswith("relayed via")
+                and str(_peer(status[d], key_of[c]).get("path")).startswith("relayed via")
                 and tb.ping(ns_of[a], addresses[b], count=1, timeout=1)
-                and tb.ping(ns_of[a], addresses[c], count=1, timeout=1)
+                and tb.ping(ns_of[c], addresses[d], count=1, timeout=1)
             )
 
-        tb.wait_for(settled, timeout=90, what="home 1 direct to home 2, relayed to home 3")
+        tb.wait_for(settled, timeout=90, what="every pair direct but home 3 to home 4")
 
         # --- metrics: scraped over HTTP, checked against wg show dump and status.
         def metrics_match() -> bool:
@@ -253,35 +263,38 @@ class OperationsMeshTests(TestCase):
         tb.wait_for(same_as_status, timeout=30, what="metrics equal to status")
         samples = scrape(tb, ns_of[a])
         status = read_status(ifnames[a])
-        peer_b, peer_c = _peer(status, key_of[b]), _peer(status, key_of[c])
+        peer_b = _peer(status, key_of[b])
         self.assertEqual(
             value(samples, "meshguard_peer_path", public_key=key_of[b], kind="direct"), 1.0
         )
+        # Home 3's metrics: home 4 through the introducer.
+        samples_c = scrape(tb, ns_of[c])
         self.assertEqual(
             value(
-                samples,
+                samples_c,
                 "meshguard_peer_path",
-                public_key=key_of[c],
+                public_key=key_of[d],
                 kind="member",
                 via=intro.public,
             ),
             1.0,
         )
-        self.assertEqual(value(samples, "meshguard_peer_direct", public_key=key_of[c]), 0.0)
+        self.assertEqual(value(samples_c, "meshguard_peer_direct", public_key=key_of[d]), 0.0)
+        self.assertEqual(value(samples_c, "meshguard_peers", kind="direct"), 3.0)  # hub, 1, 2
+        self.assertEqual(value(samples_c, "meshguard_peers", kind="member"), 1.0)
         if peer_b.get("rtt_ms") is not None:
             rtt = value(samples, "meshguard_peer_rtt_seconds", public_key=key_of[b])
             self.assertIsNotNone(rtt)
-        self.assertEqual(value(samples, "meshguard_peers", kind="direct"), 2.0)  # hub, home 2
-        self.assertEqual(value(samples, "meshguard_peers", kind="member"), 2.0)
+        self.assertEqual(value(samples, "meshguard_peers", kind="direct"), 4.0)  # hub, 2, 3, 4
         self.assertEqual(
             value(samples, "meshguard_peer_keepalive_interval_seconds", public_key=intro.public),
             25.0,
         )
         self.assertIsNotNone(value(samples, "meshguard_dropped_datagrams_total", reason="junk"))
         self.assertEqual(value(samples, "meshguard_nat_info", nat=status["node"]["nat"]), 1.0)
-        self.assertIsNotNone(peer_c)
 
-        # --- ping: direct to home 2, through the introducer to home 3, ICMP to the stock peer.
+        # --- ping: direct to home 2, home 3 through the introducer to home 4, ICMP to the
+        # stock peer.
         direct = cli(tb, ns_of[a], "ping", addresses[b], "-c", "3", "-i", "0.3", "--json")
         self.assertEqual(direct.returncode, 0, direct.stderr)
         answers = [json.loads(line) for line in direct.stdout.splitlines()]
@@ -294,14 +307,14 @@ class OperationsMeshTests(TestCase):
             self.assertGreater(reply["rtt_ms"], 0)
         self.assertTrue(answers[-1]["direct"])
 
-        relayed = cli(tb, ns_of[a], "ping", key_of[c], "-c", "2", "-i", "0.3")
+        relayed = cli(tb, ns_of[c], "ping", key_of[d], "-c", "2", "-i", "0.3")
         self.assertEqual(relayed.returncode, 0, relayed.stderr)
         self.assertIn(f"over member relay {intro.public[:8]}", relayed.stdout)
         times = [float(t) for t in re.findall(r": ([0-9.]+) ms from ", relayed.stdout)]
         self.assertEqual(len(times), 2, relayed.stdout)
         self.assertTrue(all(0 < t < 500 for t in times), times)
         self.assertIn("no direct path", relayed.stdout)
-        not_direct = cli(tb, ns_of[a], "ping", key_of[c], "-c", "2", "-i", "0.3", "--until-direct")
+        not_direct = cli(tb, ns_of[c], "ping", key_of[d], "-c", "2", "-i", "0.3", "--until-direct")
         self.assertEqual(not_direct.returncode, 1, not_direct.stdout)
         until = cli(tb, ns_of[a], "ping", key_of[b], "--until-direct")
         self.assertEqual(until.returncode, 0, until.stdout + until.stderr)
@@ -315,8 +328,10 @@ class OperationsMeshTests(TestCase):
         self.assertEqual(unknown.returncode, 2)
         self.assertIn("no peer has 10.200.0.1", unknown.stderr)
 
-        # --- the status table as printed: 80 columns, home 3 marked with why it is relayed.
+        # --- the status table as printed: 80 columns; home 3's marks home 4 with why it is
+        # relayed.
         table = cli(tb, ns_of[a], "status", ifnames[a])
+        table_c = cli(tb, ns_of[c], "status", ifnames[c])
         verbose = cli(tb, ns_of[a], "status", ifnames[a], "-v")
         netcheck = cli(tb, ns_of[a], "netcheck")
         self.assertEqual((verbose.returncode, netcheck.returncode), (0, 0))
@@ -324,7 +339,7 @@ class OperationsMeshTests(TestCase):
         self.assertNotIn("True", verbose.stdout)
         self.assertNotIn("['", verbose.stdout)
         # What a person saw, kept with the test's logs.
-        seen = [table, direct, relayed, until, stock, verbose, netcheck]
+        seen = [table, table_c, direct, relayed, until, stock, verbose, netcheck]
         (logdir / "outputs.txt").write_text(
             "\n\n".join([*(x.stdout for x in seen), scrape_text(tb, ns_of[a])])
         )
@@ -334,9 +349,14 @@ class OperationsMeshTests(TestCase):
         (row_b,) = [r for r in rows if r.startswith(key_of[b][:8])]
         self.assertIn("direct", row_b)
         self.assertIn(addresses[b], row_b)
-        (index_c,) = [i for i, r in enumerate(rows) if r.startswith(key_of[c][:8])]
-        self.assertIn(f"member via {intro.public[:8]}", rows[index_c])
-        self.assertTrue(rows[index_c + 1].strip().startswith("not direct:"), table.stdout)
+        (row_c,) = [r for r in rows if r.startswith(key_of[c][:8])]
+        self.assertIn("direct", row_c)
+        self.assertEqual(table_c.returncode, 0, table_c.stderr)
+        rows_c = table_c.stdout.splitlines()
+        self.assertTrue(all(len(row) <= 80 for row in rows_c), table_c.stdout)
+        (index_d,) = [i for i, r in enumerate(rows_c) if r.startswith(key_of[d][:8])]
+        self.assertIn(f"member via {intro.public[:8]}", rows_c[index_d])
+        self.assertTrue(rows_c[index_d + 1].strip().startswith("not direct:"), table_c.stdout)
 
         # --- the same in a real terminal, 80 columns (tmux): the table, then --watch.
         once = Terminal(

@@ -70,6 +70,12 @@ QUIET_FOR = 35.0
 #: A member's CALL_ME_MAYBE restarts our punch schedule at most this often (two sides
 #: answering each other's calls would otherwise restart each other for ever).
 CALL_RESTART_GAP = 60.0
+#: A PATH_PING that came straight from a member while we have no direct path to it is
+#: pinged back at once, quiet period or not, at most this often per member: it came through
+#: the member's NAT, so that NAT holds a mapping toward us and our ping arrives there as a
+#: reply (it can clash with nothing). This is how the side whose NAT let the other's ping in
+#: proves the path too, without waiting out its quiet period (docs/nat-matrix.md).
+PING_BACK_GAP = 1.0
 
 LAN, DIRECT, RELAYED, NONE = "lan", "direct", "relayed", "none"
 _RANK = {LAN: 3, DIRECT: 2, RELAYED: 1, NONE: 0}
@@ -131,6 +137,8 @@ class PathState:
     birthday_toward: Endpoint | None = None
     spray: bd.Spray | None = None
     spray_at: float | None = None
+    #: When we last pinged back a PATH_PING's source (see :data:`PING_BACK_GAP`).
+    ping_back_at: float | None = None
     #: Its endpoint as an introducer saw it when it last sent us a CALL_ME_MAYBE: the freshest
     #: view after its router changed address (member lists follow later).
     called_from: Endpoint | None = None
@@ -408,6 +416,11 @@ class Paths:
         ports = bd.random_ports(self.device.random)
         state.spray = bd.Spray(host, self.device.random(8), ports, now, next_at=now)
         self.agent.dirty = True
+        # Neither side knows which NAT is the hard one: take the other role too (our own
+        # sockets toward it, and it sprays us), within our own attempt bounds. Otherwise the
+        # hard side's role waits until its own punching goes quiet, which needs the other
+        # side's calls, which its quiet period holds back.
+        self._birthday_start(state, now)
 
     def _spray(self, state: PathState, now: float) -> None:
         spray = state.spray
@@ -425,14 +438,17 @@ class Paths:
 
     def birthday_hit(self, toward: Endpoint, now: float) -> None:
         """The adapter: a datagram from ``toward`` arrived on one of our extra sockets, which
-        now carries everything to it. Ping it at once (through that socket) instead of waiting
-        out the quiet period."""
+        now carries everything to it. Ping it at once (through that socket), not at a punch
+        round: those wait for the member's CALL_ME_MAYBE, which its own quiet period may hold
+        back for half a minute."""
         for state in self.states.values():
             if state.birthday_toward == toward:
                 self.birthday_hits += 1
                 state.quiet_until = None
                 state.next_punch = now
                 self.agent.dirty = True
+                if state.kind in (NONE, RELAYED):
+                    self._ping(state, toward, now)
 
     # ------------------------------------------------------------------ control messages
 
@@ -456,6 +472,7 @@ class Paths:
                     state.reflexive = ([source, *state.reflexive])[:MAX_REFLEXIVE]
                     if state.kind in (NONE, RELAYED) and state.next_punch is None:
                         self._restart_punching(state, now)
+                self._ping_back(state, source, now)
                 self._keep_chosen(state, source, now)
             return
         if state is None:
@@ -486,6 +503,17 @@ class Paths:
         else:
             self._keep_chosen(state, source, now)
 
+    def _ping_back(self, state: PathState, source: Endpoint, now: float) -> None:
+        """A PATH_PING came straight from ``source``: while we have no direct path, ping it
+        back now (see :data:`PING_BACK_GAP`), not at our next punch round, which a quiet
+        period or a missing CALL_ME_MAYBE may hold back for half a minute."""
+        if state.kind not in (NONE, RELAYED):
+            return
+        if state.ping_back_at is not None and now - state.ping_back_at < PING_BACK_GAP:
+            return
+        state.ping_back_at = now
+        self._ping(state, source, now)
+
     def _keep_chosen(self, state: PathState, source: Endpoint, now: float) -> None:
         """Roaming follows every authenticated datagram: the arbiter keeps the path it chose
         if that is better than the one this message came over."""
@@ -498,7 +526,10 @@ class Paths:
             return
         if new.kind in arb.UDP_KINDS and new.endpoint is not None:
             state.direct = new.endpoint
-            state.birthday_attempts = 0  # a new set of attempts once this path is lost
+            # A new set of attempts once this path is lost, the first without waiting out
+            # ATTEMPT_GAP from the attempt that found it.
+            state.birthday_attempts = 0
+            state.birthday_at = None
             state.last_pong = max(state.last_pong, 0.0)
             self._set_kind(state, LAN if new.kind == arb.LAN else DIRECT, _text(new.endpoint))
         elif new.kind == arb.MEMBER and new.via is not None:
