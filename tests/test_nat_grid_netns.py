@@ -72,11 +72,14 @@ SETTLE = 90.0
 #: conntrack, but :func:`tests.netns.reboot_router` only drops masquerade's entries, and their
 #: DNAT entries (the one-to-one rules, easy-addr's port for contacted addresses) stay and keep
 #: rewriting the home's replies to the old address, which no longer routes (seen: easy-addr
-#: relayed with every peer for 150 s). Not ``hard2`` (like ``hard``), not ``hard+map``. Not
-#: ``cgnat`` (carrier without a WAN filter): its carrier and the hard router rebooting at the
-#: same moment left that pair relayed for 150 s in the one run that tried (cause not found;
-#: docs/nat-grid.md); the hard router alone rebooting comes back (tests/test_birthday_netns.py).
-REBOOTED = ("easy+filter", "easy", "cgnat+filter", "hard")
+#: relayed with every peer for 150 s). Not ``hard2`` (like ``hard``), not ``hard+map``.
+REBOOTED = ("easy+filter", "easy", "cgnat+filter", "cgnat", "hard")
+#: Known defects after the reboot, kept in the test rather than left out of it: pairs that
+#: must be back *reachable* (through a member) but are not yet back direct. ``cgnat`` (carrier
+#: without a WAN filter) and ``hard`` rebooting at the same moment stayed relayed for 150 s
+#: (cause not found, docs/nat-grid.md; the hard router alone rebooting comes back direct,
+#: tests/test_birthday_netns.py).
+REACHABLE_ONLY_AFTER_REBOOT = {frozenset({"cgnat", "hard"})}
 #: How long they get to be back: dead-path detection (10 s), punching, and without a WAN filter
 #: a quiet period (35 s) while clashing entries expire, with margin.
 REBOOT_BOUND = 150.0
@@ -174,7 +177,13 @@ class NatGridTests(TestCase):
                     continue
                 x, z = min(r, y), max(r, y)
                 got = outcome(x, z)
-                if got != expected(labels[x], labels[z]):
+                want = expected(labels[x], labels[z])
+                if frozenset({labels[x], labels[z]}) in REACHABLE_ONLY_AFTER_REBOOT:
+                    if got not in (DIRECT, MEMBER):
+                        return f"vs {labels[y]}: {got}"
+                    if got == MEMBER:
+                        continue
+                elif got != want:
                     return f"vs {labels[y]}: {got}"
                 if got == DIRECT:
                     seen = mesh.peer(y, r).get("endpoint") or [""]
