@@ -15,9 +15,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.interfaces import Endpoint
-from meshguard.memory import MemoryNAT
 from meshguard.mesh import birthday as bd
 from meshguard.mesh import kinds
+from meshguard.testing.memory import MemoryNAT
 from tests.meshsim import MeshSim, SimMember
 
 
@@ -161,12 +161,12 @@ class PathsTests(SynchronousTestCase):
 
 
 class BirthdaySocketTests(SynchronousTestCase):
-    """The adapter's groups of extra sockets (meshguard/birthday_sockets.py)."""
+    """The adapter's groups of extra sockets (meshguard/adapters/birthday_sockets.py)."""
 
     def group(
         self, authentic: set[bytes], count: int
     ) -> tuple[Any, dict[Endpoint, Any], list[bytes]]:
-        from meshguard.birthday_sockets import BirthdaySockets, _Extra, _Group
+        from meshguard.adapters.birthday_sockets import BirthdaySockets, _Extra, _Group
 
         steered: dict[Endpoint, Any] = {}
         delivered: list[bytes] = []
@@ -254,7 +254,7 @@ class BirthdaySocketFilterTests(SynchronousTestCase):
     def test_extra_sockets_carry_the_port_filter(self) -> None:
         """Each extra socket gets the WireGuard port's kernel filter: junk sent to it over
         loopback never reaches it, a well-formed transport message does."""
-        from meshguard.birthday_sockets import BirthdaySockets
+        from meshguard.adapters.birthday_sockets import BirthdaySockets
 
         reactor = _Reactor()
         sockets = BirthdaySockets(

@@ -17,9 +17,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core import constants as C
 from meshguard.core.interfaces import Endpoint
-from meshguard.memory import MemoryNAT
 from meshguard.mesh import keepalive as K
 from meshguard.mesh.paths import CHECK_INTERVAL, DEAD_AFTER
+from meshguard.testing.memory import MemoryNAT
 from tests.idlesim import HOME, HUB, KINDS, PUBLIC, IdleHome
 from tests.meshsim import MeshSim, SimMember
 from tests.packets import ipv4

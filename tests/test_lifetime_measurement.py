@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.memory import MemoryProbePaths
 from meshguard.mesh import keepalive as K
 from meshguard.mesh import lifetime_measurement as M
 from meshguard.mesh import lifetime_probe as P
+from meshguard.testing.memory import MemoryProbePaths
 from tests.test_keepalive import HOME, HUB, Mesh
 
 

@@ -51,7 +51,7 @@ MAPPED = "mapped"
 def expected(x: str, y: str) -> str:
     """The matrix we promise. Direct: one side one-to-one, or both map endpoint-independently
     (``cgnat`` too, with or without its carrier's WAN filter: its primers' hop limit is traced
-    to pass the carrier, meshguard/primer.py), or a hard NAT facing address-only filtering
+    to pass the carrier, meshguard/adapters/primer.py), or a hard NAT facing address-only filtering
     (its random port is let in), or a hard NAT facing port-dependent filtering (the birthday
     technique, docs/nat-matrix.md), or any NAT whose gateway maps our port. Relayed through a
     member: hard against hard without port mapping."""

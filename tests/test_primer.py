@@ -1,4 +1,4 @@
-"""Primers' hop limit (meshguard/primer.py): read from a trace of our own NAT routers."""
+"""Primers' hop limit (meshguard/adapters/primer.py): read from a trace of our own NAT routers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.core.interfaces import Endpoint
-from meshguard.mesh.paths import PRIME_TTL
-from meshguard.primer import (
+from meshguard.adapters.primer import (
     IP_RECVERR,
     RETRACE,
     SO_EE_ORIGIN_ICMP,
@@ -22,6 +20,8 @@ from meshguard.primer import (
     parse_time_exceeded,
     primer_ttl,
 )
+from meshguard.core.interfaces import Endpoint
+from meshguard.mesh.paths import PRIME_TTL
 
 
 def _record(origin: int, icmp_type: int, offender: str) -> bytes:

@@ -15,8 +15,8 @@ from twisted.pair.tuntap import _TUNSETIFF
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from meshguard.adapters.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
 from meshguard.core.offload import PLAIN_HEADER
-from meshguard.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
 
 
 def require_root() -> None:

@@ -30,7 +30,6 @@ Sans-I/O: it reads ``now`` from its callers and writes only peer fields.
 
 from __future__ import annotations
 
-import base64
 import enum
 import ipaddress
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshguard.core.interfaces import AlreadyRegisteredError, Carrier, Endpoint
+from meshguard.core.keytext import key_text
 from meshguard.core.peer import PATH_MEMBER, PATH_TLS, PATH_UDP, Peer
 
 LAN = "lan"
@@ -514,7 +514,7 @@ class PathArbiter:
         if kind == TLS_RELAY:
             via = path.link
         elif kind == MEMBER and path.via is not None:
-            via = _b64(path.via.public_key)
+            via = key_text(path.via.public_key)
         return {
             "path_kind": kind,
             "path_via": via,
@@ -539,7 +539,3 @@ class PathArbiter:
 def _endpoint_text(endpoint: Endpoint) -> str:
     host, port = endpoint
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _b64(key: bytes) -> str:
-    return base64.b64encode(key).decode()

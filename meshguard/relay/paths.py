@@ -36,7 +36,6 @@ This module is sans-I/O: links are objects with ``present()`` and ``send()``.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -428,7 +427,3 @@ class TlsPaths:
             "tls_relay_delivered": self.delivered_count,
             "tls_relay_dropped": self.dropped,
         }
-
-
-def short(key: bytes) -> str:
-    return base64.b64encode(key).decode()[:8] + "..."
