@@ -424,10 +424,10 @@ def write_config(path: Path, private: str, own: str, peer_public: str, peer: str
 #: (module switches set before twistd runs).
 VARIANTS = {
     "meshguard": "",
-    "meshguard-nobacklog": "import meshguard.node as n; n.deque = lambda: None; ",
-    "meshguard-noshed": "import meshguard.flood_guard as g; g.ON_RATE = float('inf'); ",
-    "meshguard-nofilter": "import meshguard.flood_guard as g; g.ON_RATE = float('inf'); "
-    "import meshguard.udp as u; u.USE_SOCKET_FILTER = False; ",
+    "meshguard-nobacklog": "import meshguard.app.node as n; n.deque = lambda: None; ",
+    "meshguard-noshed": "import meshguard.adapters.flood_guard as g; g.ON_RATE = float('inf'); ",
+    "meshguard-nofilter": "import meshguard.adapters.flood_guard as g; g.ON_RATE = float('inf'); "
+    "import meshguard.adapters.udp as u; u.USE_SOCKET_FILTER = False; ",
 }
 
 
@@ -622,7 +622,7 @@ def bench(name: str, args: argparse.Namespace, flooder: Path, workdir: Path) -> 
 def meshguard_counters(ifname: str) -> str:
     """B's drop counters and UDP read count from ``meshguard status`` (what the flood cost)."""
     try:
-        from meshguard.status_client import read_status
+        from meshguard.app.status_client import read_status
 
         doc = read_status(ifname)
     except Exception as e:  # the status document is a nice-to-have here

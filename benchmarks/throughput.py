@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from meshguard.status_client import read_status  # noqa: E402
+from meshguard.app.status_client import read_status  # noqa: E402
 from tests.netns import (  # noqa: E402
     Namespace,
     Testbed,

@@ -40,7 +40,7 @@ def frame(size: int, index: int) -> bytes:
 
 
 class FakeSystem:
-    """Enough of ``meshguard.tun``'s system interface for ``open`` and ``readv``."""
+    """Enough of ``meshguard.adapters.tun``'s system interface for ``open`` and ``readv``."""
 
     O_RDWR = os.O_RDWR
     O_NONBLOCK = os.O_NONBLOCK
@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     sys.path.insert(0, os.path.abspath(args.tree))
-    from meshguard import tun
+    from meshguard.adapters import tun
 
     frames = [frame(args.size, i) for i in range(args.batch)]
     system = FakeSystem(frames)

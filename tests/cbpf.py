@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from meshguard.socket_filter import Instruction
+from meshguard.adapters.socket_filter import Instruction
 
 SKF_AD_OFF = -0x1000
 SKF_AD_RANDOM = 56

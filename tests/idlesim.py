@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
-from meshguard.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
 from meshguard.mesh import keepalive as K
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.pmtu import PathMTU
 from meshguard.mesh.stack import MeshStack
+from meshguard.testing.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
 from tests.packets import ipv4
 
 HOME = ("192.168.1.2", 51820)
@@ -40,7 +40,7 @@ def kind_of(data: bytes) -> str:
 
 
 class Node:
-    """A device wired like meshguard.node wires the mesh core."""
+    """A device wired like meshguard.app.node wires the mesh core."""
 
     def __init__(self, net: MemoryNetwork, endpoint: Endpoint, rng: random.Random) -> None:
         self.node: MemoryNode = net.add(endpoint, rng.randbytes)

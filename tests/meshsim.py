@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
-from meshguard.memory import MemoryNAT, MemoryNetwork, MemoryNode
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.stack import MeshStack
+from meshguard.testing.memory import MemoryNAT, MemoryNetwork, MemoryNode
 from tests.packets import ipv4
 
 PORT = 51820

@@ -1136,7 +1136,7 @@ def start_meshguard_userspace(
     """Run ``meshguard-userspace -f IFNAME`` (this tree's code) in ``ns``; return once ready."""
     if ifname not in testbed._ifnames:
         testbed._ifnames.append(ifname)
-    argv = [sys.executable, "-m", "meshguard.userspace", "-f", ifname]
+    argv = [sys.executable, "-m", "meshguard.app.userspace", "-f", ifname]
     proc = testbed.spawn(ns, argv, env=meshguard_env(), cwd=REPO_ROOT)
     _wait_uapi(testbed, ns, proc, argv, ifname, timeout)
     return proc

@@ -18,9 +18,9 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
 
-from meshguard.portmap.methods import Method, NatPmpMethod, PcpMethod
-from meshguard.portmap.service import default_gateway
-from meshguard.portmap.upnp import UpnpMethod, reactor_threads
+from meshguard.adapters.portmap.methods import Method, NatPmpMethod, PcpMethod
+from meshguard.adapters.portmap.service import default_gateway
+from meshguard.adapters.portmap.upnp import UpnpMethod, reactor_threads
 
 reactor: Any = _reactor
 

@@ -22,8 +22,8 @@ from twisted.internet import task
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.python.failure import Failure
 
+from meshguard.adapters.relay.client import RelayClientLink, RelayClientProtocol, tls_creator
 from meshguard.relay import frames
-from meshguard.relay.client import RelayClientLink, RelayClientProtocol, tls_creator
 
 #: Junk frames written per reactor turn while flooding.
 BATCH = 64

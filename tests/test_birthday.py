@@ -12,9 +12,9 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.interfaces import Endpoint
-from meshguard.memory import MemoryNAT
 from meshguard.mesh import birthday as bd
 from meshguard.mesh import kinds
+from meshguard.testing.memory import MemoryNAT
 from tests.meshsim import MeshSim, SimMember
 
 
@@ -154,10 +154,10 @@ class PathsTests(SynchronousTestCase):
 
 
 class BirthdaySocketTests(SynchronousTestCase):
-    """The adapter's groups of extra sockets (meshguard/birthday_sockets.py)."""
+    """The adapter's groups of extra sockets (meshguard/adapters/birthday_sockets.py)."""
 
     def group(self, authentic: set[bytes], count: int) -> tuple[Any, list[Any], list[bytes]]:
-        from meshguard.birthday_sockets import BirthdaySockets, _Extra, _Group
+        from meshguard.adapters.birthday_sockets import BirthdaySockets, _Extra, _Group
 
         steered: list[Any] = []
         delivered: list[bytes] = []

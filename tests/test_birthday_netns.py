@@ -9,7 +9,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.status_client import read_status
+from meshguard.app.status_client import read_status
 from tests.natmesh import start_mesh
 from tests.netns import Testbed, nat_homes, reboot_router, require_root_netns
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from nacl.bindings import crypto_scalarmult_base
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard import cli, keys
+from meshguard.app import cli
+from meshguard.codecs import keys
 
 KEY_LINE = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=\n")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +123,7 @@ class ProcessTests(SynchronousTestCase):
     def meshguard(self, *args: str, stdin: bytes = b"") -> bytes:
         env = dict(os.environ, PYTHONPATH=REPO)
         return subprocess.run(
-            [sys.executable, "-m", "meshguard.cli", *args],
+            [sys.executable, "-m", "meshguard.app.cli", *args],
             input=stdin,
             capture_output=True,
             check=True,
@@ -204,7 +205,7 @@ class CheckConfigTests(SynchronousTestCase):
 
 
 class StatusTests(SynchronousTestCase):
-    """status hands over to meshguard.status_client when it exists."""
+    """status hands over to meshguard.app.status_client when it exists."""
 
     def test_not_available(self) -> None:
         self.patch(cli, "STATUS_MODULE", "meshguard._no_such_status_client")
@@ -247,7 +248,7 @@ class UsageTests(SynchronousTestCase):
 
 
 class KeyEncodingTests(SynchronousTestCase):
-    """meshguard.keys: strict base64/hex codecs whose errors never contain the input."""
+    """meshguard.codecs.keys: strict base64/hex codecs whose errors never contain the input."""
 
     @settings(max_examples=200, deadline=None)
     @given(st.binary(min_size=32, max_size=32))

@@ -1,4 +1,5 @@
-"""Tests for meshguard.config: the wg-quick superset parser, its errors and its UAPI rendering."""
+"""Tests for meshguard.codecs.config: the wg-quick superset parser, its errors and its UAPI
+rendering."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard import keys
-from meshguard.config import (
+from meshguard.codecs import keys
+from meshguard.codecs.config import (
     INTERFACE_KEYS,
     PEER_KEYS,
     Config,

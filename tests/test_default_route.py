@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.default_route import DefaultRoute
-from meshguard.link import CommandResult
+from meshguard.adapters.default_route import DefaultRoute
+from meshguard.adapters.link import CommandResult
 
 
 class DefaultRouteTests(SynchronousTestCase):

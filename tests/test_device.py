@@ -12,7 +12,7 @@ from meshguard.core import constants as C
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.device import Device
 from meshguard.core.peer import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, SEND_KEEPALIVE
-from meshguard.memory import MemoryNetwork, MemoryNode
+from meshguard.testing.memory import MemoryNetwork, MemoryNode
 from tests.packets import ipv4, ipv6
 
 A_EP = ("192.0.2.1", 51820)

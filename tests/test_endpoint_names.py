@@ -9,12 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-import meshguard.node
-from meshguard.config import parse_config
-from meshguard.core.constants import REKEY_TIMEOUT
-from meshguard.core.crypto import generate_private_key, public_key
-from meshguard.core.interfaces import Endpoint
-from meshguard.endpoint_names import (
+import meshguard.app.node
+from meshguard.adapters.endpoint_names import (
     CHECK_INTERVAL,
     DEFAULT_TTL,
     MIN_GAP,
@@ -24,8 +20,12 @@ from meshguard.endpoint_names import (
     SystemResolver,
     is_name,
 )
-from meshguard.node import Node
-from meshguard.uapi import PeerUpdate
+from meshguard.app.node import Node
+from meshguard.codecs.config import parse_config
+from meshguard.codecs.uapi import PeerUpdate
+from meshguard.core.constants import REKEY_TIMEOUT
+from meshguard.core.crypto import generate_private_key, public_key
+from meshguard.core.interfaces import Endpoint
 
 OLD: Endpoint = ("192.0.2.10", 51820)
 NEW: Endpoint = ("192.0.2.20", 51820)
@@ -70,7 +70,7 @@ class EndpointNamesTests(SynchronousTestCase):
         self.clock.advance(1_000_000)
         self.resolver = FakeResolver()
         self.answers = {"peer.example": OLD}
-        self.patch(meshguard.node, "resolve_endpoint", self._resolve_at_load)
+        self.patch(meshguard.app.node, "resolve_endpoint", self._resolve_at_load)
         self.node = Node("mgdns0", self.clock, resolver=self.resolver, plugins=False)
         self.sent = Sent()
         self.node.device.io = self.sent
@@ -264,9 +264,9 @@ class SystemResolverTests(SynchronousTestCase):
             assert callable(f)
             return Deferred()
 
-        import meshguard.endpoint_names
+        import meshguard.adapters.endpoint_names
 
-        self.patch(meshguard.endpoint_names, "deferToThreadPool", fake_defer)
+        self.patch(meshguard.adapters.endpoint_names, "deferToThreadPool", fake_defer)
         SystemResolver(Reactor()).resolve("localhost", 51820)
         self.assertEqual(len(calls), 1)
         self.assertIsInstance(calls[0], Pool)

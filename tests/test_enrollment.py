@@ -14,8 +14,8 @@ from nacl.signing import SigningKey
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.config import parse_config
-from meshguard.enrollment import POLL, Enrollment
+from meshguard.app.enrollment import POLL, Enrollment
+from meshguard.codecs.config import parse_config
 from meshguard.mesh.authority import sign_member, sign_revocation
 from tests.meshsim import MeshSim
 
@@ -51,12 +51,12 @@ class EnrollmentTests(SynchronousTestCase):
             "hub.conf",
         )
         node = SimpleNamespace(
-            members=self.intro.stack, device=self.intro.node.device, reschedule=lambda: None
+            mesh_stack=self.intro.stack, device=self.intro.node.device, reschedule=lambda: None
         )
         self.clock = task.Clock()
         self.enrollment = Enrollment(config, node, self.clock)
         self.alice, self.bob, self.carol = os.urandom(32), os.urandom(32), os.urandom(32)
-        from meshguard.store import SqliteStore
+        from meshguard.adapters.store import SqliteStore
 
         self.store = SqliteStore(path)
         self.store.put_record(self.alice, "alice", ["10.99.0.2/32"], record("alice", self.alice, 2))

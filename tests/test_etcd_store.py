@@ -9,8 +9,8 @@ import threading
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshguard.etcd_store import EtcdAgentStore, EtcdStore
-from meshguard.store import JoinRefusedError, StoreError, open_store
+from meshguard.adapters.etcd_store import EtcdAgentStore, EtcdStore
+from meshguard.adapters.store import JoinRefusedError, StoreError, open_store
 from tests.etcd import start_loopback_etcd
 
 

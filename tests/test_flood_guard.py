@@ -7,11 +7,11 @@ from dataclasses import fields
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard import flood_guard
+from meshguard.adapters import flood_guard
+from meshguard.adapters.flood_guard import FloodGuard
+from meshguard.adapters.socket_filter import Shedding
 from meshguard.core.device import Device, DropCounters
-from meshguard.flood_guard import FloodGuard
-from meshguard.memory import MemoryNetwork
-from meshguard.socket_filter import Shedding
+from meshguard.testing.memory import MemoryNetwork
 
 
 class RecordingShedder:

@@ -9,10 +9,10 @@ from collections import deque
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshguard.app.node import Node
 from meshguard.core import device as device_module
 from meshguard.core.cookie import CookieGenerator
 from meshguard.core.crypto import public_key
-from meshguard.node import Node
 from tests.packets import ipv4
 from tests.test_device import Pair
 

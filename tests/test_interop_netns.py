@@ -14,7 +14,7 @@ import os
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from meshguard.status_client import read_status
+from meshguard.app.status_client import read_status
 from tests.netns import (
     MeshguardGoPair,
     MeshguardPeer,

@@ -19,9 +19,11 @@ from nacl.signing import SigningKey
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshguard import cli, keys
-from meshguard.config import parse_config
-from meshguard.join import JoinError, JoinService, join_mesh, member_config
+from meshguard.adapters.join import JoinError, JoinService, join_mesh, member_config
+from meshguard.adapters.store import JoinRefusedError, SqliteStore, ThreadRunner
+from meshguard.app import cli
+from meshguard.codecs import keys
+from meshguard.codecs.config import parse_config
 from meshguard.mesh.authority import b64u, bind, bound_record, sign_grant, verify_member
 from meshguard.mesh.invitation import (
     IntroducerAddress,
@@ -32,7 +34,6 @@ from meshguard.mesh.invitation import (
     parse_join_answer,
     parse_join_request,
 )
-from meshguard.store import JoinRefusedError, SqliteStore, ThreadRunner
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:
@@ -188,7 +189,7 @@ class StoreTests(SynchronousTestCase):
         SqliteStore(path)
         code = (
             "import sys\n"
-            "from meshguard.store import SqliteStore\n"
+            "from meshguard.adapters.store import SqliteStore\n"
             f"s = SqliteStore({path!r})\n"
             "for i in range(100000):\n"
             "    s.put_record(i.to_bytes(32, 'big'), f'm{i}', [], f'text{i}')\n"
@@ -350,7 +351,7 @@ class MeshConfigTests(SynchronousTestCase):
     """The signed-membership config keys: accepted values, and errors that name the line."""
 
     def rejected(self, line: str, fragment: str) -> None:
-        from meshguard.config import ConfigError
+        from meshguard.codecs.config import ConfigError
 
         with self.assertRaises(ConfigError) as caught:
             parse_config(f"[Interface]\n{line}\n", "m.conf")

@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import PERSISTENT_KEEPALIVE, Peer
-from meshguard.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
 from meshguard.mesh import keepalive as K
 from meshguard.mesh.agent import MeshAgent
+from meshguard.testing.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
 from tests.packets import ipv4
 
 HOME = ("192.168.1.2", 51820)
@@ -581,9 +581,9 @@ class ConfigTests(SynchronousTestCase):
     def test_auto_parsed_and_left_to_the_policy(self) -> None:
         """`PersistentKeepalive = auto` parses; the UAPI operations leave the number to the
         policy (None = unchanged), while numbers and off pass through as WireGuard's."""
-        from meshguard.config import KEEPALIVE_AUTO, parse_config
-        from meshguard.node import config_operations
-        from meshguard.uapi import PeerUpdate
+        from meshguard.app.node import config_operations
+        from meshguard.codecs.config import KEEPALIVE_AUTO, parse_config
+        from meshguard.codecs.uapi import PeerUpdate
 
         keys = [public_key(generate_private_key(random.Random(i).randbytes)) for i in range(4)]
         b64 = [base64.b64encode(k).decode() for k in keys]

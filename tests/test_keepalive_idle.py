@@ -15,7 +15,7 @@ import random
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core import constants as C
-from meshguard.memory import MemoryNAT
+from meshguard.testing.memory import MemoryNAT
 from tests.idlesim import HOME, HUB, KINDS, PUBLIC, IdleHome
 from tests.packets import ipv4
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
+from meshguard.app.status_client import read_status
 from meshguard.mesh import keepalive as K
-from meshguard.status_client import read_status
 from tests.netns import (
     Namespace,
     Testbed,

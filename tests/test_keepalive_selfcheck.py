@@ -16,11 +16,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.peer import Peer
-from meshguard.memory import MemoryNAT, MemoryNetwork
 from meshguard.mesh import keepalive as K
 from meshguard.mesh import kinds
 from meshguard.mesh import selfcheck as S
 from meshguard.mesh.agent import encode_json
+from meshguard.testing.memory import MemoryNAT, MemoryNetwork
 from tests.packets import ipv4
 from tests.test_keepalive import HOME, HOUR, HUB, PUBLIC, Member, Mesh
 

@@ -10,15 +10,15 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-import meshguard.service
-from meshguard.config import parse_config
+import meshguard.app.service
+from meshguard.adapters.link import CommandResult, Link
+from meshguard.app.node import Node
+from meshguard.app.service import NodeService
+from meshguard.codecs.config import parse_config
 from meshguard.core.crypto import generate_private_key, public_key
-from meshguard.link import CommandResult, Link
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
 from meshguard.mesh.members import MemberInfo
-from meshguard.node import Node
-from meshguard.service import NodeService
 
 
 def private(n: int) -> bytes:
@@ -54,10 +54,10 @@ class LearnedRouteTests(SynchronousTestCase):
             node.open = lambda: None  # type: ignore[method-assign]
             return node
 
-        self.patch(meshguard.service, "Node", make_node)
-        self.patch(meshguard.service, "host_addresses", lambda exclude: [])
-        self.patch(meshguard.service, "listen_uapi", lambda *a: None)
-        self.patch(meshguard.service, "listen_status", lambda *a: None)
+        self.patch(meshguard.app.service, "Node", make_node)
+        self.patch(meshguard.app.service, "host_addresses", lambda exclude: [])
+        self.patch(meshguard.app.service, "listen_uapi", lambda *a: None)
+        self.patch(meshguard.app.service, "listen_status", lambda *a: None)
         config = parse_config(
             f"[Interface]\nPrivateKey = {b64(private(1))}\nAddress = 10.99.0.2/24\n"
             f"Table = {table}\n\n"
@@ -75,7 +75,7 @@ class LearnedRouteTests(SynchronousTestCase):
     def hear(self, service: NodeService, gen: int, *members: MemberInfo) -> None:
         assert service.node is not None
         introducer = service.node.device.peers[INTRODUCER]
-        service.node.members.membership.control_received(
+        service.node.mesh_stack.membership.control_received(
             introducer, kinds.MEMBERS, member_list(gen, *members), self.clock.seconds()
         )
 

@@ -10,9 +10,9 @@ from unittest import mock
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard import link
-from meshguard.link import CommandResult, Link, LinkError, run_command, split_default
-from meshguard.tun import TunDevice
+from meshguard.adapters import link
+from meshguard.adapters.link import CommandResult, Link, LinkError, run_command, split_default
+from meshguard.adapters.tun import TunDevice
 from tests.test_tun import FakeReactor, require_root
 
 

@@ -13,9 +13,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
-from meshguard.memory import MemoryNAT, MemoryNode
+from meshguard.core.keytext import key_text
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
+from meshguard.mesh.forwarding import Relaying, parse_relay_body
 from meshguard.mesh.members import MemberInfo, parse_member, parse_page
 from meshguard.mesh.paths import (
     CHECK_INTERVAL,
@@ -24,8 +25,7 @@ from meshguard.mesh.paths import (
     RECOVERY_BOUND,
     RETRY_INTERVAL,
 )
-from meshguard.mesh.relay import Relaying, parse_relay_body
-from meshguard.status import b64
+from meshguard.testing.memory import MemoryNAT, MemoryNode
 from tests.meshsim import PORT, MeshSim, SimMember
 from tests.packets import ipv4
 
@@ -134,8 +134,8 @@ class HolePunchingTests(SynchronousTestCase):
         sim.run(30)
         self.assertEqual(sim.path(a, b), "relayed")
         status = a.stack.paths.peer_status(a.node.device.peers[b.public_key])
-        self.assertEqual(status["relay"], b64(sim.introducer.public_key))
-        self.assertEqual(status["path"], f"relayed via {b64(sim.introducer.public_key)}")
+        self.assertEqual(status["relay"], key_text(sim.introducer.public_key))
+        self.assertEqual(status["path"], f"relayed via {key_text(sim.introducer.public_key)}")
         before = sim.introducer.stack.relaying.forwarded_bytes
         self.assertTrue(sim.ping(a, b))
         self.assertTrue(sim.ping(b, a))

@@ -12,7 +12,7 @@ from twisted.names.error import DNSNameError, DomainError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshguard.names import MeshZone, listen_names
+from meshguard.adapters.dns_server import MeshZone, listen_names
 
 TABLE = {
     "alice": [ipaddress.ip_address("10.99.0.2"), ipaddress.ip_address("fd00::2")],
@@ -65,7 +65,7 @@ class ServerTests(TestCase):
 class LogNameTests(SynchronousTestCase):
     def test_logs_show_a_registered_name_and_the_key_prefix(self) -> None:
         """Path logs describe a member by name once a roster knows it, by key prefix before."""
-        from meshguard import member_names
+        from meshguard.mesh import member_names
 
         key = bytes(range(32))
         self.assertEqual(member_names.describe(key), "AAECAwQF...")

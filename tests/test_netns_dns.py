@@ -8,7 +8,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.status_client import read_status
+from meshguard.app.status_client import read_status
 from tests.netns import (
     MeshguardPeer,
     Testbed,

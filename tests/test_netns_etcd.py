@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.config import load_config
+from meshguard.codecs.config import load_config
 from tests.etcd import etcd_argv, require_etcd
 from tests.netns import Namespace, Testbed, nat_homes, require_root_netns, start_meshguard
 from tests.test_netns_invite import NETNS_ETC, meshguard_cli

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.config import load_config
-from meshguard.status_client import read_status
-from meshguard.store import SqliteStore
+from meshguard.adapters.store import SqliteStore
+from meshguard.app.status_client import read_status
+from meshguard.codecs.config import load_config
 from tests.netns import Namespace, Testbed, nat_homes, require_root_netns, start_meshguard
 from tests.test_netns_invite import meshguard_cli, peer_keys
 

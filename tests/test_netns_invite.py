@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.status_client import read_status
+from meshguard.app.status_client import read_status
 from tests.netns import (
     Namespace,
     Testbed,
@@ -30,7 +30,7 @@ NETNS_ETC = Path("/etc/netns")
 
 def meshguard_cli(tb: Testbed, ns: Namespace, *args: str, check: bool = True) -> Any:
     return tb.run(
-        ns, [sys.executable, "-m", "meshguard.cli", *args], timeout=30, env=meshguard_env(),
+        ns, [sys.executable, "-m", "meshguard.app.cli", *args], timeout=30, env=meshguard_env(),
         check=check,
     )  # fmt: skip
 

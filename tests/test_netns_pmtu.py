@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.status_client import read_status
+from meshguard.app.status_client import read_status
 from tests.netns import (
     Blackhole,
     MeshguardPeer,

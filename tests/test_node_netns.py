@@ -14,7 +14,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.status_client import read_status
+from meshguard.app.status_client import read_status
 from tests.netns import (
     DEFAULT_BINARIES,
     MeshguardGoPair,
@@ -305,7 +305,7 @@ class UserspaceTests(NodeTestCase):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"meshguard-userspace" in cmdline or b"meshguard.userspace" in cmdline:
+            if b"meshguard-userspace" in cmdline or b"meshguard.app.userspace" in cmdline:
                 pids.append(int(pid))
         return pids
 

@@ -18,8 +18,8 @@ from typing import Any
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
+from meshguard.adapters.tun import TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TunDevice
 from meshguard.core.offload import checksum
-from meshguard.tun import TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TunDevice
 from tests.netns import Namespace, Testbed, require_root_netns
 
 MTU = 1420

@@ -19,15 +19,15 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from meshguard import cli, ping_client
-from meshguard.config import ConfigError, parse_config
+from meshguard.adapters.metrics import MetricsPage, StatusCollector
+from meshguard.adapters.path_view import KINDS, PathView, path_view
+from meshguard.adapters.status_server import REQUEST_GRACE, Reply, StatusFactory
+from meshguard.app import cli, ping_client
+from meshguard.app.netcheck import format_netcheck, netcheck_report
+from meshguard.app.status_client import format_table, not_direct_reason
+from meshguard.codecs.config import ConfigError, parse_config
 from meshguard.mesh import kinds
 from meshguard.mesh.ping import PingAnswer, Pinger
-from meshguard.metrics import MetricsPage, StatusCollector
-from meshguard.netcheck import format_netcheck, netcheck_report
-from meshguard.path_view import KINDS, PathView, path_view
-from meshguard.status import REQUEST_GRACE, Reply, StatusFactory
-from meshguard.status_client import format_table, not_direct_reason
 from tests.meshsim import MeshSim, SimMember
 from tests.test_mesh import home
 
@@ -596,9 +596,9 @@ class PingRequestTests(SynchronousTestCase):
     """The node's side of ``ping``: finding the peer, pacing, timeouts, the path of answers."""
 
     def setUp(self) -> None:
+        from meshguard.adapters.pinging import PingRequests
+        from meshguard.app.node import Node
         from meshguard.core.crypto import generate_private_key, public_key
-        from meshguard.node import Node
-        from meshguard.pinging import PingRequests
 
         self.clock = Clock()
         self.clock.advance(1000)
@@ -615,9 +615,9 @@ class PingRequestTests(SynchronousTestCase):
         self.keys = keys
         self.meshguard, self.old, self.stock = (self.node.device.peers[k] for k in keys)
         self.meshguard.is_meshguard = True
-        self.node.mesh.state(self.meshguard).features = ["PathMTU", "Pinger"]
+        self.node.mesh_agent.state(self.meshguard).features = ["PathMTU", "Pinger"]
         self.old.is_meshguard = True
-        self.node.mesh.state(self.old).features = ["PathMTU"]
+        self.node.mesh_agent.state(self.old).features = ["PathMTU"]
         self.pinger = _RecordingPinger()
         self.requests = PingRequests(
             self.node,
@@ -756,7 +756,7 @@ class MetricsListenTests(TestCase):
         from twisted.internet import reactor
         from twisted.internet.protocol import Factory
 
-        from meshguard.metrics import listen_metrics
+        from meshguard.adapters.metrics import listen_metrics
 
         holder = reactor.listenTCP(0, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(holder.stopListening)
@@ -771,7 +771,7 @@ class MetricsListenTests(TestCase):
         from twisted.internet import reactor
         from twisted.web.client import Agent, readBody
 
-        from meshguard.metrics import listen_metrics
+        from meshguard.adapters.metrics import listen_metrics
 
         port = listen_metrics(reactor, ("127.0.0.1", 0), _document)
         self.addCleanup(port.stopListening)
@@ -786,9 +786,9 @@ class MetricsListenTests(TestCase):
 class NetcheckCommandTests(SynchronousTestCase):
     def test_no_node_and_no_config(self) -> None:
         """With no node to ask and no config to probe with, netcheck says what to do."""
-        import meshguard.status_client
+        import meshguard.app.status_client
 
-        self.patch(meshguard.status_client, "interface_names", lambda directory="": [])
+        self.patch(meshguard.app.status_client, "interface_names", lambda directory="": [])
         out, err = io.StringIO(), io.StringIO()
         code = cli.run(["netcheck"], io.BytesIO(), out, err)
         self.assertEqual(code, 1)
@@ -832,7 +832,12 @@ class LongReasonTests(SynchronousTestCase):
 class PortMappingParserTests(SynchronousTestCase):
     def test_answers_miniupnpd_gives(self) -> None:
         """The answers Debian's miniupnpd 2.3.1 sent in a namespace (NAT-PMP, PCP, SSDP)."""
-        from meshguard.portmap_probe import parse_natpmp, parse_pcp, parse_ssdp, pcp_request
+        from meshguard.adapters.portmap_probe import (
+            parse_natpmp,
+            parse_pcp,
+            parse_ssdp,
+            pcp_request,
+        )
 
         self.assertEqual(
             parse_natpmp(bytes.fromhex("008000000000095ccb000102")),
@@ -857,7 +862,7 @@ class PortMappingParserTests(SynchronousTestCase):
     @given(st.binary(max_size=80))
     def test_hostile_answers(self, data: bytes) -> None:
         """Whatever the network sends back, the parsers answer None or a small dict."""
-        from meshguard.portmap_probe import parse_natpmp, parse_pcp, parse_ssdp
+        from meshguard.adapters.portmap_probe import parse_natpmp, parse_pcp, parse_ssdp
 
         for parse in (parse_natpmp, parse_pcp, parse_ssdp):
             result = parse(data)
@@ -881,7 +886,7 @@ class ControlSocketIntegrationTests(TestCase):
 
         from twisted.internet import reactor
 
-        from meshguard.status import listen_status
+        from meshguard.adapters.status_server import listen_status
 
         self.directory = tempfile.mkdtemp(prefix="mgops")
         self.addCleanup(shutil.rmtree, self.directory, True)
@@ -911,7 +916,7 @@ class ControlSocketIntegrationTests(TestCase):
 
         from twisted.internet import threads
 
-        from meshguard import status_client
+        from meshguard.app import status_client
 
         def clients() -> tuple[Any, Any, list[Any], str]:
             requested = status_client.read_status("mgops0", self.directory)

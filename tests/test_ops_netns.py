@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import TestCase
 
-from meshguard.status_client import read_status
+from meshguard.app.status_client import read_status
 from tests.miniupnpd import start_miniupnpd
 from tests.netns import (
     DEFAULT_BINARIES,
@@ -43,7 +43,7 @@ def cli(
     """``meshguard ARGS`` in ``ns``, as a person runs it there (this tree's code)."""
     return tb.run(
         ns,
-        [sys.executable, "-m", "meshguard.cli", *args],
+        [sys.executable, "-m", "meshguard.app.cli", *args],
         timeout=timeout,
         check=False,
         env={**meshguard_env(), "COLUMNS": "80"},
@@ -340,7 +340,7 @@ class OperationsMeshTests(TestCase):
 
         # --- the same in a real terminal, 80 columns (tmux): the table, then --watch.
         once = Terminal(
-            self, tb, ns_of[a], [sys.executable, "-m", "meshguard.cli", "status"], "once"
+            self, tb, ns_of[a], [sys.executable, "-m", "meshguard.app.cli", "status"], "once"
         )
         try:
             tb.wait_for(lambda: any("PEER" in r for r in once.screen()), timeout=20)
@@ -355,7 +355,7 @@ class OperationsMeshTests(TestCase):
             self,
             tb,
             ns_of[a],
-            [sys.executable, "-m", "meshguard.cli", "status", "--watch", "1"],
+            [sys.executable, "-m", "meshguard.app.cli", "status", "--watch", "1"],
             "w",
         )
         tb.wait_for(lambda: "PEER" in "".join(watch.screen()), timeout=20, what="watch")

@@ -17,12 +17,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 import meshguard.plugins
+from meshguard.app.node import Node
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
 from meshguard.mesh.members import MemberInfo, Network
 from meshguard.mesh.sources import DEFAULT_SOURCES, Candidate, gather, gather_kinds
-from meshguard.node import Node
 from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver, load
 from meshguard.plugins.standard import PathLog
 from tests.meshsim import MeshSim
@@ -112,8 +112,8 @@ class BuiltinPluginTests(SynchronousTestCase):
         self.assertEqual([s.name for s in sources][:2], ["lan", "introducer"])
         self.assertTrue(any(isinstance(o, PathLog) for o in load(IPathObserver)))
         node = Node("mgplug0", Clock())
-        self.assertEqual([s.name for s in node.members.paths.sources][:2], ["lan", "introducer"])
-        self.assertTrue(any(isinstance(o, PathLog) for o in node.members.paths.observers))
+        self.assertEqual([s.name for s in node.mesh_stack.paths.sources][:2], ["lan", "introducer"])
+        self.assertTrue(any(isinstance(o, PathLog) for o in node.mesh_stack.paths.observers))
         self.assertIn("lan", node.status_document()["node"]["endpoint_sources"])
 
     def test_default_sources_match_the_old_candidate_rules(self) -> None:
@@ -228,7 +228,7 @@ class ThirdPartyPluginTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(1000)
         node = Node("mgplug1", clock)
-        names = [s.name for s in node.members.paths.sources]
+        names = [s.name for s in node.mesh_stack.paths.sources]
         self.assertEqual(names, ["lan", "introducer", "mapped", "endpoints-file"])
         recorder = sys.modules["meshguard.plugins.mgtest_recorder"]
 
@@ -236,13 +236,15 @@ class ThirdPartyPluginTests(SynchronousTestCase):
         node.device.set_private_key(private(9), clock.seconds())
         introducer = node.device.add_peer(key(2))
         assert introducer is not None
-        node.members.configure({key(2)}, True, clock.seconds())
+        node.mesh_stack.configure({key(2)}, True, clock.seconds())
         info = MemberInfo(member, (ipaddress.ip_network("10.99.0.3/32"),), ("203.0.113.9", 4000))
         body = encode_json(
             {"op": "list", "gen": 1, "page": 0, "pages": 1, "members": [info.to_json()]}
         )
-        node.members.membership.control_received(introducer, kinds.MEMBERS, body, clock.seconds())
-        state = node.members.paths.states[member]
+        node.mesh_stack.membership.control_received(
+            introducer, kinds.MEMBERS, body, clock.seconds()
+        )
+        state = node.mesh_stack.paths.states[member]
         self.assertEqual(state.candidates(), [("203.0.113.9", 4000), ("192.0.2.77", 51820)])
         self.assertIn(("member", member, [ipaddress.ip_network("10.99.0.3/32")]), recorder.events)
         self.assertEqual(node.status_document()["node"]["endpoint_sources"], names)

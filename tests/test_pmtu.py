@@ -12,7 +12,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.mss import clamp_mss
 from meshguard.core.peer import Peer
-from meshguard.memory import MemoryNetwork, PathMTULimit
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.pmtu import (
@@ -20,6 +19,7 @@ from meshguard.mesh.pmtu import (
     STEADY,
     PathMTU,
 )
+from meshguard.testing.memory import MemoryNetwork, PathMTULimit
 from tests.packets import ipv4, ipv6
 from tests.test_device import Pair
 

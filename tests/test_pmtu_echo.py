@@ -9,7 +9,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.icmp import echo_reply, echo_request
 from meshguard.core.peer import Peer
-from meshguard.memory import MemoryNetwork, PathMTULimit
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.pmtu import (
     FAILED,
@@ -19,6 +18,7 @@ from meshguard.mesh.pmtu import (
     STOCK_GRACE,
     PathMTU,
 )
+from meshguard.testing.memory import MemoryNetwork, PathMTULimit
 from tests.packets import ipv4
 from tests.test_device import A_EP, Pair
 

@@ -15,13 +15,14 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.portmap import client, natpmp
-from meshguard.portmap.announcements import GatewayAnnouncements
-from meshguard.portmap.exchange import RETRANSMIT, GatewayExchange
-from meshguard.portmap.methods import Grant, MappingRefusedError, NatPmpMethod, PcpMethod
-from meshguard.portmap.service import PortMapping
-from meshguard.portmap.upnp import UpnpMethod
-from meshguard.status_client import port_mapping_line
+from meshguard.adapters.portmap import client
+from meshguard.adapters.portmap.announcements import GatewayAnnouncements
+from meshguard.adapters.portmap.exchange import RETRANSMIT, GatewayExchange
+from meshguard.adapters.portmap.methods import Grant, MappingRefusedError, NatPmpMethod, PcpMethod
+from meshguard.adapters.portmap.service import PortMapping
+from meshguard.adapters.portmap.upnp import UpnpMethod
+from meshguard.app.status_client import port_mapping_line
+from meshguard.portmap import natpmp
 from tests.test_portmap_codec import (
     natpmp_address_response,
     natpmp_map_response,

@@ -8,13 +8,13 @@ import ipaddress
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.config import ConfigError, parse_config
+from meshguard.codecs.config import ConfigError, parse_config
 from meshguard.core.interfaces import Endpoint
-from meshguard.memory import MemoryNAT
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import MAX_MAPPED, encode_json
 from meshguard.mesh.members import MemberInfo, parse_member
 from meshguard.mesh.sources import Candidate, PortMapped
+from meshguard.testing.memory import MemoryNAT
 from tests.meshsim import MeshSim
 
 MAPPED: Endpoint = ("203.0.113.1", 51820)

@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from meshguard.status_client import format_status, format_table, read_status
+from meshguard.app.status_client import format_status, format_table, read_status
 from tests.miniupnpd import MINIUPNPD, start_miniupnpd
 from tests.netns import (
     DEFAULT_BINARIES,

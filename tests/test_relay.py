@@ -16,10 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.config import ConfigError, parse_config
-from meshguard.core.crypto import generate_private_key, public_key
-from meshguard.relay import auth, frames
-from meshguard.relay.client import (
+from meshguard.adapters.relay.client import (
     RelayClientFactory,
     RelayClientLink,
     RelayClientProtocol,
@@ -27,9 +24,12 @@ from meshguard.relay.client import (
     parse_pin,
     relay_backoff,
 )
-from meshguard.relay.connection import DEAD_AFTER
+from meshguard.adapters.relay.connection import DEAD_AFTER
+from meshguard.adapters.relay.server import AUTH_TIMEOUT, RelayHub, RelayServerProtocol
+from meshguard.codecs.config import ConfigError, parse_config
+from meshguard.core.crypto import generate_private_key, public_key
+from meshguard.relay import auth, frames
 from meshguard.relay.fairness import SLACK
-from meshguard.relay.server import AUTH_TIMEOUT, RelayHub, RelayServerProtocol
 
 
 def keypair(seed: int) -> tuple[bytes, bytes]:

@@ -21,8 +21,8 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
+from meshguard.app.status_client import read_status
 from meshguard.relay import frames
-from meshguard.status_client import read_status
 from tests.netns import (
     REPO_ROOT,
     Namespace,

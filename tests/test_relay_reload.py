@@ -12,9 +12,9 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.config import InterfaceConfig
+from meshguard.adapters.relay.service import TlsRelay
+from meshguard.codecs.config import InterfaceConfig
 from meshguard.mesh.arbiter import PathArbiter
-from meshguard.relay.service import TlsRelay
 from tests.relaycerts import TestCA
 
 
@@ -37,8 +37,8 @@ def fake_node() -> Any:
     )
     return SimpleNamespace(
         device=device,
-        mesh=FakeAgent(device),
-        members=SimpleNamespace(
+        mesh_agent=FakeAgent(device),
+        mesh_stack=SimpleNamespace(
             arbiter=PathArbiter(),
             membership=SimpleNamespace(is_relay_endpoint=None, learned=set()),
         ),

@@ -12,9 +12,9 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from meshguard.relay.client import RelayClientLink, relay_client_service, tls_creator
-from meshguard.relay.server import RelayHub, RelayServerFactory
-from meshguard.relay.service import server_tls_options
+from meshguard.adapters.relay.client import RelayClientLink, relay_client_service, tls_creator
+from meshguard.adapters.relay.server import RelayHub, RelayServerFactory
+from meshguard.adapters.relay.service import server_tls_options
 from tests.relaycerts import TestCA
 from tests.test_relay import ALICE, RELAY
 

@@ -20,12 +20,12 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from meshguard.config import ConfigError, load_config, parse_config
+from meshguard.adapters.status_server import listen_status, socket_path
+from meshguard.adapters.uapi_server import listen_uapi
+from meshguard.app.node import Node
+from meshguard.codecs.config import ConfigError, load_config, parse_config
+from meshguard.codecs.uapi import DeviceStatus
 from meshguard.core.crypto import generate_private_key
-from meshguard.node import Node
-from meshguard.status import listen_status, socket_path
-from meshguard.uapi import DeviceStatus
-from meshguard.uapi_server import listen_uapi
 
 NOBODY = 65534
 

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from meshguard import socket_filter as sf
-from meshguard import udp
+from meshguard.adapters import socket_filter as sf
+from meshguard.adapters import udp
 from tests import cbpf
 
 UDP_HEADER = bytes(8)
@@ -32,7 +32,7 @@ def header(kind: int) -> bytes:
 
 def reference(payload: bytes) -> bool:
     """Whether a datagram (or GRO bundle) with this payload may be a message of ours: the rules
-    of meshguard/socket_filter.py, written the obvious way."""
+    of meshguard/adapters/socket_filter.py, written the obvious way."""
     if len(payload) < 4:
         return False
     head, size = payload[:4], len(payload)

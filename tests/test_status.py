@@ -10,17 +10,17 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-import meshguard.node
-import meshguard.status_client
-from meshguard.config import parse_config
+import meshguard.app.node
+import meshguard.app.status_client
+from meshguard.app.node import Node
+from meshguard.app.status_client import format_status
+from meshguard.codecs.config import parse_config
 from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
 from meshguard.mesh.arbiter import MEMBER, Path, udp_kind
 from meshguard.mesh.members import MemberInfo
 from meshguard.mesh.paths import DIRECT, RELAYED
-from meshguard.node import Node
-from meshguard.status_client import format_status
 
 
 def private(n: int) -> bytes:
@@ -42,7 +42,7 @@ class StatusDocumentTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.patch(
-            meshguard.node,
+            meshguard.app.node,
             "resolve_endpoint",
             lambda e: ("192.0.2.9", e[1]) if e[0] == "home.example" else e,
         )
@@ -72,17 +72,17 @@ class StatusDocumentTests(SynchronousTestCase):
                 "members": [m.to_json() for m in members],
             }
         )
-        self.node.members.membership.control_received(
+        self.node.mesh_stack.membership.control_received(
             introducer, kinds.MEMBERS, body, self.clock.seconds()
         )
         # Paths as punching and relaying would leave them.
-        paths = self.node.members.paths
+        paths = self.node.mesh_stack.paths
         direct = paths.states[DIRECT_MEMBER]
         direct.kind, direct.direct, direct.rtt = DIRECT, ("203.0.113.4", 4), 0.0123
         relayed = paths.states[RELAYED_MEMBER]
         relayed.kind = RELAYED
         # The path arbiter alone writes how a peer is reached.
-        arbiter = self.node.members.arbiter
+        arbiter = self.node.mesh_stack.arbiter
         now = self.clock.seconds()
         arbiter.proven(
             direct.peer, Path(udp_kind(("203.0.113.4", 4), False), ("203.0.113.4", 4)), 0.0123, now
@@ -161,7 +161,7 @@ class StatusDocumentTests(SynchronousTestCase):
 
 class FormatStatusTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.patch(meshguard.status_client.time, "time", lambda: 1000.0)
+        self.patch(meshguard.app.status_client.time, "time", lambda: 1000.0)
 
     def test_layout(self) -> None:
         """The full view keeps wg show's layout: the interface block (fixed keys, then node facts

@@ -15,7 +15,7 @@ from twisted.pair.tuntap import _TUNSETIFF
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from meshguard.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
+from meshguard.adapters.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
 
 
 def require_root() -> None:

@@ -1,4 +1,4 @@
-"""Tests for meshguard.uapi: the UAPI text format, without sockets."""
+"""Tests for meshguard.codecs.uapi: the UAPI text format, without sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard.uapi import (
+from meshguard.codecs.uapi import (
     UNSET,
     DeviceStatus,
     GetRequest,

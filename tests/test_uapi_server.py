@@ -1,4 +1,5 @@
-"""Tests for meshguard.uapi_server: the UNIX socket adapter, and the real ``wg`` tool against it."""
+"""Tests for meshguard.adapters.uapi_server: the UNIX socket adapter, and the real ``wg`` tool
+against it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from meshguard.uapi import (
+from meshguard.adapters.uapi_server import (
+    DEFAULT_DIRECTORY,
+    InterfaceInUseError,
+    UAPIFactory,
+    UAPIProtocol,
+    listen_uapi,
+    socket_path,
+)
+from meshguard.codecs.uapi import (
     UNSET,
     DeviceStatus,
     Operation,
@@ -33,14 +42,6 @@ from meshguard.uapi import (
     SetPrivateKey,
     UAPIError,
     format_get,
-)
-from meshguard.uapi_server import (
-    DEFAULT_DIRECTORY,
-    InterfaceInUseError,
-    UAPIFactory,
-    UAPIProtocol,
-    listen_uapi,
-    socket_path,
 )
 
 Network = IPv4Network | IPv6Network

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from meshguard import udp
-from meshguard.udp import SO_MARK, UDPBindError, UDPError, UDPTransport
+from meshguard.adapters import udp
+from meshguard.adapters.udp import SO_MARK, UDPBindError, UDPError, UDPTransport
 
 
 class FakeReactor:
@@ -814,7 +814,7 @@ class NodeBatchTests(SynchronousTestCase):
         from twisted.internet.task import Clock
         from twisted.pair.testing import MemoryIOSystem, Tunnel
 
-        from meshguard.node import Node
+        from meshguard.app.node import Node
 
         system = MemoryIOSystem()
         system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)

@@ -2,8 +2,8 @@
 
 Two ways to run without root hold only ``CAP_NET_ADMIN``: ``setpriv`` with the capability
 ambient (what systemd's ``AmbientCapabilities=`` does, examples/meshguard@.service), and
-``twistd --uid/--gid`` started as root (meshguard/capabilities.py keeps the capability across
-twistd's user switch). Each node is checked to run as ``nobody`` with no capability but
+``twistd --uid/--gid`` started as root (meshguard/adapters/capabilities.py keeps the capability
+across twistd's user switch). Each node is checked to run as ``nobody`` with no capability but
 ``CAP_NET_ADMIN``, to route a member its introducer told it about, and then to apply a reload
 (SIGHUP): a new route, a new address and a new MTU. And each, beside the same node run as root
 for reference, has its interface moved to another namespace: traffic flows there, a reload
@@ -342,7 +342,7 @@ class UnprivilegedNodeTests(TestCase):
                 *to_nobody,
                 sys.executable,
                 "-c",
-                "import twisted.scripts.twistd, meshguard.tap, miniupnpc",
+                "import twisted.scripts.twistd, meshguard.app.tap, miniupnpc",
             ],
             capture_output=True,
             env={**os.environ, **meshguard_env()},

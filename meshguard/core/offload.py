@@ -8,7 +8,7 @@ never see a super-packet). The other way round, the opened segments of one TCP f
 in one UDP read batch are joined into one super-packet and written with one ``writev``: the
 kernel then runs its TCP receive path once per 64 KiB instead of once per segment, which is the
 larger share of the receiving side's CPU. This module is the pure part of both directions
-(bytes in, bytes out); ``meshguard.tun`` does the reads and writes.
+(bytes in, bytes out); ``meshguard.adapters.tun`` does the reads and writes.
 
 Checksums: the kernel sends super-packets and small packets with ``NEEDS_CSUM`` (only the
 pseudo-header sum in the checksum field), so every segment we cut gets its full TCP/UDP checksum

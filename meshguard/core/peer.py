@@ -6,13 +6,13 @@ that the device can keep its hot loop free of indirection.
 
 from __future__ import annotations
 
-import base64
 from collections import deque
 
 from meshguard.core.constants import MAX_STAGED_PACKETS
 from meshguard.core.cookie import CookieGenerator
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.keypair import Keypairs
+from meshguard.core.keytext import short_key
 from meshguard.core.noise import InitiatorHandshake
 from meshguard.core.sent import SentCounts
 from meshguard.core.timers import TimerSlots
@@ -85,4 +85,4 @@ class Peer:
 
     @property
     def short_name(self) -> str:
-        return base64.b64encode(self.public_key).decode()[:8] + "..."
+        return short_key(self.public_key)

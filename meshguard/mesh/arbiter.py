@@ -22,13 +22,13 @@ Sans-I/O: it reads ``now`` from its callers and writes only peer fields.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshguard.core.interfaces import Endpoint
+from meshguard.core.keytext import key_text
 from meshguard.core.peer import Peer
 
 LAN = "lan"
@@ -340,7 +340,7 @@ class PathArbiter:
         if kind == TLS_RELAY:
             via = self.tls_held[peer.public_key].link
         elif kind == MEMBER and record is not None and record.current.via is not None:
-            via = _b64(record.current.via.public_key)
+            via = key_text(record.current.via.public_key)
         return {
             "path_kind": kind,
             "path_via": via,
@@ -365,7 +365,3 @@ class PathArbiter:
 def _endpoint_text(endpoint: Endpoint) -> str:
     host, port = endpoint
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _b64(key: bytes) -> str:
-    return base64.b64encode(key).decode()

@@ -25,7 +25,8 @@ hit. Both sides take both roles: neither knows which NAT is the hard one, and th
 NAT is easy loses only its primers and its answers to nobody. Two hard NATs stay relayed (the
 spray then misses, as expected: each side's mappings point at the other's old port).
 
-Sans-I/O: the sockets are the adapter's (:class:`BirthdayIO`, ``meshguard/birthday_sockets.py``).
+Sans-I/O: the sockets are the adapter's (:class:`BirthdayIO`,
+``meshguard/adapters/birthday_sockets.py``).
 """
 
 from __future__ import annotations

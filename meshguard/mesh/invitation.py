@@ -1,4 +1,5 @@
-"""Invitation lines and the join exchange, as data (the TLS transport is in meshguard.join).
+"""Invitation lines and the join exchange, as data (the TLS transport is in
+meshguard.adapters.join).
 
 An invitation line carries what a fresh machine needs and nothing it could not be trusted
 with: the mesh name and the authority's public key (to check every record it will receive), the
@@ -209,11 +210,6 @@ def _object(data: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def wg_key_text(key: bytes) -> str:
-    """A WireGuard key as configs write it (standard base64)."""
-    return base64.b64encode(key).decode()
 
 
 def parse_wg_key_text(text: str) -> bytes | None:

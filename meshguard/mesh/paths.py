@@ -17,7 +17,6 @@ back on a direct path, where the NATs allow one, within about ``DEAD_AFTER + REC
 
 from __future__ import annotations
 
-import base64
 import datetime
 import ipaddress
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshguard.core.interfaces import Endpoint
+from meshguard.core.keytext import key_text
 from meshguard.core.peer import Peer
 from meshguard.mesh import arbiter as arb
 from meshguard.mesh import birthday as bd
@@ -343,7 +343,7 @@ class Paths:
             self.control_sent += 1
 
     def _call_me_maybe(self, peer: Peer, now: float) -> None:
-        body = encode_json({"to": _b64(peer.public_key)})
+        body = encode_json({"to": key_text(peer.public_key)})
         for key in sorted(self.membership.learned.get(peer.public_key, set())):
             introducer = self.device.peers.get(key)
             if introducer is not None and self.device.send_control(
@@ -500,7 +500,7 @@ class Paths:
             self._set_kind(state, LAN if new.kind == arb.LAN else DIRECT, _text(new.endpoint))
         elif new.kind == arb.MEMBER and new.via is not None:
             state.direct = None
-            self._set_kind(state, RELAYED, _b64(new.via.public_key))
+            self._set_kind(state, RELAYED, key_text(new.via.public_key))
         else:
             state.direct = None
             self._set_kind(state, NONE, None)
@@ -567,7 +567,7 @@ class Paths:
         self._cmm_last[pair] = now
         body = encode_json(
             {
-                "from": _b64(peer.public_key),
+                "from": key_text(peer.public_key),
                 "observed": list(peer.endpoint)
                 if peer.endpoint and not peer.relay and not is_discard_only(peer.endpoint)
                 else None,
@@ -673,8 +673,8 @@ class Paths:
                 "spraying": state.spray is not None,
             }
         if state.kind == RELAYED and peer.relay is not None:
-            status["path"] = f"relayed via {_b64(peer.relay.public_key)}"
-            status["relay"] = _b64(peer.relay.public_key)
+            status["path"] = f"relayed via {key_text(peer.relay.public_key)}"
+            status["relay"] = key_text(peer.relay.public_key)
         return status
 
     def node_status(self) -> dict[str, Any]:
@@ -738,7 +738,3 @@ def _clock(when: float) -> str:
 
 def _text(endpoint: Endpoint) -> str:
     return f"{endpoint[0]}:{endpoint[1]}"
-
-
-def _b64(key: bytes) -> str:
-    return base64.b64encode(key).decode()

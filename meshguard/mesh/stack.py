@@ -5,9 +5,9 @@ from __future__ import annotations
 from meshguard.core.peer import Peer
 from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.arbiter import PathArbiter
+from meshguard.mesh.forwarding import RATE, Relaying
 from meshguard.mesh.members import Membership
 from meshguard.mesh.paths import Paths
-from meshguard.mesh.relay import RATE, Relaying
 
 
 class MeshStack:

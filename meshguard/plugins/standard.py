@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from meshguard.member_names import describe
 from meshguard.mesh import sources
+from meshguard.mesh.member_names import describe
 from meshguard.mesh.members import Network
 from meshguard.plugins import IEndpointSource, IPathObserver
 
@@ -50,10 +49,6 @@ class PathLog:
 
     def rtt_measured(self, public_key: bytes, rtt: float) -> None:
         pass
-
-
-def _short(key: bytes) -> str:
-    return base64.b64encode(key).decode()[:8] + "..."
 
 
 # LAN first: a LAN candidate also reported as observed still counts as LAN.

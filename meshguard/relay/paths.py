@@ -33,7 +33,6 @@ This module is sans-I/O: links are objects with ``present()`` and ``send()``.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -492,7 +491,3 @@ class TlsPaths:
             "tls_relay_delivered": self.delivered_count,
             "tls_relay_dropped": self.dropped,
         }
-
-
-def short(key: bytes) -> str:
-    return base64.b64encode(key).decode()[:8] + "..."

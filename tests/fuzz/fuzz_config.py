@@ -1,4 +1,4 @@
-"""Fuzz target: config files (meshguard/config.py), key files included (read_secret)."""
+"""Fuzz target: config files (meshguard/codecs/config.py), key files included (read_secret)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import atheris
 import harness
 
 with atheris.instrument_imports(include=["meshguard"]):
-    from meshguard.config import ConfigError, _read_secret_file, parse_config, to_uapi_set
+    from meshguard.codecs.config import ConfigError, _read_secret_file, parse_config, to_uapi_set
 
 _KEY = "YBk6X3pP8KjKz2L7RqTUyJ6CXyfTnWoh0qGFGf5TlFA="
 

@@ -1,5 +1,5 @@
 """Fuzz target: TLS relay frames and their authentication payloads (meshguard/relay/frames.py,
-auth.py) and member relay bodies (meshguard/mesh/relay.py)."""
+auth.py) and member relay bodies (meshguard/mesh/forwarding.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import atheris
 import harness
 
 with atheris.instrument_imports(include=["meshguard"]):
-    from meshguard.mesh.relay import parse_relay_body
+    from meshguard.mesh.forwarding import parse_relay_body
     from meshguard.relay import frames
     from meshguard.relay.auth import Answer, Challenge
 

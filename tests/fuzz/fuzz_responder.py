@@ -12,7 +12,7 @@ import harness
 
 with atheris.instrument_imports(include=["meshguard"]):
     from meshguard.core.crypto import generate_private_key, public_key
-    from meshguard.memory import MemoryNetwork
+    from meshguard.testing.memory import MemoryNetwork
     from tests.packets import ipv4
 
 A_EP = ("192.0.2.1", 51820)

@@ -1,4 +1,5 @@
-"""Fuzz target: UAPI text (meshguard/uapi.py): the request splitter, ``set`` and ``get`` bodies."""
+"""Fuzz target: UAPI text (meshguard/codecs/uapi.py): the request splitter, ``set`` and ``get``
+bodies."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import atheris
 import harness
 
 with atheris.instrument_imports(include=["meshguard"]):
-    from meshguard.uapi import UAPIError, UAPIRequestParser, parse_get, parse_set
+    from meshguard.codecs.uapi import UAPIError, UAPIRequestParser, parse_get, parse_set
 
 
 def test_one_input(data: bytes) -> None:

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 meshguard = ServiceMaker(
     "meshguard",
-    "meshguard.tap",
+    "meshguard.app.tap",
     "A mesh VPN node that speaks the WireGuard protocol.",
     "meshguard",
 )

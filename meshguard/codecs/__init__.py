@@ -1,0 +1,1 @@
+"""Formats without I/O: the config file, the WireGuard UAPI text, key encodings."""
