@@ -6,12 +6,14 @@ nodes and reads what their status says about each pair.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meshguard.app.status_client import read_status
 from tests.netns import (
+    Keypair,
     MeshInternet,
     Namespace,
     Testbed,
@@ -59,23 +61,34 @@ def start_mesh(
     *,
     member_extra: list[str] | None = None,
     introducer_extra: list[str] | None = None,
+    subnet: str = "10.98.0",
+    hosts: list[tuple[Namespace, str]] | None = None,
+    member_extra_at: Callable[[int], list[str]] | None = None,
+    introducer_peers: list[str] | None = None,
 ) -> Mesh:
     """An introducer on the public host (listing every member) and a member on every home
-    host, each with the introducer as its only configured peer (``Introducer = yes``)."""
+    host, each with the introducer as its only configured peer (``Introducer = yes``).
+
+    ``subnet`` holds the tunnel addresses (the introducer is ``.1``); ``hosts`` picks the home
+    hosts that run a member (all by default); ``member_extra_at(i)`` adds interface lines to
+    member ``i``; ``introducer_peers`` adds config lines (more ``[Peer]`` sections, such as
+    :func:`stock_peer_lines`) to the introducer."""
     logdir = Path(tb.log_dir)
     intro = wg_keypair()
-    hosts = [host for home in net.homes for host in home.hosts]
+    if hosts is None:
+        hosts = [host for home in net.homes for host in home.hosts]
     keys = [wg_keypair() for _ in hosts]
-    addresses = [f"10.98.0.{i + 2}" for i in range(len(hosts))]
+    addresses = [f"{subnet}.{i + 2}" for i in range(len(hosts))]
     lines = [
         "[Interface]",
         f"PrivateKey = {intro.private}",
         f"ListenPort = {PORT}",
-        "Address = 10.98.0.1/24",
+        f"Address = {subnet}.1/24",
         *(introducer_extra or []),
     ]
     for key, address in zip(keys, addresses, strict=True):
         lines += ["", "[Peer]", f"PublicKey = {key.public}", f"AllowedIPs = {address}/32"]
+    lines += introducer_peers or []
     intro_if = tb.ifname("in")
     config = write_meshguard_config(logdir / "introducer.conf", "\n".join(lines) + "\n")
     start_meshguard(tb, net.public, config, intro_if)
@@ -88,10 +101,11 @@ def start_mesh(
                 f"ListenPort = {PORT}",
                 f"Address = {address}/24",
                 *(member_extra or []),
+                *(member_extra_at(index) if member_extra_at is not None else []),
                 "",
                 "[Peer]",
                 f"PublicKey = {intro.public}",
-                "AllowedIPs = 10.98.0.1/32",
+                f"AllowedIPs = {subnet}.1/32",
                 f"Endpoint = {net.public_address}:{PORT}",
                 "PersistentKeepalive = 25",
                 "Introducer = yes",
@@ -108,3 +122,48 @@ def start_mesh(
         [k.public for k in keys],
         addresses,
     )
+
+
+def status_peer(status: dict[str, Any], key: str) -> dict[str, Any]:
+    """What a status document says about the peer with public key ``key`` ({} if absent)."""
+    for peer in status["peers"]:
+        if peer["public_key"] == key:
+            return dict(peer)
+    return {}
+
+
+def stock_peer_lines(public: str, address: str, endpoint: str) -> list[str]:
+    """The introducer's ``[Peer]`` section for a stock WireGuard peer outside the mesh."""
+    return [
+        "",
+        "[Peer]",
+        f"PublicKey = {public}",
+        f"AllowedIPs = {address}/32",
+        f"Endpoint = {endpoint}",
+    ]
+
+
+def start_stock_peer(
+    tb: Testbed,
+    ns: Namespace,
+    keys: Keypair,
+    *,
+    introducer_key: str,
+    introducer_endpoint: str,
+    address: str,
+    allowed_ips: str,
+) -> str:
+    """A wireguard-go peer of the introducer in ``ns`` (a plain WireGuard peer: no mesh);
+    returns its interface name."""
+    ifname = tb.ifname("wg")
+    tb.start_wireguard_go(ns, ifname)
+    key_file = Path(tb.log_dir) / "wgo.key"
+    key_file.write_text(keys.private + "\n")
+    tb.wg(ns, "set", ifname, "private-key", str(key_file), "listen-port", str(PORT))
+    tb.wg(
+        ns, "set", ifname, "peer", introducer_key, "allowed-ips", allowed_ips,
+        "endpoint", introducer_endpoint,
+    )  # fmt: skip
+    tb.addr(ns, ifname, address)
+    tb.up(ns, ifname)
+    return ifname

@@ -10,7 +10,8 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from meshguard.adapters.etcd_store import EtcdAgentStore, EtcdStore
-from meshguard.adapters.store import JoinRefusedError, StoreError, open_store
+from meshguard.adapters.store import JoinRefusedError, StoreError
+from meshguard.adapters.store_url import open_store
 from tests.etcd import start_loopback_etcd
 
 

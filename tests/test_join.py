@@ -198,7 +198,10 @@ class StoreTests(SynchronousTestCase):
         process = subprocess.Popen(
             [sys.executable, "-c", code],
             stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(cli.__file__))},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            },
         )
         assert process.stdout is not None
         acknowledged = []

@@ -11,32 +11,26 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 from meshguard.app.status_client import read_status
+from tests.natmesh import start_mesh, start_stock_peer, status_peer, stock_peer_lines
 from tests.netns import (
     Namespace,
     Testbed,
     nat_homes,
     reboot_router,
     require_root_netns,
-    start_meshguard,
     wg_keypair,
-    write_meshguard_config,
 )
 
 PORT = 51820
 
 
 def _path(status: dict[str, Any], key: str) -> str:
-    for peer in status["peers"]:
-        if peer["public_key"] == key:
-            return str(peer.get("path"))
-    return "absent"
+    return str(status_peer(status, key).get("path", "absent"))
 
 
 def _endpoint_host(status: dict[str, Any], key: str) -> str | None:
-    for peer in status["peers"]:
-        if peer["public_key"] == key and peer.get("endpoint"):
-            return str(peer["endpoint"][0])
-    return None
+    endpoint = status_peer(status, key).get("endpoint")
+    return str(endpoint[0]) if endpoint else None
 
 
 class MeshOverNatsTests(TestCase):
@@ -72,64 +66,30 @@ class MeshOverNatsTests(TestCase):
             wan_filter=wan_filter,
         )
         wgo_ns = Namespace(f"{tb.prefix}-pub2")
-        intro_keys = wg_keypair()
         wgo_keys = wg_keypair()
-        hosts = [h for home in net.homes for h in home.hosts]
-        member_keys = [wg_keypair() for _ in hosts]
-        addresses = [f"10.99.0.{i + 2}" for i in range(len(hosts))]
-        logdir = Path(tb.log_dir)
-
         # The introducer lists every member (and the wireguard-go peer) as a plain [Peer].
-        lines = [
-            "[Interface]",
-            f"PrivateKey = {intro_keys.private}",
-            f"ListenPort = {PORT}",
-            "Address = 10.99.0.1/24",
-        ]
-        for keys, address in zip(member_keys, addresses, strict=True):
-            lines += ["", "[Peer]", f"PublicKey = {keys.public}", f"AllowedIPs = {address}/32"]
-        lines += [
-            "",
-            "[Peer]",
-            f"PublicKey = {wgo_keys.public}",
-            "AllowedIPs = 10.99.0.100/32",
-            f"Endpoint = 198.51.101.2:{PORT}",
-        ]
-        intro_if = tb.ifname("in")
-        config = write_meshguard_config(logdir / "introducer.conf", "\n".join(lines) + "\n")
-        start_meshguard(tb, net.public, config, intro_if)
-
+        mesh = start_mesh(
+            tb,
+            net,
+            subnet="10.99.0",
+            introducer_peers=stock_peer_lines(
+                wgo_keys.public, "10.99.0.100", f"198.51.101.2:{PORT}"
+            ),
+        )
         # A stock wireguard-go peer of the introducer, outside the mesh.
-        wgo_if = tb.ifname("wg")
-        tb.start_wireguard_go(wgo_ns, wgo_if)
-        key_file = logdir / "wgo.key"
-        key_file.write_text(wgo_keys.private + "\n")
-        tb.wg(wgo_ns, "set", wgo_if, "private-key", str(key_file), "listen-port", str(PORT))
-        tb.wg(
-            wgo_ns, "set", wgo_if, "peer", intro_keys.public, "allowed-ips", "10.99.0.1/32",
-            "endpoint", f"{net.public_address}:{PORT}",
-        )  # fmt: skip
-        tb.addr(wgo_ns, wgo_if, "10.99.0.100/24")
-        tb.up(wgo_ns, wgo_if)
-
-        ifnames: list[str] = []
-        for index, ((ns, _), keys, address) in enumerate(
-            zip(hosts, member_keys, addresses, strict=True)
-        ):
-            text = (
-                f"[Interface]\nPrivateKey = {keys.private}\nListenPort = {PORT}\n"
-                f"Address = {address}/24\n\n[Peer]\nPublicKey = {intro_keys.public}\n"
-                f"AllowedIPs = 10.99.0.1/32\nEndpoint = {net.public_address}:{PORT}\n"
-                "PersistentKeepalive = 25\nIntroducer = yes\n"
-            )
-            ifname = tb.ifname(f"m{index}")
-            config = write_meshguard_config(logdir / f"member{index}.conf", text)
-            start_meshguard(tb, ns, config, ifname)
-            ifnames.append(ifname)
+        start_stock_peer(
+            tb,
+            wgo_ns,
+            wgo_keys,
+            introducer_key=mesh.introducer_key,
+            introducer_endpoint=f"{net.public_address}:{PORT}",
+            address="10.99.0.100/24",
+            allowed_ips="10.99.0.1/32",
+        )
+        ifnames, addresses, intro_if = mesh.ifnames, mesh.addresses, mesh.introducer_if
 
         a, a2, b, c, d = range(5)
-        ns_of = [ns for ns, _ in hosts]
-        key_of = [k.public for k in member_keys]
+        ns_of, key_of = mesh.namespaces, mesh.keys
         pairs = [(a, b), (a, c), (a, d), (b, c), (b, d), (c, d), (a, a2), (a2, b)]
 
         def all_ping() -> bool:
@@ -210,7 +170,7 @@ class MeshOverNatsTests(TestCase):
         tb.wait_for(
             recovered, timeout=120, interval=1.0, what="home 2 direct again after its reboot"
         )
-        with (logdir / "recovery.txt").open("a") as f:
+        with (Path(tb.log_dir) / "recovery.txt").open("a") as f:
             f.write(f"wan_filter={wan_filter}: direct again {time.monotonic() - rebooted:.0f} s\n")
         self.assertTrue(tb.ping(net.public, "10.99.0.100", count=2, timeout=2))
         self.assertTrue(tb.ping(wgo_ns, "10.99.0.1", count=2, timeout=2))

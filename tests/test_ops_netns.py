@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from meshguard.app.status_client import read_status
 from tests.miniupnpd import start_miniupnpd
+from tests.natmesh import start_mesh, start_stock_peer, status_peer, stock_peer_lines
 from tests.netns import (
     DEFAULT_BINARIES,
     REPO_ROOT,
@@ -107,13 +108,6 @@ def value(samples: dict[str, list[Any]], name: str, **labels: str) -> float | No
     return None
 
 
-def _peer(status: dict[str, Any], key: str) -> dict[str, Any]:
-    for peer in status["peers"]:
-        if peer["public_key"] == key:
-            return dict(peer)
-    return {}
-
-
 class OperationsMeshTests(TestCase):
     timeout = 300
 
@@ -131,61 +125,30 @@ class OperationsMeshTests(TestCase):
         net = nat_homes(tb, [(1, False), (1, False), (1, True), (1, True)], extra_public=1)
         wgo_ns = Namespace(f"{tb.prefix}-pub2")
         logdir = Path(tb.log_dir)
-        intro = wg_keypair()
         wgo = wg_keypair()
-        hosts = [home.hosts[0] for home in net.homes]
-        keys = [wg_keypair() for _ in hosts]
-        addresses = [f"10.99.0.{i + 2}" for i in range(len(hosts))]
-
-        lines = [
-            "[Interface]",
-            f"PrivateKey = {intro.private}",
-            f"ListenPort = {PORT}",
-            "Address = 10.99.0.1/24",
-        ]
-        for k, address in zip(keys, addresses, strict=True):
-            lines += ["", "[Peer]", f"PublicKey = {k.public}", f"AllowedIPs = {address}/32"]
-        lines += [
-            "",
-            "[Peer]",
-            f"PublicKey = {wgo.public}",
-            "AllowedIPs = 10.99.0.100/32",
-            f"Endpoint = 198.51.101.2:{PORT}",
-        ]
-        intro_if = tb.ifname("in")
-        config = write_meshguard_config(logdir / "intro.conf", "\n".join(lines) + "\n")
-        start_meshguard(tb, net.public, config, intro_if)
-
-        wgo_if = tb.ifname("wg")
-        tb.start_wireguard_go(wgo_ns, wgo_if)
-        key_file = logdir / "wgo.key"
-        key_file.write_text(wgo.private + "\n")
-        tb.wg(wgo_ns, "set", wgo_if, "private-key", str(key_file), "listen-port", str(PORT))
-        tb.wg(
-            wgo_ns, "set", wgo_if, "peer", intro.public, "allowed-ips", "10.99.0.0/24",
-            "endpoint", f"{net.public_address}:{PORT}",
-        )  # fmt: skip
-        tb.addr(wgo_ns, wgo_if, "10.99.0.100/24")
-        tb.up(wgo_ns, wgo_if)
-
-        ifnames: list[str] = []
-        for index, ((ns, _), k, address) in enumerate(zip(hosts, keys, addresses, strict=True)):
-            text = (
-                f"[Interface]\nPrivateKey = {k.private}\nListenPort = {PORT}\n"
-                f"Address = {address}/24\n"
-                + (f"MetricsListen = 127.0.0.1:{METRICS}\n" if index in (0, 2) else "")
-                + f"\n[Peer]\nPublicKey = {intro.public}\n"
-                f"AllowedIPs = 10.99.0.1/32\nEndpoint = {net.public_address}:{PORT}\n"
-                "PersistentKeepalive = 25\nIntroducer = yes\n"
-            )
-            ifname = tb.ifname(f"m{index}")
-            config = write_meshguard_config(logdir / f"member{index}.conf", text)
-            start_meshguard(tb, ns, config, ifname)
-            ifnames.append(ifname)
+        mesh = start_mesh(
+            tb,
+            net,
+            subnet="10.99.0",
+            hosts=[home.hosts[0] for home in net.homes],
+            member_extra_at=lambda i: (
+                [f"MetricsListen = 127.0.0.1:{METRICS}"] if i in (0, 2) else []
+            ),
+            introducer_peers=stock_peer_lines(wgo.public, "10.99.0.100", f"198.51.101.2:{PORT}"),
+        )
+        start_stock_peer(
+            tb,
+            wgo_ns,
+            wgo,
+            introducer_key=mesh.introducer_key,
+            introducer_endpoint=f"{net.public_address}:{PORT}",
+            address="10.99.0.100/24",
+            allowed_ips="10.99.0.0/24",
+        )
+        ifnames, addresses, intro_key = mesh.ifnames, mesh.addresses, mesh.introducer_key
 
         a, b, c, d = range(4)
-        ns_of = [ns for ns, _ in hosts]
-        key_of = [k.public for k in keys]
+        ns_of, key_of = mesh.namespaces, mesh.keys
 
         # The relayed example is the hard-vs-hard pair: an easy home against a hard one goes
         # direct by the birthday technique after ~10-25 s, so every such pair is awaited first
@@ -194,13 +157,13 @@ class OperationsMeshTests(TestCase):
             status = [read_status(name) for name in ifnames]
             return (
                 all(
-                    _peer(status[x], key_of[y]).get("path") == "direct"
+                    status_peer(status[x], key_of[y]).get("path") == "direct"
                     for x in range(4)
                     for y in range(4)
                     if x != y and {x, y} != {c, d}
                 )
-                and str(_peer(status[c], key_of[d]).get("path")).startswith("relayed via")
-                and str(_peer(status[d], key_of[c]).get("path")).startswith("relayed via")
+                and str(status_peer(status[c], key_of[d]).get("path")).startswith("relayed via")
+                and str(status_peer(status[d], key_of[c]).get("path")).startswith("relayed via")
                 and tb.ping(ns_of[a], addresses[b], count=1, timeout=1)
                 and tb.ping(ns_of[c], addresses[d], count=1, timeout=1)
             )
@@ -227,7 +190,7 @@ class OperationsMeshTests(TestCase):
                 assert tx2 is not None
                 if not (rx1 <= rx <= rx2 and tx1 <= tx <= tx2 and hs == handshake):
                     return False
-                entry = _peer(status, key)
+                entry = status_peer(status, key)
                 allowed = value(
                     second,
                     "wireguard_sent_bytes_total",
@@ -263,7 +226,7 @@ class OperationsMeshTests(TestCase):
         tb.wait_for(same_as_status, timeout=30, what="metrics equal to status")
         samples = scrape(tb, ns_of[a])
         status = read_status(ifnames[a])
-        peer_b = _peer(status, key_of[b])
+        peer_b = status_peer(status, key_of[b])
         self.assertEqual(
             value(samples, "meshguard_peer_path", public_key=key_of[b], kind="direct"), 1.0
         )
@@ -275,7 +238,7 @@ class OperationsMeshTests(TestCase):
                 "meshguard_peer_path",
                 public_key=key_of[d],
                 kind="member",
-                via=intro.public,
+                via=intro_key,
             ),
             1.0,
         )
@@ -287,7 +250,7 @@ class OperationsMeshTests(TestCase):
             self.assertIsNotNone(rtt)
         self.assertEqual(value(samples, "meshguard_peers", kind="direct"), 4.0)  # hub, 2, 3, 4
         self.assertEqual(
-            value(samples, "meshguard_peer_keepalive_interval_seconds", public_key=intro.public),
+            value(samples, "meshguard_peer_keepalive_interval_seconds", public_key=intro_key),
             25.0,
         )
         self.assertIsNotNone(value(samples, "meshguard_dropped_datagrams_total", reason="junk"))
@@ -309,7 +272,7 @@ class OperationsMeshTests(TestCase):
 
         relayed = cli(tb, ns_of[c], "ping", key_of[d], "-c", "2", "-i", "0.3")
         self.assertEqual(relayed.returncode, 0, relayed.stderr)
-        self.assertIn(f"over member relay {intro.public[:8]}", relayed.stdout)
+        self.assertIn(f"over member relay {intro_key[:8]}", relayed.stdout)
         times = [float(t) for t in re.findall(r": ([0-9.]+) ms from ", relayed.stdout)]
         self.assertEqual(len(times), 2, relayed.stdout)
         self.assertTrue(all(0 < t < 500 for t in times), times)
@@ -355,7 +318,7 @@ class OperationsMeshTests(TestCase):
         rows_c = table_c.stdout.splitlines()
         self.assertTrue(all(len(row) <= 80 for row in rows_c), table_c.stdout)
         (index_d,) = [i for i, r in enumerate(rows_c) if r.startswith(key_of[d][:8])]
-        self.assertIn(f"member via {intro.public[:8]}", rows_c[index_d])
+        self.assertIn(f"member via {intro_key[:8]}", rows_c[index_d])
         self.assertTrue(rows_c[index_d + 1].strip().startswith("not direct:"), table_c.stdout)
 
         # --- the same in a real terminal, 80 columns (tmux): the table, then --watch.

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 from twisted.trial.unittest import TestCase
 
 from meshguard.app.status_client import read_status
+from tests.natmesh import status_peer
 from tests.netns import (
     Testbed,
     block_udp,
@@ -26,13 +26,6 @@ from tests.relaycerts import TestCA
 PORT = 51820
 RELAY_PORT = 8443
 RELAY_NAME = "relay.test"
-
-
-def _peer(status: dict[str, Any], key: str) -> dict[str, Any]:
-    for peer in status["peers"]:
-        if peer["public_key"] == key:
-            return dict(peer)
-    return {}
 
 
 class TlsRelayNetnsTests(TestCase):
@@ -98,7 +91,7 @@ class TlsRelayNetnsTests(TestCase):
         start_meshguard(tb, net.home, home_conf, home_if)
 
         def hub_path() -> str:
-            return str(_peer(read_status(home_if), hub_keys.public).get("path"))
+            return str(status_peer(read_status(home_if), hub_keys.public).get("path"))
 
         # UDP is dropped at the router: the pair meets through the TLS relay.
         tb.wait_for(lambda: tb.ping(net.home, "10.77.0.1"), timeout=40, what="ping via relay")
@@ -112,7 +105,9 @@ class TlsRelayNetnsTests(TestCase):
         # UDP passes again: the pair moves to UDP on its own.
         unblock_udp(tb, net.router)
         tb.wait_for(lambda: not hub_path().startswith("tls-relay"), timeout=30, what="UDP path")
-        self.assertEqual(_peer(read_status(home_if), hub_keys.public)["endpoint"][0], net.hub_addr)
+        self.assertEqual(
+            status_peer(read_status(home_if), hub_keys.public)["endpoint"][0], net.hub_addr
+        )
         self.assertTrue(tb.ping(net.home, "10.77.0.1", count=3))
 
         # UDP blocked again, and the relay node killed and restarted: the home's client

@@ -23,6 +23,7 @@ where the peer is); a config reload brings it back.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -74,12 +75,30 @@ class SystemResolver:
         self.reactor = reactor
 
     def resolve(self, host: str, port: int) -> Deferred[Resolution]:
-        from meshguard.app.node import resolve_endpoint
-
         def lookup() -> Resolution:
             return Resolution(resolve_endpoint((host, port)))
 
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), lookup)
+
+
+def resolve_endpoint(endpoint: tuple[str, int]) -> Endpoint | None:
+    """A numeric endpoint for ``host:port``: names are resolved (IPv4 preferred, as wg does)."""
+    host, port = endpoint
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return (host, port)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return None
+    infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
+    for info in infos:
+        address = info[4][0]
+        if isinstance(address, str):
+            return (address, port)
+    return None
 
 
 def is_name(host: str) -> bool:

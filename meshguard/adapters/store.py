@@ -7,7 +7,8 @@ concurrent joins cannot both succeed and a join that was acknowledged survives a
 
 The methods block; the node calls them from a worker thread (:func:`in_thread`), the command
 line calls them directly. SQLite (stdlib ``sqlite3``) is the default;
-:mod:`meshguard.adapters.etcd_store` offers the same methods on an etcd cluster.
+:mod:`meshguard.adapters.etcd_store` offers the same methods on an etcd cluster;
+:mod:`meshguard.adapters.store_url` opens the one a URL names.
 """
 
 from __future__ import annotations
@@ -255,16 +256,6 @@ class SqliteStore:
         return names
 
 
-def open_store(url: str) -> MembershipStore:
-    """``sqlite:PATH`` (or a plain path) or ``etcd:http://HOST:PORT[,...]``."""
-    if url.startswith("etcd:"):
-        from meshguard.adapters.etcd_store import EtcdStore
-
-        return EtcdStore(url[len("etcd:") :])
-    path = url[len("sqlite:") :] if url.startswith("sqlite:") else url
-    return SqliteStore(path)
-
-
 def in_thread(reactor: Any, work: Callable[..., T], *args: Any) -> Deferred[T]:
     """Run a blocking store call on the reactor's thread pool (never on the reactor thread)."""
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), work, *args)
@@ -286,12 +277,3 @@ class ThreadRunner:
 
     def run(self, name: str, *args: Any) -> Deferred[Any]:
         return in_thread(self.reactor, getattr(self.store, name), *args)
-
-
-def node_runner(reactor: Any, url: str, store: MembershipStore) -> StoreRunner:
-    """etcd through ``twisted.web``'s Agent on the reactor; anything else in worker threads."""
-    if url.startswith("etcd:"):
-        from meshguard.adapters.etcd_store import EtcdAgentStore
-
-        return EtcdAgentStore(reactor, url[len("etcd:") :])
-    return ThreadRunner(reactor, store)

@@ -19,7 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from meshguard.adapters.dns_server import MeshZone, listen_names
-from meshguard.adapters.store import MembershipStore, Snapshot, StoreRunner, node_runner, open_store
+from meshguard.adapters.store import MembershipStore, Snapshot, StoreRunner
+from meshguard.adapters.store_url import node_runner, open_store
 from meshguard.codecs.config import Config, ConfigError
 from meshguard.mesh import member_names
 from meshguard.mesh.roster import Roster

@@ -20,7 +20,8 @@ from typing import Any, BinaryIO, TextIO
 
 from nacl.signing import SigningKey
 
-from meshguard.adapters.store import DEFAULT_DIRECTORY, MembershipStore, StoreError, open_store
+from meshguard.adapters.store import DEFAULT_DIRECTORY, MembershipStore, StoreError
+from meshguard.adapters.store_url import open_store
 from meshguard.codecs import keys
 from meshguard.mesh.authority import (
     AuthorityError,

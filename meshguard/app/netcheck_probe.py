@@ -94,7 +94,7 @@ def probe(
 ) -> dict[str, Any]:
     """Probe through the config's introducers (else every peer with an endpoint); return a
     status-shaped document (``interface``, ``node``, ``peers``)."""
-    from meshguard.app.node import resolve_endpoint
+    from meshguard.adapters.endpoint_names import resolve_endpoint
 
     interface = config.interface
     if interface.private_key is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from meshguard.adapters.birthday_sockets import BirthdaySockets
-from meshguard.adapters.endpoint_names import EndpointNames, Resolver, is_name
+from meshguard.adapters.endpoint_names import EndpointNames, Resolver, is_name, resolve_endpoint
 from meshguard.adapters.flood_guard import TICK as FLOOD_TICK
 from meshguard.adapters.flood_guard import FloodGuard
 from meshguard.adapters.link import Link
@@ -83,26 +82,6 @@ def _discard_datagram(data: bytes, endpoint: Endpoint) -> None:
 
 def _discard_packet(packet: bytes) -> None:
     pass
-
-
-def resolve_endpoint(endpoint: tuple[str, int]) -> Endpoint | None:
-    """A numeric endpoint for ``host:port``: names are resolved (IPv4 preferred, as wg does)."""
-    host, port = endpoint
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-        return (host, port)
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError:
-        return None
-    infos.sort(key=lambda info: 0 if info[0] == socket.AF_INET else 1)
-    for info in infos:
-        address = info[4][0]
-        if isinstance(address, str):
-            return (address, port)
-    return None
 
 
 def config_operations(config: Config, *, existing: set[bytes] | None = None) -> list[Operation]:

@@ -24,13 +24,14 @@ from zope.interface import implementer
 
 from meshguard.adapters.capabilities import keep_across_uid_change, retain_net_admin
 from meshguard.adapters.default_route import DEFAULT_TABLE, DefaultRoute
+from meshguard.adapters.endpoint_names import resolve_endpoint
 from meshguard.adapters.link import LinkError
 from meshguard.adapters.portmap.service import PortMapping, listen_announcements, standard_methods
 from meshguard.adapters.status_server import listen_status
 from meshguard.adapters.tun import TunError
 from meshguard.adapters.uapi_server import InterfaceInUseError, listen_uapi
 from meshguard.adapters.udp import UDPBindError
-from meshguard.app.node import Node, resolve_endpoint
+from meshguard.app.node import Node
 from meshguard.codecs.config import MAX_MTU, MIN_MTU, MIN_MTU_IPV6, Config, ConfigError, load_config
 from meshguard.plugins import IPathObserver
 

@@ -1,6 +1,6 @@
-"""The TLS relay: members move WireGuard datagrams over a TLS connection when UDP cannot.
+"""The TLS relay's sans-I/O half: members move WireGuard datagrams over TLS when UDP cannot.
 
-Sans-I/O parts: :mod:`.frames` (framing), :mod:`.auth` (member proof), :mod:`.paths` (the "via
-TLS relay" path). Twisted adapters: :mod:`.server`, :mod:`.client`, :mod:`.service`.
-See docs/relay.md.
+:mod:`.frames` (framing), :mod:`.auth` (member proof), :mod:`.fairness` (sharing a receiver),
+:mod:`.paths` (the "via TLS relay" path). The Twisted half (client, server, the connection both
+share, the node's service) is :mod:`meshguard.adapters.relay`. See docs/relay.md.
 """
