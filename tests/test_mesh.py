@@ -630,11 +630,11 @@ class PrimedPunchingTests(SynchronousTestCase):
         now = sim.net.now
         source = ("203.0.113.2", 40000)
         before = set(state.pending)
-        peer.endpoint = source  # roaming: where the authenticated ping came from
+        peer.arrived_from = source  # where the authenticated ping came from
         paths.control_received(peer, kinds.PATH_PING, b"12345678", now)
         self.assertEqual([state.pending[n] for n in set(state.pending) - before], [(source, now)])
         other = ("203.0.113.2", 40001)
-        peer.endpoint = other
+        peer.arrived_from = other
         paths.control_received(peer, kinds.PATH_PING, b"87654321", now + PING_BACK_GAP / 2)
         self.assertFalse([n for n in state.pending if state.pending[n][0] == other])
         paths.control_received(peer, kinds.PATH_PING, b"87654321", now + PING_BACK_GAP)
