@@ -17,9 +17,9 @@ from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
 from meshguard.mesh import keepalive as K
 from meshguard.mesh.agent import MeshAgent
-from meshguard.mesh.pmtu import PathMTU
+from meshguard.mesh.pmtu import PathMTUDiscovery
 from meshguard.mesh.stack import MeshStack
-from meshguard.testing.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
+from meshguard.testing.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbeSockets
 from tests.packets import ipv4
 
 HOME = ("192.168.1.2", 51820)
@@ -51,12 +51,12 @@ class Node:
         self.address = f"10.9.0.{len(net.nodes)}"
         self.agent = MeshAgent(self.node.device, local_endpoints=lambda: [endpoint])
         self.policy = K.KeepalivePolicy(
-            self.node.device, self.agent, rng.randbytes, MemoryProbePaths(net, endpoint[0])
+            self.node.device, self.agent, rng.randbytes, MemoryProbeSockets(net, endpoint[0])
         )
         self.agent.add_feature(self.policy)
         self.stack = MeshStack(self.agent)
         self.stack.paths.idle_check_interval = self.policy.path_check_interval
-        self.pmtu = PathMTU(self.node.device, mark_dirty=lambda: None)
+        self.pmtu = PathMTUDiscovery(self.node.device, mark_dirty=lambda: None)
         self.agent.add_feature(self.pmtu)
         net.timed.append(self.agent)
         self.node.device.set_private_key(self.key, net.now)

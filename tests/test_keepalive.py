@@ -16,7 +16,7 @@ from meshguard.mesh import keepalive as K
 from meshguard.mesh import lifetime_measurement as M
 from meshguard.mesh import lifetime_probe as P
 from meshguard.mesh.agent import MeshAgent
-from meshguard.testing.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbePaths
+from meshguard.testing.memory import MemoryNAT, MemoryNetwork, MemoryNode, MemoryProbeSockets
 from tests.packets import ipv4
 
 HOME = ("192.168.1.2", 51820)
@@ -51,7 +51,7 @@ class Member:
             self.node.device,
             self.agent,
             rng.randbytes,
-            MemoryProbePaths(net, endpoint[0]),
+            MemoryProbeSockets(net, endpoint[0]),
             overrides=overrides,
         )
         self.agent.add_feature(self.policy)
@@ -231,7 +231,7 @@ class MeasurementTests(SynchronousTestCase):
         """Every probe ran on its own socket, never the tunnel's port."""
         mesh = self.assert_measured(30.0)
         paths = mesh.home.policy.paths
-        assert isinstance(paths, MemoryProbePaths)
+        assert isinstance(paths, MemoryProbeSockets)
         self.assertGreaterEqual(paths.opened, len([d for d in P.LIFETIME_LADDER if d < 30.0]))
         probe_datagrams = [d for d, _ in mesh.home.node.sent if d[:4] == P.PROBE_MAGIC]
         self.assertEqual(probe_datagrams, [])

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshguard.mesh import keepalive as K
 from meshguard.mesh import lifetime_measurement as M
 from meshguard.mesh import lifetime_probe as P
-from meshguard.testing.memory import MemoryProbePaths
+from meshguard.testing.memory import MemoryProbeSockets
 from tests.test_keepalive import HOME, HUB, Mesh
 
 
@@ -33,7 +33,7 @@ class MachineTests(SynchronousTestCase):
             self.home.node.device,
             self.home.agent,
             self.nat,
-            MemoryProbePaths(self.mesh.net, HOME[0]),
+            MemoryProbeSockets(self.mesh.net, HOME[0]),
             new_token=lambda: next(tokens).to_bytes(P.TOKEN_SIZE, "big"),
             wanted=lambda: self.wanted,
             pick_helper=lambda now: self.helper,  # type: ignore[arg-type,return-value]

@@ -613,9 +613,9 @@ class PingRequestTests(SynchronousTestCase):
         self.keys = keys
         self.meshguard, self.old, self.stock = (self.node.device.peers[k] for k in keys)
         self.meshguard.is_meshguard = True
-        self.node.mesh_agent.state(self.meshguard).features = ["PathMTU", "Pinger"]
+        self.node.mesh_agent.state(self.meshguard).features = ["PathMTUDiscovery", "Pinger"]
         self.old.is_meshguard = True
-        self.node.mesh_agent.state(self.old).features = ["PathMTU"]
+        self.node.mesh_agent.state(self.old).features = ["PathMTUDiscovery"]
         self.pinger = _RecordingPinger()
         self.requests = PingRequests(
             self.node,

@@ -17,7 +17,7 @@ from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.pmtu import (
     RECHECK_INTERVAL,
     STEADY,
-    PathMTU,
+    PathMTUDiscovery,
 )
 from meshguard.testing.memory import MemoryNetwork, PathMTULimit
 from tests.packets import ipv4, ipv6
@@ -46,12 +46,12 @@ class Mesh:
         self.changes: list[tuple[str, int]] = []
         self.agent_a = MeshAgent(self.pair.a.device)
         self.agent_b = MeshAgent(self.pair.b.device)
-        self.pmtu_a = PathMTU(
+        self.pmtu_a = PathMTUDiscovery(
             self.pair.a.device,
             route_mtu=lambda endpoint: self.route,
             on_change=lambda peer, mtu: self.changes.append(("a", mtu)),
         )
-        self.pmtu_b = PathMTU(
+        self.pmtu_b = PathMTUDiscovery(
             self.pair.b.device,
             route_mtu=lambda endpoint: self.route,
             on_change=lambda peer, mtu: self.changes.append(("b", mtu)),

@@ -16,7 +16,7 @@ from meshguard.mesh.pmtu import (
     RECHECK_INTERVAL,
     STEADY,
     STOCK_GRACE,
-    PathMTU,
+    PathMTUDiscovery,
 )
 from meshguard.testing.memory import MemoryNetwork, PathMTULimit
 from tests.packets import ipv4
@@ -62,10 +62,10 @@ class StockPeer:
             )
         if b_meshguard:
             self.agent_b = MeshAgent(self.pair.b.device)
-            self.agent_b.add_feature(PathMTU(self.pair.b.device, route_mtu=lambda e: 1500))
+            self.agent_b.add_feature(PathMTUDiscovery(self.pair.b.device, route_mtu=lambda e: 1500))
             self.net.timed.append(self.agent_b)
         self.agent = MeshAgent(self.pair.a.device)
-        self.pmtu = PathMTU(
+        self.pmtu = PathMTUDiscovery(
             self.pair.a.device,
             route_mtu=lambda endpoint: route_mtu,
             local_addresses=lambda: addresses,

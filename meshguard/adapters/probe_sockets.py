@@ -1,5 +1,5 @@
 """Secondary UDP sockets for the NAT lifetime probe (the adapter behind
-:class:`meshguard.mesh.lifetime_measurement.ProbePaths`).
+:class:`meshguard.mesh.lifetime_measurement.ProbeSocketOpener`).
 
 Each probe gets its own ephemeral socket, hence its own NAT mapping, so measuring a mapping never
 refreshes the one the tunnel uses. Few and short-lived (at most 37 per measurement, most closed

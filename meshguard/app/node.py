@@ -47,7 +47,7 @@ from meshguard.mesh.agent import MeshAgent
 from meshguard.mesh.arbiter import Path
 from meshguard.mesh.keepalive import KeepalivePolicy
 from meshguard.mesh.ping import Pinger
-from meshguard.mesh.pmtu import PathMTU
+from meshguard.mesh.pmtu import PathMTUDiscovery
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
 from meshguard.mesh.stack import MeshStack
 from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver
@@ -229,7 +229,7 @@ class Node:
             offer=self.mesh_stack.arbiter.configured,
         )
         #: Path MTU discovery per peer; with ``mtu_auto`` it also drives the interface MTU.
-        self.pmtu = PathMTU(
+        self.pmtu = PathMTUDiscovery(
             self.device,
             route_mtu=self.udp.route_mtu,
             on_change=self._path_mtu_changed,

@@ -69,7 +69,7 @@ from meshguard.mesh.keepalive_acks import ACK_RESENDS, ACK_WAIT, KeepaliveAcks
 from meshguard.mesh.keepalive_acks import CAPABILITY as ACK_CAPABILITY
 from meshguard.mesh.lifetime_measurement import (
     LifetimeMeasurement,
-    ProbePaths,
+    ProbeSocketOpener,
 )
 from meshguard.mesh.lifetime_probe import (
     DATAGRAM_SIZE,
@@ -160,7 +160,7 @@ class KeepalivePolicy:
         device: Device,
         agent: MeshAgent,
         random: RandomBytes,
-        paths: ProbePaths | None = None,
+        paths: ProbeSocketOpener | None = None,
         overrides: Sequence[IntervalOverride] = (),
     ) -> None:
         self.device = device

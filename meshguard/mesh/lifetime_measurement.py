@@ -18,7 +18,7 @@ wider gap.
 helps, and what a new lifetime means for the intervals stay with the keepalive policy
 (``wanted``, ``pick_helper``, ``measured``). Only datagrams carrying our own token from our
 helper's address count. Nothing here does I/O: secondary sockets come from an injected
-:class:`ProbePaths`.
+:class:`ProbeSocketOpener`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ RETRY_AFTER: Final = 60.0
 REMEASURE_AFTER: Final = 6 * 3600.0
 
 
-class ProbePath(Protocol):
+class ProbeSocket(Protocol):
     """A secondary UDP socket (its own NAT mapping)."""
 
     def send(self, data: bytes, endpoint: Endpoint) -> None: ...
@@ -70,12 +70,12 @@ class ProbePath(Protocol):
     def close(self) -> None: ...
 
 
-class ProbePaths(Protocol):
+class ProbeSocketOpener(Protocol):
     """Opens secondary sockets; ``receive(data, source, now)`` gets what arrives on one."""
 
     def open(
         self, toward: Endpoint, receive: Callable[[bytes, Endpoint, float], None]
-    ) -> ProbePath | None: ...
+    ) -> ProbeSocket | None: ...
 
 
 class LifetimeRecord(Protocol):
@@ -101,7 +101,7 @@ class _Probe:
     delay: float
     helper: bytes
     deadline: float
-    path: ProbePath | None = None
+    path: ProbeSocket | None = None
     target: Endpoint | None = None
     sends: int = 0
     next_send: float | None = None
@@ -117,7 +117,7 @@ class LifetimeMeasurement:
         device: Device,
         agent: MeshAgent,
         nat: LifetimeRecord,
-        paths: ProbePaths | None,
+        paths: ProbeSocketOpener | None,
         *,
         new_token: Callable[[], bytes],
         wanted: Callable[[], bool],

@@ -32,12 +32,14 @@ Toward a stock WireGuard peer (no control channel) the probes are ICMP echo requ
 chosen size, sent through the tunnel to the peer's tunnel address (a host route in its
 AllowedIPs) from our interface address, sealed as data and sent with DF. The peer's host answers
 with a reply of the same size, which the device hands back here before it reaches the TUN
-device (:meth:`PathMTU.echo_reply`); the search is the same. A reply proves the size passed both
-ways, so the result is the smaller of both directions (and of the peer's interface MTU).
+device (:meth:`PathMTUDiscovery.echo_reply`); the search is the same. A reply proves the size
+passed both ways, so the result is the smaller of both directions (and of the peer's interface
+MTU).
 
 Results go to ``peer.inner_mtu`` (the device sends oversize TUN packets here, see
-:meth:`PathMTU.too_big`) and ``peer.mss_mtu`` (the smaller of both directions' inner MTUs: the
-peer reports its own result in every acknowledgement, and SYNs both ways are clamped to it).
+:meth:`PathMTUDiscovery.too_big`) and ``peer.mss_mtu`` (the smaller of both directions' inner
+MTUs: the peer reports its own result in every acknowledgement, and SYNs both ways are clamped
+to it).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class PeerPMTU:
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
-class PathMTU:
+class PathMTUDiscovery:
     """The path MTU feature of the mesh agent (see the module docstring)."""
 
     kinds: tuple[int, ...] = (kinds.PMTU_PROBE, kinds.PMTU_ACK)

@@ -343,7 +343,7 @@ class MemoryNAT:
         return (self.public_host, flow.public_port)
 
 
-class MemoryProbePaths:
+class MemoryProbeSockets:
     """Secondary sockets on one host of a `MemoryNetwork` (for the keepalive policy's probes)."""
 
     def __init__(self, network: MemoryNetwork, host: str) -> None:
