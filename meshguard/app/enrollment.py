@@ -9,7 +9,7 @@ check every :data:`POLL` seconds, in a worker thread), and with ``JoinListen`` s
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nacl.signing import VerifyKey
 from twisted.internet import defer
@@ -23,7 +23,11 @@ from meshguard.adapters.store import MembershipStore, Snapshot, StoreRunner
 from meshguard.adapters.store_url import node_runner, open_store
 from meshguard.codecs.config import Config, ConfigError
 from meshguard.mesh import member_names
+from meshguard.mesh.members import Membership
 from meshguard.mesh.roster import Roster
+
+if TYPE_CHECKING:
+    from meshguard.app.node import Node
 
 log = Logger()
 
@@ -34,7 +38,7 @@ POLL = 1.0
 class Enrollment:
     """Wires the roster into the node's membership and keeps it in step with the store."""
 
-    def __init__(self, config: Config, node: Any, reactor: Any, dns_port: int = 53) -> None:
+    def __init__(self, config: Config, node: Node, reactor: Any, dns_port: int = 53) -> None:
         interface = config.interface
         if interface.mesh_name is None or interface.mesh_authority is None:
             raise ConfigError(
@@ -64,7 +68,7 @@ class Enrollment:
         self._stored_revoked: set[bytes] = set()
 
     @property
-    def membership(self) -> Any:
+    def membership(self) -> Membership:
         return self.node.mesh_stack.membership
 
     def open(self) -> None:
