@@ -693,17 +693,10 @@ class Device:
             return
         peer = keypair.peer
         # Authenticated: roaming, counters, key confirmation, timers.
+        self._arrived(peer, source, via, now)
         if via is None:
-            peer.arrived_from = source
-            if source != peer.endpoint:
-                self._roam(peer, source, now)
-            for listener in self._source_listeners:
-                listener(peer, source, now)
             # transport_batch_received may open the rest of its batch under this keypair.
             self._last_opened = keypair
-        else:
-            self._relayed_from(peer, via, now)
-        peer.arrived_via = via
         peer.rx_bytes += len(data)
         if keypair is peer.keypairs.next:
             for dropped in peer.keypairs.promote_next(keypair):
@@ -944,6 +937,22 @@ class Device:
         else:
             self.counters.malformed += 1
 
+    def _arrived(
+        self, peer: Peer, source: Endpoint, via: Peer | Carrier | None, now: float
+    ) -> None:
+        """An authenticated message from ``peer`` came straight from ``source`` (``via``
+        None: roaming is asked about a new source, the source listeners hear of it) or
+        through a relay (``via``). The one place every authenticated kind records this."""
+        if via is None:
+            peer.arrived_from = source
+            if source != peer.endpoint:
+                self._roam(peer, source, now)
+            for listener in self._source_listeners:
+                listener(peer, source, now)
+        else:
+            self._relayed_from(peer, via, now)
+        peer.arrived_via = via
+
     def _relayed_from(self, peer: Peer, via: Peer | Carrier, now: float) -> None:
         """An authenticated datagram came through ``via``: the listeners hear of it (before any
         reply). Without a roaming owner (a bare device) a peer we have no way to reach yet
@@ -1029,15 +1038,7 @@ class Device:
         peer.last_initiation_consumed = now
         if control.is_marked(consumed.timestamp):
             peer.is_meshguard = True
-        if via is None:
-            peer.arrived_from = source
-            if source != peer.endpoint:
-                self._roam(peer, source, now)
-            for listener in self._source_listeners:
-                listener(peer, source, now)
-        else:
-            self._relayed_from(peer, via, now)
-        peer.arrived_via = via
+        self._arrived(peer, source, via, now)
         # A consumed initiation replaces any handshake we had in flight with this peer.
         self._free_handshake_index(peer)
         peer.handshake = None
@@ -1101,15 +1102,7 @@ class Device:
         self.indices.replace(receiver_index, keypair)
         for dropped in peer.keypairs.install(keypair):
             self._drop_keypair(dropped)
-        if via is None:
-            peer.arrived_from = source
-            if source != peer.endpoint:
-                self._roam(peer, source, now)
-            for listener in self._source_listeners:
-                listener(peer, source, now)
-        else:
-            self._relayed_from(peer, via, now)
-        peer.arrived_via = via
+        self._arrived(peer, source, via, now)
         self._authenticated_received(peer, now)
         self._handshake_complete(peer, now)
         self.timers.arm(peer, peer.timers, ZERO_KEY_MATERIAL, now + C.ZERO_KEY_MATERIAL_AFTER)
