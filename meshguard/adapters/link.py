@@ -8,9 +8,10 @@ is injected so unit tests record argv lists instead of touching the host.
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["CommandResult", "Link", "LinkError", "Runner", "run_command", "split_default"]
 
@@ -162,3 +163,22 @@ def _device_mtu(output: str, name: str) -> int:
     if value is None or not value.isdigit():
         raise LinkError(f"no MTU in 'ip link show dev {name}' output: {output.strip()!r}")
     return int(value)
+
+
+def host_address_infos(exclude: str | None = None) -> list[dict[str, Any]]:
+    """Every ``addr_info`` entry of ``ip -j addr show`` on interfaces other than ``exclude``
+    and ``lo``: the one reading of the host's addresses (LAN candidates, LAN subnets). Empty
+    when ``ip`` cannot be asked or answers something else than JSON links."""
+    try:
+        output = subprocess.run(
+            ["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout
+        links = json.loads(output)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+    infos: list[dict[str, Any]] = []
+    for link in links if isinstance(links, list) else []:
+        if not isinstance(link, dict) or link.get("ifname") in (exclude, "lo"):
+            continue
+        infos.extend(info for info in link.get("addr_info", []) if isinstance(info, dict))
+    return infos

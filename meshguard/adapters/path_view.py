@@ -103,25 +103,14 @@ def peer_label(peer: Mapping[str, Any]) -> str:
 def host_networks(exclude: str | None = None) -> list[Network]:
     """This host's subnets outside the tunnel (``ip -j addr``), to tell LAN endpoints apart;
     empty when ``ip`` cannot be asked (every private endpoint then reads as direct)."""
-    import json
-    import subprocess
+    from meshguard.adapters.link import host_address_infos
 
-    try:
-        output = subprocess.run(
-            ["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout
-        links = json.loads(output)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return []
     networks: list[Network] = []
-    for link in links if isinstance(links, list) else []:
-        if link.get("ifname") in (exclude, "lo"):
+    for info in host_address_infos(exclude):
+        try:
+            networks.append(
+                ipaddress.ip_network(f"{info['local']}/{info['prefixlen']}", strict=False)
+            )
+        except (KeyError, TypeError, ValueError):
             continue
-        for info in link.get("addr_info", []):
-            try:
-                networks.append(
-                    ipaddress.ip_network(f"{info['local']}/{info['prefixlen']}", strict=False)
-                )
-            except (KeyError, TypeError, ValueError):
-                continue
     return networks

@@ -8,10 +8,8 @@ undoes the steps before it and ends the process with one line that says what to 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,7 +23,7 @@ from zope.interface import implementer
 from meshguard.adapters.capabilities import keep_across_uid_change, retain_net_admin
 from meshguard.adapters.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.adapters.endpoint_names import resolve_endpoint
-from meshguard.adapters.link import LinkError
+from meshguard.adapters.link import LinkError, host_address_infos
 from meshguard.adapters.portmap.service import PortMapping, listen_announcements, standard_methods
 from meshguard.adapters.status_server import listen_status
 from meshguard.adapters.tun import TunError
@@ -60,23 +58,11 @@ STARTUP_ERRORS = (ConfigError, TunError, UDPBindError, LinkError, InterfaceInUse
 
 def host_addresses(exclude: str) -> list[str]:
     """The host's global unicast addresses outside the tunnel (LAN candidates for the mesh)."""
-    try:
-        output = subprocess.run(
-            ["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout
-        links = json.loads(output)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return []
     addresses: list[str] = []
-    for link in links:
-        if link.get("ifname") in (exclude, "lo"):
-            continue
-        for info in link.get("addr_info", []):
-            if info.get("scope") != "global":
-                continue
-            local = info.get("local")
-            if isinstance(local, str):
-                addresses.append(local)
+    for info in host_address_infos(exclude):
+        local = info.get("local")
+        if info.get("scope") == "global" and isinstance(local, str):
+            addresses.append(local)
     return addresses
 
 
