@@ -25,6 +25,7 @@ from meshguard.core.offload import (
     NEEDS_CSUM,
     PLAIN_HEADER,
     VNET_HDR,
+    VNET_HDR_LEN,
     OffloadError,
     checksum,
     coalesce,
@@ -239,6 +240,61 @@ class SplitTests(SynchronousTestCase):
         fast = split(frame)
         self.patch(offload, "_np", None)
         self.assertEqual(split(frame), fast)
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        v4=st.booleans(),
+        tcp=st.booleans(),
+        size=st.integers(1, 65535 - 60 - 40),
+        gso_size=st.integers(1, 1500),
+        seq=st.one_of(st.integers(0, 0xFFFFFFFF), st.integers(0xFFFF0000, 0xFFFFFFFF)),
+        ident=st.integers(0, 0xFFFF),
+        flags=st.sampled_from([ACK, ACK | PSH, ACK | PSH | FIN]),
+        options=st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(8)]),
+    )
+    def test_vectorised_cut_matches_the_loop(
+        self,
+        v4: bool,
+        tcp: bool,
+        size: int,
+        gso_size: int,
+        seq: int,
+        ident: int,
+        flags: int,
+        options: bytes,
+    ) -> None:
+        """The numpy cut of the full segments gives byte for byte what the one-by-one loop
+        gives, with sequence numbers and IPv4 identifications that wrap inside the frame,
+        odd and even segment sizes and a last segment of any length."""
+        if size // gso_size > 300:
+            gso_size = size // 300 + 1
+        payload = bytes((i * 29 + 3) & 0xFF for i in range(size))
+        frame = bytearray(super_frame(v4, tcp, payload, gso_size, flags, options if tcp else b""))
+        iphl = 20 if v4 else 40
+        if tcp:  # neither field is in the pseudo-header sum the frame carries
+            frame[VNET_HDR_LEN + iphl + 4 : VNET_HDR_LEN + iphl + 8] = seq.to_bytes(4, "big")
+        if v4:
+            frame[VNET_HDR_LEN + 4 : VNET_HDR_LEN + 6] = ident.to_bytes(2, "big")
+        fast = split(bytes(frame))
+        for segment in fast:
+            self.assertIsInstance(segment, bytes)
+            self.assertIsNone(problem(segment))
+        self.patch(offload, "_np", None)
+        self.assertEqual(split(bytes(frame)), fast)
+
+    def test_vectorised_cut_is_taken(self) -> None:
+        """A 45-segment frame goes through the numpy cut (not only the loop the tests compare
+        it with)."""
+        calls: list[int] = []
+        cut = offload._cut_vectorised
+
+        def counted(*args: object, **kwargs: object) -> list[bytes]:
+            calls.append(1)
+            return cut(*args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(offload, "_cut_vectorised", counted)
+        segments = split(super_frame(True, True, bytes(1368 * 45), 1368))
+        self.assertEqual((len(segments), calls), (45, [1]))
 
     @given(st.binary(max_size=200))
     def test_garbage_raises_only_offload_error(self, frame: bytes) -> None:

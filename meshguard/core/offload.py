@@ -148,7 +148,9 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
     csum_start) into segments of ``gso_size`` payload bytes.
 
     The headers' constant parts are summed once; per segment only the changed fields are added
-    to those sums, and each segment is one ``struct.pack`` of header pieces plus its payload.
+    to those sums. A long frame's full segments are cut by :func:`_cut_vectorised` in a fixed
+    number of numpy calls; the rest (a short frame, an odd segment size, the last segment) are
+    each one ``struct.pack`` of header pieces plus its payload.
     """
     total = len(packet)
     if gso_size <= 0:
@@ -196,12 +198,51 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
         l4_format = "4sHH"
     payload_bytes = total - hl
     count = max(1, -(-payload_bytes // gso_size))
-    sums = _payload_sums(packet, hl, gso_size, count)
     pack = struct.pack
     fmt = f"!{ip_format}{l4_format}"
     out: list[bytes] = []
-    start = hl
-    for index in range(count):
+    first = 0
+    if _np is not None and count > _NUMPY_MIN_SEGMENTS and not gso_size & 1:
+        # All but the last segment at once (same size, same flags); the last, which may be
+        # shorter and carries FIN/PSH, goes through the loop below.
+        first = count - 1
+        size = gso_size
+        if tcp:
+            l4_const = l4_sum + l4hl + size + (flags & ~(_FIN | _PSH))
+            shared: tuple[object, ...] = (
+                ports,
+                0,
+                ack_offset,
+                flags & ~(_FIN | _PSH),
+                window,
+                0,
+                rest,
+            )
+        else:
+            l4_const = l4_sum + 2 * (l4hl + size)
+            shared = (ports, l4hl + size, 0)
+        if v4:
+            template = pack(fmt, ip_a, hl + size, 0, ip_b, 0, ip_c, *shared)
+            ip_const = ip_sum + hl + size
+        else:
+            template = pack(fmt, ip_a, hl - 40 + size, ip_c, *shared)
+            ip_const = first_id = 0
+        out = _cut_vectorised(
+            packet,
+            template,
+            first,
+            gso_size,
+            v4,
+            ip_const % 0xFFFF,
+            first_id,
+            iphl + (16 if tcp else 6),
+            l4_const % 0xFFFF,
+            iphl + 4 if tcp else -1,
+            first_seq if tcp else 0,
+        )
+    sums = _payload_sums(packet, hl + first * gso_size, gso_size, count - first)
+    start = hl + first * gso_size
+    for index in range(first, count):
         end = min(start + gso_size, total)
         size = end - start
         last = end == total
@@ -210,7 +251,7 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
         if tcp:
             seq = (first_seq + index * gso_size) & 0xFFFFFFFF
             seg_flags = flags if last else flags & ~(_FIN | _PSH)
-            value = l4_sum + l4len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + sums[index]
+            value = l4_sum + l4len + (seq >> 16) + (seq & 0xFFFF) + seg_flags + sums[index - first]
             l4_fields: tuple[object, ...] = (
                 ports,
                 seq,
@@ -221,7 +262,7 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
                 rest,
             )
         else:
-            value = l4_sum + l4len + l4len + sums[index]
+            value = l4_sum + l4len + l4len + sums[index - first]
             l4_fields = (ports, l4len, 0xFFFF - value % 0xFFFF)
         if v4:
             ident = (first_id + index) & 0xFFFF
@@ -232,6 +273,62 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
             out.append(pack(fmt, ip_a, hl - 40 + size, ip_c, *l4_fields) + payload)
         start = end
     return out
+
+
+#: Fewer segments than this (plus the last) are cut one by one: about 25 numpy calls of
+#: about a microsecond each are the vectorised cut's fixed cost (docs/datapath.md).
+_NUMPY_MIN_SEGMENTS: Final = 8
+
+
+def _cut_vectorised(
+    packet: memoryview,
+    template: bytes,
+    count: int,
+    gso_size: int,
+    v4: bool,
+    ip_const: int,
+    first_id: int,
+    l4_check_at: int,
+    l4_const: int,
+    seq_at: int,
+    first_seq: int,
+) -> list[bytes]:
+    """The first ``count`` full segments of a super-packet in a few numpy calls.
+
+    Every segment is ``template`` (the headers with what all of them share, checksums and
+    the per-segment fields zero) followed by its payload; the payloads are copied in one
+    call, and the fields that differ (IPv4 identification and header checksum, TCP sequence
+    number, the transport checksum) are written as strided columns of the output, so the
+    per-segment Python cost is one slice. The sums are those of :func:`_segments`' loop, in
+    the same modular arithmetic: a 32-bit sequence number is congruent modulo 65535 to the
+    sum of its two 16-bit halves, so it is added whole. ``seq_at`` is -1 for UDP.
+    """
+    np = _np
+    hl = len(template)
+    stride = hl + gso_size
+    body = np.frombuffer(packet, dtype=np.uint8, count=count * gso_size, offset=hl)
+    out = np.empty((count, stride), dtype=np.uint8)
+    out[:, :hl] = np.frombuffer(template, dtype=np.uint8)
+    out[:, hl:] = body.reshape(count, gso_size)
+    words = body.view(">u2").reshape(count, gso_size // 2)
+    l4 = words.sum(axis=1, dtype=np.int64)
+    l4 += l4_const
+    if seq_at >= 0:
+        seq = np.arange(first_seq, first_seq + count * gso_size, gso_size, dtype=np.int64)
+        seq &= 0xFFFFFFFF
+        np.ndarray((count,), ">u4", out, seq_at, (stride,))[:] = seq
+        l4 += seq
+    l4 %= 0xFFFF
+    np.ndarray((count,), ">u2", out, l4_check_at, (stride,))[:] = 0xFFFF - l4
+    if v4:
+        ident = np.arange(first_id, first_id + count, dtype=np.int64)
+        ident &= 0xFFFF
+        np.ndarray((count,), ">u2", out, 4, (stride,))[:] = ident
+        ident += ip_const
+        ident %= 0xFFFF
+        np.ndarray((count,), ">u2", out, 10, (stride,))[:] = 0xFFFF - ident
+    data = out.tobytes()
+    return [data[at : at + stride] for at in range(0, count * stride, stride)]
 
 
 def _payload_sums(packet: memoryview, hl: int, gso_size: int, count: int) -> list[int]:
