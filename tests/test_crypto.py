@@ -23,7 +23,9 @@ from meshguard.core.crypto import (
     IDENTIFIER,
     LABEL_COOKIE,
     LABEL_MAC1,
+    TRANSPORT_NONCE,
     CryptoError,
+    InvalidTag,
     TransportCipher,
     aead_decrypt,
     aead_encrypt,
@@ -304,6 +306,27 @@ class TransportCipherTests(SynchronousTestCase):
         self.assertTrue(cipher.zeroed)
         self.assertIsNone(cipher.open(0, box))
         self.assertRaises(CryptoError, cipher.seal, 1, b"")
+
+    @given(st.integers(0, (1 << 64) - 1), st.binary(max_size=300))
+    def test_batch_calls_match_seal_and_open(self, counter: int, plaintext: bytes) -> None:
+        """The bound calls a batch loop uses, with TRANSPORT_NONCE, seal and open exactly as
+        seal() and open() do; the nonce's last eight bytes are the counter field."""
+        cipher = TransportCipher(self.key)
+        nonce = TRANSPORT_NONCE(counter)
+        self.assertEqual(nonce, bytes(4) + counter.to_bytes(8, "little"))
+        box = cipher.encryptor()(nonce, plaintext, None)
+        self.assertEqual(box, cipher.seal(counter, plaintext))
+        decrypt = cipher.decryptor()
+        assert decrypt is not None
+        self.assertEqual(decrypt(nonce, memoryview(box), None), plaintext)
+        self.assertRaises(InvalidTag, decrypt, TRANSPORT_NONCE(counter ^ 1), box, None)
+
+    def test_batch_calls_after_zero(self) -> None:
+        """Once zeroed, the batch encryptor is refused and there is no decryptor."""
+        cipher = TransportCipher(self.key)
+        cipher.zero()
+        self.assertRaises(CryptoError, cipher.encryptor)
+        self.assertIsNone(cipher.decryptor())
 
     def test_rejects_short_key(self) -> None:
         """A transport key is 32 bytes."""

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import math
 import struct
+from collections.abc import Callable
 from typing import Final
 
 import nacl.bindings
@@ -32,8 +33,10 @@ __all__ = [
     "MAC_SIZE",
     "TAG_SIZE",
     "TIMESTAMP_SIZE",
+    "TRANSPORT_NONCE",
     "XNONCE_SIZE",
     "CryptoError",
+    "InvalidTag",
     "TransportCipher",
     "aead_decrypt",
     "aead_encrypt",
@@ -77,6 +80,8 @@ _TAI64N_WHITENER: Final = ~((1 << 24) - 1)
 _TAI64N: Final = struct.Struct(">QI")
 #: The 12-byte AEAD nonce: four zero bytes, then the counter as a little-endian u64.
 _NONCE: Final = struct.Struct("<4xQ")
+#: Builds a transport nonce from a counter; its last eight bytes are the message's counter field.
+TRANSPORT_NONCE: Final = _NONCE.pack
 
 
 def blake2s(*parts: bytes) -> bytes:
@@ -221,6 +226,23 @@ class TransportCipher:
         if aead is None:
             raise CryptoError("transport key has been zeroed")
         return aead.encrypt(_NONCE.pack(counter), plaintext, None)
+
+    def encryptor(self) -> Callable[[bytes, bytes | memoryview, None], bytes]:
+        """The bound AEAD encrypt call, for a loop that seals a whole batch: it takes the
+        12-byte nonce (:data:`TRANSPORT_NONCE`), the plaintext and ``None`` (no AD). One
+        Python call fewer per packet than :meth:`seal` (about 0.2 us of 2); raises like
+        :meth:`seal` once zeroed."""
+        aead = self._aead
+        if aead is None:
+            raise CryptoError("transport key has been zeroed")
+        return aead.encrypt
+
+    def decryptor(self) -> Callable[[bytes, bytes | memoryview, None], bytes] | None:
+        """The bound AEAD decrypt call for a batch (``None`` once zeroed): it raises
+        :class:`cryptography.exceptions.InvalidTag`, re-exported here as
+        :data:`InvalidTag`, where :meth:`open` returns ``None``."""
+        aead = self._aead
+        return None if aead is None else aead.decrypt
 
     def open(self, counter: int, ciphertext: bytes) -> bytes | None:
         """Decrypt a peer's packet; ``None`` if it does not authenticate (or the key is gone).
