@@ -310,8 +310,12 @@ def _cut_vectorised(
     out = np.empty((count, stride), dtype=np.uint8)
     out[:, :hl] = np.frombuffer(template, dtype=np.uint8)
     out[:, hl:] = body.reshape(count, gso_size)
-    words = body.view(">u2").reshape(count, gso_size // 2)
-    l4 = words.sum(axis=1, dtype=np.int64)
+    # Little-endian words into 32 bits (no overflow below 64 Ki words a row) is the cheapest
+    # sum numpy has here (a third of big-endian into 64 bits). Read the other way round, a
+    # sum is byte-swapped, and a swap is a multiplication by 256 modulo 65535.
+    words = body.view("<u2").reshape(count, gso_size // 2)
+    l4 = (words.sum(axis=1, dtype=np.uint32) % 0xFFFF).astype(np.int64)
+    l4 <<= 8
     l4 += l4_const
     if seq_at >= 0:
         seq = np.arange(first_seq, first_seq + count * gso_size, gso_size, dtype=np.int64)
