@@ -115,7 +115,7 @@ def main() -> None:
         sb2.datagrams.clear()
     rate = args.handshakes / (time.perf_counter() - start)
 
-    tso, gro, per_packet_send, per_packet_receive = offload_paths(now)
+    tso, gro, per_packet_send, per_packet_receive, cut, join = offload_paths(now)
 
     print(f"packet size            {args.size} bytes, {n} packets")
     print(f"seal through engine    {seal:6.2f} us/packet  ({args.size * 8 / seal:7.0f} Mbit/s)")
@@ -127,9 +127,11 @@ def main() -> None:
     print(f"  send, TSO:           {tso:6.2f} us/segment (split + packets_from_tun)")
     print(f"  receive, per packet: {per_packet_receive:6.2f} us/segment (datagram_received each)")
     print(f"  receive, GRO:        {gro:6.2f} us/segment (transport_batch_received + coalesce)")
+    print(f"  of which split:      {cut:6.2f} us/segment")
+    print(f"  of which coalesce:   {join:6.2f} us/segment")
 
 
-def offload_paths(now: float) -> tuple[float, float, float, float]:
+def offload_paths(now: float) -> tuple[float, float, float, float, float, float]:
     """Per segment: a TSO super-packet cut and sealed as a batch against the same segments
     sealed one by one; a UDP GRO read opened as a batch and coalesced against one by one."""
     from meshguard.core.offload import coalesce, split
@@ -191,7 +193,11 @@ def offload_paths(now: float) -> tuple[float, float, float, float]:
 
     gro_us = best(gro, len(segments))
     receive_us = best(receive_one_by_one, len(segments))
-    return tso_us, gro_us, send_us, receive_us
+    whole = bytes(frame)
+    split_us = best(lambda: split(whole), len(segments))
+    opened = written[-len(segments) :]
+    coalesce_us = best(lambda: coalesce(opened), len(segments))
+    return tso_us, gro_us, send_us, receive_us, split_us, coalesce_us
 
 
 if __name__ == "__main__":
