@@ -251,3 +251,104 @@ class TransportBatchTests(SynchronousTestCase):
         pair.b.device.transport_batch_received(held, A_EP, pair.net.now)
         self.assertEqual(len(pair.b.written) - written, 2)
         self.assertEqual(pair.b.device.counters.source_not_allowed, 1)
+
+
+def inner_packets() -> list[bytes]:
+    """Every kind of inner packet the batch receive path treats apart: plain IPv4 and IPv6,
+    trailing bytes, a length past the end, a source B does not allow, a SYN to clamp and a
+    plain segment beside it, marked and unmarked echo replies, too short, an unknown
+    version, and control-sized garbage."""
+    syn = b"\x30\x39\x00\x50" + bytes(8) + b"\x60\x02\xff\xff" + bytes(4) + b"\x02\x04\x05\xb4"
+    ack = b"\x30\x39\x00\x50" + bytes(8) + b"\x50\x10\xff\xff" + bytes(4) + b"data" * 30
+    echo = b"\x00\x00\x00\x00" + b"MG" + b"\x00\x01" + b"probe"
+    plain = ipv4("10.0.0.1", "10.0.0.2", b"plain" * 40)
+    long_claim = bytearray(ipv4("10.0.0.1", "10.0.0.2", b"x" * 40))
+    long_claim[2:4] = (len(long_claim) + 8).to_bytes(2, "big")
+    return [
+        plain,
+        plain + b"trailing bytes",
+        bytes(long_claim),
+        ipv4("10.0.0.99", "10.0.0.2", b"not allowed"),
+        ipv4("10.0.0.1", "10.0.0.2", syn, 6),
+        ipv4("10.0.0.1", "10.0.0.2", ack, 6),
+        ipv4("10.0.0.1", "10.0.0.2", echo, 1),
+        ipv4("10.0.0.1", "10.0.0.2", b"\x00\x00\x00\x00XY\x00\x01", 1),
+        ipv6("fd00::1", "fd00::2", b"six" * 30),
+        ipv6("fd00::1", "fd00::2", syn, 6),
+        ipv6("fd00::1", "fd00::2", b"six" * 30) + b"tail",
+        ipv6("fd00::99", "fd00::2", b"not allowed"),
+        ipv4("10.0.0.1", "10.0.0.2", b"plain again"),
+        b"\x45" + bytes(9),
+        b"\x55" + bytes(59),
+        plain,
+    ]
+
+
+class InnerPacketBatchTests(SynchronousTestCase):
+    def test_inner_packets_batch_equals_one_by_one(self) -> None:
+        """B opens the same sealed messages one by one and as one batch, with the path MTU
+        clamp and the echo handler set: the packets written (clamped and truncated alike),
+        the echo replies consumed, the counters and the peer's state are identical, and the
+        batch took the full path only for its first message."""
+        results = []
+        for batched in (False, True):
+            pair = Pair(seed=5)
+            pair.a_to_b(b"session")
+            held: list[bytes] = []
+
+            def hold(data: bytes, source: object, destination: object) -> bool:
+                if destination == B_EP and data[0] == 4:
+                    held.append(data)
+                    return False
+                return True
+
+            pair.net.filters.append(hold)
+            for packet in inner_packets():
+                pair.a.device.send_data(pair.peer_of_a, packet, pair.net.now)
+            pair.net.flush()
+            pair.net.filters.remove(hold)
+            device = pair.b.device
+            pair.peer_of_b.mss_mtu = 1280
+            echoes: list[bytes] = []
+
+            def on_echo(peer: Peer, packet: bytes, now: float) -> bool:
+                echoes.append(packet)
+                return True
+
+            device.set_echo_handler(b"MG", on_echo)
+            slow: list[bytes] = []
+            single = device.datagram_received
+
+            def counted(data: bytes, source: tuple[str, int], now: float) -> None:
+                slow.append(data)
+                single(data, source, now)
+
+            device.datagram_received = counted  # type: ignore[method-assign]
+            written = len(pair.b.written)
+            if batched:
+                device.transport_batch_received(held, A_EP, pair.net.now)
+            else:
+                for data in held:
+                    device.datagram_received(data, A_EP, pair.net.now)
+            peer = pair.peer_of_b
+            results.append(
+                (
+                    pair.b.written[written:],
+                    echoes,
+                    device.counters.as_dict(),
+                    state(peer),
+                    peer.rx_bytes,
+                    peer.need_another_keepalive,
+                    len(slow),
+                )
+            )
+        one, many = results
+        self.assertEqual(many[:-1], one[:-1])
+        self.assertEqual(many[-1], 1, "only the first message took the full path")
+        self.assertEqual(len(one[1]), 1, "the marked echo reply went to the handler")
+        delivered = one[0]
+        self.assertIn(inner_packets()[0], delivered)
+        self.assertNotIn(inner_packets()[4], delivered, "the SYN was clamped")
+        self.assertEqual(len(delivered), 10)
+        self.assertEqual(one[2]["source_not_allowed"], 2)
+        self.assertEqual(one[2]["bad_inner_packet"], 3)
