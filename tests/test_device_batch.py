@@ -8,6 +8,8 @@ counters and the timers must be the same, in the fast case and in every case tha
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core import constants as C
@@ -285,64 +287,65 @@ def inner_packets() -> list[bytes]:
 
 
 class InnerPacketBatchTests(SynchronousTestCase):
+    def open_inner_packets(self, batched: bool) -> tuple[Any, ...]:
+        """B opens A's sealed inner_packets() one by one or as one batch; what it wrote,
+        the echo replies consumed, counters, the peer's state and how many messages took
+        the full path."""
+        pair = Pair(seed=5)
+        pair.a_to_b(b"session")
+        held: list[bytes] = []
+
+        def hold(data: bytes, source: object, destination: object) -> bool:
+            if destination == B_EP and data[0] == 4:
+                held.append(data)
+                return False
+            return True
+
+        pair.net.filters.append(hold)
+        for packet in inner_packets():
+            pair.a.device.send_data(pair.peer_of_a, packet, pair.net.now)
+        pair.net.flush()
+        pair.net.filters.remove(hold)
+        device = pair.b.device
+        pair.peer_of_b.mss_mtu = 1280
+        echoes: list[bytes] = []
+
+        def on_echo(peer: Peer, packet: bytes, now: float) -> bool:
+            echoes.append(packet)
+            return True
+
+        device.set_echo_handler(b"MG", on_echo)
+        slow: list[bytes] = []
+        single = device.datagram_received
+
+        def counted(data: bytes, source: tuple[str, int], now: float) -> None:
+            slow.append(data)
+            single(data, source, now)
+
+        device.datagram_received = counted  # type: ignore[method-assign]
+        written = len(pair.b.written)
+        if batched:
+            device.transport_batch_received(held, A_EP, pair.net.now)
+        else:
+            for data in held:
+                device.datagram_received(data, A_EP, pair.net.now)
+        peer = pair.peer_of_b
+        return (
+            pair.b.written[written:],
+            echoes,
+            device.counters.as_dict(),
+            state(peer),
+            peer.rx_bytes,
+            peer.need_another_keepalive,
+            len(slow),
+        )
+
     def test_inner_packets_batch_equals_one_by_one(self) -> None:
         """B opens the same sealed messages one by one and as one batch, with the path MTU
         clamp and the echo handler set: the packets written (clamped and truncated alike),
         the echo replies consumed, the counters and the peer's state are identical, and the
         batch took the full path only for its first message."""
-        results = []
-        for batched in (False, True):
-            pair = Pair(seed=5)
-            pair.a_to_b(b"session")
-            held: list[bytes] = []
-
-            def hold(data: bytes, source: object, destination: object) -> bool:
-                if destination == B_EP and data[0] == 4:
-                    held.append(data)
-                    return False
-                return True
-
-            pair.net.filters.append(hold)
-            for packet in inner_packets():
-                pair.a.device.send_data(pair.peer_of_a, packet, pair.net.now)
-            pair.net.flush()
-            pair.net.filters.remove(hold)
-            device = pair.b.device
-            pair.peer_of_b.mss_mtu = 1280
-            echoes: list[bytes] = []
-
-            def on_echo(peer: Peer, packet: bytes, now: float) -> bool:
-                echoes.append(packet)
-                return True
-
-            device.set_echo_handler(b"MG", on_echo)
-            slow: list[bytes] = []
-            single = device.datagram_received
-
-            def counted(data: bytes, source: tuple[str, int], now: float) -> None:
-                slow.append(data)
-                single(data, source, now)
-
-            device.datagram_received = counted  # type: ignore[method-assign]
-            written = len(pair.b.written)
-            if batched:
-                device.transport_batch_received(held, A_EP, pair.net.now)
-            else:
-                for data in held:
-                    device.datagram_received(data, A_EP, pair.net.now)
-            peer = pair.peer_of_b
-            results.append(
-                (
-                    pair.b.written[written:],
-                    echoes,
-                    device.counters.as_dict(),
-                    state(peer),
-                    peer.rx_bytes,
-                    peer.need_another_keepalive,
-                    len(slow),
-                )
-            )
-        one, many = results
+        one, many = self.open_inner_packets(False), self.open_inner_packets(True)
         self.assertEqual(many[:-1], one[:-1])
         self.assertEqual(many[-1], 1, "only the first message took the full path")
         self.assertEqual(len(one[1]), 1, "the marked echo reply went to the handler")
