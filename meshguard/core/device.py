@@ -83,6 +83,8 @@ _ZEROS = bytes(16)
 _NO_LIMIT = 1 << 20
 #: A transport message's receiver index and counter (after the 4-byte type).
 _TRANSPORT_HEADER = struct.Struct("<4xIQ")
+#: The same with the message type: one call tells a batch's transport message and its session.
+_TRANSPORT_FIELDS = struct.Struct("<IIQ")
 #: The receive-side rekey age: REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT.
 _REKEY_ON_RECEIVE_AGE = C.REJECT_AFTER_TIME - C.KEEPALIVE_TIMEOUT - C.REKEY_TIMEOUT
 
@@ -763,7 +765,8 @@ class Device:
         decrypt: Callable[[bytes, bytes | memoryview, None], bytes] | None = None
         check: Callable[[int], bool] = _reject
         counters = self.counters
-        unpack = _TRANSPORT_HEADER.unpack_from
+        unpack = _TRANSPORT_FIELDS.unpack_from
+        deadlines: list[float | None] = []
         nonce_of = TRANSPORT_NONCE
         lookup = self.allowed_ips.lookup
         write = self.io.write_packet
@@ -773,9 +776,9 @@ class Device:
         checked: bytes | None = None
         allowed = False
         for data in datagrams:
-            if decrypt is not None and len(data) >= min_size and data[:4] == _TRANSPORT_TYPE:
-                index, counter = unpack(data)
-                if index == known:
+            if decrypt is not None and len(data) >= min_size:
+                kind, index, counter = unpack(data)
+                if kind == 4 and index == known:
                     assert peer is not None and keypair is not None
                     try:
                         plaintext = decrypt(nonce_of(counter), data[16:], None)
@@ -795,7 +798,6 @@ class Device:
                         decrypt = keypair.receiver.decryptor()
                         checked = None
                         continue
-                    deadlines = peer.timers.deadlines
                     if deadlines[SEND_KEEPALIVE] is None:
                         self.timers.arm(
                             peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT
@@ -853,6 +855,7 @@ class Device:
                 peer = keypair.peer
                 decrypt = keypair.receiver.decryptor()
                 check = keypair.replay.check
+                deadlines = peer.timers.deadlines
             else:
                 decrypt = None
         self._last_opened = None
