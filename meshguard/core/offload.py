@@ -275,9 +275,10 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
     return out
 
 
-#: Fewer segments than this (plus the last) are cut one by one: about 25 numpy calls of
-#: about a microsecond each are the vectorised cut's fixed cost (docs/datapath.md).
-_NUMPY_MIN_SEGMENTS: Final = 8
+#: Up to this many segments are cut one by one: about 20 numpy calls of about a microsecond
+#: each are the vectorised cut's fixed cost; the two break even at 16-24 segments of 1,368
+#: bytes (docs/datapath.md), and a bulk TCP flow's frames hold about 44.
+_NUMPY_MIN_SEGMENTS: Final = 16
 
 
 def _cut_vectorised(
