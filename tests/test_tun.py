@@ -10,6 +10,7 @@ import subprocess
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.pair.testing import MemoryIOSystem, Tunnel
 from twisted.pair.tuntap import _TUNSETIFF
 from twisted.python.failure import Failure
@@ -317,6 +318,7 @@ class VnetReadTests(SynchronousTestCase):
         self.system = _VnetSystem()
         self.events: list[object] = []
         self.reactor = FakeReactor()
+        self.clock = Clock()
         self.tun = TunDevice(
             "mg0",
             self.events.append,
@@ -325,6 +327,7 @@ class VnetReadTests(SynchronousTestCase):
             on_batch_start=lambda: self.events.append("start"),
             on_batch_end=lambda: self.events.append("end"),
             offload=True,
+            clock=self.clock.seconds,
         )
         self.tun.open()
         self.assertTrue(self.tun.vnet)
@@ -333,13 +336,38 @@ class VnetReadTests(SynchronousTestCase):
         self.system.frames.extend(PLAIN_HEADER + p for p in packets)
 
     def test_lone_packet_goes_before_the_batch_hook(self) -> None:
-        """The first packet of a batch is handed on before ``on_batch_start`` (so the node
-        sends it at once, unheld); the rest follow the hook, in order."""
+        """After an idle gap the first packet of a batch is handed on before
+        ``on_batch_start`` (so the node sends it at once, unheld); the rest follow the hook,
+        in order."""
         packets = [bytes([0x45, i]) * 20 for i in range(3)]
         self.queue(packets[0])
         self.tun.doRead()
         self.assertEqual(self.events, [packets[0], "start", "end"])
         self.events.clear()
+        self.clock.advance(self.tun.idle_gap)
+        self.queue(*packets)
+        self.tun.doRead()
+        self.assertEqual(self.events, [packets[0], "start", packets[1], packets[2], "end"])
+
+    def test_busy_batch_stays_whole(self) -> None:
+        """A batch that starts less than ``idle_gap`` after the previous one runs
+        ``on_batch_start`` before its first packet, so every packet of it is held (one GSO
+        send under load); the gap counts from batch start to batch start, the clock read once
+        per batch."""
+        packets = [bytes([0x45, i]) * 20 for i in range(3)]
+        self.queue(packets[0])
+        self.tun.doRead()
+        self.events.clear()
+        self.clock.advance(self.tun.idle_gap / 2)
+        self.queue(*packets)
+        self.tun.doRead()
+        self.assertEqual(self.events, ["start", *packets, "end"])
+        self.events.clear()
+        self.clock.advance(self.tun.idle_gap / 2)
+        self.tun.doRead()  # an empty batch is still a batch: the device was just busy
+        self.assertEqual(self.events, ["start", "end"])
+        self.events.clear()
+        self.clock.advance(self.tun.idle_gap)
         self.queue(*packets)
         self.tun.doRead()
         self.assertEqual(self.events, [packets[0], "start", packets[1], packets[2], "end"])

@@ -11,6 +11,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from meshguard.adapters import udp
@@ -730,6 +731,49 @@ class GRODeliveryTests(SynchronousTestCase):
         self.assertEqual(
             self.hook_order((b"aabb", [gro], 0, V4_PEER)), ["start", b"aa", b"bb", b"two", "end"]
         )
+
+    def test_busy_batch_stays_whole(self) -> None:
+        """A read batch that starts less than ``idle_gap`` after the previous one (on either
+        socket) runs the start hook before its first datagram, so its TUN writes are all held
+        for coalescing; after a gap of ``idle_gap`` the first datagram goes unheld again."""
+        events: list[object] = []
+        queue: list[Any] = []
+
+        class Sock:
+            def fileno(self) -> int:
+                return 99
+
+            def recvmsg(self, size: int, ancsize: int) -> Any:
+                if not queue:
+                    raise BlockingIOError(errno.EAGAIN, "again")
+                return queue.pop(0)
+
+        clock = Clock()
+        transport = UDPTransport(
+            lambda data, source: events.append(data),
+            FakeReactor(),
+            0,
+            on_batch_start=lambda: events.append("start"),
+            on_batch_end=lambda: events.append("end"),
+            clock=clock.seconds,
+        )
+        v4 = udp._Reader(transport, Sock(), False)  # type: ignore[arg-type]
+        v6 = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
+
+        def batch(reader: udp._Reader) -> list[object]:
+            queue.extend([(b"one", [], 0, V4_PEER), (b"two", [], 0, V4_PEER)])
+            reader.doRead()
+            done = events[:]
+            events.clear()
+            return done
+
+        self.assertEqual(batch(v4), [b"one", "start", b"two", "end"])
+        clock.advance(transport.idle_gap / 2)
+        self.assertEqual(batch(v4), ["start", b"one", b"two", "end"])
+        clock.advance(transport.idle_gap / 2)
+        self.assertEqual(batch(v6), ["start", b"one", b"two", "end"])
+        clock.advance(transport.idle_gap)
+        self.assertEqual(batch(v6), [b"one", "start", b"two", "end"])
 
     @settings(max_examples=500, deadline=None)
     @given(st.binary(max_size=3000), st.integers(min_value=-5, max_value=4000))
