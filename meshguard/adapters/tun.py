@@ -168,10 +168,11 @@ class TunDevice:
     called once per batch and after its last packet the optional ``on_batch_end()``, so the
     node can hold the datagrams a batch produces for one GSO send, flush queued work and
     reschedule its single timer per batch instead of per packet. After an idle gap
-    (``idle_gap``) the first packet is handed on before the start hook: a lone packet is sent
-    at once rather than after the read that finds the queue empty and the flush (see
-    docs/datapath.md, "Latency"); under load the start hook comes first and the batch stays
-    whole. A super-packet read first is held as a whole. When the interface disappears
+    (``idle_gap``) a first single packet is handed on alone, without the start hook, and the
+    batch ends there: a lone packet is sent at once rather than after the read that finds the
+    queue empty and the flush (see docs/datapath.md, "Latency"); what else was queued comes
+    as the next, busy, batch, where the start hook comes first and the batch stays whole. A
+    super-packet read first is held as a whole. When the interface disappears
     (``ip link del``) reading stops and ``on_gone(error)`` is called, so the node can exit the way
     wireguard-go does.
     """
@@ -183,9 +184,9 @@ class TunDevice:
     #: ``read_replies`` reads only after at most this many packets were written.
     reply_read_max = 4
     #: A read batch that starts at least this long (s) after the previous one follows an idle
-    #: gap: its first packet is handed on before the batch hook holds the sends. Under load
-    #: batches come closer together and stay whole (one GSO send, not an extra one for the
-    #: first packet); the cost is at most one extra send per ``idle_gap`` of work.
+    #: gap: its first packet is handed on alone, before any batch hook holds the sends. Under
+    #: load batches come closer together and stay whole (one GSO send, not an extra one for
+    #: the first packet); the cost is at most one extra send per ``idle_gap`` of work.
     idle_gap = 0.001
 
     def __init__(
@@ -217,9 +218,10 @@ class TunDevice:
         #: Called instead of ``receiver`` with the segments of one super-packet (all to the
         #: same destination), so they can be routed once.
         self.batch_receiver = batch_receiver
-        #: Read once per batch for the idle-gap rule (``idle_gap``).
+        #: Read once per batch for the idle-gap rule (``idle_gap``); the device counts as busy
+        #: from its creation, so a test's ``task.Clock`` must advance before a batch is idle.
         self._clock = clock
-        self._last_batch = -float("inf")
+        self._last_batch = clock()
         self._fd = -1
         self._reading = False
         #: Packets dropped on write because the kernel queue was full (EAGAIN/ENOBUFS).
@@ -471,8 +473,10 @@ class TunDevice:
             except Exception:
                 self._receiver_failed()
             if not started:
-                started = True
-                self._hook(self.on_batch_start)
+                # After an idle gap the first packet went on alone; the rest, if any, is a
+                # busy batch the reactor reports next (level-triggered), so a lone packet
+                # costs no read that finds the queue empty.
+                break
         self._hook(self.on_batch_end)
 
     def _read_frames(self, started: bool) -> None:
@@ -539,14 +543,12 @@ class TunDevice:
                     if started:
                         offset = (offset + n + 1) & ~1
                         continue
-                    # The batch's first packet goes on at once, before the batch hook holds
-                    # the sends: a lone packet (an idle ping, an ACK) then leaves without
-                    # waiting for the read that ends its batch or for a flush.
+                    # After an idle gap the first packet goes on at once and alone, unheld:
+                    # a lone packet (an idle ping, an ACK) leaves without waiting for a read
+                    # that finds the queue empty or for a flush. What else is queued is a
+                    # busy batch the reactor reports next.
                     self._hand_on(buffer, view, bounds, starts, ends, fields)
-                    offset = 0
-                    started = True
-                    self._hook(self.on_batch_start)
-                    continue
+                    break
             # A super-packet (or a checksum this path does not take): what is pending
             # goes first, so that the order of packets stays as read.
             self._hand_on(buffer, view, bounds, starts, ends, fields)
