@@ -10,6 +10,7 @@ import subprocess
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.pair.testing import MemoryIOSystem, Tunnel
 from twisted.pair.tuntap import _TUNSETIFF
 from twisted.python.failure import Failure
@@ -56,6 +57,9 @@ class MemoryTunTests(SynchronousTestCase):
         self.packets: list[bytes] = []
         self.batches = 0
         self.gone: list[OSError] = []
+        #: Never advanced unless a test says so: every batch is busy (within ``idle_gap`` of
+        #: the previous one or of the device's creation) and drains the queue.
+        self.clock = Clock()
         self.tun = TunDevice(
             "mg0",
             self.packets.append,
@@ -63,6 +67,7 @@ class MemoryTunTests(SynchronousTestCase):
             system=self.system,
             on_gone=self.gone.append,
             on_batch_end=self._batch_end,
+            clock=self.clock.seconds,
         )
 
     def _batch_end(self) -> None:
@@ -144,9 +149,10 @@ class MemoryTunTests(SynchronousTestCase):
         self.assertEqual(self.batches, 1)
 
     def test_batch_is_bracketed(self) -> None:
-        """``on_batch_start`` runs once after a batch's first packet (which goes on at once, so
-        a lone packet is never held) and ``on_batch_end`` once after its last, so the node can
-        hold the datagrams the rest of a batch produces (UDP GSO)."""
+        """A busy batch runs ``on_batch_start`` once before its first packet and
+        ``on_batch_end`` once after its last, so the node can hold the datagrams it produces
+        (UDP GSO). After an idle gap the first packet goes on alone, never held, and ends its
+        batch without a further read; the rest come as the next (busy) batch."""
         events: list[object] = []
         self.tun.on_batch_start = lambda: events.append("start")
         self.tun.on_batch_end = lambda: events.append("end")
@@ -155,7 +161,17 @@ class MemoryTunTests(SynchronousTestCase):
         for i in range(2):
             self.tunnel().addToReadBuffer(bytes([0x45, i]))
         self.tun.doRead()
-        self.assertEqual(events, [b"\x45\x00", "start", b"\x45\x01", "end"])
+        self.assertEqual(events, ["start", b"\x45\x00", b"\x45\x01", "end"])
+        events.clear()
+        self.clock.advance(self.tun.idle_gap)
+        for i in range(2):
+            self.tunnel().addToReadBuffer(bytes([0x45, i]))
+        self.tun.doRead()
+        self.assertEqual(events, [b"\x45\x00", "end"])
+        self.assertEqual(len(self.tunnel().readBuffer), 1, "no read after the lone packet")
+        events.clear()
+        self.tun.doRead()
+        self.assertEqual(events, ["start", b"\x45\x01", "end"])
 
     def test_read_budget(self) -> None:
         """A batch stops at batch_packets so other descriptors get a turn; the rest follow on
@@ -178,7 +194,7 @@ class MemoryTunTests(SynchronousTestCase):
                 raise ValueError("boom")
             self.packets.append(packet)
 
-        tun = TunDevice("mg1", receiver, self.reactor, system=self.system)
+        tun = TunDevice("mg1", receiver, self.reactor, system=self.system, clock=self.clock.seconds)
         tun.open()
         tunnel = self.system._openFiles[tun.fileno()]
         for packet in (b"bad", b"good"):
@@ -317,6 +333,7 @@ class VnetReadTests(SynchronousTestCase):
         self.system = _VnetSystem()
         self.events: list[object] = []
         self.reactor = FakeReactor()
+        self.clock = Clock()
         self.tun = TunDevice(
             "mg0",
             self.events.append,
@@ -325,6 +342,7 @@ class VnetReadTests(SynchronousTestCase):
             on_batch_start=lambda: self.events.append("start"),
             on_batch_end=lambda: self.events.append("end"),
             offload=True,
+            clock=self.clock.seconds,
         )
         self.tun.open()
         self.assertTrue(self.tun.vnet)
@@ -333,16 +351,47 @@ class VnetReadTests(SynchronousTestCase):
         self.system.frames.extend(PLAIN_HEADER + p for p in packets)
 
     def test_lone_packet_goes_before_the_batch_hook(self) -> None:
-        """The first packet of a batch is handed on before ``on_batch_start`` (so the node
-        sends it at once, unheld); the rest follow the hook, in order."""
+        """After an idle gap the first packet of a batch is handed on alone, without
+        ``on_batch_start`` (so the node sends it at once, unheld), and the batch ends there;
+        the rest follow as the next batch, after the hook, in order."""
         packets = [bytes([0x45, i]) * 20 for i in range(3)]
+        self.clock.advance(self.tun.idle_gap)
         self.queue(packets[0])
         self.tun.doRead()
-        self.assertEqual(self.events, [packets[0], "start", "end"])
+        self.assertEqual(self.events, [packets[0], "end"])
+        self.assertEqual(self.system.reads, 1, "no read that finds the queue empty")
         self.events.clear()
+        self.clock.advance(self.tun.idle_gap)
         self.queue(*packets)
         self.tun.doRead()
-        self.assertEqual(self.events, [packets[0], "start", packets[1], packets[2], "end"])
+        self.assertEqual(self.events, [packets[0], "end"])
+        self.events.clear()
+        self.tun.doRead()
+        self.assertEqual(self.events, ["start", packets[1], packets[2], "end"])
+
+    def test_busy_batch_stays_whole(self) -> None:
+        """A batch that starts less than ``idle_gap`` after the previous one runs
+        ``on_batch_start`` before its first packet, so every packet of it is held (one GSO
+        send under load); the gap counts from batch start to batch start, the clock read once
+        per batch."""
+        packets = [bytes([0x45, i]) * 20 for i in range(3)]
+        self.clock.advance(self.tun.idle_gap)
+        self.queue(packets[0])
+        self.tun.doRead()
+        self.events.clear()
+        self.clock.advance(self.tun.idle_gap / 2)
+        self.queue(*packets)
+        self.tun.doRead()
+        self.assertEqual(self.events, ["start", *packets, "end"])
+        self.events.clear()
+        self.clock.advance(self.tun.idle_gap / 2)
+        self.tun.doRead()  # an empty batch is still a batch: the device was just busy
+        self.assertEqual(self.events, ["start", "end"])
+        self.events.clear()
+        self.clock.advance(self.tun.idle_gap)
+        self.queue(*packets)
+        self.tun.doRead()
+        self.assertEqual(self.events, [packets[0], "end"])
 
     def test_read_replies_only_after_a_write(self) -> None:
         """``read_replies`` reads at once what a lone write provoked, and does nothing without
@@ -354,8 +403,9 @@ class VnetReadTests(SynchronousTestCase):
         self.assertEqual(self.system.reads, 0)
         self.tun.write(bytes([0x45, 1]) * 20)
         self.queue(reply)
+        self.clock.advance(self.tun.idle_gap)
         self.tun.read_replies()
-        self.assertEqual(self.events, [reply, "start", "end"])
+        self.assertEqual(self.events, [reply, "end"])
         reads = self.system.reads
         self.tun.read_replies()
         self.assertEqual(self.system.reads, reads)

@@ -11,6 +11,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from meshguard.adapters import udp
@@ -43,7 +44,11 @@ class UDPTransportTests(SynchronousTestCase):
         self.received: list[tuple[bytes, tuple[str, int]]] = []
         self.batches = 0
         self.transport = UDPTransport(
-            self.received_datagram, self.reactor, 0, on_batch_end=self.batch_end
+            self.received_datagram,
+            self.reactor,
+            0,
+            on_batch_end=self.batch_end,
+            clock=Clock().seconds,
         )
         self.port = self.transport.bind()
         self.addCleanup(self.transport.close)
@@ -304,7 +309,9 @@ class ScopedAddressTests(SynchronousTestCase):
                     raise BlockingIOError(errno.EAGAIN, "again")
                 return self.queue.pop(0)
 
-        transport = UDPTransport(lambda d, s: received.append((d, s)), FakeReactor(), 0)
+        transport = UDPTransport(
+            lambda d, s: received.append((d, s)), FakeReactor(), 0, clock=Clock().seconds
+        )
         reader = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
         reader.doRead()
         self.assertEqual(received, [(b"a", ("192.0.2.1", 5)), (b"b", ("fe80::1%lo", 6))])
@@ -642,7 +649,7 @@ class GRODeliveryTests(SynchronousTestCase):
             received.append((data, source))
             transport.confirm_source(source)
 
-        transport = UDPTransport(receive, FakeReactor(), 0)
+        transport = UDPTransport(receive, FakeReactor(), 0, clock=Clock().seconds)
         udp._Reader(transport, Sock(), v6).doRead()  # type: ignore[arg-type]
         return received, transport
 
@@ -678,7 +685,7 @@ class GRODeliveryTests(SynchronousTestCase):
             if data == b"bb":
                 raise ValueError("boom")
 
-        transport = UDPTransport(receiver, FakeReactor(), 0)
+        transport = UDPTransport(receiver, FakeReactor(), 0, clock=Clock().seconds)
         queue = [(b"aabbcc", [(udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))], 0, V4_PEER)]
 
         class Sock:
@@ -695,8 +702,9 @@ class GRODeliveryTests(SynchronousTestCase):
         self.assertEqual(transport.receiver_errors, 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
-    def hook_order(self, first: Any) -> list[object]:
-        """What a read batch of ``first`` and one plain datagram hands out, hooks included."""
+    def hook_order(self, first: Any, idle: bool = False) -> list[object]:
+        """What a read batch of ``first`` and one plain datagram hands out, hooks included;
+        ``idle``: the batch follows an idle gap."""
         events: list[object] = []
         queue: list[Any] = [first, (b"two", [], 0, V4_PEER)]
 
@@ -709,27 +717,84 @@ class GRODeliveryTests(SynchronousTestCase):
                     raise BlockingIOError(errno.EAGAIN, "again")
                 return queue.pop(0)
 
+        clock = Clock()
         transport = UDPTransport(
             lambda data, source: events.append(data),
             FakeReactor(),
             0,
             on_batch_start=lambda: events.append("start"),
             on_batch_end=lambda: events.append("end"),
+            clock=clock.seconds,
         )
+        if idle:
+            clock.advance(transport.idle_gap)
         udp._Reader(transport, Sock(), False).doRead()  # type: ignore[arg-type]
         return events
 
     def test_batch_hook_after_a_lone_datagram(self) -> None:
-        """The batch start hook (the node holds TUN writes) runs after the first datagram of a
-        read batch, so a lone datagram is handled unheld; a GRO buffer read first is held as a
-        whole (the hook runs before it); the end hook runs once."""
-        self.assertEqual(
-            self.hook_order((b"one", [], 0, V4_PEER)), [b"one", "start", b"two", "end"]
-        )
+        """After an idle gap the first datagram of a read batch is handled alone, without the
+        start hook (the node holds TUN writes), so it is written out unheld, and the batch ends
+        there (no read that finds the queue empty); a GRO buffer read first is held as a whole
+        (the hook runs before it) and the batch goes on; a busy batch runs the hook first. The
+        end hook runs once."""
+        self.assertEqual(self.hook_order((b"one", [], 0, V4_PEER), idle=True), [b"one", "end"])
         gro = (udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))
         self.assertEqual(
-            self.hook_order((b"aabb", [gro], 0, V4_PEER)), ["start", b"aa", b"bb", b"two", "end"]
+            self.hook_order((b"aabb", [gro], 0, V4_PEER), idle=True),
+            ["start", b"aa", b"bb", b"two", "end"],
         )
+        self.assertEqual(
+            self.hook_order((b"one", [], 0, V4_PEER)), ["start", b"one", b"two", "end"]
+        )
+
+    def test_busy_batch_stays_whole(self) -> None:
+        """A read batch that starts less than ``idle_gap`` after the previous one (on either
+        socket) runs the start hook before its first datagram, so its TUN writes are all held
+        for coalescing; after a gap of ``idle_gap`` the first datagram goes alone and unheld
+        again."""
+        events: list[object] = []
+        queue: list[Any] = []
+
+        class Sock:
+            def fileno(self) -> int:
+                return 99
+
+            def recvmsg(self, size: int, ancsize: int) -> Any:
+                if not queue:
+                    raise BlockingIOError(errno.EAGAIN, "again")
+                return queue.pop(0)
+
+        clock = Clock()
+        transport = UDPTransport(
+            lambda data, source: events.append(data),
+            FakeReactor(),
+            0,
+            on_batch_start=lambda: events.append("start"),
+            on_batch_end=lambda: events.append("end"),
+            clock=clock.seconds,
+        )
+        v4 = udp._Reader(transport, Sock(), False)  # type: ignore[arg-type]
+        v6 = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
+
+        def batch(reader: udp._Reader) -> list[object]:
+            queue.extend([(b"one", [], 0, V4_PEER), (b"two", [], 0, V4_PEER)])
+            reader.doRead()
+            done = events[:]
+            events.clear()
+            return done
+
+        clock.advance(transport.idle_gap)
+        self.assertEqual(batch(v4), [b"one", "end"])
+        v4.doRead()  # the rest, as the reactor reports it next
+        self.assertEqual(events, ["start", b"two", "end"])
+        events.clear()
+        clock.advance(transport.idle_gap / 2)
+        self.assertEqual(batch(v4), ["start", b"one", b"two", "end"])
+        clock.advance(transport.idle_gap / 2)
+        self.assertEqual(batch(v6), ["start", b"one", b"two", "end"])
+        clock.advance(transport.idle_gap)
+        self.assertEqual(batch(v6), [b"one", "end"])
+        queue.clear()
 
     @settings(max_examples=500, deadline=None)
     @given(st.binary(max_size=3000), st.integers(min_value=-5, max_value=4000))
@@ -771,7 +836,9 @@ class OffloadLoopbackTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.received: list[tuple[bytes, tuple[str, int]]] = []
         self.reactor = FakeReactor()
-        self.transport = UDPTransport(lambda d, s: self.received.append((d, s)), self.reactor, 0)
+        self.transport = UDPTransport(
+            lambda d, s: self.received.append((d, s)), self.reactor, 0, clock=Clock().seconds
+        )
         self.port = self.transport.bind()
         self.addCleanup(self.transport.close)
         if self.transport.offload_status()["gso"] == "off":
@@ -828,7 +895,9 @@ class OffloadLoopbackTests(SynchronousTestCase):
         if not _has_ipv6() or self.transport._sock6 is None:
             raise SkipTest("no IPv6 loopback")
         other_received: list[bytes] = []
-        other = UDPTransport(lambda d, s: other_received.append(d), FakeReactor(), 0)
+        other = UDPTransport(
+            lambda d, s: other_received.append(d), FakeReactor(), 0, clock=Clock().seconds
+        )
         other.bind()
         self.addCleanup(other.close)
         other.hold()
@@ -844,10 +913,11 @@ class NodeBatchTests(SynchronousTestCase):
     """The node holds UDP sends for the length of one TUN read batch."""
 
     def test_tun_batch_leaves_in_one_gso_send(self) -> None:
-        """Packets drained from the TUN in one read event, sealed toward one peer through the
-        device's (possibly wrapped) send_datagram: the first leaves at once (a lone packet
-        must not wait for the read that ends its batch), the rest in one GSO send at the
-        batch end; a send from a timer afterwards is not held."""
+        """Packets drained from the TUN in one busy read event, sealed toward one peer through
+        the device's (possibly wrapped) send_datagram, leave in one GSO send at the batch end.
+        After an idle gap the first leaves at once and alone (a lone packet must not wait for
+        the read that ends its batch), the rest as the next batch, in one GSO send; a send
+        from a timer afterwards is not held."""
         from twisted.internet.task import Clock
         from twisted.pair.testing import MemoryIOSystem, Tunnel
 
@@ -855,7 +925,8 @@ class NodeBatchTests(SynchronousTestCase):
 
         system = MemoryIOSystem()
         system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
-        node = Node("mgb0", Clock(), tun_system=system, plugins=False)
+        clock = Clock()
+        node = Node("mgb0", clock, tun_system=system, plugins=False)
         log: list[tuple[str, Any, list[bytes], Any]] = []
         node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
         self.addCleanup(node.udp.close)
@@ -871,6 +942,13 @@ class NodeBatchTests(SynchronousTestCase):
         packets = [bytes([0x45, i]) * 50 for i in range(4)]
         for packet in packets:
             tunnel.addToReadBuffer(packet)
+        node.tun.doRead()
+        self.assertEqual([(k, a, p) for k, a, p, _c in log], [("gso", V4_PEER, packets)])
+        log.clear()
+        clock.advance(node.tun.idle_gap)
+        for packet in packets:
+            tunnel.addToReadBuffer(packet)
+        node.tun.doRead()
         node.tun.doRead()
         self.assertEqual(
             [(k, a, p) for k, a, p, _c in log],

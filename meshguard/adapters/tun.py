@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from meshguard.adapters.hot_reactor import add_reader
 from meshguard.core.offload import (
     NEEDS_CSUM,
     PLAIN_HEADER,
@@ -162,12 +164,14 @@ def _open_hint(err: OSError) -> str:
 class TunDevice:
     """A Linux TUN interface in IFF_TUN | IFF_NO_PI mode: raw IP packets in and out.
 
-    ``receiver(packet)`` is called for every packet read; after a batch's first packet the
-    optional ``on_batch_start()`` and after its last the optional ``on_batch_end()`` are called
-    once, so the node can hold the datagrams the rest of a batch produces for one GSO send,
-    flush queued work and reschedule its single timer per batch instead of per packet. The
-    first packet is handed on before the hook: a lone packet is sent at once rather than after
-    the read that finds the queue empty and the flush (see docs/datapath.md, "Latency"). A
+    ``receiver(packet)`` is called for every packet read; the optional ``on_batch_start()`` is
+    called once per batch and after its last packet the optional ``on_batch_end()``, so the
+    node can hold the datagrams a batch produces for one GSO send, flush queued work and
+    reschedule its single timer per batch instead of per packet. After an idle gap
+    (``idle_gap``) a first single packet is handed on alone, without the start hook, and the
+    batch ends there: a lone packet is sent at once rather than after the read that finds the
+    queue empty and the flush (see docs/datapath.md, "Latency"); what else was queued comes
+    as the next, busy, batch, where the start hook comes first and the batch stays whole. A
     super-packet read first is held as a whole. When the interface disappears
     (``ip link del``) reading stops and ``on_gone(error)`` is called, so the node can exit the way
     wireguard-go does.
@@ -179,6 +183,11 @@ class TunDevice:
     hold_packets = 512
     #: ``read_replies`` reads only after at most this many packets were written.
     reply_read_max = 4
+    #: A read batch that starts at least this long (s) after the previous one follows an idle
+    #: gap: its first packet is handed on alone, before any batch hook holds the sends. Under
+    #: load batches come closer together and stay whole (one GSO send, not an extra one for
+    #: the first packet); the cost is at most one extra send per ``idle_gap`` of work.
+    idle_gap = 0.001
 
     def __init__(
         self,
@@ -192,6 +201,7 @@ class TunDevice:
         on_batch_start: Callable[[], None] | None = None,
         offload: bool = False,
         batch_receiver: Callable[[list[bytes]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise TunError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
@@ -208,6 +218,10 @@ class TunDevice:
         #: Called instead of ``receiver`` with the segments of one super-packet (all to the
         #: same destination), so they can be routed once.
         self.batch_receiver = batch_receiver
+        #: Read once per batch for the idle-gap rule (``idle_gap``); the device counts as busy
+        #: from its creation, so a test's ``task.Clock`` must advance before a batch is idle.
+        self._clock = clock
+        self._last_batch = clock()
         self._fd = -1
         self._reading = False
         #: Packets dropped on write because the kernel queue was full (EAGAIN/ENOBUFS).
@@ -305,7 +319,7 @@ class TunDevice:
             raise TunError("TUN device is not open")
         if not self._reading:
             self._reading = True
-            self._reactor.addReader(self)
+            add_reader(self._reactor, self)
 
     def stop_reading(self) -> None:
         if self._reading:
@@ -431,14 +445,19 @@ class TunDevice:
         EAGAIN ends the batch early, which costs one exception per batch, not per packet.
         """
         self._wrote = 0
+        now = self._clock()
+        # Busy (the previous batch began less than idle_gap ago): hold from the first packet.
+        started = now - self._last_batch < self.idle_gap
+        self._last_batch = now
+        if started:
+            self._hook(self.on_batch_start)
         if self.vnet:
-            self._read_frames()
+            self._read_frames(started)
             return
         read = self._system.read
         fd = self._fd
         size = self.max_packet
         receiver = self._receiver
-        started = False
         for _ in range(self.batch_packets):
             try:
                 packet = read(fd, size)
@@ -454,11 +473,13 @@ class TunDevice:
             except Exception:
                 self._receiver_failed()
             if not started:
-                started = True
-                self._hook(self.on_batch_start)
+                # After an idle gap the first packet went on alone; the rest, if any, is a
+                # busy batch the reactor reports next (level-triggered), so a lone packet
+                # costs no read that finds the queue empty.
+                break
         self._hook(self.on_batch_end)
 
-    def _read_frames(self) -> None:
+    def _read_frames(self, started: bool) -> None:
         """``doRead`` with a virtio-net header: super-packets cut into segments; the budget
         counts packets handed on, so a batch stays as long as without.
 
@@ -481,7 +502,6 @@ class TunDevice:
         at_start = self._at_start
         bounds, starts, fields, ends = self._bounds, self._starts, self._fields, self._ends
         offset = 0
-        started = False
         while budget > 0:
             if offset > span:
                 self._hand_on(buffer, view, bounds, starts, ends, fields)
@@ -523,14 +543,12 @@ class TunDevice:
                     if started:
                         offset = (offset + n + 1) & ~1
                         continue
-                    # The batch's first packet goes on at once, before the batch hook holds
-                    # the sends: a lone packet (an idle ping, an ACK) then leaves without
-                    # waiting for the read that ends its batch or for a flush.
+                    # After an idle gap the first packet goes on at once and alone, unheld:
+                    # a lone packet (an idle ping, an ACK) leaves without waiting for a read
+                    # that finds the queue empty or for a flush. What else is queued is a
+                    # busy batch the reactor reports next.
                     self._hand_on(buffer, view, bounds, starts, ends, fields)
-                    offset = 0
-                    started = True
-                    self._hook(self.on_batch_start)
-                    continue
+                    break
             # A super-packet (or a checksum this path does not take): what is pending
             # goes first, so that the order of packets stays as read.
             self._hand_on(buffer, view, bounds, starts, ends, fields)

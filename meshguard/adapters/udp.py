@@ -41,6 +41,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshguard.adapters import socket_filter
+from meshguard.adapters.hot_reactor import add_reader
 from meshguard.adapters.tun import FDReactor
 
 __all__ = ["UDPBindError", "UDPError", "UDPTransport", "split_datagrams"]
@@ -244,9 +246,18 @@ class _Reader:
         bufsize = t.max_datagram
         v6 = self.v6
         reads = gro_reads = gro_datagrams = 0
-        # The batch hook (the node holds TUN writes for coalescing) runs after the first
-        # datagram unless that is a GRO buffer: a lone datagram is written out at once.
+        # After an idle gap a first plain datagram is handled alone, before the batch hook
+        # (the node holds TUN writes for coalescing), and ends the batch: a lone datagram is
+        # written out at once, without a read that finds the queue empty; the reactor reports
+        # what else is queued as the next, busy, batch. A busy batch (or a GRO buffer read
+        # first) runs the hook first and stays whole.
         start = t.on_batch_start
+        now = t._clock()
+        eager = now - t._last_batch >= t.idle_gap
+        t._last_batch = now
+        if not eager and start is not None:
+            t._hook(start)
+            start = None
         # The budget counts datagrams, not reads: a GRO read holds dozens, and one batch's
         # worth of held TUN writes and replies should stay as long as without GRO.
         budget = t.batch_packets
@@ -280,6 +291,7 @@ class _Reader:
                         # New or changed: remembered only if the datagram authenticates.
                         t._pending_source = (addr, info)
             if segment and len(data) > segment:
+                eager = False
                 if start is not None:
                     t._hook(start)
                     start = None
@@ -311,9 +323,8 @@ class _Reader:
             except Exception:
                 t._receiver_failed()
             t._pending_source = None
-            if start is not None:
-                t._hook(start)
-                start = None
+            if eager:
+                break
         t.reads += reads
         if gro_reads:
             t.gro_reads += gro_reads
@@ -343,6 +354,10 @@ class UDPTransport:
     batch_packets = 256
     #: Receive size: the largest UDP payload, so nothing is ever truncated.
     max_datagram = 65535
+    #: A read batch (of either socket) that starts at least this long (s) after the previous
+    #: one follows an idle gap: its first datagram is handled alone, without
+    #: ``on_batch_start`` (``TunDevice.idle_gap`` says why).
+    idle_gap = 0.001
 
     def __init__(
         self,
@@ -355,8 +370,13 @@ class UDPTransport:
         batch_receiver: Callable[[list[bytes], Endpoint], None] | None = None,
         *,
         wireguard_filter: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._receiver = receiver
+        #: Read once per read batch for the idle-gap rule (``idle_gap``); busy from creation,
+        #: as ``TunDevice``.
+        self._clock = clock
+        self._last_batch = clock()
         #: Called instead of ``receiver`` with the datagrams of one GRO read (one source).
         self.batch_receiver = batch_receiver
         #: Whether the sockets carry the kernel filter for WireGuard's port (the node's do;
@@ -444,7 +464,7 @@ class UDPTransport:
         if not self._reading:
             self._reading = True
             for reader in self._readers:
-                self._reactor.addReader(reader)
+                add_reader(self._reactor, reader)
 
     def stop_reading(self) -> None:
         if self._reading:

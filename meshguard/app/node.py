@@ -159,6 +159,7 @@ class Node:
             on_batch_start=self._tun_batch_start,
             offload=tun_system is None,
             batch_receiver=self._packets_from_tun,
+            clock=reactor.seconds,
         )
         self.udp = UDPTransport(
             self._datagram_received,
@@ -168,6 +169,7 @@ class Node:
             wireguard_filter=True,
             on_batch_start=self.tun.hold,
             batch_receiver=self._datagrams_received,
+            clock=reactor.seconds,
         )
         #: The source of the latest authenticated datagram (the birthday sockets ask).
         self._authenticated: Endpoint | None = None

@@ -8,6 +8,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from meshguard.adapters.hot_reactor import install_if_free
 from meshguard.app.service import NodeService, StartupError
 from meshguard.codecs.config import ConfigError, load_config
 
@@ -36,13 +37,19 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Read the config now, so a bad file ends twistd with one line before anything is set up."""
+    """Read the config now, so a bad file ends twistd with one line before anything is set up.
+
+    Then put the data path's reactor in place (``meshguard.adapters.hot_reactor``): twistd
+    calls this before anything imports the global reactor, unless ``--reactor`` chose one
+    (that choice stands, as does trial's in tests).
+    """
     try:
         config = load_config(options["config"])
     except ConfigError as e:
         raise StartupError(str(e)) from e
     for warning in config.warnings:  # e.g. a key file others may read: say so, run anyway
         log.warn("{warning}", warning=warning)
+    install_if_free()
     parent = getattr(options, "parent", None)  # twistd's own options, when run by twistd
     return NodeService(
         options["interface"],

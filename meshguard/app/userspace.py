@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 
 def _run(interface: str, ready_fd: int | None, on_ready: Callable[[], None] | None = None) -> int:
+    from meshguard.adapters.hot_reactor import install_if_free
+
+    install_if_free()  # the data path's reactor, unless one is imported already
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
