@@ -304,10 +304,23 @@ class PathArbiter:
             record = self.peers[peer.public_key] = PeerPath(peer)
         return record
 
-    def forget(self, peer: Peer) -> None:
-        record = self.peers.pop(peer.public_key, None)
-        if record is not None and peer.public_key in self.paths:
-            self._enter(peer, NO_PATH, "forget", "no longer a member", 0.0)
+    def removed(self, peer: Peer) -> None:
+        """The device removed ``peer`` (UAPI ``remove``, a reload without it, a replace, a
+        learned member that left: ``Device.add_peer_removed_listener``). Its path, proofs,
+        offers and notes go with it, so nothing is kept for a peer that is gone and the same
+        key added again starts afresh; a path we had decided ends with one logged move."""
+        key = peer.public_key
+        record = self.peers.get(key)
+        if record is not None and record.peer is not peer:
+            return  # already replaced by a newer peer under that key: its state stays
+        if key in self.paths:
+            self._enter(peer, NO_PATH, "forget", "removed", 0.0)
+        self.peers.pop(key, None)
+        self.paths.pop(key, None)
+
+    #: A learned member that left the mesh (the punching source's word for it; the device's
+    #: removal has usually dropped it already).
+    forget = removed
 
     # ------------------------------------------------------------------ reports from sources
 
