@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,7 +15,10 @@ from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import AlreadyRegisteredError
 from meshguard.core.peer import PATH_MEMBER, PATH_TLS, PATH_UDP, Peer
 from meshguard.mesh import arbiter as arb
+from meshguard.mesh import kinds
+from meshguard.mesh.agent import encode_json
 from meshguard.mesh.arbiter import Path, PathArbiter
+from meshguard.mesh.members import MemberInfo
 
 A_LAN = ("192.168.1.7", 51820)
 A_PUBLIC = ("203.0.113.7", 41641)
@@ -412,3 +416,43 @@ class RemovalWiringTests(SynchronousTestCase):
 
 def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
+
+
+class TakeOverTests(SynchronousTestCase):
+    def test_a_learned_member_the_user_configures_leaves_its_member_relay(self) -> None:
+        """A learned member forwarded by a member that the user then configures by hand with
+        an endpoint (``wg set ... peer K endpoint ...``): the user's endpoint is used at once;
+        the member relay path, which only the mesh keeps, does not outlive the mesh's claim."""
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        intro, member = (
+            public_key(generate_private_key(lambda size, n=n: bytes([n]) * size)) for n in (2, 4)
+        )
+        node = Node("mgto0", clock)
+        head = _b64(generate_private_key(lambda size: bytes([1]) * size))
+        node.apply_config(
+            parse_config(
+                f"[Interface]\nPrivateKey = {head}\n\n[Peer]\nPublicKey = {_b64(intro)}\n"
+                "Introducer = yes\nAllowedIPs = 10.99.0.1/32\nEndpoint = 198.51.100.1:51820\n",
+                "mg0.conf",
+            )
+        )
+        introducer = node.device.peers[intro]
+        introducer.is_meshguard = True
+        info = MemberInfo(member, (ipaddress.ip_network("10.99.0.4/32"),), ("203.0.113.4", 4))
+        body = encode_json(
+            {"op": "list", "gen": 1, "page": 0, "pages": 1, "relay": True,
+             "members": [info.to_json()]}
+        )  # fmt: skip
+        node.mesh_stack.membership.control_received(
+            introducer, kinds.MEMBERS, body, clock.seconds()
+        )
+        arbiter = node.mesh_stack.arbiter
+        peer = node.device.peers[member]
+        arbiter._enter(peer, Path(arb.MEMBER, via=introducer), "decide", "forwarded", 1.0)
+        self.assertIs(peer.path_kind, PATH_MEMBER)
+        node.apply(parse_set(f"public_key={member.hex()}\nendpoint=192.0.2.9:51820\n".encode()))
+        self.assertEqual(
+            (peer.path_kind, peer.relay, peer.endpoint, arbiter.kind_of(peer)),
+            (PATH_UDP, None, ("192.0.2.9", 51820), arb.DIRECT),
+        )

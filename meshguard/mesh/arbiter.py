@@ -179,8 +179,11 @@ TRANSITIONS: dict[str, frozenset[tuple[State, State]]] = {
     "configure": frozenset({(_U, _D), (_D, _D)}),
     # A peer we cannot reach otherwise reached us through a member: answer the same way.
     "relayed": frozenset({(_U, _M)}),
-    # A learned member that left the mesh.
+    # A learned member that left the mesh, or any peer the device removed.
     "forget": frozenset((a, _U) for a in _ALL),
+    # The user configured a learned member by hand: a member relay, which only the mesh keeps,
+    # ends (back to the last UDP endpoint, or none known).
+    "take-over": frozenset({(_M, _D), (_M, _U)}),
 }
 
 
@@ -321,6 +324,19 @@ class PathArbiter:
     #: A learned member that left the mesh (the punching source's word for it; the device's
     #: removal has usually dropped it already).
     forget = removed
+
+    def user_configured(self, peer: Peer) -> None:
+        """The user configured a learned member by hand (config or UAPI): from now on it is a
+        configured peer, with WireGuard roaming and the user's endpoint. The mesh's proofs,
+        offers and notes go; a member relay path ends, since nothing would ever move a
+        configured peer off it (the user's endpoint would be ignored): back to the last UDP
+        endpoint, or unreached. A UDP path stays where it is (roaming moves it from there); a
+        TLS relay keeps the peer (its logic serves configured peers too)."""
+        self.peers.pop(peer.public_key, None)
+        if self.state_of(peer) is State.MEMBER:
+            endpoint = peer.endpoint
+            new = Path(udp_kind(endpoint, False), endpoint) if endpoint is not None else NO_PATH
+            self._enter(peer, new, "take-over", "configured by hand", 0.0)
 
     # ------------------------------------------------------------------ reports from sources
 

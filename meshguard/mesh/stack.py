@@ -53,6 +53,8 @@ class MeshStack:
         if key in self.membership.learned:
             self.membership.user_configured(key)
             self.paths.states.pop(key, None)
-            self.arbiter.peers.pop(key, None)
+            peer = self.agent.device.peers.get(key)
+            if peer is not None:
+                self.arbiter.user_configured(peer)
         elif key in self.membership.enrolled:
             self.membership.user_configured(key)
