@@ -48,6 +48,7 @@ __all__ = [
     "blackhole_drops",
     "block_udp",
     "conntrack_entries",
+    "hairpin_ruleset",
     "ip",
     "meshguard_config_text",
     "meshguard_env",
@@ -1268,7 +1269,13 @@ def meshguard_go_pair(
 #: - ``cgnat``: two layers, a home ``masquerade`` behind a carrier ``masquerade`` (both easy).
 #: - ``no-hairpin``: ``easy``, stated explicitly: a packet from the LAN to the router's own
 #:   public address is not looped back to the LAN (Linux masquerade never hairpins).
-NAT_KINDS: tuple[str, ...] = ("one-to-one", "easy", "easy-addr", "hard", "cgnat", "no-hairpin")
+#: - ``hairpin``: ``easy`` plus a port forward of the member port to the first host that also
+#:   applies from the LAN (:func:`hairpin_ruleset`): the first host's public endpoint answers
+#:   from inside the home too. Linux cannot loop back masquerade's dynamic mappings, so the
+#:   other hosts' public endpoints stay unreachable from the LAN.
+NAT_KINDS: tuple[str, ...] = (
+    "one-to-one", "easy", "easy-addr", "hard", "cgnat", "no-hairpin", "hairpin",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -1351,6 +1358,25 @@ def address_filtered_ruleset(host: str, port: int) -> str:
     )
 
 
+def hairpin_ruleset(public: str, host: str, port: int, lan: str) -> str:
+    """A port forward with hairpinning (NAT loopback): ``public:port`` goes to ``host:port``
+    whether it comes from the WAN or from the LAN ``lan``, and a LAN host's packets looped back
+    this way are masqueraded to the router's LAN address, so the answers come back through the
+    router (else ``host`` would answer the LAN host straight, from the wrong address)."""
+    return (
+        "table ip hairpin {\n"
+        "  chain pre {\n"
+        "    type nat hook prerouting priority -100\n"
+        f"    ip daddr {public} udp dport {port} counter dnat to {host}:{port}\n"
+        "  }\n"
+        "  chain post {\n"
+        "    type nat hook postrouting priority 100\n"
+        f'    oifname "br0" ip saddr {lan} ct status dnat counter masquerade\n'
+        "  }\n"
+        "}\n"
+    )
+
+
 def v6_firewall_ruleset() -> str:
     """A home router's stateful IPv6 firewall: nothing new comes in from the WAN, answers to
     what the home sent do."""
@@ -1373,6 +1399,7 @@ def nat_homes(
     wan_filter: bool = True,
     port: int = 51820,
     ipv6: bool = False,
+    v4_only: Iterable[int] = (),
 ) -> MeshInternet:
     """Several homes, each behind its own nftables NAT router, on a shared "internet" segment
     with a public node at 198.51.100.2 (``extra_public`` more public hosts get 198.51.101.2,
@@ -1389,8 +1416,10 @@ def nat_homes(
     ``one-to-one`` kind forwards everything, so the flavour does not apply to it; ``port`` is
     the UDP port the ``easy-addr`` filter admits. ``ipv6`` also gives every home (not
     ``cgnat``) global IPv6: LAN 2001:db8:i::/64 routed, not NATed, behind the router's stateful
-    firewall (:func:`v6_firewall_ruleset`), and the router 2001:db8:ff0i::2 on its WAN link.
+    firewall (:func:`v6_firewall_ruleset`), and the router 2001:db8:ff0i::2 on its WAN link;
+    the homes numbered in ``v4_only`` (from 1) keep IPv4 only, as a ``cgnat`` home does.
     """
+    no_v6 = set(v4_only)
     internet = testbed.netns("inet")
     testbed.sysctl(internet, "net.ipv4.ip_forward", 1)
     if ipv6:
@@ -1448,7 +1477,7 @@ def nat_homes(
             testbed.route(ns, "default", via=f"192.168.{index}.1")
             hosts.append((ns, address))
         v6: tuple[str, ...] = ()
-        if ipv6 and kind != "cgnat":
+        if ipv6 and kind != "cgnat" and index not in no_v6:
             testbed.sysctl(router, "net.ipv6.conf.all.forwarding", 1)
             testbed.addr(internet, f"h{index}", f"2001:db8:ff{index:02x}::1/64")
             testbed.addr(router, "wan0", f"2001:db8:ff{index:02x}::2/64")
@@ -1464,6 +1493,10 @@ def nat_homes(
             ruleset = one_to_one_ruleset(public_address, first_host)
         elif kind == "easy-addr":
             ruleset = address_filtered_ruleset(first_host, port)
+        elif kind == "hairpin":
+            ruleset = masquerade_ruleset(False) + hairpin_ruleset(
+                public_address, first_host, port, f"192.168.{index}.0/24"
+            )
         else:
             ruleset = masquerade_ruleset(kind == "hard")
         if filtered and kind != "one-to-one":

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from meshguard.app.node import Node
+from meshguard.codecs.config import parse_config
+from meshguard.codecs.uapi import parse_set
+from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import AlreadyRegisteredError
 from meshguard.core.peer import PATH_MEMBER, PATH_TLS, PATH_UDP, Peer
 from meshguard.mesh import arbiter as arb
+from meshguard.mesh import kinds
+from meshguard.mesh.agent import encode_json
 from meshguard.mesh.arbiter import Path, PathArbiter
+from meshguard.mesh.members import MemberInfo
 
 A_LAN = ("192.168.1.7", 51820)
 A_PUBLIC = ("203.0.113.7", 41641)
@@ -339,8 +350,109 @@ class ArbiterTests(SynchronousTestCase):
         self.assertEqual(self.arbiter.status(stock)["path_kind"], "direct")
         self.assertIsNone(self.arbiter.status(stock)["not_direct_reason"])
 
+    def test_a_removed_peer_leaves_nothing_behind(self) -> None:
+        """The device removed a peer (``Device.add_peer_removed_listener``): its path,
+        proofs, offers and notes go, a decided path ends with one logged move, and the key
+        added again starts afresh; a stale removal does not touch the newer peer."""
+        a = self.arbiter
+        stock = Peer(b"\x09" * 32)
+        a.configured(stock, A_PUBLIC, "configured")
+        a.roamed(stock, A_LAN, 1.0)
+        a.offer_member(self.peer, [self.relay], 1.0)
+        a.proven(self.peer, Path(arb.LAN, A_LAN), 0.002, 2.0)
+        a.explain(self.peer, "a note")
+        del self.moves[:]
+        a.removed(stock)
+        a.removed(self.peer)
+        a.removed(self.peer)  # twice (the device, then the member's leaving): nothing more
+        self.assertEqual((a.peers, a.paths), ({}, {}))
+        self.assertEqual(
+            self.moves,
+            [
+                ("direct 192.168.1.7:51820", "none", "removed"),
+                ("lan 192.168.1.7:51820", "none", "removed"),
+            ],
+        )
+        again = Peer(self.peer.public_key)
+        self.assertEqual(a.status(again)["path_kind"], "none")
+        a.offer_member(again, [self.relay], 3.0)
+        self.assertIs(again.relay, self.relay)  # no old proof of A_LAN pulls it onto UDP
+        a.removed(self.peer)  # the old object, removed late
+        self.assertIs(a.peers[again.public_key].peer, again)
+        self.assertEqual(a.kind_of(again), arb.MEMBER)
+
+
+class RemovalWiringTests(SynchronousTestCase):
+    def test_uapi_and_config_removal_drop_the_arbiters_state(self) -> None:
+        """A node's arbiter hears of every peer its device removes: ``wg set ... peer X
+        remove`` and a reload of a file without the peer leave nothing of it behind."""
+
+        def key(n: int) -> bytes:
+            return generate_private_key(lambda size: bytes([n]) * size)
+
+        def text(data: bytes) -> str:
+            return base64.b64encode(data).decode()
+
+        one, two = public_key(key(2)), public_key(key(3))
+        node = Node("mgar0", Clock())
+        arbiter = node.mesh_stack.arbiter
+        peers = "".join(
+            f"\n[Peer]\nPublicKey = {text(k)}\nAllowedIPs = 10.9.0.{i}/32\n"
+            f"Endpoint = 198.51.100.{i}:51820\n"
+            for i, k in ((2, one), (3, two))
+        )
+        head = f"[Interface]\nPrivateKey = {text(key(1))}\n"
+        node.apply_config(parse_config(head + peers, "mg0.conf"))
+        for k in (one, two):
+            # Roaming and a note: state the arbiter keeps per peer.
+            arbiter.roamed(node.device.peers[k], A_LAN, 1.0)
+            arbiter.explain(node.device.peers[k], "a note")
+        self.assertEqual(set(arbiter.paths), {one, two})
+        node.apply(parse_set(f"public_key={one.hex()}\nremove=true\n".encode()))
+        self.assertEqual((set(arbiter.paths), set(arbiter.peers)), ({two}, {two}))
+        node.apply_config(parse_config(head, "mg0.conf"), reload=True)
+        self.assertEqual((arbiter.paths, arbiter.peers), ({}, {}))
+
 
 def _b64(key: bytes) -> str:
-    import base64
-
     return base64.b64encode(key).decode()
+
+
+class TakeOverTests(SynchronousTestCase):
+    def test_a_learned_member_the_user_configures_leaves_its_member_relay(self) -> None:
+        """A learned member forwarded by a member that the user then configures by hand with
+        an endpoint (``wg set ... peer K endpoint ...``): the user's endpoint is used at once;
+        the member relay path, which only the mesh keeps, does not outlive the mesh's claim."""
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        intro, member = (
+            public_key(generate_private_key(lambda size, n=n: bytes([n]) * size)) for n in (2, 4)
+        )
+        node = Node("mgto0", clock)
+        head = _b64(generate_private_key(lambda size: bytes([1]) * size))
+        node.apply_config(
+            parse_config(
+                f"[Interface]\nPrivateKey = {head}\n\n[Peer]\nPublicKey = {_b64(intro)}\n"
+                "Introducer = yes\nAllowedIPs = 10.99.0.1/32\nEndpoint = 198.51.100.1:51820\n",
+                "mg0.conf",
+            )
+        )
+        introducer = node.device.peers[intro]
+        introducer.is_meshguard = True
+        info = MemberInfo(member, (ipaddress.ip_network("10.99.0.4/32"),), ("203.0.113.4", 4))
+        body = encode_json(
+            {"op": "list", "gen": 1, "page": 0, "pages": 1, "relay": True,
+             "members": [info.to_json()]}
+        )  # fmt: skip
+        node.mesh_stack.membership.control_received(
+            introducer, kinds.MEMBERS, body, clock.seconds()
+        )
+        arbiter = node.mesh_stack.arbiter
+        peer = node.device.peers[member]
+        arbiter._enter(peer, Path(arb.MEMBER, via=introducer), "decide", "forwarded", 1.0)
+        self.assertIs(peer.path_kind, PATH_MEMBER)
+        node.apply(parse_set(f"public_key={member.hex()}\nendpoint=192.0.2.9:51820\n".encode()))
+        self.assertEqual(
+            (peer.path_kind, peer.relay, peer.endpoint, arbiter.kind_of(peer)),
+            (PATH_UDP, None, ("192.0.2.9", 51820), arb.DIRECT),
+        )

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core.peer import Peer
 from meshguard.mesh import kinds
-from meshguard.mesh.agent import MeshAgent, decode_json, is_discard_only, parse_endpoint
+from meshguard.mesh.agent import MeshAgent, decode_json, parse_endpoint
 from tests.test_device import A_EP, B_EP, Pair
 
 
@@ -115,10 +115,6 @@ class ParsingTests(SynchronousTestCase):
         self.assertIsNone(parse_endpoint(["100::1", 1]))
         self.assertIsNone(parse_endpoint(["100::1:0:5", 1]))
         self.assertEqual(parse_endpoint(["100:1::1", 1]), ("100:1::1", 1))
-        self.assertTrue(is_discard_only(("100::2", 1)))
-        self.assertFalse(is_discard_only(("2001:db8::1", 1)))
-        self.assertFalse(is_discard_only(("192.0.2.1", 1)))
-        self.assertFalse(is_discard_only(None))
 
 
 def timed_pair() -> tuple[Pair, MeshAgent, MeshAgent, RecordingFeature, RecordingFeature]:

@@ -42,6 +42,7 @@ from meshguard.core.interfaces import (
     EchoReplyHandler,
     Endpoint,
     PathTransport,
+    PeerRemovedListener,
     RandomBytes,
     RelayedListener,
     RoamingHandler,
@@ -183,6 +184,7 @@ class Device:
         self._unknown_datagram_handler: DatagramHandler | None = None
         self._source_listeners: list[SourceListener] = []
         self._relayed_listeners: list[RelayedListener] = []
+        self._removed_listeners: list[PeerRemovedListener] = []
         self._roaming_handler: RoamingHandler | None = None
         self._too_big_handler: TooBigHandler | None = None
         #: The ICMP echo identifier (2 bytes) of path MTU probes toward stock peers: received
@@ -246,6 +248,10 @@ class Device:
     def add_relayed_listener(self, listener: RelayedListener) -> None:
         """Told of every authenticated datagram that came through a relay."""
         self._relayed_listeners.append(listener)
+
+    def add_peer_removed_listener(self, listener: PeerRemovedListener) -> None:
+        """Told of every peer removed, once it is gone (:meth:`remove_peer`)."""
+        self._removed_listeners.append(listener)
 
     def add_handshake_listener(self, listener: Callable[[Peer], None]) -> None:
         """Told each peer whose handshake completed."""
@@ -330,6 +336,8 @@ class Device:
             self._drop_keypair(keypair)
         peer.staged.clear()
         self.timers.forget(peer.timers)
+        for listener in self._removed_listeners:
+            listener(peer)
 
     def remove_all_peers(self) -> None:
         for key in list(self.peers):

@@ -88,6 +88,14 @@ class RelayedListener(Protocol):
     def __call__(self, peer: Peer, via: Peer | Carrier, now: float) -> None: ...
 
 
+class PeerRemovedListener(Protocol):
+    """Told of every peer the device removed (UAPI ``remove``, a config reload without it, a
+    replace, a learned member that left, our own key set to the peer's), after it is gone:
+    per-peer state kept elsewhere (the path arbiter's) is dropped with it."""
+
+    def __call__(self, peer: Peer) -> None: ...
+
+
 class TooBigHandler(Protocol):
     """The owner of TUN packets larger than the peer's ``inner_mtu`` (path MTU enforcement):
     the device does not send them."""

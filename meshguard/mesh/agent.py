@@ -86,20 +86,10 @@ def keepalive_slot(peer: Peer) -> float | None:
     return deadline - KEEPALIVE_SLOT_LEAD
 
 
-#: RFC 6666's discard-only prefix. meshguard's TLS relay stands for "through relay L to member K"
-#: with addresses in it that mean something only on the node that made them.
+#: RFC 6666's discard-only prefix: never a place to send UDP to. meshguard's TLS relay once
+#: stood for "through relay L to member K" with addresses in it that meant something only on
+#: the node that made them; a peer running such a version may still name one as a candidate.
 DISCARD_ONLY = ipaddress.IPv6Network("100::/64")
-
-
-def is_discard_only(endpoint: Endpoint | None) -> bool:
-    """Whether ``endpoint`` is a stand-in address (never a place to send UDP to)."""
-    if endpoint is None:
-        return False
-    try:
-        address = ipaddress.ip_address(endpoint[0].split("%", 1)[0])
-    except ValueError:
-        return False
-    return address.version == 6 and address in DISCARD_ONLY
 
 
 def same_host(a: Endpoint, b: Endpoint) -> bool:
@@ -114,8 +104,7 @@ def same_host(a: Endpoint, b: Endpoint) -> bool:
 
 def parse_endpoint(value: object) -> Endpoint | None:
     """``["host", port]`` from a peer, checked: a numeric address and a port in range, and not
-    a stand-in for a relay path (another node's stand-ins could name one of ours: a "candidate"
-    that silently sends through our relay)."""
+    in the discard-only prefix (an older node's stand-in for a relay path: never a candidate)."""
     if not isinstance(value, list) or len(value) != 2:
         return None
     host, port = value

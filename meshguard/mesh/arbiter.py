@@ -179,8 +179,11 @@ TRANSITIONS: dict[str, frozenset[tuple[State, State]]] = {
     "configure": frozenset({(_U, _D), (_D, _D)}),
     # A peer we cannot reach otherwise reached us through a member: answer the same way.
     "relayed": frozenset({(_U, _M)}),
-    # A learned member that left the mesh.
+    # A learned member that left the mesh, or any peer the device removed.
     "forget": frozenset((a, _U) for a in _ALL),
+    # The user configured a learned member by hand: a member relay, which only the mesh keeps,
+    # ends (back to the last UDP endpoint, or none known).
+    "take-over": frozenset({(_M, _D), (_M, _U)}),
 }
 
 
@@ -304,10 +307,36 @@ class PathArbiter:
             record = self.peers[peer.public_key] = PeerPath(peer)
         return record
 
-    def forget(self, peer: Peer) -> None:
-        record = self.peers.pop(peer.public_key, None)
-        if record is not None and peer.public_key in self.paths:
-            self._enter(peer, NO_PATH, "forget", "no longer a member", 0.0)
+    def removed(self, peer: Peer) -> None:
+        """The device removed ``peer`` (UAPI ``remove``, a reload without it, a replace, a
+        learned member that left: ``Device.add_peer_removed_listener``). Its path, proofs,
+        offers and notes go with it, so nothing is kept for a peer that is gone and the same
+        key added again starts afresh; a path we had decided ends with one logged move."""
+        key = peer.public_key
+        record = self.peers.get(key)
+        if record is not None and record.peer is not peer:
+            return  # already replaced by a newer peer under that key: its state stays
+        if key in self.paths:
+            self._enter(peer, NO_PATH, "forget", "removed", 0.0)
+        self.peers.pop(key, None)
+        self.paths.pop(key, None)
+
+    #: A learned member that left the mesh (the punching source's word for it; the device's
+    #: removal has usually dropped it already).
+    forget = removed
+
+    def user_configured(self, peer: Peer) -> None:
+        """The user configured a learned member by hand (config or UAPI): from now on it is a
+        configured peer, with WireGuard roaming and the user's endpoint. The mesh's proofs,
+        offers and notes go; a member relay path ends, since nothing would ever move a
+        configured peer off it (the user's endpoint would be ignored): back to the last UDP
+        endpoint, or unreached. A UDP path stays where it is (roaming moves it from there); a
+        TLS relay keeps the peer (its logic serves configured peers too)."""
+        self.peers.pop(peer.public_key, None)
+        if self.state_of(peer) is State.MEMBER:
+            endpoint = peer.endpoint
+            new = Path(udp_kind(endpoint, False), endpoint) if endpoint is not None else NO_PATH
+            self._enter(peer, new, "take-over", "configured by hand", 0.0)
 
     # ------------------------------------------------------------------ reports from sources
 

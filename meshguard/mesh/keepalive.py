@@ -50,7 +50,6 @@ from meshguard.mesh import kinds
 from meshguard.mesh.agent import (
     MeshAgent,
     decode_json,
-    is_discard_only,
     same_host,
 )
 from meshguard.mesh.filtering_check import (
@@ -591,7 +590,6 @@ class KeepalivePolicy:
                 and self._path_natted(key) is True
                 and peer.endpoint is not None
                 and peer.sends_over_udp
-                and not is_discard_only(peer.endpoint)
             ):
                 return peer
         return None
@@ -624,7 +622,6 @@ class KeepalivePolicy:
                 or self._path_natted(key) is not True
                 or peer.endpoint is None
                 or not peer.sends_over_udp
-                or is_discard_only(peer.endpoint)
             ):
                 continue
             candidates.append(peer)

@@ -39,7 +39,6 @@ from meshguard.mesh import kinds
 from meshguard.mesh.agent import (
     KEEPALIVE_SLOT_LEAD,
     MeshAgent,
-    is_discard_only,
     keepalive_slot,
 )
 
@@ -125,7 +124,6 @@ class KeepaliveAcks:
                 and peer.persistent_keepalive > 0
                 and peer.endpoint is not None
                 and peer.sends_over_udp
-                and not is_discard_only(peer.endpoint)
                 and self.speaks(peer)
             ):
                 peers.append(peer)

@@ -33,7 +33,6 @@ from meshguard.mesh.agent import (
     MeshAgent,
     decode_json,
     encode_json,
-    is_discard_only,
     parse_endpoint,
 )
 from meshguard.mesh.members import MAX_LOCAL, MemberInfo, Membership, parse_key
@@ -602,9 +601,7 @@ class Paths:
         body = encode_json(
             {
                 "from": key_text(peer.public_key),
-                "observed": list(peer.endpoint)
-                if peer.endpoint and peer.sends_over_udp and not is_discard_only(peer.endpoint)
-                else None,
+                "observed": list(peer.endpoint) if peer.endpoint and peer.sends_over_udp else None,
             }
         )
         if self.device.send_control(target, kinds.CALL_ME_MAYBE, body, now):

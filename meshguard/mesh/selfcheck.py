@@ -38,7 +38,6 @@ from meshguard.mesh import kinds
 from meshguard.mesh.agent import (
     MeshAgent,
     encode_json,
-    is_discard_only,
     keepalive_slot,
     same_host,
 )
@@ -511,12 +510,7 @@ class SelfCheck:
     def _send_late_reply(self, token: bytes, late: _LateReply, now: float) -> None:
         """Send the token to the requester's tunnel endpoint, from ours: through its mapping."""
         peer = self.device.peers.get(late.peer)
-        if (
-            peer is None
-            or peer.endpoint is None
-            or not peer.sends_over_udp
-            or is_discard_only(peer.endpoint)
-        ):
+        if peer is None or peer.endpoint is None or not peer.sends_over_udp:
             self._count("check_help_no_endpoint")
             return
         if not self._answer_allowed(now):

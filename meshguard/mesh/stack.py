@@ -21,6 +21,8 @@ class MeshStack:
         # WireGuard's roaming moves a peer's endpoint: the arbiter decides it.
         agent.device.set_roaming_handler(self.arbiter.roamed)
         agent.device.add_relayed_listener(self.arbiter.relayed)
+        # A peer removed from the device (UAPI, config, a member that left) leaves the arbiter.
+        agent.device.add_peer_removed_listener(self.arbiter.removed)
         self.paths = Paths(agent, self.membership, arbiter=self.arbiter)
         self.relaying = Relaying(agent, forwarding=forwarding, trusted=self._trusted_relay)
         agent.add_feature(self.membership)
@@ -51,6 +53,8 @@ class MeshStack:
         if key in self.membership.learned:
             self.membership.user_configured(key)
             self.paths.states.pop(key, None)
-            self.arbiter.peers.pop(key, None)
+            peer = self.agent.device.peers.get(key)
+            if peer is not None:
+                self.arbiter.user_configured(peer)
         elif key in self.membership.enrolled:
             self.membership.user_configured(key)
