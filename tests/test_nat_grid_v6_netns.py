@@ -149,6 +149,7 @@ class NatGridV6Tests(TestCase):
         def settled() -> bool:
             if not spread and time.monotonic() - started > 25.0:
                 spread.extend(_mapped_ports(tb, net, mesh))
+                spread.extend(_late(mesh, [p for p in pairs if outcome(*p) != want[p]]))
             done = True
             for pair in pairs:
                 got = outcome(*pair)
@@ -239,6 +240,19 @@ def _mapped_ports(tb: Testbed, net: MeshInternet, mesh: Mesh) -> list[str]:
                 counts[port] = counts.get(port, 0) + 1
         shown = ", ".join(f"{port}: {n}" for port, n in sorted(counts.items()))
         lines.append(f"- {member.label}: {shown}")
+    return lines
+
+
+def _late(mesh: Mesh, pairs: list[tuple[int, int]]) -> list[str]:
+    """What punching says of the pairs not yet as expected (birthday attempts, candidates)."""
+    lines = []
+    for x, y in pairs:
+        for a, b in ((x, y), (y, x)):
+            peer = mesh.peer(a, b)
+            lines.append(
+                f"- late: {MEMBERS[a].label} about {MEMBERS[b].label}: {peer.get('path_kind')}, "
+                f"birthday {peer.get('birthday')}, candidates {peer.get('candidates')}"
+            )
     return lines
 
 
