@@ -512,14 +512,14 @@ def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
             bufs = run.bufs
             if len(bufs) == 3:
                 joined.append(run)
-            bufs.append(packet[hl:])
+            bufs.append(memoryview(packet)[hl:])
             run.length += size
             run.next_seq = (seq + size) & 0xFFFFFFFF
             run.last_flags = flags
             if size < run.gso or flags & _PSH:
                 del runs[key]
             continue
-        bufs = [PLAIN_HEADER, packet, packet[hl:]]
+        bufs = [PLAIN_HEADER, packet, memoryview(packet)[hl:]]
         writes.append(bufs)
         if flags & _PSH:
             runs.pop(key, None)
