@@ -373,13 +373,15 @@ class VnetReadTests(SynchronousTestCase):
         self.assertEqual(self.events, ["start", packets[1], packets[2], "end"])
 
     def test_busy_batch_stays_whole(self) -> None:
-        """A batch that starts less than ``IdleGap.gap`` after the previous one ended runs
-        ``on_batch_start`` before its first packet, so every packet of it is held (one GSO
-        send under load); an empty batch counts as a batch."""
+        """A batch that starts less than ``IdleGap.gap`` after the previous busy one ended
+        runs ``on_batch_start`` before its first packet, so every packet of it is held (one
+        GSO send under load); an empty batch counts as a batch."""
         packets = [bytes([0x45, i]) * 20 for i in range(3)]
         self.clock.advance(self.tun.idle.gap)
         self.queue(packets[0])
         self.tun.doRead()
+        self.tun.doRead()  # at once after the lone batch: busy, and empty
+        self.assertEqual(self.events, [packets[0], "end", "start", "end"])
         self.events.clear()
         self.clock.advance(self.tun.idle.gap / 2)
         self.queue(*packets)
