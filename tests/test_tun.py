@@ -16,6 +16,7 @@ from twisted.pair.tuntap import _TUNSETIFF
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from meshguard.adapters.idle_gap import IdleGap
 from meshguard.adapters.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
 from meshguard.core.offload import PLAIN_HEADER
 
@@ -57,7 +58,7 @@ class MemoryTunTests(SynchronousTestCase):
         self.packets: list[bytes] = []
         self.batches = 0
         self.gone: list[OSError] = []
-        #: Never advanced unless a test says so: every batch is busy (within ``idle_gap`` of
+        #: Never advanced unless a test says so: every batch is busy (within ``IdleGap.gap`` of
         #: the previous one or of the device's creation) and drains the queue.
         self.clock = Clock()
         self.tun = TunDevice(
@@ -67,7 +68,7 @@ class MemoryTunTests(SynchronousTestCase):
             system=self.system,
             on_gone=self.gone.append,
             on_batch_end=self._batch_end,
-            clock=self.clock.seconds,
+            idle=IdleGap(self.clock.seconds),
         )
 
     def _batch_end(self) -> None:
@@ -163,7 +164,7 @@ class MemoryTunTests(SynchronousTestCase):
         self.tun.doRead()
         self.assertEqual(events, ["start", b"\x45\x00", b"\x45\x01", "end"])
         events.clear()
-        self.clock.advance(self.tun.idle_gap)
+        self.clock.advance(self.tun.idle.gap)
         for i in range(2):
             self.tunnel().addToReadBuffer(bytes([0x45, i]))
         self.tun.doRead()
@@ -194,7 +195,9 @@ class MemoryTunTests(SynchronousTestCase):
                 raise ValueError("boom")
             self.packets.append(packet)
 
-        tun = TunDevice("mg1", receiver, self.reactor, system=self.system, clock=self.clock.seconds)
+        tun = TunDevice(
+            "mg1", receiver, self.reactor, system=self.system, idle=IdleGap(self.clock.seconds)
+        )
         tun.open()
         tunnel = self.system._openFiles[tun.fileno()]
         for packet in (b"bad", b"good"):
@@ -342,7 +345,7 @@ class VnetReadTests(SynchronousTestCase):
             on_batch_start=lambda: self.events.append("start"),
             on_batch_end=lambda: self.events.append("end"),
             offload=True,
-            clock=self.clock.seconds,
+            idle=IdleGap(self.clock.seconds),
         )
         self.tun.open()
         self.assertTrue(self.tun.vnet)
@@ -355,13 +358,13 @@ class VnetReadTests(SynchronousTestCase):
         ``on_batch_start`` (so the node sends it at once, unheld), and the batch ends there;
         the rest follow as the next batch, after the hook, in order."""
         packets = [bytes([0x45, i]) * 20 for i in range(3)]
-        self.clock.advance(self.tun.idle_gap)
+        self.clock.advance(self.tun.idle.gap)
         self.queue(packets[0])
         self.tun.doRead()
         self.assertEqual(self.events, [packets[0], "end"])
         self.assertEqual(self.system.reads, 1, "no read that finds the queue empty")
         self.events.clear()
-        self.clock.advance(self.tun.idle_gap)
+        self.clock.advance(self.tun.idle.gap)
         self.queue(*packets)
         self.tun.doRead()
         self.assertEqual(self.events, [packets[0], "end"])
@@ -370,31 +373,33 @@ class VnetReadTests(SynchronousTestCase):
         self.assertEqual(self.events, ["start", packets[1], packets[2], "end"])
 
     def test_busy_batch_stays_whole(self) -> None:
-        """A batch that starts less than ``idle_gap`` after the previous one runs
-        ``on_batch_start`` before its first packet, so every packet of it is held (one GSO
-        send under load); the gap counts from batch start to batch start, the clock read once
-        per batch."""
+        """A batch that starts less than ``IdleGap.gap`` after the previous busy one ended
+        runs ``on_batch_start`` before its first packet, so every packet of it is held (one
+        GSO send under load); an empty batch counts as a batch."""
         packets = [bytes([0x45, i]) * 20 for i in range(3)]
-        self.clock.advance(self.tun.idle_gap)
+        self.clock.advance(self.tun.idle.gap)
         self.queue(packets[0])
         self.tun.doRead()
+        self.tun.doRead()  # at once after the lone batch: busy, and empty
+        self.assertEqual(self.events, [packets[0], "end", "start", "end"])
         self.events.clear()
-        self.clock.advance(self.tun.idle_gap / 2)
+        self.clock.advance(self.tun.idle.gap / 2)
         self.queue(*packets)
         self.tun.doRead()
         self.assertEqual(self.events, ["start", *packets, "end"])
         self.events.clear()
-        self.clock.advance(self.tun.idle_gap / 2)
+        self.clock.advance(self.tun.idle.gap / 2)
         self.tun.doRead()  # an empty batch is still a batch: the device was just busy
         self.assertEqual(self.events, ["start", "end"])
         self.events.clear()
-        self.clock.advance(self.tun.idle_gap)
+        self.clock.advance(self.tun.idle.gap)
         self.queue(*packets)
         self.tun.doRead()
         self.assertEqual(self.events, [packets[0], "end"])
 
     def test_read_replies_only_after_a_write(self) -> None:
-        """``read_replies`` reads at once what a lone write provoked, and does nothing without
+        """``read_replies`` reads at once what a lone write provoked (and hands it on alone,
+        unheld, though the node is in a batch), and does nothing without
         a write since the last read, after a bulk of writes, or while the device is not
         reading."""
         self.tun.start_reading()
@@ -403,8 +408,7 @@ class VnetReadTests(SynchronousTestCase):
         self.assertEqual(self.system.reads, 0)
         self.tun.write(bytes([0x45, 1]) * 20)
         self.queue(reply)
-        self.clock.advance(self.tun.idle_gap)
-        self.tun.read_replies()
+        self.tun.read_replies()  # the node is busy (a UDP batch), yet the reply goes alone
         self.assertEqual(self.events, [reply, "end"])
         reads = self.system.reads
         self.tun.read_replies()

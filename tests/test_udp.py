@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from meshguard.adapters import udp
+from meshguard.adapters.idle_gap import IdleGap
 from meshguard.adapters.udp import SO_MARK, UDPBindError, UDPError, UDPTransport
 
 
@@ -48,7 +49,7 @@ class UDPTransportTests(SynchronousTestCase):
             self.reactor,
             0,
             on_batch_end=self.batch_end,
-            clock=Clock().seconds,
+            idle=IdleGap(Clock().seconds),
         )
         self.port = self.transport.bind()
         self.addCleanup(self.transport.close)
@@ -310,7 +311,7 @@ class ScopedAddressTests(SynchronousTestCase):
                 return self.queue.pop(0)
 
         transport = UDPTransport(
-            lambda d, s: received.append((d, s)), FakeReactor(), 0, clock=Clock().seconds
+            lambda d, s: received.append((d, s)), FakeReactor(), 0, idle=IdleGap(Clock().seconds)
         )
         reader = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
         reader.doRead()
@@ -649,7 +650,7 @@ class GRODeliveryTests(SynchronousTestCase):
             received.append((data, source))
             transport.confirm_source(source)
 
-        transport = UDPTransport(receive, FakeReactor(), 0, clock=Clock().seconds)
+        transport = UDPTransport(receive, FakeReactor(), 0, idle=IdleGap(Clock().seconds))
         udp._Reader(transport, Sock(), v6).doRead()  # type: ignore[arg-type]
         return received, transport
 
@@ -685,7 +686,7 @@ class GRODeliveryTests(SynchronousTestCase):
             if data == b"bb":
                 raise ValueError("boom")
 
-        transport = UDPTransport(receiver, FakeReactor(), 0, clock=Clock().seconds)
+        transport = UDPTransport(receiver, FakeReactor(), 0, idle=IdleGap(Clock().seconds))
         queue = [(b"aabbcc", [(udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))], 0, V4_PEER)]
 
         class Sock:
@@ -724,10 +725,10 @@ class GRODeliveryTests(SynchronousTestCase):
             0,
             on_batch_start=lambda: events.append("start"),
             on_batch_end=lambda: events.append("end"),
-            clock=clock.seconds,
+            idle=IdleGap(clock.seconds),
         )
         if idle:
-            clock.advance(transport.idle_gap)
+            clock.advance(transport.idle.gap)
         udp._Reader(transport, Sock(), False).doRead()  # type: ignore[arg-type]
         return events
 
@@ -748,10 +749,10 @@ class GRODeliveryTests(SynchronousTestCase):
         )
 
     def test_busy_batch_stays_whole(self) -> None:
-        """A read batch that starts less than ``idle_gap`` after the previous one (on either
-        socket) runs the start hook before its first datagram, so its TUN writes are all held
-        for coalescing; after a gap of ``idle_gap`` the first datagram goes alone and unheld
-        again."""
+        """A read batch that starts less than ``IdleGap.gap`` after the previous one ended (on
+        either socket) runs the start hook before its first datagram, so its TUN writes are
+        all held for coalescing; after a gap of ``IdleGap.gap`` the first datagram goes alone
+        and unheld again."""
         events: list[object] = []
         queue: list[Any] = []
 
@@ -771,7 +772,7 @@ class GRODeliveryTests(SynchronousTestCase):
             0,
             on_batch_start=lambda: events.append("start"),
             on_batch_end=lambda: events.append("end"),
-            clock=clock.seconds,
+            idle=IdleGap(clock.seconds),
         )
         v4 = udp._Reader(transport, Sock(), False)  # type: ignore[arg-type]
         v6 = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
@@ -783,16 +784,16 @@ class GRODeliveryTests(SynchronousTestCase):
             events.clear()
             return done
 
-        clock.advance(transport.idle_gap)
+        clock.advance(transport.idle.gap)
         self.assertEqual(batch(v4), [b"one", "end"])
         v4.doRead()  # the rest, as the reactor reports it next
         self.assertEqual(events, ["start", b"two", "end"])
         events.clear()
-        clock.advance(transport.idle_gap / 2)
+        clock.advance(transport.idle.gap / 2)
         self.assertEqual(batch(v4), ["start", b"one", b"two", "end"])
-        clock.advance(transport.idle_gap / 2)
+        clock.advance(transport.idle.gap / 2)
         self.assertEqual(batch(v6), ["start", b"one", b"two", "end"])
-        clock.advance(transport.idle_gap)
+        clock.advance(transport.idle.gap)
         self.assertEqual(batch(v6), [b"one", "end"])
         queue.clear()
 
@@ -837,7 +838,10 @@ class OffloadLoopbackTests(SynchronousTestCase):
         self.received: list[tuple[bytes, tuple[str, int]]] = []
         self.reactor = FakeReactor()
         self.transport = UDPTransport(
-            lambda d, s: self.received.append((d, s)), self.reactor, 0, clock=Clock().seconds
+            lambda d, s: self.received.append((d, s)),
+            self.reactor,
+            0,
+            idle=IdleGap(Clock().seconds),
         )
         self.port = self.transport.bind()
         self.addCleanup(self.transport.close)
@@ -896,7 +900,7 @@ class OffloadLoopbackTests(SynchronousTestCase):
             raise SkipTest("no IPv6 loopback")
         other_received: list[bytes] = []
         other = UDPTransport(
-            lambda d, s: other_received.append(d), FakeReactor(), 0, clock=Clock().seconds
+            lambda d, s: other_received.append(d), FakeReactor(), 0, idle=IdleGap(Clock().seconds)
         )
         other.bind()
         self.addCleanup(other.close)
@@ -945,7 +949,7 @@ class NodeBatchTests(SynchronousTestCase):
         node.tun.doRead()
         self.assertEqual([(k, a, p) for k, a, p, _c in log], [("gso", V4_PEER, packets)])
         log.clear()
-        clock.advance(node.tun.idle_gap)
+        clock.advance(node.idle.gap)
         for packet in packets:
             tunnel.addToReadBuffer(packet)
         node.tun.doRead()
@@ -956,6 +960,36 @@ class NodeBatchTests(SynchronousTestCase):
         )
         wrapped(b"keepalive", V4_PEER)
         self.assertEqual(log[-1][:3], ("sendto", V4_PEER, [b"keepalive"]))
+
+    def test_idle_is_the_nodes_not_a_descriptors(self) -> None:
+        """The TUN device and the UDP port share one ``IdleGap``: a TUN batch right after a
+        UDP batch is busy even when the TUN device itself read nothing for long (under a bulk
+        transfer the receiver's acknowledgements must leave in one GSO send, not one by
+        one)."""
+        from twisted.internet.task import Clock
+        from twisted.pair.testing import MemoryIOSystem, Tunnel
+
+        from meshguard.app.node import Node
+
+        system = MemoryIOSystem()
+        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+        clock = Clock()
+        node = Node("mgb1", clock, tun_system=system, plugins=False)
+        self.assertIs(node.tun.idle, node.udp.idle)
+        log: list[tuple[str, Any, list[bytes], Any]] = []
+        node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
+        self.addCleanup(node.udp.close)
+        node.device.packet_from_tun = lambda packet, now: node.udp.send(packet, V4_PEER)  # type: ignore[method-assign]
+        node.tun.open()
+        self.addCleanup(node.tun.close)
+        tunnel = system._openFiles[node.tun.fileno()]
+        packets = [bytes([0x45, i]) * 50 for i in range(3)]
+        clock.advance(10 * node.idle.gap)
+        node.idle.batch_ended()  # a UDP batch (say) just ended
+        for packet in packets:
+            tunnel.addToReadBuffer(packet)
+        node.tun.doRead()
+        self.assertEqual([(k, p) for k, _a, p, _c in log], [("gso", packets)])
 
 
 class SendDatagramsTests(SynchronousTestCase):

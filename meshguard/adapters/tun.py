@@ -21,7 +21,6 @@ import errno
 import fcntl
 import os
 import struct
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -31,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from meshguard.adapters.hot_reactor import add_reader
+from meshguard.adapters.idle_gap import IdleGap
 from meshguard.core.offload import (
     NEEDS_CSUM,
     PLAIN_HEADER,
@@ -167,11 +167,12 @@ class TunDevice:
     ``receiver(packet)`` is called for every packet read; the optional ``on_batch_start()`` is
     called once per batch and after its last packet the optional ``on_batch_end()``, so the
     node can hold the datagrams a batch produces for one GSO send, flush queued work and
-    reschedule its single timer per batch instead of per packet. After an idle gap
-    (``idle_gap``) a first single packet is handed on alone, without the start hook, and the
-    batch ends there: a lone packet is sent at once rather than after the read that finds the
-    queue empty and the flush (see docs/datapath.md, "Latency"); what else was queued comes
-    as the next, busy, batch, where the start hook comes first and the batch stays whole. A
+    reschedule its single timer per batch instead of per packet. After an idle moment of the
+    node (``IdleGap``, shared with the UDP transport) a first single packet is handed on
+    alone, without the start hook, and the batch ends there: a lone packet is sent at once
+    rather than after the read that finds the queue empty and the flush (see
+    docs/datapath.md, "Latency"); what else was queued comes as the next, busy, batch, where
+    the start hook comes first and the batch stays whole. A
     super-packet read first is held as a whole. When the interface disappears
     (``ip link del``) reading stops and ``on_gone(error)`` is called, so the node can exit the way
     wireguard-go does.
@@ -183,11 +184,6 @@ class TunDevice:
     hold_packets = 512
     #: ``read_replies`` reads only after at most this many packets were written.
     reply_read_max = 4
-    #: A read batch that starts at least this long (s) after the previous one follows an idle
-    #: gap: its first packet is handed on alone, before any batch hook holds the sends. Under
-    #: load batches come closer together and stay whole (one GSO send, not an extra one for
-    #: the first packet); the cost is at most one extra send per ``idle_gap`` of work.
-    idle_gap = 0.001
 
     def __init__(
         self,
@@ -201,7 +197,7 @@ class TunDevice:
         on_batch_start: Callable[[], None] | None = None,
         offload: bool = False,
         batch_receiver: Callable[[list[bytes]], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        idle: IdleGap | None = None,
     ) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise TunError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
@@ -218,10 +214,9 @@ class TunDevice:
         #: Called instead of ``receiver`` with the segments of one super-packet (all to the
         #: same destination), so they can be routed once.
         self.batch_receiver = batch_receiver
-        #: Read once per batch for the idle-gap rule (``idle_gap``); the device counts as busy
-        #: from its creation, so a test's ``task.Clock`` must advance before a batch is idle.
-        self._clock = clock
-        self._last_batch = clock()
+        #: Whether a read batch follows an idle moment of the node (shared with the UDP
+        #: transport): only then is its first packet handed on alone.
+        self.idle = idle if idle is not None else IdleGap()
         self._fd = -1
         self._reading = False
         #: Packets dropped on write because the kernel queue was full (EAGAIN/ENOBUFS).
@@ -378,10 +373,11 @@ class TunDevice:
         a few packets (an idle ping, an interactive flow) the reply leaves without a trip
         through the reactor (its timers, the poll and its dispatch). After a bulk batch it does
         nothing: the replies (ACKs) are left to accumulate and leave together, in fewer sends.
-        Nothing queued costs one read.
+        Nothing queued costs one read. The reply is a lone packet whatever the idle rule says
+        (the node is in the middle of a batch): it goes at once.
         """
         if 0 < self._wrote <= self.reply_read_max and self._reading:
-            self.doRead()
+            self._read_batch(True)
 
     def hold(self) -> None:
         """Keep written packets until :meth:`flush` (the node brackets each UDP read batch)."""
@@ -439,21 +435,26 @@ class TunDevice:
     write_packet = write
 
     def doRead(self) -> None:
-        """Drain up to ``batch_packets`` packets, then end the batch.
+        """Drain up to ``batch_packets`` packets, then end the batch (after an idle moment
+        of the node: hand on a first single packet alone and end there)."""
+        self._read_batch(self.idle.batch_begins())
+
+    def _read_batch(self, lone_first: bool) -> None:
+        self._wrote = 0
+        if not lone_first:
+            self._hook(self.on_batch_start)
+        if self.vnet:
+            self._read_frames(not lone_first)
+        else:
+            self._read_packets(not lone_first)
+        self.idle.batch_ended()
+
+    def _read_packets(self, started: bool) -> None:
+        """The batch without a virtio-net header: one packet per read.
 
         Locals instead of attribute lookups and a zero-cost ``try`` (3.11) keep the loop tight;
         EAGAIN ends the batch early, which costs one exception per batch, not per packet.
         """
-        self._wrote = 0
-        now = self._clock()
-        # Busy (the previous batch began less than idle_gap ago): hold from the first packet.
-        started = now - self._last_batch < self.idle_gap
-        self._last_batch = now
-        if started:
-            self._hook(self.on_batch_start)
-        if self.vnet:
-            self._read_frames(started)
-            return
         read = self._system.read
         fd = self._fd
         size = self.max_packet

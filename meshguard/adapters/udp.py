@@ -41,7 +41,6 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +51,7 @@ from zope.interface import implementer
 
 from meshguard.adapters import socket_filter
 from meshguard.adapters.hot_reactor import add_reader
+from meshguard.adapters.idle_gap import IdleGap
 from meshguard.adapters.tun import FDReactor
 
 __all__ = ["UDPBindError", "UDPError", "UDPTransport", "split_datagrams"]
@@ -252,9 +252,8 @@ class _Reader:
         # what else is queued as the next, busy, batch. A busy batch (or a GRO buffer read
         # first) runs the hook first and stays whole.
         start = t.on_batch_start
-        now = t._clock()
-        eager = now - t._last_batch >= t.idle_gap
-        t._last_batch = now
+        idle = t.idle
+        eager = idle.batch_begins()
         if not eager and start is not None:
             t._hook(start)
             start = None
@@ -332,6 +331,7 @@ class _Reader:
         end = t.on_batch_end
         if end is not None:
             t._hook(end)
+        idle.batch_ended()
 
 
 def _no_socket(data: bytes, address: Any) -> int:
@@ -354,10 +354,6 @@ class UDPTransport:
     batch_packets = 256
     #: Receive size: the largest UDP payload, so nothing is ever truncated.
     max_datagram = 65535
-    #: A read batch (of either socket) that starts at least this long (s) after the previous
-    #: one follows an idle gap: its first datagram is handled alone, without
-    #: ``on_batch_start`` (``TunDevice.idle_gap`` says why).
-    idle_gap = 0.001
 
     def __init__(
         self,
@@ -370,13 +366,12 @@ class UDPTransport:
         batch_receiver: Callable[[list[bytes], Endpoint], None] | None = None,
         *,
         wireguard_filter: bool = False,
-        clock: Callable[[], float] = time.monotonic,
+        idle: IdleGap | None = None,
     ) -> None:
         self._receiver = receiver
-        #: Read once per read batch for the idle-gap rule (``idle_gap``); busy from creation,
-        #: as ``TunDevice``.
-        self._clock = clock
-        self._last_batch = clock()
+        #: Whether a read batch follows an idle moment of the node (shared with the TUN
+        #: device): only then is its first datagram handled alone.
+        self.idle = idle if idle is not None else IdleGap()
         #: Called instead of ``receiver`` with the datagrams of one GRO read (one source).
         self.batch_receiver = batch_receiver
         #: Whether the sockets carry the kernel filter for WireGuard's port (the node's do;

@@ -22,6 +22,7 @@ from meshguard.adapters.birthday_sockets import BirthdaySockets
 from meshguard.adapters.endpoint_names import EndpointNames, Resolver, is_name, resolve_endpoint
 from meshguard.adapters.flood_guard import TICK as FLOOD_TICK
 from meshguard.adapters.flood_guard import FloodGuard
+from meshguard.adapters.idle_gap import IdleGap
 from meshguard.adapters.link import Link
 from meshguard.adapters.primer import Primer
 from meshguard.adapters.probe_sockets import ProbeSockets
@@ -149,6 +150,9 @@ class Node:
         self.mtu = mtu
         self.requested_port = listen_port
         self.device = Device(_DataPath(_discard_datagram, _discard_packet), random, mtu=mtu)
+        #: When the node last read a batch, on the TUN device or the UDP port: a lone packet
+        #: after an idle moment goes at once, batches under load stay whole.
+        self.idle = IdleGap(reactor.seconds)
         self.tun = TunDevice(
             interface,
             self._packet_from_tun,
@@ -159,7 +163,7 @@ class Node:
             on_batch_start=self._tun_batch_start,
             offload=tun_system is None,
             batch_receiver=self._packets_from_tun,
-            clock=reactor.seconds,
+            idle=self.idle,
         )
         self.udp = UDPTransport(
             self._datagram_received,
@@ -169,7 +173,7 @@ class Node:
             wireguard_filter=True,
             on_batch_start=self.tun.hold,
             batch_receiver=self._datagrams_received,
-            clock=reactor.seconds,
+            idle=self.idle,
         )
         #: The source of the latest authenticated datagram (the birthday sockets ask).
         self._authenticated: Endpoint | None = None
