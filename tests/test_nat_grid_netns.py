@@ -165,6 +165,16 @@ class NatGridTests(TestCase):
         rebooted_at = time.monotonic()
         recovered: dict[int, float] = {}
 
+        def why(r: int, y: int) -> str:
+            """What both sides' status says about a pair that is not back (for the report)."""
+            sides = []
+            for a, b in ((r, y), (y, r)):
+                peer = mesh.peer(a, b)
+                sides.append(
+                    f"{labels[a]}: {peer.get('not_direct_reason')}, birthday {peer.get('birthday')}"
+                )
+            return " (" + "; ".join(sides) + ")"
+
         def home_back(r: int) -> bool:
             return not home_missing(r)
 
@@ -176,7 +186,7 @@ class NatGridTests(TestCase):
                 x, z = min(r, y), max(r, y)
                 got = outcome(x, z)
                 if got != expected(labels[x], labels[z]):
-                    return f"vs {labels[y]}: {got}"
+                    return f"vs {labels[y]}: {got}{why(r, y)}"
                 if got == DIRECT:
                     seen = mesh.peer(y, r).get("endpoint") or [""]
                     if seen[0] != new_public[r]:
