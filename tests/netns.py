@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 __all__ = [
+    "CONNTRACK",
     "DEFAULT_BINARIES",
     "NAT_KINDS",
     "REPO_ROOT",
@@ -1517,17 +1518,35 @@ def conntrack_entries(testbed: Testbed, ns: Namespace, proto: str = "udp") -> li
     return [line for line in text.splitlines() if f" {proto} " in f" {line} "]
 
 
+#: The binary :func:`reboot_router` empties a router's conntrack table with (Debian's
+#: ``conntrack``); tests that reboot routers require it beside :data:`DEFAULT_BINARIES`.
+CONNTRACK = "conntrack"
+
+
 def reboot_router(testbed: Testbed, home: MeshHome, new_public: str) -> None:
-    """A home router "reboots" with a new public address: the old address goes (masquerade
-    drops its conntrack entries with it), the new one comes, so every mapping is new. For a
-    ``cgnat`` home it is the carrier that owns the public address and reboots (the home's
-    inner NAT keeps its mappings). Not for ``one-to-one`` (and not meaningful for
-    ``easy-addr``): entries of their SNAT/DNAT rules are not dropped with the address and keep
-    rewriting replies to the old one (a real reboot empties conntrack; no tool here does)."""
-    if home.kind == "one-to-one":
-        raise ValueError("reboot_router does not model a one-to-one router's reboot")
+    """A home router "reboots" with a new public address, as a real one does: the old address
+    goes, its whole conntrack table is emptied (``conntrack -F``: every mapping, every DNAT/SNAT
+    entry, every entry a peer's unanswered packets left), its nftables state that lives only
+    in memory is reset, and it comes back on the new address, so every mapping is new.
+
+    For a ``cgnat`` home it is the carrier that owns the public address and reboots (the home's
+    inner NAT keeps its mappings). A ``one-to-one`` router's rules name its public address, so
+    they are loaded again for the new one; an ``easy-addr`` router forgets the addresses its
+    home contacted (its dynamic set). A router running miniupnpd keeps its daemon and its
+    rules (miniupnpd's DNAT rules match the WAN interface, not the address, and it reads the
+    address from the interface per request); what a home had mapped is renewed by the home.
+    The WAN link is down from the address flush until the new address is up, so nothing
+    crosses it in between and the table stays empty until the first packet after."""
     router = home.carrier if home.carrier is not None else home.router
     testbed.ip(router, "addr", "flush", "dev", "wan0")
+    # After the flush: no route out, no local address on the WAN, so no packet can leave an
+    # entry between emptying the table and the new address coming up.
+    testbed.run(router, [CONNTRACK, "-F"])
+    if home.kind == "one-to-one":
+        testbed.run(router, ["nft", "delete", "table", "ip", "nat"])
+        testbed.nft(router, one_to_one_ruleset(new_public, home.hosts[0][1]))
+    elif home.kind == "easy-addr":
+        testbed.run(router, ["nft", "flush", "set", "ip", "addrfilter", "contacted"])
     prefix = new_public.rsplit(".", 1)[0]
     testbed.addr(router, "wan0", f"{new_public}/24")
     testbed.route(router, "default", via=f"{prefix}.1")

@@ -11,7 +11,14 @@ from twisted.trial.unittest import TestCase
 
 from meshguard.app.status_client import read_status
 from tests.natmesh import start_mesh
-from tests.netns import Testbed, nat_homes, reboot_router, require_root_netns
+from tests.netns import (
+    CONNTRACK,
+    DEFAULT_BINARIES,
+    Testbed,
+    nat_homes,
+    reboot_router,
+    require_root_netns,
+)
 
 #: Within this long after the last node started: punching goes quiet after about 10 s of
 #: unanswered rounds, then the spray takes at most ~11 s.
@@ -83,7 +90,7 @@ class BirthdayTests(TestCase):
         hard home's router reboots with a new public address (its mappings and the winning
         socket's gone); within REBOOT_BOUND the pair is direct again, the cgnat side at the new
         address."""
-        require_root_netns(self)
+        require_root_netns(self, [*DEFAULT_BINARIES, CONNTRACK])
         tb = Testbed(self)
         self.addCleanup(tb.cleanup)
         net = nat_homes(tb, [(1, "cgnat", False), (1, "hard", False)])

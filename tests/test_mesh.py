@@ -22,6 +22,7 @@ from meshguard.mesh.members import MemberInfo, parse_member, parse_page
 from meshguard.mesh.paths import (
     CHECK_INTERVAL,
     DEAD_AFTER,
+    MOVED_QUIET_FOR,
     PING_BACK_GAP,
     QUIET_FOR,
     RECOVERY_BOUND,
@@ -610,6 +611,59 @@ class PrimedPunchingTests(SynchronousTestCase):
         self.assertTrue(sim.path(a, b).startswith("relayed"))
         sim.run(QUIET_FOR + 5)
         self.assertTrue([t for t in primed if t >= state.quiet_until - 0.5])
+
+    def test_the_member_that_moved_is_left_alone_until_its_packets_expired(self) -> None:
+        """A's router reboots with a new address. Until A found its path dead it kept sending
+        to B's endpoint from the new address, which on a NAT without a WAN input filter leaves
+        entries that would give B's first packets toward A's new address another port (and
+        that port to B's later flows to anyone; the in-memory NAT does not model it: here B's
+        NAT just drops what A sends until B goes quiet). So once B's path died and B sees A at
+        the new address, B sends A nothing over UDP (no primer, ping or call) for
+        MOVED_QUIET_FOR; then both punch and the pair is direct at the new address. A, whose
+        peer did not move, punches at once (its own NAT is new)."""
+        sim = MeshSim(seed=24)
+        nat_a = home(sim, 1)
+        a = sim.add_member(nat_a, "192.168.1.2")
+        b = sim.add_member(home(sim, 2), "192.168.2.2")
+        primed: dict[str, list[tuple[float, Endpoint]]] = {a.name: [], b.name: []}
+        for member in (a, b):
+
+            def primer(endpoint: Endpoint, name: str = member.name) -> None:
+                primed[name].append((sim.net.now, endpoint))
+
+            member.stack.paths.primer = primer
+        sim.start()
+        sim.run(20)
+        self.assertEqual(sim.path(a, b), "direct")
+        state_b = b.stack.paths.states[a.public_key]
+        quiet_end: list[float] = []
+
+        def clash(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
+            if state_b.moved_until is not None and not quiet_end:
+                quiet_end.append(state_b.moved_until)
+            if quiet_end and sim.net.now >= quiet_end[0]:
+                return True
+            return (source[0], destination[0]) != ("192.168.1.2", "203.0.113.2")
+
+        sim.net.filters.append(clash)
+        rebooted = sim.net.now
+        nat_a.reboot("203.0.113.99")
+        sim.run(DEAD_AFTER + CHECK_INTERVAL + 6)
+        assert state_b.moved_until is not None
+        quiet_from = state_b.moved_until - MOVED_QUIET_FOR
+        self.assertTrue(sim.path(b, a).startswith("relayed"))
+        self.assertIsNone(a.stack.paths.states[b.public_key].moved_until)
+        sim.run(MOVED_QUIET_FOR + 15)
+        to_new = [t for t, e in primed[b.name] if e[0] == "203.0.113.99"]
+        self.assertTrue(to_new)
+        self.assertGreaterEqual(min(to_new), quiet_from + MOVED_QUIET_FOR - 0.01)
+        self.assertTrue([t for t, _ in primed[a.name] if rebooted < t <= quiet_from])
+        self.assertEqual(sim.path(a, b), "direct")
+        self.assertEqual(sim.path(b, a), "direct")
+        endpoint = sim.endpoint_of(b, a)
+        assert endpoint is not None
+        self.assertEqual(endpoint[0], "203.0.113.99")
+        self.assertIsNone(state_b.moved_until)
 
     def test_a_ping_straight_from_the_member_is_pinged_back_while_quiet(self) -> None:
         """A PATH_PING that came straight from a member (through its NAT, so its NAT maps that

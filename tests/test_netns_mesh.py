@@ -13,6 +13,8 @@ from twisted.trial.unittest import TestCase
 from meshguard.app.status_client import read_status
 from tests.natmesh import start_mesh, start_stock_peer, status_peer, stock_peer_lines
 from tests.netns import (
+    CONNTRACK,
+    DEFAULT_BINARIES,
     Namespace,
     Testbed,
     nat_homes,
@@ -56,7 +58,7 @@ class MeshOverNatsTests(TestCase):
         self._homes(wan_filter=False)
 
     def _homes(self, *, wan_filter: bool, reboot: bool = True) -> None:
-        require_root_netns(self)
+        require_root_netns(self, [*DEFAULT_BINARIES, CONNTRACK])
         tb = Testbed(self)
         self.addCleanup(tb.cleanup)
         net = nat_homes(

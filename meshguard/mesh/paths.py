@@ -75,6 +75,18 @@ CALL_RESTART_GAP = 60.0
 #: reply (it can clash with nothing). This is how the side whose NAT let the other's ping in
 #: proves the path too, without waiting out its quiet period (docs/nat-matrix.md).
 PING_BACK_GAP = 1.0
+#: After a member's direct path died and the member shows up at another public address (its
+#: router rebooted or it moved), we send it nothing over UDP for this long from the first
+#: punch round that sees the new address: QUIET_FOR, the life of an unanswered UDP entry with
+#: margin. Until its own path to us died, the member kept sending to our endpoint from its new
+#: address; on a NAT of ours that does not drop unsolicited input, each such packet left an
+#: entry ``new address -> our port``, so our own first packet to that new address would need
+#: the reverse of that tuple and get another port, and Linux masquerade then gives that port
+#: to our later new flows too (to every member: docs/nat-matrix.md, "After simultaneous
+#: reboots"). Waiting until those entries expired keeps our port the one introducers see.
+#: Starting no earlier than our own path check found the path dead, so with CHECK_INTERVAL
+#: for the member finding it up to one check later.
+MOVED_QUIET_FOR = QUIET_FOR + CHECK_INTERVAL
 
 LAN, DIRECT, RELAYED, NONE = "lan", "direct", "relayed", "none"
 _RANK = {LAN: 3, DIRECT: 2, RELAYED: 1, NONE: 0}
@@ -145,6 +157,11 @@ class PathState:
     #: cycle's ping went, and until when an answered one lets the path rest.
     idle_ping_at: float | None = None
     idle_until: float | None = None
+    #: The public endpoint of a direct path that died, until a direct path is proven again
+    #: or a move of the member away from that address was waited out (MOVED_QUIET_FOR).
+    lost: Endpoint | None = None
+    #: Until when we keep quiet because the member moved (see :data:`MOVED_QUIET_FOR`).
+    moved_until: float | None = None
 
     def public_endpoint(self) -> Endpoint | None:
         """Its public IPv4 endpoint, freshest first (for the birthday technique)."""
@@ -280,6 +297,8 @@ class Paths:
         that entry alive. Primers die before they reach the peer's NAT.
         """
         peer = state.peer
+        if self._moved_away(state, now):
+            return
         targets = state.candidates()
         if state.kind == DIRECT:
             targets = state.lan  # only an upgrade to LAN is left to find
@@ -319,6 +338,40 @@ class Paths:
             state.next_punch = None
         else:
             state.next_punch = now + delay * (0.9 + 0.2 * self._random_fraction())
+
+    def _moved_away(self, state: PathState, now: float) -> bool:
+        """Whether to stay quiet toward a member whose direct path died and which now shows up
+        at another public address (:data:`MOVED_QUIET_FOR`): the first round that sees it
+        starts the quiet period; the rounds in it send nothing (no primer, ping or call, so
+        the member does not ping us either)."""
+        if self.primer is None or state.kind not in (NONE, RELAYED):
+            return False
+        if state.moved_until is not None:
+            if now < state.moved_until:
+                state.next_punch = state.moved_until
+                return True
+            state.moved_until = None
+            return False
+        lost = state.lost
+        if lost is None:
+            return False
+        seen = [state.called_from] if state.called_from is not None else []
+        fresh = next(
+            (e for e in seen + state.candidates() if _public_v4(e) and e[0] != lost[0]), None
+        )
+        if fresh is None:
+            return False
+        state.lost = None
+        state.moved_until = now + MOVED_QUIET_FOR
+        state.quiet_until = max(state.quiet_until or 0.0, state.moved_until)
+        state.round = state.ready_rounds = 0
+        state.next_punch = state.moved_until
+        self.arbiter.explain(
+            state.peer,
+            f"it moved from {lost[0]} to {fresh[0]}: quiet until {_clock(state.moved_until)} so "
+            "that what it sent us from there before noticing expires on our NAT",
+        )
+        return True
 
     def _explain(self, state: PathState, targets: list[Endpoint], ready: bool, now: float) -> None:
         """Tell the arbiter, in words a user can act on, why this member is not direct."""
@@ -408,6 +461,7 @@ class Paths:
             or state.kind in (LAN, DIRECT)
             or state.spray is not None
             or (state.spray_at is not None and now - state.spray_at < bd.SPRAY_GAP)
+            or (state.moved_until is not None and now < state.moved_until)
         ):
             self.dropped += 1
             return
@@ -529,6 +583,7 @@ class Paths:
             # ATTEMPT_GAP from the attempt that found it.
             state.birthday_attempts = 0
             state.birthday_at = None
+            state.lost = state.moved_until = None
             state.last_pong = max(state.last_pong, 0.0)
             self._set_kind(state, LAN if new.kind == arb.LAN else DIRECT, _text(new.endpoint))
         elif new.kind == arb.MEMBER and new.via is not None:
@@ -692,6 +747,8 @@ class Paths:
             if self.birthday is not None and dead == state.birthday_toward:
                 self.birthday.release(dead)
                 state.birthday_toward = None
+            if dead is not None and _public_v4(dead):
+                state.lost = dead  # cleared if the arbiter moves it to another proven path
             self.arbiter.offer_member(state.peer, self._relays_for(state.peer), now)
             self.arbiter.failed(
                 state.peer, dead, now, f"pings to {_text(dead)} unanswered for {DEAD_AFTER:g} s"
