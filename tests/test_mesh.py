@@ -646,6 +646,7 @@ class PrimedPunchingTests(SynchronousTestCase):
             return (source[0], destination[0]) != ("192.168.1.2", "203.0.113.2")
 
         sim.net.filters.append(clash)
+        blocked = False
         rebooted = sim.net.now
         nat_a.reboot("203.0.113.99")
         sim.run(DEAD_AFTER + CHECK_INTERVAL + 6)
@@ -664,6 +665,15 @@ class PrimedPunchingTests(SynchronousTestCase):
         assert endpoint is not None
         self.assertEqual(endpoint[0], "203.0.113.99")
         self.assertIsNone(state_b.moved_until)
+        # The new path dies too while A's old address is still a candidate: that is where A
+        # was, not a move, so B punches at once.
+        state_b.reflexive.append(("203.0.113.1", 20000))
+        sim.net.filters.append(lambda data, source, destination: not blocked)
+        blocked = True
+        sim.run(DEAD_AFTER + CHECK_INTERVAL + 1)
+        self.assertTrue(sim.path(b, a).startswith("relayed"))
+        self.assertIsNone(state_b.moved_until)
+        blocked = False
 
     def test_a_ping_straight_from_the_member_is_pinged_back_while_quiet(self) -> None:
         """A PATH_PING that came straight from a member (through its NAT, so its NAT maps that

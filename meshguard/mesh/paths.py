@@ -162,6 +162,9 @@ class PathState:
     lost: Endpoint | None = None
     #: Until when we keep quiet because the member moved (see :data:`MOVED_QUIET_FOR`).
     moved_until: float | None = None
+    #: Public hosts a direct path to it was proven at (the last few): a candidate at one of
+    #: them is where it was, not where it moved to (a stale list entry after a reboot).
+    proven_hosts: list[str] = field(default_factory=list)
 
     def public_endpoint(self) -> Endpoint | None:
         """Its public IPv4 endpoint, freshest first (for the birthday technique)."""
@@ -341,9 +344,10 @@ class Paths:
 
     def _moved_away(self, state: PathState, now: float) -> bool:
         """Whether to stay quiet toward a member whose direct path died and which now shows up
-        at another public address (:data:`MOVED_QUIET_FOR`): the first round that sees it
-        starts the quiet period; the rounds in it send nothing (no primer, ping or call, so
-        the member does not ping us either)."""
+        at a public address we never reached it at (:data:`MOVED_QUIET_FOR`): the first round
+        that sees it starts the quiet period; the rounds in it send nothing (no primer, ping
+        or call, so the member does not ping us either). Its earlier addresses still listed
+        (a stale candidate) are not a move."""
         if self.primer is None or state.kind not in (NONE, RELAYED):
             return False
         if state.moved_until is not None:
@@ -356,8 +360,9 @@ class Paths:
         if lost is None:
             return False
         seen = [state.called_from] if state.called_from is not None else []
+        known = {lost[0], *state.proven_hosts}
         fresh = next(
-            (e for e in seen + state.candidates() if _public_v4(e) and e[0] != lost[0]), None
+            (e for e in seen + state.candidates() if _public_v4(e) and e[0] not in known), None
         )
         if fresh is None:
             return False
@@ -584,6 +589,9 @@ class Paths:
             state.birthday_attempts = 0
             state.birthday_at = None
             state.lost = state.moved_until = None
+            host = new.endpoint[0]
+            if _public_v4(new.endpoint) and host not in state.proven_hosts:
+                state.proven_hosts = [*state.proven_hosts, host][-MAX_REFLEXIVE:]
             state.last_pong = max(state.last_pong, 0.0)
             self._set_kind(state, LAN if new.kind == arb.LAN else DIRECT, _text(new.endpoint))
         elif new.kind == arb.MEMBER and new.via is not None:
