@@ -167,3 +167,26 @@ def start_stock_peer(
     tb.addr(ns, ifname, address)
     tb.up(ns, ifname)
     return ifname
+
+
+def grid_markdown(
+    labels: list[str],
+    cell: Callable[[int, int], str],
+    reasons: dict[tuple[int, int], object],
+) -> str:
+    """A NAT grid as the docs show it: a Markdown table of ``cell(x, y)`` for every pair of
+    ``labels``, then why each relayed pair is not direct."""
+    lines = [
+        "| | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for x, label in enumerate(labels):
+        lines.append(
+            f"| **{label}** | " + " | ".join(cell(x, y) for y in range(len(labels))) + " |"
+        )
+    lines.append("")
+    lines.append("Why the relayed pairs are not direct (status `not_direct_reason`):")
+    lines.append("")
+    for (x, y), reason in sorted(reasons.items()):
+        lines.append(f"- {labels[x]} vs {labels[y]}: {reason}")
+    return "\n".join(lines) + "\n"

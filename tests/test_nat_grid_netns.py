@@ -16,7 +16,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from tests.miniupnpd import MINIUPNPD, start_miniupnpd
-from tests.natmesh import start_mesh
+from tests.natmesh import grid_markdown, start_mesh
 from tests.netns import (
     CONNTRACK,
     DEFAULT_BINARIES,
@@ -241,17 +241,4 @@ def _render(
             return f"direct {seconds:.0f} s{mark}" if seconds is not None else f"direct{mark}"
         return "via member" if got == MEMBER else got
 
-    lines = [
-        "| | " + " | ".join(labels) + " |",
-        "|---|" + "---|" * len(labels),
-    ]
-    for x, label in enumerate(labels):
-        lines.append(
-            f"| **{label}** | " + " | ".join(cell(x, y) for y in range(len(labels))) + " |"
-        )
-    lines.append("")
-    lines.append("Why the relayed pairs are not direct (status `not_direct_reason`):")
-    lines.append("")
-    for (x, y), reason in sorted(reasons.items()):
-        lines.append(f"- {labels[x]} vs {labels[y]}: {reason}")
-    return "\n".join(lines) + "\n"
+    return grid_markdown(labels, cell, reasons)

@@ -30,6 +30,21 @@ class FakeReactor:
         self.readers.remove(reader)
 
 
+class QueueSocket:
+    """A UDP socket whose ``recvmsg`` hands out ``queue``'s entries, then would block."""
+
+    def __init__(self, queue: list[Any]) -> None:
+        self.queue = queue
+
+    def fileno(self) -> int:
+        return 99
+
+    def recvmsg(self, size: int, ancsize: int) -> Any:
+        if not self.queue:
+            raise BlockingIOError(errno.EAGAIN, "again")
+        return self.queue.pop(0)
+
+
 def _has_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
@@ -295,25 +310,15 @@ class ScopedAddressTests(SynchronousTestCase):
         """IPv4-mapped sources from the IPv6 socket come out as plain IPv4."""
         received: list[tuple[bytes, tuple[str, int]]] = []
 
-        class Sock:
-            def fileno(self) -> int:
-                return 99
-
-            def __init__(self) -> None:
-                self.queue = [
-                    (b"a", [], 0, ("::ffff:192.0.2.1", 5, 0, 0)),
-                    (b"b", [], 0, ("fe80::1%lo", 6, 0, 1)),
-                ]
-
-            def recvmsg(self, size: int, ancsize: int) -> Any:
-                if not self.queue:
-                    raise BlockingIOError(errno.EAGAIN, "again")
-                return self.queue.pop(0)
+        queue: list[Any] = [
+            (b"a", [], 0, ("::ffff:192.0.2.1", 5, 0, 0)),
+            (b"b", [], 0, ("fe80::1%lo", 6, 0, 1)),
+        ]
 
         transport = UDPTransport(
             lambda d, s: received.append((d, s)), FakeReactor(), 0, idle=IdleGap(Clock().seconds)
         )
-        reader = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
+        reader = udp._Reader(transport, QueueSocket(queue), True)  # type: ignore[arg-type]
         reader.doRead()
         self.assertEqual(received, [(b"a", ("192.0.2.1", 5)), (b"b", ("fe80::1%lo", 6))])
 
@@ -321,6 +326,8 @@ class ScopedAddressTests(SynchronousTestCase):
 # -- UDP GSO and GRO ----------------------------------------------------------------------------
 
 V4_PEER = ("192.0.2.1", 51820)
+
+
 V4_OTHER = ("192.0.2.2", 51820)
 V6_PEER = ("2001:db8::1", 51820)
 
@@ -637,21 +644,12 @@ class GRODeliveryTests(SynchronousTestCase):
     def read(self, queue: list[Any], v6: bool = False) -> tuple[list[Any], UDPTransport]:
         received: list[tuple[bytes, tuple[str, int]]] = []
 
-        class Sock:
-            def fileno(self) -> int:
-                return 99
-
-            def recvmsg(self, size: int, ancsize: int) -> Any:
-                if not queue:
-                    raise BlockingIOError(errno.EAGAIN, "again")
-                return queue.pop(0)
-
         def receive(data: bytes, source: Any) -> None:
             received.append((data, source))
             transport.confirm_source(source)
 
         transport = UDPTransport(receive, FakeReactor(), 0, idle=IdleGap(Clock().seconds))
-        udp._Reader(transport, Sock(), v6).doRead()  # type: ignore[arg-type]
+        udp._Reader(transport, QueueSocket(queue), v6).doRead()  # type: ignore[arg-type]
         return received, transport
 
     def test_coalesced_buffer_is_split(self) -> None:
@@ -689,16 +687,7 @@ class GRODeliveryTests(SynchronousTestCase):
         transport = UDPTransport(receiver, FakeReactor(), 0, idle=IdleGap(Clock().seconds))
         queue = [(b"aabbcc", [(udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))], 0, V4_PEER)]
 
-        class Sock:
-            def fileno(self) -> int:
-                return 99
-
-            def recvmsg(self, size: int, ancsize: int) -> Any:
-                if not queue:
-                    raise BlockingIOError(errno.EAGAIN, "again")
-                return queue.pop(0)
-
-        udp._Reader(transport, Sock(), False).doRead()  # type: ignore[arg-type]
+        udp._Reader(transport, QueueSocket(queue), False).doRead()  # type: ignore[arg-type]
         self.assertEqual(calls, [b"aa", b"bb", b"cc"])
         self.assertEqual(transport.receiver_errors, 1)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
@@ -708,15 +697,6 @@ class GRODeliveryTests(SynchronousTestCase):
         ``idle``: the batch follows an idle gap."""
         events: list[object] = []
         queue: list[Any] = [first, (b"two", [], 0, V4_PEER)]
-
-        class Sock:
-            def fileno(self) -> int:
-                return 99
-
-            def recvmsg(self, size: int, ancsize: int) -> Any:
-                if not queue:
-                    raise BlockingIOError(errno.EAGAIN, "again")
-                return queue.pop(0)
 
         clock = Clock()
         transport = UDPTransport(
@@ -729,7 +709,7 @@ class GRODeliveryTests(SynchronousTestCase):
         )
         if idle:
             clock.advance(transport.idle.gap)
-        udp._Reader(transport, Sock(), False).doRead()  # type: ignore[arg-type]
+        udp._Reader(transport, QueueSocket(queue), False).doRead()  # type: ignore[arg-type]
         return events
 
     def test_batch_hook_after_a_lone_datagram(self) -> None:
@@ -756,15 +736,6 @@ class GRODeliveryTests(SynchronousTestCase):
         events: list[object] = []
         queue: list[Any] = []
 
-        class Sock:
-            def fileno(self) -> int:
-                return 99
-
-            def recvmsg(self, size: int, ancsize: int) -> Any:
-                if not queue:
-                    raise BlockingIOError(errno.EAGAIN, "again")
-                return queue.pop(0)
-
         clock = Clock()
         transport = UDPTransport(
             lambda data, source: events.append(data),
@@ -774,8 +745,8 @@ class GRODeliveryTests(SynchronousTestCase):
             on_batch_end=lambda: events.append("end"),
             idle=IdleGap(clock.seconds),
         )
-        v4 = udp._Reader(transport, Sock(), False)  # type: ignore[arg-type]
-        v6 = udp._Reader(transport, Sock(), True)  # type: ignore[arg-type]
+        v4 = udp._Reader(transport, QueueSocket(queue), False)  # type: ignore[arg-type]
+        v6 = udp._Reader(transport, QueueSocket(queue), True)  # type: ignore[arg-type]
 
         def batch(reader: udp._Reader) -> list[object]:
             queue.extend([(b"one", [], 0, V4_PEER), (b"two", [], 0, V4_PEER)])
