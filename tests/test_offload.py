@@ -442,7 +442,223 @@ class CoalesceTests(SynchronousTestCase):
     def test_garbage_never_raises_and_loses_nothing(self, packets: list[bytes]) -> None:
         """Any list of byte strings: every byte is written exactly once (joined runs only
         drop the repeated headers)."""
-        writes = coalesce(packets)
-        plain = [bytes(w[1]) for w in writes if w[0] is PLAIN_HEADER]
-        joined = sum(len(w) - 2 for w in writes if w[0] is not PLAIN_HEADER)
-        self.assertEqual(len(plain) + joined, len(packets))
+        for udp in (False, True):
+            writes = coalesce(packets, udp4=udp, udp6=udp)
+            plain = [bytes(w[1]) for w in writes if w[0] is PLAIN_HEADER]
+            joined = sum(len(w) - 2 for w in writes if w[0] is not PLAIN_HEADER)
+            self.assertEqual(len(plain) + joined, len(packets))
+
+
+def udp_packet(
+    v4: bool,
+    payload: bytes,
+    ports: tuple[int, int] = (1000, 2000),
+    ident: int = 0x1234,
+    tos: int = 0,
+    ttl: int = 64,
+    frag: int = 0x4000,
+) -> bytes:
+    """One ordinary UDP datagram with every checksum right (0 sent as 0xFFFF)."""
+    src, dst = (SRC4, DST4) if v4 else (SRC6, DST6)
+    l4 = bytearray(struct.pack("!HHHH", *ports, 8 + len(payload), 0) + payload)
+    value = 0xFFFF - naive_sum(pseudo(v4, 17, len(l4), src, dst) + l4)
+    l4[6:8] = struct.pack("!H", value or 0xFFFF)
+    if v4:
+        head = bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s", 0x45, tos, 20 + len(l4), ident, frag, ttl, 17, 0, SRC4, DST4
+            )
+        )
+        head[10:12] = struct.pack("!H", 0xFFFF - naive_sum(bytes(head)))
+    else:
+        label = 0x60000000 | tos << 20 | 0x12345
+        head = bytearray(struct.pack("!IHBB16s16s", label, len(l4), 17, ttl, SRC6, DST6))
+    return bytes(head) + bytes(l4)
+
+
+def udp_groups(packets: list[bytes], udp4: bool, udp6: bool) -> list[list[int]]:
+    """The naive reference for UDP joining: the indices of the packets each write holds."""
+    groups: list[list[int]] = []
+    open_runs: dict[bytes, int] = {}
+    for i, p in enumerate(packets):
+        v4 = p[0] == 0x45
+        iphl = 20 if v4 else 40
+        if not (udp4 if v4 else udp6) or p[9 if v4 else 6] != 17:
+            groups.append([i])
+            continue
+        key = p[12:24] if v4 else p[8:44]
+        shape = (p[1], p[6], p[8]) if v4 else (p[:4], p[7])
+        whole = not v4 or struct.unpack_from("!H", p, 6)[0] & 0x3FFF == 0
+        size = len(p) - iphl - 8
+        at = open_runs.pop(key, None)
+        if not whole or size == 0:
+            groups.append([i])
+            continue
+        if at is not None:
+            group = groups[at]
+            first = packets[group[0]]
+            gso = len(first) - iphl - 8
+            f_shape = (first[1], first[6], first[8]) if v4 else (first[:4], first[7])
+            total = iphl + 8 + sum(len(packets[j]) - iphl - 8 for j in group) + size
+            if size <= gso and len(group) < 64 and total <= 65535 and shape == f_shape:
+                group.append(i)
+                if size == gso:
+                    open_runs[key] = at
+                continue
+        groups.append([i])
+        open_runs[key] = len(groups) - 1
+    return groups
+
+
+class UdpCoalesceTests(SynchronousTestCase):
+    """Joining UDP datagrams into ``GSO_UDP_L4`` writes (only where USO was granted)."""
+
+    def check_joined(self, write: list[bytes | memoryview], group: list[bytes]) -> None:
+        """A joined write byte for byte: the virtio-net header, the first datagram's headers
+        with the lengths of the whole, a fresh IPv4 header checksum, the UDP checksum field
+        holding the folded pseudo-header sum; the payloads in order; and the kernel's cut of it
+        (``split`` does what the kernel does) gives back the datagrams exactly."""
+        v4 = group[0][0] == 0x45
+        iphl = 20 if v4 else 40
+        gso = len(group[0]) - iphl - 8
+        fields, packet = unwrap(write)
+        self.assertEqual(fields, (NEEDS_CSUM, GSO_UDP_L4, iphl + 8, gso, iphl, 6))
+        payload = b"".join(p[iphl + 8 :] for p in group)
+        l4len = 8 + len(payload)
+        head = bytearray(group[0][: iphl + 8])
+        if v4:
+            head[2:4] = struct.pack("!H", iphl + l4len)
+            head[10:12] = b"\0\0"
+            head[10:12] = struct.pack("!H", 0xFFFF - naive_sum(bytes(head[:20])))
+            ph = pseudo(True, 17, l4len, SRC4, DST4)
+        else:
+            head[4:6] = struct.pack("!H", l4len)
+            ph = pseudo(False, 17, l4len, SRC6, DST6)
+        head[iphl + 4 : iphl + 6] = struct.pack("!H", l4len)
+        head[iphl + 6 : iphl + 8] = struct.pack("!H", naive_sum(ph))
+        self.assertEqual(packet, bytes(head) + payload)
+        self.assertEqual(split(b"".join(bytes(b) for b in write)), group)
+
+    def test_one_flow_of_equal_sizes_is_one_write(self) -> None:
+        for v4 in (True, False):
+            packets = [udp_packet(v4, bytes([i]) * 1000, ident=i) for i in range(40)]
+            writes = coalesce(packets, udp4=True, udp6=True)
+            self.assertEqual(len(writes), 1)
+            self.check_joined(writes[0], packets)
+
+    def test_without_uso_nothing_is_joined(self) -> None:
+        """A TSO-only device (or one granted USO for the other IP version only) writes every
+        datagram as it is, as before UDP coalescing existed."""
+        v4 = [udp_packet(True, b"a" * 100, ident=i) for i in range(5)]
+        v6 = [udp_packet(False, b"b" * 100) for _ in range(5)]
+        plain = [[PLAIN_HEADER, p] for p in v4 + v6]
+        self.assertEqual(coalesce(v4 + v6), plain)
+        writes = coalesce(v4 + v6, udp4=True)
+        self.assertEqual(writes[1:], plain[5:])
+        self.check_joined(writes[0], v4)
+        writes = coalesce(v4 + v6, udp6=True)
+        self.assertEqual(writes[:5], plain[:5])
+        self.check_joined(writes[5], v6)
+
+    def test_last_shorter_ends_a_run_and_larger_starts_one(self) -> None:
+        sizes = [500, 500, 499, 500, 500, 600, 600, 1]
+        packets = [udp_packet(True, bytes([i]) * n, ident=i) for i, n in enumerate(sizes)]
+        writes = coalesce(packets, udp4=True)
+        self.assertEqual([len(w) - 2 for w in writes], [3, 2, 3])
+        self.check_joined(writes[0], packets[:3])
+        self.check_joined(writes[1], packets[3:5])
+        self.check_joined(writes[2], packets[5:])
+
+    def test_ip_fields_must_match(self) -> None:
+        """A different TOS, TTL or DF (IPv4), traffic class or hop limit (IPv6) starts a new
+        write; a fragment is written alone and ends its flow's run."""
+        for v4, changes in (
+            (True, [{"tos": 4}, {"ttl": 63}, {"frag": 0}]),
+            (False, [{"tos": 4}, {"ttl": 63}]),
+        ):
+            for change in changes:
+                a = [udp_packet(v4, b"x" * 300, ident=i) for i in range(2)]
+                b = [udp_packet(v4, b"y" * 300, ident=i, **change) for i in range(2, 4)]
+                writes = coalesce(a + b, udp4=True, udp6=True)
+                self.assertEqual(len(writes), 2, change)
+                self.check_joined(writes[0], a)
+                self.check_joined(writes[1], b)
+        fragment = udp_packet(True, b"f" * 300, frag=0x2000)
+        a = [udp_packet(True, b"x" * 300, ident=i) for i in range(3)]
+        writes = coalesce([a[0], fragment, *a[1:]], udp4=True)
+        self.assertEqual(writes[:2], [[PLAIN_HEADER, a[0]], [PLAIN_HEADER, fragment]])
+        self.check_joined(writes[2], a[1:])
+
+    def test_segment_and_size_limits(self) -> None:
+        """At most 64 datagrams (the kernel's UDP_MAX_SEGMENTS) and 65,535 IP bytes a write."""
+        small = [udp_packet(False, b"s" * 10) for _ in range(130)]
+        self.assertEqual([len(w) - 2 for w in coalesce(small, udp6=True)], [64, 64, 2])
+        big = [udp_packet(True, b"b" * 1400, ident=i) for i in range(50)]
+        writes = coalesce(big, udp4=True)
+        self.assertEqual([len(w) - 2 for w in writes], [46, 4])
+        self.assertLessEqual(len(unwrap(writes[0])[1]), 65535)
+
+    def test_interleaved_flows_and_tcp(self) -> None:
+        """Flows told apart by ports and version, interleaved with a TCP flow: each joins into
+        its own write, placed where its first packet was."""
+        a = [udp_packet(True, b"a" * 200, (1, 2), ident=i) for i in range(4)]
+        b = [udp_packet(True, b"b" * 200, (1, 3), ident=i) for i in range(4)]
+        c = [udp_packet(False, b"c" * 200, (1, 2)) for _ in range(4)]
+        t = [tcp_packet(True, 1 + i * 100, ACK, b"t" * 100) for i in range(4)]
+        mixed = [p for four in zip(a, b, c, t) for p in four]
+        writes = coalesce(mixed, udp4=True, udp6=True)
+        self.assertEqual(len(writes), 4)
+        for write, group in zip(writes[:3], (a, b, c)):
+            self.check_joined(write, group)
+        self.assertEqual(unwrap(writes[3])[0][1], GSO_TCPV4)
+
+    def test_empty_payload_and_lying_lengths_are_plain(self) -> None:
+        a = [udp_packet(True, b"x" * 100, ident=i) for i in range(5)]
+        empty = udp_packet(True, b"")
+        lying = bytearray(udp_packet(True, b"y" * 100))
+        lying[24:26] = struct.pack("!H", 50)  # UDP length shorter than the packet
+        packets = [a[0], a[1], empty, a[2], bytes(lying), a[3], a[4]]
+        writes = coalesce(packets, udp4=True)
+        self.assertEqual(len(writes), 5)
+        self.check_joined(writes[0], a[:2])
+        self.assertEqual(writes[1:4], [[PLAIN_HEADER, p] for p in packets[2:5]])
+        self.check_joined(writes[4], a[3:])
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        shapes=st.lists(
+            st.tuples(
+                st.booleans(),
+                st.integers(0, 2),
+                st.sampled_from([1, 7, 100, 999, 1000, 1372]),
+                st.sampled_from([{}, {}, {}, {"tos": 8}, {"ttl": 3}, {"frag": 0}]),
+            ),
+            max_size=150,
+        ),
+        udp4=st.booleans(),
+        udp6=st.booleans(),
+    )
+    def test_matches_the_reference(
+        self,
+        shapes: list[tuple[bool, int, int, dict[str, int]]],
+        udp4: bool,
+        udp6: bool,
+    ) -> None:
+        """Any mix of versions, flows, sizes and IP fields: the writes hold exactly the
+        groups the naive reference makes, in its order; each joined write is byte for byte
+        right and cuts back into its datagrams; a group of one is the packet as it was."""
+        idents: dict[tuple[bool, int], int] = {}
+        packets = []
+        for v4, flow, size, change in shapes:
+            ident = idents.get((v4, flow), 0)
+            idents[v4, flow] = ident + 1
+            payload = bytes((ident * 7 + j) & 0xFF for j in range(size))
+            packets.append(udp_packet(v4, payload, (9, 10 + flow), ident=ident, **change))
+        writes = coalesce(packets, udp4=udp4, udp6=udp6)
+        groups = udp_groups(packets, udp4, udp6)
+        self.assertEqual(len(writes), len(groups))
+        for write, group in zip(writes, groups):
+            if len(group) == 1:
+                self.assertEqual(write, [PLAIN_HEADER, packets[group[0]]])
+            else:
+                self.check_joined(write, [packets[i] for i in group])

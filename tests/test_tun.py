@@ -17,8 +17,17 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from meshguard.adapters.idle_gap import IdleGap
-from meshguard.adapters.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF, TunDevice, TunError
-from meshguard.core.offload import PLAIN_HEADER
+from meshguard.adapters.tun import (
+    IFF_NO_PI,
+    IFF_TUN,
+    TUN_F_USO4,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    TunDevice,
+    TunError,
+)
+from meshguard.core.offload import GSO_UDP_L4, PLAIN_HEADER, VNET_HDR, VNET_HDR_LEN, split
+from tests.test_offload import udp_packet
 
 
 def require_root() -> None:
@@ -423,6 +432,57 @@ class VnetReadTests(SynchronousTestCase):
         self.tun.stop_reading()
         self.tun.read_replies()
         self.assertEqual(self.system.reads, reads)
+
+
+class _TsoOnlySystem(_VnetSystem):
+    """A kernel before Linux 6.2: ``TUNSETOFFLOAD`` refuses any set with USO in it."""
+
+    def ioctl(self, fd: int, request: int, arg: bytes | int) -> bytes:
+        if request == TUNSETOFFLOAD and isinstance(arg, int) and arg & TUN_F_USO4:
+            raise OSError(errno.EINVAL, "invalid")
+        return super().ioctl(fd, request, arg)
+
+
+class VnetUdpWriteTests(SynchronousTestCase):
+    """Held UDP datagrams are joined into one ``GSO_UDP_L4`` write only where the kernel
+    granted USO; a TSO-only device writes them one by one, as before."""
+
+    def burst(self, system: _VnetSystem) -> TunDevice:
+        tun = TunDevice(
+            "mg0",
+            lambda p: None,
+            FakeReactor(),
+            system=system,  # type: ignore[arg-type]
+            offload=True,
+        )
+        tun.open()
+        tun.hold()
+        for v4 in (True, False):
+            for i in range(10):
+                tun.write(udp_packet(v4, bytes([i]) * 500, ident=i))
+        tun.flush()
+        return tun
+
+    def test_joined_with_uso(self) -> None:
+        system = _VnetSystem()
+        tun = self.burst(system)
+        self.assertEqual(tun.offload_status()["offloads"], "tso4,tso6,uso4,uso6")
+        self.assertEqual(len(system.written), 2)
+        for frame, iphl in zip(system.written, (20, 40)):
+            self.assertEqual(VNET_HDR.unpack_from(frame), (1, GSO_UDP_L4, iphl + 8, 500, iphl, 6))
+            self.assertEqual(len(split(frame)), 10)
+        status = tun.offload_status()
+        self.assertEqual((status["gro_udp_writes"], status["gro_udp_packets"]), (2, 20))
+        self.assertEqual((status["gro_writes"], status["gro_packets"]), (0, 0))
+
+    def test_plain_without_uso(self) -> None:
+        system = _TsoOnlySystem()
+        tun = self.burst(system)
+        self.assertEqual(tun.offload_status()["offloads"], "tso4,tso6")
+        self.assertEqual(len(system.written), 20)
+        for frame in system.written:
+            self.assertEqual(frame[:VNET_HDR_LEN], PLAIN_HEADER)
+        self.assertEqual(tun.offload_status()["gro_udp_writes"], 0)
 
 
 class RealTunTests(TestCase):

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from meshguard.adapters.hot_reactor import add_reader
 from meshguard.adapters.idle_gap import IdleGap
 from meshguard.core.offload import (
+    GSO_UDP_L4,
     NEEDS_CSUM,
     PLAIN_HEADER,
     VNET_HDR,
@@ -236,9 +237,13 @@ class TunDevice:
         self.gso_reads = 0
         self.gso_segments = 0
         self.offload_errors = 0
-        #: Coalesced writes and the packets they carried.
+        #: Coalesced TCP writes and the segments they carried.
         self.gro_writes = 0
         self.gro_packets = 0
+        #: Coalesced UDP writes (``GSO_UDP_L4``, only where USO was granted) and the
+        #: datagrams they carried.
+        self.gro_udp_writes = 0
+        self.gro_udp_packets = 0
         #: Between ``hold()`` and ``flush()`` (a UDP read batch) written packets wait here to
         #: be coalesced; with a virtio-net header only.
         self._holding = False
@@ -343,7 +348,7 @@ class TunDevice:
         """Hand one IP packet to the kernel; a full queue or a refused packet drops it.
 
         With a virtio-net header and inside ``hold()``, the packet waits for ``flush()`` to be
-        coalesced with the rest of its TCP flow.
+        coalesced with the rest of its TCP flow (or UDP flow, where USO was granted).
         """
         self._wrote += 1
         try:
@@ -385,7 +390,8 @@ class TunDevice:
             self._holding = True
 
     def flush(self) -> None:
-        """Write the held packets, each TCP flow's consecutive segments as one super-packet."""
+        """Write the held packets, each TCP flow's consecutive segments as one super-packet
+        (and each UDP flow's consecutive datagrams, where the kernel granted USO)."""
         self._holding = False
         if self._held:
             self._write_held()
@@ -395,7 +401,8 @@ class TunDevice:
         writev = self._writev
         assert writev is not None
         fd = self._fd
-        for bufs in coalesce(held):
+        offloads = self.offloads
+        for bufs in coalesce(held, bool(offloads & TUN_F_USO4), bool(offloads & TUN_F_USO6)):
             count = len(bufs) - 2
             try:
                 writev(fd, bufs)
@@ -406,8 +413,12 @@ class TunDevice:
                     self.write_errors += max(1, count)
                 continue
             if count > 1:
-                self.gro_writes += 1
-                self.gro_packets += count
+                if bufs[0][1] == GSO_UDP_L4:
+                    self.gro_udp_writes += 1
+                    self.gro_udp_packets += count
+                else:
+                    self.gro_writes += 1
+                    self.gro_packets += count
 
     def offload_status(self) -> dict[str, Any]:
         """What the TUN offloads did, for ``meshguard status`` and the benchmarks."""
@@ -429,6 +440,8 @@ class TunDevice:
             "offload_errors": self.offload_errors,
             "gro_writes": self.gro_writes,
             "gro_packets": self.gro_packets,
+            "gro_udp_writes": self.gro_udp_writes,
+            "gro_udp_packets": self.gro_udp_packets,
         }
 
     # Also satisfies meshguard.core.interfaces.DeviceIO.write_packet when bound directly.

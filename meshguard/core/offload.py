@@ -7,8 +7,11 @@ WireGuard datagram on the wire carries one ordinary IP packet (stock peers and p
 never see a super-packet). The other way round, the opened segments of one TCP flow that arrive
 in one UDP read batch are joined into one super-packet and written with one ``writev``: the
 kernel then runs its TCP receive path once per 64 KiB instead of once per segment, which is the
-larger share of the receiving side's CPU. This module is the pure part of both directions
-(bytes in, bytes out); ``meshguard.adapters.tun`` does the reads and writes.
+larger share of the receiving side's CPU. Where the device was granted USO, consecutive UDP
+datagrams of one flow are joined the same way into one ``GSO_UDP_L4`` write (the kernel cuts
+it again before a socket that did not ask for ``UDP_GRO`` sees it). This module is the pure
+part of both directions (bytes in, bytes out); ``meshguard.adapters.tun`` does the reads and
+writes.
 
 Checksums: the kernel sends super-packets and small packets with ``NEEDS_CSUM`` (only the
 pseudo-header sum in the checksum field), so every segment we cut gets its full TCP/UDP checksum
@@ -422,6 +425,15 @@ _V4_TCP: Final = struct.Struct("!BBHxxBBBBxx12sI5sBH2x2s")
 #: The same for IPv6 without extension headers (60 bytes): version/class/label, payload
 #: length, next header, hop limit, addresses and ports, then the TCP fields as above.
 _V6_TCP: Final = struct.Struct("!4sHBB36sI5sBH2x2s")
+#: The first 26 bytes of an IPv4 UDP datagram without IP options: TOS, total length,
+#: flags/fragment, TTL, protocol, addresses and ports, UDP length.
+_V4_UDP: Final = struct.Struct("!xBH2xHBB2x12sH")
+#: The same for IPv6 (46 bytes): version/class/label, payload length, next header, hop
+#: limit, addresses and ports, UDP length.
+_V6_UDP: Final = struct.Struct("!4sHBB36sH")
+#: Most datagrams in one ``GSO_UDP_L4`` write: the kernel refuses a frame of more than
+#: ``UDP_MAX_SEGMENTS`` segments (64 before Linux 6.9 raised it to 128).
+_UDP_MAX_SEGMENTS: Final = 64
 
 
 class _Run:
@@ -450,7 +462,27 @@ class _Run:
         self.shape = shape
 
 
-def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
+class _UdpRun:
+    """Datagrams of one UDP flow being joined: the write's buffers and what the next must
+    match."""
+
+    __slots__ = ("bufs", "count", "gso", "iphl", "length", "shape", "v4")
+
+    def __init__(
+        self, bufs: list[bytes | memoryview], iphl: int, gso: int, v4: bool, shape: object
+    ) -> None:
+        self.bufs = bufs
+        self.iphl = iphl
+        self.gso = gso
+        self.length = gso
+        self.count = 1
+        self.v4 = v4
+        self.shape = shape
+
+
+def coalesce(
+    packets: Sequence[bytes], udp4: bool = False, udp6: bool = False
+) -> list[list[bytes | memoryview]]:
     """Group ``packets`` into writes: each a list of buffers for one ``writev``, starting
     with a virtio-net header.
 
@@ -460,16 +492,66 @@ def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
     packet is written as it is, in order. Packets of one flow never change order; packets of
     different flows may (as the kernel's GRO does).
 
+    With ``udp4``/``udp6`` (the device was granted ``TUN_F_USO4``/``TUN_F_USO6``; a kernel
+    without them refuses ``GSO_UDP_L4`` writes) consecutive UDP datagrams of one flow (same
+    addresses and ports; same TOS, DF and TTL, or traffic class, flow label and hop limit; not
+    fragments; all but the last of one payload size, the last not larger; at most
+    ``_UDP_MAX_SEGMENTS``) are joined the same way. A datagram that cannot join ends its
+    flow's run, so nothing overtakes it.
+
     Each packet's header is read with one ``struct`` call: this runs once per received packet.
     """
     writes: list[list[bytes | memoryview]] = []
     runs: dict[bytes, _Run] = {}
     joined: list[_Run] = []
+    uruns: dict[bytes, _UdpRun] = {}
+    ujoined: list[_UdpRun] = []
     unpack4 = _V4_TCP.unpack_from
     unpack6 = _V6_TCP.unpack_from
+    unpack4u = _V4_UDP.unpack_from
+    unpack6u = _V6_UDP.unpack_from
     for packet in packets:
         n = len(packet)
         first = packet[0] if n else 0
+        if (udp4 and first == 0x45 and n >= 28 and packet[9] == _UDP) or (
+            udp6 and first >> 4 == 6 and n >= 48 and packet[6] == _UDP
+        ):
+            if first == 0x45:
+                tos, total, frag, ttl, _p, key, ulen = unpack4u(packet)
+                ok = total == n and not frag & 0x3FFF and ulen == n - 20
+                iphl = 20
+                ushape: object = (tos, frag, ttl)
+            else:
+                vcl, plen, _p, hop, key, ulen = unpack6u(packet)
+                ok = plen + 40 == n and ulen == plen
+                iphl = 40
+                ushape = (vcl, hop)
+            size = n - iphl - 8
+            if not ok or size <= 0:
+                uruns.pop(key, None)
+                writes.append([PLAIN_HEADER, packet])
+                continue
+            urun = uruns.get(key)
+            if (
+                urun is not None
+                and size <= urun.gso
+                and urun.count < _UDP_MAX_SEGMENTS
+                and urun.length + size + iphl + 8 <= _MAX_IP
+                and ushape == urun.shape
+            ):
+                bufs = urun.bufs
+                if len(bufs) == 3:
+                    ujoined.append(urun)
+                bufs.append(memoryview(packet)[iphl + 8 :])
+                urun.length += size
+                urun.count += 1
+                if size < urun.gso:
+                    del uruns[key]
+                continue
+            bufs = [PLAIN_HEADER, packet, memoryview(packet)[iphl + 8 :]]
+            writes.append(bufs)
+            uruns[key] = _UdpRun(bufs, iphl, size, iphl == 20, ushape)
+            continue
         if first == 0x45 and n >= 40:
             _vi, tos, total, frag, frag_low, ttl, proto, key, seq, ack, flags, window, urg = (
                 unpack4(packet)
@@ -527,6 +609,8 @@ def coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
             runs[key] = _Run(bufs, iphl, hl, size, seq, v4, shape)
     for run in joined:
         _finish(run)
+    for urun in ujoined:
+        _finish_udp(urun)
     for bufs in writes:
         if len(bufs) == 3:
             del bufs[2]  # a run of one: the packet alone
@@ -554,4 +638,28 @@ def _finish(run: _Run) -> None:
         gso_type = GSO_TCPV6
     _pack16(head, iphl + 16, _fold(pseudo + _TCP + l4len))
     bufs[0] = VNET_HDR.pack(NEEDS_CSUM, gso_type, hl, run.gso, iphl, 16)
+    bufs[1] = bytes(head)
+
+
+def _finish_udp(run: _UdpRun) -> None:
+    """Turn a UDP run's first buffers into the virtio-net header and the headers of one
+    ``GSO_UDP_L4`` packet, as the kernel's own UDP GSO builds them: IP and UDP lengths of the
+    whole, the UDP checksum field holding the pseudo-header sum over that length (the kernel
+    swaps each segment's length into it when it cuts), ``NEEDS_CSUM`` from the UDP header."""
+    bufs = run.bufs
+    iphl = run.iphl
+    hl = iphl + 8
+    head = bytearray(bufs[1][:hl])
+    l4len = 8 + run.length
+    if run.v4:
+        _pack16(head, 2, hl + run.length)
+        head[10:12] = b"\0\0"
+        _pack16(head, 10, 0xFFFF - _from(head[:iphl], "big") % 0xFFFF)
+        pseudo = _sum(head[12:20])
+    else:
+        _pack16(head, 4, l4len)
+        pseudo = _sum(head[8:40])
+    _pack16(head, iphl + 4, l4len)
+    _pack16(head, iphl + 6, _fold(pseudo + _UDP + l4len))
+    bufs[0] = VNET_HDR.pack(NEEDS_CSUM, GSO_UDP_L4, hl, run.gso, iphl, 6)
     bufs[1] = bytes(head)
