@@ -10,7 +10,11 @@ machine falls on all of them alike. Per configuration and repetition:
 - 4-stream TCP (iperf3 -P 4);
 - UDP packets per second received at no more than 1 % loss (iperf3 -u, ``--udp-size`` byte
   payloads; the offered rate starts at the tunnel's 4-stream TCP packet rate and steps down);
-- ping round-trip time through the tunnel, idle and under a single-stream TCP transfer.
+- ping round-trip time through the tunnel, idle and under a single-stream TCP transfer;
+- over each TCP run and the UDP probe that gave the figure, the machine's idle CPU share
+  (``/proc/stat``, all cores) and each tunnel process's share of one core (user + sys of its
+  process tree from ``/proc/PID/stat``): whether a core was left idle (docs/datapath.md,
+  "Both cores").
 
 The report gives medians with min-max ranges and meshguard's ratio to each wireguard-go build.
 Needs root.
@@ -63,6 +67,8 @@ TITLES = {
     "rtt_loaded": ("ping loaded", "ms"),
     "cpu_per_gb": ("tunnel CPU", "s/GB"),
 }
+#: The phases whose CPU use is measured (``Usage``), with the metric each one's figure is.
+PHASES = {"tcp1": "tcp1", "tcp4": "tcp4", "udp": "udp_pps"}
 #: Metrics where less is better (their ratio reads "meshguard needs x times as much").
 LOWER_IS_BETTER = {"rtt_idle", "rtt_loaded", "cpu_per_gb"}
 
@@ -83,6 +89,15 @@ class Config:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ifnames: tuple[str, str] | None = None  # meshguard's, for its status counters
     values: dict[str, list[float]] = field(default_factory=dict)
+    #: Per phase (tcp1, tcp4, udp), the CPU use measured over each round's iperf3 client run.
+    usage: dict[str, list[Usage]] = field(default_factory=dict)
+
+    def meter(self) -> Meter:
+        return Meter([p.pid for p in self.procs])
+
+    def add_usage(self, phase: str, usage: Usage | None) -> None:
+        if usage is not None:
+            self.usage.setdefault(phase, []).append(usage)
 
     def add(self, metric: str, value: float | None) -> None:
         if value is not None:
@@ -110,39 +125,102 @@ def cpu(config: Config) -> float:
     return sum(session_cpu_seconds(p.pid) for p in config.procs)
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(idle, total) CPU time of the whole machine, all cores, from ``/proc/stat``: idle
+    counts idle and iowait; total the first eight fields (guest time is inside user)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    return fields[3] + fields[4], sum(fields)
+
+
+@dataclass
+class Usage:
+    """Where the CPU went during one phase: the machine's idle share (of all its cores) and
+    each tunnel process's share of one core (its process tree's user + sys time)."""
+
+    seconds: float
+    idle: float
+    procs: list[float]
+
+    def text(self) -> str:
+        shares = " ".join(f"{side} {share:.2f}" for side, share in zip("AB", self.procs))
+        return f"idle {100 * self.idle:.0f}%" + (f", cores {shares}" if shares else "")
+
+
+class Meter:
+    """Measures a :class:`Usage` between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._start: tuple[float, tuple[int, int], list[float]] | None = None
+        self.usage: Usage | None = None
+
+    def start(self) -> None:
+        cpu_s = [session_cpu_seconds(pid) for pid in self.pids]
+        self._start = (time.monotonic(), machine_jiffies(), cpu_s)
+
+    def stop(self) -> Usage:
+        assert self._start is not None
+        wall0, (idle0, total0), cpu0 = self._start
+        idle1, total1 = machine_jiffies()
+        cpu1 = [session_cpu_seconds(pid) for pid in self.pids]
+        wall = max(time.monotonic() - wall0, 1e-9)
+        total = max(total1 - total0, 1)
+        shares = [(b - a) / wall for a, b in zip(cpu0, cpu1)]
+        self.usage = Usage(wall, (idle1 - idle0) / total, shares)
+        return self.usage
+
+
 # -- measurements ------------------------------------------------------------------------------
 
 
 def iperf3_json(
-    tb: Testbed, server: Namespace, client: Namespace, addr: str, seconds: float, *extra: str
+    tb: Testbed,
+    server: Namespace,
+    client: Namespace,
+    addr: str,
+    seconds: float,
+    *extra: str,
+    meter: Meter | None = None,
 ) -> dict[str, object]:
-    """One iperf3 run client -> server; its JSON result."""
+    """One iperf3 run client -> server; its JSON result. ``meter`` runs over the client's
+    run only (not the server's start)."""
     proc = tb.spawn(server, ["iperf3", "-s", "-1", "-p", "5201"])
     try:
         tb.wait_for(lambda: tb.listening(server, 5201), timeout=10, what="iperf3 server")
+        if meter is not None:
+            meter.start()
         cp = tb.run(
             client,
             ["iperf3", "-c", addr, "-p", "5201", "-t", f"{seconds:g}", "-J", *extra],
             timeout=seconds + 30,
             check=False,
         )
+        if meter is not None:
+            meter.stop()
         result: dict[str, object] = json.loads(cp.stdout or "{}")
         return result
     finally:
         tb.stop(proc)
 
 
-def tcp_mbits(c: Config, seconds: float, streams: int) -> float | None:
-    result = iperf3_json(c.tb, c.hosts.b, c.hosts.a, c.dst, seconds, "-P", str(streams))
+def tcp_mbits(c: Config, seconds: float, streams: int, phase: str) -> float | None:
+    meter = c.meter()
+    result = iperf3_json(
+        c.tb, c.hosts.b, c.hosts.a, c.dst, seconds, "-P", str(streams), meter=meter
+    )
     try:
-        return float(result["end"]["sum_received"]["bits_per_second"]) / 1e6  # type: ignore[index]
+        mbits = float(result["end"]["sum_received"]["bits_per_second"]) / 1e6  # type: ignore[index]
     except (KeyError, TypeError):
         return None
+    c.add_usage(phase, meter.usage)
+    return mbits
 
 
-def udp_run(c: Config, seconds: float, pps: float, size: int) -> tuple[float, float] | None:
-    """(received packets per second, loss %) at an offered ``pps``."""
+def udp_run(c: Config, seconds: float, pps: float, size: int) -> tuple[float, float, Usage] | None:
+    """(received packets per second, loss %, CPU use) at an offered ``pps``."""
     rate = int(pps * size * 8)
+    meter = c.meter()
     result = iperf3_json(
         c.tb,
         c.hosts.b,
@@ -150,42 +228,49 @@ def udp_run(c: Config, seconds: float, pps: float, size: int) -> tuple[float, fl
         c.dst,
         seconds,
         *("-u", "-l", str(size), "-b", str(rate), "-w", "4M"),
+        meter=meter,
     )
+    usage = meter.usage
     try:
         total = result["end"]["sum"]  # type: ignore[index]
         packets, lost = int(total["packets"]), int(total["lost_packets"])  # type: ignore[index]
         elapsed = float(total["seconds"])  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
         return None
-    if packets <= 0 or elapsed <= 0:
+    if packets <= 0 or elapsed <= 0 or usage is None:
         return None
-    return (packets - lost) / elapsed, 100.0 * lost / packets
+    return (packets - lost) / elapsed, 100.0 * lost / packets, usage
 
 
 def udp_pps(c: Config, seconds: float, size: int, start_pps: float) -> float | None:
     """The highest received packet rate seen with at most 1 % loss: a first probe at
     ``start_pps``, then a bisection between the best offered rate that kept loss within 1 %
-    and the lowest that did not (six probes at most)."""
+    and the lowest that did not (six probes at most). The CPU use of the probe that gave
+    the figure is kept as the ``udp`` phase's."""
     got = udp_run(c, seconds, start_pps, size)
     if got is None:
         return None
-    received, loss = got
+    received, loss, usage = got
     if loss <= 1.0:
+        c.add_usage("udp", usage)
         return received
     good, bad = 0.0, start_pps
     best = None
+    best_usage = None
     offered = received * 0.95
     for _ in range(5):
         got = udp_run(c, seconds, offered, size)
         if got is None:
             break
-        received, loss = got
+        received, loss, usage = got
         if loss <= 1.0:
-            best = max(best or 0.0, received)
+            if best is None or received > best:
+                best, best_usage = received, usage
             good = offered
         else:
             bad = offered
         offered = (good + bad) / 2 if good else min(offered * 0.7, received * 0.9)
+    c.add_usage("udp", best_usage)
     return best
 
 
@@ -220,13 +305,14 @@ def loaded_ping_ms(c: Config, seconds: float, count: int) -> float | None:
 
 
 def measure_round(c: Config, args: argparse.Namespace, rep: int) -> None:
+    measured = {phase: len(c.usage.get(phase, [])) for phase in PHASES}
     before = cpu(c)
-    tcp1 = tcp_mbits(c, args.seconds, 1)
+    tcp1 = tcp_mbits(c, args.seconds, 1, "tcp1")
     spent = cpu(c) - before
     c.add("tcp1", tcp1)
     if c.procs and tcp1:
         c.add("cpu_per_gb", spent / (tcp1 * args.seconds / 8 / 1000))
-    tcp4 = tcp_mbits(c, args.seconds, 4)
+    tcp4 = tcp_mbits(c, args.seconds, 4, "tcp4")
     c.add("tcp4", tcp4)
     udp = None
     if tcp4:
@@ -238,12 +324,16 @@ def measure_round(c: Config, args: argparse.Namespace, rep: int) -> None:
     loaded = loaded_ping_ms(c, args.pings * 0.02 + 1, args.pings)
     c.add("rtt_loaded", loaded)
 
-    def show(value: float | None, unit: str) -> str:
-        return "-" if value is None else f"{number(value)} {unit}"
+    def show(value: float | None, unit: str, phase: str = "") -> str:
+        text = "-" if value is None else f"{number(value)} {unit}"
+        usage = c.usage.get(phase, [])
+        if phase and len(usage) > measured[phase]:
+            text += f" [{usage[-1].text()}]"
+        return text
 
     print(
-        f"  {c.name} rep {rep}: tcp1 {show(tcp1, 'Mbit/s')} (CPU {spent:.2f} s), "
-        f"tcp4 {show(tcp4, 'Mbit/s')}, udp {show(udp and udp / 1000, 'kpps')}, "
+        f"  {c.name} rep {rep}: tcp1 {show(tcp1, 'Mbit/s', 'tcp1')} (CPU {spent:.2f} s), "
+        f"tcp4 {show(tcp4, 'Mbit/s', 'tcp4')}, udp {show(udp and udp / 1000, 'kpps', 'udp')}, "
         f"rtt idle {show(idle, 'ms')} loaded {show(loaded, 'ms')}, "
         f"load {os.getloadavg()[0]:.2f}",
         flush=True,
@@ -385,6 +475,11 @@ def offload_summary(ifname: str) -> str:
             f"{per(tun['gso_segments'], tun['gso_reads'])} segments, "
             f"{tun['gro_writes']} coalesced writes x {per(tun['gro_packets'], tun['gro_writes'])}"
         )
+        if "gro_udp_writes" in tun:
+            text += (
+                f", {tun['gro_udp_writes']} joined UDP writes x "
+                f"{per(tun['gro_udp_packets'], tun['gro_udp_writes'])}"
+            )
     return text
 
 
@@ -441,6 +536,50 @@ def report(configs: list[Config], skipped: dict[str, str], args: argparse.Namesp
     print("(ratios of medians; for ping and CPU lower is better)")
 
 
+def usage_report(configs: list[Config]) -> None:
+    """Per tunnel and phase, medians over the rounds: the machine's idle share (of all its
+    cores) and each tunnel process's share of one core, beside the phase's figure."""
+    print()
+    print(
+        f"CPU use over each iperf3 client run, median (min-max) over rounds: machine idle "
+        f"(share of all {os.cpu_count()} cores), tunnel processes A (sender) and B (receiver) "
+        "in cores"
+    )
+    for c in configs:
+        for phase, metric in PHASES.items():
+            usage = c.usage.get(phase)
+            if not usage:
+                continue
+            idle = summary([100 * u.idle for u in usage])
+            text = f"  {c.name:<24} {phase:<5} {summary(c.values.get(metric)):>20} "
+            text += f"{TITLES[metric][1]:<7} idle {idle} %"
+            for index, side in enumerate("AB"):
+                shares = [u.procs[index] for u in usage if len(u.procs) > index]
+                if shares:
+                    text += f", {side} {summary(shares)}"
+            print(text)
+
+
+def write_json(path: str, configs: list[Config], args: argparse.Namespace) -> None:
+    """The figures and CPU use of every round, for tables made elsewhere."""
+    document = {
+        "args": vars(args),
+        "cpus": os.cpu_count(),
+        "loadavg_end": os.getloadavg(),
+        "configs": {
+            c.name: {
+                "values": c.values,
+                "usage": {
+                    phase: [{"seconds": u.seconds, "idle": u.idle, "procs": u.procs} for u in usage]
+                    for phase, usage in c.usage.items()
+                },
+            }
+            for c in configs
+        },
+    }
+    Path(path).write_text(json.dumps(document, indent=1) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 TCP duration")
@@ -471,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--meshguard-timeout", type=float, default=15.0)
     parser.add_argument("--mtu", type=int, default=1420, help="tunnel MTU on all tunnels")
+    parser.add_argument("--json", metavar="PATH", help="also write every round's figures here")
     args = parser.parse_args(argv)
     try:
         require_root_netns(None, binaries=("ip", "wg", "iperf3", "ping", "ss"))
@@ -515,6 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for tb in testbeds:
             tb.cleanup()
     report(configs, skipped, args)
+    usage_report(configs)
+    if args.json:
+        write_json(args.json, configs, args)
     return 0
 
 
