@@ -507,7 +507,12 @@ def udp_groups(packets: list[bytes], udp4: bool, udp6: bool) -> list[list[int]]:
                 continue
         groups.append([i])
         open_runs[key] = len(groups) - 1
-    return groups
+    # Runs too short to join are written one by one, where they stood.
+    return [
+        part
+        for group in groups
+        for part in ([group] if len(group) >= offload._UDP_MIN_JOIN else [[i] for i in group])
+    ]
 
 
 class UdpCoalesceTests(SynchronousTestCase):
@@ -549,25 +554,37 @@ class UdpCoalesceTests(SynchronousTestCase):
     def test_without_uso_nothing_is_joined(self) -> None:
         """A TSO-only device (or one granted USO for the other IP version only) writes every
         datagram as it is, as before UDP coalescing existed."""
-        v4 = [udp_packet(True, b"a" * 100, ident=i) for i in range(5)]
-        v6 = [udp_packet(False, b"b" * 100) for _ in range(5)]
+        v4 = [udp_packet(True, b"a" * 100, ident=i) for i in range(6)]
+        v6 = [udp_packet(False, b"b" * 100) for _ in range(6)]
         plain = [[PLAIN_HEADER, p] for p in v4 + v6]
         self.assertEqual(coalesce(v4 + v6), plain)
         writes = coalesce(v4 + v6, udp4=True)
-        self.assertEqual(writes[1:], plain[5:])
+        self.assertEqual(writes[1:], plain[6:])
         self.check_joined(writes[0], v4)
         writes = coalesce(v4 + v6, udp6=True)
-        self.assertEqual(writes[:5], plain[:5])
-        self.check_joined(writes[5], v6)
+        self.assertEqual(writes[:6], plain[:6])
+        self.check_joined(writes[6], v6)
 
     def test_last_shorter_ends_a_run_and_larger_starts_one(self) -> None:
-        sizes = [500, 500, 499, 500, 500, 600, 600, 1]
+        sizes = [500] * 6 + [499] + [500] * 6 + [600] * 5 + [1]
         packets = [udp_packet(True, bytes([i]) * n, ident=i) for i, n in enumerate(sizes)]
         writes = coalesce(packets, udp4=True)
-        self.assertEqual([len(w) - 2 for w in writes], [3, 2, 3])
-        self.check_joined(writes[0], packets[:3])
-        self.check_joined(writes[1], packets[3:5])
-        self.check_joined(writes[2], packets[5:])
+        self.assertEqual([len(w) - 2 for w in writes], [7, 6, 6])
+        self.check_joined(writes[0], packets[:7])
+        self.check_joined(writes[1], packets[7:13])
+        self.check_joined(writes[2], packets[13:])
+
+    def test_short_runs_are_written_alone(self) -> None:
+        """Fewer than ``_UDP_MIN_JOIN`` datagrams (a GSO write's fixed cost in the kernel is
+        more than they save) are written one by one, where the run stood."""
+        least = offload._UDP_MIN_JOIN
+        a = [udp_packet(True, b"a" * 100, (1, 2), ident=i) for i in range(least - 1)]
+        b = [udp_packet(True, b"b" * 100, (1, 3), ident=i) for i in range(least)]
+        mixed = [p for pair in zip(a, b) for p in pair] + b[len(a) :]
+        writes = coalesce(mixed, udp4=True)
+        self.assertEqual(writes[: len(a)], [[PLAIN_HEADER, p] for p in a])
+        self.check_joined(writes[len(a)], b)
+        self.assertEqual(len(writes), len(a) + 1)
 
     def test_ip_fields_must_match(self) -> None:
         """A different TOS, TTL or DF (IPv4), traffic class or hop limit (IPv6) starts a new
@@ -577,14 +594,14 @@ class UdpCoalesceTests(SynchronousTestCase):
             (False, [{"tos": 4}, {"ttl": 63}]),
         ):
             for change in changes:
-                a = [udp_packet(v4, b"x" * 300, ident=i) for i in range(2)]
-                b = [udp_packet(v4, b"y" * 300, ident=i, **change) for i in range(2, 4)]
+                a = [udp_packet(v4, b"x" * 300, ident=i) for i in range(6)]
+                b = [udp_packet(v4, b"y" * 300, ident=i, **change) for i in range(6, 12)]
                 writes = coalesce(a + b, udp4=True, udp6=True)
                 self.assertEqual(len(writes), 2, change)
                 self.check_joined(writes[0], a)
                 self.check_joined(writes[1], b)
         fragment = udp_packet(True, b"f" * 300, frag=0x2000)
-        a = [udp_packet(True, b"x" * 300, ident=i) for i in range(3)]
+        a = [udp_packet(True, b"x" * 300, ident=i) for i in range(7)]
         writes = coalesce([a[0], fragment, *a[1:]], udp4=True)
         self.assertEqual(writes[:2], [[PLAIN_HEADER, a[0]], [PLAIN_HEADER, fragment]])
         self.check_joined(writes[2], a[1:])
@@ -592,19 +609,19 @@ class UdpCoalesceTests(SynchronousTestCase):
     def test_segment_and_size_limits(self) -> None:
         """At most 64 datagrams (the kernel's UDP_MAX_SEGMENTS) and 65,535 IP bytes a write."""
         small = [udp_packet(False, b"s" * 10) for _ in range(130)]
-        self.assertEqual([len(w) - 2 for w in coalesce(small, udp6=True)], [64, 64, 2])
-        big = [udp_packet(True, b"b" * 1400, ident=i) for i in range(50)]
+        self.assertEqual([len(w) - 2 for w in coalesce(small, udp6=True)], [64, 64, 0, 0])
+        big = [udp_packet(True, b"b" * 1400, ident=i) for i in range(52)]
         writes = coalesce(big, udp4=True)
-        self.assertEqual([len(w) - 2 for w in writes], [46, 4])
+        self.assertEqual([len(w) - 2 for w in writes], [46, 6])
         self.assertLessEqual(len(unwrap(writes[0])[1]), 65535)
 
     def test_interleaved_flows_and_tcp(self) -> None:
         """Flows told apart by ports and version, interleaved with a TCP flow: each joins into
         its own write, placed where its first packet was."""
-        a = [udp_packet(True, b"a" * 200, (1, 2), ident=i) for i in range(4)]
-        b = [udp_packet(True, b"b" * 200, (1, 3), ident=i) for i in range(4)]
-        c = [udp_packet(False, b"c" * 200, (1, 2)) for _ in range(4)]
-        t = [tcp_packet(True, 1 + i * 100, ACK, b"t" * 100) for i in range(4)]
+        a = [udp_packet(True, b"a" * 200, (1, 2), ident=i) for i in range(6)]
+        b = [udp_packet(True, b"b" * 200, (1, 3), ident=i) for i in range(6)]
+        c = [udp_packet(False, b"c" * 200, (1, 2)) for _ in range(6)]
+        t = [tcp_packet(True, 1 + i * 100, ACK, b"t" * 100) for i in range(6)]
         mixed = [p for four in zip(a, b, c, t) for p in four]
         writes = coalesce(mixed, udp4=True, udp6=True)
         self.assertEqual(len(writes), 4)
@@ -613,16 +630,16 @@ class UdpCoalesceTests(SynchronousTestCase):
         self.assertEqual(unwrap(writes[3])[0][1], GSO_TCPV4)
 
     def test_empty_payload_and_lying_lengths_are_plain(self) -> None:
-        a = [udp_packet(True, b"x" * 100, ident=i) for i in range(5)]
+        a = [udp_packet(True, b"x" * 100, ident=i) for i in range(13)]
         empty = udp_packet(True, b"")
         lying = bytearray(udp_packet(True, b"y" * 100))
         lying[24:26] = struct.pack("!H", 50)  # UDP length shorter than the packet
-        packets = [a[0], a[1], empty, a[2], bytes(lying), a[3], a[4]]
+        packets = [*a[:6], empty, a[6], bytes(lying), *a[7:]]
         writes = coalesce(packets, udp4=True)
         self.assertEqual(len(writes), 5)
-        self.check_joined(writes[0], a[:2])
-        self.assertEqual(writes[1:4], [[PLAIN_HEADER, p] for p in packets[2:5]])
-        self.check_joined(writes[4], a[3:])
+        self.check_joined(writes[0], a[:6])
+        self.assertEqual(writes[1:4], [[PLAIN_HEADER, p] for p in packets[6:9]])
+        self.check_joined(writes[4], a[7:])
 
     @settings(max_examples=200, deadline=None)
     @given(

@@ -434,6 +434,10 @@ _V6_UDP: Final = struct.Struct("!4sHBB36sH")
 #: Most datagrams in one ``GSO_UDP_L4`` write: the kernel refuses a frame of more than
 #: ``UDP_MAX_SEGMENTS`` segments (64 before Linux 6.9 raised it to 128).
 _UDP_MAX_SEGMENTS: Final = 64
+#: Fewer datagrams than this are written one by one: a joined write costs about 7 us more
+#: than a single one (the kernel's GSO path) and saves about 1.5 us a datagram, so runs of
+#: four or five break even at best (benchmarks/tun_write.py, docs/datapath.md).
+_UDP_MIN_JOIN: Final = 6
 
 
 class _Run:
@@ -463,19 +467,25 @@ class _Run:
 
 
 class _UdpRun:
-    """Datagrams of one UDP flow being joined: the write's buffers and what the next must
-    match."""
+    """Datagrams of one UDP flow being joined: the write (its buffers are filled in at the
+    end), the datagrams and what the next must match."""
 
-    __slots__ = ("bufs", "count", "gso", "iphl", "length", "shape", "v4")
+    __slots__ = ("bufs", "gso", "iphl", "length", "packets", "shape", "v4")
 
     def __init__(
-        self, bufs: list[bytes | memoryview], iphl: int, gso: int, v4: bool, shape: object
+        self,
+        bufs: list[bytes | memoryview],
+        packet: bytes,
+        iphl: int,
+        gso: int,
+        v4: bool,
+        shape: object,
     ) -> None:
         self.bufs = bufs
+        self.packets = [packet]
         self.iphl = iphl
         self.gso = gso
         self.length = gso
-        self.count = 1
         self.v4 = v4
         self.shape = shape
 
@@ -496,8 +506,8 @@ def coalesce(
     without them refuses ``GSO_UDP_L4`` writes) consecutive UDP datagrams of one flow (same
     addresses and ports; same TOS, DF and TTL, or traffic class, flow label and hop limit; not
     fragments; all but the last of one payload size, the last not larger; at most
-    ``_UDP_MAX_SEGMENTS``) are joined the same way. A datagram that cannot join ends its
-    flow's run, so nothing overtakes it.
+    ``_UDP_MAX_SEGMENTS``) are joined the same way, runs of at least ``_UDP_MIN_JOIN``. A
+    datagram that cannot join ends its flow's run, so nothing overtakes it.
 
     Each packet's header is read with one ``struct`` call: this runs once per received packet.
     """
@@ -510,6 +520,7 @@ def coalesce(
     unpack6 = _V6_TCP.unpack_from
     unpack4u = _V4_UDP.unpack_from
     unpack6u = _V6_UDP.unpack_from
+    bufs: list[bytes | memoryview]
     for packet in packets:
         n = len(packet)
         first = packet[0] if n else 0
@@ -535,22 +546,21 @@ def coalesce(
             if (
                 urun is not None
                 and size <= urun.gso
-                and urun.count < _UDP_MAX_SEGMENTS
+                and len(urun.packets) < _UDP_MAX_SEGMENTS
                 and urun.length + size + iphl + 8 <= _MAX_IP
                 and ushape == urun.shape
             ):
-                bufs = urun.bufs
-                if len(bufs) == 3:
+                joining = urun.packets
+                if len(joining) == 1:
                     ujoined.append(urun)
-                bufs.append(memoryview(packet)[iphl + 8 :])
+                joining.append(packet)
                 urun.length += size
-                urun.count += 1
                 if size < urun.gso:
                     del uruns[key]
                 continue
-            bufs = [PLAIN_HEADER, packet, memoryview(packet)[iphl + 8 :]]
+            bufs = [PLAIN_HEADER, packet]
             writes.append(bufs)
-            uruns[key] = _UdpRun(bufs, iphl, size, iphl == 20, ushape)
+            uruns[key] = _UdpRun(bufs, packet, iphl, size, iphl == 20, ushape)
             continue
         if first == 0x45 and n >= 40:
             _vi, tos, total, frag, frag_low, ttl, proto, key, seq, ack, flags, window, urg = (
@@ -609,8 +619,23 @@ def coalesce(
             runs[key] = _Run(bufs, iphl, hl, size, seq, v4, shape)
     for run in joined:
         _finish(run)
+    short: dict[int, list[bytes]] = {}
     for urun in ujoined:
-        _finish_udp(urun)
+        if len(urun.packets) >= _UDP_MIN_JOIN:
+            _finish_udp(urun)
+        else:
+            short[id(urun.bufs)] = urun.packets
+    if short:
+        # Too few to be worth a GSO write: each datagram alone, where the run stood.
+        expanded: list[list[bytes | memoryview]] = []
+        for bufs in writes:
+            alone = short.get(id(bufs))
+            if alone is None:
+                expanded.append(bufs)
+            else:
+                for one in alone:
+                    expanded.append([PLAIN_HEADER, one])
+        writes = expanded
     for bufs in writes:
         if len(bufs) == 3:
             del bufs[2]  # a run of one: the packet alone
@@ -650,6 +675,7 @@ def _finish_udp(run: _UdpRun) -> None:
     iphl = run.iphl
     hl = iphl + 8
     head = bytearray(bufs[1][:hl])
+    bufs.extend(memoryview(packet)[hl:] for packet in run.packets)
     l4len = 8 + run.length
     if run.v4:
         _pack16(head, 2, hl + run.length)
