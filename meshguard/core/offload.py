@@ -432,7 +432,7 @@ _V4_UDP: Final = struct.Struct("!xBH2xHBB2x12sH")
 #: limit, addresses and ports, UDP length.
 _V6_UDP: Final = struct.Struct("!4sHBB36sH")
 #: Most datagrams in one ``GSO_UDP_L4`` write: the kernel refuses a frame of more than
-#: ``UDP_MAX_SEGMENTS`` segments (64 before Linux 6.9 raised it to 128).
+#: ``UDP_MAX_SEGMENTS`` segments (64 on the kernels we know of; newer ones may allow more).
 _UDP_MAX_SEGMENTS: Final = 64
 #: Fewer datagrams than this are written one by one: a joined write costs about 7 us more
 #: than a single one (the kernel's GSO path) and saves about 1.5 us a datagram, so runs of
