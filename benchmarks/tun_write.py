@@ -62,16 +62,14 @@ def datagram(v6: bool, src: bytes, dst: bytes, payload: bytes, ident: int) -> by
 def open_device(tun: Any, name: str, uso: bool, v6: bool, own: str) -> Any:
     """A TUN device in this namespace, up, with ``own`` as its address; TSO only unless
     ``uso``."""
+    choices = tun.OFFLOAD_CHOICES
     if not uso:
-        tun.OFFLOAD_CHOICES = tuple(c for c in tun.OFFLOAD_CHOICES if not c & tun.TUN_F_USO4)
+        tun.OFFLOAD_CHOICES = tuple(c for c in choices if not c & tun.TUN_F_USO4)
     try:
         device = tun.TunDevice(name, lambda p: None, None, offload=True)
         device.open()
     finally:
-        tun.OFFLOAD_CHOICES = (
-            tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_USO4 | tun.TUN_F_USO6,
-            tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6,
-        )
+        tun.OFFLOAD_CHOICES = choices
     prefix = "64" if v6 else "24"
     extra = ["nodad"] if v6 else []
     subprocess.run(["ip", "link", "set", name, "up", "mtu", "1420"], check=True)
