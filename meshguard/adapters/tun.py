@@ -437,7 +437,7 @@ class TunDevice:
     def doRead(self) -> None:
         """Drain up to ``batch_packets`` packets, then end the batch (after an idle moment
         of the node: hand on a first single packet alone and end there)."""
-        self._read_batch(self.idle.batch_begins())
+        self._read_batch(self.idle.batch_begins(self))
 
     def _read_batch(self, lone_first: bool) -> None:
         self._wrote = 0
