@@ -1006,6 +1006,46 @@ class NodeBatchTests(SynchronousTestCase):
         reader.doRead()
         self.assertEqual(events, [b"reply", "hold", b"behind"])
 
+    def test_reply_leaves_before_the_udp_batch_end(self) -> None:
+        """After a lone UDP batch whose TUN write provoked a reply (the kernel queued an echo
+        reply inside the write), the reply is read and sealed before the node's batch-end
+        bookkeeping (held sends, timers), which follows it."""
+        from twisted.internet.task import Clock
+        from twisted.pair.testing import MemoryIOSystem, Tunnel
+
+        from meshguard.app.node import Node
+
+        system = MemoryIOSystem()
+        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+        clock = Clock()
+        node = Node("mgb3", clock, tun_system=system, plugins=False)
+        node.tun.open()
+        self.addCleanup(node.tun.close)
+        node.tun._reading = True  # registered with a reactor (a Clock has no addReader)
+        self.addCleanup(setattr, node.tun, "_reading", False)
+        tunnel = system._openFiles[node.tun.fileno()]
+        request, reply = bytes([0x45, 1]) * 50, bytes([0x45, 2]) * 50
+        events: list[object] = []
+
+        def received(data: bytes, source: Any, now: float) -> None:
+            node.tun.write(request)
+            tunnel.addToReadBuffer(reply)  # what the kernel answers inside the write
+
+        node.device.datagram_received = received  # type: ignore[method-assign]
+        node.device.packet_from_tun = lambda packet, now: events.append(packet)  # type: ignore[method-assign]
+        batch_end = node._batch_end
+
+        def recorded_batch_end() -> None:
+            events.append("batch end")
+            batch_end()
+
+        node._batch_end = recorded_batch_end  # type: ignore[method-assign]
+        queue: list[Any] = [(b"request", [], 0, V4_PEER)]
+        reader = udp._Reader(node.udp, QueueSocket(queue), False)  # type: ignore[arg-type]
+        clock.advance(10 * node.idle.gap)
+        reader.doRead()
+        self.assertEqual(events, [reply, "batch end"])
+
 
 class SendDatagramsTests(SynchronousTestCase):
     """``send_datagrams`` (the sealed segments of one super-packet) sends exactly what as many
