@@ -8,9 +8,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet import error
+from twisted.internet.base import ReactorBase
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.python import context
 from twisted.python.failure import Failure
@@ -226,6 +230,195 @@ class HotReactorTests(SynchronousTestCase):
 
         self.assertFalse(hot_reactor.install_if_free())
         self.assertIs(sys.modules["twisted.internet.reactor"], reactor)
+
+
+class _Script:
+    """Drives a real reactor's ``run()`` one poll at a time on a fake clock.
+
+    Each poll is recorded with the wait the loop asked for; then the next step runs (it may
+    add, cancel or reset calls, call from a thread, stop) and returns how long the poll
+    "waited" (a step may return early, as an I/O event would), the clock moves on by that
+    much, and a real ``doPoll(0)`` handles what the descriptors (the waker) have. After the
+    last step the reactor is stopped.
+    """
+
+    def __init__(self, reactor: HotReactor, steps: list[Callable[[float | None], float]]) -> None:
+        self.reactor = reactor
+        self.steps = list(steps)
+        self.now = 1000.0
+        self.events: list[tuple[Any, ...]] = []
+        self.timer_passes = 0
+        reactor.seconds = self.seconds  # type: ignore[method-assign]
+        reactor.doIteration = self.poll  # type: ignore[method-assign]
+        twisted_pass = reactor.runUntilCurrent
+
+        def counted() -> None:
+            self.timer_passes += 1
+            twisted_pass()
+
+        reactor.runUntilCurrent = counted  # type: ignore[method-assign]
+
+    def seconds(self) -> float:
+        return self.now
+
+    def fire(self, name: str) -> Callable[[], None]:
+        return lambda: self.events.append(("fired", name, self.now))
+
+    def poll(self, timeout: float | None) -> None:
+        self.events.append(("poll", timeout))
+        if self.steps:
+            self.now += self.steps.pop(0)(timeout)
+        elif not self.reactor._stopped:
+            self.reactor.stop()
+        HotReactor.doPoll(self.reactor, 0)
+
+
+def _waited(timeout: float | None) -> float:
+    """A poll that sleeps its whole timeout (nothing to read)."""
+    assert timeout is not None
+    return timeout
+
+
+class MainLoopTests(SynchronousTestCase):
+    """``HotReactor.mainLoop`` skips Twisted's timer pass only when nothing can be due, and
+    otherwise behaves as ``ReactorBase.mainLoop``: a real reactor's ``run()`` driven one poll
+    at a time."""
+
+    def make(self) -> HotReactor:
+        reactor = HotReactor()
+
+        def close() -> None:
+            reactor.removeAll()
+            os.close(reactor.waker.i)
+            os.close(reactor.waker.o)
+            reactor._poller.close()
+
+        self.addCleanup(close)
+        return reactor
+
+    def timers_script(self, reactor: HotReactor, twisted_loop: bool) -> _Script:
+        """Timed calls added, cancelled, reset later and sooner, a poll woken early, calls
+        from a thread (here: from a step), an exception in the loop, then a stop; run through
+        this class's loop or Twisted's."""
+        script: _Script
+
+        def setup() -> None:
+            reactor.callLater(0.5, script.fire("a"))
+            reactor.callLater(1.0, script.fire("b"))
+            reactor.callLater(0.7, script.fire("cancelled")).cancel()
+            reactor.callLater(2.0, script.fire("delayed, then sooner")).reset(3.0)
+            reactor.callLater(9.0, script.fire("reset sooner")).reset(1.5)
+
+        def woken_early(timeout: float | None) -> float:
+            return 0.2
+
+        def from_thread(timeout: float | None) -> float:
+            reactor.callFromThread(script.fire("from thread"))
+            return 0.1
+
+        def late_call(timeout: float | None) -> float:
+            reactor.callLater(0.05, script.fire("late"))
+            return 0.0
+
+        def move_sooner(timeout: float | None) -> float:
+            # The delayed call, in the heap at 2.0 (to fire at 3.0): moved up in the heap.
+            [later] = [c for c in reactor.getDelayedCalls() if c.getTime() > script.now + 1]
+            later.reset(0.25)
+            return 0.1
+
+        steps = [woken_early, _waited, from_thread, _waited, late_call, _waited, move_sooner]
+        steps += [_waited, _waited]
+        script = _Script(reactor, steps)
+        reactor.callWhenRunning(setup)
+        if twisted_loop:
+            reactor.mainLoop = partial(ReactorBase.mainLoop, reactor)  # type: ignore[method-assign]
+        reactor.run(installSignalHandlers=False)
+        return script
+
+    def test_timers_fire_in_order_and_on_time(self) -> None:
+        """Every timed call fires at its time and in order (cancelled ones never, reset ones
+        at their new time), calls from a thread run at the next turn, the loop waits exactly
+        until the next call is due (after an early wake-up too) and ends on ``stop``."""
+        script = self.timers_script(self.make(), twisted_loop=False)
+        fired = [(e[1], round(e[2] - 1000, 6)) for e in script.events if e[0] == "fired"]
+        self.assertEqual(
+            fired,
+            [
+                ("a", 0.5),
+                ("from thread", 0.6),
+                ("b", 1.0),
+                ("late", 1.05),
+                ("delayed, then sooner", 1.3),
+                ("reset sooner", 1.5),
+            ],
+        )
+        waits = [e[1] for e in script.events if e[0] == "poll"]
+        self.assertAlmostEqual(waits[0], 0.5)
+        self.assertAlmostEqual(waits[1], 0.3)  # woken after 0.2 s: the rest of the wait
+        self.assertFalse(script.reactor._started)
+
+    def test_same_polls_and_calls_as_twisted_with_fewer_timer_passes(self) -> None:
+        """The same script through Twisted's ``mainLoop`` gives the same polls (exactly the
+        same waits) and the same calls at the same times; only the timer passes that could
+        do nothing are gone."""
+        ours = self.timers_script(self.make(), twisted_loop=False)
+        theirs = self.timers_script(self.make(), twisted_loop=True)
+        self.assertEqual(ours.events, theirs.events)
+        self.assertLess(ours.timer_passes, theirs.timer_passes)
+        self.assertEqual(theirs.timer_passes, len([e for e in theirs.events if e[0] == "poll"]))
+
+    def test_no_timer_pass_when_nothing_is_due(self) -> None:
+        """Polls with a timed call pending later and nothing added run no timer pass and
+        wait for the rest of the time; with no timed call at all the wait is unbounded."""
+        reactor = self.make()
+        script: _Script
+
+        def woken(timeout: float | None) -> float:
+            return 1.0
+
+        def setup() -> None:
+            reactor.callLater(10.0, script.fire("t"))
+
+        script = _Script(reactor, [woken, woken, woken, _waited])
+        reactor.callWhenRunning(setup)
+        reactor.run(installSignalHandlers=False)
+        polls = [e[1] for e in script.events if e[0] == "poll"]
+        self.assertEqual([p and round(p, 6) for p in polls], [10.0, 9.0, 8.0, 7.0, None, False])
+        # The first poll (the new call), the one where it is due, and the stop's.
+        self.assertEqual(script.timer_passes, 3)
+
+    def test_an_exception_in_the_loop_is_logged_and_the_loop_goes_on(self) -> None:
+        """As in Twisted's loop: logged ("Unexpected error in main loop"), then the next poll."""
+        reactor = self.make()
+        script: _Script
+
+        def raises(timeout: float | None) -> float:
+            raise ValueError("bug in a poll")
+
+        script = _Script(reactor, [raises, _waited])
+        reactor.callWhenRunning(lambda: reactor.callLater(1.0, script.fire("after")))
+        reactor.run(installSignalHandlers=False)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertIn(("fired", "after", 1001.0), script.events)
+
+    def test_call_from_another_thread_wakes_the_poll(self) -> None:
+        """On the real clock and a real ``epoll_wait``: a call from another thread wakes a
+        loop that would otherwise wait 30 s for its only timer, and runs at once."""
+        reactor = self.make()
+        ran: list[bool] = []
+
+        def from_thread() -> None:
+            ran.append(threading.current_thread() is threading.main_thread())
+            reactor.stop()
+
+        guard = reactor.callLater(30.0, reactor.stop)
+        thread = threading.Thread(target=reactor.callFromThread, args=(from_thread,))
+        reactor.callWhenRunning(thread.start)
+        reactor.run(installSignalHandlers=False)
+        thread.join(5)
+        self.assertEqual(ran, [True])
+        self.assertTrue(guard.active())
+        guard.cancel()
 
 
 _TWISTD = """

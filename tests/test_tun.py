@@ -308,6 +308,8 @@ class _VnetSystem:
         self.frames: list[bytes] = []
         self.written: list[bytes] = []
         self.reads = 0
+        #: Reads that fail with EINTR before the next one goes through.
+        self.interrupts = 0
 
     def open(self, name: bytes, flags: int, mode: int = 0) -> int:
         return 7
@@ -317,6 +319,9 @@ class _VnetSystem:
 
     def readv(self, fd: int, bufs: list[Any]) -> int:
         self.reads += 1
+        if self.interrupts:
+            self.interrupts -= 1
+            raise InterruptedError(errno.EINTR, "interrupted")
         if not self.frames:
             raise BlockingIOError(errno.EAGAIN, "again")
         frame = self.frames.pop(0)
@@ -432,6 +437,58 @@ class VnetReadTests(SynchronousTestCase):
         self.tun.stop_reading()
         self.tun.read_replies()
         self.assertEqual(self.system.reads, reads)
+
+    def test_lone_frame_with_a_checksum_to_finish(self) -> None:
+        """A lone batch whose packet carries a partial checksum (a lone TCP or UDP packet)
+        takes the batch loop's way: handed on alone with its checksum finished, then the
+        batch ends; what is queued behind it is the next, busy, batch."""
+        from tests.test_offload import problem, small_frame
+
+        frames = [small_frame(True, True, b"ack"), small_frame(True, False, b"dns")]
+        self.clock.advance(self.tun.idle.gap)
+        self.system.frames.extend(frames)
+        self.tun.doRead()
+        self.assertEqual(len(self.events), 2)
+        packet, end = self.events
+        assert isinstance(packet, bytes)
+        self.assertIsNone(problem(packet))
+        self.assertEqual((packet[-3:], end), (b"ack", "end"))
+        self.assertEqual(self.system.reads, 1)
+        self.events.clear()
+        self.tun.doRead()
+        self.assertEqual(self.events[0], "start")
+        self.assertEqual(self.events[-1], "end")
+        self.assertEqual([bytes(p)[-3:] for p in self.events[1:-1]], [b"dns"])  # type: ignore[arg-type]
+
+    def test_lone_read_of_a_super_packet_is_a_whole_batch(self) -> None:
+        """A super-packet read first after an idle moment is held as a whole: the start hook,
+        its segments, and what follows in the same batch, as before the lone path."""
+        from tests.test_offload import super_frame
+
+        plain = bytes([0x45, 7]) * 20
+        self.clock.advance(self.tun.idle.gap)
+        self.system.frames.extend([super_frame(True, True, bytes(3000), 1000)])
+        self.queue(plain)
+        self.tun.doRead()
+        self.assertEqual(self.events[0], "start")
+        self.assertEqual(len(self.events), 6)  # start, 3 segments, the plain packet, end
+        self.assertEqual(self.events[-2:], [plain, "end"])
+        self.assertEqual(self.tun.gso_reads, 1)
+
+    def test_lone_read_finding_nothing_or_interrupted(self) -> None:
+        """A lone read that finds nothing ends the batch after one read; one interrupted is
+        read again (by the batch loop) and its packet still goes alone."""
+        packet = bytes([0x45, 3]) * 20
+        self.clock.advance(self.tun.idle.gap)
+        self.tun.doRead()
+        self.assertEqual((self.events, self.system.reads), (["end"], 1))
+        self.events.clear()
+        self.clock.advance(self.tun.idle.gap)
+        self.system.interrupts = 1
+        self.queue(packet, packet)
+        self.tun.doRead()
+        self.assertEqual(self.events, [packet, "end"])
+        self.assertEqual(self.system.reads, 3)
 
 
 class _TsoOnlySystem(_VnetSystem):

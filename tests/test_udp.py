@@ -962,6 +962,90 @@ class NodeBatchTests(SynchronousTestCase):
         node.tun.doRead()
         self.assertEqual([(k, p) for k, _a, p, _c in log], [("gso", packets)])
 
+    def test_reply_to_a_slow_lone_tun_batch_goes_at_once(self) -> None:
+        """An idle ping's request read alone from TUN, in a lone batch that took long (cold
+        code): its reply reaching the UDP port soon after that batch ended, but a
+        ``reply_gap`` after it began, is handled alone too (its TUN write not held, no read
+        that finds the socket empty); what is queued behind the reply is a busy batch."""
+        from twisted.internet.task import Clock
+        from twisted.pair.testing import MemoryIOSystem, Tunnel
+
+        from meshguard.app.node import Node
+
+        system = MemoryIOSystem()
+        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+        clock = Clock()
+        node = Node("mgb2", clock, tun_system=system, plugins=False)
+        log: list[tuple[str, Any, list[bytes], Any]] = []
+        node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
+        self.addCleanup(node.udp.close)
+        reply_gap = node.idle.reply_gap
+
+        def slow_send(packet: bytes, now: float) -> None:
+            clock.advance(0.75 * reply_gap)
+            node.udp.send(packet, V4_PEER)
+
+        events: list[object] = []
+        node.device.packet_from_tun = slow_send  # type: ignore[method-assign]
+        node.device.datagram_received = lambda data, source, now: events.append(data)  # type: ignore[method-assign]
+        node.udp.on_batch_start = lambda: events.append("hold")
+        node.tun.open()
+        self.addCleanup(node.tun.close)
+        tunnel = system._openFiles[node.tun.fileno()]
+        queue: list[Any] = []
+        reader = udp._Reader(node.udp, QueueSocket(queue), False)  # type: ignore[arg-type]
+
+        clock.advance(10 * node.idle.gap)
+        tunnel.addToReadBuffer(bytes([0x45, 1]) * 50)
+        node.tun.doRead()
+        self.assertEqual([(k, a) for k, a, _p, _c in log], [("sendto", V4_PEER)])
+        clock.advance(0.3 * reply_gap)
+        queue.extend([(b"reply", [], 0, V4_PEER), (b"behind", [], 0, V4_PEER)])
+        reader.doRead()
+        self.assertEqual(events, [b"reply"])
+        reader.doRead()
+        self.assertEqual(events, [b"reply", "hold", b"behind"])
+
+    def test_reply_leaves_before_the_udp_batch_end(self) -> None:
+        """After a lone UDP batch whose TUN write provoked a reply (the kernel queued an echo
+        reply inside the write), the reply is read and sealed before the node's batch-end
+        bookkeeping (held sends, timers), which follows it."""
+        from twisted.internet.task import Clock
+        from twisted.pair.testing import MemoryIOSystem, Tunnel
+
+        from meshguard.app.node import Node
+
+        system = MemoryIOSystem()
+        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+        clock = Clock()
+        node = Node("mgb3", clock, tun_system=system, plugins=False)
+        node.tun.open()
+        self.addCleanup(node.tun.close)
+        node.tun._reading = True  # registered with a reactor (a Clock has no addReader)
+        self.addCleanup(setattr, node.tun, "_reading", False)
+        tunnel = system._openFiles[node.tun.fileno()]
+        request, reply = bytes([0x45, 1]) * 50, bytes([0x45, 2]) * 50
+        events: list[object] = []
+
+        def received(data: bytes, source: Any, now: float) -> None:
+            node.tun.write(request)
+            tunnel.addToReadBuffer(reply)  # what the kernel answers inside the write
+
+        node.device.datagram_received = received  # type: ignore[method-assign]
+        node.device.packet_from_tun = lambda packet, now: events.append(packet)  # type: ignore[method-assign]
+        batch_end = node._batch_end
+
+        def recorded_batch_end() -> None:
+            events.append("batch end")
+            batch_end()
+
+        node._batch_end = recorded_batch_end  # type: ignore[method-assign]
+        queue: list[Any] = [(b"request", [], 0, V4_PEER)]
+        reader = udp._Reader(node.udp, QueueSocket(queue), False)  # type: ignore[arg-type]
+        clock.advance(10 * node.idle.gap)
+        reader.doRead()
+        self.assertEqual(events, [reply, "batch end"])
+
 
 class SendDatagramsTests(SynchronousTestCase):
     """``send_datagrams`` (the sealed segments of one super-packet) sends exactly what as many

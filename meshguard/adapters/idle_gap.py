@@ -8,6 +8,13 @@ receiver's TUN reads (acknowledgements) come right after long UDP batches, and a
 rule counted the UDP batch as the TUN device's idle time, sending every acknowledgement alone
 (single-stream TCP fell to about half). So the gap runs from the end of the node's last read
 batch, on any descriptor, to the start of this one: two clock reads per batch.
+
+The reply to a lone batch is lone too. On the descriptor the lone batch came from, what is
+read with no pause after it is what was queued behind it, so the pause counts from the lone
+batch's end. On another descriptor (an echo request read from the TUN device, its reply on
+the UDP socket) the reply can only come a network round trip after the request went out, so
+the time counts from the lone batch's start: a lone batch that took long (cold code after an
+idle moment) does not make its own reply wait for a batch.
 """
 
 from __future__ import annotations
@@ -36,18 +43,32 @@ class IdleGap:
         #: After a lone batch, a batch this long after it is lone too: the reply to what the
         #: lone batch sent (an echo reply reaching the node that sent the request, a fraction
         #: of a millisecond later) goes at once; what a busy node reads right after (no pause
-        #: at all) does not.
+        #: at all) does not. Counted from the lone batch's end on its own descriptor, from its
+        #: start on another.
         self.reply_gap = reply_gap
         #: Busy from creation: a test's ``task.Clock`` must advance before a batch is lone.
         self._last_end = clock()
+        self._last_start = self._last_end
         self._last_lone = False
+        self._last_source: object = None
 
-    def batch_begins(self) -> bool:
-        """True if this batch's first packet goes alone: no read batch ended in the last
-        ``gap`` seconds, or the last batch was lone and ended ``reply_gap`` or more ago."""
-        pause = self._clock() - self._last_end
-        lone = pause >= self.gap or (self._last_lone and pause >= self.reply_gap)
+    def batch_begins(self, source: object) -> bool:
+        """True if this batch (read from ``source``, a descriptor) hands its first packet on
+        alone: no read batch ended in the last ``gap`` seconds, or the last batch was lone and
+        ``reply_gap`` or more has passed since it ended (same descriptor) or began (another)."""
+        now = self._clock()
+        pause = now - self._last_end
+        if pause >= self.gap:
+            lone = True
+        elif not self._last_lone:
+            lone = False
+        elif source is self._last_source:
+            lone = pause >= self.reply_gap
+        else:
+            lone = now - self._last_start >= self.reply_gap
         self._last_lone = lone
+        self._last_start = now
+        self._last_source = source
         return lone
 
     def batch_ended(self) -> None:

@@ -450,17 +450,54 @@ class TunDevice:
     def doRead(self) -> None:
         """Drain up to ``batch_packets`` packets, then end the batch (after an idle moment
         of the node: hand on a first single packet alone and end there)."""
-        self._read_batch(self.idle.batch_begins())
+        self._read_batch(self.idle.batch_begins(self))
 
     def _read_batch(self, lone_first: bool) -> None:
         self._wrote = 0
-        if not lone_first:
-            self._hook(self.on_batch_start)
-        if self.vnet:
-            self._read_frames(not lone_first)
+        if lone_first:
+            if self.vnet:
+                self._read_lone_frame()
+            else:
+                self._read_packets(False)
         else:
-            self._read_packets(not lone_first)
+            self._hook(self.on_batch_start)
+            if self.vnet:
+                self._read_frames(True)
+            else:
+                self._read_packets(True)
         self.idle.batch_ended()
+
+    def _read_lone_frame(self) -> None:
+        """A lone batch with a virtio-net header: one read, and a plain packet (no
+        segmentation, no checksum left to finish: an echo request, most packets but TCP and
+        UDP) goes straight to the receiver, then the batch ends.
+
+        After an idle moment every step costs several microseconds of cold interpreter
+        (docs/datapath.md, "Latency"), so the lone packet skips the batch loop's set-up and
+        hand-on. Anything else read first (a super-packet, a checksum to finish, a runt) is
+        passed to :meth:`_read_frames`, already read, which handles it as before.
+        """
+        readv = self._readv
+        assert readv is not None
+        try:
+            n = readv(self._fd, self._at_start)
+        except BlockingIOError:
+            self._hook(self.on_batch_end)
+            return
+        except OSError:
+            # Interrupted, or the device gone: the batch loop reads again and handles either.
+            self._read_frames(False)
+            return
+        buffer = self._buffer
+        # The header's first two bytes: flags (NEEDS_CSUM) and the segmentation type.
+        if n > VNET_HDR_LEN and not buffer[1] and not buffer[0] & NEEDS_CSUM:
+            try:
+                self._receiver(self._view[VNET_HDR_LEN:n].tobytes())
+            except Exception:
+                self._receiver_failed()
+            self._hook(self.on_batch_end)
+            return
+        self._read_frames(False, n)
 
     def _read_packets(self, started: bool) -> None:
         """The batch without a virtio-net header: one packet per read.
@@ -493,7 +530,7 @@ class TunDevice:
                 break
         self._hook(self.on_batch_end)
 
-    def _read_frames(self, started: bool) -> None:
+    def _read_frames(self, started: bool, first: int = 0) -> None:
         """``doRead`` with a virtio-net header: super-packets cut into segments; the budget
         counts packets handed on, so a batch stays as long as without.
 
@@ -502,6 +539,9 @@ class TunDevice:
         comes or the batch ends: with ``TUN_F_CSUM`` on nearly every one carries a partial
         checksum, and :func:`finish_checksums` completes them all in one numpy call instead of
         one big-integer sum each (the UDP packet rate fell to about half without this).
+
+        ``first``: the length of a frame already read into the buffer's start (by
+        :meth:`_read_lone_frame`), handled before any read.
         """
         readv = self._readv
         assert readv is not None
@@ -520,16 +560,19 @@ class TunDevice:
             if offset > span:
                 self._hand_on(buffer, view, bounds, starts, ends, fields)
                 offset = 0
-            try:
-                n = readv(fd, at_start if not offset else [view[offset : offset + frame_max]])
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as e:
-                self._hand_on(buffer, view, bounds, starts, ends, fields)
-                self._gone(e)
-                return
+            if first:
+                n, first = first, 0
+            else:
+                try:
+                    n = readv(fd, at_start if not offset else [view[offset : offset + frame_max]])
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    self._hand_on(buffer, view, bounds, starts, ends, fields)
+                    self._gone(e)
+                    return
             if n <= VNET_HDR_LEN:
                 continue
             flags, gso_type, _h, _g, csum_start, csum_offset = unpack(buffer, offset)

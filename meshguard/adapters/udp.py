@@ -253,7 +253,7 @@ class _Reader:
         # first) runs the hook first and stays whole.
         start = t.on_batch_start
         idle = t.idle
-        eager = idle.batch_begins()
+        eager = idle.batch_begins(self)
         if not eager and start is not None:
             t._hook(start)
             start = None

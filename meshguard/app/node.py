@@ -409,10 +409,16 @@ class Node:
             self.reschedule()
 
     def _udp_batch_end(self) -> None:
-        """After a UDP read batch: as any batch, then read what the TUN writes provoked (an
-        echo reply, TCP acknowledgements) at once instead of after a reactor turn."""
-        self._batch_end()
+        """After a UDP read batch: read what the TUN writes provoked (an echo reply, TCP
+        acknowledgements) at once instead of after a reactor turn, then end the batch as any.
+
+        The held writes go first (the replies they provoke are what is read); the rest of the
+        batch end (held sends, timers) waits until the reply has left, so an idle ping's reply
+        does not wait for the timer bookkeeping (the TUN read runs it too when it reads).
+        """
+        self.tun.flush()
         self.tun.read_replies()
+        self._batch_end()
 
     def _backlog_turn(self) -> None:
         self._backlog_call = None
