@@ -255,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 configs.append(bring_up(tb, args))
             except (tp.UnavailableError, WaitTimeoutError) as e:
                 print(f"== {label}: skipped: {e}")
-        for _rep in range(args.reps):
-            for c in configs:
+        for rep in range(args.reps):
+            # Every other round in reverse order, as in throughput.py: the order moves figures.
+            for c in reversed(configs) if rep % 2 else configs:
                 for mode in modes:
                     rtts, hops, times = measure(c, args.pings, mode == "loaded")
                     raws.setdefault(f"{c.name} {mode}", []).extend(times)
