@@ -116,6 +116,30 @@ class PathsTests(SynchronousTestCase):
         self.assertEqual(status["birthday"]["attempts"], bd.MAX_ATTEMPTS)
         self.assertFalse(status["birthday"]["spraying"])
 
+    def test_a_lapsed_session_mid_spray_pauses_the_spray_and_it_resumes(self) -> None:
+        """An idle relayed pair's session lapses (REJECT_AFTER_TIME) during a spray: the spray
+        sends nothing while no session carries its pings, a new session is made at once, and
+        the spray then sends the rest: all PROBES pings, none used up by the lapse."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        state = a.stack.paths.states.get(b.public_key)
+        while state is None or state.spray is None or state.spray.sent == 0:
+            sim.run(0.05)
+            state = a.stack.paths.states.get(b.public_key)
+        spray = state.spray
+        peer = a.node.device.peers[b.public_key]
+        keypair = peer.keypairs.current
+        assert keypair is not None
+        keypair.expire_for_sending()
+        sent = self._sent(a)
+        sim.run(0.5)
+        self.assertEqual(self._sent(a), sent)
+        self.assertGreater(a.stack.paths.spray_pauses, 0)
+        sim.run(20.0)
+        self.assertTrue(spray.done)
+        self.assertEqual(self._sent(a), bd.PROBES)
+        self.assertIsNot(peer.keypairs.current, keypair)
+
     def test_birthday_message_is_bounded(self) -> None:
         """A BIRTHDAY message starts at most one spray per SPRAY_GAP; one from a peer we have
         no path state for (the introducer), or while we are direct, starts none."""

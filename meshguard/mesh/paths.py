@@ -88,6 +88,16 @@ PING_BACK_GAP = 1.0
 #: for the member finding it up to one check later.
 MOVED_QUIET_FOR = QUIET_FOR + CHECK_INTERVAL
 
+#: When two members learn of each other at the same moment (both hear of the other from the
+#: introducers' lists at once), only the one with the smaller public key (bytes compared)
+#: initiates the handshake at once; the other waits this long and initiates only if no
+#: handshake came or completed meanwhile. Both initiating at once crosses the initiations:
+#: each side consumes the other's, which replaces its own handshake state, so each answer is
+#: rejected and no session forms until the retransmit timer (REKEY_TIMEOUT + jitter, 5-10 s).
+HANDSHAKE_YIELD = 1.0
+#: A birthday spray whose session lapsed looks again this often for a renewed one.
+SPRAY_PAUSE = 1.0
+
 LAN, DIRECT, RELAYED, NONE = "lan", "direct", "relayed", "none"
 _RANK = {LAN: 3, DIRECT: 2, RELAYED: 1, NONE: 0}
 
@@ -165,6 +175,10 @@ class PathState:
     #: Public hosts a direct path to it was proven at (the last few): a candidate at one of
     #: them is where it was, not where it moved to (a stale list entry after a reboot).
     proven_hosts: list[str] = field(default_factory=list)
+    #: When we began to yield the first handshake to it (see :data:`HANDSHAKE_YIELD`), and
+    #: whether that yield is over; both are cleared once a session exists.
+    yield_from: float | None = None
+    yield_done: bool = False
 
     def public_endpoint(self) -> Endpoint | None:
         """Its public IPv4 endpoint, freshest first (for the birthday technique)."""
@@ -230,6 +244,10 @@ class Paths:
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
         self.dropped = 0
         self.control_sent = 0
+        #: First handshakes we left to the member with the smaller key, which started one.
+        self.yielded_handshakes = 0
+        #: Spray ticks skipped because no session could carry the pings (see ``_spray``).
+        self.spray_pauses = 0
         membership.listeners.append(self._member_changed)
 
     # ------------------------------------------------------------------ membership events
@@ -486,6 +504,17 @@ class Paths:
         if spray.done:
             state.spray = None  # the last answers had their time: a miss
             return
+        if not self._session_usable(state, now):
+            # The session lapsed mid-spray (an idle relayed pair's lasts REJECT_AFTER_TIME):
+            # pings would go nowhere yet use up the ports. Pause, renew it, then go on.
+            again = self._yield_handshake(state, now)
+            if again is None:
+                if not self.device.handshake_underway(state.peer, now):
+                    self.device.send_initiation(state.peer, now, retry=False)
+                again = now + SPRAY_PAUSE
+            spray.next_at = again
+            self.spray_pauses += 1
+            return
         for port in spray.due(now):
             if self.device.send_control_to(
                 state.peer, (spray.host, port), kinds.PATH_PING, spray.nonce, now
@@ -696,10 +725,43 @@ class Paths:
                 if state.peer.keypairs.current is None:
                     # No session yet: make one through the relay (or the best guess), then punch.
                     self._ensure_route(state, now)
-                    self.device.send_initiation(state.peer, now, retry=False)
-                    state.next_punch = now + 1.0
+                    again = self._yield_handshake(state, now)
+                    if again is None:
+                        self.device.send_initiation(state.peer, now, retry=False)
+                        again = now + 1.0
+                    state.next_punch = again
                 else:
+                    self._session_usable(state, now)
                     self._punch(state, now)
+
+    def _session_usable(self, state: PathState, now: float) -> bool:
+        """Whether a session can carry our messages to the member (a usable one ends any
+        yield of ours: the next time none is, a new one begins)."""
+        keypair = state.peer.keypairs.current
+        if keypair is None or not keypair.can_send(now):
+            return False
+        state.yield_from = None
+        state.yield_done = False
+        return True
+
+    def _yield_handshake(self, state: PathState, now: float) -> float | None:
+        """When to look again, or None to initiate now, for a member we have no session with:
+        the member with the smaller key initiates at once, we wait :data:`HANDSHAKE_YIELD`
+        first and then start one only if none came meanwhile (a handshake under way is the
+        device's own timers' to retry)."""
+        own = self.device.public_key
+        if state.yield_done or own is None or own < state.peer.public_key:
+            return None
+        if state.yield_from is None:
+            state.yield_from = now
+        until = state.yield_from + HANDSHAKE_YIELD
+        if now < until:
+            return until
+        state.yield_done = True
+        if self.device.handshake_underway(state.peer, state.yield_from):
+            self.yielded_handshakes += 1
+            return now + 1.0
+        return None
 
     def _ensure_route(self, state: PathState, now: float) -> None:
         peer = state.peer
