@@ -352,6 +352,28 @@ class RelayTests(SynchronousTestCase):
         self.assertGreater(relay.rate_limited, 50)
         self.assertEqual(len(sim.net.queue), 0)
 
+    def test_a_lapsed_session_with_the_relay_is_renewed_at_once(self) -> None:
+        """Control messages do not rekey, so an idle member's session with its relay lapses
+        (REJECT_AFTER_TIME) until its next persistent keepalive, up to 25 s later. Relayed
+        traffic meeting a lapsed session renews it at once, on the sending member's side and
+        on the relay's side toward the target: the pair talks again a packet later, not after
+        the keepalives (a drop each side, nothing queued)."""
+        sim = MeshSim(seed=15)
+        a = sim.add_member(home(sim, 1, hard=True), "192.168.1.2")
+        b = sim.add_member(home(sim, 2, hard=True), "192.168.2.2")
+        sim.start()
+        sim.run(20)
+        self.assertTrue(sim.path(a, b).startswith("relayed"))
+        self.assertTrue(sim.ping(a, b))
+        intro = sim.introducer
+        for x, y in ((a, intro), (intro, b)):
+            keypair = x.node.device.peers[y.public_key].keypairs.current
+            assert keypair is not None
+            keypair.expire_for_sending()
+        self.assertEqual([sim.ping(a, b) for _ in range(3)], [False, False, True])
+        self.assertEqual(a.stack.relaying.renewed, 1)
+        self.assertEqual(intro.stack.relaying.renewed, 1)
+
 
 class ForwardingRateTests(SynchronousTestCase):
     def test_rate_setting_bounds_each_sender(self) -> None:
