@@ -140,6 +140,35 @@ class PathsTests(SynchronousTestCase):
         self.assertEqual(self._sent(a), bd.PROBES)
         self.assertIsNot(peer.keypairs.current, keypair)
 
+    def test_an_attempt_that_meets_a_lapsed_session_starts_once_it_is_renewed(self) -> None:
+        """Punching goes quiet while the pair's session has lapsed: the attempt (sockets, then
+        the BIRTHDAY message) waits for the session it starts and begins as soon as that is
+        there, instead of a whole punch cycle and quiet period later; status says it waits."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        sim.run(6.0)  # REKEY_TIMEOUT after the first handshake, before punching went quiet
+        state = a.stack.paths.states[b.public_key]
+        peer = a.node.device.peers[b.public_key]
+        self.assertEqual(self.sockets[a.name].opened, [])
+        self.assertIsNotNone(state.public_endpoint())
+        keypair = peer.keypairs.current
+        assert keypair is not None
+        keypair.expire_for_sending()
+        a.stack.paths._birthday_start(state, sim.net.now)
+        self.assertEqual(self.sockets[a.name].opened, [])
+        self.assertTrue(a.node.device.handshake_underway(peer, sim.net.now))
+        status = a.stack.paths.peer_status(peer)
+        self.assertEqual(status["birthday"]["attempts"], 0)
+        self.assertTrue(status["birthday"]["waiting_for_session"])
+        started = sim.net.now
+        sim.run(1.0)
+        self.assertIsNot(peer.keypairs.current, keypair)
+        opened = self.sockets[a.name].opened
+        self.assertEqual(len(opened), 1)
+        self.assertLess(opened[0][3] - started, 1.0)
+        self.assertEqual(state.birthday_attempts, 1)
+        self.assertFalse(state.birthday_pending)
+
     def test_birthday_message_is_bounded(self) -> None:
         """A BIRTHDAY message starts at most one spray per SPRAY_GAP; one from a peer we have
         no path state for (the introducer), or while we are direct, starts none."""

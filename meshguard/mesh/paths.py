@@ -158,6 +158,8 @@ class PathState:
     birthday_toward: Endpoint | None = None
     spray: bd.Spray | None = None
     spray_at: float | None = None
+    #: An attempt waits for a session to carry its BIRTHDAY message (it lapsed).
+    birthday_pending: bool = False
     #: When we last pinged back a PATH_PING's source (see :data:`PING_BACK_GAP`).
     ping_back_at: float | None = None
     #: Its endpoint as an introducer saw it when it last sent us a CALL_ME_MAYBE: the freshest
@@ -460,9 +462,13 @@ class Paths:
             return
         keypair = state.peer.keypairs.current
         if keypair is None or not keypair.can_send(now):
-            # The BIRTHDAY message needs a session: make one; the next quiet period tries.
-            self.device.send_initiation(state.peer, now, retry=False)
+            # The BIRTHDAY message needs a session: make one, and start as soon as it is there
+            # (``session_started``), not a whole punch cycle and quiet period later.
+            if not self.device.handshake_underway(state.peer, now):
+                self.device.send_initiation(state.peer, now, retry=False)
+            state.birthday_pending = True
             return
+        state.birthday_pending = False
         if state.birthday_toward is not None and state.birthday_toward != toward:
             io.release(state.birthday_toward)
         if not io.open(toward, bd.SOCKETS, bd.HOLD):
@@ -704,6 +710,8 @@ class Paths:
     def session_started(self, peer: Peer, now: float) -> None:
         state = self.states.get(peer.public_key)
         if state is not None and state.kind in (NONE, RELAYED):
+            if state.birthday_pending:
+                self._birthday_start(state, now)
             self._restart_punching(state, now)
 
     def next_deadline(self) -> float | None:
@@ -861,11 +869,12 @@ class Paths:
             "peer_primed_at": state.peer_primed,
             "punch_quiet_until": state.quiet_until,
         }
-        if state.birthday_attempts or state.spray_at is not None:
+        if state.birthday_attempts or state.spray_at is not None or state.birthday_pending:
             status["birthday"] = {
                 "attempts": state.birthday_attempts,
                 "toward": _text(state.birthday_toward) if state.birthday_toward else None,
                 "spraying": state.spray is not None,
+                "waiting_for_session": state.birthday_pending,
             }
         if state.kind == RELAYED and peer.relay is not None:
             status["path"] = f"relayed via {key_text(peer.relay.public_key)}"
