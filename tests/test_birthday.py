@@ -169,6 +169,35 @@ class PathsTests(SynchronousTestCase):
         self.assertEqual(state.birthday_attempts, 1)
         self.assertFalse(state.birthday_pending)
 
+    def test_a_spray_held_up_past_the_spray_gap_gives_way_to_a_new_attempt(self) -> None:
+        """A spray is not restarted by another BIRTHDAY while it runs; but one a lapsed session
+        held up for SPRAY_GAP aims at sockets the other side closed long ago, and the member's
+        next attempt replaces it with a fresh spray."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        state = a.stack.paths.states.get(b.public_key)
+        while state is None or state.spray is None or state.spray.sent == 0:
+            sim.run(0.05)
+            state = a.stack.paths.states.get(b.public_key)
+        old = state.spray
+        peer = a.node.device.peers[b.public_key]
+        dropped = a.stack.paths.dropped
+        a.stack.paths._birthday_received(peer, sim.net.now)
+        self.assertTrue(state.spray is old)
+        self.assertEqual(a.stack.paths.dropped, dropped + 1)
+        keypair = peer.keypairs.current
+        assert keypair is not None
+        keypair.expire_for_sending()
+        sim.net.filters.append(lambda data, source, destination: False)
+        sim.run(bd.SPRAY_GAP + 1.0)
+        sim.net.filters.pop()
+        self.assertTrue(state.spray is old)
+        self.assertFalse(old.done)
+        a.stack.paths._birthday_received(peer, sim.net.now)
+        self.assertFalse(state.spray is old)
+        assert state.spray is not None
+        self.assertEqual(state.spray.started, sim.net.now)
+
     def test_birthday_message_is_bounded(self) -> None:
         """A BIRTHDAY message starts at most one spray per SPRAY_GAP; one from a peer we have
         no path state for (the introducer), or while we are direct, starts none."""

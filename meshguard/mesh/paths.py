@@ -488,7 +488,9 @@ class Paths:
             state is None
             or host is None
             or state.kind in (LAN, DIRECT)
-            or state.spray is not None
+            # A spray that a lapsed session held up past SPRAY_GAP aims at sockets long closed:
+            # a new attempt's message replaces it.
+            or (state.spray is not None and now - state.spray.started < bd.SPRAY_GAP)
             or (state.spray_at is not None and now - state.spray_at < bd.SPRAY_GAP)
             or (state.moved_until is not None and now < state.moved_until)
         ):
