@@ -15,6 +15,7 @@ from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.keytext import key_text
 from meshguard.core.peer import PATH_TLS, PATH_UDP
+from meshguard.mesh import arbiter as arb
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
 from meshguard.mesh.forwarding import Relaying, parse_relay_body
@@ -22,6 +23,7 @@ from meshguard.mesh.members import MemberInfo, parse_member, parse_page
 from meshguard.mesh.paths import (
     CHECK_INTERVAL,
     DEAD_AFTER,
+    FALLBACK_JUDGED_AFTER,
     MOVED_QUIET_FOR,
     PING_BACK_GAP,
     QUIET_FOR,
@@ -184,6 +186,39 @@ class HolePunchingTests(SynchronousTestCase):
         sim.run(RETRY_INTERVAL * 1.2)
         self.assertEqual(sim.path(a, b), "direct")
         self.assertEqual(sim.path(b, a), "direct")
+
+    def test_a_dead_fallback_endpoint_is_checked_too(self) -> None:
+        """The direct path dies while another endpoint of the member was proven moments ago
+        (two ports of its NAT, as a birthday hit leaves): the arbiter falls back to that one,
+        and it is checked like any direct path, so when it is dead too (the member's router
+        rebooted) the pair goes to the relay within FALLBACK_JUDGED_AFTER plus a check, not
+        stays on it for good."""
+        sim = MeshSim(seed=2)
+        a = sim.add_member(home(sim, 1), "192.168.1.2")
+        b = sim.add_member(home(sim, 2), "192.168.2.2")
+        sim.start()
+        sim.run(20)
+        state = a.stack.paths.states[b.public_key]
+        peer = a.node.device.peers[b.public_key]
+        first = state.direct
+        assert first is not None
+        self.assertEqual(sim.path(a, b), "direct")
+        homes = {"192.168.1.2", "192.168.2.2", "203.0.113.1", "203.0.113.2"}
+        sim.net.filters.append(lambda data, src, dst: not (src[0] in homes and dst[0] in homes))
+        sim.run(4)
+        second = (first[0], first[1] + 1)
+        a.stack.paths.arbiter.proven(peer, arb.Path(arb.DIRECT, second), 0.5, sim.net.now)
+        self.assertEqual(state.direct, first)  # the faster proof stays chosen
+        while state.direct == first:
+            sim.run(0.5)
+        self.assertEqual(state.direct, second)
+        fell_back = sim.net.now
+        self.assertIsNotNone(state.next_check)
+        while sim.path(a, b) == "direct" and sim.net.now - fell_back < 30:
+            sim.run(0.5)
+        self.assertTrue(sim.path(a, b).startswith("relayed"))
+        self.assertLessEqual(sim.net.now - fell_back, FALLBACK_JUDGED_AFTER + CHECK_INTERVAL + 1)
+        self.assertTrue(ping_retry(sim, a, b))
 
     def test_router_reboot_with_a_new_address_recovers_without_restart(self) -> None:
         """A home router reboots (mappings gone, new public address): within the documented

@@ -45,6 +45,10 @@ RETRY_INTERVAL = 30.0
 #: A direct path is pinged this often, and is dead after this long without a pong.
 CHECK_INTERVAL = 4.0
 DEAD_AFTER = 10.0
+#: A direct path the arbiter falls back to when the current one died (another endpoint
+#: proven lately) is dead at the first check more than this long after the fall-back without
+#: a pong (12 s with checks every 4 s).
+FALLBACK_JUDGED_AFTER = 2 * CHECK_INTERVAL
 #: The documented bound for a pair to be back on a direct path once the NATs allow it again:
 #: the punch schedule plus the introducer's change debounce, with margin.
 RECOVERY_BOUND = 30.0
@@ -833,6 +837,17 @@ class Paths:
             self.arbiter.failed(
                 state.peer, dead, now, f"pings to {_text(dead)} unanswered for {DEAD_AFTER:g} s"
             )
+            if state.kind in (LAN, DIRECT) and state.direct not in (None, dead):
+                # The arbiter fell back to another endpoint proven moments ago (``_moved`` set
+                # it): check it as any direct path, dead at the first check more than
+                # FALLBACK_JUDGED_AFTER from now without a pong. Left unchecked, with no
+                # punching toward a direct member, a dead one would carry the pair for good (a
+                # router rebooted: every endpoint at its old address is dead, however lately
+                # proven).
+                state.last_pong = max(state.last_pong, now - DEAD_AFTER + FALLBACK_JUDGED_AFTER)
+                self._ping(state, state.direct, now)
+                state.next_check = now + CHECK_INTERVAL
+                return
             state.direct = None
             self._restart_punching(state, now)
             return
