@@ -116,6 +116,88 @@ class PathsTests(SynchronousTestCase):
         self.assertEqual(status["birthday"]["attempts"], bd.MAX_ATTEMPTS)
         self.assertFalse(status["birthday"]["spraying"])
 
+    def test_a_lapsed_session_mid_spray_pauses_the_spray_and_it_resumes(self) -> None:
+        """An idle relayed pair's session lapses (REJECT_AFTER_TIME) during a spray: the spray
+        sends nothing while no session carries its pings, a new session is made at once, and
+        the spray then sends the rest: all PROBES pings, none used up by the lapse."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        state = a.stack.paths.states.get(b.public_key)
+        while state is None or state.spray is None or state.spray.sent == 0:
+            sim.run(0.05)
+            state = a.stack.paths.states.get(b.public_key)
+        spray = state.spray
+        peer = a.node.device.peers[b.public_key]
+        keypair = peer.keypairs.current
+        assert keypair is not None
+        keypair.expire_for_sending()
+        sent = self._sent(a)
+        sim.run(0.5)
+        self.assertEqual(self._sent(a), sent)
+        self.assertGreater(a.stack.paths.spray_pauses, 0)
+        sim.run(20.0)
+        self.assertTrue(spray.done)
+        self.assertEqual(self._sent(a), bd.PROBES)
+        self.assertIsNot(peer.keypairs.current, keypair)
+
+    def test_an_attempt_that_meets_a_lapsed_session_starts_once_it_is_renewed(self) -> None:
+        """Punching goes quiet while the pair's session has lapsed: the attempt (sockets, then
+        the BIRTHDAY message) waits for the session it starts and begins as soon as that is
+        there, instead of a whole punch cycle and quiet period later; status says it waits."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        sim.run(6.0)  # REKEY_TIMEOUT after the first handshake, before punching went quiet
+        state = a.stack.paths.states[b.public_key]
+        peer = a.node.device.peers[b.public_key]
+        self.assertEqual(self.sockets[a.name].opened, [])
+        self.assertIsNotNone(state.public_endpoint())
+        keypair = peer.keypairs.current
+        assert keypair is not None
+        keypair.expire_for_sending()
+        a.stack.paths._birthday_start(state, sim.net.now)
+        self.assertEqual(self.sockets[a.name].opened, [])
+        self.assertTrue(a.node.device.handshake_underway(peer, sim.net.now))
+        status = a.stack.paths.peer_status(peer)
+        self.assertEqual(status["birthday"]["attempts"], 0)
+        self.assertTrue(status["birthday"]["waiting_for_session"])
+        started = sim.net.now
+        sim.run(1.0)
+        self.assertIsNot(peer.keypairs.current, keypair)
+        opened = self.sockets[a.name].opened
+        self.assertEqual(len(opened), 1)
+        self.assertLess(opened[0][3] - started, 1.0)
+        self.assertEqual(state.birthday_attempts, 1)
+        self.assertFalse(state.birthday_pending)
+
+    def test_a_spray_held_up_past_the_spray_gap_gives_way_to_a_new_attempt(self) -> None:
+        """A spray is not restarted by another BIRTHDAY while it runs; but one a lapsed session
+        held up for SPRAY_GAP aims at sockets the other side closed long ago, and the member's
+        next attempt replaces it with a fresh spray."""
+        sim, a, b = self.sim, self.a, self.b
+        sim.start()
+        state = a.stack.paths.states.get(b.public_key)
+        while state is None or state.spray is None or state.spray.sent == 0:
+            sim.run(0.05)
+            state = a.stack.paths.states.get(b.public_key)
+        old = state.spray
+        peer = a.node.device.peers[b.public_key]
+        dropped = a.stack.paths.dropped
+        a.stack.paths._birthday_received(peer, sim.net.now)
+        self.assertTrue(state.spray is old)
+        self.assertEqual(a.stack.paths.dropped, dropped + 1)
+        keypair = peer.keypairs.current
+        assert keypair is not None
+        keypair.expire_for_sending()
+        sim.net.filters.append(lambda data, source, destination: False)
+        sim.run(bd.SPRAY_GAP + 1.0)
+        sim.net.filters.pop()
+        self.assertTrue(state.spray is old)
+        self.assertFalse(old.done)
+        a.stack.paths._birthday_received(peer, sim.net.now)
+        self.assertFalse(state.spray is old)
+        assert state.spray is not None
+        self.assertEqual(state.spray.started, sim.net.now)
+
     def test_birthday_message_is_bounded(self) -> None:
         """A BIRTHDAY message starts at most one spray per SPRAY_GAP; one from a peer we have
         no path state for (the introducer), or while we are direct, starts none."""

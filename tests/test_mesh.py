@@ -15,6 +15,7 @@ from meshguard.core.crypto import generate_private_key, public_key
 from meshguard.core.interfaces import Endpoint
 from meshguard.core.keytext import key_text
 from meshguard.core.peer import PATH_TLS, PATH_UDP
+from meshguard.mesh import arbiter as arb
 from meshguard.mesh import kinds
 from meshguard.mesh.agent import encode_json
 from meshguard.mesh.forwarding import Relaying, parse_relay_body
@@ -22,6 +23,7 @@ from meshguard.mesh.members import MemberInfo, parse_member, parse_page
 from meshguard.mesh.paths import (
     CHECK_INTERVAL,
     DEAD_AFTER,
+    FALLBACK_JUDGED_AFTER,
     MOVED_QUIET_FOR,
     PING_BACK_GAP,
     QUIET_FOR,
@@ -184,6 +186,39 @@ class HolePunchingTests(SynchronousTestCase):
         sim.run(RETRY_INTERVAL * 1.2)
         self.assertEqual(sim.path(a, b), "direct")
         self.assertEqual(sim.path(b, a), "direct")
+
+    def test_a_dead_fallback_endpoint_is_checked_too(self) -> None:
+        """The direct path dies while another endpoint of the member was proven moments ago
+        (two ports of its NAT, as a birthday hit leaves): the arbiter falls back to that one,
+        and it is checked like any direct path, so when it is dead too (the member's router
+        rebooted) the pair goes to the relay within FALLBACK_JUDGED_AFTER plus a check, not
+        stays on it for good."""
+        sim = MeshSim(seed=2)
+        a = sim.add_member(home(sim, 1), "192.168.1.2")
+        b = sim.add_member(home(sim, 2), "192.168.2.2")
+        sim.start()
+        sim.run(20)
+        state = a.stack.paths.states[b.public_key]
+        peer = a.node.device.peers[b.public_key]
+        first = state.direct
+        assert first is not None
+        self.assertEqual(sim.path(a, b), "direct")
+        homes = {"192.168.1.2", "192.168.2.2", "203.0.113.1", "203.0.113.2"}
+        sim.net.filters.append(lambda data, src, dst: not (src[0] in homes and dst[0] in homes))
+        sim.run(4)
+        second = (first[0], first[1] + 1)
+        a.stack.paths.arbiter.proven(peer, arb.Path(arb.DIRECT, second), 0.5, sim.net.now)
+        self.assertEqual(state.direct, first)  # the faster proof stays chosen
+        while state.direct == first:
+            sim.run(0.5)
+        self.assertEqual(state.direct, second)
+        fell_back = sim.net.now
+        self.assertIsNotNone(state.next_check)
+        while sim.path(a, b) == "direct" and sim.net.now - fell_back < 30:
+            sim.run(0.5)
+        self.assertTrue(sim.path(a, b).startswith("relayed"))
+        self.assertLessEqual(sim.net.now - fell_back, FALLBACK_JUDGED_AFTER + CHECK_INTERVAL + 1)
+        self.assertTrue(ping_retry(sim, a, b))
 
     def test_router_reboot_with_a_new_address_recovers_without_restart(self) -> None:
         """A home router reboots (mappings gone, new public address): within the documented
@@ -351,6 +386,28 @@ class RelayTests(SynchronousTestCase):
         self.assertLess(delivered, 40)
         self.assertGreater(relay.rate_limited, 50)
         self.assertEqual(len(sim.net.queue), 0)
+
+    def test_a_lapsed_session_with_the_relay_is_renewed_at_once(self) -> None:
+        """Control messages do not rekey, so an idle member's session with its relay lapses
+        (REJECT_AFTER_TIME) until its next persistent keepalive, up to 25 s later. Relayed
+        traffic meeting a lapsed session renews it at once, on the sending member's side and
+        on the relay's side toward the target: the pair talks again a packet later, not after
+        the keepalives (a drop each side, nothing queued)."""
+        sim = MeshSim(seed=15)
+        a = sim.add_member(home(sim, 1, hard=True), "192.168.1.2")
+        b = sim.add_member(home(sim, 2, hard=True), "192.168.2.2")
+        sim.start()
+        sim.run(20)
+        self.assertTrue(sim.path(a, b).startswith("relayed"))
+        self.assertTrue(sim.ping(a, b))
+        intro = sim.introducer
+        for x, y in ((a, intro), (intro, b)):
+            keypair = x.node.device.peers[y.public_key].keypairs.current
+            assert keypair is not None
+            keypair.expire_for_sending()
+        self.assertEqual([sim.ping(a, b) for _ in range(3)], [False, False, True])
+        self.assertEqual(a.stack.relaying.renewed, 1)
+        self.assertEqual(intro.stack.relaying.renewed, 1)
 
 
 class ForwardingRateTests(SynchronousTestCase):
@@ -606,11 +663,12 @@ class PrimedPunchingTests(SynchronousTestCase):
         state = a.stack.paths.states[b.public_key]
         self.assertIsNotNone(state.quiet_until)
         assert state.quiet_until is not None
-        quiet_from = state.quiet_until - QUIET_FOR
-        self.assertFalse([t for t in primed if quiet_from < t < state.quiet_until - 0.5])
+        quiet_until = state.quiet_until  # a later quiet period moves it
+        quiet_from = quiet_until - QUIET_FOR
+        self.assertFalse([t for t in primed if quiet_from < t < quiet_until - 0.5])
         self.assertTrue(sim.path(a, b).startswith("relayed"))
         sim.run(QUIET_FOR + 5)
-        self.assertTrue([t for t in primed if t >= state.quiet_until - 0.5])
+        self.assertTrue([t for t in primed if t >= quiet_until - 0.5])
 
     def test_the_member_that_moved_is_left_alone_until_its_packets_expired(self) -> None:
         """A's router reboots with a new address. Until A found its path dead it kept sending

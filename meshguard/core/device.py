@@ -614,6 +614,20 @@ class Device:
             peer, peer.timers, RETRANSMIT_HANDSHAKE, now + C.REKEY_TIMEOUT + self._jitter()
         )
 
+    def handshake_underway(self, peer: Peer, since: float) -> bool:
+        """Whether a handshake with ``peer`` is under way or happened at or after ``since``:
+        ours in flight (its retransmit timer runs, so the device retries it), an initiation
+        from the peer consumed, or a handshake completed. The mesh layer's yielding side of a
+        pair that learned of each other at once (mesh/paths.py, ``HANDSHAKE_YIELD``) asks before
+        it initiates: an initiation of its own then would cross the peer's, each side's answer
+        would meet a replaced handshake state, and no session would form for REKEY_TIMEOUT."""
+        consumed = peer.last_initiation_consumed
+        return (
+            self.timers.pending(peer.timers, RETRANSMIT_HANDSHAKE)
+            or (consumed is not None and consumed >= since)
+            or peer.last_handshake_time >= since
+        )
+
     def _send_handshake_message(self, peer: Peer, message: bytes, now: float) -> None:
         if peer.path_kind is not PATH_UDP:
             self._send_by_path(peer, message, now)

@@ -78,6 +78,8 @@ class Relaying:
         self.dropped = 0
         self.sent_via_relay = 0
         self.received_via_relay = 0
+        #: Sessions with a relay (or, relaying, with a target) renewed because one lapsed.
+        self.renewed = 0
         #: Bytes forwarded per (from, to) pair, for status and tests.
         self.pairs: dict[tuple[bytes, bytes], int] = {}
         self.device.set_transport(PATH_MEMBER, self)
@@ -97,17 +99,27 @@ class Relaying:
         """The device's transport for peers on a member path: wrap ``datagram`` in a
         RELAY_FORWARD to the member ``peer.relay``."""
         relay = peer.relay
-        if (
-            relay is not None
-            and not relay.removed
-            and self.device.send_control(
-                relay, kinds.RELAY_FORWARD, peer.public_key + datagram, now
-            )
-        ):
+        if relay is None or relay.removed:
+            self.dropped += 1
+            return False
+        if self.device.send_control(relay, kinds.RELAY_FORWARD, peer.public_key + datagram, now):
             self.sent_via_relay += 1
             return True
         self.dropped += 1
+        self._renew(relay, now)
         return False
+
+    def _renew(self, peer: Peer, now: float) -> None:
+        """A session we forward through lapsed (control messages do not rekey: an idle
+        tunnel's lasts REJECT_AFTER_TIME): start a new one at once rather than drop what
+        follows until the peer's next persistent keepalive, up to 25 s later. A handshake
+        already under way is left to the device's retransmit timer."""
+        keypair = peer.keypairs.current
+        if not peer.is_meshguard or (keypair is not None and keypair.can_send(now)):
+            return
+        if not self.device.handshake_underway(peer, now):
+            self.device.send_initiation(peer, now, retry=False)
+            self.renewed += 1
 
     # ------------------------------------------------------------------ MeshFeature
 
@@ -151,6 +163,7 @@ class Relaying:
             self.pairs[pair] = self.pairs.get(pair, 0) + len(datagram)
         else:
             self.dropped += 1
+            self._renew(target, now)
 
     def session_started(self, peer: Peer, now: float) -> None:
         pass

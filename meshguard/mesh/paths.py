@@ -45,6 +45,10 @@ RETRY_INTERVAL = 30.0
 #: A direct path is pinged this often, and is dead after this long without a pong.
 CHECK_INTERVAL = 4.0
 DEAD_AFTER = 10.0
+#: A direct path the arbiter falls back to when the current one died (another endpoint
+#: proven lately) is dead at the first check more than this long after the fall-back without
+#: a pong (12 s with checks every 4 s).
+FALLBACK_JUDGED_AFTER = 2 * CHECK_INTERVAL
 #: The documented bound for a pair to be back on a direct path once the NATs allow it again:
 #: the punch schedule plus the introducer's change debounce, with margin.
 RECOVERY_BOUND = 30.0
@@ -87,6 +91,16 @@ PING_BACK_GAP = 1.0
 #: Starting no earlier than our own path check found the path dead, so with CHECK_INTERVAL
 #: for the member finding it up to one check later.
 MOVED_QUIET_FOR = QUIET_FOR + CHECK_INTERVAL
+
+#: When two members learn of each other at the same moment (both hear of the other from the
+#: introducers' lists at once), only the one with the smaller public key (bytes compared)
+#: initiates the handshake at once; the other waits this long and initiates only if no
+#: handshake came or completed meanwhile. Both initiating at once crosses the initiations:
+#: each side consumes the other's, which replaces its own handshake state, so each answer is
+#: rejected and no session forms until the retransmit timer (REKEY_TIMEOUT + jitter, 5-10 s).
+HANDSHAKE_YIELD = 1.0
+#: A birthday spray whose session lapsed looks again this often for a renewed one.
+SPRAY_PAUSE = 1.0
 
 LAN, DIRECT, RELAYED, NONE = "lan", "direct", "relayed", "none"
 _RANK = {LAN: 3, DIRECT: 2, RELAYED: 1, NONE: 0}
@@ -148,6 +162,8 @@ class PathState:
     birthday_toward: Endpoint | None = None
     spray: bd.Spray | None = None
     spray_at: float | None = None
+    #: An attempt waits for a session to carry its BIRTHDAY message (it lapsed).
+    birthday_pending: bool = False
     #: When we last pinged back a PATH_PING's source (see :data:`PING_BACK_GAP`).
     ping_back_at: float | None = None
     #: Its endpoint as an introducer saw it when it last sent us a CALL_ME_MAYBE: the freshest
@@ -165,6 +181,10 @@ class PathState:
     #: Public hosts a direct path to it was proven at (the last few): a candidate at one of
     #: them is where it was, not where it moved to (a stale list entry after a reboot).
     proven_hosts: list[str] = field(default_factory=list)
+    #: When we began to yield the first handshake to it (see :data:`HANDSHAKE_YIELD`), and
+    #: whether that yield is over; both are cleared once a session exists.
+    yield_from: float | None = None
+    yield_done: bool = False
 
     def public_endpoint(self) -> Endpoint | None:
         """Its public IPv4 endpoint, freshest first (for the birthday technique)."""
@@ -230,6 +250,10 @@ class Paths:
         self._cmm_last: dict[tuple[bytes, bytes], float] = {}
         self.dropped = 0
         self.control_sent = 0
+        #: First handshakes we left to the member with the smaller key, which started one.
+        self.yielded_handshakes = 0
+        #: Spray ticks skipped because no session could carry the pings (see ``_spray``).
+        self.spray_pauses = 0
         membership.listeners.append(self._member_changed)
 
     # ------------------------------------------------------------------ membership events
@@ -442,9 +466,13 @@ class Paths:
             return
         keypair = state.peer.keypairs.current
         if keypair is None or not keypair.can_send(now):
-            # The BIRTHDAY message needs a session: make one; the next quiet period tries.
-            self.device.send_initiation(state.peer, now, retry=False)
+            # The BIRTHDAY message needs a session: make one, and start as soon as it is there
+            # (``session_started``), not a whole punch cycle and quiet period later.
+            if not self.device.handshake_underway(state.peer, now):
+                self.device.send_initiation(state.peer, now, retry=False)
+            state.birthday_pending = True
             return
+        state.birthday_pending = False
         if state.birthday_toward is not None and state.birthday_toward != toward:
             io.release(state.birthday_toward)
         if not io.open(toward, bd.SOCKETS, bd.HOLD):
@@ -464,7 +492,9 @@ class Paths:
             state is None
             or host is None
             or state.kind in (LAN, DIRECT)
-            or state.spray is not None
+            # A spray that a lapsed session held up past SPRAY_GAP aims at sockets long closed:
+            # a new attempt's message replaces it.
+            or (state.spray is not None and now - state.spray.started < bd.SPRAY_GAP)
             or (state.spray_at is not None and now - state.spray_at < bd.SPRAY_GAP)
             or (state.moved_until is not None and now < state.moved_until)
         ):
@@ -485,6 +515,17 @@ class Paths:
         assert spray is not None
         if spray.done:
             state.spray = None  # the last answers had their time: a miss
+            return
+        if not self._session_usable(state, now):
+            # The session lapsed mid-spray (an idle relayed pair's lasts REJECT_AFTER_TIME):
+            # pings would go nowhere yet use up the ports. Pause, renew it, then go on.
+            again = self._yield_handshake(state, now)
+            if again is None:
+                if not self.device.handshake_underway(state.peer, now):
+                    self.device.send_initiation(state.peer, now, retry=False)
+                again = now + SPRAY_PAUSE
+            spray.next_at = again
+            self.spray_pauses += 1
             return
         for port in spray.due(now):
             if self.device.send_control_to(
@@ -675,6 +716,8 @@ class Paths:
     def session_started(self, peer: Peer, now: float) -> None:
         state = self.states.get(peer.public_key)
         if state is not None and state.kind in (NONE, RELAYED):
+            if state.birthday_pending:
+                self._birthday_start(state, now)
             self._restart_punching(state, now)
 
     def next_deadline(self) -> float | None:
@@ -696,10 +739,43 @@ class Paths:
                 if state.peer.keypairs.current is None:
                     # No session yet: make one through the relay (or the best guess), then punch.
                     self._ensure_route(state, now)
-                    self.device.send_initiation(state.peer, now, retry=False)
-                    state.next_punch = now + 1.0
+                    again = self._yield_handshake(state, now)
+                    if again is None:
+                        self.device.send_initiation(state.peer, now, retry=False)
+                        again = now + 1.0
+                    state.next_punch = again
                 else:
+                    self._session_usable(state, now)
                     self._punch(state, now)
+
+    def _session_usable(self, state: PathState, now: float) -> bool:
+        """Whether a session can carry our messages to the member (a usable one ends any
+        yield of ours: the next time none is, a new one begins)."""
+        keypair = state.peer.keypairs.current
+        if keypair is None or not keypair.can_send(now):
+            return False
+        state.yield_from = None
+        state.yield_done = False
+        return True
+
+    def _yield_handshake(self, state: PathState, now: float) -> float | None:
+        """When to look again, or None to initiate now, for a member we have no session with:
+        the member with the smaller key initiates at once, we wait :data:`HANDSHAKE_YIELD`
+        first and then start one only if none came meanwhile (a handshake under way is the
+        device's own timers' to retry)."""
+        own = self.device.public_key
+        if state.yield_done or own is None or own < state.peer.public_key:
+            return None
+        if state.yield_from is None:
+            state.yield_from = now
+        until = state.yield_from + HANDSHAKE_YIELD
+        if now < until:
+            return until
+        state.yield_done = True
+        if self.device.handshake_underway(state.peer, state.yield_from):
+            self.yielded_handshakes += 1
+            return now + 1.0
+        return None
 
     def _ensure_route(self, state: PathState, now: float) -> None:
         peer = state.peer
@@ -761,6 +837,17 @@ class Paths:
             self.arbiter.failed(
                 state.peer, dead, now, f"pings to {_text(dead)} unanswered for {DEAD_AFTER:g} s"
             )
+            if state.kind in (LAN, DIRECT) and state.direct not in (None, dead):
+                # The arbiter fell back to another endpoint proven moments ago (``_moved`` set
+                # it): check it as any direct path, dead at the first check more than
+                # FALLBACK_JUDGED_AFTER from now without a pong. Left unchecked, with no
+                # punching toward a direct member, a dead one would carry the pair for good (a
+                # router rebooted: every endpoint at its old address is dead, however lately
+                # proven).
+                state.last_pong = max(state.last_pong, now - DEAD_AFTER + FALLBACK_JUDGED_AFTER)
+                self._ping(state, state.direct, now)
+                state.next_check = now + CHECK_INTERVAL
+                return
             state.direct = None
             self._restart_punching(state, now)
             return
@@ -799,11 +886,12 @@ class Paths:
             "peer_primed_at": state.peer_primed,
             "punch_quiet_until": state.quiet_until,
         }
-        if state.birthday_attempts or state.spray_at is not None:
+        if state.birthday_attempts or state.spray_at is not None or state.birthday_pending:
             status["birthday"] = {
                 "attempts": state.birthday_attempts,
                 "toward": _text(state.birthday_toward) if state.birthday_toward else None,
                 "spraying": state.spray is not None,
+                "waiting_for_session": state.birthday_pending,
             }
         if state.kind == RELAYED and peer.relay is not None:
             status["path"] = f"relayed via {key_text(peer.relay.public_key)}"
