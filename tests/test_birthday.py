@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from meshguard.core.interfaces import Endpoint
 from meshguard.mesh import birthday as bd
 from meshguard.mesh import kinds
+from meshguard.mesh.paths import PathState
 from meshguard.testing.memory import MemoryNAT
 from tests.meshsim import MeshSim, SimMember
 
@@ -116,16 +117,21 @@ class PathsTests(SynchronousTestCase):
         self.assertEqual(status["birthday"]["attempts"], bd.MAX_ATTEMPTS)
         self.assertFalse(status["birthday"]["spraying"])
 
+    def _run_until_spraying(self) -> PathState:
+        """Start the pair and run until a's spray toward b has sent its first pings."""
+        self.sim.start()
+        state = self.a.stack.paths.states.get(self.b.public_key)
+        while state is None or state.spray is None or state.spray.sent == 0:
+            self.sim.run(0.05)
+            state = self.a.stack.paths.states.get(self.b.public_key)
+        return state
+
     def test_a_lapsed_session_mid_spray_pauses_the_spray_and_it_resumes(self) -> None:
         """An idle relayed pair's session lapses (REJECT_AFTER_TIME) during a spray: the spray
         sends nothing while no session carries its pings, a new session is made at once, and
         the spray then sends the rest: all PROBES pings, none used up by the lapse."""
         sim, a, b = self.sim, self.a, self.b
-        sim.start()
-        state = a.stack.paths.states.get(b.public_key)
-        while state is None or state.spray is None or state.spray.sent == 0:
-            sim.run(0.05)
-            state = a.stack.paths.states.get(b.public_key)
+        state = self._run_until_spraying()
         spray = state.spray
         peer = a.node.device.peers[b.public_key]
         keypair = peer.keypairs.current
@@ -174,11 +180,7 @@ class PathsTests(SynchronousTestCase):
         held up for SPRAY_GAP aims at sockets the other side closed long ago, and the member's
         next attempt replaces it with a fresh spray."""
         sim, a, b = self.sim, self.a, self.b
-        sim.start()
-        state = a.stack.paths.states.get(b.public_key)
-        while state is None or state.spray is None or state.spray.sent == 0:
-            sim.run(0.05)
-            state = a.stack.paths.states.get(b.public_key)
+        state = self._run_until_spraying()
         old = state.spray
         peer = a.node.device.peers[b.public_key]
         dropped = a.stack.paths.dropped

@@ -884,6 +884,19 @@ class OffloadLoopbackTests(SynchronousTestCase):
         self.assertEqual(self.transport.gro_reads, 1)
 
 
+def _memory_node(name: str) -> tuple[Any, Any, Any]:
+    """A ``task.Clock``, an in-memory I/O system, and a plugin-less node on both."""
+    from twisted.internet.task import Clock
+    from twisted.pair.testing import MemoryIOSystem, Tunnel
+
+    from meshguard.app.node import Node
+
+    system = MemoryIOSystem()
+    system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
+    clock = Clock()
+    return clock, system, Node(name, clock, tun_system=system, plugins=False)
+
+
 class NodeBatchTests(SynchronousTestCase):
     """The node holds UDP sends for the length of one TUN read batch."""
 
@@ -893,15 +906,7 @@ class NodeBatchTests(SynchronousTestCase):
         After an idle gap the first leaves at once and alone (a lone packet must not wait for
         the read that ends its batch), the rest as the next batch, in one GSO send; a send
         from a timer afterwards is not held."""
-        from twisted.internet.task import Clock
-        from twisted.pair.testing import MemoryIOSystem, Tunnel
-
-        from meshguard.app.node import Node
-
-        system = MemoryIOSystem()
-        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
-        clock = Clock()
-        node = Node("mgb0", clock, tun_system=system, plugins=False)
+        clock, system, node = _memory_node("mgb0")
         log: list[tuple[str, Any, list[bytes], Any]] = []
         node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
         self.addCleanup(node.udp.close)
@@ -937,15 +942,7 @@ class NodeBatchTests(SynchronousTestCase):
         UDP batch is busy even when the TUN device itself read nothing for long (under a bulk
         transfer the receiver's acknowledgements must leave in one GSO send, not one by
         one)."""
-        from twisted.internet.task import Clock
-        from twisted.pair.testing import MemoryIOSystem, Tunnel
-
-        from meshguard.app.node import Node
-
-        system = MemoryIOSystem()
-        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
-        clock = Clock()
-        node = Node("mgb1", clock, tun_system=system, plugins=False)
+        clock, system, node = _memory_node("mgb1")
         self.assertIs(node.tun.idle, node.udp.idle)
         log: list[tuple[str, Any, list[bytes], Any]] = []
         node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
@@ -967,15 +964,7 @@ class NodeBatchTests(SynchronousTestCase):
         code): its reply reaching the UDP port soon after that batch ended, but a
         ``reply_gap`` after it began, is handled alone too (its TUN write not held, no read
         that finds the socket empty); what is queued behind the reply is a busy batch."""
-        from twisted.internet.task import Clock
-        from twisted.pair.testing import MemoryIOSystem, Tunnel
-
-        from meshguard.app.node import Node
-
-        system = MemoryIOSystem()
-        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
-        clock = Clock()
-        node = Node("mgb2", clock, tun_system=system, plugins=False)
+        clock, system, node = _memory_node("mgb2")
         log: list[tuple[str, Any, list[bytes], Any]] = []
         node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
         self.addCleanup(node.udp.close)
@@ -1010,15 +999,7 @@ class NodeBatchTests(SynchronousTestCase):
         """After a lone UDP batch whose TUN write provoked a reply (the kernel queued an echo
         reply inside the write), the reply is read and sealed before the node's batch-end
         bookkeeping (held sends, timers), which follows it."""
-        from twisted.internet.task import Clock
-        from twisted.pair.testing import MemoryIOSystem, Tunnel
-
-        from meshguard.app.node import Node
-
-        system = MemoryIOSystem()
-        system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
-        clock = Clock()
-        node = Node("mgb3", clock, tun_system=system, plugins=False)
+        clock, system, node = _memory_node("mgb3")
         node.tun.open()
         self.addCleanup(node.tun.close)
         node.tun._reading = True  # registered with a reactor (a Clock has no addReader)
