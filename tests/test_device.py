@@ -147,6 +147,43 @@ class HandshakeAndDataTests(SynchronousTestCase):
         self.assertEqual((len(data) - 32) % 16, 0)
         self.assertEqual(pair.b.written[-1], packet)
 
+    def test_lone_send_inline_matches_send_data(self) -> None:
+        """``packet_from_tun`` seals a packet of a ready session inline (one frame, for the
+        cold lone packet); two identical pairs, one through it and one through ``send_data``,
+        put the same bytes on the wire and leave the same counters and timers, with a
+        persistent keepalive and without, for sizes around the padding and the MTU."""
+        inline, general = Pair(seed=7), Pair(seed=7)
+        for pair in (inline, general):
+            pair.a_to_b()
+            pair.b_to_a()
+            pair.a.sent.clear()
+        general_calls: list[object] = []
+        device = inline.a.device
+        send_data = device.send_data
+        device.send_data = lambda *args: (general_calls.append(args), send_data(*args))  # type: ignore[method-assign]
+        sizes = [0, 1, 15, 16, 17, 64, inline.a.device.mtu - 29, inline.a.device.mtu - 20]
+        for keepalive in (0, 25):
+            for pair in (inline, general):
+                pair.a.device.set_persistent_keepalive(pair.peer_of_a, keepalive, pair.net.now)
+                pair.peer_of_a.timers.deadlines[NEW_HANDSHAKE] = None
+            for size in sizes:
+                packet = ipv4("10.0.0.1", "10.0.0.2", bytes(size))
+                now = inline.net.now
+                inline.a.device.packet_from_tun(packet, now)
+                general.a.device.send_data(general.peer_of_a, packet, now)
+                for pair in (inline, general):
+                    pair.net.advance(0.5)
+                self.assertEqual(inline.a.sent, general.a.sent)
+                self.assertEqual(inline.b.written, general.b.written)
+                ours, theirs = inline.peer_of_a, general.peer_of_a
+                self.assertEqual(ours.timers.deadlines, theirs.timers.deadlines)
+                self.assertEqual(
+                    (ours.tx_bytes, ours.data_packets), (theirs.tx_bytes, theirs.data_packets)
+                )
+        self.assertGreaterEqual(len(inline.a.sent), 2 * len(sizes))
+        self.assertEqual(inline.b.written[-1][20:], bytes(sizes[-1]))
+        self.assertEqual(general_calls, [])
+
     def test_no_route_is_dropped(self) -> None:
         pair = Pair()
         pair.net.send(pair.a, ipv4("10.0.0.1", "10.9.9.9"))

@@ -32,6 +32,19 @@ class IndexTableTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.table: IndexTable[str] = IndexTable()
 
+    def test_getterFollowsTheTable(self) -> None:
+        """The getter taken before any allocation sees what ``get`` sees, through
+        allocation, rebinding and release."""
+        table: IndexTable[str] = IndexTable()
+        get = table.getter()
+        index = table.allocate("handshake", scripted(7))
+        self.assertEqual((get(index), get(8)), ("handshake", None))
+        table.replace(index, "keypair")
+        self.assertEqual(get(index), table.get(index))
+        self.assertEqual(get(index), "keypair")
+        table.free(index)
+        self.assertIsNone(get(index))
+
     def test_allocateUsesRandomSource(self) -> None:
         """The index is the little-endian u32 the random source gave."""
         index = self.table.allocate("handshake", scripted(0xDEADBEEF))

@@ -386,6 +386,28 @@ class VnetReadTests(SynchronousTestCase):
         self.tun.doRead()
         self.assertEqual(self.events, ["start", packets[1], packets[2], "end"])
 
+    def test_lone_packet_end_hook_that_raises(self) -> None:
+        """The lone path runs the end hook itself (no ``_hook`` call): a hook that raises is
+        counted and logged like a receiver's bug, never raised, and the batch still ends (a
+        read at once after it is a busy batch)."""
+        packet = bytes([0x45, 1]) * 20
+
+        def end() -> None:
+            self.events.append("end")
+            raise ZeroDivisionError("end hook")
+
+        self.tun.on_batch_end = end
+        self.clock.advance(self.tun.idle.gap)
+        self.queue(packet)
+        self.tun.doRead()
+        self.assertEqual(self.events, [packet, "end"])
+        self.assertEqual(self.tun.receiver_errors, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.events.clear()
+        self.tun.doRead()
+        self.assertEqual(self.events, ["start", "end"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_busy_batch_stays_whole(self) -> None:
         """A batch that starts less than ``IdleGap.gap`` after the previous busy one ended
         runs ``on_batch_start`` before its first packet, so every packet of it is held (one

@@ -728,6 +728,36 @@ class GRODeliveryTests(SynchronousTestCase):
             self.hook_order((b"one", [], 0, V4_PEER)), ["start", b"one", b"two", "end"]
         )
 
+    def test_end_hook_that_raises_after_a_lone_datagram(self) -> None:
+        """The read loop runs the end hook itself (no ``_hook`` call): a hook that raises is
+        counted and logged like a receiver's bug, never raised, and the batch still ends (a
+        read at once after it is a busy batch)."""
+        events: list[object] = []
+        queue: list[Any] = [(b"one", [], 0, V4_PEER)]
+        clock = Clock()
+
+        def end() -> None:
+            events.append("end")
+            raise ZeroDivisionError("end hook")
+
+        transport = UDPTransport(
+            lambda data, source: events.append(data),
+            FakeReactor(),
+            0,
+            on_batch_start=lambda: events.append("start"),
+            on_batch_end=end,
+            idle=IdleGap(clock.seconds),
+        )
+        clock.advance(transport.idle.gap)
+        reader = udp._Reader(transport, QueueSocket(queue), False)  # type: ignore[arg-type]
+        reader.doRead()
+        self.assertEqual(events, [b"one", "end"])
+        self.assertEqual(transport.receiver_errors, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        reader.doRead()
+        self.assertEqual(events, [b"one", "end", "start", "end"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
     def test_busy_batch_stays_whole(self) -> None:
         """A read batch that starts less than ``IdleGap.gap`` after the previous one ended (on
         either socket) runs the start hook before its first datagram, so its TUN writes are

@@ -79,6 +79,9 @@ _INITIATION_TYPE = b"\x01\x00\x00\x00"
 _RESPONSE_TYPE = b"\x02\x00\x00\x00"
 _COOKIE_TYPE = b"\x03\x00\x00\x00"
 _ZEROS = bytes(16)
+#: A transport nonce is four zero bytes and the little-endian counter, which is the message's
+#: counter field as it came (``TRANSPORT_NONCE``).
+_NONCE_PREFIX = bytes(4)
 #: A padding limit no packet reaches: probes are padded to 16 whatever the MTU (their size is
 #: the point), as stock WireGuard pads.
 _NO_LIMIT = 1 << 20
@@ -165,6 +168,8 @@ class Device:
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self.indices: IndexTable[Peer | Keypair] = IndexTable()
+        #: ``indices.get`` without its Python frame, for each transport message.
+        self._index_get = self.indices.getter()
         self.timers: TimerQueue[Peer] = TimerQueue()
         self.counters = DropCounters()
         self.rate_limiter = RateLimiter()
@@ -402,7 +407,46 @@ class Device:
         mss_mtu = peer.mss_mtu
         if mss_mtu:
             packet = clamp_if_syn(packet, mss_mtu)
-        self.send_data(peer, packet, now)
+        keypair = peer.keypairs.current
+        endpoint = peer.endpoint
+        if (
+            keypair is None
+            or endpoint is None
+            or peer.path_kind is not PATH_UDP
+            or keypair.send_counter >= C.REKEY_AFTER_MESSAGES
+            or now - keypair.created
+            >= (C.REKEY_AFTER_TIME if keypair.is_initiator else C.REJECT_AFTER_TIME)
+        ):
+            self.send_data(peer, packet, now)
+            return
+        # The common case inline: ``send_data``, ``_seal``, ``_transmit`` and ``_data_sent``
+        # for one packet of a direct session that needs no rekey, in one frame. After an idle
+        # moment every Python call costs several microseconds of cold interpreter
+        # (docs/datapath.md, "Latency"); the result is the same bytes and timers
+        # (tests/test_device.py checks both paths side by side).
+        size = len(packet)
+        limit = self.mtu
+        if size & 15 and size < limit:
+            packet += _ZEROS[: min(-size & 15, limit - size)]
+        counter = keypair.send_counter
+        nonce = TRANSPORT_NONCE(counter)
+        message = keypair.header + nonce[4:] + keypair.sender.encryptor()(nonce, packet, None)
+        keypair.send_counter = counter + 1
+        self.io.send_datagram(message, endpoint)
+        peer.tx_bytes += len(message)
+        timers = peer.timers
+        deadlines = timers.deadlines
+        deadlines[SEND_KEEPALIVE] = None
+        if peer.persistent_keepalive:
+            self.timers.arm(peer, timers, PERSISTENT_KEEPALIVE, now + peer.persistent_keepalive)
+        peer.data_packets += 1
+        if deadlines[NEW_HANDSHAKE] is None:
+            self.timers.arm(
+                peer,
+                timers,
+                NEW_HANDSHAKE,
+                now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
+            )
 
     def packets_from_tun(self, packets: list[bytes], now: float) -> None:
         """The segments of one TUN super-packet: route, check and arm timers once, then seal
@@ -716,17 +760,25 @@ class Device:
     def _receive_transport(
         self, data: bytes, source: Endpoint, now: float, via: Peer | Carrier | None = None
     ) -> None:
-        keypair = self.indices.get(int.from_bytes(data[4:8], "little"))
-        if keypair.__class__ is not Keypair:
+        keypair = self._index_get(int.from_bytes(data[4:8], "little"))
+        # ``type() is`` narrows for mypy without a run-time ``assert isinstance``.
+        if type(keypair) is not Keypair:
             self.counters.unknown_index += 1
             return
-        assert isinstance(keypair, Keypair)
         if now - keypair.created >= C.REJECT_AFTER_TIME:
             self.counters.expired_keypair += 1
             return
         counter = int.from_bytes(data[8:16], "little")
-        plaintext = keypair.receiver.open(counter, data[16:])
-        if plaintext is None:
+        # The bound AEAD call and the header's own counter bytes as the nonce: one Python
+        # call fewer than ``TransportCipher.open`` (several microseconds cold, after an idle
+        # moment; docs/datapath.md, "Latency").
+        decrypt = keypair.receiver.decryptor()
+        if decrypt is None:
+            self.counters.decrypt_failed += 1
+            return
+        try:
+            plaintext = decrypt(_NONCE_PREFIX + data[8:16], data[16:], None)
+        except InvalidTag:
             self.counters.decrypt_failed += 1
             return
         if not keypair.replay.check(counter):
@@ -734,10 +786,18 @@ class Device:
             return
         peer = keypair.peer
         # Authenticated: roaming, counters, key confirmation, timers.
-        self._arrived(peer, source, via, now)
         if via is None:
+            # ``_arrived``'s direct case, inline for the same reason.
+            peer.arrived_from = source
+            if source != peer.endpoint:
+                self._roam(peer, source, now)
+            for listener in self._source_listeners:
+                listener(peer, source, now)
+            peer.arrived_via = None
             # transport_batch_received may open the rest of its batch under this keypair.
             self._last_opened = keypair
+        else:
+            self._arrived(peer, source, via, now)
         peer.rx_bytes += len(data)
         if keypair is peer.keypairs.next:
             for dropped in peer.keypairs.promote_next(keypair):
