@@ -642,6 +642,19 @@ def coalesce(
     return writes
 
 
+def _super_ip_header(head: bytearray, iphl: int, l4len: int, v4: bool) -> int:
+    """Set the IP header of a super-packet of ``l4len`` transport bytes (IPv4: total length
+    and header checksum; IPv6: payload length) and return its pseudo-header address sum, the
+    part of the transport checksum field that ``NEEDS_CSUM`` leaves to the kernel."""
+    if v4:
+        _pack16(head, 2, iphl + l4len)
+        head[10:12] = b"\0\0"
+        _pack16(head, 10, 0xFFFF - _from(head[:iphl], "big") % 0xFFFF)
+        return _sum(head[12:20])
+    _pack16(head, 4, l4len)
+    return _sum(head[8:40])
+
+
 def _finish(run: _Run) -> None:
     """Turn a run's first buffers into the virtio-net header and the super-packet's headers."""
     bufs = run.bufs
@@ -651,16 +664,8 @@ def _finish(run: _Run) -> None:
     if run.last_flags & _PSH:
         head[iphl + 13] |= _PSH
     l4len = hl - iphl + run.length
-    if run.v4:
-        _pack16(head, 2, hl + run.length)
-        head[10:12] = b"\0\0"
-        _pack16(head, 10, 0xFFFF - _from(head[:iphl], "big") % 0xFFFF)
-        pseudo = _sum(head[12:20])
-        gso_type = GSO_TCPV4
-    else:
-        _pack16(head, 4, l4len)
-        pseudo = _sum(head[8:40])
-        gso_type = GSO_TCPV6
+    pseudo = _super_ip_header(head, iphl, l4len, run.v4)
+    gso_type = GSO_TCPV4 if run.v4 else GSO_TCPV6
     _pack16(head, iphl + 16, _fold(pseudo + _TCP + l4len))
     bufs[0] = VNET_HDR.pack(NEEDS_CSUM, gso_type, hl, run.gso, iphl, 16)
     bufs[1] = bytes(head)
@@ -677,14 +682,7 @@ def _finish_udp(run: _UdpRun) -> None:
     head = bytearray(bufs[1][:hl])
     bufs.extend(memoryview(packet)[hl:] for packet in run.packets)
     l4len = 8 + run.length
-    if run.v4:
-        _pack16(head, 2, hl + run.length)
-        head[10:12] = b"\0\0"
-        _pack16(head, 10, 0xFFFF - _from(head[:iphl], "big") % 0xFFFF)
-        pseudo = _sum(head[12:20])
-    else:
-        _pack16(head, 4, l4len)
-        pseudo = _sum(head[8:40])
+    pseudo = _super_ip_header(head, iphl, l4len, run.v4)
     _pack16(head, iphl + 4, l4len)
     _pack16(head, iphl + 6, _fold(pseudo + _UDP + l4len))
     bufs[0] = VNET_HDR.pack(NEEDS_CSUM, GSO_UDP_L4, hl, run.gso, iphl, 6)
