@@ -672,6 +672,16 @@ class Device:
             or peer.last_handshake_time >= since
         )
 
+    def renew_session(self, peer: Peer, now: float) -> bool:
+        """Start a handshake with ``peer`` unless one is under way (see
+        :meth:`handshake_underway`): what the mesh layer does when a session it relies on
+        lapsed, leaving a handshake in flight to the device's retransmit timer instead of
+        restarting it (and its attempt count). True when an initiation was sent."""
+        if self.handshake_underway(peer, now):
+            return False
+        self.send_initiation(peer, now, retry=False)
+        return True
+
     def _send_handshake_message(self, peer: Peer, message: bytes, now: float) -> None:
         if peer.path_kind is not PATH_UDP:
             self._send_by_path(peer, message, now)

@@ -117,8 +117,7 @@ class Relaying:
         keypair = peer.keypairs.current
         if not peer.is_meshguard or (keypair is not None and keypair.can_send(now)):
             return
-        if not self.device.handshake_underway(peer, now):
-            self.device.send_initiation(peer, now, retry=False)
+        if self.device.renew_session(peer, now):
             self.renewed += 1
 
     # ------------------------------------------------------------------ MeshFeature

@@ -468,8 +468,7 @@ class Paths:
         if keypair is None or not keypair.can_send(now):
             # The BIRTHDAY message needs a session: make one, and start as soon as it is there
             # (``session_started``), not a whole punch cycle and quiet period later.
-            if not self.device.handshake_underway(state.peer, now):
-                self.device.send_initiation(state.peer, now, retry=False)
+            self.device.renew_session(state.peer, now)
             state.birthday_pending = True
             return
         state.birthday_pending = False
@@ -521,8 +520,7 @@ class Paths:
             # pings would go nowhere yet use up the ports. Pause, renew it, then go on.
             again = self._yield_handshake(state, now)
             if again is None:
-                if not self.device.handshake_underway(state.peer, now):
-                    self.device.send_initiation(state.peer, now, retry=False)
+                self.device.renew_session(state.peer, now)
                 again = now + SPRAY_PAUSE
             spray.next_at = again
             self.spray_pauses += 1
