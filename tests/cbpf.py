@@ -1,7 +1,8 @@
 """A classic BPF interpreter, enough to run meshguard's socket filters over generated packets.
 
 It models what a UDP socket filter sees: the datagram from its UDP header on (``packet``), the
-IP header reachable through ``SKF_NET_OFF`` (``network``) and ``SKF_AD_RANDOM`` (``random``).
+IP header reachable through ``SKF_NET_OFF`` (``network``) and ``SKF_AD_RANDOM`` (``random``);
+``SKF_AD_PROTOCOL`` (``protocol``, the EtherType) serves packet-socket filters.
 Loads outside the packet end the program with 0 (drop), as the kernel does.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 from meshguard.adapters.socket_filter import Instruction
 
 SKF_AD_OFF = -0x1000
+SKF_AD_PROTOCOL = 0
 SKF_AD_RANDOM = 56
 SKF_NET_OFF = -0x100000
 _MASK = 0xFFFFFFFF
@@ -27,6 +29,7 @@ def run(
     *,
     network: bytes = b"",
     random: Callable[[], int] = lambda: 0,
+    protocol: int = 0,
 ) -> int:
     """The program's return value for ``packet`` (0: dropped)."""
     a = x = 0
@@ -51,6 +54,8 @@ def run(
                 width = {0x00: 4, 0x08: 2, 0x10: 1}[size]
                 if offset == SKF_AD_OFF + SKF_AD_RANDOM:
                     value = random() & _MASK
+                elif offset == SKF_AD_OFF + SKF_AD_PROTOCOL:
+                    value = protocol
                 elif offset <= SKF_NET_OFF + 0xFFFF and offset >= SKF_NET_OFF:
                     start = offset - SKF_NET_OFF
                     if start + width > len(network):
