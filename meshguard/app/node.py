@@ -153,26 +153,28 @@ class Node:
         #: When the node last read a batch, on the TUN device or the UDP port: a lone packet
         #: after an idle moment goes at once, batches under load stay whole.
         self.idle = IdleGap(reactor.seconds)
+        # The read paths hand packets straight to the engine with their batch's time
+        # (``IdleGap.now``): no call or clock read of the node's own in between.
         self.tun = TunDevice(
             interface,
-            self._packet_from_tun,
+            self.device.packet_from_tun,
             reactor,
             system=tun_system,
             on_gone=self._tun_gone,
             on_batch_end=self._batch_end,
             on_batch_start=self._tun_batch_start,
             offload=tun_system is None,
-            batch_receiver=self._packets_from_tun,
+            batch_receiver=self.device.packets_from_tun,
             idle=self.idle,
         )
         self.udp = UDPTransport(
-            self._datagram_received,
+            self.device.datagram_received,
             reactor,
             listen_port,
             on_batch_end=self._udp_batch_end,
             wireguard_filter=True,
             on_batch_start=self.tun.hold,
-            batch_receiver=self._datagrams_received,
+            batch_receiver=self.device.transport_batch_received,
             idle=self.idle,
         )
         #: The source of the latest authenticated datagram (the birthday sockets ask).
@@ -331,7 +333,7 @@ class Node:
         if not self.running:
             return False
         self._authenticated = None
-        self._datagram_received(data, source)
+        self.device.datagram_received(data, source, self._seconds())
         self._batch_end()
         return self._authenticated == source
 
@@ -379,18 +381,6 @@ class Node:
             self.on_gone()
 
     # ------------------------------------------------------------------ data path
-
-    def _packet_from_tun(self, packet: bytes) -> None:
-        self.device.packet_from_tun(packet, self._seconds())
-
-    def _packets_from_tun(self, packets: list[bytes]) -> None:
-        self.device.packets_from_tun(packets, self._seconds())
-
-    def _datagrams_received(self, datagrams: list[bytes], source: Endpoint) -> None:
-        self.device.transport_batch_received(datagrams, source, self._seconds())
-
-    def _datagram_received(self, data: bytes, source: Endpoint) -> None:
-        self.device.datagram_received(data, source, self._seconds())
 
     def _tun_batch_start(self) -> None:
         """Hold the datagrams one TUN batch seals, so each peer's leave in few GSO sends."""
