@@ -347,6 +347,8 @@ class FakeSocket:
         self.fd = fd
         self.gso_supported = True
         self.gso_error: int | None = None
+        #: Every plain ``sendto`` fails with this errno when set.
+        self.send_error: int | None = None
         self.options: dict[tuple[int, int], int] = {}
 
     def fileno(self) -> int:
@@ -363,6 +365,8 @@ class FakeSocket:
         self.options[(level, option)] = value
 
     def sendto(self, data: bytes, address: Any) -> int:
+        if self.send_error is not None:
+            raise OSError(self.send_error, os.strerror(self.send_error))
         self.log.append(("sendto", address, [data], None))
         return len(data)
 
@@ -487,6 +491,28 @@ class GSOSendTests(SynchronousTestCase):
             sorted(self.sent()),
             [("gso", V4_PEER, [b"4" * 30] * 3), ("gso", V6_PEER, [b"6" * 30] * 3)],
         )
+
+    def test_unheld_send_is_send_now(self) -> None:
+        """``send`` carries ``_send_now``'s body inline (one call on a lone packet's way):
+        side by side, both send the same way to a plain, a sticky-source and an IPv6
+        endpoint, and count the same errors."""
+        control = (socket.IPPROTO_IP, udp.IP_PKTINFO, b"\0" * 12)
+        results = []
+        for inline in (True, False):
+            self.log.clear()
+            self.transport = self.install()
+            self.transport._sources[("192.0.2.7", 5)] = (b"\0" * 12, [control])
+            send = self.transport.send if inline else self.transport._send_now
+            for endpoint in (V4_PEER, ("192.0.2.7", 5), V6_PEER):
+                send(b"x" * 20, endpoint)
+            for error in (errno.ENOBUFS, errno.EPERM):
+                self.sock4.send_error = error
+                send(b"y", V4_PEER)
+            self.sock4.send_error = None
+            results.append((list(self.log), self.transport.send_drops, self.transport.send_errors))
+        self.assertEqual(results[0], results[1])
+        self.assertEqual([kind for kind, *_rest in results[0][0]], ["sendto", "sendmsg", "sendto"])
+        self.assertEqual(results[0][1:], (1, 1))
 
     def test_sticky_source_combined_with_gso(self) -> None:
         """A run toward a peer answered from a non-default address carries both the packet

@@ -690,7 +690,22 @@ class UDPTransport:
             ) and endpoint not in self._gso_refused:
                 runs[endpoint] = _Run(data)
                 return
-        self._send_now(data, endpoint)
+        # ``_send_now`` inline: a lone packet's send is one call (cold code after an idle
+        # moment costs several microseconds a call, docs/datapath.md, "Latency").
+        try:
+            if ":" in endpoint[0]:
+                self._send6(data, endpoint)
+                return
+            entry = self._sources.get(endpoint)
+            if entry is None or entry[1] is None:
+                self._sendto4(data, endpoint)
+            else:
+                self._send_sticky(data, endpoint, endpoint, entry, False)
+        except OSError as e:
+            if e.errno in _SEND_DROP_ERRNOS:
+                self.send_drops += 1
+            else:
+                self.send_errors += 1
 
     def send_datagrams(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
         """Send several datagrams to one endpoint, in order (the sealed segments of one TUN
@@ -742,6 +757,7 @@ class UDPTransport:
             self._flush_run(endpoint, run)
 
     def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
+        """Send one datagram at once (``send`` holds this inline: keep the two alike)."""
         try:
             if ":" in endpoint[0]:
                 self._send6(data, endpoint)
