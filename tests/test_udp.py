@@ -671,7 +671,7 @@ class GSOSendTests(SynchronousTestCase):
 
 
 class LoneReadTests(SynchronousTestCase):
-    """The lone batch's own read (``_Reader._read_lone``): what it hands on, with which time,
+    """The lone batch's own read (in ``_Reader.doRead``): what it hands on, with which time,
     and everything unusual handed to the batch loop as before."""
 
     def run_reads(

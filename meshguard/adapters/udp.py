@@ -239,27 +239,21 @@ class _Reader:
         """Drain up to ``batch_packets`` reads, learning each one's local address and cutting
         GRO buffers back into datagrams (all from the same source to the same address).
 
-        After an idle gap a first plain datagram is handled alone (:meth:`_read_lone`),
-        before the batch hook (the node holds TUN writes for coalescing), and ends the batch:
-        a lone datagram is written out at once, without a read that finds the queue empty; the
-        reactor reports what else is queued as the next, busy, batch. A busy batch (or a GRO
-        buffer read first) runs the hook first and stays whole.
-        """
-        if self.transport.idle.batch_begins(self):
-            self._read_lone()
-        else:
-            self._read_batch(False, None)
-
-    def _read_lone(self) -> None:
-        """A lone batch: one ``recvmsg``, and a plain datagram with at most its packet info
-        goes straight to the receiver, then the batch ends.
-
-        After an idle moment every step costs several microseconds of cold interpreter
-        (docs/datapath.md, "Latency"), so the lone datagram skips the batch loop's set-up.
-        Anything else (a GRO buffer, other control messages, an interrupted read) goes to
-        :meth:`_read_batch` (already read, if it was), which handles it as before.
+        After an idle gap a lone batch reads here: one ``recvmsg``, and a plain datagram with
+        at most its packet info goes straight to the receiver, alone, before the batch hook
+        (the node holds TUN writes for coalescing), and ends the batch: a lone datagram is
+        written out at once, without a read that finds the queue empty; the reactor reports
+        what else is queued as the next, busy, batch. After an idle moment every step costs
+        several microseconds of cold interpreter (docs/datapath.md, "Latency"), so this path
+        has no call or set-up it can do without. Anything else (a GRO buffer, other control
+        messages, an interrupted read) goes to :meth:`_read_batch` (already read, if it was),
+        as does a busy batch, which runs the hook first and stays whole.
         """
         t = self.transport
+        idle = t.idle
+        if not idle.batch_begins(self):
+            self._read_batch(False, None)
+            return
         try:
             first = self.sock.recvmsg(t.max_datagram, _ANC_SIZE)
         except BlockingIOError:
@@ -287,7 +281,6 @@ class _Reader:
             if entry is None or entry[0] != info:
                 # New or changed: remembered only if the datagram authenticates.
                 t._pending_source = (addr, info)
-        idle = t.idle
         try:
             t.receiver(data, addr, idle.now)
         except Exception:
