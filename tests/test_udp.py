@@ -1220,3 +1220,44 @@ class SendDatagramsTests(SynchronousTestCase):
         self, before: list[int], count: int, size: int, last: int, held: bool
     ) -> None:
         self.run_both(before, [size] * (count - 1) + [min(last, size)], held)
+
+
+class NodeSourceListenerTests(SynchronousTestCase):
+    """The device's source listeners on a node: the UDP port's own, registered directly (one
+    call per received packet), and the birthday sockets' question answered by a listener that
+    is there only while their datagram is handled."""
+
+    def test_udp_port_listens_directly(self) -> None:
+        _clock, _system, node = _memory_node("mgs0")
+        self.assertEqual(node.device._source_listeners, [node.udp.source_authenticated])
+
+    def test_birthday_datagram_that_does_not_authenticate(self) -> None:
+        """A datagram on a birthday socket that does not authenticate does not win that
+        socket; the temporary listener is gone afterwards, also when handling raises."""
+        _clock, _system, node = _memory_node("mgs1")
+        node.running = True
+        self.addCleanup(setattr, node, "running", False)
+        listeners = list(node.device._source_listeners)
+        self.assertFalse(node._birthday_deliver(b"\x04\x00\x00\x00" + bytes(40), V4_PEER))
+        self.assertEqual(node.device._source_listeners, listeners)
+
+        def broken(data: bytes, source: Any, now: float) -> None:
+            raise ZeroDivisionError("device bug")
+
+        node.device.datagram_received = broken  # type: ignore[method-assign]
+        self.assertRaises(ZeroDivisionError, node._birthday_deliver, b"x", V4_PEER)
+        self.assertEqual(node.device._source_listeners, listeners)
+
+    def test_confirm_source_is_the_listener(self) -> None:
+        """``confirm_source`` and the listener form learn the same pending source."""
+        transport = UDPTransport(lambda d, s, now: None, FakeReactor(), 0)
+        info = b"\1" * 12
+        transport._pending_source = (V4_PEER, info)
+        transport.source_authenticated(None, ("192.0.2.2", 1), 0.0)  # another endpoint
+        self.assertEqual(transport._sources, {})
+        transport.source_authenticated(None, V4_PEER, 0.0)
+        self.assertEqual(transport._sources[V4_PEER][0], info)
+        self.assertIsNone(transport._pending_source)
+        transport._pending_source = (V6_PEER, info)
+        transport.confirm_source(V6_PEER)
+        self.assertEqual(transport._sources[V6_PEER][0], info)

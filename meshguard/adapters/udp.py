@@ -42,7 +42,7 @@ import errno
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
 from twisted.logger import Logger
@@ -53,6 +53,9 @@ from meshguard.adapters import socket_filter
 from meshguard.adapters.hot_reactor import add_reader
 from meshguard.adapters.idle_gap import IdleGap
 from meshguard.adapters.tun import FDReactor
+
+if TYPE_CHECKING:
+    from meshguard.core.peer import Peer
 
 __all__ = ["UDPBindError", "UDPError", "UDPTransport", "split_datagrams"]
 
@@ -585,20 +588,27 @@ class UDPTransport:
                     log.warn("cannot attach the UDP socket filter: {error}", error=str(e))
 
     def confirm_source(self, endpoint: Endpoint) -> None:
-        """The datagram being received from ``endpoint`` authenticated (the device's
-        ``on_authenticated_source``): answer that endpoint from the local address it reached.
+        """The datagram being received from ``endpoint`` authenticated: answer that endpoint
+        from the local address it reached.
 
         Called before the device sends any reply to it, so a handshake response already leaves
         from the right address. A datagram that does not authenticate changes nothing here: a
         spoofed one cannot move a peer's replies to another local address."""
+        self.source_authenticated(None, endpoint, 0.0)
+
+    def source_authenticated(self, peer: Peer | None, source: Endpoint, now: float) -> None:
+        """:meth:`confirm_source` in the device's source listener form
+        (``Device.add_source_listener``), registered as it is: one call on every received
+        packet's way instead of two (cold code after an idle moment costs several
+        microseconds a call; docs/datapath.md, "Latency")."""
         pending = self._pending_source
-        if pending is None or pending[0] != endpoint:
+        if pending is None or pending[0] != source:
             return
         self._pending_source = None
         sources = self._sources
         if len(sources) >= MAX_SOURCES:
             sources.clear()
-        sources[endpoint] = (pending[1], _UNDECIDED)
+        sources[source] = (pending[1], _UNDECIDED)
 
     def forget_sources(self) -> None:
         """Drop learned sticky sources, e.g. after local addresses or routes changed."""

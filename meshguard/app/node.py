@@ -177,9 +177,8 @@ class Node:
             batch_receiver=self.device.transport_batch_received,
             idle=self.idle,
         )
-        #: The source of the latest authenticated datagram (the birthday sockets ask).
-        self._authenticated: Endpoint | None = None
-        self.device.add_source_listener(self._authenticated_source)
+        # The UDP port learns which local address to answer from (sticky sources).
+        self.device.add_source_listener(self.udp.source_authenticated)
         #: Handshakes wait behind each read batch's transport data (Device.handshake_backlog).
         self.device.handshake_backlog = deque()
         self._backlog_call: IDelayedCall | None = None
@@ -332,15 +331,20 @@ class Node:
         True when it authenticated (only then may that socket win)."""
         if not self.running:
             return False
-        self._authenticated = None
-        self.device.datagram_received(data, source, self._seconds())
-        self._batch_end()
-        return self._authenticated == source
+        authenticated: list[Endpoint] = []
 
-    def _authenticated_source(self, peer: Peer, source: Endpoint, now: float) -> None:
-        """The device authenticated a datagram from ``source`` (WireGuard's roaming moment)."""
-        self._authenticated = source
-        self.udp.confirm_source(source)
+        def listener(peer: Peer, source: Endpoint, now: float) -> None:
+            authenticated.append(source)
+
+        # Listening only while this datagram is handled keeps the source listeners of every
+        # other received packet down to the UDP port's own.
+        self.device.add_source_listener(listener)
+        try:
+            self.device.datagram_received(data, source, self._seconds())
+        finally:
+            self.device.remove_source_listener(listener)
+        self._batch_end()
+        return source in authenticated
 
     def _birthday_hit(self, toward: Endpoint) -> None:
         self.mesh_stack.paths.birthday_hit(toward, self._seconds())

@@ -240,6 +240,10 @@ class Device:
         """Told the source of every authenticated datagram that came straight over UDP."""
         self._source_listeners.append(listener)
 
+    def remove_source_listener(self, listener: SourceListener) -> None:
+        """Undo :meth:`add_source_listener` (one registration of ``listener``)."""
+        self._source_listeners.remove(listener)
+
     def set_roaming_handler(self, handler: RoamingHandler) -> None:
         """The owner of roaming (the path arbiter); without one the device roams itself, as
         WireGuard does."""
