@@ -66,7 +66,7 @@ def open_device(tun: Any, name: str, uso: bool, v6: bool, own: str) -> Any:
     if not uso:
         tun.OFFLOAD_CHOICES = tuple(c for c in choices if not c & tun.TUN_F_USO4)
     try:
-        device = tun.TunDevice(name, lambda p: None, None, offload=True)
+        device = tun.TunDevice(name, lambda p, *now: None, None, offload=True)
         device.open()
     finally:
         tun.OFFLOAD_CHOICES = choices

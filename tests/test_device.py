@@ -5,16 +5,20 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
+import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core import constants as C
-from meshguard.core.crypto import generate_private_key, public_key
+from meshguard.core import device as device_module
+from meshguard.core.crypto import CryptoError, generate_private_key, public_key
 from meshguard.core.device import Device
 from meshguard.core.interfaces import AlreadyRegisteredError
+from meshguard.core.mss import clamp_if_syn, clamp_mss
 from meshguard.core.peer import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, SEND_KEEPALIVE, Peer
 from meshguard.testing.memory import MemoryNetwork, MemoryNode
 from tests.packets import ipv4, ipv6
+from tests.test_icmp_mss import V4D, V4S, V6D, V6S, tcp_segment
 
 A_EP = ("192.0.2.1", 51820)
 B_EP = ("192.0.2.2", 51820)
@@ -744,3 +748,76 @@ class EventRegistrationTests(SynchronousTestCase):
         pair = Pair()
         pair.a_to_b(b"x")
         self.assertEqual(pair.peer_of_b.endpoint, A_EP)
+
+
+class LonePathShortcutTests(SynchronousTestCase):
+    """The lone packet's path skips calls (docs/datapath.md, "Latency"): the route cache tried
+    before a lookup, the MSS clamp only for TCP, the keypair's bound AEAD calls. Each skip must
+    decide exactly as the call it saves."""
+
+    def test_mss_clamped_both_ways_and_only_tcp_pays_the_call(self) -> None:
+        """With MSS clamping on both ends, a TCP SYN (IPv4 and IPv6) is clamped by the sender
+        and again by the receiver; other packets never reach ``clamp_if_syn``."""
+        pair = Pair()
+        pair.a.device.replace_allowed_ips(
+            pair.peer_of_a,
+            [ipaddress.ip_network("10.0.0.2/32"), ipaddress.ip_network("fd00::2/128")],
+        )
+        pair.a_to_b(b"warm")  # the session
+        pair.peer_of_a.mss_mtu = 1280
+        pair.peer_of_b.mss_mtu = 1216
+        calls: list[bytes] = []
+
+        def counted(packet: bytes, mtu: int) -> bytes:
+            calls.append(packet)
+            return clamp_if_syn(packet, mtu)
+
+        self.patch(device_module, "clamp_if_syn", counted)
+        option = struct.pack("!BBH", 2, 4, 1460)
+        syn4 = ipv4("10.0.0.1", "10.0.0.2", tcp_segment(V4S, V4D, option, 0x02, False), 6)
+        syn6 = ipv6("fd00::1", "fd00::2", tcp_segment(V6S, V6D, option, 0x02, True), 6)
+        for syn in (syn4, syn6):
+            pair.net.send(pair.a, syn)
+            self.assertEqual(pair.b.written[-1], clamp_mss(clamp_mss(syn, 1280), 1216))
+        self.assertEqual(len(calls), 4)
+        # Not TCP, though the bytes where a TCP header's SYN flag would be have it set.
+        others = [
+            ipv4("10.0.0.1", "10.0.0.2", bytes([2]) * 40, 1),
+            ipv4("10.0.0.1", "10.0.0.2", bytes([2]) * 40, 17),
+            ipv6("fd00::1", "fd00::2", bytes([2]) * 40, 58),
+        ]
+        for packet in others:
+            pair.net.send(pair.a, packet)
+            self.assertEqual(pair.b.written[-1], packet)
+        self.assertEqual(len(calls), 4)
+
+    def test_route_cache_follows_changes(self) -> None:
+        """A route or an allowed source looked up (and cached) before a change is not used
+        after it: the device holds the table's cache, which every change clears in place."""
+        pair = Pair()
+        pair.a_to_b(b"cached")
+        self.assertIs(pair.a.device._routes, pair.a.device.allowed_ips.cache)
+        self.assertIn(bytes([10, 0, 0, 2]), pair.a.device._routes)
+        pair.a.device.replace_allowed_ips(pair.peer_of_a, [ipaddress.ip_network("10.0.0.9/32")])
+        pair.a_to_b(b"no route now")
+        self.assertEqual(pair.a.device.counters.no_route, 1)
+        pair.a.device.replace_allowed_ips(pair.peer_of_a, [ipaddress.ip_network("10.0.0.2/32")])
+        pair.b.device.replace_allowed_ips(pair.peer_of_b, [ipaddress.ip_network("10.0.0.7/32")])
+        written = len(pair.b.written)
+        pair.a_to_b(b"source not allowed now")
+        self.assertEqual(len(pair.b.written), written)
+        self.assertEqual(pair.b.device.counters.source_not_allowed, 1)
+
+    def test_zeroed_keypair_cannot_seal_or_open(self) -> None:
+        """``Keypair.zero`` replaces the bound AEAD calls: sealing raises, opening finds none
+        (the receive path counts a decrypt failure)."""
+        pair = Pair()
+        pair.a_to_b(b"session")
+        keypair = pair.peer_of_b.keypairs.current
+        assert keypair is not None
+        keypair.zero()
+        self.assertRaises(CryptoError, keypair.encrypt, bytes(12), b"x", None)
+        self.assertIsNone(keypair.decrypt)
+        before = pair.b.device.counters.decrypt_failed
+        pair.a_to_b(b"after zero")
+        self.assertEqual(pair.b.device.counters.decrypt_failed, before + 1)

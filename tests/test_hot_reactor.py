@@ -193,8 +193,8 @@ class HotReactorTests(SynchronousTestCase):
     def test_adapters_register_hot(self) -> None:
         """The TUN device and the UDP sockets register as hot with a reactor that offers it,
         and as plain readers with any other."""
-        tun = TunDevice("mgh0", lambda packet: None, self.reactor)
-        udp = UDPTransport(lambda data, source: None, self.reactor, 0)
+        tun = TunDevice("mgh0", lambda packet, now: None, self.reactor)
+        udp = UDPTransport(lambda data, source, now: None, self.reactor, 0)
         udp.bind()
         self.addCleanup(udp.close)
         tun._fd, peer = os.pipe()  # any readable descriptor will do for registration

@@ -116,3 +116,19 @@ class IdleGapTests(SynchronousTestCase):
         clock.advance(0.0005)
         self.assertFalse(idle.batch_begins(UDP))
         idle.batch_ended()
+
+    def test_now_is_the_batch_start(self) -> None:
+        """``now`` is the clock read at the latest batch's start (the time the read paths
+        hand on with each packet), unchanged by the clock moving during the batch or by its
+        end."""
+        clock = Clock()
+        clock.advance(5)
+        idle = IdleGap(clock.seconds)
+        self.assertEqual(idle.now, 5)
+        clock.advance(1)
+        idle.batch_begins(TUN)
+        clock.advance(0.25)
+        idle.batch_ended()
+        self.assertEqual(idle.now, 6)
+        idle.batch_begins(UDP)
+        self.assertEqual(idle.now, 6.25)

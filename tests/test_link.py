@@ -168,7 +168,7 @@ class RealLinkTests(SynchronousTestCase):
         name, ns = f"mgl{tag}"[:15], f"mglink{tag}"
         subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
         self.addCleanup(subprocess.run, ["ip", "netns", "del", ns], check=False, timeout=10)
-        tun = TunDevice(name, lambda packet: None, FakeReactor())
+        tun = TunDevice(name, lambda packet, now: None, FakeReactor())
         tun.open()
         self.addCleanup(tun.close)
         subprocess.run(["ip", "link", "set", "dev", name, "netns", ns], check=True, timeout=10)

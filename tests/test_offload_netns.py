@@ -197,11 +197,11 @@ class Wire:
         if problem is not None and len(self.problems) < 20:
             self.problems.append(f"{problem}: {packet[:60].hex()}")
 
-    def _from_a(self, packet: bytes) -> None:
+    def _from_a(self, packet: bytes, now: float) -> None:
         self._check(packet)
         self.tun_b.write(packet)
 
-    def _from_b(self, packet: bytes) -> None:
+    def _from_b(self, packet: bytes, now: float) -> None:
         self._check(packet)
         self.tun_a.write(packet)
 
@@ -331,7 +331,7 @@ class OffloadKernelTests(TestCase):
         if not wire.tun_b.offloads & TUN_F_USO4:
             self.skipTest("kernel refused USO (Linux 6.2+)")
         out: list[bytes] = []
-        plain = TunDevice(tb.ifname("tc"), out.append, reactor)
+        plain = TunDevice(tb.ifname("tc"), lambda packet, now: out.append(packet), reactor)
         plain.open()
         self.addCleanup(plain.close)
         tb._host(["ip", "link", "set", "dev", plain.name, "netns", self.b.name])

@@ -72,7 +72,7 @@ class MemoryTunTests(SynchronousTestCase):
         self.clock = Clock()
         self.tun = TunDevice(
             "mg0",
-            self.packets.append,
+            lambda packet, now: self.packets.append(packet),
             self.reactor,
             system=self.system,
             on_gone=self.gone.append,
@@ -110,7 +110,7 @@ class MemoryTunTests(SynchronousTestCase):
 
         system = System()
         system.registerSpecialDevice(Tunnel._DEVICE_NAME, Tunnel)
-        tun = TunDevice("", self.packets.append, self.reactor, system=system)
+        tun = TunDevice("", lambda p, now: self.packets.append(p), self.reactor, system=system)
         self.assertEqual(tun.open(), "tun7")
         self.assertEqual(tun.name, "tun7")
 
@@ -166,7 +166,7 @@ class MemoryTunTests(SynchronousTestCase):
         events: list[object] = []
         self.tun.on_batch_start = lambda: events.append("start")
         self.tun.on_batch_end = lambda: events.append("end")
-        self.tun._receiver = events.append
+        self.tun.receiver = lambda packet, now: events.append(packet)
         self.tun.open()
         for i in range(2):
             self.tunnel().addToReadBuffer(bytes([0x45, i]))
@@ -199,7 +199,7 @@ class MemoryTunTests(SynchronousTestCase):
     def test_receiver_exception_is_logged_and_reading_continues(self) -> None:
         """A bug in the packet handler is logged and counted; later packets still arrive."""
 
-        def receiver(packet: bytes) -> None:
+        def receiver(packet: bytes, now: float) -> None:
             if packet == b"bad":
                 raise ValueError("boom")
             self.packets.append(packet)
@@ -353,7 +353,7 @@ class VnetReadTests(SynchronousTestCase):
         self.clock = Clock()
         self.tun = TunDevice(
             "mg0",
-            self.events.append,
+            lambda packet, now: self.events.append(packet),
             self.reactor,
             system=self.system,  # type: ignore[arg-type]
             on_batch_start=lambda: self.events.append("start"),
@@ -529,7 +529,7 @@ class VnetUdpWriteTests(SynchronousTestCase):
     def burst(self, system: _VnetSystem) -> TunDevice:
         tun = TunDevice(
             "mg0",
-            lambda p: None,
+            lambda p, now: None,
             FakeReactor(),
             system=system,  # type: ignore[arg-type]
             offload=True,
@@ -588,7 +588,7 @@ class RealTunTests(TestCase):
         gone: defer.Deferred[OSError] = defer.Deferred()
         tun: TunDevice
 
-        def receiver(packet: bytes) -> None:
+        def receiver(packet: bytes, now: float) -> None:
             reply = _icmp_echo_reply(packet)
             if reply is not None:
                 tun.write(reply)

@@ -42,7 +42,10 @@ class QueueSocket:
     def recvmsg(self, size: int, ancsize: int) -> Any:
         if not self.queue:
             raise BlockingIOError(errno.EAGAIN, "again")
-        return self.queue.pop(0)
+        item = self.queue.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 def _has_ipv6() -> bool:
@@ -70,7 +73,7 @@ class UDPTransportTests(SynchronousTestCase):
         self.addCleanup(self.transport.close)
         self.transport.start_reading()
 
-    def received_datagram(self, data: bytes, source: tuple[str, int]) -> None:
+    def received_datagram(self, data: bytes, source: tuple[str, int], now: float) -> None:
         self.received.append((data, source))
         if not data.startswith(b"spoofed"):
             self.transport.confirm_source(source)  # as the device does when it authenticates
@@ -263,13 +266,13 @@ class UDPTransportTests(SynchronousTestCase):
         """A failing handler is logged and counted; the next datagram still arrives."""
         calls: list[bytes] = []
 
-        def receiver(data: bytes, source: tuple[str, int]) -> None:
+        def receiver(data: bytes, source: tuple[str, int], now: float) -> None:
             calls.append(data)
             if data == b"bad":
                 raise ValueError("boom")
             self.received.append((data, source))
 
-        self.transport._receiver = receiver
+        self.transport.receiver = receiver
         client = self.client(socket.AF_INET, "127.0.0.1")
         client.sendto(b"bad", ("127.0.0.1", self.port))
         client.sendto(b"good", ("127.0.0.1", self.port))
@@ -316,7 +319,10 @@ class ScopedAddressTests(SynchronousTestCase):
         ]
 
         transport = UDPTransport(
-            lambda d, s: received.append((d, s)), FakeReactor(), 0, idle=IdleGap(Clock().seconds)
+            lambda d, s, now: received.append((d, s)),
+            FakeReactor(),
+            0,
+            idle=IdleGap(Clock().seconds),
         )
         reader = udp._Reader(transport, QueueSocket(queue), True)  # type: ignore[arg-type]
         reader.doRead()
@@ -341,6 +347,8 @@ class FakeSocket:
         self.fd = fd
         self.gso_supported = True
         self.gso_error: int | None = None
+        #: Every plain ``sendto`` fails with this errno when set.
+        self.send_error: int | None = None
         self.options: dict[tuple[int, int], int] = {}
 
     def fileno(self) -> int:
@@ -357,6 +365,8 @@ class FakeSocket:
         self.options[(level, option)] = value
 
     def sendto(self, data: bytes, address: Any) -> int:
+        if self.send_error is not None:
+            raise OSError(self.send_error, os.strerror(self.send_error))
         self.log.append(("sendto", address, [data], None))
         return len(data)
 
@@ -389,7 +399,7 @@ class GSOSendTests(SynchronousTestCase):
         self.transport = self.install()
 
     def install(self) -> UDPTransport:
-        transport = UDPTransport(lambda d, s: None, FakeReactor(), 0)
+        transport = UDPTransport(lambda d, s, now: None, FakeReactor(), 0)
         transport._install(self.sock4, self.sock6, 4242)  # type: ignore[arg-type]
         return transport
 
@@ -481,6 +491,28 @@ class GSOSendTests(SynchronousTestCase):
             sorted(self.sent()),
             [("gso", V4_PEER, [b"4" * 30] * 3), ("gso", V6_PEER, [b"6" * 30] * 3)],
         )
+
+    def test_unheld_send_is_send_now(self) -> None:
+        """``send`` carries ``_send_now``'s body inline (one call on a lone packet's way):
+        side by side, both send the same way to a plain, a sticky-source and an IPv6
+        endpoint, and count the same errors."""
+        control = (socket.IPPROTO_IP, udp.IP_PKTINFO, b"\0" * 12)
+        results = []
+        for inline in (True, False):
+            self.log.clear()
+            self.transport = self.install()
+            self.transport._sources[("192.0.2.7", 5)] = (b"\0" * 12, [control])
+            send = self.transport.send if inline else self.transport._send_now
+            for endpoint in (V4_PEER, ("192.0.2.7", 5), V6_PEER):
+                send(b"x" * 20, endpoint)
+            for error in (errno.ENOBUFS, errno.EPERM):
+                self.sock4.send_error = error
+                send(b"y", V4_PEER)
+            self.sock4.send_error = None
+            results.append((list(self.log), self.transport.send_drops, self.transport.send_errors))
+        self.assertEqual(results[0], results[1])
+        self.assertEqual([kind for kind, *_rest in results[0][0]], ["sendto", "sendmsg", "sendto"])
+        self.assertEqual(results[0][1:], (1, 1))
 
     def test_sticky_source_combined_with_gso(self) -> None:
         """A run toward a peer answered from a non-default address carries both the packet
@@ -638,13 +670,104 @@ class GSOSendTests(SynchronousTestCase):
         self.assertEqual(got, expected)
 
 
+class LoneReadTests(SynchronousTestCase):
+    """The lone batch's own read (in ``_Reader.doRead``): what it hands on, with which time,
+    and everything unusual handed to the batch loop as before."""
+
+    def run_reads(
+        self, queue: list[Any], idle: bool = True, v6: bool = False
+    ) -> tuple[list[object], UDPTransport, Clock]:
+        events: list[object] = []
+        self.pending: list[object] = []
+        clock = Clock()
+
+        def receiver(data: bytes, source: Any, now: float) -> None:
+            events.append((data, source, now))
+            self.pending.append(transport._pending_source)
+            clock.advance(0.001)  # the clock moves on while the batch runs
+
+        transport = UDPTransport(
+            receiver,
+            FakeReactor(),
+            0,
+            on_batch_start=lambda: events.append("start"),
+            on_batch_end=lambda: events.append("end"),
+            batch_receiver=lambda parts, source, now: events.append((parts, source, now)),
+            idle=IdleGap(clock.seconds),
+        )
+        if idle:
+            clock.advance(transport.idle.gap)
+        reader = udp._Reader(transport, QueueSocket(queue), v6)  # type: ignore[arg-type]
+        reader.doRead()
+        return events, transport, clock
+
+    def test_lone_datagram_with_the_batch_time(self) -> None:
+        """A lone plain datagram goes on with the time read at the batch's start, alone, and
+        the batch ends; its packet info is pending for the receiver (learned only if it
+        authenticates) and cleared after."""
+        info = udp._IN_PKTINFO.pack(1, socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.1"))
+        queue: list[Any] = [
+            (b"one", [(socket.IPPROTO_IP, udp.IP_PKTINFO, info)], 0, V4_PEER),
+            (b"two", [], 0, V4_PEER),
+        ]
+        events, transport, _clock = self.run_reads(queue)
+        self.assertEqual(events, [(b"one", V4_PEER, transport.idle.gap), "end"])
+        self.assertEqual(transport.reads, 1)
+        self.assertEqual(self.pending, [(V4_PEER, info)])
+        self.assertIsNone(transport._pending_source)
+        self.assertEqual(len(queue), 1)
+
+    def test_busy_batch_hands_on_one_time(self) -> None:
+        """Every datagram of a busy batch (and each GRO buffer) carries the time of the
+        batch's start, however long the batch takes."""
+        gro = (udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))
+        queue: list[Any] = [(b"a", [], 0, V4_PEER), (b"bbcc", [gro], 0, V4_PEER)]
+        events, _transport, _clock = self.run_reads(queue, idle=False)
+        self.assertEqual(
+            events,
+            ["start", (b"a", V4_PEER, 0.0), ([b"bb", b"cc"], V4_PEER, 0.0), "end"],
+        )
+
+    def test_lone_read_of_a_gro_buffer_is_a_batch(self) -> None:
+        """A GRO buffer read first by a lone batch is held as a whole (the start hook before
+        it) and the batch goes on reading."""
+        gro = (udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(2))
+        queue: list[Any] = [(b"aabb", [gro], 0, V4_PEER), (b"c", [], 0, V4_PEER)]
+        events, transport, _clock = self.run_reads(queue)
+        now = transport.idle.gap
+        self.assertEqual(
+            events, ["start", ([b"aa", b"bb"], V4_PEER, now), (b"c", V4_PEER, now), "end"]
+        )
+        self.assertEqual((transport.reads, transport.gro_reads), (2, 1))
+
+    def test_lone_read_errors(self) -> None:
+        """Nothing queued ends the lone batch; a failed read is counted and ends it; an
+        interrupted one is read again."""
+        events, transport, _clock = self.run_reads([])
+        self.assertEqual((events, transport.reads), (["end"], 0))
+        events, transport, _clock = self.run_reads(
+            [OSError(errno.ECONNREFUSED, "refused"), (b"x", [], 0, V4_PEER)]
+        )
+        self.assertEqual((events, transport.receive_errors, transport.reads), (["end"], 1, 0))
+        events, transport, _clock = self.run_reads(
+            [InterruptedError(errno.EINTR, "intr"), (b"x", [], 0, V4_PEER), (b"y", [], 0, V4_PEER)]
+        )
+        now = transport.idle.gap
+        self.assertEqual(events, [(b"x", V4_PEER, now), "end"])
+
+    def test_lone_v6_mapped_source(self) -> None:
+        """On the IPv6 socket a lone datagram's IPv4-mapped source comes out as plain IPv4."""
+        events, _t, _c = self.run_reads([(b"m", [], 0, ("::ffff:192.0.2.1", 5, 0, 0))], v6=True)
+        self.assertEqual(events[0][:2], (b"m", ("192.0.2.1", 5)))  # type: ignore[index]
+
+
 class GRODeliveryTests(SynchronousTestCase):
     """Cutting coalesced reads back into datagrams, on a fake socket."""
 
     def read(self, queue: list[Any], v6: bool = False) -> tuple[list[Any], UDPTransport]:
         received: list[tuple[bytes, tuple[str, int]]] = []
 
-        def receive(data: bytes, source: Any) -> None:
+        def receive(data: bytes, source: Any, now: float) -> None:
             received.append((data, source))
             transport.confirm_source(source)
 
@@ -679,7 +802,7 @@ class GRODeliveryTests(SynchronousTestCase):
         """A handler that raises on one datagram of a buffer still gets the rest."""
         calls: list[bytes] = []
 
-        def receiver(data: bytes, source: Any) -> None:
+        def receiver(data: bytes, source: Any, now: float) -> None:
             calls.append(data)
             if data == b"bb":
                 raise ValueError("boom")
@@ -700,7 +823,7 @@ class GRODeliveryTests(SynchronousTestCase):
 
         clock = Clock()
         transport = UDPTransport(
-            lambda data, source: events.append(data),
+            lambda data, source, now: events.append(data),
             FakeReactor(),
             0,
             on_batch_start=lambda: events.append("start"),
@@ -741,7 +864,7 @@ class GRODeliveryTests(SynchronousTestCase):
             raise ZeroDivisionError("end hook")
 
         transport = UDPTransport(
-            lambda data, source: events.append(data),
+            lambda data, source, now: events.append(data),
             FakeReactor(),
             0,
             on_batch_start=lambda: events.append("start"),
@@ -768,7 +891,7 @@ class GRODeliveryTests(SynchronousTestCase):
 
         clock = Clock()
         transport = UDPTransport(
-            lambda data, source: events.append(data),
+            lambda data, source, now: events.append(data),
             FakeReactor(),
             0,
             on_batch_start=lambda: events.append("start"),
@@ -839,7 +962,7 @@ class OffloadLoopbackTests(SynchronousTestCase):
         self.received: list[tuple[bytes, tuple[str, int]]] = []
         self.reactor = FakeReactor()
         self.transport = UDPTransport(
-            lambda d, s: self.received.append((d, s)),
+            lambda d, s, now: self.received.append((d, s)),
             self.reactor,
             0,
             idle=IdleGap(Clock().seconds),
@@ -901,7 +1024,10 @@ class OffloadLoopbackTests(SynchronousTestCase):
             raise SkipTest("no IPv6 loopback")
         other_received: list[bytes] = []
         other = UDPTransport(
-            lambda d, s: other_received.append(d), FakeReactor(), 0, idle=IdleGap(Clock().seconds)
+            lambda d, s, now: other_received.append(d),
+            FakeReactor(),
+            0,
+            idle=IdleGap(Clock().seconds),
         )
         other.bind()
         self.addCleanup(other.close)
@@ -945,7 +1071,7 @@ class NodeBatchTests(SynchronousTestCase):
         def wrapped(data: bytes, endpoint: Any) -> None:  # as relay paths wrap it
             send(data, endpoint)
 
-        node.device.packet_from_tun = lambda packet, now: wrapped(packet, V4_PEER)  # type: ignore[method-assign]
+        node.tun.receiver = lambda packet, now: wrapped(packet, V4_PEER)
         node.tun.open()
         self.addCleanup(node.tun.close)
         tunnel = system._openFiles[node.tun.fileno()]
@@ -977,7 +1103,7 @@ class NodeBatchTests(SynchronousTestCase):
         log: list[tuple[str, Any, list[bytes], Any]] = []
         node.udp._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
         self.addCleanup(node.udp.close)
-        node.device.packet_from_tun = lambda packet, now: node.udp.send(packet, V4_PEER)  # type: ignore[method-assign]
+        node.tun.receiver = lambda packet, now: node.udp.send(packet, V4_PEER)
         node.tun.open()
         self.addCleanup(node.tun.close)
         tunnel = system._openFiles[node.tun.fileno()]
@@ -1005,8 +1131,8 @@ class NodeBatchTests(SynchronousTestCase):
             node.udp.send(packet, V4_PEER)
 
         events: list[object] = []
-        node.device.packet_from_tun = slow_send  # type: ignore[method-assign]
-        node.device.datagram_received = lambda data, source, now: events.append(data)  # type: ignore[method-assign]
+        node.tun.receiver = slow_send
+        node.udp.receiver = lambda data, source, now: events.append(data)
         node.udp.on_batch_start = lambda: events.append("hold")
         node.tun.open()
         self.addCleanup(node.tun.close)
@@ -1042,8 +1168,8 @@ class NodeBatchTests(SynchronousTestCase):
             node.tun.write(request)
             tunnel.addToReadBuffer(reply)  # what the kernel answers inside the write
 
-        node.device.datagram_received = received  # type: ignore[method-assign]
-        node.device.packet_from_tun = lambda packet, now: events.append(packet)  # type: ignore[method-assign]
+        node.udp.receiver = received
+        node.tun.receiver = lambda packet, now: events.append(packet)
         batch_end = node._batch_end
 
         def recorded_batch_end() -> None:
@@ -1066,7 +1192,7 @@ class SendDatagramsTests(SynchronousTestCase):
         logs: list[list[tuple[str, Any, list[bytes], Any]]] = []
         for bulk in (False, True):
             log: list[tuple[str, Any, list[bytes], Any]] = []
-            transport = UDPTransport(lambda d, s: None, FakeReactor(), 0)
+            transport = UDPTransport(lambda d, s, now: None, FakeReactor(), 0)
             transport._install(FakeSocket(log, 100), FakeSocket(log, 101), 4242)  # type: ignore[arg-type]
             if held:
                 transport.hold()
@@ -1094,3 +1220,44 @@ class SendDatagramsTests(SynchronousTestCase):
         self, before: list[int], count: int, size: int, last: int, held: bool
     ) -> None:
         self.run_both(before, [size] * (count - 1) + [min(last, size)], held)
+
+
+class NodeSourceListenerTests(SynchronousTestCase):
+    """The device's source listeners on a node: the UDP port's own, registered directly (one
+    call per received packet), and the birthday sockets' question answered by a listener that
+    is there only while their datagram is handled."""
+
+    def test_udp_port_listens_directly(self) -> None:
+        _clock, _system, node = _memory_node("mgs0")
+        self.assertEqual(node.device._source_listeners, [node.udp.source_authenticated])
+
+    def test_birthday_datagram_that_does_not_authenticate(self) -> None:
+        """A datagram on a birthday socket that does not authenticate does not win that
+        socket; the temporary listener is gone afterwards, also when handling raises."""
+        _clock, _system, node = _memory_node("mgs1")
+        node.running = True
+        self.addCleanup(setattr, node, "running", False)
+        listeners = list(node.device._source_listeners)
+        self.assertFalse(node._birthday_deliver(b"\x04\x00\x00\x00" + bytes(40), V4_PEER))
+        self.assertEqual(node.device._source_listeners, listeners)
+
+        def broken(data: bytes, source: Any, now: float) -> None:
+            raise ZeroDivisionError("device bug")
+
+        node.device.datagram_received = broken  # type: ignore[method-assign]
+        self.assertRaises(ZeroDivisionError, node._birthday_deliver, b"x", V4_PEER)
+        self.assertEqual(node.device._source_listeners, listeners)
+
+    def test_confirm_source_is_the_listener(self) -> None:
+        """``confirm_source`` and the listener form learn the same pending source."""
+        transport = UDPTransport(lambda d, s, now: None, FakeReactor(), 0)
+        info = b"\1" * 12
+        transport._pending_source = (V4_PEER, info)
+        transport.source_authenticated(None, ("192.0.2.2", 1), 0.0)  # another endpoint
+        self.assertEqual(transport._sources, {})
+        transport.source_authenticated(None, V4_PEER, 0.0)
+        self.assertEqual(transport._sources[V4_PEER][0], info)
+        self.assertIsNone(transport._pending_source)
+        transport._pending_source = (V6_PEER, info)
+        transport.confirm_source(V6_PEER)
+        self.assertEqual(transport._sources[V6_PEER][0], info)

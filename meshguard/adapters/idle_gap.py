@@ -15,6 +15,10 @@ batch's end. On another descriptor (an echo request read from the TUN device, it
 the UDP socket) the reply can only come a network round trip after the request went out, so
 the time counts from the lone batch's start: a lone batch that took long (cold code after an
 idle moment) does not make its own reply wait for a batch.
+
+The clock read at a batch's start is also the batch's time (``now``): the read paths hand it
+on with each packet, so the node needs no clock read (and no call of its own) between a read
+and the engine.
 """
 
 from __future__ import annotations
@@ -51,12 +55,15 @@ class IdleGap:
         self._last_start = self._last_end
         self._last_lone = False
         self._last_source: object = None
+        #: The clock read of the latest batch's start: the time the read paths hand on with
+        #: every packet of the batch (one clock read per batch, not one per packet or layer).
+        self.now = self._last_end
 
     def batch_begins(self, source: object) -> bool:
         """True if this batch (read from ``source``, a descriptor) hands its first packet on
         alone: no read batch ended in the last ``gap`` seconds, or the last batch was lone and
         ``reply_gap`` or more has passed since it ended (same descriptor) or began (another)."""
-        now = self._clock()
+        self.now = now = self._clock()
         pause = now - self._last_end
         if pause >= self.gap:
             lone = True

@@ -165,7 +165,8 @@ def _open_hint(err: OSError) -> str:
 class TunDevice:
     """A Linux TUN interface in IFF_TUN | IFF_NO_PI mode: raw IP packets in and out.
 
-    ``receiver(packet)`` is called for every packet read; the optional ``on_batch_start()`` is
+    ``receiver(packet, now)`` is called for every packet read, ``now`` being the batch's time
+    (``IdleGap.now``, the clock read at its start); the optional ``on_batch_start()`` is
     called once per batch and after its last packet the optional ``on_batch_end()``, so the
     node can hold the datagrams a batch produces for one GSO send, flush queued work and
     reschedule its single timer per batch instead of per packet. After an idle moment of the
@@ -189,7 +190,7 @@ class TunDevice:
     def __init__(
         self,
         name: str,
-        receiver: Callable[[bytes], None],
+        receiver: Callable[[bytes, float], None],
         reactor: FDReactor,
         system: TunSystem | None = None,
         max_packet: int = 65535,
@@ -197,13 +198,15 @@ class TunDevice:
         on_batch_end: Callable[[], None] | None = None,
         on_batch_start: Callable[[], None] | None = None,
         offload: bool = False,
-        batch_receiver: Callable[[list[bytes]], None] | None = None,
+        batch_receiver: Callable[[list[bytes], float], None] | None = None,
         idle: IdleGap | None = None,
     ) -> None:
         if len(name.encode()) >= IFNAMSIZ:
             raise TunError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
         self.name = name
-        self._receiver = receiver
+        #: ``receiver(packet, now)``: every packet read (the node wires the engine's entry
+        #: point straight here).
+        self.receiver = receiver
         self._reactor = reactor
         self._system: TunSystem = system if system is not None else _RealSystem()
         #: Read size; a TUN read returns at most one packet, truncated to this size, so it must
@@ -501,7 +504,7 @@ class TunDevice:
         # The header's first two bytes: flags (NEEDS_CSUM) and the segmentation type.
         if n > VNET_HDR_LEN and not buffer[1] and not buffer[0] & NEEDS_CSUM:
             try:
-                self._receiver(self._view[VNET_HDR_LEN:n].tobytes())
+                self.receiver(self._view[VNET_HDR_LEN:n].tobytes(), self.idle.now)
             except Exception:
                 self._receiver_failed()
             # ``_hook`` inline: one call fewer on the lone packet's way.
@@ -523,7 +526,8 @@ class TunDevice:
         read = self._system.read
         fd = self._fd
         size = self.max_packet
-        receiver = self._receiver
+        receiver = self.receiver
+        now = self.idle.now
         for _ in range(self.batch_packets):
             try:
                 packet = read(fd, size)
@@ -535,7 +539,7 @@ class TunDevice:
                 self._gone(e)
                 return
             try:
-                receiver(packet)
+                receiver(packet, now)
             except Exception:
                 self._receiver_failed()
             if not started:
@@ -563,7 +567,8 @@ class TunDevice:
         fd = self._fd
         buffer = self._buffer
         view = self._view
-        receiver = self._receiver
+        receiver = self.receiver
+        now = self.idle.now
         budget = self.batch_packets
         frame_max = _FRAME_MAX
         span = len(buffer) - frame_max - 2
@@ -648,13 +653,13 @@ class TunDevice:
             batch_receiver = self.batch_receiver
             if batch_receiver is not None and len(packets) > 1:
                 try:
-                    batch_receiver(packets)
+                    batch_receiver(packets, now)
                 except Exception:
                     self._receiver_failed()
                 continue
             for one in packets:
                 try:
-                    receiver(one)
+                    receiver(one, now)
                 except Exception:
                     self._receiver_failed()
         self._hand_on(buffer, view, bounds, starts, ends, fields)
@@ -684,10 +689,11 @@ class TunDevice:
             starts.clear()
             ends.clear()
             fields.clear()
-        receiver = self._receiver
+        receiver = self.receiver
+        now = self.idle.now
         for start, end in bounds:
             try:
-                receiver(view[start:end].tobytes())
+                receiver(view[start:end].tobytes(), now)
             except Exception:
                 self._receiver_failed()
         bounds.clear()

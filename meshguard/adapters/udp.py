@@ -42,7 +42,7 @@ import errno
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
 from twisted.logger import Logger
@@ -53,6 +53,9 @@ from meshguard.adapters import socket_filter
 from meshguard.adapters.hot_reactor import add_reader
 from meshguard.adapters.idle_gap import IdleGap
 from meshguard.adapters.tun import FDReactor
+
+if TYPE_CHECKING:
+    from meshguard.core.peer import Peer
 
 __all__ = ["UDPBindError", "UDPError", "UDPTransport", "split_datagrams"]
 
@@ -237,23 +240,92 @@ class _Reader:
 
     def doRead(self) -> None:
         """Drain up to ``batch_packets`` reads, learning each one's local address and cutting
-        GRO buffers back into datagrams (all from the same source to the same address)."""
+        GRO buffers back into datagrams (all from the same source to the same address).
+
+        After an idle gap a lone batch reads here: one ``recvmsg``, and a plain datagram with
+        at most its packet info goes straight to the receiver, alone, before the batch hook
+        (the node holds TUN writes for coalescing), and ends the batch: a lone datagram is
+        written out at once, without a read that finds the queue empty; the reactor reports
+        what else is queued as the next, busy, batch. After an idle moment every step costs
+        several microseconds of cold interpreter (docs/datapath.md, "Latency"), so this path
+        has no call or set-up it can do without. Anything else (a GRO buffer, other control
+        messages, an interrupted read) goes to :meth:`_read_batch` (already read, if it was),
+        as does a busy batch, which runs the hook first and stays whole.
+        """
+        t = self.transport
+        idle = t.idle
+        if not idle.batch_begins(self):
+            self._read_batch(False, None)
+            return
+        try:
+            first = self.sock.recvmsg(t.max_datagram, _ANC_SIZE)
+        except BlockingIOError:
+            self._end(t, 0)
+            return
+        except InterruptedError:
+            self._read_batch(True, None)
+            return
+        except OSError:
+            t.receive_errors += 1
+            self._end(t, 0)
+            return
+        data, anc, _flags, addr = first
+        if anc and (len(anc) != 1 or anc[0][0] == SOL_UDP):
+            self._read_batch(True, first)
+            return
+        if self.v6:
+            host = addr[0]
+            if host.startswith("::ffff:") and "." in host:
+                host = host[7:]
+            addr = (host, addr[1])
+        if anc:
+            info = anc[0][2]
+            entry = t._sources.get(addr)
+            if entry is None or entry[0] != info:
+                # New or changed: remembered only if the datagram authenticates.
+                t._pending_source = (addr, info)
+        try:
+            t.receiver(data, addr, idle.now)
+        except Exception:
+            t._receiver_failed()
+        t._pending_source = None
+        t.reads += 1
+        end = t.on_batch_end
+        if end is not None:
+            # :meth:`_end` inline: one call fewer on the lone datagram's way.
+            try:
+                end()
+            except Exception:
+                t._receiver_failed()
+        idle.batch_ended()
+
+    @staticmethod
+    def _end(t: UDPTransport, reads: int) -> None:
+        """The batch end: counts, the end hook, the idle clock."""
+        t.reads += reads
+        end = t.on_batch_end
+        if end is not None:
+            # ``_hook`` inline: one call fewer on the lone datagram's way (cold code after an
+            # idle moment, docs/datapath.md, "Latency").
+            try:
+                end()
+            except Exception:
+                t._receiver_failed()
+        t.idle.batch_ended()
+
+    def _read_batch(self, eager: bool, first: Any) -> None:
+        """The read loop; ``eager``: a lone batch (hand a first plain datagram on alone and
+        end); ``first``: a ``recvmsg`` result already read, handled before any read."""
         t = self.transport
         recvmsg = self.sock.recvmsg
-        receiver = t._receiver
+        receiver = t.receiver
         sources = t._sources
         get = sources.get
         bufsize = t.max_datagram
         v6 = self.v6
+        now = t.idle.now
         reads = gro_reads = gro_datagrams = 0
-        # After an idle gap a first plain datagram is handled alone, before the batch hook
-        # (the node holds TUN writes for coalescing), and ends the batch: a lone datagram is
-        # written out at once, without a read that finds the queue empty; the reactor reports
-        # what else is queued as the next, busy, batch. A busy batch (or a GRO buffer read
-        # first) runs the hook first and stays whole.
         start = t.on_batch_start
-        idle = t.idle
-        eager = idle.batch_begins(self)
         if not eager and start is not None:
             t._hook(start)
             start = None
@@ -262,15 +334,19 @@ class _Reader:
         budget = t.batch_packets
         while budget > 0:
             budget -= 1
-            try:
-                data, anc, _flags, addr = recvmsg(bufsize, _ANC_SIZE)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError:
-                t.receive_errors += 1
-                break
+            if first is not None:
+                data, anc, _flags, addr = first
+                first = None
+            else:
+                try:
+                    data, anc, _flags, addr = recvmsg(bufsize, _ANC_SIZE)
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                except OSError:
+                    t.receive_errors += 1
+                    break
             reads += 1
             if v6:
                 host = addr[0]
@@ -301,7 +377,7 @@ class _Reader:
                 batch_receiver = t.batch_receiver
                 if batch_receiver is not None:
                     try:
-                        batch_receiver(parts, addr)
+                        batch_receiver(parts, addr, now)
                     except Exception:
                         t._receiver_failed()
                     t._pending_source = None
@@ -312,31 +388,22 @@ class _Reader:
                         if entry is None or entry[0] != info:
                             t._pending_source = (addr, info)
                     try:
-                        receiver(part, addr)
+                        receiver(part, addr, now)
                     except Exception:
                         t._receiver_failed()
                 t._pending_source = None
                 continue
             try:
-                receiver(data, addr)
+                receiver(data, addr, now)
             except Exception:
                 t._receiver_failed()
             t._pending_source = None
             if eager:
                 break
-        t.reads += reads
         if gro_reads:
             t.gro_reads += gro_reads
             t.gro_datagrams += gro_datagrams
-        end = t.on_batch_end
-        if end is not None:
-            # ``_hook`` inline: one call fewer on the lone datagram's way (cold code after an
-            # idle moment, docs/datapath.md, "Latency").
-            try:
-                end()
-            except Exception:
-                t._receiver_failed()
-        idle.batch_ended()
+        self._end(t, reads)
 
 
 def _no_socket(data: bytes, address: Any) -> int:
@@ -350,7 +417,8 @@ def _no_socket_msg(buffers: Any, anc: Any, flags: int, address: Any) -> int:
 class UDPTransport:
     """The node's UDP port: an IPv4 and an IPv6 socket on one port number.
 
-    ``receiver(data, (host, port))`` gets every datagram; ``host`` is numeric, IPv4-mapped IPv6
+    ``receiver(data, (host, port), now)`` gets every datagram (``now``: the read batch's time,
+    ``IdleGap.now``); ``host`` is numeric, IPv4-mapped IPv6
     addresses come out as plain IPv4, and an IPv6 scope stays in the host (``fe80::1%eth0``), so
     the endpoint can be handed straight back to ``send``.
     """
@@ -362,18 +430,20 @@ class UDPTransport:
 
     def __init__(
         self,
-        receiver: Callable[[bytes, Endpoint], None],
+        receiver: Callable[[bytes, Endpoint, float], None],
         reactor: FDReactor,
         port: int,
         fwmark: int = 0,
         on_batch_end: Callable[[], None] | None = None,
         on_batch_start: Callable[[], None] | None = None,
-        batch_receiver: Callable[[list[bytes], Endpoint], None] | None = None,
+        batch_receiver: Callable[[list[bytes], Endpoint, float], None] | None = None,
         *,
         wireguard_filter: bool = False,
         idle: IdleGap | None = None,
     ) -> None:
-        self._receiver = receiver
+        #: ``receiver(data, source, now)``: every datagram read (the node wires the engine's
+        #: entry point straight here).
+        self.receiver = receiver
         #: Whether a read batch follows an idle moment of the node (shared with the TUN
         #: device): only then is its first datagram handled alone.
         self.idle = idle if idle is not None else IdleGap()
@@ -518,20 +588,27 @@ class UDPTransport:
                     log.warn("cannot attach the UDP socket filter: {error}", error=str(e))
 
     def confirm_source(self, endpoint: Endpoint) -> None:
-        """The datagram being received from ``endpoint`` authenticated (the device's
-        ``on_authenticated_source``): answer that endpoint from the local address it reached.
+        """The datagram being received from ``endpoint`` authenticated: answer that endpoint
+        from the local address it reached.
 
         Called before the device sends any reply to it, so a handshake response already leaves
         from the right address. A datagram that does not authenticate changes nothing here: a
         spoofed one cannot move a peer's replies to another local address."""
+        self.source_authenticated(None, endpoint, 0.0)
+
+    def source_authenticated(self, peer: Peer | None, source: Endpoint, now: float) -> None:
+        """:meth:`confirm_source` in the device's source listener form
+        (``Device.add_source_listener``), registered as it is: one call on every received
+        packet's way instead of two (cold code after an idle moment costs several
+        microseconds a call; docs/datapath.md, "Latency")."""
         pending = self._pending_source
-        if pending is None or pending[0] != endpoint:
+        if pending is None or pending[0] != source:
             return
         self._pending_source = None
         sources = self._sources
         if len(sources) >= MAX_SOURCES:
             sources.clear()
-        sources[endpoint] = (pending[1], _UNDECIDED)
+        sources[source] = (pending[1], _UNDECIDED)
 
     def forget_sources(self) -> None:
         """Drop learned sticky sources, e.g. after local addresses or routes changed."""
@@ -616,7 +693,22 @@ class UDPTransport:
             ) and endpoint not in self._gso_refused:
                 runs[endpoint] = _Run(data)
                 return
-        self._send_now(data, endpoint)
+        # ``_send_now`` inline: a lone packet's send is one call (cold code after an idle
+        # moment costs several microseconds a call, docs/datapath.md, "Latency").
+        try:
+            if ":" in endpoint[0]:
+                self._send6(data, endpoint)
+                return
+            entry = self._sources.get(endpoint)
+            if entry is None or entry[1] is None:
+                self._sendto4(data, endpoint)
+            else:
+                self._send_sticky(data, endpoint, endpoint, entry, False)
+        except OSError as e:
+            if e.errno in _SEND_DROP_ERRNOS:
+                self.send_drops += 1
+            else:
+                self.send_errors += 1
 
     def send_datagrams(self, datagrams: list[bytes], endpoint: Endpoint) -> None:
         """Send several datagrams to one endpoint, in order (the sealed segments of one TUN
@@ -668,6 +760,7 @@ class UDPTransport:
             self._flush_run(endpoint, run)
 
     def _send_now(self, data: bytes, endpoint: Endpoint) -> None:
+        """Send one datagram at once (``send`` holds this inline: keep the two alike)."""
         try:
             if ":" in endpoint[0]:
                 self._send6(data, endpoint)

@@ -153,31 +153,32 @@ class Node:
         #: When the node last read a batch, on the TUN device or the UDP port: a lone packet
         #: after an idle moment goes at once, batches under load stay whole.
         self.idle = IdleGap(reactor.seconds)
+        # The read paths hand packets straight to the engine with their batch's time
+        # (``IdleGap.now``): no call or clock read of the node's own in between.
         self.tun = TunDevice(
             interface,
-            self._packet_from_tun,
+            self.device.packet_from_tun,
             reactor,
             system=tun_system,
             on_gone=self._tun_gone,
             on_batch_end=self._batch_end,
             on_batch_start=self._tun_batch_start,
             offload=tun_system is None,
-            batch_receiver=self._packets_from_tun,
+            batch_receiver=self.device.packets_from_tun,
             idle=self.idle,
         )
         self.udp = UDPTransport(
-            self._datagram_received,
+            self.device.datagram_received,
             reactor,
             listen_port,
             on_batch_end=self._udp_batch_end,
             wireguard_filter=True,
             on_batch_start=self.tun.hold,
-            batch_receiver=self._datagrams_received,
+            batch_receiver=self.device.transport_batch_received,
             idle=self.idle,
         )
-        #: The source of the latest authenticated datagram (the birthday sockets ask).
-        self._authenticated: Endpoint | None = None
-        self.device.add_source_listener(self._authenticated_source)
+        # The UDP port learns which local address to answer from (sticky sources).
+        self.device.add_source_listener(self.udp.source_authenticated)
         #: Handshakes wait behind each read batch's transport data (Device.handshake_backlog).
         self.device.handshake_backlog = deque()
         self._backlog_call: IDelayedCall | None = None
@@ -330,15 +331,20 @@ class Node:
         True when it authenticated (only then may that socket win)."""
         if not self.running:
             return False
-        self._authenticated = None
-        self._datagram_received(data, source)
-        self._batch_end()
-        return self._authenticated == source
+        authenticated: list[Endpoint] = []
 
-    def _authenticated_source(self, peer: Peer, source: Endpoint, now: float) -> None:
-        """The device authenticated a datagram from ``source`` (WireGuard's roaming moment)."""
-        self._authenticated = source
-        self.udp.confirm_source(source)
+        def listener(peer: Peer, source: Endpoint, now: float) -> None:
+            authenticated.append(source)
+
+        # Listening only while this datagram is handled keeps the source listeners of every
+        # other received packet down to the UDP port's own.
+        self.device.add_source_listener(listener)
+        try:
+            self.device.datagram_received(data, source, self._seconds())
+        finally:
+            self.device.remove_source_listener(listener)
+        self._batch_end()
+        return source in authenticated
 
     def _birthday_hit(self, toward: Endpoint) -> None:
         self.mesh_stack.paths.birthday_hit(toward, self._seconds())
@@ -379,18 +385,6 @@ class Node:
             self.on_gone()
 
     # ------------------------------------------------------------------ data path
-
-    def _packet_from_tun(self, packet: bytes) -> None:
-        self.device.packet_from_tun(packet, self._seconds())
-
-    def _packets_from_tun(self, packets: list[bytes]) -> None:
-        self.device.packets_from_tun(packets, self._seconds())
-
-    def _datagrams_received(self, datagrams: list[bytes], source: Endpoint) -> None:
-        self.device.transport_batch_received(datagrams, source, self._seconds())
-
-    def _datagram_received(self, data: bytes, source: Endpoint) -> None:
-        self.device.datagram_received(data, source, self._seconds())
 
     def _tun_batch_start(self) -> None:
         """Hold the datagrams one TUN batch seals, so each peer's leave in few GSO sends."""

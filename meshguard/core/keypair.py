@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshguard.core.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
-from meshguard.core.crypto import TransportCipher
+from meshguard.core.crypto import CryptoError, TransportCipher
 from meshguard.core.replay import ReplayWindow
 
 if TYPE_CHECKING:
     from meshguard.core.peer import Peer
+
+
+def _zeroed(nonce: bytes, plaintext: bytes | memoryview, aad: None) -> bytes:
+    """A zeroed keypair's ``encrypt``: raises as ``TransportCipher.seal`` does once zeroed."""
+    raise CryptoError("transport key has been zeroed")
 
 
 class Keypair:
@@ -22,6 +28,8 @@ class Keypair:
 
     __slots__ = (
         "created",
+        "decrypt",
+        "encrypt",
         "header",
         "is_initiator",
         "local_index",
@@ -54,6 +62,14 @@ class Keypair:
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.header = struct.pack("<II", 4, remote_index)
+        #: The bound AEAD calls (``TransportCipher.encryptor``/``decryptor``), taken once: the
+        #: lone packet's path reads an attribute instead of making a call, which costs several
+        #: microseconds of cold interpreter after an idle moment (docs/datapath.md,
+        #: "Latency"). ``zero`` replaces them.
+        self.encrypt: Callable[[bytes, bytes | memoryview, None], bytes] = self.sender.encryptor()
+        self.decrypt: Callable[[bytes, bytes | memoryview, None], bytes] | None = (
+            self.receiver.decryptor()
+        )
 
     def can_send(self, now: float) -> bool:
         """Whether this keypair may still seal a message (REJECT limits by time and count)."""
@@ -67,6 +83,8 @@ class Keypair:
         """Drop the cipher objects so no key material stays reachable from this keypair."""
         self.sender.zero()
         self.receiver.zero()
+        self.encrypt = _zeroed
+        self.decrypt = None
 
 
 class Keypairs:
