@@ -1,0 +1,595 @@
+"""A whole cold hop through a real node: reactor, adapters, node and engine, in process.
+
+``lone_path.py`` measures the engine's share of an idle ping's two cold hops; ``hops.py``
+measures real hops but cannot resolve a change of 5-10 us on a shared machine. This runs two
+real :class:`meshguard.app.node.Node` objects, each on its own fresh ``HotReactor``, in one
+process without privileges, and measures each cold hop from the reactor's poll to the next:
+
+- TUN: the node's ``TunDevice`` with the virtio-net header, as in production, on one end of
+  an ``AF_UNIX`` ``SOCK_SEQPACKET`` pair in place of ``/dev/net/tun`` (``tun_system=``; the
+  same ``readv``/``writev`` calls, one frame per record); the benchmark holds the other end.
+- UDP: the nodes' real sockets. Node A's peer endpoint is a socket of the benchmark's on
+  127.0.0.1 (the *wire*), which relays between the nodes while idle and holds a datagram in
+  flight while a hop is measured; its receive timestamps say when a datagram left.
+- Send hop: an 84-byte ICMP echo request (a virtio-net header of zeros, then the packet)
+  written into A's TUN end; A's reactor iteration reads it, seals it and sends it.
+  Receive hop: that datagram put on B's socket; B's iteration opens it and writes the
+  packet to its TUN end.
+
+Each hop is one call of the reactor's ``doIteration`` (the poll finds the descriptor ready at
+once), then the rest of the loop up to the next poll (``HotReactor._turns`` with its poll
+replaced by a stop, when the tree has it): the timer pass a hop's new timers cost.
+
+- Work: Python calls, C calls (``sys.setprofile``) and bytecode instructions (``sys.settrace``
+  opcode events) from the ``epoll`` return to the hop's system call (``sendto``/``sendmsg``
+  for send, ``writev``/``write`` for receive), and to the next poll; deterministic,
+  comparable across trees.
+- Cold: thread CPU time of the whole iteration, and wall time from its start to the system
+  call (the kernel's receive timestamp of the datagram on the wire socket, or of the packet
+  on B's TUN end), after reading a 32 MiB buffer (which evicts the caches, as an idle moment
+  does); median and best of ``--rounds``. Warm: the same without the eviction (but after the
+  node's idle gap, so the same lone path runs).
+
+    python3 benchmarks/lone_hop.py [--tree PATH ...] [--rounds 200] [--plugins]
+
+With several ``--tree``, each tree runs in its own process and the rounds go round-robin in
+chunks, so the load of the machine falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from types import FrameType
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: System calls that end a hop: the datagram leaves (send) or the packet is written (receive).
+SEND_CALLS = frozenset({"sendto", "sendmsg"})
+WRITE_CALLS = frozenset({"writev", "write"})
+VNET_HEADER = bytes(10)
+#: More than the node's idle gap (2 ms): every measured batch is a lone one.
+PAUSE = 0.003
+_TIMESPEC = struct.Struct("=qq")
+#: Linux's ``SO_TIMESTAMPNS`` (also the control message's type); Python does not name it.
+SO_TIMESTAMPNS = 35
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def echo_request(sequence: int) -> bytes:
+    """An 84-byte IPv4 ICMP echo request 10.0.0.1 -> 10.0.0.2, as ``ping`` sends."""
+    payload = bytes(range(56))
+    icmp = struct.pack("!BBHHH", 8, 0, 0, 0x4D47, sequence & 0xFFFF) + payload
+    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(icmp),
+        sequence & 0xFFFF,
+        0x4000,
+        64,
+        1,
+        0,
+        socket.inet_aton("10.0.0.1"),
+        socket.inet_aton("10.0.0.2"),
+    )
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return header + icmp
+
+
+class PairTun:
+    """A ``TunSystem`` whose device is one end of a ``SOCK_SEQPACKET`` pair (no privileges).
+
+    ``readv``/``writev`` are ``os``'s own, so the node's calls are the ones it makes on a real
+    TUN device; ``ioctl`` accepts the interface request and the first offload set.
+    """
+
+    O_RDWR = os.O_RDWR
+    O_NONBLOCK = os.O_NONBLOCK
+    O_CLOEXEC = os.O_CLOEXEC
+    read = staticmethod(os.read)
+    write = staticmethod(os.write)
+    readv = staticmethod(os.readv)
+    writev = staticmethod(os.writev)
+    close = staticmethod(os.close)
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        theirs.setblocking(False)
+        theirs.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        ours.setblocking(False)
+        #: The benchmark's end: what the node writes arrives here, what it reads is sent here.
+        self.far = theirs
+        self._fd = ours.detach()
+
+    def open(self, name: bytes, flags: int, mode: int = 0o777) -> int:
+        return self._fd
+
+    def ioctl(self, fd: int, request: int, arg: bytes | int) -> bytes:
+        return arg if isinstance(arg, bytes) else b""
+
+
+def _received(sock: socket.socket) -> Iterator[tuple[bytes, Any, int]]:
+    """Everything queued on ``sock``: (data, source, kernel receive time in ns or 0)."""
+    space = socket.CMSG_SPACE(_TIMESPEC.size)
+    while True:
+        try:
+            data, anc, _flags, source = sock.recvmsg(65536, space)
+        except BlockingIOError:
+            return
+        stamp = 0
+        for level, kind, value in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack(value[: _TIMESPEC.size])
+                stamp = seconds * 1_000_000_000 + nanoseconds
+        yield data, source, stamp
+
+
+class Bench:
+    """Two nodes, their reactors, the wire between them, and the hops' measures."""
+
+    def __init__(self, plugins: bool, evict_bytes: int, idle: float = 0.02) -> None:
+        from meshguard.adapters.hot_reactor import HotReactor
+        from meshguard.app.node import Node
+        from meshguard.codecs.config import parse_config
+        from meshguard.core.crypto import generate_private_key, public_key
+
+        self.big = bytearray(evict_bytes)
+        self.idle = idle
+        self.wire = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.wire.bind(("127.0.0.1", 0))
+        self.wire.setblocking(False)
+        self.wire.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.wire.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        wire_port = self.wire.getsockname()[1]
+        keys = [generate_private_key(os.urandom) for _ in range(2)]
+        text = [base64.b64encode(k).decode() for k in keys]
+        pub = [base64.b64encode(public_key(k)).decode() for k in keys]
+        self.reactors: list[Any] = []
+        self.tuns: list[PairTun] = []
+        self.nodes: list[Any] = []
+        for i, name in enumerate(("mghopa", "mghopb")):
+            reactor = HotReactor()
+            tun = PairTun()
+            try:
+                node = Node(name, reactor, tun_system=tun, plugins=plugins)
+            except TypeError:  # a tree without the plugins switch
+                node = Node(name, reactor, tun_system=tun)
+            # Production opens the device with the virtio-net header (offload); the node asks
+            # for it only without an injected system, so ask here.
+            if hasattr(node.tun, "offload"):
+                node.tun.offload = True
+            node.open()
+            other = 1 - i
+            peer = f"[Peer]\nPublicKey = {pub[other]}\nAllowedIPs = 10.0.0.{other + 1}/32\n" + (
+                f"Endpoint = 127.0.0.1:{wire_port}\n" if i == 0 else ""
+            )
+            config = f"[Interface]\nPrivateKey = {text[i]}\n\n{peer}"
+            node.apply_config(parse_config(config, f"{name}.conf"))
+            node.start()
+            self.reactors.append(reactor)
+            self.tuns.append(tun)
+            self.nodes.append(node)
+        self.ports = [node.udp.local_port for node in self.nodes]
+        # The reactors' own poll (one iteration), whatever the instance's attribute says.
+        self.polls = [type(r).doIteration.__get__(r) for r in self.reactors]
+        self.last_batch = time.monotonic()
+        self.sequence = 0
+        #: Datagrams a hop sent besides its own (a timer due in its tail).
+        self.strays = 0
+        self.stop_code: Any = None
+        self._handshake()
+
+    # -- idle traffic -----------------------------------------------------------------------
+
+    def relay(self) -> int:
+        """Forward what waits on the wire to the other node; drain both TUN ends."""
+        moved = 0
+        for data, source, _stamp in list(_received(self.wire)):
+            if source[1] in self.ports:
+                other = self.ports[1 - self.ports.index(source[1])]
+                self.wire.sendto(data, ("127.0.0.1", other))
+                moved += 1
+        for tun in self.tuns:
+            moved += len(list(_received(tun.far)))
+        return moved
+
+    def settle(self) -> None:
+        """Run both nodes' due timers and everything in flight until all is quiet."""
+        quiet = 0
+        for _ in range(200):
+            for reactor, poll in zip(self.reactors, self.polls, strict=True):
+                reactor.runUntilCurrent()
+                poll(0)
+            if self.relay():
+                quiet = 0
+                self.last_batch = time.monotonic()
+            else:
+                quiet += 1
+                if quiet >= 3:
+                    return
+
+    def _handshake(self) -> None:
+        """A's first packet starts the handshake; B confirms the session on the data."""
+        for _ in range(5):
+            self.settle()
+            self.send_request()
+            self.pause()
+            self.polls[0](0)
+            self.settle()
+            if self.nodes[1].device.counters.as_dict().get("replayed", 0) == 0 and any(
+                p.rx_bytes for p in self.nodes[1].device.peers.values()
+            ):
+                return
+        raise RuntimeError("the nodes did not complete a handshake")
+
+    def send_request(self) -> bytes:
+        self.sequence += 1
+        packet = echo_request(self.sequence)
+        self.tuns[0].far.send(VNET_HEADER + packet)
+        return packet
+
+    def pause(self) -> None:
+        """Wait (spinning, so the caches stay as they are) until the next batch is lone."""
+        until = self.last_batch + PAUSE
+        while time.monotonic() < until:
+            pass
+
+    def evict(self) -> None:
+        bytes(self.big)
+
+    @contextmanager
+    def warm(self) -> Iterator[None]:
+        """Every read batch lone at once (the nodes' idle gap 0), so the lone path runs warm.
+
+        Waiting out the gap is no way to keep it warm: on this VM a hop after spinning in
+        place for 3 ms took about five times its CPU time right after the last (0.3 ms: 1.5
+        times), the caches decaying with time whatever the process does. A tree without
+        ``IdleGap.gap`` waits instead."""
+        gaps = [getattr(node, "idle", None) for node in self.nodes]
+        saved = [getattr(g, "gap", None) for g in gaps]
+        try:
+            for g in gaps:
+                if g is not None and hasattr(g, "gap"):
+                    g.gap = 0.0
+            yield
+        finally:
+            for g, gap in zip(gaps, saved, strict=True):
+                if g is not None and gap is not None:
+                    g.gap = gap
+
+    # -- one hop ----------------------------------------------------------------------------
+
+    def _turns(self, reactor: Any) -> Callable[[], None] | None:
+        """The loop from after a hop's dispatch to its next poll (``_turns``, its poll replaced
+        by a stop), or None on a tree whose reactor has no ``_turns``."""
+        turns: Callable[[], None] | None = getattr(reactor, "_turns", None)
+        if turns is None:
+            return None
+
+        def stop(timeout: Any) -> None:
+            reactor._started = False
+
+        reactor.doIteration = stop
+        self.stop_code = stop.__code__
+        return turns
+
+    def hop(
+        self,
+        index: int,
+        mode: str,
+        collect: Callable[[], tuple[bytes, int]],
+        hooks: tuple[Any, Any] | None = None,
+    ) -> tuple[int, int, int, bytes]:
+        """(thread CPU ns of the iteration, wall ns of it, wall ns to the system call, output)."""
+        reactor = self.reactors[index]
+        poll = self.polls[index]
+        turns = self._turns(reactor)
+        if mode == "cold":
+            self.evict()
+        elif mode == "idle":
+            time.sleep(self.idle)
+        if mode != "warm":
+            self.pause()
+        thread, wall = time.thread_time_ns, time.time_ns
+        if hooks is not None:
+            sys.setprofile(hooks[0])
+            sys.settrace(hooks[1])
+        c0 = thread()
+        w0 = wall()
+        poll(0)
+        if turns is not None:
+            reactor._started = True
+            turns()
+        w1 = wall()
+        c1 = thread()
+        if hooks is not None:
+            sys.setprofile(None)
+            sys.settrace(None)
+        self.last_batch = time.monotonic()
+        try:
+            del reactor.doIteration
+        except AttributeError:
+            pass
+        output, stamp = collect()
+        return c1 - c0, w1 - w0, (stamp - w0) if stamp else w1 - w0, output
+
+    def _from_wire(self) -> tuple[bytes, int]:
+        """The hop's datagram; anything else A sent (a timer's) goes on at the next relay."""
+        got = [(d, s) for d, source, s in _received(self.wire) if source[1] == self.ports[0]]
+        if not got:
+            raise RuntimeError("node A sent nothing in its hop")
+        for data, _stamp in got[1:]:
+            self.strays += 1
+            self.wire.sendto(data, ("127.0.0.1", self.ports[1]))
+        return got[0]
+
+    def _from_tun(self) -> tuple[bytes, int]:
+        got = [(d, s) for d, _source, s in _received(self.tuns[1].far)]
+        if len(got) != 1:
+            raise RuntimeError(f"node B wrote {len(got)} packets in its hop, not 1")
+        return got[0]
+
+    def round(
+        self, mode: str, hooks: tuple[Any, Any] | None = None, hooks2: tuple[Any, Any] | None = None
+    ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """One echo request through both hops: ((cpu, wall, to syscall) send, ... receive).
+
+        ``mode``: "cold" (the caches evicted first), "idle" (a sleep of ``idle`` s first) or
+        "warm" (none; call it inside :meth:`warm`, which makes every batch a lone one)."""
+        self.settle()
+        packet = self.send_request()
+        cpu, wall, to_call, datagram = self.hop(0, mode, self._from_wire, hooks)
+        self.wire.sendto(datagram, ("127.0.0.1", self.ports[1]))
+        cpu2, wall2, to_call2, written = self.hop(1, mode, self._from_tun, hooks2)
+        if written != VNET_HEADER + packet:
+            raise RuntimeError("node B wrote something else than the echo request")
+        return (cpu, wall, to_call), (cpu2, wall2, to_call2)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        for reactor in self.reactors:
+            reactor.removeAll()
+            waker = getattr(reactor, "waker", None)
+            if waker is not None:
+                os.close(waker.i)
+                os.close(waker.o)
+            reactor._poller.close()
+        self.wire.close()
+        for tun in self.tuns:
+            tun.far.close()
+
+
+class Work:
+    """Counts of one hop: from the poll's return to the first of ``calls``, and to the next
+    poll (the tail's stop)."""
+
+    def __init__(self, calls: frozenset[str], bench: Bench) -> None:
+        self.calls = calls
+        self.bench = bench
+        self.counting = False
+        self.counts = [0, 0, 0]
+        self.at_call: tuple[int, int, int] | None = None
+        self.at_end: tuple[int, int, int] | None = None
+
+    def hooks(self) -> tuple[Any, Any]:
+        counts = self.counts
+
+        def profile(frame: FrameType, event: str, arg: Any) -> None:
+            if not self.counting:
+                if event == "c_return" and getattr(arg, "__name__", "") == "poll":
+                    self.counting = True
+                return
+            if event == "call":
+                if frame.f_code is self.bench.stop_code:
+                    self.at_end = (counts[0], counts[1], counts[2])
+                    self.counting = False
+                    return
+                counts[0] += 1
+            elif event == "c_call":
+                if self.at_call is None and getattr(arg, "__name__", "") in self.calls:
+                    self.at_call = (counts[0], counts[1], counts[2])
+                counts[1] += 1
+
+        def trace(frame: FrameType, event: str, arg: Any) -> Any:
+            frame.f_trace_opcodes = True
+            if event == "opcode" and self.counting:
+                counts[2] += 1
+            return trace
+
+        return profile, trace
+
+    def result(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        end = self.at_end if self.at_end is not None else (self.counts[0], *self.counts[1:])
+        call = self.at_call if self.at_call is not None else (0, 0, 0)
+        return call, (end[0], end[1], end[2])
+
+
+MODES = ("cold", "idle", "warm")
+
+
+def measure(bench: Bench, rounds: int, modes: tuple[str, ...] = MODES) -> dict[str, list[int]]:
+    """``rounds`` rounds of each mode in turn (warm after one unmeasured: a round right after a
+    cold one finds the node the eviction came before cold)."""
+    samples: dict[str, list[int]] = {}
+    for mode in modes:
+        with bench.warm() if mode == "warm" else nullcontext():
+            if mode == "warm":
+                bench.round(mode)
+            for _ in range(rounds):
+                send, receive = bench.round(mode)
+                for hop, figures in (("send", send), ("receive", receive)):
+                    for what, value in zip(("cpu", "wall", "call"), figures, strict=True):
+                        samples.setdefault(f"{mode} {hop} {what}", []).append(value)
+    return samples
+
+
+def count(bench: Bench) -> dict[str, Any]:
+    """The work of each hop (the lone path, warm), counted on three rounds, which agree
+    unless a timer came due in one."""
+    found: dict[str, Any] = {}
+    with bench.warm():
+        for _ in range(3):
+            send, receive = Work(SEND_CALLS, bench), Work(WRITE_CALLS, bench)
+            bench.round("warm", send.hooks(), receive.hooks())
+            for hop, work in (("send", send), ("receive", receive)):
+                found.setdefault(hop, []).append(work.result())
+    return found
+
+
+def _start(args: argparse.Namespace) -> Bench:
+    bench = Bench(args.plugins, args.evict_mib << 20, args.idle_ms / 1e3)
+    with bench.warm():
+        for _ in range(5):
+            bench.round("warm")
+    return bench
+
+
+def run(args: argparse.Namespace, chunks: Iterator[int]) -> Iterator[dict[str, Any]]:
+    """One tree in this process: its work counts, then the samples of each chunk of rounds."""
+    bench = _start(args)
+    try:
+        yield {"work": count(bench)}
+        for rounds in chunks:
+            yield {"samples": measure(bench, rounds), "strays": bench.strays}
+    finally:
+        bench.close()
+
+
+def _us(values: list[int]) -> str:
+    return f"{statistics.median(values) / 1e3:.1f} / {min(values) / 1e3:.1f}"
+
+
+def report(label: str, result: dict[str, Any], out: Any = sys.stdout) -> None:
+    """The tree's work counts and, per mode and hop, medians and bests in microseconds."""
+    samples = result["samples"]
+    print(f"tree {label}", file=out)
+    for hop in ("send", "receive"):
+        runs = result["work"][hop]
+        call, end = runs[-1]
+        same = "" if all(r == runs[0] for r in runs) else f" (rounds differed: {runs})"
+        print(
+            f"  {hop} work, Python calls / C calls / opcodes from the epoll return: to the "
+            f"system call {'/'.join(map(str, call))}, to the next poll "
+            f"{'/'.join(map(str, end))}{same}",
+            file=out,
+        )
+    n = len(samples.get("cold send cpu", []))
+    print(
+        f"  us, median / best of {n}: CPU of the iteration, wall to the system call, wall of "
+        "the iteration",
+        file=out,
+    )
+    for mode in MODES:
+        parts = [
+            f"{hop} {_us(samples[f'{mode} {hop} cpu'])}, {_us(samples[f'{mode} {hop} call'])}, "
+            f"{_us(samples[f'{mode} {hop} wall'])}"
+            for hop in ("send", "receive")
+        ]
+        print(f"  {mode:5} " + "; ".join(parts), file=out)
+    if result.get("strays"):
+        print(f"  ({result['strays']} hops also sent a timer's datagram)", file=out)
+
+
+def _child(args: argparse.Namespace) -> None:
+    """Run one tree's rounds on request: a line with a number in, a JSON line out."""
+    chunks = (int(line) for line in sys.stdin)
+    for answer in run(args, chunks):
+        print(json.dumps(answer), flush=True)
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tree", action="append", help="a meshguard tree (repeatable)")
+    parser.add_argument("--rounds", type=int, default=200, help="rounds of each mode")
+    parser.add_argument("--chunk", type=int, default=20, help="rounds per turn of each tree")
+    parser.add_argument("--evict-mib", type=int, default=32, help="bytes read to evict caches")
+    parser.add_argument("--idle-ms", type=float, default=20.0, help="the idle mode's sleep")
+    parser.add_argument("--plugins", action="store_true", help="load the plugins, as a service")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    trees = [os.path.abspath(t) for t in (args.tree or [os.path.join(HERE, "..")])]
+    if args.child:
+        sys.path.insert(0, trees[0])
+        _child(args)
+        return
+    print(f"load average {_load()}", flush=True)
+    children = []
+    for tree in trees:
+        command = [sys.executable, os.path.abspath(__file__), "--child", "--tree", tree]
+        command += ["--evict-mib", str(args.evict_mib), "--idle-ms", str(args.idle_ms)]
+        command += ["--plugins"] if args.plugins else []
+        env = dict(os.environ, PYTHONPATH=tree)
+        children.append(
+            subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            )
+        )
+    results: list[dict[str, Any]] = []
+    for tree, child in zip(trees, children, strict=True):
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if not line:
+            raise SystemExit(f"the benchmark failed on {tree} (its error is above)")
+        results.append({"work": json.loads(line)["work"], "samples": {}, "strays": 0})
+    left = args.rounds
+    while left > 0:
+        chunk = min(args.chunk, left)
+        left -= chunk
+        for tree, child, result in zip(trees, children, results, strict=True):
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(f"{chunk}\n")
+            child.stdin.flush()
+            line = child.stdout.readline()
+            if not line:
+                raise SystemExit(f"the benchmark failed on {tree} (its error is above)")
+            answer = json.loads(line)
+            result["strays"] = answer["strays"]
+            for key, values in answer["samples"].items():
+                result["samples"].setdefault(key, []).extend(values)
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait()
+    for tree, result in zip(trees, results, strict=True):
+        report(tree, result)
+    print(f"load average {_load()}")
+
+
+if __name__ == "__main__":
+    main()
