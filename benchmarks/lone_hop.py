@@ -386,7 +386,7 @@ class Bench:
 
 class Work:
     """Counts of one hop: from the poll's return to the first of ``calls``, and to the next
-    poll (the tail's stop)."""
+    poll (the tail's stop); and the call tree between, each Python call with its own opcodes."""
 
     def __init__(self, calls: frozenset[str], bench: Bench) -> None:
         self.calls = calls
@@ -395,9 +395,15 @@ class Work:
         self.counts = [0, 0, 0]
         self.at_call: tuple[int, int, int] | None = None
         self.at_end: tuple[int, int, int] | None = None
+        #: [depth, label, own opcodes] per Python call, [depth, label, -1] per C call.
+        self.tree: list[list[Any]] = []
+        self._frames: dict[int, list[Any]] = {}
+        self._depth = 0
 
     def hooks(self) -> tuple[Any, Any]:
         counts = self.counts
+        tree = self.tree
+        frames = self._frames
 
         def profile(frame: FrameType, event: str, arg: Any) -> None:
             if not self.counting:
@@ -405,20 +411,42 @@ class Work:
                     self.counting = True
                 return
             if event == "call":
-                if frame.f_code is self.bench.stop_code:
+                code = frame.f_code
+                if code is self.bench.stop_code:
                     self.at_end = (counts[0], counts[1], counts[2])
                     self.counting = False
                     return
                 counts[0] += 1
+                where = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+                entry = [self._depth, f"{code.co_qualname} ({where})", 0]
+                tree.append(entry)
+                frames[id(frame)] = entry
+                self._depth += 1
+            elif event == "return":
+                self._depth = max(0, self._depth - 1)
+                frames.pop(id(frame), None)
             elif event == "c_call":
+                name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
+                label = f"[{name}]"
                 if self.at_call is None and getattr(arg, "__name__", "") in self.calls:
                     self.at_call = (counts[0], counts[1], counts[2])
+                    label += "  <- the hop's system call"
+                tree.append([self._depth, label, -1])
                 counts[1] += 1
 
         def trace(frame: FrameType, event: str, arg: Any) -> Any:
             frame.f_trace_opcodes = True
             if event == "opcode" and self.counting:
                 counts[2] += 1
+                entry = frames.get(id(frame))
+                if entry is None:
+                    # A frame entered before the poll returned (the reactor's own).
+                    code = frame.f_code
+                    where = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+                    entry = [0, f"{code.co_qualname} ({where}), after the poll", 0]
+                    tree.append(entry)
+                    frames[id(frame)] = entry
+                entry[2] += 1
             return trace
 
         return profile, trace
@@ -427,6 +455,13 @@ class Work:
         end = self.at_end if self.at_end is not None else (self.counts[0], *self.counts[1:])
         call = self.at_call if self.at_call is not None else (0, 0, 0)
         return call, (end[0], end[1], end[2])
+
+    def listing(self) -> list[str]:
+        """The call tree, one line per call: Python calls with their own opcodes, [C calls]."""
+        return [
+            "  " * depth + (label if ops < 0 else f"{label} {ops}")
+            for depth, label, ops in self.tree
+        ]
 
 
 MODES = ("cold", "idle", "warm")
@@ -458,6 +493,7 @@ def count(bench: Bench) -> dict[str, Any]:
             bench.round("warm", send.hooks(), receive.hooks())
             for hop, work in (("send", send), ("receive", receive)):
                 found.setdefault(hop, []).append(work.result())
+                found[f"{hop} calls"] = work.listing()
     return found
 
 
@@ -537,6 +573,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--evict-mib", type=int, default=32, help="bytes read to evict caches")
     parser.add_argument("--idle-ms", type=float, default=20.0, help="the idle mode's sleep")
     parser.add_argument("--plugins", action="store_true", help="load the plugins, as a service")
+    parser.add_argument(
+        "--calls", action="store_true", help="print each hop's call tree (own opcodes per call)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -587,6 +626,10 @@ def main(argv: list[str] | None = None) -> None:
         child.stdin.close()
         child.wait()
     for tree, result in zip(trees, results, strict=True):
+        if args.calls:
+            for hop in ("send", "receive"):
+                print(f"{hop} hop's calls, {tree} (from the epoll return to the next poll):")
+                print("\n".join("  " + line for line in result["work"][f"{hop} calls"]))
         report(tree, result)
     print(f"load average {_load()}")
 
