@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import cProfile
 import json
 import os
 import socket
@@ -51,13 +52,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: System calls that end a hop: the datagram leaves (send) or the packet is written (receive).
 SEND_CALLS = frozenset({"sendto", "sendmsg"})
 WRITE_CALLS = frozenset({"writev", "write"})
+#: Every system call a hop makes (the poll's too), for the ``--steps`` summary.
+SYSTEM_CALLS = ("poll", "readv", "writev", "recvmsg", "sendto", "sendmsg", "read", "write")
 VNET_HEADER = bytes(10)
 #: More than the node's idle gap (2 ms): every measured batch is a lone one.
 PAUSE = 0.003
@@ -146,6 +149,14 @@ def _received(sock: socket.socket) -> Iterator[tuple[bytes, Any, int]]:
                 seconds, nanoseconds = _TIMESPEC.unpack(value[: _TIMESPEC.size])
                 stamp = seconds * 1_000_000_000 + nanoseconds
         yield data, source, stamp
+
+
+class Profiler(Protocol):
+    """What watches a hop: :class:`Work`, or ``cProfile.Profile``."""
+
+    def enable(self) -> None: ...
+
+    def disable(self) -> None: ...
 
 
 class Bench:
@@ -302,7 +313,7 @@ class Bench:
         index: int,
         mode: str,
         collect: Callable[[], tuple[bytes, int]],
-        hooks: tuple[Any, Any] | None = None,
+        hooks: Profiler | None = None,
     ) -> tuple[int, int, int, bytes]:
         """(thread CPU ns of the iteration, wall ns of it, wall ns to the system call, output)."""
         reactor = self.reactors[index]
@@ -315,20 +326,18 @@ class Bench:
         if mode != "warm":
             self.pause()
         thread, wall = time.thread_time_ns, time.time_ns
-        if hooks is not None:
-            sys.setprofile(hooks[0])
-            sys.settrace(hooks[1])
         c0 = thread()
         w0 = wall()
+        if hooks is not None:
+            hooks.enable()
         poll(0)
         if turns is not None:
             reactor._started = True
             turns()
+        if hooks is not None:
+            hooks.disable()
         w1 = wall()
         c1 = thread()
-        if hooks is not None:
-            sys.setprofile(None)
-            sys.settrace(None)
         self.last_batch = time.monotonic()
         try:
             del reactor.doIteration
@@ -354,7 +363,7 @@ class Bench:
         return got[0]
 
     def round(
-        self, mode: str, hooks: tuple[Any, Any] | None = None, hooks2: tuple[Any, Any] | None = None
+        self, mode: str, hooks: Profiler | None = None, hooks2: Profiler | None = None
     ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         """One echo request through both hops: ((cpu, wall, to syscall) send, ... receive).
 
@@ -399,6 +408,15 @@ class Work:
         self.tree: list[list[Any]] = []
         self._frames: dict[int, list[Any]] = {}
         self._depth = 0
+        self._hooks = self.hooks()
+
+    def enable(self) -> None:
+        sys.setprofile(self._hooks[0])
+        sys.settrace(self._hooks[1])
+
+    def disable(self) -> None:
+        sys.setprofile(None)
+        sys.settrace(None)
 
     def hooks(self) -> tuple[Any, Any]:
         counts = self.counts
@@ -490,10 +508,38 @@ def count(bench: Bench) -> dict[str, Any]:
     with bench.warm():
         for _ in range(3):
             send, receive = Work(SEND_CALLS, bench), Work(WRITE_CALLS, bench)
-            bench.round("warm", send.hooks(), receive.hooks())
+            bench.round("warm", send, receive)
             for hop, work in (("send", send), ("receive", receive)):
                 found.setdefault(hop, []).append(work.result())
                 found[f"{hop} calls"] = work.listing()
+    return found
+
+
+def _label(function: tuple[str, int, str]) -> str:
+    path, line, name = function
+    return f"{name} ({os.path.basename(path)}:{line})" if line else name
+
+
+def steps(bench: Bench, rounds: int) -> dict[str, Any]:
+    """Where each hop's time goes: ``cProfile`` (a C hook, about 0.1 us an event) over
+    ``rounds`` cold and as many warm rounds; per function its calls per hop and its own time
+    per hop (system calls included: ``{method 'sendto' ...}`` is the call's whole time), in
+    ns. The hook's cost is in every figure, warm and cold alike."""
+    found: dict[str, Any] = {}
+    for mode in ("cold", "warm"):
+        profiles = (cProfile.Profile(), cProfile.Profile())
+        with bench.warm() if mode == "warm" else nullcontext():
+            if mode == "warm":
+                bench.round(mode)
+            for _ in range(rounds):
+                bench.round(mode, *profiles)
+        for hop, profile in zip(("send", "receive"), profiles, strict=True):
+            profile.create_stats()
+            table = found.setdefault(hop, {})
+            for function, (_cc, calls, own, _cumulative, _callers) in profile.stats.items():
+                entry = table.setdefault(_label(function), [0.0, 0, 0])
+                entry[0] = calls / rounds
+                entry[1 if mode == "cold" else 2] = round(own / rounds * 1e9)
     return found
 
 
@@ -509,7 +555,7 @@ def run(args: argparse.Namespace, chunks: Iterator[int]) -> Iterator[dict[str, A
     """One tree in this process: its work counts, then the samples of each chunk of rounds."""
     bench = _start(args)
     try:
-        yield {"work": count(bench)}
+        yield {"work": count(bench), "steps": steps(bench, args.steps) if args.steps else {}}
         for rounds in chunks:
             yield {"samples": measure(bench, rounds), "strays": bench.strays}
     finally:
@@ -551,6 +597,32 @@ def report(label: str, result: dict[str, Any], out: Any = sys.stdout) -> None:
         print(f"  ({result['strays']} hops also sent a timer's datagram)", file=out)
 
 
+def print_steps(title: str, table: dict[str, list[float]], rounds: int) -> None:
+    """The functions by cold own time, with their warm own time and the difference."""
+    print(f"{title}: own time per hop, us, {rounds} rounds each (cProfile's cost included)")
+    print(f"  {'cold':>7} {'warm':>7} {'cold-warm':>9} {'calls':>5}  function")
+    totals: dict[str, list[int]] = {}
+    for name, (calls, cold, warm) in sorted(table.items(), key=lambda item: -item[1][1]):
+        if name.startswith(("stop (lone_hop.py", "<method 'disable' of '_lsprof")):
+            continue  # the benchmark's own
+        if any(f"{call}'" in name or f".{call}>" in name for call in SYSTEM_CALLS):
+            kind = "system calls"
+        elif name.startswith("<"):
+            kind = "other C calls"
+        else:
+            kind = "Python functions"
+        for key in (kind, "all"):
+            total = totals.setdefault(key, [0, 0])
+            total[0] += int(cold)
+            total[1] += int(warm)
+        print(
+            f"  {cold / 1e3:7.1f} {warm / 1e3:7.1f} {(cold - warm) / 1e3:9.1f} {calls:5.1f}  {name}"
+        )
+    for kind in ("Python functions", "other C calls", "system calls", "all"):
+        cold, warm = totals.get(kind, [0, 0])
+        print(f"  {cold / 1e3:7.1f} {warm / 1e3:7.1f} {(cold - warm) / 1e3:9.1f}        {kind}")
+
+
 def _child(args: argparse.Namespace) -> None:
     """Run one tree's rounds on request: a line with a number in, a JSON line out."""
     chunks = (int(line) for line in sys.stdin)
@@ -576,6 +648,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--calls", action="store_true", help="print each hop's call tree (own opcodes per call)"
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile N cold and N warm rounds (cProfile): each function's own time per hop",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -593,6 +672,7 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, os.path.abspath(__file__), "--child", "--tree", tree]
         command += ["--evict-mib", str(args.evict_mib), "--idle-ms", str(args.idle_ms)]
         command += ["--plugins"] if args.plugins else []
+        command += ["--steps", str(args.steps)]
         env = dict(os.environ, PYTHONPATH=tree)
         children.append(
             subprocess.Popen(
@@ -605,7 +685,8 @@ def main(argv: list[str] | None = None) -> None:
         line = child.stdout.readline()
         if not line:
             raise SystemExit(f"the benchmark failed on {tree} (its error is above)")
-        results.append({"work": json.loads(line)["work"], "samples": {}, "strays": 0})
+        first = json.loads(line)
+        results.append({"work": first["work"], "steps": first["steps"], "samples": {}, "strays": 0})
     left = args.rounds
     while left > 0:
         chunk = min(args.chunk, left)
@@ -630,6 +711,9 @@ def main(argv: list[str] | None = None) -> None:
             for hop in ("send", "receive"):
                 print(f"{hop} hop's calls, {tree} (from the epoll return to the next poll):")
                 print("\n".join("  " + line for line in result["work"][f"{hop} calls"]))
+        if args.steps:
+            for hop in ("send", "receive"):
+                print_steps(f"{hop} hop, {tree}", result["steps"][hop], args.steps)
         report(tree, result)
     print(f"load average {_load()}")
 
