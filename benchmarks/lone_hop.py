@@ -14,7 +14,10 @@ process without privileges, and measures each cold hop from the reactor's poll t
 - Send hop: an 84-byte ICMP echo request (a virtio-net header of zeros, then the packet)
   written into A's TUN end; A's reactor iteration reads it, seals it and sends it.
   Receive hop: that datagram put on B's socket; B's iteration opens it and writes the
-  packet to its TUN end.
+  packet to its TUN end. B's TUN end answers inside that write, as the kernel does (the
+  echo reply queued for reading), so B's iteration goes on to read, seal and send the reply
+  (``read_replies``), as in a real ping; ``--no-reply`` leaves that out.
+  Back hop: the reply's datagram put on A's socket; A opens it and writes it to its TUN end.
 
 Each hop is one call of the reactor's ``doIteration`` (the poll finds the descriptor ready at
 once), then the rest of the loop up to the next poll (``HotReactor._turns`` with its poll
@@ -22,15 +25,17 @@ replaced by a stop, when the tree has it): the timer pass a hop's new timers cos
 
 - Work: Python calls, C calls (``sys.setprofile``) and bytecode instructions (``sys.settrace``
   opcode events) from the ``epoll`` return to the hop's system call (``sendto``/``sendmsg``
-  for send, ``writev``/``write`` for receive), and to the next poll; deterministic,
-  comparable across trees.
+  for send, ``writev``/``write`` for receive and back; then the reply's ``sendto``), and to
+  the next poll; deterministic, comparable across trees. ``--calls`` prints the call trees.
 - Cold: thread CPU time of the whole iteration, and wall time from its start to the system
   call (the kernel's receive timestamp of the datagram on the wire socket, or of the packet
   on B's TUN end), after reading a 32 MiB buffer (which evicts the caches, as an idle moment
-  does); median and best of ``--rounds``. Warm: the same without the eviction (but after the
-  node's idle gap, so the same lone path runs).
+  does), or after a sleep of ``--idle-ms`` (idle); median and best of ``--rounds``. Warm:
+  neither, with the nodes' idle gap set to 0 so that the same lone path runs. With the
+  reply, also the wall time from B's TUN write to its reply's ``sendto``.
+- ``--steps N``: ``cProfile`` over N cold and N warm rounds: each function's own time.
 
-    python3 benchmarks/lone_hop.py [--tree PATH ...] [--rounds 200] [--plugins]
+    python3 benchmarks/lone_hop.py [--tree PATH ...] [--rounds 200] [--calls] [--steps N]
 
 With several ``--tree``, each tree runs in its own process and the rounds go round-robin in
 chunks, so the load of the machine falls on all of them alike.
@@ -103,6 +108,15 @@ def echo_request(sequence: int) -> bytes:
     return header + icmp
 
 
+def echo_reply(request: bytes) -> bytes:
+    """The reply a kernel gives to ``request`` (addresses swapped, type 0, checksums redone)."""
+    icmp = b"\x00\x00\x00\x00" + request[24:]
+    icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+    header = request[:10] + b"\x00\x00" + request[16:20] + request[12:16]
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return header + icmp
+
+
 class PairTun:
     """A ``TunSystem`` whose device is one end of a ``SOCK_SEQPACKET`` pair (no privileges).
 
@@ -119,7 +133,7 @@ class PairTun:
     writev = staticmethod(os.writev)
     close = staticmethod(os.close)
 
-    def __init__(self) -> None:
+    def __init__(self, answering: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -130,6 +144,20 @@ class PairTun:
         #: The benchmark's end: what the node writes arrives here, what it reads is sent here.
         self.far = theirs
         self._fd = ours.detach()
+        #: A frame to queue for reading as soon as the node writes (``answering``).
+        self.answer: bytes | None = None
+        if answering:
+            self.writev = self._writev_answering
+
+    def _writev_answering(self, fd: int, buffers: Any) -> int:
+        """``os.writev``, then the answer queued, as the kernel queues an echo reply inside
+        the write to a real TUN device. The benchmark leaves this frame out of the work."""
+        n = os.writev(fd, buffers)
+        answer = self.answer
+        if answer is not None:
+            self.answer = None
+            self.far.send(answer)
+        return n
 
     def open(self, name: bytes, flags: int, mode: int = 0o777) -> int:
         return self._fd
@@ -165,7 +193,9 @@ class Profiler(Protocol):
 class Bench:
     """Two nodes, their reactors, the wire between them, and the hops' measures."""
 
-    def __init__(self, plugins: bool, evict_bytes: int, idle: float = 0.02) -> None:
+    def __init__(
+        self, plugins: bool, evict_bytes: int, idle: float = 0.02, reply: bool = False
+    ) -> None:
         from meshguard.adapters.hot_reactor import HotReactor
         from meshguard.app.node import Node
         from meshguard.codecs.config import parse_config
@@ -173,6 +203,8 @@ class Bench:
 
         self.big = bytearray(evict_bytes)
         self.idle = idle
+        #: Whether B's TUN end answers the echo request and A's receive of it is measured.
+        self.reply = reply
         self.wire = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.wire.bind(("127.0.0.1", 0))
         self.wire.setblocking(False)
@@ -187,7 +219,7 @@ class Bench:
         self.nodes: list[Any] = []
         for i, name in enumerate(("mghopa", "mghopb")):
             reactor = HotReactor()
-            tun = PairTun()
+            tun = PairTun(answering=reply and i == 1)
             try:
                 node = Node(name, reactor, tun_system=tun, plugins=plugins)
             except TypeError:  # a tree without the plugins switch
@@ -313,14 +345,8 @@ class Bench:
         self.stop_code = stop.__code__
         return turns
 
-    def hop(
-        self,
-        index: int,
-        mode: str,
-        collect: Callable[[], tuple[bytes, int] | None],
-        hooks: Profiler | None = None,
-    ) -> tuple[int, int, int, bytes | None]:
-        """(thread CPU ns of the iteration, wall ns of it, wall ns to the system call, output)."""
+    def hop(self, index: int, mode: str, hooks: Profiler | None = None) -> tuple[int, int, int]:
+        """Node ``index``'s iteration: (thread CPU ns, wall ns, wall time when it began)."""
         reactor = self.reactors[index]
         poll = self.polls[index]
         turns = self._turns(reactor)
@@ -348,21 +374,26 @@ class Bench:
             del reactor.doIteration
         except AttributeError:
             pass
-        got = collect()
-        output, stamp = got if got is not None else (None, 0)
-        return c1 - c0, w1 - w0, (stamp - w0) if stamp else w1 - w0, output
+        return c1 - c0, w1 - w0, w0
 
-    def _from_wire(self) -> tuple[bytes, int] | None:
-        """The hop's datagram; anything else A sent (a timer's) goes on at the next relay."""
+    def _from_wire(self, index: int) -> tuple[bytes, int] | None:
+        """The datagram node ``index`` sent in its hop, with its time (ns); anything else it
+        sent (a timer's) goes on to the other node at once."""
         select.select([self.wire], [], [], WAIT)
-        got = [(d, s) for d, source, s in _received(self.wire) if source[1] == self.ports[0]]
+        got: list[tuple[bytes, int]] = []
+        for data, source, stamp in _received(self.wire):
+            if source[1] == self.ports[index]:
+                got.append((data, stamp))
+            elif source[1] in self.ports:
+                self.wire.sendto(data, ("127.0.0.1", self.ports[1 - index]))
         for data, _stamp in got[1:]:
             self.strays += 1
-            self.wire.sendto(data, ("127.0.0.1", self.ports[1]))
+            self.wire.sendto(data, ("127.0.0.1", self.ports[1 - index]))
         return got[0] if got else None
 
-    def _from_tun(self) -> tuple[bytes, int] | None:
-        far = self.tuns[1].far
+    def _from_tun(self, index: int) -> tuple[bytes, int] | None:
+        """The packet node ``index`` wrote to its TUN device in its hop, with its time (ns)."""
+        far = self.tuns[index].far
         select.select([far], [], [], WAIT)
         got = [(d, s) for d, _source, s in _received(far)]
         self.strays += max(0, len(got) - 1)
@@ -378,27 +409,58 @@ class Bench:
             time.sleep(0.001)
 
     def round(
-        self, mode: str, hooks: Profiler | None = None, hooks2: Profiler | None = None
-    ) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
-        """One echo request through both hops: ((cpu, wall, to syscall) send, ... receive),
-        or None when a hop's output did not come (counted in ``spoiled``).
+        self, mode: str, hooks: dict[str, Profiler] | None = None
+    ) -> dict[str, tuple[int, int, int]] | None:
+        """One echo request through the hops: per hop (send, receive, and with ``reply`` back)
+        its (CPU ns, wall ns, wall ns to its system call); with ``reply`` also "reply", the
+        wall time from B's TUN write to its reply's ``sendto``. None when a hop's output did
+        not come (counted in ``spoiled``), hooks: a :class:`Profiler` per hop to watch.
 
         ``mode``: "cold" (the caches evicted first), "idle" (a sleep of ``idle`` s first) or
         "warm" (none; call it inside :meth:`warm`, which makes every batch a lone one)."""
+        hooks = hooks or {}
+        found: dict[str, tuple[int, int, int]] = {}
         self.settle()
         packet = self.send_request()
         self._ready(0)
-        cpu, wall, to_call, datagram = self.hop(0, mode, self._from_wire, hooks)
+        cpu, wall, start = self.hop(0, mode, hooks.get("send"))
+        datagram = self._from_wire(0)
         if datagram is None:
             self.spoiled += 1
             return None
-        self.wire.sendto(datagram, ("127.0.0.1", self.ports[1]))
+        found["send"] = (cpu, wall, datagram[1] - start)
+        reply = echo_reply(packet)
+        if self.reply:
+            self.tuns[1].answer = VNET_HEADER + reply
+        self.wire.sendto(datagram[0], ("127.0.0.1", self.ports[1]))
         self._ready(1)
-        cpu2, wall2, to_call2, written = self.hop(1, mode, self._from_tun, hooks2)
-        if written != VNET_HEADER + packet:
+        cpu, wall, start = self.hop(1, mode, hooks.get("receive"))
+        written = self._from_tun(1)
+        if written is None or written[0] != VNET_HEADER + packet:
             self.spoiled += 1
             return None
-        return (cpu, wall, to_call), (cpu2, wall2, to_call2)
+        if self.reply and self.tuns[1].answer is not None:
+            raise RuntimeError(
+                "node B wrote to its TUN device without the system object's writev; run "
+                "with --no-reply"
+            )
+        found["receive"] = (cpu, wall, written[1] - start)
+        if not self.reply:
+            return found
+        answer = self._from_wire(1)
+        if answer is None:
+            self.spoiled += 1
+            return None
+        found["reply"] = (0, 0, answer[1] - written[1])
+        self.wire.sendto(answer[0], ("127.0.0.1", self.ports[0]))
+        self._ready(0)
+        cpu, wall, start = self.hop(0, mode, hooks.get("back"))
+        delivered = self._from_tun(0)
+        if delivered is None or delivered[0] != VNET_HEADER + reply:
+            self.spoiled += 1
+            return None
+        found["back"] = (cpu, wall, delivered[1] - start)
+        return found
 
     def close(self) -> None:
         for node in self.nodes:
@@ -416,20 +478,23 @@ class Bench:
 
 
 class Work:
-    """Counts of one hop: from the poll's return to the first of ``calls``, and to the next
-    poll (the tail's stop); and the call tree between, each Python call with its own opcodes."""
+    """Counts of one hop from the poll's return: at each of ``marks`` in turn (the first C call
+    named in it after the previous mark) and at the next poll (the tail's stop); and the call
+    tree between, each Python call with its own opcodes. The answering TUN's ``writev``
+    wrapper is left out (its ``os.writev`` counts as the node's call)."""
 
-    def __init__(self, calls: frozenset[str], bench: Bench) -> None:
-        self.calls = calls
+    def __init__(self, marks: list[frozenset[str]], bench: Bench) -> None:
+        self.marks = marks
         self.bench = bench
         self.counting = False
         self.counts = [0, 0, 0]
-        self.at_call: tuple[int, int, int] | None = None
+        self.at_marks: list[tuple[int, int, int]] = []
         self.at_end: tuple[int, int, int] | None = None
         #: [depth, label, own opcodes] per Python call, [depth, label, -1] per C call.
         self.tree: list[list[Any]] = []
         self._frames: dict[int, list[Any]] = {}
         self._depth = 0
+        self._skip = {PairTun._writev_answering.__code__}
         self._hooks = self.hooks()
 
     def enable(self) -> None:
@@ -444,11 +509,16 @@ class Work:
         counts = self.counts
         tree = self.tree
         frames = self._frames
+        skip = self._skip
+        marks = self.marks
+        at_marks = self.at_marks
 
         def profile(frame: FrameType, event: str, arg: Any) -> None:
             if not self.counting:
                 if event == "c_return" and getattr(arg, "__name__", "") == "poll":
                     self.counting = True
+                return
+            if frame.f_code in skip and not (event == "c_call" and arg is os.writev):
                 return
             if event == "call":
                 code = frame.f_code
@@ -468,13 +538,16 @@ class Work:
             elif event == "c_call":
                 name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
                 label = f"[{name}]"
-                if self.at_call is None and getattr(arg, "__name__", "") in self.calls:
-                    self.at_call = (counts[0], counts[1], counts[2])
-                    label += "  <- the hop's system call"
+                done = len(at_marks)
+                if done < len(marks) and getattr(arg, "__name__", "") in marks[done]:
+                    at_marks.append((counts[0], counts[1], counts[2]))
+                    label += f"  <- system call {done + 1}"
                 tree.append([self._depth, label, -1])
                 counts[1] += 1
 
         def trace(frame: FrameType, event: str, arg: Any) -> Any:
+            if frame.f_code in skip:
+                return None
             frame.f_trace_opcodes = True
             if event == "opcode" and self.counting:
                 counts[2] += 1
@@ -491,10 +564,11 @@ class Work:
 
         return profile, trace
 
-    def result(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    def result(self) -> list[tuple[int, int, int]]:
+        """The counts at each mark (zeros for a mark not reached), then at the next poll."""
         end = self.at_end if self.at_end is not None else (self.counts[0], *self.counts[1:])
-        call = self.at_call if self.at_call is not None else (0, 0, 0)
-        return call, (end[0], end[1], end[2])
+        marks = self.at_marks + [(0, 0, 0)] * (len(self.marks) - len(self.at_marks))
+        return [*marks, (end[0], end[1], end[2])]
 
     def listing(self) -> list[str]:
         """The call tree, one line per call: Python calls with their own opcodes, [C calls]."""
@@ -523,10 +597,10 @@ def measure(bench: Bench, rounds: int, modes: tuple[str, ...] = MODES) -> dict[s
                         raise RuntimeError(f"{bench.spoiled} rounds lost their packet")
                     continue
                 done += 1
-                send, receive = got
-                for hop, figures in (("send", send), ("receive", receive)):
+                for hop, figures in got.items():
                     for what, value in zip(("cpu", "wall", "call"), figures, strict=True):
-                        samples.setdefault(f"{mode} {hop} {what}", []).append(value)
+                        if hop != "reply" or what == "call":
+                            samples.setdefault(f"{mode} {hop} {what}", []).append(value)
     return samples
 
 
@@ -537,15 +611,23 @@ def count(bench: Bench) -> dict[str, Any]:
     with bench.warm():
         for _ in range(3):
             for _attempt in range(10):
-                send, receive = Work(SEND_CALLS, bench), Work(WRITE_CALLS, bench)
-                if bench.round("warm", send, receive) is not None:
+                works = {hop: Work(marks, bench) for hop, marks in marks_of(bench).items()}
+                if bench.round("warm", dict(works)) is not None:
                     break
             else:
                 raise RuntimeError("ten rounds in a row lost their packet")
-            for hop, work in (("send", send), ("receive", receive)):
+            for hop, work in works.items():
                 found.setdefault(hop, []).append(work.result())
                 found[f"{hop} calls"] = work.listing()
     return found
+
+
+def marks_of(bench: Bench) -> dict[str, list[frozenset[str]]]:
+    """Each hop's system calls, in order: the datagram's send, or the packet's write (then,
+    when B's TUN answers, the reply's send)."""
+    if not bench.reply:
+        return {"send": [SEND_CALLS], "receive": [WRITE_CALLS]}
+    return {"send": [SEND_CALLS], "receive": [WRITE_CALLS, SEND_CALLS], "back": [WRITE_CALLS]}
 
 
 def _label(function: tuple[str, int, str]) -> str:
@@ -560,13 +642,13 @@ def steps(bench: Bench, rounds: int) -> dict[str, Any]:
     ns. The hook's cost is in every figure, warm and cold alike."""
     found: dict[str, Any] = {}
     for mode in ("cold", "warm"):
-        profiles = (cProfile.Profile(), cProfile.Profile())
+        profiles = {hop: cProfile.Profile() for hop in marks_of(bench)}
         with bench.warm() if mode == "warm" else nullcontext():
             if mode == "warm":
                 bench.round(mode)
             for _ in range(rounds):
-                bench.round(mode, *profiles)
-        for hop, profile in zip(("send", "receive"), profiles, strict=True):
+                bench.round(mode, dict(profiles))
+        for hop, profile in profiles.items():
             profile.create_stats()
             table = found.setdefault(hop, {})
             for function, (_cc, calls, own, _cumulative, _callers) in profile.stats.items():
@@ -577,7 +659,7 @@ def steps(bench: Bench, rounds: int) -> dict[str, Any]:
 
 
 def _start(args: argparse.Namespace) -> Bench:
-    bench = Bench(args.plugins, args.evict_mib << 20, args.idle_ms / 1e3)
+    bench = Bench(args.plugins, args.evict_mib << 20, args.idle_ms / 1e3, args.reply)
     with bench.warm():
         for _ in range(5):
             bench.round("warm")
@@ -600,18 +682,35 @@ def _us(values: list[int]) -> str:
     return f"{statistics.median(values) / 1e3:.1f} / {min(values) / 1e3:.1f}"
 
 
+#: What each hop's system calls are, for the report.
+_MARK_NAMES = {
+    "send": ["the sendto"],
+    "receive": ["the TUN write", "the reply's sendto"],
+    "back": ["the TUN write"],
+}
+
+
+def hops_in(result: dict[str, Any]) -> list[str]:
+    return [hop for hop in ("send", "receive", "back") if hop in result["work"]]
+
+
 def report(label: str, result: dict[str, Any], out: Any = sys.stdout) -> None:
     """The tree's work counts and, per mode and hop, medians and bests in microseconds."""
     samples = result["samples"]
+    hops = hops_in(result)
     print(f"tree {label}", file=out)
-    for hop in ("send", "receive"):
+    for hop in hops:
         runs = result["work"][hop]
-        call, end = runs[-1]
-        same = "" if all(r == runs[0] for r in runs) else f" (rounds differed: {runs})"
+        *marks, end = runs[-1]
+        ends = sorted({tuple(r[-1]) for r in runs})
+        same = "" if len(ends) == 1 else f" (this varied between rounds: {ends})"
+        at = ", ".join(
+            f"to {name} {'/'.join(map(str, mark))}"
+            for name, mark in zip(_MARK_NAMES[hop], marks, strict=False)
+        )
         print(
-            f"  {hop} work, Python calls / C calls / opcodes from the epoll return: to the "
-            f"system call {'/'.join(map(str, call))}, to the next poll "
-            f"{'/'.join(map(str, end))}{same}",
+            f"  {hop} work, Python calls / C calls / opcodes from the epoll return: {at}, to "
+            f"the next poll {'/'.join(map(str, end))}{same}",
             file=out,
         )
     n = len(samples.get("cold send cpu", []))
@@ -624,9 +723,12 @@ def report(label: str, result: dict[str, Any], out: Any = sys.stdout) -> None:
         parts = [
             f"{hop} {_us(samples[f'{mode} {hop} cpu'])}, {_us(samples[f'{mode} {hop} call'])}, "
             f"{_us(samples[f'{mode} {hop} wall'])}"
-            for hop in ("send", "receive")
+            for hop in hops
         ]
         print(f"  {mode:5} " + "; ".join(parts), file=out)
+    if "back" in hops:
+        line = ", ".join(f"{mode} {_us(samples[f'{mode} reply call'])}" for mode in MODES)
+        print(f"  B's TUN write to its reply's sendto, wall, us: {line}", file=out)
     if result.get("strays"):
         print(f"  ({result['strays']} hops also sent a timer's datagram)", file=out)
     if result.get("spoiled"):
@@ -639,7 +741,9 @@ def print_steps(title: str, table: dict[str, list[float]], rounds: int) -> None:
     print(f"  {'cold':>7} {'warm':>7} {'cold-warm':>9} {'calls':>5}  function")
     totals: dict[str, list[int]] = {}
     for name, (calls, cold, warm) in sorted(table.items(), key=lambda item: -item[1][1]):
-        if name.startswith(("stop (lone_hop.py", "<method 'disable' of '_lsprof")):
+        if name.startswith(
+            ("stop (lone_hop.py", "_writev_answering (", "<method 'disable' of '_lsprof")
+        ):
             continue  # the benchmark's own
         if any(f"{call}'" in name or f".{call}>" in name for call in SYSTEM_CALLS):
             kind = "system calls"
@@ -691,6 +795,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="profile N cold and N warm rounds (cProfile): each function's own time per hop",
     )
+    parser.add_argument(
+        "--no-reply",
+        dest="reply",
+        action="store_false",
+        help="B's TUN end does not answer the echo request (by default it does, inside the "
+        "write, as a kernel does: B's iteration sends the reply, and A's receive of it is a "
+        "third hop, back)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -708,7 +820,7 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, os.path.abspath(__file__), "--child", "--tree", tree]
         command += ["--evict-mib", str(args.evict_mib), "--idle-ms", str(args.idle_ms)]
         command += ["--plugins"] if args.plugins else []
-        command += ["--steps", str(args.steps)]
+        command += ["--steps", str(args.steps)] + ([] if args.reply else ["--no-reply"])
         env = dict(os.environ, PYTHONPATH=tree)
         children.append(
             subprocess.Popen(
@@ -749,11 +861,11 @@ def main(argv: list[str] | None = None) -> None:
         child.wait()
     for tree, result in zip(trees, results, strict=True):
         if args.calls:
-            for hop in ("send", "receive"):
+            for hop in hops_in(result):
                 print(f"{hop} hop's calls, {tree} (from the epoll return to the next poll):")
                 print("\n".join("  " + line for line in result["work"][f"{hop} calls"]))
         if args.steps:
-            for hop in ("send", "receive"):
+            for hop in hops_in(result):
                 print_steps(f"{hop} hop, {tree}", result["steps"][hop], args.steps)
         report(tree, result)
     print(f"load average {_load()}")

@@ -25,18 +25,34 @@ def _benchmark() -> ModuleType:
 
 
 class LoneHopBenchmarkTests(SynchronousTestCase):
-    def test_rounds_of_every_mode(self) -> None:
-        """A few rounds of each mode (a small eviction, a short idle sleep): every hop is
-        sampled, and the work counts reach the hop's system call before the next poll."""
+    def check(self, argv: list[str], hops: dict[str, int]) -> None:
+        """Two rounds of each mode (a small eviction, a short idle sleep): every hop is sampled,
+        and its work counts reach each of its system calls (``hops``: how many) in order, and
+        the next poll after them."""
         bench = _benchmark()
-        args = bench.parse(["--evict-mib", "1", "--idle-ms", "1"])
+        args = bench.parse(["--evict-mib", "1", "--idle-ms", "1", *argv])
         answers = list(bench.run(args, iter([2])))
         self.assertEqual(len(answers), 2)
         work, samples = answers[0]["work"], answers[1]["samples"]
-        for hop in ("send", "receive"):
+        self.assertEqual(sorted(h for h in work if not h.endswith(" calls")), sorted(hops))
+        for hop, calls in hops.items():
             self.assertEqual(len(work[hop]), 3)
-            call, end = work[hop][-1]
-            self.assertTrue(0 < call[0] <= end[0] and 0 < call[2] < end[2], (hop, call, end))
+            *marks, end = work[hop][-1]
+            self.assertEqual(len(marks), calls)
+            for earlier, later in zip([(0, 0, 0), *marks], [*marks, end], strict=True):
+                self.assertTrue(all(a < b for a, b in zip(earlier, later)), (hop, marks, end))
             for mode in bench.MODES:
                 for what in ("cpu", "wall", "call"):
                     self.assertEqual(len(samples[f"{mode} {hop} {what}"]), 2)
+        if "back" in hops:
+            for mode in bench.MODES:
+                self.assertEqual(len(samples[f"{mode} reply call"]), 2)
+
+    def test_request_and_reply(self) -> None:
+        """By default B's TUN end answers: B's hop writes the request and sends the reply,
+        and A's receive of the reply is a third hop."""
+        self.check([], {"send": 1, "receive": 2, "back": 1})
+
+    def test_request_only(self) -> None:
+        """``--no-reply``: the two hops of the request alone."""
+        self.check(["--no-reply"], {"send": 1, "receive": 1})
