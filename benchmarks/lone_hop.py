@@ -301,7 +301,8 @@ class Bench:
         return packet
 
     def pause(self) -> None:
-        """Wait (spinning, so the caches stay as they are) until the next batch is lone."""
+        """Wait until the next batch is lone (the nodes' idle gap since the last), spinning:
+        only the eviction or the sleep before it is meant to cool the caches."""
         until = self.last_batch + PAUSE
         while time.monotonic() < until:
             pass
@@ -803,6 +804,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "write, as a kernel does: B's iteration sends the reply, and A's receive of it is a "
         "third hop, back)",
     )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=-1,
+        help="pin every tree's process to this CPU (default: the last one; -2: no pinning)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -814,6 +821,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, trees[0])
         _child(args)
         return
+    if args.cpu != -2:
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[-1] if args.cpu == -1 else args.cpu
+        # Inherited by the trees' processes: all on one CPU, whose load they then share.
+        os.sched_setaffinity(0, {cpu})
     print(f"load average {_load()}", flush=True)
     children = []
     for tree in trees:
