@@ -440,11 +440,13 @@ class VnetReadTests(SynchronousTestCase):
         reading."""
         self.tun.start_reading()
         reply = bytes([0x45, 9]) * 20
-        self.tun.read_replies()
+        self.assertFalse(self.tun.read_replies())
         self.assertEqual(self.system.reads, 0)
         self.tun.write(bytes([0x45, 1]) * 20)
         self.queue(reply)
-        self.tun.read_replies()  # the node is busy (a UDP batch), yet the reply goes alone
+        # The node is busy (a UDP batch), yet the reply goes alone; True: a batch ran, its
+        # end hook included.
+        self.assertTrue(self.tun.read_replies())
         self.assertEqual(self.events, [reply, "end"])
         reads = self.system.reads
         self.tun.read_replies()

@@ -1177,11 +1177,19 @@ class NodeBatchTests(SynchronousTestCase):
             batch_end()
 
         node._batch_end = recorded_batch_end  # type: ignore[method-assign]
+        node.tun.on_batch_end = recorded_batch_end
         queue: list[Any] = [(b"request", [], 0, V4_PEER)]
         reader = udp._Reader(node.udp, QueueSocket(queue), False)  # type: ignore[arg-type]
         clock.advance(10 * node.idle.gap)
         reader.doRead()
+        # Once: the reply's read ends the batch; the UDP batch end does not run it again.
         self.assertEqual(events, [reply, "batch end"])
+        # A lone datagram whose write provoked nothing still ends its batch.
+        node.udp.receiver = lambda data, source, now: None
+        queue.append((b"nothing to write", [], 0, V4_PEER))
+        clock.advance(10 * node.idle.gap)
+        reader.doRead()
+        self.assertEqual(events, [reply, "batch end", "batch end"])
 
 
 class SendDatagramsTests(SynchronousTestCase):

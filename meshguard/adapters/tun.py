@@ -372,7 +372,7 @@ class TunDevice:
             else:
                 self.write_errors += 1
 
-    def read_replies(self) -> None:
+    def read_replies(self) -> bool:
         """Read now what the kernel queued since a lone write, without waiting for the reactor.
 
         The kernel handles a packet written to the TUN device inside the write call, so an
@@ -383,9 +383,13 @@ class TunDevice:
         nothing: the replies (ACKs) are left to accumulate and leave together, in fewer sends.
         Nothing queued costs one read. The reply is a lone packet whatever the idle rule says
         (the node is in the middle of a batch): it goes at once.
+
+        True when it read (a batch ran, with its end hook).
         """
         if 0 < self._wrote <= self.reply_read_max and self._reading:
             self._read_batch(True)
+            return True
+        return False
 
     def hold(self) -> None:
         """Keep written packets until :meth:`flush` (the node brackets each UDP read batch)."""
