@@ -301,12 +301,11 @@ class _Reader:
 
     @staticmethod
     def _end(t: UDPTransport, reads: int) -> None:
-        """The batch end: counts, the end hook, the idle clock."""
+        """The batch end: counts, the end hook, the idle clock (``doRead``'s lone datagram
+        carries these lines inline)."""
         t.reads += reads
         end = t.on_batch_end
         if end is not None:
-            # ``_hook`` inline: one call fewer on the lone datagram's way (cold code after an
-            # idle moment, docs/datapath.md, "Latency").
             try:
                 end()
             except Exception:
