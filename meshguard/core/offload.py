@@ -491,7 +491,7 @@ class _UdpRun:
 
 
 def coalesce(
-    packets: Sequence[bytes], udp4: bool = False, udp6: bool = False
+    packets: Sequence[bytes], udp4: bool = False, udp6: bool = False, vectorised: bool = True
 ) -> list[list[bytes | memoryview]]:
     """Group ``packets`` into writes: each a list of buffers for one ``writev``, starting
     with a virtio-net header.
@@ -510,10 +510,17 @@ def coalesce(
     datagram that cannot join ends its flow's run, so nothing overtakes it.
 
     Each packet's header is read with one ``struct`` call: this runs once per received packet.
+    A bulk batch (at least ``_NUMPY_MIN_JOIN`` TCP segments of one size, but for a last one)
+    is checked in a few numpy calls instead (:func:`_uniform_prefix`), with the same result;
+    ``vectorised=False`` takes every packet one by one.
     """
     writes: list[list[bytes | memoryview]] = []
     runs: dict[bytes, _Run] = {}
     joined: list[_Run] = []
+    if vectorised and _np is not None and len(packets) >= _NUMPY_MIN_JOIN:
+        done = _uniform_prefix(packets, writes, runs, joined)
+        if done:
+            packets = packets[done:]
     uruns: dict[bytes, _UdpRun] = {}
     ujoined: list[_UdpRun] = []
     unpack4 = _V4_TCP.unpack_from
@@ -640,6 +647,114 @@ def coalesce(
         if len(bufs) == 3:
             del bufs[2]  # a run of one: the packet alone
     return writes
+
+
+#: From this many packets in a batch the vectorised check is tried: its fixed cost (about 15
+#: numpy calls and a join of the batch) against about 1.1 us a packet for the loop.
+_NUMPY_MIN_JOIN: Final = 16
+#: The header bytes every segment of one run shares with the first (IPv4, IPv6), past which
+#: the options run to the header's end: everything but the lengths (IPv6's payload length is
+#: shared, every packet here being as long), identification, checksums and sequence number.
+_SHARED_V4: Final = ((0, 4), (6, 10), (12, 24), (28, 36))
+_SHARED_V6: Final = ((0, 44), (48, 56))
+_shared_columns: dict[tuple[bool, int], Any] = {}
+
+
+def _columns(v4: bool, hl: int) -> Any:
+    """The shared byte columns of a header of ``hl`` bytes, as a numpy index (cached)."""
+    columns = _shared_columns.get((v4, hl))
+    if columns is None:
+        np = _np
+        spans = [*(_SHARED_V4 if v4 else _SHARED_V6), (38 if v4 else 58, hl)]
+        columns = np.concatenate([np.arange(a, b) for a, b in spans if b > a])
+        _shared_columns[(v4, hl)] = columns
+    return columns
+
+
+def _uniform_prefix(
+    packets: Sequence[bytes],
+    writes: list[list[bytes | memoryview]],
+    runs: dict[bytes, _Run],
+    joined: list[_Run],
+) -> int:
+    """Coalesce a bulk batch's leading segments in a few numpy calls; how many were taken.
+
+    Taken only when every packet but possibly the last has one length and they are all
+    segments of one TCP flow, in sequence, flags ACK alone, sharing every header byte the
+    loop compares (addresses, ports, acknowledgement, window, options, IP fields): then the
+    loop would join them into runs of as many as fit in 64 KiB, and that is what is built
+    here, leaving ``writes``, ``runs`` and ``joined`` as the loop would after them, so the
+    loop goes on with the rest (the last, shorter segment with PSH, or a different packet).
+    Anything else takes nothing (0), and the loop does it all.
+    """
+    count = len(packets)
+    first = packets[0]
+    length = len(first)
+    lengths = list(map(len, packets))
+    same = lengths.count(length)
+    if same == count:
+        taken = count
+    elif same == count - 1 and lengths[-1] != length:
+        taken = count - 1
+    else:
+        return 0
+    lead = first[0]
+    if lead == 0x45 and length >= 40:
+        _vi, tos, total, frag, frag_low, ttl, proto, key, seq, ack, flags, window, urg = (
+            _V4_TCP.unpack_from(first)
+        )
+        if proto != _TCP or total != length or frag & 0x3F or frag_low:
+            return 0
+        v4 = True
+        iphl = 20
+        hl = 20 + (ack[4] >> 4) * 4
+        shape: tuple[object, ...] = (tos, frag, ttl, window, urg, first[40:hl])
+        seq_at = 24
+    elif lead >> 4 == 6 and length >= 60:
+        vcl, plen, proto, hop, key, seq, ack, flags, window, urg = _V6_TCP.unpack_from(first)
+        if proto != _TCP or plen + 40 != length:
+            return 0
+        v4 = False
+        iphl = 40
+        hl = 40 + (ack[4] >> 4) * 4
+        shape = (vcl, hop, window, urg, first[60:hl])
+        seq_at = 44
+    else:
+        return 0
+    size = length - hl
+    if size <= 0 or flags != _ACK or hl < iphl + 20 or hl > length:
+        return 0
+    np = _np
+    block = b"".join(packets)
+    rows = np.frombuffer(block, dtype=np.uint8, count=taken * length).reshape(taken, length)
+    shared = rows[:, _columns(v4, hl)]
+    if not (shared == shared[0]).all():
+        return 0
+    seqs = np.ndarray((taken,), ">u4", block, seq_at, (length,)).astype(np.int64)
+    expected = np.arange(seq, seq + taken * size, size, dtype=np.int64)
+    expected &= 0xFFFFFFFF
+    if not np.array_equal(seqs, expected):
+        return 0
+    # Runs as the loop makes them: as many segments as fit in one IP packet of 64 KiB.
+    per_run = (_MAX_IP - (hl if v4 else hl - 40)) // size
+    view = memoryview(block)
+    key += ack
+    run: _Run | None = None
+    for index in range(0, taken, per_run):
+        end = min(index + per_run, taken)
+        at = index * length
+        bufs: list[bytes | memoryview] = [PLAIN_HEADER, packets[index]]
+        bufs += [view[a : a + size] for a in range(at + hl, end * length, length)]
+        writes.append(bufs)
+        run = _Run(bufs, iphl, hl, size, (seq + index * size) & 0xFFFFFFFF, v4, shape)
+        if end - index > 1:
+            joined.append(run)
+            run.length = size * (end - index)
+            run.next_seq = (seq + end * size) & 0xFFFFFFFF
+            run.last_flags = flags
+    assert run is not None
+    runs[key] = run
+    return taken
 
 
 def _super_ip_header(head: bytearray, iphl: int, l4len: int, v4: bool) -> int:
