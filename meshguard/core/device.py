@@ -529,8 +529,10 @@ class Device:
         caller's; this only builds."""
         # Per packet: one nonce (whose last eight bytes are the counter field), one AEAD call,
         # one concatenation; the cipher's wrapper and the counter's own encoding are skipped
-        # (about 0.5 us a packet, docs/datapath.md).
-        encrypt = keypair.sender.encryptor()
+        # (about 0.5 us a packet, docs/datapath.md). A zeroed keypair's ``encrypt`` raises
+        # before the counter moves; no caller gets here with one (only keypairs already out
+        # of every slot are zeroed, and callers seal with ``keypairs.current``).
+        encrypt = keypair.encrypt
         nonce_of = TRANSPORT_NONCE
         header = keypair.header
         counter = keypair.send_counter
@@ -897,7 +899,7 @@ class Device:
                     if first >> 4 == 15:
                         self._receive_control(peer, plaintext, now)
                         # The handler may have changed anything (keys, routes): look again.
-                        decrypt = keypair.receiver.decryptor()
+                        decrypt = keypair.decrypt
                         checked = None
                         continue
                     if deadlines[SEND_KEEPALIVE] is None:
@@ -936,7 +938,7 @@ class Device:
                         fast = False
                     if not fast:
                         self._deliver(peer, plaintext, now)
-                        decrypt = keypair.receiver.decryptor()
+                        decrypt = keypair.decrypt
                         checked = None
                         continue
                     if source_address != checked:
@@ -955,7 +957,7 @@ class Device:
             if keypair is not None:
                 known = keypair.local_index
                 peer = keypair.peer
-                decrypt = keypair.receiver.decryptor()
+                decrypt = keypair.decrypt
                 check = keypair.replay.check
                 deadlines = peer.timers.deadlines
             else:

@@ -62,10 +62,11 @@ class Keypair:
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.header = struct.pack("<II", 4, remote_index)
-        #: The bound AEAD calls (``TransportCipher.encryptor``/``decryptor``), taken once: the
-        #: lone packet's path reads an attribute instead of making a call, which costs several
+        #: The bound AEAD calls (``TransportCipher.encryptor``/``decryptor``), taken once and
+        #: the only way the device reaches the AEAD (lone and batch paths alike): the lone
+        #: packet's path reads an attribute instead of making a call, which costs several
         #: microseconds of cold interpreter after an idle moment (docs/datapath.md,
-        #: "Latency"). ``zero`` replaces them.
+        #: "Latency"). ``zero`` replaces them, so a zeroed keypair seals and opens nothing.
         self.encrypt: Callable[[bytes, bytes | memoryview, None], bytes] = self.sender.encryptor()
         self.decrypt: Callable[[bytes, bytes | memoryview, None], bytes] | None = (
             self.receiver.decryptor()
