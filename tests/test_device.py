@@ -821,3 +821,32 @@ class LonePathShortcutTests(SynchronousTestCase):
         before = pair.b.device.counters.decrypt_failed
         pair.a_to_b(b"after zero")
         self.assertEqual(pair.b.device.counters.decrypt_failed, before + 1)
+
+    def test_zeroed_current_keypair_refused_by_every_send_path(self) -> None:
+        """``zero`` also expires the keypair for sending, so even a zeroed keypair left in
+        the current slot (the device never leaves one there) is refused by each send path's
+        own limit check instead of reaching the AEAD and raising: data is staged behind a new
+        handshake and arrives under the new session, control and probes report nothing sent."""
+        pair = Pair(mesh=True)
+        pair.a_to_b(b"session")
+        pair.peer_of_a.is_meshguard = True
+        keypair = pair.peer_of_a.keypairs.current
+        assert keypair is not None
+        keypair.zero()
+        self.assertFalse(keypair.can_send(pair.net.now))
+        pair.net.advance(C.REKEY_TIMEOUT)  # a new initiation may go out at once
+        device, peer, now = pair.a.device, pair.peer_of_a, pair.net.now
+        sent = len(pair.a.sent)
+        lone = ipv4("10.0.0.1", "10.0.0.2", b"lone")
+        batch = [ipv4("10.0.0.1", "10.0.0.2", bytes([i]) * 100) for i in range(3)]
+        device.packet_from_tun(lone, now)
+        device.packets_from_tun(batch, now)
+        device.send_keepalive(peer, now)
+        self.assertFalse(device.send_control(peer, 1, b"", now))
+        self.assertFalse(device.send_control_to(peer, B_EP, 1, b"", now))
+        self.assertIsNone(device.send_packet_probe(peer, lone, now))
+        self.assertEqual(kinds(pair.a.sent[sent:]), [1], "one initiation, no transport message")
+        self.assertEqual(keypair.send_counter, C.REJECT_AFTER_MESSAGES)
+        pair.net.flush()
+        self.assertIsNot(peer.keypairs.current, keypair)
+        self.assertEqual(pair.b.written[-4:], [lone, *batch])

@@ -369,8 +369,8 @@ class ZeroedKeypairBatchTests(SynchronousTestCase):
         pair.a_to_b(b"session")
         keypair = pair.peer_of_a.keypairs.current
         assert keypair is not None
-        counter, sent = keypair.send_counter, len(pair.a.sent)
         keypair.zero()
+        counter, sent = keypair.send_counter, len(pair.a.sent)
         device = pair.a.device
         self.assertRaises(CryptoError, device._seal, keypair, segments(3), device.mtu)
         self.assertEqual(keypair.send_counter, counter)

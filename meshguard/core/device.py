@@ -531,7 +531,8 @@ class Device:
         # one concatenation; the cipher's wrapper and the counter's own encoding are skipped
         # (about 0.5 us a packet, docs/datapath.md). A zeroed keypair's ``encrypt`` raises
         # before the counter moves; no caller gets here with one (only keypairs already out
-        # of every slot are zeroed, and callers seal with ``keypairs.current``).
+        # of every slot are zeroed, callers seal with ``keypairs.current``, and ``zero``
+        # expires a keypair, which every caller's limit check refuses).
         encrypt = keypair.encrypt
         nonce_of = TRANSPORT_NONCE
         header = keypair.header

@@ -81,9 +81,15 @@ class Keypair:
         self.send_counter = REJECT_AFTER_MESSAGES
 
     def zero(self) -> None:
-        """Drop the cipher objects so no key material stays reachable from this keypair."""
+        """Drop the cipher objects so no key material stays reachable from this keypair.
+
+        Also expired for sending, so every send path's own limit check refuses it (stages
+        and handshakes, or returns False) before ``encrypt`` could raise: the device zeroes
+        only keypairs already out of every slot, but a send reached from a receive path must
+        not raise even if that changed."""
         self.sender.zero()
         self.receiver.zero()
+        self.expire_for_sending()
         self.encrypt = _zeroed
         self.decrypt = None
 
