@@ -647,6 +647,41 @@ class RoamingAndSourceTests(SynchronousTestCase):
         self.assertEqual(pair.b.device.counters.source_not_allowed, 1)
 
 
+class RecordedRandom:
+    """A seeded random-bytes source that keeps every draw."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.draws: list[bytes] = []
+
+    def __call__(self, n: int) -> bytes:
+        data = self.rng.randbytes(n)
+        self.draws.append(data)
+        return data
+
+
+class JitterTests(SynchronousTestCase):
+    def test_jitter_draws_random_once_per_32_arms(self) -> None:
+        """Timer jitter takes two bytes at a time from a 64-byte pool refilled from the
+        device's ``random`` (``os.urandom`` in production: a system call), so N arms call it
+        ceil(N / 32) times; the values are the old formula's on the same bytes, in
+        [0, 0.333]."""
+        for arms in (1, 31, 32, 33, 64, 100):
+            source = RecordedRandom(arms)
+            device = MemoryNetwork().add(A_EP, source).device
+            values = [device._jitter() for _ in range(arms)]
+            self.assertEqual(len(source.draws), -(-arms // 32), f"{arms} arms")
+            self.assertEqual({len(d) for d in source.draws}, {64})
+            pool = b"".join(source.draws)
+            expected = [
+                int.from_bytes(pool[i : i + 2], "little") % 334 / 1000.0
+                for i in range(0, 2 * arms, 2)
+            ]
+            self.assertEqual(values, expected)
+            self.assertTrue(all(0.0 <= v <= 0.333 for v in values))
+            self.assertLess(max(values), C.REKEY_TIMEOUT_JITTER_MAX)
+
+
 class ConfigurationTests(SynchronousTestCase):
     def test_own_key_as_peer_is_ignored(self) -> None:
         pair = Pair()
