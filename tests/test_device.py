@@ -647,6 +647,41 @@ class RoamingAndSourceTests(SynchronousTestCase):
         self.assertEqual(pair.b.device.counters.source_not_allowed, 1)
 
 
+class RecordedRandom:
+    """A seeded random-bytes source that keeps every draw."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.draws: list[bytes] = []
+
+    def __call__(self, n: int) -> bytes:
+        data = self.rng.randbytes(n)
+        self.draws.append(data)
+        return data
+
+
+class JitterTests(SynchronousTestCase):
+    def test_jitter_draws_random_once_per_32_arms(self) -> None:
+        """Timer jitter takes two bytes at a time from a 64-byte pool refilled from the
+        device's ``random`` (``os.urandom`` in production: a system call), so N arms call it
+        ceil(N / 32) times; the values are the old formula's on the same bytes, in
+        [0, 0.333]."""
+        for arms in (1, 31, 32, 33, 64, 100):
+            source = RecordedRandom(arms)
+            device = MemoryNetwork().add(A_EP, source).device
+            values = [device._jitter() for _ in range(arms)]
+            self.assertEqual(len(source.draws), -(-arms // 32), f"{arms} arms")
+            self.assertEqual({len(d) for d in source.draws}, {64})
+            pool = b"".join(source.draws)
+            expected = [
+                int.from_bytes(pool[i : i + 2], "little") % 334 / 1000.0
+                for i in range(0, 2 * arms, 2)
+            ]
+            self.assertEqual(values, expected)
+            self.assertTrue(all(0.0 <= v <= 0.333 for v in values))
+            self.assertLess(max(values), C.REKEY_TIMEOUT_JITTER_MAX)
+
+
 class ConfigurationTests(SynchronousTestCase):
     def test_own_key_as_peer_is_ignored(self) -> None:
         pair = Pair()
@@ -821,3 +856,32 @@ class LonePathShortcutTests(SynchronousTestCase):
         before = pair.b.device.counters.decrypt_failed
         pair.a_to_b(b"after zero")
         self.assertEqual(pair.b.device.counters.decrypt_failed, before + 1)
+
+    def test_zeroed_current_keypair_refused_by_every_send_path(self) -> None:
+        """``zero`` also expires the keypair for sending, so even a zeroed keypair left in
+        the current slot (the device never leaves one there) is refused by each send path's
+        own limit check instead of reaching the AEAD and raising: data is staged behind a new
+        handshake and arrives under the new session, control and probes report nothing sent."""
+        pair = Pair(mesh=True)
+        pair.a_to_b(b"session")
+        pair.peer_of_a.is_meshguard = True
+        keypair = pair.peer_of_a.keypairs.current
+        assert keypair is not None
+        keypair.zero()
+        self.assertFalse(keypair.can_send(pair.net.now))
+        pair.net.advance(C.REKEY_TIMEOUT)  # a new initiation may go out at once
+        device, peer, now = pair.a.device, pair.peer_of_a, pair.net.now
+        sent = len(pair.a.sent)
+        lone = ipv4("10.0.0.1", "10.0.0.2", b"lone")
+        batch = [ipv4("10.0.0.1", "10.0.0.2", bytes([i]) * 100) for i in range(3)]
+        device.packet_from_tun(lone, now)
+        device.packets_from_tun(batch, now)
+        device.send_keepalive(peer, now)
+        self.assertFalse(device.send_control(peer, 1, b"", now))
+        self.assertFalse(device.send_control_to(peer, B_EP, 1, b"", now))
+        self.assertIsNone(device.send_packet_probe(peer, lone, now))
+        self.assertEqual(kinds(pair.a.sent[sent:]), [1], "one initiation, no transport message")
+        self.assertEqual(keypair.send_counter, C.REJECT_AFTER_MESSAGES)
+        pair.net.flush()
+        self.assertIsNot(peer.keypairs.current, keypair)
+        self.assertEqual(pair.b.written[-4:], [lone, *batch])

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core import constants as C
+from meshguard.core.crypto import CryptoError
 from meshguard.core.peer import Peer
 from tests.packets import ipv4, ipv6
 from tests.test_device import A_EP, B_EP, Pair
@@ -355,3 +356,94 @@ class InnerPacketBatchTests(SynchronousTestCase):
         self.assertEqual(len(delivered), 10)
         self.assertEqual(one[2]["source_not_allowed"], 2)
         self.assertEqual(one[2]["bad_inner_packet"], 3)
+
+
+class ZeroedKeypairBatchTests(SynchronousTestCase):
+    """The batch paths reach the AEAD through ``Keypair.encrypt``/``decrypt`` as the lone
+    paths do, so a zeroed keypair refuses them all the same way."""
+
+    def test_batch_seal_refused_after_zeroing(self) -> None:
+        """``_seal`` with a zeroed keypair raises (local misuse) before the counter moves or
+        anything is sent."""
+        pair = Pair(seed=13)
+        pair.a_to_b(b"session")
+        keypair = pair.peer_of_a.keypairs.current
+        assert keypair is not None
+        keypair.zero()
+        counter, sent = keypair.send_counter, len(pair.a.sent)
+        device = pair.a.device
+        self.assertRaises(CryptoError, device._seal, keypair, segments(3), device.mtu)
+        self.assertEqual(keypair.send_counter, counter)
+        self.assertEqual(len(pair.a.sent), sent)
+
+    def test_batch_open_after_zeroing_counted_like_one_by_one(self) -> None:
+        """A batch under a keypair zeroed before it arrives opens nothing and counts each
+        message as a decrypt failure, as one by one, without raising."""
+
+        def receive(batched: bool) -> tuple[object, ...]:
+            pair = Pair(seed=11)
+            held = transports_a_to_b(pair, 8)
+            keypair = pair.peer_of_b.keypairs.next
+            assert keypair is not None
+            keypair.zero()
+            device = pair.b.device
+            if batched:
+                device.transport_batch_received(held, A_EP, pair.net.now)
+            else:
+                for data in held:
+                    device.datagram_received(data, A_EP, pair.net.now)
+            return pair.b.written, device.counters.as_dict(), len(held)
+
+        one, many = receive(False), receive(True)
+        self.assertEqual(many, one)
+        written, counters, held = one
+        self.assertEqual(written, [])
+        self.assertEqual(counters["decrypt_failed"], held)
+
+    def test_keypair_zeroed_during_a_batch(self) -> None:
+        """A handler called from inside the batch (here the echo handler) zeroes the keypair
+        the batch is opening: the batch looks the decrypt call up again, finds none, and
+        the rest of the batch is counted as one by one (decrypt failures), not opened. The
+        echo reply first (zeroed during the full path) or later (during the fast path)."""
+        echo = ipv4("10.0.0.1", "10.0.0.2", b"\x00\x00\x00\x00MG\x00\x01probe", 1)
+        plain = [ipv4("10.0.0.1", "10.0.0.2", bytes([i]) * 50) for i in range(4)]
+
+        def receive(inner: list[bytes], batched: bool) -> tuple[object, ...]:
+            pair = Pair(seed=5)
+            pair.a_to_b(b"session")
+            held: list[bytes] = []
+
+            def hold(data: bytes, source: object, destination: object) -> bool:
+                if destination == B_EP and data[0] == 4:
+                    held.append(data)
+                    return False
+                return True
+
+            pair.net.filters.append(hold)
+            for packet in inner:
+                pair.a.device.send_data(pair.peer_of_a, packet, pair.net.now)
+            pair.net.flush()
+            pair.net.filters.remove(hold)
+            device = pair.b.device
+
+            def on_echo(peer: Peer, packet: bytes, now: float) -> bool:
+                keypair = peer.keypairs.current
+                assert keypair is not None
+                keypair.zero()
+                return True
+
+            device.set_echo_handler(b"MG", on_echo)
+            written = len(pair.b.written)
+            if batched:
+                device.transport_batch_received(held, A_EP, pair.net.now)
+            else:
+                for data in held:
+                    device.datagram_received(data, A_EP, pair.net.now)
+            return pair.b.written[written:], device.counters.as_dict()
+
+        for at in (0, 2):
+            inner = [*plain[:at], echo, *plain[at:]]
+            one, many = receive(inner, False), receive(inner, True)
+            self.assertEqual(many, one)
+            self.assertEqual(one[0], plain[:at])
+            self.assertEqual(one[1]["decrypt_failed"], len(plain) - at)

@@ -228,17 +228,18 @@ class TransportCipher:
         return aead.encrypt(_NONCE.pack(counter), plaintext, None)
 
     def encryptor(self) -> Callable[[bytes, bytes | memoryview, None], bytes]:
-        """The bound AEAD encrypt call, for a loop that seals a whole batch: it takes the
-        12-byte nonce (:data:`TRANSPORT_NONCE`), the plaintext and ``None`` (no AD). One
-        Python call fewer per packet than :meth:`seal` (about 0.2 us of 2); raises like
-        :meth:`seal` once zeroed."""
+        """The bound AEAD encrypt call, taken once by ``Keypair`` (its ``encrypt``, which the
+        device seals with): it takes the 12-byte nonce (:data:`TRANSPORT_NONCE`), the
+        plaintext and ``None`` (no AD). One Python call fewer per packet than :meth:`seal`
+        (about 0.2 us of 2); raises like :meth:`seal` once zeroed."""
         aead = self._aead
         if aead is None:
             raise CryptoError("transport key has been zeroed")
         return aead.encrypt
 
     def decryptor(self) -> Callable[[bytes, bytes | memoryview, None], bytes] | None:
-        """The bound AEAD decrypt call for a batch (``None`` once zeroed): it raises
+        """The bound AEAD decrypt call, taken once by ``Keypair`` (its ``decrypt``, which the
+        device opens with; ``None`` once zeroed): it raises
         :class:`cryptography.exceptions.InvalidTag`, re-exported here as
         :data:`InvalidTag`, where :meth:`open` returns ``None``."""
         aead = self._aead

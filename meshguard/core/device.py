@@ -85,6 +85,10 @@ _NONCE_PREFIX = bytes(4)
 #: A padding limit no packet reaches: probes are padded to 16 whatever the MTU (their size is
 #: the point), as stock WireGuard pads.
 _NO_LIMIT = 1 << 20
+#: Bytes of ``random`` drawn at a time for timer jitter (two per timer armed): jitter needs
+#: no fresh cryptographic randomness per arm (wireguard-go draws it from a fast PRNG), and in
+#: production ``random`` is ``os.urandom``, a system call on a lone packet's send path.
+_JITTER_POOL = 64
 #: A transport message's receiver index and counter (after the 4-byte type).
 _TRANSPORT_HEADER = struct.Struct("<4xIQ")
 #: The same with the message type: one call tells a batch's transport message and its session.
@@ -214,6 +218,9 @@ class Device:
         self._load_window_start = 0.0
         self._load_window_count = 0
         self._under_load_until = -1.0
+        #: Random bytes for timer jitter and how many of them are used (``_jitter``).
+        self._jitter_pool = b""
+        self._jitter_used = 0
 
     # ------------------------------------------------------------------ events
 
@@ -529,8 +536,11 @@ class Device:
         caller's; this only builds."""
         # Per packet: one nonce (whose last eight bytes are the counter field), one AEAD call,
         # one concatenation; the cipher's wrapper and the counter's own encoding are skipped
-        # (about 0.5 us a packet, docs/datapath.md).
-        encrypt = keypair.sender.encryptor()
+        # (about 0.5 us a packet, docs/datapath.md). A zeroed keypair's ``encrypt`` raises
+        # before the counter moves; no caller gets here with one (only keypairs already out
+        # of every slot are zeroed, callers seal with ``keypairs.current``, and ``zero``
+        # expires a keypair, which every caller's limit check refuses).
+        encrypt = keypair.encrypt
         nonce_of = TRANSPORT_NONCE
         header = keypair.header
         counter = keypair.send_counter
@@ -622,7 +632,15 @@ class Device:
     # ------------------------------------------------------------------ handshakes out
 
     def _jitter(self) -> float:
-        return int.from_bytes(self.random(2), "little") % 334 / 1000.0
+        """REKEY_TIMEOUT's jitter, 0 to 0.333 s: two bytes of a pool of ``_JITTER_POOL``
+        refilled from ``random`` when used up (one draw per 32 timers armed, not one each)."""
+        used = self._jitter_used
+        pool = self._jitter_pool
+        if used >= len(pool):
+            pool = self._jitter_pool = self.random(_JITTER_POOL)
+            used = 0
+        self._jitter_used = used + 2
+        return int.from_bytes(pool[used : used + 2], "little") % 334 / 1000.0
 
     def send_initiation(self, peer: Peer, now: float, *, retry: bool) -> None:
         """Start (or retry) a handshake with ``peer``, at most once per REKEY_TIMEOUT."""
@@ -897,7 +915,7 @@ class Device:
                     if first >> 4 == 15:
                         self._receive_control(peer, plaintext, now)
                         # The handler may have changed anything (keys, routes): look again.
-                        decrypt = keypair.receiver.decryptor()
+                        decrypt = keypair.decrypt
                         checked = None
                         continue
                     if deadlines[SEND_KEEPALIVE] is None:
@@ -936,7 +954,7 @@ class Device:
                         fast = False
                     if not fast:
                         self._deliver(peer, plaintext, now)
-                        decrypt = keypair.receiver.decryptor()
+                        decrypt = keypair.decrypt
                         checked = None
                         continue
                     if source_address != checked:
@@ -955,7 +973,7 @@ class Device:
             if keypair is not None:
                 known = keypair.local_index
                 peer = keypair.peer
-                decrypt = keypair.receiver.decryptor()
+                decrypt = keypair.decrypt
                 check = keypair.replay.check
                 deadlines = peer.timers.deadlines
             else:

@@ -62,10 +62,11 @@ class Keypair:
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.header = struct.pack("<II", 4, remote_index)
-        #: The bound AEAD calls (``TransportCipher.encryptor``/``decryptor``), taken once: the
-        #: lone packet's path reads an attribute instead of making a call, which costs several
+        #: The bound AEAD calls (``TransportCipher.encryptor``/``decryptor``), taken once and
+        #: the only way the device reaches the AEAD (lone and batch paths alike): the lone
+        #: packet's path reads an attribute instead of making a call, which costs several
         #: microseconds of cold interpreter after an idle moment (docs/datapath.md,
-        #: "Latency"). ``zero`` replaces them.
+        #: "Latency"). ``zero`` replaces them, so a zeroed keypair seals and opens nothing.
         self.encrypt: Callable[[bytes, bytes | memoryview, None], bytes] = self.sender.encryptor()
         self.decrypt: Callable[[bytes, bytes | memoryview, None], bytes] | None = (
             self.receiver.decryptor()
@@ -80,9 +81,15 @@ class Keypair:
         self.send_counter = REJECT_AFTER_MESSAGES
 
     def zero(self) -> None:
-        """Drop the cipher objects so no key material stays reachable from this keypair."""
+        """Drop the cipher objects so no key material stays reachable from this keypair.
+
+        Also expired for sending, so every send path's own limit check refuses it (stages
+        and handshakes, or returns False) before ``encrypt`` could raise: the device zeroes
+        only keypairs already out of every slot, but a send reached from a receive path must
+        not raise even if that changed."""
         self.sender.zero()
         self.receiver.zero()
+        self.expire_for_sending()
         self.encrypt = _zeroed
         self.decrypt = None
 
