@@ -511,18 +511,73 @@ def coalesce(
 
     Each packet's header is read with one ``struct`` call: this runs once per received packet.
     A bulk batch (at least ``_NUMPY_MIN_JOIN`` TCP segments of one size, but for a last one)
-    is checked in a few numpy calls instead (:func:`_uniform_prefix`), with the same result;
+    is checked in a few numpy calls instead (:func:`_uniform_block`), with the same result;
     ``vectorised=False`` takes every packet one by one.
     """
     writes: list[list[bytes | memoryview]] = []
     runs: dict[bytes, _Run] = {}
     joined: list[_Run] = []
-    if vectorised and _np is not None and len(packets) >= _NUMPY_MIN_JOIN:
-        done = _uniform_prefix(packets, writes, runs, joined)
-        if done:
-            packets = packets[done:]
     uruns: dict[bytes, _UdpRun] = {}
     ujoined: list[_UdpRun] = []
+    count = len(packets)
+    if vectorised and _np is not None and count >= _NUMPY_MIN_JOIN:
+        # Blocks of equal length (a bulk batch: the full segments of each sender's burst,
+        # each ended by its shorter last one) are tried at once; the loop takes the rest,
+        # in order, on the same state.
+        lengths = list(map(len, packets))
+        done = start = 0
+        while start < count:
+            length = lengths[start]
+            end = start + 1
+            while end < count and lengths[end] == length:
+                end += 1
+            if end - start >= _NUMPY_MIN_JOIN:
+                if done < start:
+                    state = (writes, runs, joined, uruns, ujoined)
+                    _coalesce_loop(packets[done:start], *state, udp4, udp6)
+                    done = start
+                if _uniform_block(packets[start:end], length, writes, runs, joined):
+                    done = end
+            start = end
+        if done:
+            packets = packets[done:]
+    _coalesce_loop(packets, writes, runs, joined, uruns, ujoined, udp4, udp6)
+    for run in joined:
+        _finish(run)
+    short: dict[int, list[bytes]] = {}
+    for urun in ujoined:
+        if len(urun.packets) >= _UDP_MIN_JOIN:
+            _finish_udp(urun)
+        else:
+            short[id(urun.bufs)] = urun.packets
+    if short:
+        # Too few to be worth a GSO write: each datagram alone, where the run stood.
+        expanded: list[list[bytes | memoryview]] = []
+        for bufs in writes:
+            alone = short.get(id(bufs))
+            if alone is None:
+                expanded.append(bufs)
+            else:
+                for one in alone:
+                    expanded.append([PLAIN_HEADER, one])
+        writes = expanded
+    for bufs in writes:
+        if len(bufs) == 3:
+            del bufs[2]  # a run of one: the packet alone
+    return writes
+
+
+def _coalesce_loop(
+    packets: Sequence[bytes],
+    writes: list[list[bytes | memoryview]],
+    runs: dict[bytes, _Run],
+    joined: list[_Run],
+    uruns: dict[bytes, _UdpRun],
+    ujoined: list[_UdpRun],
+    udp4: bool,
+    udp6: bool,
+) -> None:
+    """:func:`coalesce`'s packets one by one, on the state it keeps across calls."""
     unpack4 = _V4_TCP.unpack_from
     unpack6 = _V6_TCP.unpack_from
     unpack4u = _V4_UDP.unpack_from
@@ -624,29 +679,6 @@ def coalesce(
             runs.pop(key, None)
         else:
             runs[key] = _Run(bufs, iphl, hl, size, seq, v4, shape)
-    for run in joined:
-        _finish(run)
-    short: dict[int, list[bytes]] = {}
-    for urun in ujoined:
-        if len(urun.packets) >= _UDP_MIN_JOIN:
-            _finish_udp(urun)
-        else:
-            short[id(urun.bufs)] = urun.packets
-    if short:
-        # Too few to be worth a GSO write: each datagram alone, where the run stood.
-        expanded: list[list[bytes | memoryview]] = []
-        for bufs in writes:
-            alone = short.get(id(bufs))
-            if alone is None:
-                expanded.append(bufs)
-            else:
-                for one in alone:
-                    expanded.append([PLAIN_HEADER, one])
-        writes = expanded
-    for bufs in writes:
-        if len(bufs) == 3:
-            del bufs[2]  # a run of one: the packet alone
-    return writes
 
 
 #: From this many packets in a batch the vectorised check is tried: its fixed cost (about 15
@@ -671,40 +703,33 @@ def _columns(v4: bool, hl: int) -> Any:
     return columns
 
 
-def _uniform_prefix(
+def _uniform_block(
     packets: Sequence[bytes],
+    length: int,
     writes: list[list[bytes | memoryview]],
     runs: dict[bytes, _Run],
     joined: list[_Run],
-) -> int:
-    """Coalesce a bulk batch's leading segments in a few numpy calls; how many were taken.
+) -> bool:
+    """Coalesce a block of packets of one ``length`` in a few numpy calls, if the loop would
+    join them all; whether it did.
 
-    Taken only when every packet but possibly the last has one length and they are all
-    segments of one TCP flow, in sequence, flags ACK alone, sharing every header byte the
-    loop compares (addresses, ports, acknowledgement, window, options, IP fields): then the
-    loop would join them into runs of as many as fit in 64 KiB, and that is what is built
-    here, leaving ``writes``, ``runs`` and ``joined`` as the loop would after them, so the
-    loop goes on with the rest (the last, shorter segment with PSH, or a different packet).
-    Anything else takes nothing (0), and the loop does it all.
+    Taken only when they are all segments of one TCP flow, in sequence, flags ACK alone,
+    sharing every header byte the loop compares (addresses, ports, acknowledgement, window,
+    options, IP fields), and the flow has no run open from earlier packets: then the loop
+    would join them into runs of as many as fit in 64 KiB, and that is what is built here,
+    leaving ``writes``, ``runs`` and ``joined`` as the loop would, so the loop goes on with
+    what follows (the burst's shorter last segment, or another flow's). Anything else is left
+    to the loop.
     """
-    count = len(packets)
+    taken = len(packets)
     first = packets[0]
-    length = len(first)
-    lengths = list(map(len, packets))
-    same = lengths.count(length)
-    if same == count:
-        taken = count
-    elif same == count - 1 and lengths[-1] != length:
-        taken = count - 1
-    else:
-        return 0
     lead = first[0]
     if lead == 0x45 and length >= 40:
         _vi, tos, total, frag, frag_low, ttl, proto, key, seq, ack, flags, window, urg = (
             _V4_TCP.unpack_from(first)
         )
         if proto != _TCP or total != length or frag & 0x3F or frag_low:
-            return 0
+            return False
         v4 = True
         iphl = 20
         hl = 20 + (ack[4] >> 4) * 4
@@ -713,32 +738,32 @@ def _uniform_prefix(
     elif lead >> 4 == 6 and length >= 60:
         vcl, plen, proto, hop, key, seq, ack, flags, window, urg = _V6_TCP.unpack_from(first)
         if proto != _TCP or plen + 40 != length:
-            return 0
+            return False
         v4 = False
         iphl = 40
         hl = 40 + (ack[4] >> 4) * 4
         shape = (vcl, hop, window, urg, first[60:hl])
         seq_at = 44
     else:
-        return 0
+        return False
     size = length - hl
-    if size <= 0 or flags != _ACK or hl < iphl + 20 or hl > length:
-        return 0
+    key += ack
+    if size <= 0 or flags != _ACK or hl < iphl + 20 or hl > length or key in runs:
+        return False
     np = _np
     block = b"".join(packets)
     rows = np.frombuffer(block, dtype=np.uint8, count=taken * length).reshape(taken, length)
     shared = rows[:, _columns(v4, hl)]
     if not (shared == shared[0]).all():
-        return 0
+        return False
     seqs = np.ndarray((taken,), ">u4", block, seq_at, (length,)).astype(np.int64)
     expected = np.arange(seq, seq + taken * size, size, dtype=np.int64)
     expected &= 0xFFFFFFFF
     if not np.array_equal(seqs, expected):
-        return 0
+        return False
     # Runs as the loop makes them: as many segments as fit in one IP packet of 64 KiB.
     per_run = (_MAX_IP - (hl if v4 else hl - 40)) // size
     view = memoryview(block)
-    key += ack
     run: _Run | None = None
     for index in range(0, taken, per_run):
         end = min(index + per_run, taken)
@@ -754,7 +779,7 @@ def _uniform_prefix(
             run.last_flags = flags
     assert run is not None
     runs[key] = run
-    return taken
+    return True
 
 
 def _super_ip_header(head: bytearray, iphl: int, l4len: int, v4: bool) -> int:
