@@ -447,21 +447,7 @@ def bring_up_meshguard(
             f"(command: {args.meshguard_cmd!r})\n{tails}"
         ) from None
     check_mtu(tb, hosts.a, a_if, args.mtu)
-    settle_heap(tb, (a_if, b_if))
     return Config(name, tb, hosts, TUNNEL_B, TUNNEL_A, procs, (a_if, b_if))
-
-
-def settle_heap(tb: Testbed, ifnames: Sequence[str], timeout: float = 20.0) -> None:
-    """Wait until each node has put its heap in huge pages (a few seconds after start:
-    meshguard/adapters/heap_pages.py), so every round measures a node as it runs for
-    hours, not its first seconds. A tree without it (an older commit) is not waited for."""
-
-    def settled(ifname: str) -> bool:
-        heap = read_status(ifname)["node"].get("heap_pages")
-        return heap is None or "disabled" in heap or heap.get("passes", 0) > 0
-
-    for ifname in ifnames:
-        tb.wait_for(lambda name=ifname: settled(name), timeout=timeout, what=f"{ifname} heap pass")
 
 
 def offload_summary(ifname: str) -> str:
