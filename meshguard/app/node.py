@@ -257,8 +257,6 @@ class Node:
         self._mapped_endpoints: list[Endpoint] = []
         #: The node-level ``port_mapping`` status, while port mapping runs (set by the service).
         self.port_mapping_status: Callable[[], dict[str, Any]] | None = None
-        #: The process heap's huge pages (set by the service: meshguard/adapters/heap_pages.py).
-        self.heap_pages_status: Callable[[], dict[str, Any]] | None = None
         self.on_gone = on_gone
         self.fwmark = 0
         self._timer: IDelayedCall | None = None
@@ -512,11 +510,6 @@ class Node:
                 ),
                 "flood_guard": self.flood_guard.status(),
                 "tun_offload": self.tun.offload_status(),
-                **(
-                    {"heap_pages": self.heap_pages_status()}
-                    if self.heap_pages_status is not None
-                    else {}
-                ),
                 **self.primer.status(),
             },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},

@@ -23,7 +23,6 @@ from zope.interface import implementer
 from meshguard.adapters.capabilities import keep_across_uid_change, retain_net_admin
 from meshguard.adapters.default_route import DEFAULT_TABLE, DefaultRoute
 from meshguard.adapters.endpoint_names import resolve_endpoint
-from meshguard.adapters.heap_pages import HeapPages, process_rss_bytes
 from meshguard.adapters.link import LinkError, host_address_infos
 from meshguard.adapters.portmap.service import PortMapping, listen_announcements, standard_methods
 from meshguard.adapters.status_server import listen_status
@@ -52,11 +51,6 @@ class MembershipService(Protocol):
 log = Logger()
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: Seconds after start before the heap is put in huge pages (the start-up's objects, the
-#: first handshakes' and the plugins' allocated), then between passes for what it grew by.
-HEAP_PAGES_SETTLE = 5.0
-HEAP_PAGES_PERIOD = 600.0
 
 #: Errors a user can act on: printed as one line, exit status 1.
 STARTUP_ERRORS = (ConfigError, TunError, UDPBindError, LinkError, InterfaceInUseError, OSError)
@@ -124,7 +118,6 @@ class NodeService(service.Service):
         status_directory: str = "/var/run/meshguard",
         manage_link: bool = True,
         daemon: bool = False,
-        heap_pages: HeapPages | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -160,10 +153,6 @@ class NodeService(service.Service):
         self._mapped_port = 0
         #: Signed membership, store, joins and names (``MeshName``; docs/invitations.md).
         self.enrollment: MembershipService | None = None
-        #: The heap in huge pages after start-up (meshguard/adapters/heap_pages.py): twistd's
-        #: node passes one; in-process users (tests, ``meshguard-userspace``) may not.
-        self.heap_pages = heap_pages
-        self._heap_call: IDelayedCall | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -296,9 +285,6 @@ class NodeService(service.Service):
         self._sync_port_mapping()
         if self.enrollment is not None:
             self.enrollment.start()
-        if self.heap_pages is not None:
-            self.node.heap_pages_status = self.heap_pages.status
-            self._heap_call = self.reactor.callLater(HEAP_PAGES_SETTLE, self._heap_pages_pass)
         try:
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_sighup)
         except ValueError:
@@ -309,25 +295,6 @@ class NodeService(service.Service):
             port=self.node.udp.local_port,
             peers=len(self.node.device.peers),
         )
-
-    def _heap_pages_pass(self) -> None:
-        """Put the heap in huge pages (after start-up, then what it grew by, now and then)."""
-        heap_pages = self.heap_pages
-        assert heap_pages is not None
-        first = heap_pages.passes == 0
-        collapsed = heap_pages.advise()
-        if first or collapsed:
-            rss = process_rss_bytes()
-            log.info(
-                "heap in huge pages: {collapsed} MiB collapsed, {state}; resident {rss} MiB",
-                collapsed=collapsed >> 20,
-                state=heap_pages.disabled or f"THP mode {heap_pages.mode}",
-                rss=rss >> 20 if rss is not None else "?",
-            )
-        if heap_pages.disabled is None:
-            self._heap_call = self.reactor.callLater(HEAP_PAGES_PERIOD, self._heap_pages_pass)
-        else:
-            self._heap_call = None
 
     def _sync_port_mapping(self) -> Deferred[None] | None:
         """Start or stop port mapping as ``PortMapping`` says (default ``auto``); a reload
@@ -529,9 +496,6 @@ class NodeService(service.Service):
 
     def stopService(self) -> Deferred[Any] | None:
         service.Service.stopService(self)  # type: ignore[no-untyped-call]
-        if self._heap_call is not None and self._heap_call.active():
-            self._heap_call.cancel()
-        self._heap_call = None
         if self._previous_hup is not None:
             try:
                 signal.signal(signal.SIGHUP, self._previous_hup)

@@ -8,7 +8,6 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from meshguard.adapters.heap_pages import HeapPages
 from meshguard.adapters.hot_reactor import install_if_free
 from meshguard.app.service import NodeService, StartupError
 from meshguard.codecs.config import ConfigError, load_config
@@ -59,5 +58,4 @@ def makeService(options: Options) -> IService:
         uapi_directory=options["uapi-dir"],
         status_directory=options["status-dir"],
         daemon=parent is not None and not parent.get("nodaemon", True),
-        heap_pages=HeapPages(),
     )
