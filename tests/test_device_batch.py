@@ -156,9 +156,10 @@ class PacketsFromTunTests(SynchronousTestCase):
         many.a.device.packets_from_tun([], many.net.now)
 
 
-def transports_a_to_b(pair: Pair, payloads: int) -> list[bytes]:
-    """Run a handshake and seal ``payloads`` packets A -> B, keeping every transport message
-    to B off the network (returned, in order), so B sees the first one in a batch."""
+def transports_a_to_b(pair: Pair, payloads: int, step: int = 1, base: int = 100) -> list[bytes]:
+    """Run a handshake and seal ``payloads`` packets A -> B (of ``base``, ``base + step``,
+    ... payload bytes), keeping every transport message to B off the network (returned, in
+    order), so B sees the first one in a batch."""
     held: list[bytes] = []
 
     def hold(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
@@ -169,7 +170,7 @@ def transports_a_to_b(pair: Pair, payloads: int) -> list[bytes]:
 
     pair.net.filters.append(hold)
     for i in range(payloads):
-        pair.a_to_b(bytes([i]) * (100 + i))
+        pair.a_to_b(bytes([i]) * (base + i * step))
     pair.a.device.send_keepalive(pair.peer_of_a, pair.net.now)
     pair.a_to_b(b"after the keepalive")
     pair.net.filters.remove(hold)
@@ -288,11 +289,22 @@ def inner_packets() -> list[bytes]:
 
 
 class InnerPacketBatchTests(SynchronousTestCase):
-    def open_inner_packets(self, batched: bool) -> tuple[Any, ...]:
+    def open_inner_packets(self, batched: bool, bulk: bool = False) -> tuple[Any, ...]:
         """B opens A's sealed inner_packets() one by one or as one batch; what it wrote,
         the echo replies consumed, counters, the peer's state and how many messages took
-        the full path."""
+        the full path. ``bulk``: B's adapter takes opened packets in one call
+        (``write_packets``), whose sizes go to ``self.bulk_calls``."""
         pair = Pair(seed=5)
+        self.bulk_calls: list[int] = []
+        if bulk:
+            node = pair.b
+
+            def write_packets(packets: list[bytes]) -> None:
+                self.bulk_calls.append(len(packets))
+                for packet in packets:
+                    node.write_packet(packet)
+
+            node.write_packets = write_packets  # type: ignore[attr-defined]
         pair.a_to_b(b"session")
         held: list[bytes] = []
 
@@ -356,6 +368,37 @@ class InnerPacketBatchTests(SynchronousTestCase):
         self.assertEqual(len(delivered), 10)
         self.assertEqual(one[2]["source_not_allowed"], 2)
         self.assertEqual(one[2]["bad_inner_packet"], 3)
+
+    def test_bulk_writes_keep_the_order(self) -> None:
+        """With an adapter that takes opened packets in one call, the batch hands over runs
+        of fast-path packets, each run before whatever takes the full path (a SYN clamped,
+        an echo reply for the prober, a refused source): what is written, and in what order,
+        is what one by one writes."""
+        one = self.open_inner_packets(False)
+        many = self.open_inner_packets(True, bulk=True)
+        self.assertEqual(many[:-1], one[:-1])
+        self.assertTrue(self.bulk_calls)
+        self.assertLess(sum(self.bulk_calls), len(one[0]), "the full path wrote some itself")
+
+    def test_bulk_writes_of_a_plain_batch(self) -> None:
+        """A batch of ordinary data (the first message takes the full path: key confirmation)
+        reaches such an adapter in one call for all the rest, after the first's own write.
+        (Packets of 16n bytes: a padded one takes the full path, which trims it.)"""
+        pair = Pair(seed=11)
+        batch = transports_a_to_b(pair, 8, step=16, base=108)
+        calls: list[list[bytes]] = []
+        node = pair.b
+
+        def write_packets(packets: list[bytes]) -> None:
+            calls.append(list(packets))
+            for packet in packets:
+                node.write_packet(packet)
+
+        node.write_packets = write_packets  # type: ignore[attr-defined]
+        pair.b.device.transport_batch_received(batch, A_EP, pair.net.now)
+        self.assertEqual(len(pair.b.written), 9)
+        # The last (19 bytes, padded) takes the full path: the run before it goes first.
+        self.assertEqual(calls, [pair.b.written[1:8]])
 
 
 class ZeroedKeypairBatchTests(SynchronousTestCase):

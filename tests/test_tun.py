@@ -566,6 +566,59 @@ class VnetUdpWriteTests(SynchronousTestCase):
         self.assertEqual(tun.offload_status()["gro_udp_writes"], 0)
 
 
+class WritePacketsTests(SynchronousTestCase):
+    """``write_packets`` is ``write`` for each packet, in one call."""
+
+    def device(self) -> tuple[TunDevice, _VnetSystem]:
+        system = _VnetSystem()
+        tun = TunDevice(
+            "mg0",
+            lambda p, now: None,
+            FakeReactor(),
+            system=system,  # type: ignore[arg-type]
+            offload=True,
+        )
+        tun.open()
+        return tun, system
+
+    def packets(self) -> list[bytes]:
+        return [udp_packet(True, bytes([i]) * 500, ident=i) for i in range(10)]
+
+    def test_held_then_written_as_write_would(self) -> None:
+        """While held, the packets join the held ones (the list is not kept) and the flush
+        writes what ten ``write`` calls would have."""
+        one, one_system = self.device()
+        many, many_system = self.device()
+        packets = self.packets()
+        for tun in (one, many):
+            tun.hold()
+        for packet in packets:
+            one.write(packet)
+        batch = list(packets)
+        many.write_packets(batch)
+        batch.clear()
+        for tun in (one, many):
+            tun.flush()
+        self.assertEqual(many_system.written, one_system.written)
+        self.assertEqual(len(many_system.written), 1)
+        self.assertEqual(many._wrote, one._wrote)
+        self.assertEqual(many.offload_status(), one.offload_status())
+
+    def test_not_held_each_goes_at_once(self) -> None:
+        tun, system = self.device()
+        tun.write_packets(self.packets())
+        self.assertEqual(len(system.written), 10)
+
+    def test_the_hold_limit_writes_at_once(self) -> None:
+        tun, system = self.device()
+        tun.hold_packets = 4
+        tun.hold()
+        tun.write_packets(self.packets())
+        self.assertEqual(len(system.written), 1, "written when the limit was passed")
+        tun.flush()
+        self.assertEqual(len(system.written), 1)
+
+
 class RealTunTests(TestCase):
     """A real TUN created here, moved into a test namespace, pinged through, then deleted."""
 

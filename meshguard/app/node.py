@@ -62,11 +62,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class _DataPath:
     """The device's outputs bound straight to the adapters' methods (no forwarding call)."""
 
-    __slots__ = ("send_datagram", "send_datagrams", "send_probe", "write_packet")
+    __slots__ = ("send_datagram", "send_datagrams", "send_probe", "write_packet", "write_packets")
     #: Set when the adapter can send path MTU probes with Don't-Fragment (optional).
     send_probe: Callable[[bytes, Endpoint], bool]
     #: Set when the adapter takes several datagrams to one endpoint at once (optional).
     send_datagrams: Callable[[list[bytes], Endpoint], None]
+    #: Set when the adapter takes a batch's opened packets in one call (optional).
+    write_packets: Callable[[list[bytes]], None]
 
     def __init__(
         self,
@@ -280,6 +282,7 @@ class Node:
         io = _DataPath(self.udp.send, self.tun.write)
         io.send_probe = self.udp.send_probe
         io.send_datagrams = self.udp.send_datagrams
+        io.write_packets = self.tun.write_packets
         self.device.attach_io(io)
         self.tun.start_reading()
         self.udp.start_reading()

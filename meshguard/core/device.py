@@ -500,10 +500,12 @@ class Device:
                 self.packet_from_tun(packet, now)
             return
         mss_mtu = peer.mss_mtu
-        if mss_mtu and any(clamp_if_syn(packet, mss_mtu) is not packet for packet in packets):
+        if mss_mtu and clamp_if_syn(first, mss_mtu) is not first:
             # A SYN to clamp (never in a real TSO frame): the per-packet path clamps it. Path
             # MTU discovery sets ``mss_mtu`` for every meshguard peer, so only a SYN may
-            # send a batch down the slow path.
+            # send a batch down the slow path. The segments of one super-packet share their
+            # flags but FIN and PSH (as they share their addresses, which the first routes):
+            # the first one tells.
             for packet in packets:
                 self.packet_from_tun(packet, now)
             return
@@ -889,7 +891,10 @@ class Device:
         deadlines: list[float | None] = []
         nonce_of = TRANSPORT_NONCE
         lookup = self.allowed_ips.lookup
-        write = self.io.write_packet
+        # Opened packets wait here and go to the adapter together (one call, not one a packet),
+        # before anything that may write or send on its own and at the end.
+        pending: list[bytes] = []
+        hold = pending.append
         min_size = C.TRANSPORT_MIN_SIZE
         # The last inner source address checked against the peer's allowed IPs, and whether
         # it passed: a bulk flow's segments all carry the same one.
@@ -913,6 +918,8 @@ class Device:
                         continue
                     first = plaintext[0]
                     if first >> 4 == 15:
+                        if pending:
+                            self._write_pending(pending)
                         self._receive_control(peer, plaintext, now)
                         # The handler may have changed anything (keys, routes): look again.
                         decrypt = keypair.decrypt
@@ -953,6 +960,8 @@ class Device:
                     ):
                         fast = False
                     if not fast:
+                        if pending:
+                            self._write_pending(pending)
                         self._deliver(peer, plaintext, now)
                         decrypt = keypair.decrypt
                         checked = None
@@ -964,8 +973,10 @@ class Device:
                         counters.source_not_allowed += 1
                         continue
                     peer.data_packets += 1
-                    write(plaintext)
+                    hold(plaintext)
                     continue
+            if pending:
+                self._write_pending(pending)
             self._last_opened = None
             self.datagram_received(data, source, now)
             keypair = self._last_opened
@@ -978,7 +989,21 @@ class Device:
                 deadlines = peer.timers.deadlines
             else:
                 decrypt = None
+        if pending:
+            self._write_pending(pending)
         self._last_opened = None
+
+    def _write_pending(self, pending: list[bytes]) -> None:
+        """Hand a batch's opened packets to the adapter in one call where it takes them
+        (``write_packets``, which must not keep the list: it is emptied and reused here)."""
+        write_packets = getattr(self.io, "write_packets", None)
+        if write_packets is not None:
+            write_packets(pending)
+        else:
+            write = self.io.write_packet
+            for packet in pending:
+                write(packet)
+        pending.clear()
 
     def _deliver(self, peer: Peer, plaintext: bytes, now: float) -> None:
         """Check an opened data packet against the peer's allowed IPs and write it out."""

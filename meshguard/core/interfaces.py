@@ -39,7 +39,12 @@ class DeviceIO(Protocol):
         """Send one UDP datagram to ``endpoint``."""
 
     def write_packet(self, packet: bytes) -> None:
-        """Write one decrypted IP packet to the TUN device."""
+        """Write one decrypted IP packet to the TUN device.
+
+        An adapter may also offer ``write_packets(packets: list[bytes])``, the same for a
+        batch's packets in order in one call (the device looks for it; it must not keep the
+        list, which the device empties and reuses).
+        """
 
 
 class ControlHandler(Protocol):
