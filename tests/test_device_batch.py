@@ -8,6 +8,7 @@ counters and the timers must be the same, in the fast case and in every case tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -156,25 +157,52 @@ class PacketsFromTunTests(SynchronousTestCase):
         many.a.device.packets_from_tun([], many.net.now)
 
 
-def transports_a_to_b(pair: Pair, payloads: int, step: int = 1, base: int = 100) -> list[bytes]:
-    """Run a handshake and seal ``payloads`` packets A -> B (of ``base``, ``base + step``,
-    ... payload bytes), keeping every transport message to B off the network (returned, in
-    order), so B sees the first one in a batch."""
+def held_to_b(pair: Pair, send: Callable[[], object]) -> list[bytes]:
+    """Run ``send`` keeping every transport message to B off the network; those messages,
+    in order (for B to receive them as one batch)."""
     held: list[bytes] = []
 
-    def hold(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
+    def hold(data: bytes, source: object, destination: object) -> bool:
         if destination == B_EP and data[0] == 4:
             held.append(data)
             return False
         return True
 
     pair.net.filters.append(hold)
-    for i in range(payloads):
-        pair.a_to_b(bytes([i]) * (base + i * step))
-    pair.a.device.send_keepalive(pair.peer_of_a, pair.net.now)
-    pair.a_to_b(b"after the keepalive")
+    send()
+    pair.net.flush()
     pair.net.filters.remove(hold)
     return held
+
+
+def receive_at_b(pair: Pair, held: list[bytes], batched: bool) -> None:
+    """B receives ``held`` as one batch or one by one (through ``datagram_received``, which a
+    test may have wrapped)."""
+    device = pair.b.device
+    if batched:
+        device.transport_batch_received(held, A_EP, pair.net.now)
+    else:
+        for data in held:
+            device.datagram_received(data, A_EP, pair.net.now)
+
+
+def send_data_a_to_b(pair: Pair, packets: list[bytes]) -> None:
+    for packet in packets:
+        pair.a.device.send_data(pair.peer_of_a, packet, pair.net.now)
+
+
+def transports_a_to_b(pair: Pair, payloads: int, step: int = 1, base: int = 100) -> list[bytes]:
+    """Run a handshake and seal ``payloads`` packets A -> B (of ``base``, ``base + step``,
+    ... payload bytes), keeping every transport message to B off the network (returned, in
+    order), so B sees the first one in a batch."""
+
+    def send() -> None:
+        for i in range(payloads):
+            pair.a_to_b(bytes([i]) * (base + i * step))
+        pair.a.device.send_keepalive(pair.peer_of_a, pair.net.now)
+        pair.a_to_b(b"after the keepalive")
+
+    return held_to_b(pair, send)
 
 
 class TransportBatchTests(SynchronousTestCase):
@@ -237,19 +265,11 @@ class TransportBatchTests(SynchronousTestCase):
         """A packet whose inner source B does not allow from A is dropped on the fast path
         too (the checks after decryption are shared with the full path)."""
         pair = Pair(seed=3)
-        held: list[bytes] = []
-
-        def hold(data: bytes, source: tuple[str, int], destination: tuple[str, int]) -> bool:
-            if destination == B_EP and data[0] == 4:
-                held.append(data)
-                return False
-            return True
-
         pair.a_to_b(b"first")  # the session, delivered
-        pair.net.filters.append(hold)
-        for source in ("10.0.0.1", "10.0.0.99", "10.0.0.1"):
-            pair.a.device.packet_from_tun(ipv4(source, "10.0.0.2", b"x"), pair.net.now)
-        pair.net.flush()
+        packets = [ipv4(s, "10.0.0.2", b"x") for s in ("10.0.0.1", "10.0.0.99", "10.0.0.1")]
+        held = held_to_b(
+            pair, lambda: [pair.a.device.packet_from_tun(p, pair.net.now) for p in packets]
+        )
         self.assertEqual(len(held), 3)
         written = len(pair.b.written)
         pair.b.device.transport_batch_received(held, A_EP, pair.net.now)
@@ -306,19 +326,7 @@ class InnerPacketBatchTests(SynchronousTestCase):
 
             node.write_packets = write_packets  # type: ignore[attr-defined]
         pair.a_to_b(b"session")
-        held: list[bytes] = []
-
-        def hold(data: bytes, source: object, destination: object) -> bool:
-            if destination == B_EP and data[0] == 4:
-                held.append(data)
-                return False
-            return True
-
-        pair.net.filters.append(hold)
-        for packet in inner_packets():
-            pair.a.device.send_data(pair.peer_of_a, packet, pair.net.now)
-        pair.net.flush()
-        pair.net.filters.remove(hold)
+        held = held_to_b(pair, lambda: send_data_a_to_b(pair, inner_packets()))
         device = pair.b.device
         pair.peer_of_b.mss_mtu = 1280
         echoes: list[bytes] = []
@@ -337,11 +345,7 @@ class InnerPacketBatchTests(SynchronousTestCase):
 
         device.datagram_received = counted  # type: ignore[method-assign]
         written = len(pair.b.written)
-        if batched:
-            device.transport_batch_received(held, A_EP, pair.net.now)
-        else:
-            for data in held:
-                device.datagram_received(data, A_EP, pair.net.now)
+        receive_at_b(pair, held, batched)
         peer = pair.peer_of_b
         return (
             pair.b.written[written:],
@@ -429,13 +433,8 @@ class ZeroedKeypairBatchTests(SynchronousTestCase):
             keypair = pair.peer_of_b.keypairs.next
             assert keypair is not None
             keypair.zero()
-            device = pair.b.device
-            if batched:
-                device.transport_batch_received(held, A_EP, pair.net.now)
-            else:
-                for data in held:
-                    device.datagram_received(data, A_EP, pair.net.now)
-            return pair.b.written, device.counters.as_dict(), len(held)
+            receive_at_b(pair, held, batched)
+            return pair.b.written, pair.b.device.counters.as_dict(), len(held)
 
         one, many = receive(False), receive(True)
         self.assertEqual(many, one)
@@ -454,19 +453,7 @@ class ZeroedKeypairBatchTests(SynchronousTestCase):
         def receive(inner: list[bytes], batched: bool) -> tuple[object, ...]:
             pair = Pair(seed=5)
             pair.a_to_b(b"session")
-            held: list[bytes] = []
-
-            def hold(data: bytes, source: object, destination: object) -> bool:
-                if destination == B_EP and data[0] == 4:
-                    held.append(data)
-                    return False
-                return True
-
-            pair.net.filters.append(hold)
-            for packet in inner:
-                pair.a.device.send_data(pair.peer_of_a, packet, pair.net.now)
-            pair.net.flush()
-            pair.net.filters.remove(hold)
+            held = held_to_b(pair, lambda: send_data_a_to_b(pair, inner))
             device = pair.b.device
 
             def on_echo(peer: Peer, packet: bytes, now: float) -> bool:
@@ -477,11 +464,7 @@ class ZeroedKeypairBatchTests(SynchronousTestCase):
 
             device.set_echo_handler(b"MG", on_echo)
             written = len(pair.b.written)
-            if batched:
-                device.transport_batch_received(held, A_EP, pair.net.now)
-            else:
-                for data in held:
-                    device.datagram_received(data, A_EP, pair.net.now)
+            receive_at_b(pair, held, batched)
             return pair.b.written[written:], device.counters.as_dict()
 
         for at in (0, 2):

@@ -524,19 +524,25 @@ class _TsoOnlySystem(_VnetSystem):
         return super().ioctl(fd, request, arg)
 
 
+def vnet_device(system: _VnetSystem) -> TunDevice:
+    """An open TUN device with the virtio-net header and offloads on a fake kernel."""
+    tun = TunDevice(
+        "mg0",
+        lambda p, now: None,
+        FakeReactor(),
+        system=system,  # type: ignore[arg-type]
+        offload=True,
+    )
+    tun.open()
+    return tun
+
+
 class VnetUdpWriteTests(SynchronousTestCase):
     """Held UDP datagrams are joined into one ``GSO_UDP_L4`` write only where the kernel
     granted USO; a TSO-only device writes them one by one, as before."""
 
     def burst(self, system: _VnetSystem) -> TunDevice:
-        tun = TunDevice(
-            "mg0",
-            lambda p, now: None,
-            FakeReactor(),
-            system=system,  # type: ignore[arg-type]
-            offload=True,
-        )
-        tun.open()
+        tun = vnet_device(system)
         tun.hold()
         for v4 in (True, False):
             for i in range(10):
@@ -571,15 +577,7 @@ class WritePacketsTests(SynchronousTestCase):
 
     def device(self) -> tuple[TunDevice, _VnetSystem]:
         system = _VnetSystem()
-        tun = TunDevice(
-            "mg0",
-            lambda p, now: None,
-            FakeReactor(),
-            system=system,  # type: ignore[arg-type]
-            offload=True,
-        )
-        tun.open()
-        return tun, system
+        return vnet_device(system), system
 
     def packets(self) -> list[bytes]:
         return [udp_packet(True, bytes([i]) * 500, ident=i) for i in range(10)]
