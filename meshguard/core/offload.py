@@ -510,9 +510,10 @@ def coalesce(
     datagram that cannot join ends its flow's run, so nothing overtakes it.
 
     Each packet's header is read with one ``struct`` call: this runs once per received packet.
-    A bulk batch (at least ``_NUMPY_MIN_JOIN`` TCP segments of one size, but for a last one)
-    is checked in a few numpy calls instead (:func:`_uniform_block`), with the same result;
-    ``vectorised=False`` takes every packet one by one.
+    In a bulk batch, each run of at least ``_NUMPY_MIN_JOIN`` packets of one length (a
+    sender's burst of full segments) is checked in a few numpy calls instead
+    (:func:`_uniform_block`), with the same result; ``vectorised=False`` takes every packet
+    one by one.
     """
     writes: list[list[bytes | memoryview]] = []
     runs: dict[bytes, _Run] = {}
