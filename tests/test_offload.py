@@ -443,7 +443,9 @@ class CoalesceTests(SynchronousTestCase):
         vectorised path takes the 45 and the loop adds the last to their run."""
         packets = self.flow(True, 45, size=1368)
         packets.append(tcp_packet(True, 1 + 45 * 1368, ACK | PSH, b"e" * 500))
-        self.assertTrue(offload._uniform_block(packets[:45], len(packets[0]), [], {}, []))
+        found = offload._uniform_groups(packets[:45], len(packets[0]))
+        assert found is not None
+        self.assertEqual(found[1], [0, 45])
         writes = coalesce(packets)
         self.assertEqual(len(writes), 1)
         self.assertEqual(unwrap(writes[0])[1][40:], b"".join(p[40:] for p in packets))
@@ -499,6 +501,78 @@ class CoalesceTests(SynchronousTestCase):
             elif last == "gap":
                 packets.append(tcp_packet(v4, end + 1, ACK, b"g" * size, options))
                 seq = (seq + 1 + size) & 0xFFFFFFFF
+        if flip is not None:
+            row, at, bits = flip
+            packet = bytearray(packets[row % len(packets)])
+            packet[at % len(packet)] ^= bits
+            packets[row % len(packets)] = bytes(packet)
+        self.assert_same_writes(packets)
+
+    def interleaved_bursts(
+        self, v4: bool, size: int, plan: list[tuple[int, int, int, int]]
+    ) -> list[bytes]:
+        """Bursts of full segments as a bulk batch brings them: each ``(flow, n, stamp,
+        ack)`` is ``n`` segments of flow 0 or 1 (its own ports) carrying timestamp option
+        ``stamp`` and acknowledgement ``ack``, each flow's sequence running on."""
+        iphl = 20 if v4 else 40
+        seqs = [7, 0xFFFFFF00]
+        packets: list[bytes] = []
+        for flow, n, stamp, ack in plan:
+            options = b"\x01\x01\x08\x0a" + struct.pack("!II", stamp, 5)
+            for _ in range(n):
+                packet = bytearray(tcp_packet(v4, seqs[flow], ACK, b"d" * size, options))
+                packet[iphl : iphl + 2] = struct.pack("!H", 1000 + flow)
+                packet[iphl + 8 : iphl + 12] = struct.pack("!I", ack)
+                packets.append(bytes(packet))
+                seqs[flow] = (seqs[flow] + size) & 0xFFFFFFFF
+        return packets
+
+    def loop_takes(self, packets: list[bytes]) -> int:
+        """How many of ``packets`` :func:`coalesce` leaves to its loop."""
+        taken: list[int] = []
+        loop = offload._coalesce_loop
+
+        def counted(some: list[bytes], *rest: object) -> None:
+            taken.append(len(some))
+            loop(some, *rest)  # type: ignore[arg-type]
+
+        self.patch(offload, "_coalesce_loop", counted)
+        coalesce(packets)
+        return sum(taken)
+
+    def test_bursts_of_a_bulk_flow_are_built_at_once(self) -> None:
+        """A receiver's batch of one bulk flow: bursts of full segments, each with its own
+        timestamp and acknowledgement, then one flow's bursts interleaved with another's
+        that continue each flow's open run: all built by the block path, as the loop
+        would."""
+        one = self.interleaved_bursts(True, 1368, [(0, 30, 1, 99), (0, 45, 2, 99), (0, 44, 2, 150)])
+        two = self.interleaved_bursts(False, 1348, [(0, 20, 1, 9), (1, 20, 1, 9), (0, 20, 1, 9)])
+        for packets in (one, two):
+            self.assert_same_writes(packets)
+            self.assertEqual(self.loop_takes(packets), 0)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.booleans(),
+        st.integers(1, 1400),
+        st.lists(
+            st.tuples(st.integers(0, 1), st.integers(1, 40), st.integers(0, 2), st.integers(0, 2)),
+            min_size=1,
+            max_size=6,
+        ),
+        st.none() | st.tuples(st.integers(0, 250), st.integers(0, 79), st.integers(1, 255)),
+    )
+    def test_groups_equal_the_loop(
+        self,
+        v4: bool,
+        size: int,
+        plan: list[tuple[int, int, int, int]],
+        flip: tuple[int, int, int] | None,
+    ) -> None:
+        """Bursts of two flows, interleaved, each with its own timestamp and acknowledgement
+        (or the one before's), one byte of any header changed (or none): the groups built at
+        once and the loop write the same buffers."""
+        packets = self.interleaved_bursts(v4, size, plan)
         if flip is not None:
             row, at, bits = flip
             packet = bytearray(packets[row % len(packets)])

@@ -511,9 +511,9 @@ def coalesce(
 
     Each packet's header is read with one ``struct`` call: this runs once per received packet.
     In a bulk batch, each run of at least ``_NUMPY_MIN_JOIN`` packets of one length (a
-    sender's burst of full segments) is checked in a few numpy calls instead
-    (:func:`_uniform_block`), with the same result; ``vectorised=False`` takes every packet
-    one by one.
+    sender's bursts of full segments) is cut into groups that the loop would join in a few
+    numpy calls instead (:func:`_uniform_groups`, :func:`_block`), with the same result;
+    ``vectorised=False`` takes every packet one by one.
     """
     writes: list[list[bytes | memoryview]] = []
     runs: dict[bytes, _Run] = {}
@@ -522,10 +522,12 @@ def coalesce(
     ujoined: list[_UdpRun] = []
     count = len(packets)
     if vectorised and _np is not None and count >= _NUMPY_MIN_JOIN:
-        # Blocks of equal length (a bulk batch: the full segments of each sender's burst,
-        # each ended by its shorter last one) are tried at once; the loop takes the rest,
-        # in order, on the same state.
+        # Runs of equal length (a bulk batch: the full segments of each sender's burst, each
+        # ended by its shorter last one, or running on into the next burst) are cut into
+        # groups at once; each group is built at once where the loop would join it, and the
+        # loop takes the rest, in order, on the same state.
         lengths = list(map(len, packets))
+        state = (writes, runs, joined, uruns, ujoined)
         done = start = 0
         while start < count:
             length = lengths[start]
@@ -533,12 +535,19 @@ def coalesce(
             while end < count and lengths[end] == length:
                 end += 1
             if end - start >= _NUMPY_MIN_JOIN:
-                if done < start:
-                    state = (writes, runs, joined, uruns, ujoined)
-                    _coalesce_loop(packets[done:start], *state, udp4, udp6)
-                    done = start
-                if _uniform_block(packets[start:end], length, writes, runs, joined):
-                    done = end
+                found = _uniform_groups(packets[start:end], length)
+                if found is not None:
+                    view, bounds, v4, hl = found
+                    for g in range(len(bounds) - 1):
+                        a, b = start + bounds[g], start + bounds[g + 1]
+                        if b - a < 2:
+                            continue
+                        if done < a:
+                            _coalesce_loop(packets[done:a], *state, udp4, udp6)
+                            done = a
+                        offset = bounds[g] * length
+                        if _block(packets, a, b, v4, hl, view, offset, writes, runs, joined):
+                            done = b
             start = end
         if done:
             packets = packets[done:]
@@ -704,78 +713,134 @@ def _columns(v4: bool, hl: int) -> Any:
     return columns
 
 
-def _uniform_block(
+def _uniform_groups(
+    packets: Sequence[bytes], length: int
+) -> tuple[memoryview, list[int], bool, int] | None:
+    """Cut packets of one ``length`` into groups in a few numpy calls: the joined packets,
+    the groups' bounds (0, where each next group starts, the count), and the first packet's
+    IP version (``v4``) and header length.
+
+    Within a group each packet continues the one before: the same bytes in every header
+    column the loop compares for a segment shaped like the first packet (addresses, ports,
+    acknowledgement, flags, window, options, IP fields) and the sequence number one payload
+    further. A new group starts wherever that fails: the next burst of the flow (its own
+    timestamp option), another flow, a gap, a packet with other flags. None when the first
+    packet is no TCP segment of that length (the loop takes them all).
+    """
+    first = packets[0]
+    lead = first[0]
+    if lead == 0x45 and length >= 40 and first[9] == _TCP:
+        v4 = True
+        hl = 20 + (first[32] >> 4) * 4
+        seq_at = 24
+    elif lead >> 4 == 6 and length >= 60 and first[6] == _TCP:
+        v4 = False
+        hl = 40 + (first[52] >> 4) * 4
+        seq_at = 44
+    else:
+        return None
+    size = length - hl
+    if size <= 0:
+        return None
+    np = _np
+    taken = len(packets)
+    block = b"".join(packets)
+    rows = np.frombuffer(block, dtype=np.uint8, count=taken * length).reshape(taken, length)
+    shared = rows[:, _columns(v4, hl)]
+    follows = (shared[1:] == shared[:-1]).all(axis=1)
+    seqs = np.ndarray((taken,), ">u4", block, seq_at, (length,)).astype(np.int64)
+    steps = seqs[1:] - seqs[:-1]
+    steps &= 0xFFFFFFFF
+    follows &= steps == size
+    bounds = [0, *(np.flatnonzero(~follows) + 1).tolist(), taken]
+    return memoryview(block), bounds, v4, hl
+
+
+def _block(
     packets: Sequence[bytes],
-    length: int,
+    a: int,
+    b: int,
+    v4_first: bool,
+    hl_first: int,
+    view: memoryview,
+    offset: int,
     writes: list[list[bytes | memoryview]],
     runs: dict[bytes, _Run],
     joined: list[_Run],
 ) -> bool:
-    """Coalesce a block of packets of one ``length`` in a few numpy calls, if the loop would
-    join them all; whether it did.
+    """Join one group of :func:`_uniform_groups` (``packets[a:b]``, at ``offset`` in the
+    joined ``view``) as the loop would, if the loop would join it all; whether it did.
 
-    Taken only when they are all segments of one TCP flow, in sequence, flags ACK alone,
-    sharing every header byte the loop compares (addresses, ports, acknowledgement, window,
-    options, IP fields), and the flow has no run open from earlier packets: then the loop
-    would join them into runs of as many as fit in 64 KiB, and that is what is built here,
-    leaving ``writes``, ``runs`` and ``joined`` as the loop would, so the loop goes on with
-    what follows (the burst's shorter last segment, or another flow's). Anything else is left
-    to the loop.
+    Taken when its first packet is a segment shaped like the first of the equal-length run
+    (so the group's columns were compared in full) with flags ACK alone: then the loop would
+    fill its flow's open run where the first packet continues it, and join the rest into
+    runs of as many as fit in 64 KiB. That is what is built here, leaving ``writes``,
+    ``runs`` and ``joined`` as the loop would, so the loop goes on with what follows.
+    Anything else is left to the loop.
     """
-    taken = len(packets)
-    first = packets[0]
-    lead = first[0]
-    if lead == 0x45 and length >= 40:
+    first = packets[a]
+    length = len(first)
+    if v4_first:
+        if first[0] != 0x45:
+            return False
         _vi, tos, total, frag, frag_low, ttl, proto, key, seq, ack, flags, window, urg = (
             _V4_TCP.unpack_from(first)
         )
         if proto != _TCP or total != length or frag & 0x3F or frag_low:
             return False
-        v4 = True
         iphl = 20
         hl = 20 + (ack[4] >> 4) * 4
         shape: tuple[object, ...] = (tos, frag, ttl, window, urg, first[40:hl])
-        seq_at = 24
-    elif lead >> 4 == 6 and length >= 60:
+        extra = hl
+    else:
+        if first[0] >> 4 != 6:
+            return False
         vcl, plen, proto, hop, key, seq, ack, flags, window, urg = _V6_TCP.unpack_from(first)
         if proto != _TCP or plen + 40 != length:
             return False
-        v4 = False
         iphl = 40
         hl = 40 + (ack[4] >> 4) * 4
         shape = (vcl, hop, window, urg, first[60:hl])
-        seq_at = 44
-    else:
-        return False
+        extra = hl - 40
     size = length - hl
+    if hl != hl_first or flags != _ACK or size <= 0 or hl < iphl + 20:
+        return False
     key += ack
-    if size <= 0 or flags != _ACK or hl < iphl + 20 or hl > length or key in runs:
-        return False
-    np = _np
-    block = b"".join(packets)
-    rows = np.frombuffer(block, dtype=np.uint8, count=taken * length).reshape(taken, length)
-    shared = rows[:, _columns(v4, hl)]
-    if not (shared == shared[0]).all():
-        return False
-    seqs = np.ndarray((taken,), ">u4", block, seq_at, (length,)).astype(np.int64)
-    expected = np.arange(seq, seq + taken * size, size, dtype=np.int64)
-    expected &= 0xFFFFFFFF
-    if not np.array_equal(seqs, expected):
-        return False
-    # Runs as the loop makes them: as many segments as fit in one IP packet of 64 KiB.
-    per_run = (_MAX_IP - (hl if v4 else hl - 40)) // size
-    view = memoryview(block)
-    run: _Run | None = None
-    for index in range(0, taken, per_run):
-        end = min(index + per_run, taken)
-        at = index * length
-        bufs: list[bytes | memoryview] = [PLAIN_HEADER, packets[index]]
-        bufs += [view[a : a + size] for a in range(at + hl, end * length, length)]
-        writes.append(bufs)
-        run = _Run(bufs, iphl, hl, size, (seq + index * size) & 0xFFFFFFFF, v4, shape)
-        if end - index > 1:
+    taken = b - a
+    index = 0
+    run = runs.get(key)
+    if (
+        run is not None
+        and seq == run.next_seq
+        and size <= run.gso
+        and hl == run.hl
+        and run.length + size + extra <= _MAX_IP
+        and shape == run.shape
+    ):
+        # The group continues its flow's open run: fill it as far as 64 KiB allows.
+        if size != run.gso:
+            return False  # a shorter segment would end that run: the loop's case
+        index = min(taken, (_MAX_IP - extra - run.length) // size)
+        bufs = run.bufs
+        if len(bufs) == 3:
             joined.append(run)
-            run.length = size * (end - index)
+        at = offset + hl
+        bufs += [view[at + i * length : at + i * length + size] for i in range(index)]
+        run.length += index * size
+        run.next_seq = (seq + index * size) & 0xFFFFFFFF
+        run.last_flags = flags
+    # The rest as the loop makes runs: as many segments as fit in one IP packet of 64 KiB.
+    per_run = (_MAX_IP - extra) // size
+    for start in range(index, taken, per_run):
+        end = min(start + per_run, taken)
+        at = offset + start * length
+        bufs = [PLAIN_HEADER, packets[a + start]]
+        bufs += [view[p : p + size] for p in range(at + hl, offset + end * length, length)]
+        writes.append(bufs)
+        run = _Run(bufs, iphl, hl, size, (seq + start * size) & 0xFFFFFFFF, v4_first, shape)
+        if end - start > 1:
+            joined.append(run)
+            run.length = size * (end - start)
             run.next_seq = (seq + end * size) & 0xFFFFFFFF
             run.last_flags = flags
     assert run is not None
