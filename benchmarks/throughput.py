@@ -314,15 +314,16 @@ def measure_round(c: Config, args: argparse.Namespace, rep: int) -> None:
         c.add("cpu_per_gb", spent / (tcp1 * args.seconds / 8 / 1000))
     tcp4 = tcp_mbits(c, args.seconds, 4, "tcp4")
     c.add("tcp4", tcp4)
-    udp = None
-    if tcp4:
+    udp = idle = loaded = None
+    if tcp4 and not args.tcp_only:
         start = tcp4 * 1e6 / 8 / max(args.udp_size, 1000) * 1.2
         udp = udp_pps(c, args.udp_seconds, args.udp_size, start)
         c.add("udp_pps", None if udp is None else udp / 1000)
-    idle = ping_ms(c.tb, c.hosts.a, c.dst, args.pings)
-    c.add("rtt_idle", idle)
-    loaded = loaded_ping_ms(c, args.pings * 0.02 + 1, args.pings)
-    c.add("rtt_loaded", loaded)
+    if not args.tcp_only:
+        idle = ping_ms(c.tb, c.hosts.a, c.dst, args.pings)
+        c.add("rtt_idle", idle)
+        loaded = loaded_ping_ms(c, args.pings * 0.02 + 1, args.pings)
+        c.add("rtt_loaded", loaded)
 
     def show(value: float | None, unit: str, phase: str = "") -> str:
         text = "-" if value is None else f"{number(value)} {unit}"
@@ -592,6 +593,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-plain", action="store_true", help="skip the plain veth")
     parser.add_argument("--no-meshguard", action="store_true", help="skip meshguard")
+    parser.add_argument(
+        "--tcp-only",
+        action="store_true",
+        help="TCP (1 and 4 streams) and CPU per GB only: more rounds in the same time when "
+        "comparing trees on a change to the bulk path",
+    )
     parser.add_argument("--udp-size", type=int, default=1000, help="UDP payload bytes")
     parser.add_argument("--udp-seconds", type=float, default=3.0)
     parser.add_argument("--pings", type=int, default=50)

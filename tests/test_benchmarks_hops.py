@@ -205,3 +205,34 @@ class SealedUdpFilterTests(SynchronousTestCase):
         self.assertFalse(self.verdict(ipv4_udp(128, frag=185)))
         self.assertFalse(self.verdict(ipv4_udp(128), ethertype=0x86DD))
         self.assertFalse(self.verdict(ipv4_udp(128), ethertype=0x0806))
+
+
+class TcpOnlyRoundTests(SynchronousTestCase):
+    """throughput.py's ``--tcp-only`` round: the two TCP phases and CPU per GB, nothing else
+    (no UDP search, no pings), so trees can be compared over more rounds."""
+
+    def test_round_measures_tcp_only(self) -> None:
+        throughput = sys.modules["throughput"]
+        called: list[str] = []
+
+        def tcp(c: object, seconds: float, streams: int, phase: str) -> float:
+            called.append(phase)
+            return 800.0 if streams == 1 else 900.0
+
+        def refused(*args: object) -> None:
+            raise AssertionError("measured more than TCP")
+
+        self.patch(throughput, "tcp_mbits", tcp)
+        self.patch(throughput, "cpu", lambda c: 2.0 + len(called))
+        for name in ("udp_pps", "ping_ms", "loaded_ping_ms"):
+            self.patch(throughput, name, refused)
+        config = throughput.Config("t", None, None, "b", "a", procs=[object()])
+        args = throughput.argparse.Namespace(
+            seconds=5.0, tcp_only=True, udp_size=1000, udp_seconds=3.0, pings=50
+        )
+        throughput.measure_round(config, args, 1)
+        self.assertEqual(called, ["tcp1", "tcp4"])
+        self.assertEqual(config.values["tcp1"], [800.0])
+        self.assertEqual(config.values["tcp4"], [900.0])
+        self.assertEqual(config.values["cpu_per_gb"], [1.0 / (800.0 * 5.0 / 8 / 1000)])
+        self.assertNotIn("udp_pps", config.values)
