@@ -465,6 +465,19 @@ class _Run:
         self.v4 = v4
         self.shape = shape
 
+    def takes(self, seq: int, size: int, hl: int, extra: int, shape: tuple[object, ...]) -> bool:
+        """Whether a segment of the run's flow joins it: next in sequence, no larger than its
+        segments, the same header length and shape, and the IP packet still within 64 KiB
+        (``extra``: the header bytes its length counts, all of them for IPv4, the TCP header
+        for IPv6)."""
+        return (
+            seq == self.next_seq
+            and size <= self.gso
+            and hl == self.hl
+            and self.length + size + extra <= _MAX_IP
+            and shape == self.shape
+        )
+
 
 class _UdpRun:
     """Datagrams of one UDP flow being joined: the write (its buffers are filled in at the
@@ -665,14 +678,7 @@ def _coalesce_loop(
             writes.append([PLAIN_HEADER, packet])
             continue
         run = runs.get(key)
-        if (
-            run is not None
-            and seq == run.next_seq
-            and size <= run.gso
-            and hl == run.hl
-            and run.length + size + (hl if v4 else hl - 40) <= _MAX_IP
-            and shape == run.shape
-        ):
+        if run is not None and run.takes(seq, size, hl, hl if v4 else hl - 40, shape):
             bufs = run.bufs
             if len(bufs) == 3:
                 joined.append(run)
@@ -809,14 +815,7 @@ def _block(
     taken = b - a
     index = 0
     run = runs.get(key)
-    if (
-        run is not None
-        and seq == run.next_seq
-        and size <= run.gso
-        and hl == run.hl
-        and run.length + size + extra <= _MAX_IP
-        and shape == run.shape
-    ):
+    if run is not None and run.takes(seq, size, hl, extra, shape):
         # The group continues its flow's open run: fill it as far as 64 KiB allows.
         if size != run.gso:
             return False  # a shorter segment would end that run: the loop's case
