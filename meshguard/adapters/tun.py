@@ -181,13 +181,12 @@ class TunDevice:
     """
 
     #: Packets read per reactor event before yielding to other descriptors and timers. With
-    #: offloads a batch ends after the super-packet that spends it: two of a bulk flow's
-    #: 45-segment frames at 64 (0.5-0.7 ms of sealing), where 256 took about six (2 ms), during
-    #: which an echo reply or an acknowledgement waited in the UDP socket. 64 kept the round
-    #: trip under a TCP stream below 256's in each of four runs (0.3-1.6 ms less; within 0.2
-    #: ms of wireguard-go's or below it) for about 2 % of throughput (docs/datapath.md, "The
-    #: TUN read budget").
-    batch_packets = 64
+    #: offloads a batch ends after the super-packet that spends it (about six of a bulk flow's
+    #: 45-segment frames). 64 was tried for the round trip under load (an echo reply waits in
+    #: the UDP socket while a batch is sealed): it cost 2-9 % of throughput, and once OpenSSL's
+    #: AVX2 code made batches faster 256 kept the loaded round trip below wireguard-go's
+    #: anyway (docs/datapath.md, "The TUN read budget").
+    batch_packets = 256
     #: Packets held for coalescing before they are written anyway.
     hold_packets = 512
     #: ``read_replies`` reads only after at most this many packets were written.
