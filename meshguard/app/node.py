@@ -51,6 +51,7 @@ from meshguard.mesh.ping import Pinger
 from meshguard.mesh.pmtu import PathMTUDiscovery
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
 from meshguard.mesh.stack import MeshStack
+from meshguard.openssl_setup import setup as openssl_setup
 from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver
 from meshguard.plugins import load as load_plugins
 
@@ -513,6 +514,7 @@ class Node:
                 ),
                 "flood_guard": self.flood_guard.status(),
                 "tun_offload": self.tun.offload_status(),
+                "openssl_cpu": openssl_setup(),
                 **self.primer.status(),
             },
             "drops": {k: v for k, v in device.counters.as_dict().items() if v},
