@@ -92,7 +92,7 @@ class MeshguardWireGuardGoTests(InteropMixin, SynchronousTestCase):
     def assert_offloads_used(self, pair: MeshguardGoPair) -> None:
         """meshguard's TUN offloads carried the transfers: super-packets cut on the way out,
         segments joined on the way in (on a kernel that takes TSO); and the node loaded
-        OpenSSL with its AVX-512 code off (meshguard/openssl_setup.py: twistd imports
+        OpenSSL with its AVX-512 code off (meshguard/adapters/openssl_setup.py: twistd imports
         meshguard before anything loads cryptography)."""
         node = read_status(pair.mg_if)["node"]
         self.assertEqual(node["openssl_cpu"], "avx512-off")

@@ -1,4 +1,4 @@
-"""Loading cryptography's OpenSSL with AVX-512 off (meshguard.openssl_setup)."""
+"""Loading cryptography's OpenSSL with AVX-512 off (meshguard.adapters.openssl_setup)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from meshguard import openssl_setup
-from meshguard.openssl_setup import AVX512_OFF, BINDING, load_openssl
+from meshguard.adapters import openssl_setup
+from meshguard.adapters.openssl_setup import AVX512_OFF, BINDING, load_openssl
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ class LoadOpenSSLTests(SynchronousTestCase):
             "import json, os, sys\n"
             "if sys.argv[1] == 'first': import cryptography.hazmat.bindings._rust\n"
             "import meshguard\n"
-            "from meshguard.openssl_setup import setup\n"
+            "from meshguard.adapters.openssl_setup import setup\n"
             "print(json.dumps([setup(), os.environ.get('OPENSSL_ia32cap'),"
             " 'cryptography.hazmat.bindings._rust' in sys.modules]))\n"
         )

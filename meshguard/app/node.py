@@ -24,6 +24,7 @@ from meshguard.adapters.flood_guard import TICK as FLOOD_TICK
 from meshguard.adapters.flood_guard import FloodGuard
 from meshguard.adapters.idle_gap import IdleGap
 from meshguard.adapters.link import Link
+from meshguard.adapters.openssl_setup import setup as openssl_setup
 from meshguard.adapters.primer import Primer
 from meshguard.adapters.probe_sockets import ProbeSockets
 from meshguard.adapters.tun import TunDevice
@@ -51,7 +52,6 @@ from meshguard.mesh.ping import Pinger
 from meshguard.mesh.pmtu import PathMTUDiscovery
 from meshguard.mesh.sources import DEFAULT_SOURCES, EndpointSource
 from meshguard.mesh.stack import MeshStack
-from meshguard.openssl_setup import setup as openssl_setup
 from meshguard.plugins import IEndpointSource, IKeepalivePolicy, IPathObserver
 from meshguard.plugins import load as load_plugins
 
