@@ -44,20 +44,31 @@ def state(peer: Peer) -> tuple[object, ...]:
 
 class PacketsFromTunTests(SynchronousTestCase):
     def run_both(self, batches: list[list[bytes]], prepare: object = None) -> tuple[Pair, Pair]:
-        """Drive one pair per packet and one per batch; compare everything."""
-        one, many = Pair(seed=7), Pair(seed=7)
-        for pair in (one, many):
+        """Drive one pair per packet and one per batch; compare everything. A third pair takes
+        each batch as views (``offload.split(..., views=True)`` hands the TUN batch receiver
+        views of its array; writable ones here, so hashing one would fail) and must match
+        too, in the fast path and every fallback."""
+        one, many, viewed = Pair(seed=7), Pair(seed=7), Pair(seed=7)
+        for pair in (one, many, viewed):
             if callable(prepare):
                 prepare(pair)
         for batch in batches:
             for packet in batch:
                 one.a.device.packet_from_tun(packet, one.net.now)
             many.a.device.packets_from_tun(batch, many.net.now)
-            one.net.flush()
-            many.net.flush()
+            viewed.a.device.packets_from_tun(
+                [memoryview(bytearray(packet)) for packet in batch], viewed.net.now
+            )
+            for pair in (one, many, viewed):
+                pair.net.flush()
         self.assertEqual(many.a.sent, one.a.sent, "datagrams on the wire")
         self.assertEqual(many.b.written, one.b.written, "packets delivered")
         self.assertEqual(state(many.peer_of_a), state(one.peer_of_a))
+        self.assertEqual(viewed.a.sent, one.a.sent, "datagrams on the wire (views)")
+        self.assertEqual(viewed.b.written, one.b.written, "packets delivered (views)")
+        self.assertEqual(state(viewed.peer_of_a), state(one.peer_of_a))
+        for datagram, _ in viewed.a.sent:
+            self.assertIs(type(datagram), bytes)
         return one, many
 
     def test_established_session_batches(self) -> None:
@@ -92,9 +103,10 @@ class PacketsFromTunTests(SynchronousTestCase):
 
         _, many = self.run_both(batches, prepare)
         self.assertEqual(len(many.b.written), 1 + 45 + 3 + 2 + 1)
-        # Both pairs count here: the per-packet pair 52 times, the batch pair only for the
-        # first (no session yet): every later batch took the fast path.
-        self.assertEqual(len(per_packet), 52 + 1)
+        # All three pairs count here: the per-packet pair 52 times, the batch pairs (bytes
+        # and views) only for the first (no session yet): every later batch took the fast
+        # path.
+        self.assertEqual(len(per_packet), 52 + 1 + 1)
 
     def test_no_session_stages_like_single_packets(self) -> None:
         """The first batch finds no session: staged and sent after the handshake, as before."""
@@ -123,12 +135,13 @@ class PacketsFromTunTests(SynchronousTestCase):
 
         plain = [tcp(0x10), tcp(0x10), tcp(0x18)]
         self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], plain], clamp)
-        # Per-packet pair: 1 + 3; batch pair: only the warm-up (no session yet).
-        self.assertEqual(len(per_packet), 4 + 1)
+        # Per-packet pair: 1 + 3; each batch pair (bytes, views): only the warm-up (no
+        # session yet).
+        self.assertEqual(len(per_packet), 4 + 1 + 1)
         per_packet.clear()
         syn = [tcp(0x02, b"\x02\x04\x05\xb4"), tcp(0x10)]
         _, many = self.run_both([[ipv4("10.0.0.1", "10.0.0.2", b"warm")], syn], clamp)
-        self.assertEqual(len(per_packet), 3 + 3)
+        self.assertEqual(len(per_packet), 3 + 3 + 3)
         self.assertNotEqual(many.b.written[1], syn[0], "the SYN's MSS was clamped")
 
         def small(pair: Pair) -> None:

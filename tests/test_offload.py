@@ -279,6 +279,12 @@ class SplitTests(SynchronousTestCase):
         for segment in fast:
             self.assertIsInstance(segment, bytes)
             self.assertIsNone(problem(segment))
+        # As views (the TUN batch receiver's): the same bytes, read-only views where cut.
+        viewed = split(bytes(frame), True)
+        self.assertEqual([bytes(segment) for segment in viewed], fast)
+        for segment in viewed:
+            if isinstance(segment, memoryview):
+                self.assertTrue(segment.readonly)
         self.patch(offload, "_np", None)
         self.assertEqual(split(bytes(frame)), fast)
 
@@ -295,6 +301,10 @@ class SplitTests(SynchronousTestCase):
         self.patch(offload, "_cut_vectorised", counted)
         segments = split(super_frame(True, True, bytes(1368 * 45), 1368))
         self.assertEqual((len(segments), calls), (45, [1]))
+        # Asked for views, the 44 full segments are views of one array, the last is bytes.
+        viewed = split(super_frame(True, True, bytes(1368 * 45), 1368), True)
+        self.assertEqual([type(s) for s in viewed], [memoryview] * 44 + [bytes])
+        self.assertEqual([bytes(s) for s in viewed], segments)
 
     @given(st.binary(max_size=200))
     def test_garbage_raises_only_offload_error(self, frame: bytes) -> None:

@@ -203,7 +203,7 @@ class TunDevice:
         on_batch_end: Callable[[], None] | None = None,
         on_batch_start: Callable[[], None] | None = None,
         offload: bool = False,
-        batch_receiver: Callable[[list[bytes], float], None] | None = None,
+        batch_receiver: Callable[[list[bytes | memoryview], float], None] | None = None,
         idle: IdleGap | None = None,
     ) -> None:
         if len(name.encode()) >= IFNAMSIZ:
@@ -664,7 +664,8 @@ class TunDevice:
             frame = view[offset : offset + n]
             offset = 0
             try:
-                packets = split(frame)
+                # Views of the cut's array only for the batch receiver, which seals them.
+                packets = split(frame, self.batch_receiver is not None)
             except OffloadError:
                 self.offload_errors += 1
                 continue
@@ -688,7 +689,7 @@ class TunDevice:
                 continue
             for one in packets:
                 try:
-                    receiver(one, now)
+                    receiver(bytes(one), now)
                 except Exception:
                     self._receiver_failed()
         self._hand_on(buffer, view, bounds, starts, ends, fields)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 
 from meshguard.core import constants as C
@@ -465,17 +465,19 @@ class Device:
                 now + C.KEEPALIVE_TIMEOUT + C.REKEY_TIMEOUT + self._jitter(),
             )
 
-    def packets_from_tun(self, packets: list[bytes], now: float) -> None:
+    def packets_from_tun(self, packets: Sequence[bytes | memoryview], now: float) -> None:
         """The segments of one TUN super-packet: route, check and arm timers once, then seal
         them in one loop (the per-packet path costs about a microsecond more a segment).
 
         All segments of a super-packet share their addresses, so the first one routes them
         all. Anything unusual (a smaller path MTU to enforce, a SYN to clamp, no session, the
-        counter limit in reach) takes the per-packet path, which handles it.
+        counter limit in reach) takes the per-packet path, which handles it. Segments may be
+        views of the cut's array (``offload.split(..., views=True)``): they are only sealed
+        here; the per-packet path, which may keep or hash a packet, gets ``bytes``.
         """
         if not packets:
             return
-        first = packets[0]
+        first = bytes(packets[0])
         length = max(map(len, packets))
         if len(first) < 20:
             peer = None
@@ -497,7 +499,7 @@ class Device:
             or keypair.send_counter + len(packets) >= C.REKEY_AFTER_MESSAGES
         ):
             for packet in packets:
-                self.packet_from_tun(packet, now)
+                self.packet_from_tun(bytes(packet), now)
             return
         mss_mtu = peer.mss_mtu
         if mss_mtu and clamp_if_syn(first, mss_mtu) is not first:
@@ -507,7 +509,7 @@ class Device:
             # flags but FIN and PSH (as they share their addresses, which the first routes):
             # the first one tells.
             for packet in packets:
-                self.packet_from_tun(packet, now)
+                self.packet_from_tun(bytes(packet), now)
             return
         self._transmit(peer, self._seal(keypair, packets, self.mtu), endpoint, now)
         self._data_sent(peer, keypair, len(packets), now)
@@ -531,7 +533,9 @@ class Device:
         self._transmit(peer, self._seal(keypair, (packet,), self.mtu), endpoint, now)
         self._data_sent(peer, keypair, 1, now)
 
-    def _seal(self, keypair: Keypair, packets: Iterable[bytes], limit: int) -> list[bytes]:
+    def _seal(
+        self, keypair: Keypair, packets: Iterable[bytes | memoryview], limit: int
+    ) -> list[bytes]:
         """The one place transport messages are built: each packet padded to a multiple of 16
         (but not beyond ``limit``, the MTU, unless already there), sealed under the next
         counter, behind the message header. Checks (session age, counter limits) are the
@@ -552,7 +556,7 @@ class Device:
         for packet in packets:
             size = len(packet)
             if size & 15 and size < limit:
-                packet += zeros[: min(-size & 15, limit - size)]
+                packet = bytes(packet) + zeros[: min(-size & 15, limit - size)]
             nonce = nonce_of(counter)
             append(header + nonce[4:] + encrypt(nonce, packet, None))
             counter += 1

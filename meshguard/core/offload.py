@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, overload
 
 _np: Any
 try:  # optional: sums all segments of a super-packet in one call
@@ -111,7 +111,19 @@ def _fold(value: int) -> int:
     return folded if folded or not value else 0xFFFF
 
 
-def split(frame: bytes | bytearray | memoryview) -> list[bytes]:
+#: A packet the cut hands on: ``bytes``, or with ``views`` a view of the cut's array.
+Segment = bytes | memoryview
+
+
+@overload
+def split(frame: bytes | bytearray | memoryview) -> list[bytes]: ...
+
+
+@overload
+def split(frame: bytes | bytearray | memoryview, views: bool) -> list[Segment]: ...
+
+
+def split(frame: bytes | bytearray | memoryview, views: bool = False) -> list[Any]:
     """The IP packets of one TUN read (virtio-net header first), checksums completed.
 
     A frame without GSO gives one packet; a TSO/USO super-packet gives its segments, each of
@@ -119,6 +131,11 @@ def split(frame: bytes | bytearray | memoryview) -> list[bytes]:
     written (IPv4 identification counting up, lengths, TCP sequence numbers, FIN and PSH only on
     the last segment, full checksums). Raises :class:`OffloadError` for a frame that does not
     hold what its header says.
+
+    ``views``: the full segments of a long super-packet come as read-only views of one array
+    (no copy each; the AEAD takes them as they are, 0.1 us a segment less with OpenSSL's
+    AVX2 code, docs/datapath.md): for a caller that only seals them (``packets_from_tun``),
+    not for one that keeps, hashes or extends a packet.
     """
     view = memoryview(frame)
     if len(view) < VNET_HDR_LEN:
@@ -138,15 +155,17 @@ def split(frame: bytes | bytearray | memoryview) -> list[bytes]:
             raise OffloadError("checksum field at an odd offset")
         return [b"".join((packet[:at], _U16.pack(0xFFFF - value % 0xFFFF), packet[at + 2 :]))]
     if gso_type == GSO_TCPV4 or gso_type == GSO_TCPV6:
-        return _segments(packet, gso_type == GSO_TCPV4, True, gso_size, csum_start)
+        return _segments(packet, gso_type == GSO_TCPV4, True, gso_size, csum_start, views)
     if gso_type == GSO_UDP_L4:
         if not len(packet):
             raise OffloadError("empty UDP super-packet")
-        return _segments(packet, packet[0] >> 4 == 4, False, gso_size, csum_start)
+        return _segments(packet, packet[0] >> 4 == 4, False, gso_size, csum_start, views)
     raise OffloadError(f"GSO type {gso_type:#x} not asked for")
 
 
-def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int) -> list[bytes]:
+def _segments(
+    packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int, views: bool = False
+) -> list[Segment]:
     """Cut one super-packet whose transport header starts at ``iphl`` (the kernel's
     csum_start) into segments of ``gso_size`` payload bytes.
 
@@ -203,7 +222,7 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
     count = max(1, -(-payload_bytes // gso_size))
     pack = struct.pack
     fmt = f"!{ip_format}{l4_format}"
-    out: list[bytes] = []
+    out: list[Segment] = []
     first = 0
     if _np is not None and count > _NUMPY_MIN_SEGMENTS and not gso_size & 1:
         # All but the last segment at once (same size, same flags); the last, which may be
@@ -242,6 +261,7 @@ def _segments(packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int)
             l4_const % 0xFFFF,
             iphl + 4 if tcp else -1,
             first_seq if tcp else 0,
+            views,
         )
     sums = _payload_sums(packet, hl + first * gso_size, gso_size, count - first)
     start = hl + first * gso_size
@@ -296,7 +316,8 @@ def _cut_vectorised(
     l4_const: int,
     seq_at: int,
     first_seq: int,
-) -> list[bytes]:
+    views: bool = False,
+) -> list[Segment]:
     """The first ``count`` full segments of a super-packet in a few numpy calls.
 
     Every segment is ``template`` (the headers with what all of them share, checksums and
@@ -335,7 +356,7 @@ def _cut_vectorised(
         ident += ip_const
         ident %= 0xFFFF
         np.ndarray((count,), ">u2", out, 10, (stride,))[:] = 0xFFFF - ident
-    data = out.tobytes()
+    data: Any = memoryview(out).cast("B").toreadonly() if views else out.tobytes()
     return [data[at : at + stride] for at in range(0, count * stride, stride)]
 
 
