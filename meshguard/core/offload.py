@@ -133,9 +133,9 @@ def split(frame: bytes | bytearray | memoryview, views: bool = False) -> list[An
     hold what its header says.
 
     ``views``: the full segments of a long super-packet come as read-only views of one array
-    (no copy each; the AEAD takes them as they are, 0.1 us a segment less with OpenSSL's
-    AVX2 code, docs/datapath.md): for a caller that only seals them (``packets_from_tun``),
-    not for one that keeps, hashes or extends a packet.
+    (no copy each; the AEAD takes them as they are: 0.05-0.07 us of 2.5 a segment through cut
+    and seal with OpenSSL's AVX2 code, docs/datapath.md), for a caller that only seals them
+    (``packets_from_tun``), not for one that keeps, hashes or extends a packet.
     """
     view = memoryview(frame)
     if len(view) < VNET_HDR_LEN:
