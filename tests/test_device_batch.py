@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from meshguard.core import constants as C
@@ -188,12 +190,35 @@ def held_to_b(pair: Pair, send: Callable[[], object]) -> list[bytes]:
     return held
 
 
-def receive_at_b(pair: Pair, held: list[bytes], batched: bool) -> None:
+def as_views(batch: list[bytes]) -> tuple[list[bytes | memoryview], Callable[[], None]]:
+    """``batch`` as the UDP adapter hands a GRO read over: views of one reused buffer; and
+    what the adapter's next read does to them (overwrite the buffer)."""
+    buffer = bytearray(b"".join(batch))
+    view = memoryview(buffer)
+    views: list[bytes | memoryview] = []
+    at = 0
+    for data in batch:
+        views.append(view[at : at + len(data)])
+        at += len(data)
+
+    def next_read() -> None:
+        buffer[:] = b"\xa5" * len(buffer)
+
+    return views, next_read
+
+
+def receive_at_b(pair: Pair, held: list[bytes], batched: bool, views: bool = False) -> None:
     """B receives ``held`` as one batch or one by one (through ``datagram_received``, which a
-    test may have wrapped)."""
+    test may have wrapped); ``views``: the batch as views of one buffer, overwritten after
+    the call as the adapter's next read would."""
     device = pair.b.device
     if batched:
-        device.transport_batch_received(held, A_EP, pair.net.now)
+        if views:
+            batch, next_read = as_views(held)
+            device.transport_batch_received(batch, A_EP, pair.net.now)
+            next_read()
+        else:
+            device.transport_batch_received(held, A_EP, pair.net.now)
     else:
         for data in held:
             device.datagram_received(data, A_EP, pair.net.now)
@@ -219,8 +244,9 @@ def transports_a_to_b(pair: Pair, payloads: int, step: int = 1, base: int = 100)
 
 
 class TransportBatchTests(SynchronousTestCase):
-    def receive_both(self, mangle: object = None) -> tuple[Pair, Pair, int]:
-        """B receives A's held messages one by one (``one``) and as one batch (``many``)."""
+    def receive_both(self, mangle: object = None, views: bool = False) -> tuple[Pair, Pair, int]:
+        """B receives A's held messages one by one (``one``) and as one batch (``many``;
+        ``views``: of one buffer, overwritten after the call)."""
         one, many = Pair(seed=11), Pair(seed=11)
         batches = [transports_a_to_b(pair, 8) for pair in (one, many)]
         self.assertEqual(batches[0], batches[1])
@@ -234,11 +260,12 @@ class TransportBatchTests(SynchronousTestCase):
         single = device.datagram_received
 
         def counted(data: bytes, source: tuple[str, int], now: float) -> None:
+            self.assertIs(type(data), bytes, "the full path may keep it: a copy")
             slow.append(data)
             single(data, source, now)
 
         device.datagram_received = counted  # type: ignore[method-assign]
-        device.transport_batch_received(batch, A_EP, many.net.now)
+        receive_at_b(many, batch, True, views)
         self.assertEqual(many.b.written, one.b.written, "packets delivered")
         self.assertEqual(many.b.sent, one.b.sent, "what B sent (key confirmation, ...)")
         self.assertEqual(many.b.device.counters, one.b.device.counters)
@@ -252,10 +279,12 @@ class TransportBatchTests(SynchronousTestCase):
 
     def test_first_message_confirms_the_key_rest_fast(self) -> None:
         """The batch starts with the session's first message (key confirmation on B's side);
-        it takes the full path, the other nine the fast one; a keepalive is not written."""
-        one, _, slow = self.receive_both()
-        self.assertEqual(len(one.b.written), 9)
-        self.assertEqual(slow, 1)
+        it takes the full path, the other nine the fast one; a keepalive is not written.
+        The same as views of one buffer that the next read overwrites."""
+        for views in (False, True):
+            one, _, slow = self.receive_both(views=views)
+            self.assertEqual(len(one.b.written), 9)
+            self.assertEqual(slow, 1)
 
     def test_replays_forgeries_and_strangers_in_the_batch(self) -> None:
         """Replayed, forged and unknown-index messages and garbage inside a batch are
@@ -266,13 +295,41 @@ class TransportBatchTests(SynchronousTestCase):
             stranger = batch[2][:4] + b"\x99\x99\x99\x99" + batch[2][8:]
             return [*batch[:4], batch[1], forged, stranger, b"\x04junk", *batch[4:], batch[0]]
 
-        one, _, slow = self.receive_both(mangle)
-        counters = one.b.device.counters
-        self.assertEqual(counters.replayed, 2)
-        self.assertEqual(counters.decrypt_failed, 1)
-        self.assertEqual(counters.unknown_index, 1)
-        self.assertEqual(counters.malformed, 1)
-        self.assertLess(slow, 6)
+        for views in (False, True):
+            one, _, slow = self.receive_both(mangle, views)
+            counters = one.b.device.counters
+            self.assertEqual(counters.replayed, 2)
+            self.assertEqual(counters.decrypt_failed, 1)
+            self.assertEqual(counters.unknown_index, 1)
+            self.assertEqual(counters.malformed, 1)
+            self.assertLess(slow, 6)
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, 9), st.integers(0, 200), st.integers(1, 255)), max_size=6
+        ),
+        st.lists(st.tuples(st.integers(0, 10), st.binary(max_size=80)), max_size=3),
+        st.booleans(),
+    )
+    def test_hostile_batches_as_one_by_one(
+        self, flips: list[tuple[int, int, int]], junk: list[tuple[int, bytes]], views: bool
+    ) -> None:
+        """Bytes flipped anywhere in a batch's messages and junk between them (as views of
+        one buffer or as ``bytes``): nothing raises, and what B delivers, sends, counts and
+        keeps is what it does one by one (``receive_both`` compares)."""
+
+        def mangle(batch: list[bytes]) -> list[bytes]:
+            out = [bytearray(data) for data in batch]
+            for index, at, xor in flips:
+                data = out[index % len(out)]
+                data[at % len(data)] ^= xor
+            mangled = [bytes(data) for data in out]
+            for at, data in junk:
+                mangled.insert(at % (len(mangled) + 1), data)
+            return mangled
+
+        self.receive_both(mangle, views)
 
     def test_inner_packets_checked_in_the_fast_path(self) -> None:
         """A packet whose inner source B does not allow from A is dropped on the fast path
@@ -322,7 +379,9 @@ def inner_packets() -> list[bytes]:
 
 
 class InnerPacketBatchTests(SynchronousTestCase):
-    def open_inner_packets(self, batched: bool, bulk: bool = False) -> tuple[Any, ...]:
+    def open_inner_packets(
+        self, batched: bool, bulk: bool = False, views: bool = False
+    ) -> tuple[Any, ...]:
         """B opens A's sealed inner_packets() one by one or as one batch; what it wrote,
         the echo replies consumed, counters, the peer's state and how many messages took
         the full path. ``bulk``: B's adapter takes opened packets in one call
@@ -353,12 +412,13 @@ class InnerPacketBatchTests(SynchronousTestCase):
         single = device.datagram_received
 
         def counted(data: bytes, source: tuple[str, int], now: float) -> None:
+            self.assertIs(type(data), bytes, "the full path may keep it: a copy")
             slow.append(data)
             single(data, source, now)
 
         device.datagram_received = counted  # type: ignore[method-assign]
         written = len(pair.b.written)
-        receive_at_b(pair, held, batched)
+        receive_at_b(pair, held, batched, views)
         peer = pair.peer_of_b
         return (
             pair.b.written[written:],
@@ -378,6 +438,7 @@ class InnerPacketBatchTests(SynchronousTestCase):
         one, many = self.open_inner_packets(False), self.open_inner_packets(True)
         self.assertEqual(many[:-1], one[:-1])
         self.assertEqual(many[-1], 1, "only the first message took the full path")
+        self.assertEqual(self.open_inner_packets(True, views=True), many, "as views")
         self.assertEqual(len(one[1]), 1, "the marked echo reply went to the handler")
         delivered = one[0]
         self.assertIn(inner_packets()[0], delivered)
@@ -394,6 +455,7 @@ class InnerPacketBatchTests(SynchronousTestCase):
         one = self.open_inner_packets(False)
         many = self.open_inner_packets(True, bulk=True)
         self.assertEqual(many[:-1], one[:-1])
+        self.assertEqual(self.open_inner_packets(True, bulk=True, views=True), many)
         self.assertTrue(self.bulk_calls)
         self.assertLess(sum(self.bulk_calls), len(one[0]), "the full path wrote some itself")
 

@@ -47,6 +47,12 @@ class QueueSocket:
             raise item
         return item
 
+    def recvmsg_into(self, buffers: list[bytearray], ancsize: int) -> Any:
+        """As the kernel does: the next entry's data copied into the one buffer given."""
+        data, anc, flags, address = self.recvmsg(len(buffers[0]), ancsize)
+        buffers[0][: len(data)] = data
+        return len(data), anc, flags, address
+
 
 def _has_ipv6() -> bool:
     try:
@@ -797,6 +803,42 @@ class GRODeliveryTests(SynchronousTestCase):
         self.assertEqual({s for _d, s in received}, {source})
         self.assertEqual(transport._sources[source][0], info)
         self.assertEqual((transport.reads, transport.gro_reads, transport.gro_datagrams), (4, 2, 5))
+
+    def test_batch_receiver_gets_views_of_one_buffer(self) -> None:
+        """A busy batch reads into one buffer per socket: the batch receiver gets each GRO
+        read's datagrams as views of it (read before the next read overwrites it), and a
+        plain datagram, which the receiver may keep, comes as ``bytes``."""
+        gro = (udp.SOL_UDP, udp.UDP_GRO, udp._GRO_SIZE.pack(4))
+        seen: list[tuple[list[bytes], set[type], set[int]]] = []
+        plain: list[object] = []
+
+        def batch(parts: list[Any], source: Any, now: float) -> None:
+            seen.append(
+                ([bytes(p) for p in parts], {type(p) for p in parts}, {id(p.obj) for p in parts})
+            )
+
+        transport = UDPTransport(
+            lambda data, source, now: plain.append(data),
+            FakeReactor(),
+            0,
+            batch_receiver=batch,
+            idle=IdleGap(Clock().seconds),
+        )
+        queue: list[Any] = [
+            (b"plain", [], 0, V4_PEER),
+            (b"aaaabbbbcc", [gro], 0, V4_PEER),
+            (b"ddddeeee", [gro], 0, V4_PEER),
+            (b"single", [], 0, V4_PEER),
+        ]
+        reader = udp._Reader(transport, QueueSocket(queue), False)  # type: ignore[arg-type]
+        transport.idle.batch_begins(reader)  # a busy batch: every read goes through the buffer
+        reader.doRead()
+        self.assertEqual([s[0] for s in seen], [[b"aaaa", b"bbbb", b"cc"], [b"dddd", b"eeee"]])
+        self.assertEqual([s[1] for s in seen], [{memoryview}, {memoryview}])
+        self.assertEqual(seen[0][2], seen[1][2], "one buffer, reused")
+        self.assertEqual(len(seen[0][2]), 1)
+        self.assertEqual(plain, [b"plain", b"single"])
+        self.assertEqual({type(d) for d in plain}, {bytes})
 
     def test_receiver_error_in_a_coalesced_buffer(self) -> None:
         """A handler that raises on one datagram of a buffer still gets the rest."""

@@ -28,7 +28,10 @@ of a few dozen datagrams costs a fraction of as many ``sendto`` calls per datagr
 - Receive (UDP GRO, ``UDP_GRO``): the kernel may hand ``recvmsg`` several same-size datagrams from
   one source as one buffer with the segment size in a control message; ``doRead`` cuts it back
   into datagrams (``split_datagrams``). The receive size (``max_datagram``, 65535) covers the
-  largest coalesced buffer, which the kernel keeps within one IP packet's 64 KiB.
+  largest coalesced buffer, which the kernel keeps within one IP packet's 64 KiB. A busy batch
+  reads with ``recvmsg_into`` into one buffer per socket, reused: a GRO read's datagrams go to
+  the batch receiver as views of it (no 64 KiB allocation a read, no copy a datagram); a plain
+  datagram, which the receiver may keep, is copied out.
 
 Sends never raise: a full queue or an unreachable network drops the datagram and bumps a counter,
 as a router would; WireGuard's own timers recover. A kernel or device that cannot do GSO (EIO: no
@@ -148,8 +151,9 @@ class _Run:
         self.segment = self.total = len(data)
 
 
-def split_datagrams(data: bytes, segment: int) -> list[bytes]:
-    """Cut a GRO buffer back into its datagrams: ``segment`` bytes each, the last may be shorter.
+def split_datagrams(data: bytes | memoryview, segment: int) -> list[bytes | memoryview]:
+    """Cut a GRO buffer back into its datagrams: ``segment`` bytes each, the last may be shorter
+    (slices of ``data``: views of a view, no copy).
 
     A segment size that makes no sense (0 or less) leaves the buffer whole rather than lose it.
     """
@@ -228,6 +232,11 @@ class _Reader:
         self.sock = sock
         self.v6 = v6
         self._fd = sock.fileno()
+        #: The busy batch's receive buffer, reused by every ``recvmsg_into``: a GRO read's
+        #: datagrams are views of it (no allocation of ``max_datagram`` bytes a read, no copy
+        #: a datagram), valid until the next read; a plain datagram is copied out of it.
+        self._buffer = bytearray(transport.max_datagram)
+        self._view = memoryview(self._buffer)
 
     def fileno(self) -> int:
         return self._fd
@@ -316,11 +325,12 @@ class _Reader:
         """The read loop; ``eager``: a lone batch (hand a first plain datagram on alone and
         end); ``first``: a ``recvmsg`` result already read, handled before any read."""
         t = self.transport
-        recvmsg = self.sock.recvmsg
+        recvmsg_into = self.sock.recvmsg_into
+        buffers = [self._buffer]
+        view = self._view
         receiver = t.receiver
         sources = t._sources
         get = sources.get
-        bufsize = t.max_datagram
         v6 = self.v6
         now = t.idle.now
         reads = gro_reads = gro_datagrams = 0
@@ -333,12 +343,14 @@ class _Reader:
         budget = t.batch_packets
         while budget > 0:
             budget -= 1
+            data: bytes | memoryview
             if first is not None:
                 data, anc, _flags, addr = first
                 first = None
             else:
                 try:
-                    data, anc, _flags, addr = recvmsg(bufsize, _ANC_SIZE)
+                    n, anc, _flags, addr = recvmsg_into(buffers, _ANC_SIZE)
+                    data = view[:n]
                 except BlockingIOError:
                     break
                 except InterruptedError:
@@ -387,13 +399,14 @@ class _Reader:
                         if entry is None or entry[0] != info:
                             t._pending_source = (addr, info)
                     try:
-                        receiver(part, addr, now)
+                        receiver(bytes(part), addr, now)
                     except Exception:
                         t._receiver_failed()
                 t._pending_source = None
                 continue
             try:
-                receiver(data, addr, now)
+                # A plain datagram may be kept (a handshake's backlog, a relay): a copy.
+                receiver(bytes(data), addr, now)
             except Exception:
                 t._receiver_failed()
             t._pending_source = None
@@ -435,7 +448,7 @@ class UDPTransport:
         fwmark: int = 0,
         on_batch_end: Callable[[], None] | None = None,
         on_batch_start: Callable[[], None] | None = None,
-        batch_receiver: Callable[[list[bytes], Endpoint, float], None] | None = None,
+        batch_receiver: Callable[[list[bytes | memoryview], Endpoint, float], None] | None = None,
         *,
         wireguard_filter: bool = False,
         idle: IdleGap | None = None,
@@ -446,7 +459,9 @@ class UDPTransport:
         #: Whether a read batch follows an idle moment of the node (shared with the TUN
         #: device): only then is its first datagram handled alone.
         self.idle = idle if idle is not None else IdleGap()
-        #: Called instead of ``receiver`` with the datagrams of one GRO read (one source).
+        #: Called instead of ``receiver`` with the datagrams of one GRO read (one source):
+        #: views of the reader's buffer, which the next read overwrites, so whatever it keeps
+        #: beyond the call must be a copy (``receiver`` always gets ``bytes``).
         self.batch_receiver = batch_receiver
         #: Whether the sockets carry the kernel filter for WireGuard's port (the node's do;
         #: a generic datagram transport does not).

@@ -93,6 +93,9 @@ _JITTER_POOL = 64
 _TRANSPORT_HEADER = struct.Struct("<4xIQ")
 #: The same with the message type: one call tells a batch's transport message and its session.
 _TRANSPORT_FIELDS = struct.Struct("<IIQ")
+#: An inner IPv4 packet without options (first byte 0x45), at least 34 bytes: total length,
+#: protocol, source address and (for TCP) the flags byte, read at once by the batch path.
+_INNER_V4 = struct.Struct("!2xH5xB2x4s4x13xB")
 #: The receive-side rekey age: REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT.
 _REKEY_ON_RECEIVE_AGE = C.REJECT_AFTER_TIME - C.KEEPALIVE_TIMEOUT - C.REKEY_TIMEOUT
 
@@ -875,10 +878,15 @@ class Device:
         self._deliver(peer, plaintext, now)
 
     def transport_batch_received(
-        self, datagrams: list[bytes], source: Endpoint, now: float
+        self, datagrams: Sequence[bytes | memoryview], source: Endpoint, now: float
     ) -> None:
         """The datagrams of one UDP GRO read (one source, one time): as
         :meth:`datagram_received` for each, with the per-session work done once.
+
+        Datagrams may be views of the adapter's receive buffer, valid only during the call:
+        the AEAD opens the ciphertext where it lies (a view, no slice copied), and every
+        datagram that leaves the fast path (which may keep it: a handshake's backlog, a relay)
+        is handed on as ``bytes``.
 
         The first datagram of a session in the batch takes the full path (index lookup, age,
         roaming, key confirmation, timers); the following ones under the same receiver index
@@ -892,6 +900,7 @@ class Device:
         check: Callable[[int], bool] = _reject
         counters = self.counters
         unpack = _TRANSPORT_FIELDS.unpack_from
+        inner_v4 = _INNER_V4.unpack_from
         deadlines: list[float | None] = []
         nonce_of = TRANSPORT_NONCE
         lookup = self.allowed_ips.lookup
@@ -904,6 +913,15 @@ class Device:
         # it passed: a bulk flow's segments all carry the same one.
         checked: bytes | None = None
         allowed = False
+        # Per fast packet, kept here and added to the peer before anything else runs (a
+        # handler, the full path) and at the end: bytes received, packets delivered.
+        rx_bytes = delivered = 0
+        # The passive keepalive's state for this run: 0 look at the deadline, 1 armed by
+        # this batch (the next packet asks for another), 2 another asked for already.
+        keepalive = 0
+        # SYN clamping and the echo prober: whether the fast path must look for them.
+        mss = False
+        echo = self.echo_marker is not None
         for data in datagrams:
             if decrypt is not None and len(data) >= min_size:
                 kind, index, counter = unpack(data)
@@ -917,57 +935,74 @@ class Device:
                     if not check(counter):
                         counters.replayed += 1
                         continue
-                    peer.rx_bytes += len(data)
+                    rx_bytes += len(data)
                     if not plaintext:
                         continue
                     first = plaintext[0]
                     if first >> 4 == 15:
                         if pending:
                             self._write_pending(pending)
+                        peer.rx_bytes += rx_bytes
+                        peer.data_packets += delivered
+                        rx_bytes = delivered = keepalive = 0
                         self._receive_control(peer, plaintext, now)
                         # The handler may have changed anything (keys, routes): look again.
                         decrypt = keypair.decrypt
+                        mss = bool(peer.mss_mtu)
+                        echo = self.echo_marker is not None
                         checked = None
                         continue
-                    if deadlines[SEND_KEEPALIVE] is None:
-                        self.timers.arm(
-                            peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT
-                        )
-                    else:
-                        peer.need_another_keepalive = True
+                    if keepalive != 2:
+                        if deadlines[SEND_KEEPALIVE] is None:
+                            self.timers.arm(
+                                peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT
+                            )
+                            keepalive = 1
+                        else:
+                            peer.need_another_keepalive = True
+                            keepalive = 2
                     # _deliver's checks, inline for the common packet: the whole of an IP
                     # packet, a source address just checked, neither an echo reply for the
                     # prober nor a SYN to clamp (those, and anything odd, go to _deliver).
                     length = len(plaintext)
-                    if first >> 4 == 4:
-                        fast = length >= 20 and (plaintext[2] << 8) | plaintext[3] == length
-                        source_address = plaintext[12:16]
-                        proto = plaintext[9]
-                        flags_at = ((first & 15) << 2) + 13
+                    if first == 0x45 and length >= 34:
+                        # IPv4 without options: length, protocol, source and, for TCP, the
+                        # flags in one call.
+                        total, proto, source_address, tcp_flags = inner_v4(plaintext)
+                        fast = total == length and not (
+                            (proto == 6 and tcp_flags & 2 and mss) or (proto == 1 and echo)
+                        )
                     else:
-                        fast = (
-                            first >> 4 == 6
-                            and length >= 40
-                            and (plaintext[4] << 8) | plaintext[5] == length - 40
-                        )
-                        source_address = plaintext[8:24]
-                        proto = plaintext[6]
-                        flags_at = 53
-                    if fast and (
-                        (
-                            proto == 6
-                            and peer.mss_mtu
-                            and length > flags_at
-                            and plaintext[flags_at] & 2
-                        )
-                        or ((proto == 1 or proto == 58) and self.echo_marker is not None)
-                    ):
-                        fast = False
+                        if first >> 4 == 4:
+                            fast = length >= 20 and (plaintext[2] << 8) | plaintext[3] == length
+                            source_address = plaintext[12:16]
+                            proto = plaintext[9]
+                            flags_at = ((first & 15) << 2) + 13
+                        else:
+                            fast = (
+                                first >> 4 == 6
+                                and length >= 40
+                                and (plaintext[4] << 8) | plaintext[5] == length - 40
+                            )
+                            source_address = plaintext[8:24]
+                            proto = plaintext[6]
+                            flags_at = 53
+                        if fast and (
+                            (proto == 6 and mss and length > flags_at and plaintext[flags_at] & 2)
+                            or ((proto == 1 or proto == 58) and echo)
+                        ):
+                            fast = False
                     if not fast:
                         if pending:
                             self._write_pending(pending)
+                        peer.rx_bytes += rx_bytes
+                        peer.data_packets += delivered
+                        rx_bytes = delivered = keepalive = 0
                         self._deliver(peer, plaintext, now)
+                        # The handler may have changed anything (keys, routes): look again.
                         decrypt = keypair.decrypt
+                        mss = bool(peer.mss_mtu)
+                        echo = self.echo_marker is not None
                         checked = None
                         continue
                     if source_address != checked:
@@ -976,13 +1011,17 @@ class Device:
                     if not allowed:
                         counters.source_not_allowed += 1
                         continue
-                    peer.data_packets += 1
+                    delivered += 1
                     hold(plaintext)
                     continue
             if pending:
                 self._write_pending(pending)
+            if peer is not None:
+                peer.rx_bytes += rx_bytes
+                peer.data_packets += delivered
+            rx_bytes = delivered = keepalive = 0
             self._last_opened = None
-            self.datagram_received(data, source, now)
+            self.datagram_received(bytes(data), source, now)
             keypair = self._last_opened
             checked = None
             if keypair is not None:
@@ -991,10 +1030,15 @@ class Device:
                 decrypt = keypair.decrypt
                 check = keypair.replay.check
                 deadlines = peer.timers.deadlines
+                mss = bool(peer.mss_mtu)
+                echo = self.echo_marker is not None
             else:
                 decrypt = None
         if pending:
             self._write_pending(pending)
+        if peer is not None:
+            peer.rx_bytes += rx_bytes
+            peer.data_packets += delivered
         self._last_opened = None
 
     def _write_pending(self, pending: list[bytes]) -> None:
