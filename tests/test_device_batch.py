@@ -47,9 +47,10 @@ def state(peer: Peer) -> tuple[object, ...]:
 class PacketsFromTunTests(SynchronousTestCase):
     def run_both(self, batches: list[list[bytes]], prepare: object = None) -> tuple[Pair, Pair]:
         """Drive one pair per packet and one per batch; compare everything. A third pair takes
-        each batch as views (``offload.split(..., views=True)`` hands the TUN batch receiver
-        views of its array; writable ones here, so hashing one would fail) and must match
-        too, in the fast path and every fallback."""
+        each batch as views of one buffer overwritten after the call (the TUN batch receiver
+        gets views of a ``CutArena``'s array, which the next cut overwrites; writable ones
+        here, so hashing one would fail) and must match too, in the fast path and every
+        fallback."""
         one, many, viewed = Pair(seed=7), Pair(seed=7), Pair(seed=7)
         for pair in (one, many, viewed):
             if callable(prepare):
@@ -58,9 +59,9 @@ class PacketsFromTunTests(SynchronousTestCase):
             for packet in batch:
                 one.a.device.packet_from_tun(packet, one.net.now)
             many.a.device.packets_from_tun(batch, many.net.now)
-            viewed.a.device.packets_from_tun(
-                [memoryview(bytearray(packet)) for packet in batch], viewed.net.now
-            )
+            views, next_cut = as_views(batch)
+            viewed.a.device.packets_from_tun(views, viewed.net.now)
+            next_cut()
             for pair in (one, many, viewed):
                 pair.net.flush()
         self.assertEqual(many.a.sent, one.a.sent, "datagrams on the wire")
@@ -191,8 +192,8 @@ def held_to_b(pair: Pair, send: Callable[[], object]) -> list[bytes]:
 
 
 def as_views(batch: list[bytes]) -> tuple[list[bytes | memoryview], Callable[[], None]]:
-    """``batch`` as the UDP adapter hands a GRO read over: views of one reused buffer; and
-    what the adapter's next read does to them (overwrite the buffer)."""
+    """``batch`` as the adapters hand a GRO read or a cut super-packet over: views of one
+    reused buffer; and what their next read or cut does to them (overwrite the buffer)."""
     buffer = bytearray(b"".join(batch))
     view = memoryview(buffer)
     views: list[bytes | memoryview] = []

@@ -37,6 +37,7 @@ from meshguard.core.offload import (
     PLAIN_HEADER,
     VNET_HDR,
     VNET_HDR_LEN,
+    CutArena,
     OffloadError,
     coalesce,
     finish_checksums,
@@ -223,6 +224,9 @@ class TunDevice:
         #: Called instead of ``receiver`` with the segments of one super-packet (all to the
         #: same destination), so they can be routed once.
         self.batch_receiver = batch_receiver
+        #: The arrays super-packets are cut into for the batch receiver, reused: it seals the
+        #: segments (views of them) before the next cut overwrites them.
+        self._arena = CutArena()
         #: Whether a read batch follows an idle moment of the node (shared with the UDP
         #: transport): only then is its first packet handed on alone.
         self.idle = idle if idle is not None else IdleGap()
@@ -604,6 +608,7 @@ class TunDevice:
         unpack = VNET_HDR.unpack_from
         at_start = self._at_start
         bounds, starts, fields, ends = self._bounds, self._starts, self._fields, self._ends
+        arena = self._arena
         offset = 0
         while budget > 0:
             if offset > span:
@@ -664,8 +669,9 @@ class TunDevice:
             frame = view[offset : offset + n]
             offset = 0
             try:
-                # Views of the cut's array only for the batch receiver, which seals them.
-                packets = split(frame, self.batch_receiver is not None)
+                # Views of the arena's arrays only for the batch receiver, which seals them
+                # before the next cut.
+                packets = split(frame, arena if self.batch_receiver is not None else False)
             except OffloadError:
                 self.offload_errors += 1
                 continue

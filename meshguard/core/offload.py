@@ -48,6 +48,7 @@ __all__ = [
     "PLAIN_HEADER",
     "VNET_HDR",
     "VNET_HDR_LEN",
+    "CutArena",
     "OffloadError",
     "checksum",
     "coalesce",
@@ -115,15 +116,74 @@ def _fold(value: int) -> int:
 Segment = bytes | memoryview
 
 
+class _Shape:
+    """One segment shape's reused array: rows of ``stride`` bytes, read-only views of each
+    row, the strided columns of the fields that differ, and row numbers 0, 1, 2, ..."""
+
+    __slots__ = ("array", "ident", "ip_check", "l4_check", "rows", "seq", "steps")
+
+    def __init__(self, rows: int, stride: int, seq_at: int, l4_check_at: int) -> None:
+        np = _np
+        self.array = array = np.empty((rows, stride), dtype=np.uint8)
+        flat = memoryview(array).cast("B").toreadonly()
+        self.rows: list[Segment] = [
+            flat[at : at + stride] for at in range(0, rows * stride, stride)
+        ]
+        self.seq = np.ndarray((rows,), ">u4", array, seq_at, (stride,)) if seq_at >= 0 else None
+        self.l4_check = np.ndarray((rows,), ">u2", array, l4_check_at, (stride,))
+        self.ident = np.ndarray((rows,), ">u2", array, 4, (stride,))
+        self.ip_check = np.ndarray((rows,), ">u2", array, 10, (stride,))
+        self.steps = np.arange(rows, dtype=np.int64)
+
+
+class CutArena:
+    """Arrays :func:`split` cuts super-packets into and reuses, for a caller that is done
+    with the segments before its next cut (the TUN device's batch receiver seals them and
+    lets go): the segments are read-only views of them, **valid only until the next cut
+    with the same arena**.
+
+    Why: a fresh array per super-packet costs its allocation, the column and row views over
+    it and a slice per segment, about 6 us of the cut's 26 for 44 segments (docs/datapath.md);
+    reused, those are built once per segment shape (a flow's segment size and header length).
+    Shapes are few; the arena keeps at most ``MAX_SHAPES`` (about 64 KiB each) and starts
+    over when a new one would pass that.
+    """
+
+    MAX_SHAPES: Final = 8
+
+    __slots__ = ("_shapes",)
+
+    def __init__(self) -> None:
+        self._shapes: dict[tuple[int, int, int, int], _Shape] = {}
+
+    def shape(
+        self, count: int, gso_size: int, stride: int, seq_at: int, l4_check_at: int
+    ) -> _Shape | None:
+        """The reused array for ``count`` rows of this shape, or None for more rows than a
+        64 KiB packet holds (never from a TUN device; the caller allocates its own)."""
+        key = (stride, gso_size, seq_at, l4_check_at)
+        found = self._shapes.get(key)
+        if found is None:
+            rows = _MAX_IP // gso_size + 1
+            if count > rows:
+                return None
+            if len(self._shapes) >= self.MAX_SHAPES:
+                self._shapes.clear()
+            found = self._shapes[key] = _Shape(rows, stride, seq_at, l4_check_at)
+        elif count > len(found.rows):
+            return None
+        return found
+
+
 @overload
 def split(frame: bytes | bytearray | memoryview) -> list[bytes]: ...
 
 
 @overload
-def split(frame: bytes | bytearray | memoryview, views: bool) -> list[Segment]: ...
+def split(frame: bytes | bytearray | memoryview, views: bool | CutArena) -> list[Segment]: ...
 
 
-def split(frame: bytes | bytearray | memoryview, views: bool = False) -> list[Any]:
+def split(frame: bytes | bytearray | memoryview, views: bool | CutArena = False) -> list[Any]:
     """The IP packets of one TUN read (virtio-net header first), checksums completed.
 
     A frame without GSO gives one packet; a TSO/USO super-packet gives its segments, each of
@@ -135,7 +195,9 @@ def split(frame: bytes | bytearray | memoryview, views: bool = False) -> list[An
     ``views``: the full segments of a long super-packet come as read-only views of one array
     (no copy each; the AEAD takes them as they are: 0.05-0.07 us of 2.5 a segment through cut
     and seal with OpenSSL's AVX2 code, docs/datapath.md), for a caller that only seals them
-    (``packets_from_tun``), not for one that keeps, hashes or extends a packet.
+    (``packets_from_tun``), not for one that keeps, hashes or extends a packet. A
+    :class:`CutArena` instead of True: views of the arena's reused arrays, valid only until
+    the next cut with it.
     """
     view = memoryview(frame)
     if len(view) < VNET_HDR_LEN:
@@ -164,7 +226,12 @@ def split(frame: bytes | bytearray | memoryview, views: bool = False) -> list[An
 
 
 def _segments(
-    packet: memoryview, v4: bool, tcp: bool, gso_size: int, iphl: int, views: bool = False
+    packet: memoryview,
+    v4: bool,
+    tcp: bool,
+    gso_size: int,
+    iphl: int,
+    views: bool | CutArena = False,
 ) -> list[Segment]:
     """Cut one super-packet whose transport header starts at ``iphl`` (the kernel's
     csum_start) into segments of ``gso_size`` payload bytes.
@@ -316,7 +383,7 @@ def _cut_vectorised(
     l4_const: int,
     seq_at: int,
     first_seq: int,
-    views: bool = False,
+    views: bool | CutArena = False,
 ) -> list[Segment]:
     """The first ``count`` full segments of a super-packet in a few numpy calls.
 
@@ -332,6 +399,13 @@ def _cut_vectorised(
     hl = len(template)
     stride = hl + gso_size
     body = np.frombuffer(packet, dtype=np.uint8, count=count * gso_size, offset=hl)
+    if type(views) is CutArena:
+        shape = views.shape(count, gso_size, stride, seq_at, l4_check_at)
+        if shape is not None:
+            return _cut_into(
+                shape, body, template, count, gso_size, v4, ip_const, first_id, l4_const, first_seq
+            )
+        views = True
     out = np.empty((count, stride), dtype=np.uint8)
     out[:, :hl] = np.frombuffer(template, dtype=np.uint8)
     out[:, hl:] = body.reshape(count, gso_size)
@@ -358,6 +432,53 @@ def _cut_vectorised(
         np.ndarray((count,), ">u2", out, 10, (stride,))[:] = 0xFFFF - ident
     data: Any = memoryview(out).cast("B").toreadonly() if views else out.tobytes()
     return [data[at : at + stride] for at in range(0, count * stride, stride)]
+
+
+def _cut_into(
+    shape: _Shape,
+    body: Any,
+    template: bytes,
+    count: int,
+    gso_size: int,
+    v4: bool,
+    ip_const: int,
+    first_id: int,
+    l4_const: int,
+    first_seq: int,
+) -> list[Segment]:
+    """:func:`_cut_vectorised` into an arena's reused array: the same bytes, with the
+    columns, row views and row numbers built once for the shape (and the first ``% 0xFFFF``
+    left to the last: the sums stay far below 2**63)."""
+    np = _np
+    hl = len(template)
+    out = shape.array[:count]
+    out[:, :hl] = np.frombuffer(template, dtype=np.uint8)
+    out[:, hl:] = body.reshape(count, gso_size)
+    words = body.view("<u2").reshape(count, gso_size // 2)
+    l4 = words.sum(axis=1, dtype=np.uint32).astype(np.int64)
+    l4 <<= 8
+    l4 += l4_const
+    steps = shape.steps[:count]
+    if shape.seq is not None:
+        seq = steps * gso_size
+        seq += first_seq
+        if first_seq + count * gso_size > 0xFFFFFFFF:
+            seq &= 0xFFFFFFFF  # the sequence number wraps inside this frame
+        shape.seq[:count] = seq
+        l4 += seq
+    l4 %= 0xFFFF
+    np.subtract(0xFFFF, l4, out=l4)
+    shape.l4_check[:count] = l4
+    if v4:
+        ident = steps + first_id
+        if first_id + count > 0xFFFF:
+            ident &= 0xFFFF  # the identification wraps inside this frame
+        shape.ident[:count] = ident
+        ident += ip_const
+        ident %= 0xFFFF
+        np.subtract(0xFFFF, ident, out=ident)
+        shape.ip_check[:count] = ident
+    return shape.rows[:count]
 
 
 def _payload_sums(packet: memoryview, hl: int, gso_size: int, count: int) -> list[int]:
