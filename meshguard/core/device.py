@@ -475,8 +475,9 @@ class Device:
         All segments of a super-packet share their addresses, so the first one routes them
         all. Anything unusual (a smaller path MTU to enforce, a SYN to clamp, no session, the
         counter limit in reach) takes the per-packet path, which handles it. Segments may be
-        views of the cut's array (``offload.split(..., views=True)``): they are only sealed
-        here; the per-packet path, which may keep or hash a packet, gets ``bytes``.
+        views of the TUN device's cut arena (``offload.CutArena``), valid only during the
+        call: they are only sealed here; the per-packet path, which may keep or hash a packet,
+        gets ``bytes``.
         """
         if not packets:
             return
