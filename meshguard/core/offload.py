@@ -122,13 +122,15 @@ class _Shape:
 
     __slots__ = ("array", "ident", "ip_check", "l4_check", "rows", "seq", "steps")
 
-    def __init__(self, rows: int, stride: int, seq_at: int, l4_check_at: int) -> None:
+    def __init__(
+        self, rows: int, stride: int, seq_at: int, l4_check_at: int, views: bool = True
+    ) -> None:
         np = _np
         self.array = array = np.empty((rows, stride), dtype=np.uint8)
-        flat = memoryview(array).cast("B").toreadonly()
-        self.rows: list[Segment] = [
-            flat[at : at + stride] for at in range(0, rows * stride, stride)
-        ]
+        self.rows: list[Segment] = []
+        if views:
+            flat = memoryview(array).cast("B").toreadonly()
+            self.rows = [flat[at : at + stride] for at in range(0, rows * stride, stride)]
         self.seq = np.ndarray((rows,), ">u4", array, seq_at, (stride,)) if seq_at >= 0 else None
         self.l4_check = np.ndarray((rows,), ">u2", array, l4_check_at, (stride,))
         self.ident = np.ndarray((rows,), ">u2", array, 4, (stride,))
@@ -400,37 +402,18 @@ def _cut_vectorised(
     stride = hl + gso_size
     body = np.frombuffer(packet, dtype=np.uint8, count=count * gso_size, offset=hl)
     if type(views) is CutArena:
-        shape = views.shape(count, gso_size, stride, seq_at, l4_check_at)
-        if shape is not None:
-            return _cut_into(
-                shape, body, template, count, gso_size, v4, ip_const, first_id, l4_const, first_seq
+        reused = views.shape(count, gso_size, stride, seq_at, l4_check_at)
+        if reused is not None:
+            _cut_into(
+                reused, body, template, count, gso_size, v4, ip_const, first_id, l4_const, first_seq
             )
-        views = True
-    out = np.empty((count, stride), dtype=np.uint8)
-    out[:, :hl] = np.frombuffer(template, dtype=np.uint8)
-    out[:, hl:] = body.reshape(count, gso_size)
-    # Little-endian words into 32 bits (no overflow below 64 Ki words a row) is the cheapest
-    # sum numpy has here (a third of big-endian into 64 bits). Read the other way round, a
-    # sum is byte-swapped, and a swap is a multiplication by 256 modulo 65535.
-    words = body.view("<u2").reshape(count, gso_size // 2)
-    l4 = (words.sum(axis=1, dtype=np.uint32) % 0xFFFF).astype(np.int64)
-    l4 <<= 8
-    l4 += l4_const
-    if seq_at >= 0:
-        seq = np.arange(first_seq, first_seq + count * gso_size, gso_size, dtype=np.int64)
-        seq &= 0xFFFFFFFF
-        np.ndarray((count,), ">u4", out, seq_at, (stride,))[:] = seq
-        l4 += seq
-    l4 %= 0xFFFF
-    np.ndarray((count,), ">u2", out, l4_check_at, (stride,))[:] = 0xFFFF - l4
-    if v4:
-        ident = np.arange(first_id, first_id + count, dtype=np.int64)
-        ident &= 0xFFFF
-        np.ndarray((count,), ">u2", out, 4, (stride,))[:] = ident
-        ident += ip_const
-        ident %= 0xFFFF
-        np.ndarray((count,), ">u2", out, 10, (stride,))[:] = 0xFFFF - ident
-    data: Any = memoryview(out).cast("B").toreadonly() if views else out.tobytes()
+            return reused.rows[:count]
+    # A fresh array, for this cut only.
+    shape = _Shape(count, stride, seq_at, l4_check_at, views is not False)
+    _cut_into(shape, body, template, count, gso_size, v4, ip_const, first_id, l4_const, first_seq)
+    if views is not False:
+        return shape.rows
+    data = shape.array.tobytes()
     return [data[at : at + stride] for at in range(0, count * stride, stride)]
 
 
@@ -445,15 +428,18 @@ def _cut_into(
     first_id: int,
     l4_const: int,
     first_seq: int,
-) -> list[Segment]:
-    """:func:`_cut_vectorised` into an arena's reused array: the same bytes, with the
-    columns, row views and row numbers built once for the shape (and the first ``% 0xFFFF``
-    left to the last: the sums stay far below 2**63)."""
+) -> None:
+    """Write the first ``count`` rows of ``shape``'s array: :func:`_cut_vectorised`'s
+    arithmetic. The payload sums are reduced modulo 65535 once, at the end (a row's sum, times
+    256, plus a sequence number and the constants stays far below 2**63)."""
     np = _np
     hl = len(template)
     out = shape.array[:count]
     out[:, :hl] = np.frombuffer(template, dtype=np.uint8)
     out[:, hl:] = body.reshape(count, gso_size)
+    # Little-endian words into 32 bits (no overflow below 64 Ki words a row) is the cheapest
+    # sum numpy has here (a third of big-endian into 64 bits). Read the other way round, a
+    # sum is byte-swapped, and a swap is a multiplication by 256 modulo 65535.
     words = body.view("<u2").reshape(count, gso_size // 2)
     l4 = words.sum(axis=1, dtype=np.uint32).astype(np.int64)
     l4 <<= 8
@@ -478,7 +464,6 @@ def _cut_into(
         ident %= 0xFFFF
         np.subtract(0xFFFF, ident, out=ident)
         shape.ip_check[:count] = ident
-    return shape.rows[:count]
 
 
 def _payload_sums(packet: memoryview, hl: int, gso_size: int, count: int) -> list[int]:
