@@ -941,65 +941,64 @@ class Device:
                         continue
                     first = plaintext[0]
                     if first >> 4 == 15:
-                        if pending:
-                            self._write_pending(pending)
-                        peer.rx_bytes += rx_bytes
-                        peer.data_packets += delivered
-                        rx_bytes = delivered = keepalive = 0
-                        self._receive_control(peer, plaintext, now)
-                        # The handler may have changed anything (keys, routes): look again.
-                        decrypt = keypair.decrypt
-                        mss = bool(peer.mss_mtu)
-                        echo = self.echo_marker is not None
-                        checked = None
-                        continue
-                    if keepalive != 2:
-                        if deadlines[SEND_KEEPALIVE] is None:
-                            self.timers.arm(
-                                peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT
-                            )
-                            keepalive = 1
-                        else:
-                            peer.need_another_keepalive = True
-                            keepalive = 2
-                    # _deliver's checks, inline for the common packet: the whole of an IP
-                    # packet, a source address just checked, neither an echo reply for the
-                    # prober nor a SYN to clamp (those, and anything odd, go to _deliver).
-                    length = len(plaintext)
-                    if first == 0x45 and length >= 34:
-                        # IPv4 without options: length, protocol, source and, for TCP, the
-                        # flags in one call.
-                        total, proto, source_address, tcp_flags = inner_v4(plaintext)
-                        fast = total == length and not (
-                            (proto == 6 and tcp_flags & 2 and mss) or (proto == 1 and echo)
-                        )
+                        fast = False  # a control message: to its handler below
                     else:
-                        if first >> 4 == 4:
-                            fast = length >= 20 and (plaintext[2] << 8) | plaintext[3] == length
-                            source_address = plaintext[12:16]
-                            proto = plaintext[9]
-                            flags_at = ((first & 15) << 2) + 13
-                        else:
-                            fast = (
-                                first >> 4 == 6
-                                and length >= 40
-                                and (plaintext[4] << 8) | plaintext[5] == length - 40
+                        if keepalive != 2:
+                            if deadlines[SEND_KEEPALIVE] is None:
+                                self.timers.arm(
+                                    peer, peer.timers, SEND_KEEPALIVE, now + C.KEEPALIVE_TIMEOUT
+                                )
+                                keepalive = 1
+                            else:
+                                peer.need_another_keepalive = True
+                                keepalive = 2
+                        # _deliver's checks, inline for the common packet: the whole of an IP
+                        # packet, a source address just checked, neither an echo reply for the
+                        # prober nor a SYN to clamp (those, and anything odd, go to _deliver).
+                        length = len(plaintext)
+                        if first == 0x45 and length >= 34:
+                            # IPv4 without options: length, protocol, source and, for TCP,
+                            # the flags in one call.
+                            total, proto, source_address, tcp_flags = inner_v4(plaintext)
+                            fast = total == length and not (
+                                (proto == 6 and tcp_flags & 2 and mss) or (proto == 1 and echo)
                             )
-                            source_address = plaintext[8:24]
-                            proto = plaintext[6]
-                            flags_at = 53
-                        if fast and (
-                            (proto == 6 and mss and length > flags_at and plaintext[flags_at] & 2)
-                            or ((proto == 1 or proto == 58) and echo)
-                        ):
-                            fast = False
+                        else:
+                            if first >> 4 == 4:
+                                fast = length >= 20 and (plaintext[2] << 8) | plaintext[3] == length
+                                source_address = plaintext[12:16]
+                                proto = plaintext[9]
+                                flags_at = ((first & 15) << 2) + 13
+                            else:
+                                fast = (
+                                    first >> 4 == 6
+                                    and length >= 40
+                                    and (plaintext[4] << 8) | plaintext[5] == length - 40
+                                )
+                                source_address = plaintext[8:24]
+                                proto = plaintext[6]
+                                flags_at = 53
+                            if fast and (
+                                (
+                                    proto == 6
+                                    and mss
+                                    and length > flags_at
+                                    and plaintext[flags_at] & 2
+                                )
+                                or ((proto == 1 or proto == 58) and echo)
+                            ):
+                                fast = False
                     if not fast:
+                        # A handler runs: what is held and counted goes first.
                         if pending:
                             self._write_pending(pending)
                         peer.rx_bytes += rx_bytes
                         peer.data_packets += delivered
                         rx_bytes = delivered = keepalive = 0
-                        self._deliver(peer, plaintext, now)
+                        if first >> 4 == 15:
+                            self._receive_control(peer, plaintext, now)
+                        else:
+                            self._deliver(peer, plaintext, now)
                         # The handler may have changed anything (keys, routes): look again.
                         decrypt = keypair.decrypt
                         mss = bool(peer.mss_mtu)
